@@ -1,0 +1,32 @@
+# cohortflow: the two README commands are `make demo` and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+export COHORTFLOW_HOME ?= $(CURDIR)/cohortflow-data
+# The synthetic head model is cached here between test runs (built once, about a minute).
+export COHORTFLOW_TEST_CACHE ?= $(CURDIR)/.cache/test
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/setup.sh scripts/debian-packages.txt
+	VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/cohortflow demo
+
+lint: setup
+	$(BIN)/ruff check flows pipelines qc models tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/pytest -m "" --timeout=1800
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not integration" --timeout=300
+
+bench: setup
+	$(BIN)/python benchmarks/synth.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,9 @@
+"""Errors of the models package."""
+
+
+class CohortflowError(Exception):
+    """Base of every error cohortflow raises on purpose; its message is meant for the user."""
+
+
+class ConfigurationError(CohortflowError):
+    """A setting, config file or option is invalid (exit status 2 at the command line)."""

@@ -1,0 +1,153 @@
+"""The one typed settings object of cohortflow.
+
+Read once at the edge (the CLI, flow parameters) and passed down; library code never reads the
+environment itself. Sources, strongest first: environment variables (``COHORTFLOW_*``, nested
+fields with ``__``, e.g. ``COHORTFLOW_ORTHANC__DICOM_PORT``), the YAML config file
+(``COHORTFLOW_CONFIG``, else ``$COHORTFLOW_HOME/cohortflow.yaml`` when it exists), the embedded
+defaults. Every default lives under one data folder, ``COHORTFLOW_HOME`` (``./cohortflow-data``),
+so a new user configures nothing and several installations can live side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from models.errors import ConfigurationError
+
+DEFAULT_HOME = Path("cohortflow-data")
+
+
+class OrthancSettings(BaseModel):
+    """The PACS cohortflow talks to; by default the Orthanc it starts itself on loopback."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8042, ge=1, le=65535)
+    dicom_port: int = Field(4242, ge=1, le=65535)
+    aet: str = Field("ORTHANC", min_length=1, max_length=16)
+    username: str = "cohortflow"
+    password: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """Where cohortflow keeps its data and how it reaches the outside world."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COHORTFLOW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    home: Path = DEFAULT_HOME
+    archive_dir: Path | None = None
+    cache_dir: Path | None = None
+    outputs_dir: Path | None = None
+    index_url: str | None = None
+    #: Where the project's pseudonymization key comes from: ``file:PATH`` or ``env:VARIABLE``.
+    #: The key itself never enters the repository, the logs or Prefect parameters.
+    pseudonym_key_source: str | None = None
+    local_aet: str = Field("COHORTFLOW", min_length=1, max_length=16)
+    orthanc: OrthancSettings = OrthancSettings()
+    #: Worker processes for CPU-bound local work (synthesis); 0 means one per core.
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        home = self.home
+        derived = {
+            "archive_dir": home / "archive",
+            "cache_dir": home / "cache",
+            "outputs_dir": home / "outputs",
+            "index_url": f"sqlite:///{(home / 'index.sqlite').as_posix()}",
+            "pseudonym_key_source": f"file:{(home / 'secrets' / 'project.key').as_posix()}",
+        }
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not str(self.pseudonym_key_source).startswith(("file:", "env:")):
+            raise ValueError(
+                "pseudonym_key_source must be 'file:PATH' or 'env:VARIABLE', "
+                f"not {self.pseudonym_key_source!r}"
+            )
+        return self
+
+    @property
+    def archive(self) -> Path:
+        assert self.archive_dir is not None
+        return self.archive_dir
+
+    @property
+    def cache(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir
+
+    @property
+    def outputs(self) -> Path:
+        assert self.outputs_dir is not None
+        return self.outputs_dir
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the config file, which arrives as init arguments.
+        return env_settings, init_settings
+
+
+def config_file_path(environ: dict[str, str] | None = None) -> Path | None:
+    """The config file in force: ``COHORTFLOW_CONFIG``, else ``$COHORTFLOW_HOME/cohortflow.yaml``."""
+    env = os.environ if environ is None else environ
+    if env.get("COHORTFLOW_CONFIG"):
+        return Path(env["COHORTFLOW_CONFIG"])
+    candidate = Path(env.get("COHORTFLOW_HOME", str(DEFAULT_HOME))) / "cohortflow.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, the config file and the environment.
+
+    ``overrides`` (e.g. from tests or command-line options) win over the config file.
+    Raises ConfigurationError naming the file and the field when something is invalid.
+    """
+    path = config_file or config_file_path()
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read the config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigurationError(f"config file {path} must hold a mapping of settings")
+        data = loaded
+    try:
+        settings = Settings(**data)
+        if overrides:
+            settings = Settings(**{**data, **overrides})
+    except ValidationError as exc:
+        where = f"config file {path} or " if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigurationError(
+            f"invalid settings (from {where}COHORTFLOW_* variables): {problems}"
+        ) from exc
+    return settings

@@ -1,0 +1,591 @@
+"""The synthetic clinical cohort: plan patients, studies, series and faults, then render them.
+
+Planning is cheap and sequential (one random stream from the seed); rendering is per patient with
+its own seeded stream, so the output is byte-identical for a seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+from pydicom.uid import (
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from models.synth import (
+    CohortTruth,
+    Fault,
+    FaultCount,
+    PatientTruth,
+    PlantedIdentifier,
+    SeriesTruth,
+    StudyTruth,
+    SynthConfig,
+)
+from pipelines.synth import anatomy
+from pipelines.synth.dicomio import (
+    Planter,
+    StudyContext,
+    burned_in_sc,
+    enhanced_mr,
+    make_uid,
+    mr_slice,
+    write,
+)
+from pipelines.synth.errors import SynthError
+from pipelines.synth.headmodel import HeadModel, load_or_build
+from pipelines.synth.identities import INSTITUTIONS, Identity, make_identity, staff_name
+from pipelines.synth.scanners import (
+    CONTRASTS,
+    SC_SERIES,
+    SCANNERS,
+    STUDY_DESCRIPTIONS,
+    UNKNOWN_SCANNERS,
+    Scanner,
+    SeriesSpec,
+    body_series,
+    brain_series,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "1"
+BRAIN_PROTOCOLS = ("dementia", "ms", "open")
+ORIENTATIONS = {
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+}
+# Faults are drawn in this order; a series carries at most one fault of each group.
+_GROUPS: dict[str, tuple[Fault, ...]] = {
+    "content": (Fault.ENHANCED_MULTIFRAME, Fault.MISSING_SLICES, Fault.DUPLICATE_SLICES,
+                Fault.WRONG_PARAMETERS, Fault.PARTIAL_COVERAGE, Fault.MOTION, Fault.NOISE),
+    "encoding": (Fault.NO_PREAMBLE, Fault.JPEG_LOSSLESS, Fault.IMPLICIT_VR),
+    "file": (Fault.TRUNCATED_FILE, Fault.DUPLICATE_INSTANCE),
+}
+
+
+@dataclass
+class SeriesPlan:
+    spec: SeriesSpec
+    number: int
+    uid: str
+    folder: str
+    faults: list[Fault] = field(default_factory=list)
+
+
+@dataclass
+class StudyPlan:
+    index: int
+    folder: str
+    protocol: str
+    date: dt.date
+    scanner: Scanner
+    description: str
+    accession: str
+    study_uid: str
+    series: list[SeriesPlan]
+    atrophy: float | None
+    age: int
+    faults: list[Fault] = field(default_factory=list)
+
+
+@dataclass
+class PatientPlan:
+    key: str
+    seed: int
+    group: str
+    identity: Identity
+    target_icv_ml: float
+    studies: list[StudyPlan]
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    truth: CohortTruth
+    out_dir: Path
+    truth_file: Path
+
+
+def _folder_name(spec: SeriesSpec, number: int) -> str:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in spec.series_description)[:32]
+    return f"SE{number:02d}_{safe}"
+
+
+def plan_cohort(config: SynthConfig) -> list[PatientPlan]:
+    """Decide every patient, study, series and fault (cheap, no pixels)."""
+    rng = np.random.default_rng([config.seed, 1])
+    names = list(config.protocol_weights)
+    weights = np.array([config.protocol_weights[n] for n in names], float)
+    weights /= weights.sum()
+    patients: list[PatientPlan] = []
+    n_studies = 0
+    while n_studies < config.studies:
+        p_index = len(patients) + 1
+        protocol = str(rng.choice(names, p=weights))
+        sex = "F" if rng.random() < 0.55 else "M"
+        age0 = int(rng.integers(58, 88) if protocol == "dementia" else rng.integers(22, 80))
+        visits = 1
+        if protocol in BRAIN_PROTOCOLS and rng.random() < config.repeat_visit_rate:
+            visits = int(rng.integers(2, 4))
+        visits = min(visits, config.studies - n_studies)
+        first = dt.date(2012, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 10)))
+        birth = first - dt.timedelta(days=int(age0 * 365.25 + rng.integers(0, 365)))
+        identity = make_identity(rng, sex, birth.strftime("%Y%m%d"), p_index)
+        if protocol == "dementia":
+            group = "dementia" if rng.random() < config.dementia_prevalence else "control"
+        else:
+            group = "other"
+        lo, hi = config.dementia_atrophy if group == "dementia" else config.control_atrophy
+        atrophy0 = float(rng.uniform(lo, hi))
+        yearly = 0.015 if group == "dementia" else 0.003
+        target_icv = float(rng.normal(1380.0 if sex == "F" else 1560.0, 110.0))
+        pkey = f"P{p_index:04d}"
+        scanner = SCANNERS[int(rng.integers(len(SCANNERS)))]
+        studies: list[StudyPlan] = []
+        date = first
+        for v in range(visits):
+            n_studies += 1
+            if v:
+                date = date + dt.timedelta(days=int(rng.integers(300, 1100)))
+                if rng.random() < 0.3:  # moved to another scanner
+                    scanner = SCANNERS[int(rng.integers(len(SCANNERS)))]
+            age = int((date - birth).days // 365.25)
+            years = (date - first).days / 365.25
+            sfolder = f"ST{n_studies:04d}"
+            study_uid = make_uid(config.seed, "study", n_studies)
+            if protocol in BRAIN_PROTOCOLS:
+                specs = brain_series(scanner, protocol, int(rng.integers(0, 2)))
+                if n_studies % 3 == 1:
+                    specs = [*specs, SC_SERIES]
+            else:
+                specs = body_series(scanner, protocol)
+            series = [
+                SeriesPlan(spec=s, number=i + 1, uid=make_uid(config.seed, "series", n_studies, i),
+                           folder=f"{sfolder}/{_folder_name(s, i + 1)}")
+                for i, s in enumerate(specs)
+            ]
+            studies.append(StudyPlan(
+                index=n_studies, folder=sfolder, protocol=protocol, date=date, scanner=scanner,
+                description=str(rng.choice(STUDY_DESCRIPTIONS[protocol])),
+                accession=f"A{int(rng.integers(10_000_000, 99_999_999))}",
+                study_uid=study_uid, series=series,
+                atrophy=min(0.45, atrophy0 + yearly * years) if protocol in BRAIN_PROTOCOLS else None,
+                age=age,
+            ))
+        patients.append(PatientPlan(pkey, int(rng.integers(0, 2**31)), group, identity,
+                                    target_icv, studies))
+    fault_counts = _assign_faults(patients, config, rng)
+    _ = fault_counts
+    return patients
+
+
+def _assign_faults(patients: list[PatientPlan], config: SynthConfig,
+                   rng: np.random.Generator) -> dict[Fault, FaultCount]:
+    studies = [s for p in patients for s in p.studies]
+    all_series = [se for s in studies for se in s.series if se.spec.kind != "burned_in_sc"]
+    t1s = [se for s in studies for se in s.series if se.spec.kind == "t1_3d"]
+    counts: dict[Fault, FaultCount] = {}
+
+    def group_of(f: Fault) -> str | None:
+        return next((g for g, fs in _GROUPS.items() if f in fs), None)
+
+    def pick(fault: Fault, pool: list[SeriesPlan] | list[StudyPlan]) -> list[int]:
+        rate = config.fault_rates.get(fault, 0.0)
+        n = 0 if rate <= 0 or not pool else min(len(pool), max(1, round(rate * len(pool))))
+        counts[fault] = FaultCount(rate=rate, eligible=len(pool), planted=n)
+        return sorted(int(i) for i in rng.choice(len(pool), size=n, replace=False)) if n else []
+
+    for fault in (*_GROUPS["content"], *_GROUPS["encoding"], *_GROUPS["file"]):
+        base = t1s if fault in _GROUPS["content"] else all_series
+        g = group_of(fault)
+        pool = [
+            se for se in base
+            if not any(group_of(f) == g for f in se.faults)
+            and Fault.ENHANCED_MULTIFRAME not in se.faults
+            and not (fault in (Fault.TRUNCATED_FILE, Fault.DUPLICATE_INSTANCE) and se.spec.shape[0] < 2)
+        ]
+        for i in pick(fault, pool):
+            pool[i].faults.append(fault)
+    brain_studies = [s for s in studies if s.protocol in BRAIN_PROTOCOLS]
+    for i in pick(Fault.UNKNOWN_SCANNER, brain_studies):
+        st = brain_studies[i]
+        st.faults.append(Fault.UNKNOWN_SCANNER)
+        st.scanner = UNKNOWN_SCANNERS[i % len(UNKNOWN_SCANNERS)]
+    for i in pick(Fault.NON_DICOM, studies):
+        studies[i].faults.append(Fault.NON_DICOM)
+    later = studies[1:]
+    for i in pick(Fault.DUPLICATE_ACCESSION, later):
+        st = later[i]
+        st.faults.append(Fault.DUPLICATE_ACCESSION)
+        st.accession = studies[i].accession  # an earlier study, usually another patient's
+    return counts
+
+
+def generate(
+    config: SynthConfig,
+    out_dir: Path,
+    cache_dir: Path,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CohortResult:
+    """Generate the cohort into ``out_dir`` (DICOM under ``dicom/``, truth beside it)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise SynthError(
+                f"output folder {out_dir} is not empty: choose an empty folder or pass --overwrite"
+            )
+        for name in ("dicom", "truth", "ground_truth.json", "clinical_labels.csv"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_or_build(cache_dir)
+    patients = plan_cohort(config)
+    rng = np.random.default_rng([config.seed, 1])
+    # Re-plan to recover the fault counts (planning is deterministic and cheap).
+    fault_counts = _replan_counts(config, rng)
+    jobs = [(p, str(out_dir), str(cache_dir), config.seed) for p in patients]
+    results: list[PatientTruth] = []
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            results.append(_render_patient_with(model, *job))
+            if progress:
+                progress(i + 1, len(jobs))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                 initargs=(str(cache_dir),)) as pool:
+            for i, res in enumerate(pool.map(_render_patient, jobs)):
+                results.append(res)
+                if progress:
+                    progress(i + 1, len(jobs))
+    identifiers: list[PlantedIdentifier] = []
+    cleaned: list[PatientTruth] = []
+    for p, (pt, ids) in zip(patients, results, strict=True):  # type: ignore[misc]
+        _ = p
+        identifiers.extend(ids)
+        cleaned.append(pt)
+    truth = CohortTruth(
+        generator_version=GENERATOR_VERSION, head_model=model.digest, config=config,
+        patients=cleaned, fault_counts=fault_counts, identifiers=identifiers,
+    )
+    truth_file = out_dir / "ground_truth.json"
+    truth_file.write_text(truth.model_dump_json(indent=1))
+    with (out_dir / "clinical_labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["accession_number", "diagnosis"])
+        for pt in cleaned:
+            for st in pt.studies:
+                w.writerow([st.accession_number, pt.group])
+    return CohortResult(truth=truth, out_dir=out_dir, truth_file=truth_file)
+
+
+def _replan_counts(config: SynthConfig, rng: np.random.Generator) -> dict[Fault, FaultCount]:
+    _ = rng
+    patients = plan_cohort(config)
+    studies = [s for p in patients for s in p.studies]
+    series = [se for s in studies for se in s.series if se.spec.kind != "burned_in_sc"]
+    t1s = [se for se in series if se.spec.kind == "t1_3d"]
+    out: dict[Fault, FaultCount] = {}
+    for fault, rate in config.fault_rates.items():
+        if fault in (Fault.NON_DICOM, Fault.DUPLICATE_ACCESSION, Fault.UNKNOWN_SCANNER):
+            pool_n = len(studies) - (1 if fault == Fault.DUPLICATE_ACCESSION else 0)
+            if fault == Fault.UNKNOWN_SCANNER:
+                pool_n = sum(1 for s in studies if s.protocol in BRAIN_PROTOCOLS)
+            planted = sum(1 for s in studies if fault in s.faults)
+        else:
+            pool_n = len(t1s) if fault in _GROUPS["content"] else len(series)
+            planted = sum(1 for se in series if fault in se.faults)
+        out[fault] = FaultCount(rate=rate, eligible=pool_n, planted=planted)
+    return out
+
+
+_WORKER_MODEL: HeadModel | None = None
+
+
+def _init_worker(cache_dir: str) -> None:
+    global _WORKER_MODEL  # noqa: PLW0603 - one read-only model per worker process
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER_MODEL = load_or_build(Path(cache_dir))
+
+
+def _render_patient(job: tuple[PatientPlan, str, str, int]) -> tuple[PatientTruth, list[PlantedIdentifier]]:
+    assert _WORKER_MODEL is not None
+    return _render_patient_with(_WORKER_MODEL, *job)
+
+
+def _render_patient_with(model: HeadModel, plan: PatientPlan, out: str, cache: str,
+                         seed: int) -> tuple[PatientTruth, list[PlantedIdentifier]]:
+    _ = cache
+    out_dir = Path(out)
+    rng = np.random.default_rng([seed, 2, plan.seed])
+    shape = anatomy.sample_shape(model, rng, plan.target_icv_ml)
+    warp = None
+    if any(st.atrophy is not None for st in plan.studies):
+        coords = anatomy.warp_coordinates(model, shape)
+        warp = _Warped(coords, anatomy.warp_volume(model.head, coords, order=1).astype(np.float32))
+    studies: list[StudyTruth] = []
+    planted: list[PlantedIdentifier] = []
+    for st in plan.studies:
+        truth, ids = _render_study(model, plan, st, shape, warp, rng, out_dir, seed)  # type: ignore[arg-type]
+        studies.append(truth)
+        planted.extend(ids)
+    idn = plan.identity
+    return (
+        PatientTruth(key=plan.key, group=plan.group, sex=idn.sex, birth_date=idn.birth_date,
+                     patient_id=idn.patient_id, patient_name=idn.dicom_name, studies=studies),
+        planted,
+    )
+
+
+def _study_context(plan: PatientPlan, st: StudyPlan, rng: np.random.Generator, seed: int) -> StudyContext:
+    inst = INSTITUTIONS[int(rng.integers(len(INSTITUTIONS)))]
+    referring = staff_name(rng, "Dr")
+    body = {"knee": "KNEE", "spine": "LSPINE"}.get(st.protocol, "BRAIN")
+    history = (f"Referred by {referring.replace('^', ' ')}; {plan.identity.display_name} "
+               f"reports memory problems" if st.protocol == "dementia"
+               else f"{plan.identity.display_name}, call {plan.identity.phone} before the scan")
+    return StudyContext(
+        seed=seed, identity=plan.identity, scanner=st.scanner, study_uid=st.study_uid,
+        frame_uid=make_uid(seed, "frame", st.index), accession=st.accession,
+        study_id=f"{int(rng.integers(1000, 99999))}", study_date=st.date.strftime("%Y%m%d"),
+        study_time=f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}00",
+        study_description=st.description, age_years=st.age,
+        size_m=float(rng.normal(1.66 if plan.identity.sex == "F" else 1.78, 0.06)),
+        weight_kg=float(rng.normal(68 if plan.identity.sex == "F" else 82, 10)),
+        institution=inst, referring=referring, performing=staff_name(rng, "Dr"),
+        operator=staff_name(rng), station=f"{st.scanner.station_prefix}{int(rng.integers(10, 99))}",
+        device_serial=f"{int(rng.integers(10000, 99999))}", body_part=body, history=history,
+    )
+
+
+@dataclass(frozen=True)
+class _Warped:
+    coords: npt.NDArray[np.float32]
+    head: npt.NDArray[np.float32]
+
+
+def _render_study(model: HeadModel, plan: PatientPlan, st: StudyPlan, shape: anatomy.SubjectShape,
+                  warp: _Warped, rng: np.random.Generator, out_dir: Path, seed: int
+                  ) -> tuple[StudyTruth, list[PlantedIdentifier]]:
+    ctx = _study_context(plan, st, rng, seed)
+    placement = anatomy.sample_placement(rng)
+    volumes = None
+    labels_file = None
+    labels = None
+    if st.atrophy is not None:
+        labels = anatomy.warp_volume(anatomy.atrophied_labels(model, shape, st.atrophy),
+                                     warp.coords, order=0).astype(np.uint8)
+        tgrid = anatomy.truth_grid(shape)
+        tl = anatomy.sample_grid(labels, model, shape, anatomy.IDENTITY_PLACEMENT, tgrid,
+                                 order=0).astype(np.uint8)
+        volumes = anatomy.truth_volumes(tl, 0.001)
+        labels_file = f"truth/{st.folder}_labels.nii.gz"
+        _save_truth_labels(out_dir / labels_file, tl, tgrid)
+    series_truth: list[SeriesTruth] = []
+    contrast_cache: dict[str, npt.NDArray[np.float32]] = {}
+    hour = int(ctx.study_time[:2])
+    for se in st.series:
+        series_time = f"{hour:02d}{min(59, 2 + se.number * 4):02d}{int(rng.integers(0, 60)):02d}"
+        planter = Planter(ctx, f"dicom/{se.folder}", record=True)
+        series_truth.append(_render_series(
+            model, shape, placement, labels, warp, contrast_cache, ctx, planter, st, se, series_time,
+            rng, out_dir))
+    non_dicom: list[str] = []
+    if Fault.NON_DICOM in st.faults:
+        folder = out_dir / "dicom" / st.folder
+        (folder / "Thumbs.db").write_bytes(rng.bytes(2048))
+        (folder / "README.TXT").write_text("Exported by PACS workstation. Do not edit.\n")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + rng.bytes(512))
+        non_dicom = [f"dicom/{st.folder}/{n}" for n in ("Thumbs.db", "README.TXT", ".DS_Store")]
+    truth = StudyTruth(
+        folder=f"dicom/{st.folder}", study_instance_uid=st.study_uid,
+        accession_number=st.accession, study_date=ctx.study_date,
+        study_description=st.description, protocol=st.protocol,
+        manufacturer=st.scanner.manufacturer, model=st.scanner.model,
+        software_versions=st.scanner.software_versions,
+        field_strength_t=st.scanner.field_strength, age_years=st.age, volumes=volumes,
+        atrophy_fraction=st.atrophy, labels_file=labels_file, series=series_truth,
+        faults=list(st.faults), non_dicom_files=non_dicom,
+    )
+    return truth, list(ctx.planted)
+
+
+def _save_truth_labels(path: Path, labels: npt.NDArray[np.uint8], grid: anatomy.Grid) -> None:
+    """Label map (NIfTI, RAS affine) in the subject's head frame, as (x, y, z) voxel order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.transpose(labels, (2, 1, 0))  # (k, r, c) -> (c, r, k) = (x, y, z)
+    m = grid.index_to_lps()
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = m[:3, 2], m[:3, 1], m[:3, 0], m[:3, 3]
+    aff = anatomy.LPS_FROM_RAS @ aff  # LPS -> RAS (the flip matrix is its own inverse)
+    img = nib.Nifti1Image(data, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    img.header["descrip"] = b"cohortflow truth 0bg 1csf 2gm 3wm 4head"
+    nib.save(img, path)
+
+
+def _grids(spec: SeriesSpec, centre: npt.NDArray[np.float64]) -> list[anatomy.Grid]:
+    if spec.orientation == "mixed":
+        per = spec.shape[0] // 3
+        return [anatomy.centred_grid((per, *spec.shape[1:]), spec.spacing, *ORIENTATIONS[o],
+                                     centre=centre) for o in ("sagittal", "coronal", "axial")]
+    return [anatomy.centred_grid(spec.shape, spec.spacing, *ORIENTATIONS[spec.orientation],
+                                 centre=centre)]
+
+
+def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: anatomy.Placement,
+                   labels: npt.NDArray[np.uint8] | None, warp: _Warped | None,
+                   contrast_cache: dict[str, npt.NDArray[np.float32]], ctx: StudyContext,
+                   planter: Planter, st: StudyPlan, se: SeriesPlan, series_time: str,
+                   rng: np.random.Generator, out_dir: Path) -> SeriesTruth:
+    spec = se.spec
+    folder = out_dir / "dicom" / se.folder
+    sop = lambda i: make_uid(ctx.seed, "sop", se.uid, i)  # noqa: E731
+    if spec.kind == "burned_in_sc":
+        ds = burned_in_sc(ctx, planter, spec, series_uid=se.uid, series_number=se.number,
+                          series_time=series_time, sop_uid=sop(1))
+        write(ds, folder / "IM00001.dcm")
+        return _series_truth(se, SecondaryCaptureImageStorage, ExplicitVRLittleEndian, 1, 1, 1)
+
+    centre = placement.translation + rng.uniform(-3, 3, size=3)
+    if Fault.PARTIAL_COVERAGE in se.faults:
+        centre = centre + np.array([0.0, 0.0, -0.3 * _si_extent(spec)])
+    grids = _grids(spec, centre)
+    stacks: list[npt.NDArray[np.uint16]] = []
+    for grid in grids:
+        if labels is not None and warp is not None:
+            img = _render_head(model, shape, placement, labels, warp.head, contrast_cache, spec,
+                               grid)
+        else:
+            img = _render_phantom(grid, spec, rng)
+        img *= anatomy.bias_field(img.shape, rng, 0.12)
+        sigma = 0.02 * (10.0 if Fault.NOISE in se.faults else 1.0)
+        img = anatomy.rician(img, sigma, rng)
+        if Fault.MOTION in se.faults:
+            img = anatomy.motion_ghosts(img, rng)
+        stacks.append(np.clip(img * 3000.0, 0, 4095).astype(np.uint16))
+
+    if Fault.ENHANCED_MULTIFRAME in se.faults:
+        ds = enhanced_mr(ctx, planter, spec, series_uid=se.uid, series_number=se.number,
+                         series_time=series_time, sop_uid=sop(1), grid=grids[0], volume=stacks[0])
+        write(ds, folder / "IM00001.dcm")
+        return _series_truth(se, EnhancedMRImageStorage, ExplicitVRLittleEndian,
+                             spec.shape[0], 1, 1)
+
+    syntax = ExplicitVRLittleEndian
+    if Fault.JPEG_LOSSLESS in se.faults:
+        syntax = JPEGLosslessSV1
+    elif Fault.IMPLICIT_VR in se.faults:
+        syntax = ImplicitVRLittleEndian
+    legacy = Fault.NO_PREAMBLE in se.faults
+    wrong = (550.0, 12.0, None, 90.0) if Fault.WRONG_PARAMETERS in se.faults else None
+
+    slices = [(g, k) for g, stack in zip(grids, stacks, strict=True) for k in range(stack.shape[0])]
+    pixels = [stack[k] for stack in stacks for k in range(stack.shape[0])]
+    order = list(range(len(slices)))
+    if Fault.MISSING_SLICES in se.faults:
+        mid = len(order) // 2
+        order = order[: mid - 1] + order[mid + 2:]
+    if Fault.DUPLICATE_SLICES in se.faults:
+        order.append(len(order) // 2)  # the same position again, a new instance
+    files: list[Path] = []
+    for n, idx in enumerate(order, start=1):
+        grid, k = slices[idx]
+        px = pixels[idx]
+        if n == len(order) and Fault.DUPLICATE_SLICES in se.faults:
+            px = np.clip(px.astype(np.int32) + 5, 0, 4095).astype(np.uint16)
+        ds = mr_slice(ctx, Planter(ctx, planter.folder, record=(n == 1)), spec, series_uid=se.uid,
+                      series_number=se.number, series_time=series_time, instance_number=n,
+                      sop_uid=sop(n), grid=grid, k=k, pixels=px, tr_te_ti_flip=wrong)
+        path = folder / f"IM{n:05d}.dcm"
+        write(ds, path, syntax=syntax, legacy=legacy)
+        files.append(path)
+    n_files = len(files)
+    if Fault.TRUNCATED_FILE in se.faults:
+        victim = files[len(files) // 2]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: int(len(data) * 0.6)])
+    if Fault.DUPLICATE_INSTANCE in se.faults:
+        src = files[len(files) // 3]
+        shutil.copyfile(src, src.with_name(src.stem + "_copy.dcm"))
+        n_files += 1
+    return _series_truth(se, MRImageStorage, ImplicitVRLittleEndian if legacy else syntax,
+                         len(slices), len(order), n_files)
+
+
+def _si_extent(spec: SeriesSpec) -> float:
+    if spec.orientation == "axial":
+        return spec.shape[0] * spec.spacing[0]
+    return spec.shape[1] * spec.spacing[1]
+
+
+def _render_head(model: HeadModel, shape: anatomy.SubjectShape, placement: anatomy.Placement,
+                 labels: npt.NDArray[np.uint8], head: npt.NDArray[np.float32],
+                 cache: dict[str, npt.NDArray[np.float32]], spec: SeriesSpec,
+                 grid: anatomy.Grid) -> npt.NDArray[np.float32]:
+    if spec.contrast not in cache:
+        cache[spec.contrast] = anatomy.tissue_image(head, labels, CONTRASTS[spec.contrast])
+    model_img = cache[spec.contrast]
+    # A thick 2D slice averages the anatomy across its thickness.
+    acc = np.zeros(grid.shape, np.float32)
+    offsets = np.linspace(-1 / 3, 1 / 3, spec.sub_samples) if spec.sub_samples > 1 else [0.0]
+    for off in offsets:
+        g = replace(grid, origin=grid.origin + grid.normal * off * spec.slice_thickness)
+        acc += anatomy.sample_grid(model_img, model, shape, placement, g, order=1)
+    return acc / len(offsets)
+
+
+def _render_phantom(grid: anatomy.Grid, spec: SeriesSpec, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """Knee and spine studies: a limb-like phantom (soft tissue, bone, marrow)."""
+    ns, nr, nc = grid.shape
+    rr, cc = np.mgrid[0:nr, 0:nc].astype(np.float32)
+    rr = (rr - nr / 2) / (nr / 2)
+    cc = (cc - nc / 2) / (nc / 2)
+    c = CONTRASTS.get(spec.contrast, CONTRASTS["t1"])
+    out = np.zeros(grid.shape, np.float32)
+    for k in range(ns):
+        wobble = 0.05 * np.sin(k / 3.0)
+        soft = (rr / 0.7) ** 2 + ((cc - wobble) / 0.55) ** 2 < 1
+        bone = (rr / 0.25) ** 2 + ((cc - wobble) / 0.2) ** 2 < 1
+        marrow = (rr / 0.2) ** 2 + ((cc - wobble) / 0.15) ** 2 < 1
+        sl = np.where(soft, c["gm"], 0.0)
+        sl = np.where(bone, c["skull"], sl)
+        sl = np.where(marrow, c["head"], sl)
+        out[k] = sl
+    _ = rng
+    return out
+
+
+def _series_truth(se: SeriesPlan, sop_class: str, syntax: str, slices: int, instances: int,
+                  files: int) -> SeriesTruth:
+    spec = se.spec
+    return SeriesTruth(
+        folder=f"dicom/{se.folder}", series_instance_uid=se.uid, series_number=se.number,
+        kind=spec.kind, series_description=spec.series_description,
+        protocol_name=spec.protocol_name, sop_class_uid=str(sop_class),
+        transfer_syntax_uid=str(syntax), orientation=spec.orientation, rows=spec.shape[1],
+        columns=spec.shape[2], slices=slices, instances=instances, files=files,
+        voxel_mm=(spec.spacing[1], spec.spacing[2], spec.slice_thickness), faults=list(se.faults),
+    )

@@ -1,0 +1,227 @@
+"""A whole-head anatomical model with known tissue labels, composed from installed templates.
+
+The synthetic cohort needs heads whose true intracranial, grey matter, white matter and CSF
+volumes are known. No such atlas ships with a package, so it is composed once from two that do:
+
+- pydeface's package data: ``mean_reg2mean.nii.gz``, a whole-head mean T1 (face, skull, neck) and
+  ``facemask.nii.gz`` on the same grid (1 = keep, 0 = face); MIT licence.
+- nilearn's MNI152 2009a symmetric T1 (brain only), its brain mask and the grey / white matter
+  probability maps (ICBM 2009a; copyright notice required when redistributed).
+
+The MNI brain is registered to the pydeface head with antspyx by an affine from the identity with
+the metric masked by the eroded MNI brain mask (FIELD-NOTES.md). A SyN stage after it was tried
+and rejected: between a brain-only and a whole-head image it pulled the mask edge inwards
+(intracranial volume 1,123 ml after the affine, 771 ml after SyN, visibly inside the brain).
+Inside the intracranial space the synthetic intensities come from the labels, not from the
+template, so the affine only has to fit the skull, which it does. The result lives on the pydeface grid and is cached in
+the data folder: it takes about a minute once and is never rebuilt per subject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from pipelines.synth.errors import HeadModelError
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the recipe changes, so that cached models are rebuilt.
+HEAD_MODEL_VERSION = "2"
+
+# Tissue labels of the model and of every synthetic subject's ground-truth label map.
+BACKGROUND, CSF, GM, WM, OTHER_HEAD = 0, 1, 2, 3, 4
+LABEL_NAMES = {BACKGROUND: "background", CSF: "csf", GM: "gm", WM: "wm", OTHER_HEAD: "other_head"}
+
+_FILES = ("head", "labels", "tissue", "face")
+
+
+@dataclass(frozen=True)
+class HeadModel:
+    """Whole-head model on one grid (pydeface's, about 1 mm).
+
+    ``head`` is the template T1 intensity (0..1), used outside the intracranial space;
+    ``labels`` holds BACKGROUND / CSF / GM / WM / OTHER_HEAD; ``tissue`` is the smooth tissue
+    probability (GM + WM, 0..1) that orders voxels for simulated atrophy; ``face`` is 1 on the
+    face (what defacing removes); ``affine`` maps voxel indices to world millimetres (RAS).
+    """
+
+    head: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.uint8]
+    tissue: npt.NDArray[np.float32]
+    face: npt.NDArray[np.uint8]
+    affine: npt.NDArray[np.float64]
+    digest: str
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def volumes_ml(self) -> dict[str, float]:
+        counts = np.bincount(self.labels.ravel(), minlength=5)
+        return {LABEL_NAMES[k]: float(counts[k]) * self.voxel_ml for k in (CSF, GM, WM)}
+
+
+def template_paths() -> dict[str, Path]:
+    """Paths of the package-shipped templates the model is built from."""
+    pyd = resources.files("pydeface") / "data"
+    nil = resources.files("nilearn") / "datasets" / "data"
+    paths = {
+        "head": Path(str(pyd / "mean_reg2mean.nii.gz")),
+        "facemask": Path(str(pyd / "facemask.nii.gz")),
+        "mni_t1": Path(str(nil / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")),
+        "mni_gm": Path(str(nil / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")),
+        "mni_wm": Path(str(nil / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")),
+    }
+    for name, path in paths.items():
+        if not path.is_file():
+            raise HeadModelError(
+                f"template '{name}' not found at {path}: install the packages pydeface and nilearn"
+            )
+    return paths
+
+
+def _source_digest(paths: dict[str, Path]) -> str:
+    h = hashlib.sha256(HEAD_MODEL_VERSION.encode())
+    for name in sorted(paths):
+        h.update(name.encode())
+        h.update(hashlib.sha256(paths[name].read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def load_or_build(cache_dir: Path) -> HeadModel:
+    """Load the cached head model from ``cache_dir``, building it first if needed."""
+    paths = template_paths()
+    digest = _source_digest(paths)
+    folder = cache_dir / f"headmodel-{digest}"
+    if not (folder / "model.json").is_file():
+        log.info("building the head model once into %s (about a minute)", folder)
+        build(paths, folder)
+    return _load(folder, digest)
+
+
+def _load(folder: Path, digest: str) -> HeadModel:
+    imgs = {name: nib.load(folder / f"{name}.nii") for name in _FILES}
+    affine = np.asarray(imgs["head"].affine, dtype=np.float64)  # type: ignore[attr-defined]
+    return HeadModel(
+        head=np.asarray(imgs["head"].dataobj, dtype=np.float32) / 1000.0,  # type: ignore[attr-defined]
+        labels=np.asarray(imgs["labels"].dataobj, dtype=np.uint8),  # type: ignore[attr-defined]
+        tissue=np.asarray(imgs["tissue"].dataobj, dtype=np.float32) / 1000.0,  # type: ignore[attr-defined]
+        face=np.asarray(imgs["face"].dataobj, dtype=np.uint8),  # type: ignore[attr-defined]
+        affine=affine,
+        digest=digest,
+    )
+
+
+def build(paths: dict[str, Path], folder: Path) -> None:
+    """Register the MNI brain to the pydeface head and write the model files into ``folder``."""
+    import ants  # heavy import, only needed once
+
+    head_img = nib.load(paths["head"])
+    head_np = np.asarray(head_img.dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+    face_keep = np.asarray(nib.load(paths["facemask"]).dataobj) > 0.5  # type: ignore[attr-defined]
+
+    fixed = ants.image_read(str(paths["head"]), pixeltype="float")
+    mni = ants.image_read(str(paths["mni_t1"]), pixeltype="float")
+    mni_mask = ants.threshold_image(mni, 0.2 * float(mni.max()), 1e9)
+    gm = ants.image_read(str(paths["mni_gm"]), pixeltype="float")
+    wm = ants.image_read(str(paths["mni_wm"]), pixeltype="float")
+
+    saved_seed = ants.config._random_seed
+    ants.config._random_seed = 20091  # a fixed sampling seed: the same model on every build
+    try:
+        with tempfile.TemporaryDirectory(prefix="cohortflow-headmodel-") as tmp:
+            # The centres of mass of a brain-only and a whole-head image are centimetres apart:
+            # start from the identity and look only at the brain (FIELD-NOTES.md).
+            aff = ants.registration(
+                fixed=fixed,
+                moving=mni,
+                type_of_transform="Affine",
+                initial_transform="Identity",
+                moving_mask=ants.morphology(mni_mask, "erode", 2),
+                mask_all_stages=True,
+                aff_shrink_factors=(4, 2, 1),
+                aff_smoothing_sigmas=(2, 1, 0),
+                aff_iterations=(1000, 500, 100),
+                outprefix=os.path.join(tmp, "aff_"),
+            )
+            tx = aff["fwdtransforms"]
+            icv = ants.apply_transforms(fixed, mni_mask, tx, interpolator="linear").numpy()
+            gm_w = ants.apply_transforms(fixed, gm, tx, interpolator="linear").numpy() / 255.0
+            wm_w = ants.apply_transforms(fixed, wm, tx, interpolator="linear").numpy() / 255.0
+    finally:
+        ants.config._random_seed = saved_seed
+
+    labels, tissue = compose_labels(
+        head_np=head_np, icv_prob=icv, gm_prob=gm_w, wm_prob=wm_w, face_keep=face_keep
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = head_img.affine  # type: ignore[attr-defined]
+    head_scaled = np.clip(head_np / np.percentile(head_np[labels > 0], 99.5), 0, 1.2)
+    _save(folder / "head.nii", np.round(head_scaled * 1000).astype(np.int16), affine)
+    _save(folder / "labels.nii", labels, affine)
+    _save(folder / "tissue.nii", np.round(tissue * 1000).astype(np.int16), affine)
+    _save(folder / "face.nii", (~face_keep & (labels > 0)).astype(np.uint8), affine)
+    model = _load(folder, "")
+    meta: dict[str, Any] = {
+        "version": HEAD_MODEL_VERSION,
+        "sources": {k: str(v) for k, v in paths.items()},
+        "volumes_ml": model.volumes_ml(),
+        "face_brain_overlap_ml": float(
+            ((model.face > 0) & np.isin(model.labels, (CSF, GM, WM))).sum() * model.voxel_ml
+        ),
+        "notice": "Contains data derived from the ICBM 2009a template, Copyright (C) 1993-2009 "
+        "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
+        "McGill University; and from pydeface's mean head (MIT).",
+    }
+    (folder / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+def compose_labels(
+    *,
+    head_np: npt.NDArray[np.float32],
+    icv_prob: npt.NDArray[np.float32],
+    gm_prob: npt.NDArray[np.float32],
+    wm_prob: npt.NDArray[np.float32],
+    face_keep: npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Hard labels from the registered probability maps (pure; arrays in, arrays out).
+
+    Intracranial = warped brain mask >= 0.5 and never on the face; inside it a voxel is WM or GM
+    where the larger of the two probabilities wins and GM + WM >= 0.5, CSF elsewhere. The head
+    is the template above a background threshold, holes filled.
+    """
+    from scipy import ndimage
+
+    icv = (icv_prob >= 0.5) & face_keep
+    icv = ndimage.binary_fill_holes(icv)
+    tissue = np.clip(gm_prob + wm_prob, 0, 1).astype(np.float32)
+    labels = np.zeros(head_np.shape, np.uint8)
+    thr = 0.1 * float(np.percentile(head_np, 99))
+    head = ndimage.binary_opening(head_np > thr, iterations=2)
+    head = ndimage.binary_fill_holes(ndimage.binary_closing(head, iterations=3))
+    labels[head | icv] = OTHER_HEAD
+    labels[icv] = CSF
+    is_tissue = icv & (tissue >= 0.5)
+    labels[is_tissue & (wm_prob > gm_prob)] = WM
+    labels[is_tissue & (wm_prob <= gm_prob)] = GM
+    tissue[~icv] = 0
+    return labels, tissue
+
+
+def _save(path: Path, data: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
