@@ -47,31 +47,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Clinical MR brain imaging to research-grade biomarkers. "
         "Data lives under $COHORTFLOW_HOME (default ./cohortflow-data).",
     )
-    parser.add_argument("--config", type=Path, help="YAML settings file (default: "
-                        "$COHORTFLOW_CONFIG or $COHORTFLOW_HOME/cohortflow.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML settings file (default: $COHORTFLOW_CONFIG or $COHORTFLOW_HOME/cohortflow.yaml)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = sub.add_parser(
-        "synth", help="generate a synthetic clinical cohort with ground truth",
+        "synth",
+        help="generate a synthetic clinical cohort with ground truth",
         description="Write a clinical-like MR cohort (DICOM, vendor-like headers, planted "
         "identifiers and archive faults) and its ground truth (ground_truth.json, label maps).",
     )
     synth.add_argument("--out", type=Path, required=True, help="output folder (empty or new)")
     synth.add_argument("--studies", type=int, default=20, help="number of studies (default 20)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    synth.add_argument("--fault-rate", type=_fault_rate, action="append", default=[],
-                       metavar="NAME=RATE", help="override a fault rate, e.g. motion=0.1 "
-                       "(repeatable; 0 disables a fault)")
+    synth.add_argument(
+        "--fault-rate",
+        type=_fault_rate,
+        action="append",
+        default=[],
+        metavar="NAME=RATE",
+        help="override a fault rate, e.g. motion=0.1 (repeatable; 0 disables a fault)",
+    )
     synth.add_argument("--no-faults", action="store_true", help="plant no faults at all")
-    synth.add_argument("--workers", type=int, default=None,
-                       help="worker processes (default: settings, one per core)")
-    synth.add_argument("--overwrite", action="store_true",
-                       help="replace a cohort already in --out")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: settings, one per core)",
+    )
+    synth.add_argument("--overwrite", action="store_true", help="replace a cohort already in --out")
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     demo = sub.add_parser(
-        "demo", help="run the demo flow on embedded defaults",
+        "demo",
+        help="run the demo flow on embedded defaults",
         description="Run the cohortflow demo flow (Prefect, no server needed): generate a "
         "synthetic cohort under $COHORTFLOW_HOME/demo and print what it holds.",
     )
@@ -87,8 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help exits 0, usage errors 2
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     err = Console(stderr=True)
     try:
         settings = load_settings(args.config)
@@ -107,8 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _progress(err: Console, what: str) -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=True)
+    return Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
@@ -136,13 +158,20 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     workers = args.workers if args.workers is not None else settings.worker_count
     with _progress(err, "synthesizing patients") as bar:
         task = bar.add_task("synth", total=None)
-        result = generate(config, args.out, settings.cache, workers=workers,
-                          overwrite=args.overwrite,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = generate(
+            config,
+            args.out,
+            settings.cache,
+            workers=workers,
+            overwrite=args.overwrite,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     summary = summarize(result.truth)
     if args.json:
-        _emit(args, {"out": str(args.out), "ground_truth": str(result.truth_file),
-                     **summary_json(summary)})
+        _emit(
+            args,
+            {"out": str(args.out), "ground_truth": str(result.truth_file), **summary_json(summary)},
+        )
     else:
         print_summary(summary, Console(), f"synthetic cohort in {args.out}")
     return EXIT_OK
@@ -156,10 +185,17 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.synth_flow import demo_flow
 
     out = settings.home / "demo" / "cohort"
-    err.print(f"demo: generating {args.studies} studies into {out} (head model cached in "
-              f"{settings.cache}; the first run builds it, about a minute)")
-    summary = demo_flow(out_dir=out, cache_dir=settings.cache, studies=args.studies,
-                        seed=args.seed, workers=min(2, settings.worker_count))
+    err.print(
+        f"demo: generating {args.studies} studies into {out} (head model cached in "
+        f"{settings.cache}; the first run builds it, about a minute)"
+    )
+    summary = demo_flow(
+        out_dir=out,
+        cache_dir=settings.cache,
+        studies=args.studies,
+        seed=args.seed,
+        workers=min(2, settings.worker_count),
+    )
     if args.json:
         _emit(args, {"out": str(out), **summary_json(summary)})
     else:

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
 
 def config_file_path(environ: dict[str, str] | None = None) -> Path | None:
-    """The config file in force: ``COHORTFLOW_CONFIG``, else ``$COHORTFLOW_HOME/cohortflow.yaml``."""
+    """The config file: ``COHORTFLOW_CONFIG``, else ``$COHORTFLOW_HOME/cohortflow.yaml``."""
     env = os.environ if environ is None else environ
     if env.get("COHORTFLOW_CONFIG"):
         return Path(env["COHORTFLOW_CONFIG"])

@@ -84,8 +84,13 @@ class SynthConfig(BaseModel):
     fault_rates: dict[Fault, float] = Field(default_factory=lambda: dict(DEFAULT_FAULT_RATES))
     #: Share of brain studies acquired with each protocol; the rest are knee and spine.
     protocol_weights: dict[str, float] = Field(
-        default_factory=lambda: {"dementia": 0.4, "ms": 0.25, "open": 0.2, "knee": 0.08,
-                                 "spine": 0.07}
+        default_factory=lambda: {
+            "dementia": 0.4,
+            "ms": 0.25,
+            "open": 0.2,
+            "knee": 0.08,
+            "spine": 0.07,
+        }
     )
     #: Share of patients seen more than once (longitudinal follow-up).
     repeat_visit_rate: float = Field(0.2, ge=0, le=1)
@@ -93,7 +98,7 @@ class SynthConfig(BaseModel):
     dementia_atrophy: tuple[float, float] = (0.05, 0.11)
     #: Brain-volume loss of controls, drawn uniformly in this range.
     control_atrophy: tuple[float, float] = (0.0, 0.03)
-    #: Share of dementia-protocol patients who have dementia (the others are memory-clinic controls).
+    #: Share of dementia-protocol patients with dementia (the others: memory-clinic controls).
     dementia_prevalence: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")

@@ -23,7 +23,9 @@ def head_model(model_cache: Path) -> HeadModel:
 
 
 @pytest.fixture(scope="session")
-def cohort(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel) -> CohortResult:
+def cohort(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
+) -> CohortResult:
     """A 12-study cohort with every fault class planted at least once."""
     _ = head_model
     out = tmp_path_factory.mktemp("cohort")

@@ -28,7 +28,9 @@ def test_help_on_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
         ["nonsense"],
     ],
 )
-def test_usage_errors_exit_2(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usage_errors_exit_2(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     assert main(argv) == 2
@@ -42,13 +44,27 @@ def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.slow
-def test_synth_json_and_refuses_to_overwrite(tmp_path: Path, model_cache: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_synth_json_and_refuses_to_overwrite(
+    tmp_path: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
     out = tmp_path / "c"
-    argv = ["synth", "--out", str(out), "--studies", "1", "--seed", "3", "--no-faults",
-            "--workers", "1", "--json"]
+    argv = [
+        "synth",
+        "--out",
+        str(out),
+        "--studies",
+        "1",
+        "--seed",
+        "3",
+        "--no-faults",
+        "--workers",
+        "1",
+        "--json",
+    ]
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["studies"] == 1 and doc["patients"] == 1

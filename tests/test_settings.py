@@ -52,8 +52,9 @@ def test_home_config_file_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         ("home: [unclosed\n", "not valid YAML"),
     ],
 )
-def test_bad_config_names_file_and_field(tmp_path: Path, text: str, needle: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_config_names_file_and_field(
+    tmp_path: Path, text: str, needle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("COHORTFLOW_HOME", raising=False)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)

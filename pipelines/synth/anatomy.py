@@ -28,7 +28,9 @@ _WARP_EXTENT_MM = 130.0  # the warp grid spans +-130 mm around the head centre
 
 @dataclass(frozen=True)
 class Grid:
-    """A DICOM-style sampling grid: voxel (k, r, c) sits at origin + k*dz*normal + r*dr*col + c*dc*row.
+    """A DICOM-style sampling grid.
+
+    Voxel (k, r, c) sits at origin + k*dz*normal + r*dr*col + c*dc*row.
 
     ``row_dir`` and ``col_dir`` are the two ImageOrientationPatient vectors (LPS), ``origin`` the
     ImagePositionPatient of the first slice, ``spacing`` (dz, dr, dc) in mm.
@@ -83,7 +85,9 @@ class SubjectShape:
 
     scale: tuple[float, float, float]  # per LPS axis, relative to the model
     warp: npt.NDArray[np.float32]  # (3, n, n, n) displacement control points, model mm
-    atrophy_order: npt.NDArray[np.int64]  # flat model indices of brain voxels, most vulnerable first
+    atrophy_order: npt.NDArray[
+        np.int64
+    ]  # flat model indices of brain voxels, most vulnerable first
     centre: npt.NDArray[np.float64]  # LPS mm of the model's intracranial centroid
     half_extent: npt.NDArray[np.float64]  # LPS half-size (mm) of the model's intracranial box
 
@@ -104,7 +108,8 @@ def sample_shape(
     iso = (target_icv_ml / model_icv) ** (1.0 / 3.0)
     aniso = rng.normal(0.0, 0.025, size=3)
     aniso -= aniso.mean()  # anisotropy changes shape, not size
-    scale = tuple(float(iso * np.exp(a)) for a in aniso)
+    sx, sy, sz = (float(iso * np.exp(a)) for a in aniso)
+    scale = (sx, sy, sz)
     warp = rng.normal(0.0, warp_sd_mm, size=(3, _WARP_NODES, _WARP_NODES, _WARP_NODES))
     warp[:, [0, -1], :, :] = 0  # no displacement at the border of the warp grid
     warp[:, :, [0, -1], :] = 0
@@ -120,8 +125,13 @@ def sample_shape(
     score = model.tissue.ravel()[brain] + 0.08 * noise.ravel()[brain]
     order = brain[np.argsort(score, kind="stable")]
     centre, half = _icv_frame(model)
-    return SubjectShape(scale=scale, warp=warp.astype(np.float32), atrophy_order=order,
-                        centre=centre, half_extent=half)
+    return SubjectShape(
+        scale=scale,
+        warp=warp.astype(np.float32),
+        atrophy_order=order,
+        centre=centre,
+        half_extent=half,
+    )
 
 
 def _icv_frame(model: HeadModel) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -129,13 +139,16 @@ def _icv_frame(model: HeadModel) -> tuple[npt.NDArray[np.float64], npt.NDArray[n
     to_lps = LPS_FROM_RAS @ model.affine
     centre = (to_lps @ np.append(idx.mean(axis=0), 1.0))[:3]
     lo, hi = idx.min(axis=0), idx.max(axis=0)
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
-                        for c in (lo[2], hi[2])])
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    )
     half = np.abs((to_lps @ corners.T)[:3].T - centre).max(axis=0)
     return np.asarray(centre, np.float64), np.asarray(half, np.float64)
 
 
-def sample_placement(rng: np.random.Generator, max_deg: float = 6.0, max_mm: float = 8.0) -> Placement:
+def sample_placement(
+    rng: np.random.Generator, max_deg: float = 6.0, max_mm: float = 8.0
+) -> Placement:
     angles = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
@@ -148,7 +161,9 @@ def sample_placement(rng: np.random.Generator, max_deg: float = 6.0, max_mm: flo
 IDENTITY_PLACEMENT = Placement(rotation=np.eye(3), translation=np.zeros(3))
 
 
-def atrophied_labels(model: HeadModel, shape: SubjectShape, fraction: float) -> npt.NDArray[np.uint8]:
+def atrophied_labels(
+    model: HeadModel, shape: SubjectShape, fraction: float
+) -> npt.NDArray[np.uint8]:
     """The model's labels with ``fraction`` of the brain (GM + WM) turned into CSF."""
     labels = model.labels.copy()
     n = round(fraction * shape.atrophy_order.size)
@@ -176,14 +191,19 @@ def warp_coordinates(model: HeadModel, shape: SubjectShape, coarse: int = 4) -> 
     disp_vox = (to_vox[:3, :3] @ disp_lps).reshape(3, *ii.shape)
     coords = np.empty((3, *dims), np.float32)
     for a in range(3):
-        up = ndimage.zoom(disp_vox[a].astype(np.float32),
-                          [d / c for d, c in zip(dims, ii.shape, strict=True)], order=1)
+        up = ndimage.zoom(
+            disp_vox[a].astype(np.float32),
+            [d / c for d, c in zip(dims, ii.shape, strict=True)],
+            order=1,
+        )
         base = np.arange(dims[a], dtype=np.float32).reshape([-1 if b == a else 1 for b in range(3)])
         coords[a] = up[: dims[0], : dims[1], : dims[2]] + base
     return coords
 
 
-def warp_volume(volume: npt.NDArray[np.generic], coords: FloatArray, order: int) -> npt.NDArray[np.generic]:
+def warp_volume(
+    volume: npt.NDArray[np.generic], coords: FloatArray, order: int
+) -> npt.NDArray[np.generic]:
     """The model-grid ``volume`` under the subject's warp (order 0 for labels)."""
     return np.asarray(ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=0))
 
@@ -206,15 +226,26 @@ def grid_to_model_affine(
 
 
 def sample_grid(
-    warped: npt.NDArray[np.generic], model: HeadModel, shape: SubjectShape, placement: Placement,
-    grid: Grid, order: int,
+    warped: npt.NDArray[np.generic],
+    model: HeadModel,
+    shape: SubjectShape,
+    placement: Placement,
+    grid: Grid,
+    order: int,
 ) -> npt.NDArray[np.generic]:
     """Sample a warped model-grid volume onto a scanner grid (an affine resampling)."""
     m = grid_to_model_affine(model, shape, placement, grid)
-    return np.asarray(ndimage.affine_transform(
-        warped, m[:3, :3], offset=m[:3, 3], output_shape=grid.shape, order=order,
-        mode="constant", cval=0,
-    ))
+    return np.asarray(
+        ndimage.affine_transform(
+            warped,
+            m[:3, :3],
+            offset=m[:3, 3],
+            output_shape=grid.shape,
+            order=order,
+            mode="constant",
+            cval=0,
+        )
+    )
 
 
 def tissue_image(
@@ -239,7 +270,9 @@ def tissue_image(
     return img
 
 
-def bias_field(shape: tuple[int, int, int], rng: np.random.Generator, amplitude: float) -> FloatArray:
+def bias_field(
+    shape: tuple[int, int, int], rng: np.random.Generator, amplitude: float
+) -> FloatArray:
     """Smooth multiplicative intensity non-uniformity: exp of a low-order cosine field."""
     axes = [np.linspace(0.0, np.pi, n, dtype=np.float32) for n in shape]
     log_field = np.zeros(shape, np.float32)
@@ -248,9 +281,12 @@ def bias_field(shape: tuple[int, int, int], rng: np.random.Generator, amplitude:
             for k in range(3):
                 if 0 < i + j + k <= 2:
                     coef = np.float32(rng.normal(0.0, amplitude))
-                    log_field += (coef * np.cos(i * axes[0])[:, None, None]
-                                  * np.cos(j * axes[1])[None, :, None]
-                                  * np.cos(k * axes[2])[None, None, :])
+                    log_field += (
+                        coef
+                        * np.cos(i * axes[0])[:, None, None]
+                        * np.cos(j * axes[1])[None, :, None]
+                        * np.cos(k * axes[2])[None, None, :]
+                    )
     return np.exp(log_field)
 
 
@@ -258,16 +294,19 @@ def rician(image: FloatArray, sigma: float, rng: np.random.Generator) -> FloatAr
     """Magnitude of the image plus complex Gaussian noise (Rician noise)."""
     re = image + np.float32(sigma) * rng.standard_normal(size=image.shape, dtype=np.float32)
     im = np.float32(sigma) * rng.standard_normal(size=image.shape, dtype=np.float32)
-    return np.sqrt(re * re + im * im).astype(np.float32)
+    return np.asarray(np.sqrt(re * re + im * im), dtype=np.float32)
 
 
 def motion_ghosts(
-    image: FloatArray, rng: np.random.Generator, corrupted_fraction: float = 0.3, max_shift: float = 4.0
+    image: FloatArray,
+    rng: np.random.Generator,
+    corrupted_fraction: float = 0.3,
+    max_shift: float = 4.0,
 ) -> FloatArray:
     """Rigid in-plane motion during acquisition: a fraction of the phase-encoding lines of every
     slice is acquired with the head shifted, which ghosts the image along the phase direction."""
     spectrum = np.fft.fft(image.astype(np.complex64), axis=1)
-    n = image.shape[1]
+    n = int(image.shape[1])
     lines = rng.random(n) < corrupted_fraction
     shifts = rng.uniform(-max_shift, max_shift, size=n) * lines
     freqs = np.fft.fftfreq(image.shape[2])
@@ -283,8 +322,12 @@ def truth_volumes(labels: npt.NDArray[np.uint8], voxel_ml: float) -> Volumes:
     csf, gm, wm = (float(counts[x]) * voxel_ml for x in (CSF, GM, WM))
     icv = csf + gm + wm
     return Volumes(
-        icv_ml=round(icv, 3), gm_ml=round(gm, 3), wm_ml=round(wm, 3), csf_ml=round(csf, 3),
-        brain_ml=round(gm + wm, 3), bpf=round((gm + wm) / icv, 5),
+        icv_ml=round(icv, 3),
+        gm_ml=round(gm, 3),
+        wm_ml=round(wm, 3),
+        csf_ml=round(csf, 3),
+        brain_ml=round(gm + wm, 3),
+        bpf=round((gm + wm) / icv, 5),
     )
 
 

@@ -74,8 +74,15 @@ ORIENTATIONS = {
 }
 # Faults are drawn in this order; a series carries at most one fault of each group.
 _GROUPS: dict[str, tuple[Fault, ...]] = {
-    "content": (Fault.ENHANCED_MULTIFRAME, Fault.MISSING_SLICES, Fault.DUPLICATE_SLICES,
-                Fault.WRONG_PARAMETERS, Fault.PARTIAL_COVERAGE, Fault.MOTION, Fault.NOISE),
+    "content": (
+        Fault.ENHANCED_MULTIFRAME,
+        Fault.MISSING_SLICES,
+        Fault.DUPLICATE_SLICES,
+        Fault.WRONG_PARAMETERS,
+        Fault.PARTIAL_COVERAGE,
+        Fault.MOTION,
+        Fault.NOISE,
+    ),
     "encoding": (Fault.NO_PREAMBLE, Fault.JPEG_LOSSLESS, Fault.IMPLICIT_VR),
     "file": (Fault.TRUNCATED_FILE, Fault.DUPLICATE_INSTANCE),
 }
@@ -128,7 +135,7 @@ def _folder_name(spec: SeriesSpec, number: int) -> str:
     return f"SE{number:02d}_{safe}"
 
 
-def plan_cohort(config: SynthConfig) -> list[PatientPlan]:
+def plan_cohort(config: SynthConfig) -> tuple[list[PatientPlan], dict[Fault, FaultCount]]:
     """Decide every patient, study, series and fault (cheap, no pixels)."""
     rng = np.random.default_rng([config.seed, 1])
     names = list(config.protocol_weights)
@@ -177,27 +184,40 @@ def plan_cohort(config: SynthConfig) -> list[PatientPlan]:
             else:
                 specs = body_series(scanner, protocol)
             series = [
-                SeriesPlan(spec=s, number=i + 1, uid=make_uid(config.seed, "series", n_studies, i),
-                           folder=f"{sfolder}/{_folder_name(s, i + 1)}")
+                SeriesPlan(
+                    spec=s,
+                    number=i + 1,
+                    uid=make_uid(config.seed, "series", n_studies, i),
+                    folder=f"{sfolder}/{_folder_name(s, i + 1)}",
+                )
                 for i, s in enumerate(specs)
             ]
-            studies.append(StudyPlan(
-                index=n_studies, folder=sfolder, protocol=protocol, date=date, scanner=scanner,
-                description=str(rng.choice(STUDY_DESCRIPTIONS[protocol])),
-                accession=f"A{int(rng.integers(10_000_000, 99_999_999))}",
-                study_uid=study_uid, series=series,
-                atrophy=min(0.45, atrophy0 + yearly * years) if protocol in BRAIN_PROTOCOLS else None,
-                age=age,
-            ))
-        patients.append(PatientPlan(pkey, int(rng.integers(0, 2**31)), group, identity,
-                                    target_icv, studies))
-    fault_counts = _assign_faults(patients, config, rng)
-    _ = fault_counts
-    return patients
+            studies.append(
+                StudyPlan(
+                    index=n_studies,
+                    folder=sfolder,
+                    protocol=protocol,
+                    date=date,
+                    scanner=scanner,
+                    description=str(rng.choice(STUDY_DESCRIPTIONS[protocol])),
+                    accession=f"A{int(rng.integers(10_000_000, 99_999_999))}",
+                    study_uid=study_uid,
+                    series=series,
+                    atrophy=min(0.45, atrophy0 + yearly * years)
+                    if protocol in BRAIN_PROTOCOLS
+                    else None,
+                    age=age,
+                )
+            )
+        patients.append(
+            PatientPlan(pkey, int(rng.integers(0, 2**31)), group, identity, target_icv, studies)
+        )
+    return patients, _assign_faults(patients, config, rng)
 
 
-def _assign_faults(patients: list[PatientPlan], config: SynthConfig,
-                   rng: np.random.Generator) -> dict[Fault, FaultCount]:
+def _assign_faults(
+    patients: list[PatientPlan], config: SynthConfig, rng: np.random.Generator
+) -> dict[Fault, FaultCount]:
     studies = [s for p in patients for s in p.studies]
     all_series = [se for s in studies for se in s.series if se.spec.kind != "burned_in_sc"]
     t1s = [se for s in studies for se in s.series if se.spec.kind == "t1_3d"]
@@ -216,10 +236,13 @@ def _assign_faults(patients: list[PatientPlan], config: SynthConfig,
         base = t1s if fault in _GROUPS["content"] else all_series
         g = group_of(fault)
         pool = [
-            se for se in base
+            se
+            for se in base
             if not any(group_of(f) == g for f in se.faults)
             and Fault.ENHANCED_MULTIFRAME not in se.faults
-            and not (fault in (Fault.TRUNCATED_FILE, Fault.DUPLICATE_INSTANCE) and se.spec.shape[0] < 2)
+            and not (
+                fault in (Fault.TRUNCATED_FILE, Fault.DUPLICATE_INSTANCE) and se.spec.shape[0] < 2
+            )
         ]
         for i in pick(fault, pool):
             pool[i].faults.append(fault)
@@ -261,33 +284,34 @@ def generate(
                 target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_or_build(cache_dir)
-    patients = plan_cohort(config)
-    rng = np.random.default_rng([config.seed, 1])
-    # Re-plan to recover the fault counts (planning is deterministic and cheap).
-    fault_counts = _replan_counts(config, rng)
+    patients, fault_counts = plan_cohort(config)
     jobs = [(p, str(out_dir), str(cache_dir), config.seed) for p in patients]
-    results: list[PatientTruth] = []
+    results: list[tuple[PatientTruth, list[PlantedIdentifier]]] = []
     if workers <= 1:
         for i, job in enumerate(jobs):
             results.append(_render_patient_with(model, *job))
             if progress:
                 progress(i + 1, len(jobs))
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                 initargs=(str(cache_dir),)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=_init_worker, initargs=(str(cache_dir),)
+        ) as pool:
             for i, res in enumerate(pool.map(_render_patient, jobs)):
                 results.append(res)
                 if progress:
                     progress(i + 1, len(jobs))
     identifiers: list[PlantedIdentifier] = []
     cleaned: list[PatientTruth] = []
-    for p, (pt, ids) in zip(patients, results, strict=True):  # type: ignore[misc]
-        _ = p
+    for pt, ids in results:
         identifiers.extend(ids)
         cleaned.append(pt)
     truth = CohortTruth(
-        generator_version=GENERATOR_VERSION, head_model=model.digest, config=config,
-        patients=cleaned, fault_counts=fault_counts, identifiers=identifiers,
+        generator_version=GENERATOR_VERSION,
+        head_model=model.digest,
+        config=config,
+        patients=cleaned,
+        fault_counts=fault_counts,
+        identifiers=identifiers,
     )
     truth_file = out_dir / "ground_truth.json"
     truth_file.write_text(truth.model_dump_json(indent=1))
@@ -300,26 +324,6 @@ def generate(
     return CohortResult(truth=truth, out_dir=out_dir, truth_file=truth_file)
 
 
-def _replan_counts(config: SynthConfig, rng: np.random.Generator) -> dict[Fault, FaultCount]:
-    _ = rng
-    patients = plan_cohort(config)
-    studies = [s for p in patients for s in p.studies]
-    series = [se for s in studies for se in s.series if se.spec.kind != "burned_in_sc"]
-    t1s = [se for se in series if se.spec.kind == "t1_3d"]
-    out: dict[Fault, FaultCount] = {}
-    for fault, rate in config.fault_rates.items():
-        if fault in (Fault.NON_DICOM, Fault.DUPLICATE_ACCESSION, Fault.UNKNOWN_SCANNER):
-            pool_n = len(studies) - (1 if fault == Fault.DUPLICATE_ACCESSION else 0)
-            if fault == Fault.UNKNOWN_SCANNER:
-                pool_n = sum(1 for s in studies if s.protocol in BRAIN_PROTOCOLS)
-            planted = sum(1 for s in studies if fault in s.faults)
-        else:
-            pool_n = len(t1s) if fault in _GROUPS["content"] else len(series)
-            planted = sum(1 for se in series if fault in se.faults)
-        out[fault] = FaultCount(rate=rate, eligible=pool_n, planted=planted)
-    return out
-
-
 _WORKER_MODEL: HeadModel | None = None
 
 
@@ -329,13 +333,16 @@ def _init_worker(cache_dir: str) -> None:
     _WORKER_MODEL = load_or_build(Path(cache_dir))
 
 
-def _render_patient(job: tuple[PatientPlan, str, str, int]) -> tuple[PatientTruth, list[PlantedIdentifier]]:
+def _render_patient(
+    job: tuple[PatientPlan, str, str, int],
+) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     assert _WORKER_MODEL is not None
     return _render_patient_with(_WORKER_MODEL, *job)
 
 
-def _render_patient_with(model: HeadModel, plan: PatientPlan, out: str, cache: str,
-                         seed: int) -> tuple[PatientTruth, list[PlantedIdentifier]]:
+def _render_patient_with(
+    model: HeadModel, plan: PatientPlan, out: str, cache: str, seed: int
+) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     _ = cache
     out_dir = Path(out)
     rng = np.random.default_rng([seed, 2, plan.seed])
@@ -352,30 +359,53 @@ def _render_patient_with(model: HeadModel, plan: PatientPlan, out: str, cache: s
         planted.extend(ids)
     idn = plan.identity
     return (
-        PatientTruth(key=plan.key, group=plan.group, sex=idn.sex, birth_date=idn.birth_date,
-                     patient_id=idn.patient_id, patient_name=idn.dicom_name, studies=studies),
+        PatientTruth(
+            key=plan.key,
+            group=plan.group,
+            sex=idn.sex,
+            birth_date=idn.birth_date,
+            patient_id=idn.patient_id,
+            patient_name=idn.dicom_name,
+            studies=studies,
+        ),
         planted,
     )
 
 
-def _study_context(plan: PatientPlan, st: StudyPlan, rng: np.random.Generator, seed: int) -> StudyContext:
+def _study_context(
+    plan: PatientPlan, st: StudyPlan, rng: np.random.Generator, seed: int
+) -> StudyContext:
     inst = INSTITUTIONS[int(rng.integers(len(INSTITUTIONS)))]
     referring = staff_name(rng, "Dr")
     body = {"knee": "KNEE", "spine": "LSPINE"}.get(st.protocol, "BRAIN")
-    history = (f"Referred by {referring.replace('^', ' ')}; {plan.identity.display_name} "
-               f"reports memory problems" if st.protocol == "dementia"
-               else f"{plan.identity.display_name}, call {plan.identity.phone} before the scan")
+    history = (
+        f"Referred by {referring.replace('^', ' ')}; {plan.identity.display_name} "
+        f"reports memory problems"
+        if st.protocol == "dementia"
+        else f"{plan.identity.display_name}, call {plan.identity.phone} before the scan"
+    )
     return StudyContext(
-        seed=seed, identity=plan.identity, scanner=st.scanner, study_uid=st.study_uid,
-        frame_uid=make_uid(seed, "frame", st.index), accession=st.accession,
-        study_id=f"{int(rng.integers(1000, 99999))}", study_date=st.date.strftime("%Y%m%d"),
+        seed=seed,
+        identity=plan.identity,
+        scanner=st.scanner,
+        study_uid=st.study_uid,
+        frame_uid=make_uid(seed, "frame", st.index),
+        accession=st.accession,
+        study_id=f"{int(rng.integers(1000, 99999))}",
+        study_date=st.date.strftime("%Y%m%d"),
         study_time=f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}00",
-        study_description=st.description, age_years=st.age,
+        study_description=st.description,
+        age_years=st.age,
         size_m=float(rng.normal(1.66 if plan.identity.sex == "F" else 1.78, 0.06)),
         weight_kg=float(rng.normal(68 if plan.identity.sex == "F" else 82, 10)),
-        institution=inst, referring=referring, performing=staff_name(rng, "Dr"),
-        operator=staff_name(rng), station=f"{st.scanner.station_prefix}{int(rng.integers(10, 99))}",
-        device_serial=f"{int(rng.integers(10000, 99999))}", body_part=body, history=history,
+        institution=inst,
+        referring=referring,
+        performing=staff_name(rng, "Dr"),
+        operator=staff_name(rng),
+        station=f"{st.scanner.station_prefix}{int(rng.integers(10, 99))}",
+        device_serial=f"{int(rng.integers(10000, 99999))}",
+        body_part=body,
+        history=history,
     )
 
 
@@ -385,20 +415,29 @@ class _Warped:
     head: npt.NDArray[np.float32]
 
 
-def _render_study(model: HeadModel, plan: PatientPlan, st: StudyPlan, shape: anatomy.SubjectShape,
-                  warp: _Warped, rng: np.random.Generator, out_dir: Path, seed: int
-                  ) -> tuple[StudyTruth, list[PlantedIdentifier]]:
+def _render_study(
+    model: HeadModel,
+    plan: PatientPlan,
+    st: StudyPlan,
+    shape: anatomy.SubjectShape,
+    warp: _Warped,
+    rng: np.random.Generator,
+    out_dir: Path,
+    seed: int,
+) -> tuple[StudyTruth, list[PlantedIdentifier]]:
     ctx = _study_context(plan, st, rng, seed)
     placement = anatomy.sample_placement(rng)
     volumes = None
     labels_file = None
     labels = None
     if st.atrophy is not None:
-        labels = anatomy.warp_volume(anatomy.atrophied_labels(model, shape, st.atrophy),
-                                     warp.coords, order=0).astype(np.uint8)
+        labels = anatomy.warp_volume(
+            anatomy.atrophied_labels(model, shape, st.atrophy), warp.coords, order=0
+        ).astype(np.uint8)
         tgrid = anatomy.truth_grid(shape)
-        tl = anatomy.sample_grid(labels, model, shape, anatomy.IDENTITY_PLACEMENT, tgrid,
-                                 order=0).astype(np.uint8)
+        tl = anatomy.sample_grid(
+            labels, model, shape, anatomy.IDENTITY_PLACEMENT, tgrid, order=0
+        ).astype(np.uint8)
         volumes = anatomy.truth_volumes(tl, 0.001)
         labels_file = f"truth/{st.folder}_labels.nii.gz"
         _save_truth_labels(out_dir / labels_file, tl, tgrid)
@@ -408,9 +447,23 @@ def _render_study(model: HeadModel, plan: PatientPlan, st: StudyPlan, shape: ana
     for se in st.series:
         series_time = f"{hour:02d}{min(59, 2 + se.number * 4):02d}{int(rng.integers(0, 60)):02d}"
         planter = Planter(ctx, f"dicom/{se.folder}", record=True)
-        series_truth.append(_render_series(
-            model, shape, placement, labels, warp, contrast_cache, ctx, planter, st, se, series_time,
-            rng, out_dir))
+        series_truth.append(
+            _render_series(
+                model,
+                shape,
+                placement,
+                labels,
+                warp,
+                contrast_cache,
+                ctx,
+                planter,
+                st,
+                se,
+                series_time,
+                rng,
+                out_dir,
+            )
+        )
     non_dicom: list[str] = []
     if Fault.NON_DICOM in st.faults:
         folder = out_dir / "dicom" / st.folder
@@ -419,14 +472,23 @@ def _render_study(model: HeadModel, plan: PatientPlan, st: StudyPlan, shape: ana
         (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + rng.bytes(512))
         non_dicom = [f"dicom/{st.folder}/{n}" for n in ("Thumbs.db", "README.TXT", ".DS_Store")]
     truth = StudyTruth(
-        folder=f"dicom/{st.folder}", study_instance_uid=st.study_uid,
-        accession_number=st.accession, study_date=ctx.study_date,
-        study_description=st.description, protocol=st.protocol,
-        manufacturer=st.scanner.manufacturer, model=st.scanner.model,
+        folder=f"dicom/{st.folder}",
+        study_instance_uid=st.study_uid,
+        accession_number=st.accession,
+        study_date=ctx.study_date,
+        study_description=st.description,
+        protocol=st.protocol,
+        manufacturer=st.scanner.manufacturer,
+        model=st.scanner.model,
         software_versions=st.scanner.software_versions,
-        field_strength_t=st.scanner.field_strength, age_years=st.age, volumes=volumes,
-        atrophy_fraction=st.atrophy, labels_file=labels_file, series=series_truth,
-        faults=list(st.faults), non_dicom_files=non_dicom,
+        field_strength_t=st.scanner.field_strength,
+        age_years=st.age,
+        volumes=volumes,
+        atrophy_fraction=st.atrophy,
+        labels_file=labels_file,
+        series=series_truth,
+        faults=list(st.faults),
+        non_dicom_files=non_dicom,
     )
     return truth, list(ctx.planted)
 
@@ -449,23 +511,47 @@ def _save_truth_labels(path: Path, labels: npt.NDArray[np.uint8], grid: anatomy.
 def _grids(spec: SeriesSpec, centre: npt.NDArray[np.float64]) -> list[anatomy.Grid]:
     if spec.orientation == "mixed":
         per = spec.shape[0] // 3
-        return [anatomy.centred_grid((per, *spec.shape[1:]), spec.spacing, *ORIENTATIONS[o],
-                                     centre=centre) for o in ("sagittal", "coronal", "axial")]
-    return [anatomy.centred_grid(spec.shape, spec.spacing, *ORIENTATIONS[spec.orientation],
-                                 centre=centre)]
+        return [
+            anatomy.centred_grid(
+                (per, *spec.shape[1:]), spec.spacing, *ORIENTATIONS[o], centre=centre
+            )
+            for o in ("sagittal", "coronal", "axial")
+        ]
+    return [
+        anatomy.centred_grid(
+            spec.shape, spec.spacing, *ORIENTATIONS[spec.orientation], centre=centre
+        )
+    ]
 
 
-def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: anatomy.Placement,
-                   labels: npt.NDArray[np.uint8] | None, warp: _Warped | None,
-                   contrast_cache: dict[str, npt.NDArray[np.float32]], ctx: StudyContext,
-                   planter: Planter, st: StudyPlan, se: SeriesPlan, series_time: str,
-                   rng: np.random.Generator, out_dir: Path) -> SeriesTruth:
+def _render_series(
+    model: HeadModel,
+    shape: anatomy.SubjectShape,
+    placement: anatomy.Placement,
+    labels: npt.NDArray[np.uint8] | None,
+    warp: _Warped | None,
+    contrast_cache: dict[str, npt.NDArray[np.float32]],
+    ctx: StudyContext,
+    planter: Planter,
+    st: StudyPlan,
+    se: SeriesPlan,
+    series_time: str,
+    rng: np.random.Generator,
+    out_dir: Path,
+) -> SeriesTruth:
     spec = se.spec
     folder = out_dir / "dicom" / se.folder
-    sop = lambda i: make_uid(ctx.seed, "sop", se.uid, i)  # noqa: E731
+    sop = lambda i: make_uid(ctx.seed, "sop", se.uid, i)
     if spec.kind == "burned_in_sc":
-        ds = burned_in_sc(ctx, planter, spec, series_uid=se.uid, series_number=se.number,
-                          series_time=series_time, sop_uid=sop(1))
+        ds = burned_in_sc(
+            ctx,
+            planter,
+            spec,
+            series_uid=se.uid,
+            series_number=se.number,
+            series_time=series_time,
+            sop_uid=sop(1),
+        )
         write(ds, folder / "IM00001.dcm")
         return _series_truth(se, SecondaryCaptureImageStorage, ExplicitVRLittleEndian, 1, 1, 1)
 
@@ -476,8 +562,9 @@ def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: ana
     stacks: list[npt.NDArray[np.uint16]] = []
     for grid in grids:
         if labels is not None and warp is not None:
-            img = _render_head(model, shape, placement, labels, warp.head, contrast_cache, spec,
-                               grid)
+            img = _render_head(
+                model, shape, placement, labels, warp.head, contrast_cache, spec, grid
+            )
         else:
             img = _render_phantom(grid, spec, rng)
         img *= anatomy.bias_field(img.shape, rng, 0.12)
@@ -488,11 +575,21 @@ def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: ana
         stacks.append(np.clip(img * 3000.0, 0, 4095).astype(np.uint16))
 
     if Fault.ENHANCED_MULTIFRAME in se.faults:
-        ds = enhanced_mr(ctx, planter, spec, series_uid=se.uid, series_number=se.number,
-                         series_time=series_time, sop_uid=sop(1), grid=grids[0], volume=stacks[0])
+        ds = enhanced_mr(
+            ctx,
+            planter,
+            spec,
+            series_uid=se.uid,
+            series_number=se.number,
+            series_time=series_time,
+            sop_uid=sop(1),
+            grid=grids[0],
+            volume=stacks[0],
+        )
         write(ds, folder / "IM00001.dcm")
-        return _series_truth(se, EnhancedMRImageStorage, ExplicitVRLittleEndian,
-                             spec.shape[0], 1, 1)
+        return _series_truth(
+            se, EnhancedMRImageStorage, ExplicitVRLittleEndian, spec.shape[0], 1, 1
+        )
 
     syntax = ExplicitVRLittleEndian
     if Fault.JPEG_LOSSLESS in se.faults:
@@ -507,7 +604,7 @@ def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: ana
     order = list(range(len(slices)))
     if Fault.MISSING_SLICES in se.faults:
         mid = len(order) // 2
-        order = order[: mid - 1] + order[mid + 2:]
+        order = order[: mid - 1] + order[mid + 2 :]
     if Fault.DUPLICATE_SLICES in se.faults:
         order.append(len(order) // 2)  # the same position again, a new instance
     files: list[Path] = []
@@ -516,9 +613,20 @@ def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: ana
         px = pixels[idx]
         if n == len(order) and Fault.DUPLICATE_SLICES in se.faults:
             px = np.clip(px.astype(np.int32) + 5, 0, 4095).astype(np.uint16)
-        ds = mr_slice(ctx, Planter(ctx, planter.folder, record=(n == 1)), spec, series_uid=se.uid,
-                      series_number=se.number, series_time=series_time, instance_number=n,
-                      sop_uid=sop(n), grid=grid, k=k, pixels=px, tr_te_ti_flip=wrong)
+        ds = mr_slice(
+            ctx,
+            Planter(ctx, planter.folder, record=(n == 1)),
+            spec,
+            series_uid=se.uid,
+            series_number=se.number,
+            series_time=series_time,
+            instance_number=n,
+            sop_uid=sop(n),
+            grid=grid,
+            k=k,
+            pixels=px,
+            tr_te_ti_flip=wrong,
+        )
         path = folder / f"IM{n:05d}.dcm"
         write(ds, path, syntax=syntax, legacy=legacy)
         files.append(path)
@@ -531,8 +639,14 @@ def _render_series(model: HeadModel, shape: anatomy.SubjectShape, placement: ana
         src = files[len(files) // 3]
         shutil.copyfile(src, src.with_name(src.stem + "_copy.dcm"))
         n_files += 1
-    return _series_truth(se, MRImageStorage, ImplicitVRLittleEndian if legacy else syntax,
-                         len(slices), len(order), n_files)
+    return _series_truth(
+        se,
+        MRImageStorage,
+        ImplicitVRLittleEndian if legacy else syntax,
+        len(slices),
+        len(order),
+        n_files,
+    )
 
 
 def _si_extent(spec: SeriesSpec) -> float:
@@ -541,10 +655,16 @@ def _si_extent(spec: SeriesSpec) -> float:
     return spec.shape[1] * spec.spacing[1]
 
 
-def _render_head(model: HeadModel, shape: anatomy.SubjectShape, placement: anatomy.Placement,
-                 labels: npt.NDArray[np.uint8], head: npt.NDArray[np.float32],
-                 cache: dict[str, npt.NDArray[np.float32]], spec: SeriesSpec,
-                 grid: anatomy.Grid) -> npt.NDArray[np.float32]:
+def _render_head(
+    model: HeadModel,
+    shape: anatomy.SubjectShape,
+    placement: anatomy.Placement,
+    labels: npt.NDArray[np.uint8],
+    head: npt.NDArray[np.float32],
+    cache: dict[str, npt.NDArray[np.float32]],
+    spec: SeriesSpec,
+    grid: anatomy.Grid,
+) -> npt.NDArray[np.float32]:
     if spec.contrast not in cache:
         cache[spec.contrast] = anatomy.tissue_image(head, labels, CONTRASTS[spec.contrast])
     model_img = cache[spec.contrast]
@@ -553,11 +673,15 @@ def _render_head(model: HeadModel, shape: anatomy.SubjectShape, placement: anato
     offsets = np.linspace(-1 / 3, 1 / 3, spec.sub_samples) if spec.sub_samples > 1 else [0.0]
     for off in offsets:
         g = replace(grid, origin=grid.origin + grid.normal * off * spec.slice_thickness)
-        acc += anatomy.sample_grid(model_img, model, shape, placement, g, order=1)
-    return acc / len(offsets)
+        acc += np.asarray(
+            anatomy.sample_grid(model_img, model, shape, placement, g, order=1), dtype=np.float32
+        )
+    return np.asarray(acc / len(offsets), dtype=np.float32)
 
 
-def _render_phantom(grid: anatomy.Grid, spec: SeriesSpec, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+def _render_phantom(
+    grid: anatomy.Grid, spec: SeriesSpec, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
     """Knee and spine studies: a limb-like phantom (soft tissue, bone, marrow)."""
     ns, nr, nc = grid.shape
     rr, cc = np.mgrid[0:nr, 0:nc].astype(np.float32)
@@ -578,14 +702,25 @@ def _render_phantom(grid: anatomy.Grid, spec: SeriesSpec, rng: np.random.Generat
     return out
 
 
-def _series_truth(se: SeriesPlan, sop_class: str, syntax: str, slices: int, instances: int,
-                  files: int) -> SeriesTruth:
+def _series_truth(
+    se: SeriesPlan, sop_class: str, syntax: str, slices: int, instances: int, files: int
+) -> SeriesTruth:
     spec = se.spec
     return SeriesTruth(
-        folder=f"dicom/{se.folder}", series_instance_uid=se.uid, series_number=se.number,
-        kind=spec.kind, series_description=spec.series_description,
-        protocol_name=spec.protocol_name, sop_class_uid=str(sop_class),
-        transfer_syntax_uid=str(syntax), orientation=spec.orientation, rows=spec.shape[1],
-        columns=spec.shape[2], slices=slices, instances=instances, files=files,
-        voxel_mm=(spec.spacing[1], spec.spacing[2], spec.slice_thickness), faults=list(se.faults),
+        folder=f"dicom/{se.folder}",
+        series_instance_uid=se.uid,
+        series_number=se.number,
+        kind=spec.kind,
+        series_description=spec.series_description,
+        protocol_name=spec.protocol_name,
+        sop_class_uid=str(sop_class),
+        transfer_syntax_uid=str(syntax),
+        orientation=spec.orientation,
+        rows=spec.shape[1],
+        columns=spec.shape[2],
+        slices=slices,
+        instances=instances,
+        files=files,
+        voxel_mm=(spec.spacing[1], spec.spacing[2], spec.slice_thickness),
+        faults=list(se.faults),
     )

@@ -78,12 +78,21 @@ class Planter:
     def note(self, kind: str, value: str, location: str) -> None:
         if self.record:
             self.ctx.planted.append(
-                PlantedIdentifier(kind=kind, value=value, series_folder=self.folder, location=location)
+                PlantedIdentifier(
+                    kind=kind, value=value, series_folder=self.folder, location=location
+                )
             )
 
 
-def _common(ds: Dataset, ctx: StudyContext, planter: Planter, spec: SeriesSpec,
-            series_uid: str, series_number: int, series_time: str) -> None:
+def _common(
+    ds: Dataset,
+    ctx: StudyContext,
+    planter: Planter,
+    spec: SeriesSpec,
+    series_uid: str,
+    series_number: int,
+    series_time: str,
+) -> None:
     idn = ctx.identity
     ds.SpecificCharacterSet = "ISO_IR 100"
     planter.put(ds, "PatientName", idn.dicom_name, "patient_name")
@@ -118,10 +127,20 @@ def _common(ds: Dataset, ctx: StudyContext, planter: Planter, spec: SeriesSpec,
     planter.put(ds, "StationName", ctx.station, "station")
     planter.put(ds, "DeviceSerialNumber", ctx.device_serial, "device_serial")
     req = Dataset()
-    planter.put(req, "RequestedProcedureID", ctx.accession, "accession_number",
-                "RequestAttributesSequence[0].")
-    planter.put(req, "ScheduledProcedureStepID", f"SPS{ctx.accession}", "accession_number",
-                "RequestAttributesSequence[0].")
+    planter.put(
+        req,
+        "RequestedProcedureID",
+        ctx.accession,
+        "accession_number",
+        "RequestAttributesSequence[0].",
+    )
+    planter.put(
+        req,
+        "ScheduledProcedureStepID",
+        f"SPS{ctx.accession}",
+        "accession_number",
+        "RequestAttributesSequence[0].",
+    )
     req.RequestedProcedureDescription = ctx.study_description
     ds.RequestAttributesSequence = Sequence([req])
 
@@ -204,18 +223,29 @@ def _pixel_module(ds: Dataset, pixels: npt.NDArray[np.uint16]) -> None:
 
 def _file_meta(sop_class: str, sop_uid: str, syntax: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(syntax)
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     return meta
 
 
-def mr_slice(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, series_uid: str,
-             series_number: int, series_time: str, instance_number: int, sop_uid: str,
-             grid: Grid, k: int, pixels: npt.NDArray[np.uint16],
-             tr_te_ti_flip: tuple[float, float, float | None, float] | None = None) -> Dataset:
+def mr_slice(
+    ctx: StudyContext,
+    planter: Planter,
+    spec: SeriesSpec,
+    *,
+    series_uid: str,
+    series_number: int,
+    series_time: str,
+    instance_number: int,
+    sop_uid: str,
+    grid: Grid,
+    k: int,
+    pixels: npt.NDArray[np.uint16],
+    tr_te_ti_flip: tuple[float, float, float | None, float] | None = None,
+) -> Dataset:
     """One single-frame MR Image Storage instance (slice ``k`` of ``grid``)."""
     ds = Dataset()
     ds.file_meta = _file_meta(MRImageStorage, sop_uid, ExplicitVRLittleEndian)
@@ -252,9 +282,18 @@ def mr_slice(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, series_ui
     return ds
 
 
-def enhanced_mr(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, series_uid: str,
-                series_number: int, series_time: str, sop_uid: str, grid: Grid,
-                volume: npt.NDArray[np.uint16]) -> Dataset:
+def enhanced_mr(
+    ctx: StudyContext,
+    planter: Planter,
+    spec: SeriesSpec,
+    *,
+    series_uid: str,
+    series_number: int,
+    series_time: str,
+    sop_uid: str,
+    grid: Grid,
+    volume: npt.NDArray[np.uint16],
+) -> Dataset:
     """The whole series as one Enhanced MR Image Storage object with per-frame positions."""
     ds = Dataset()
     ds.file_meta = _file_meta(EnhancedMRImageStorage, sop_uid, ExplicitVRLittleEndian)
@@ -340,8 +379,16 @@ def enhanced_mr(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, series
     return ds
 
 
-def burned_in_sc(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, series_uid: str,
-                 series_number: int, series_time: str, sop_uid: str) -> Dataset:
+def burned_in_sc(
+    ctx: StudyContext,
+    planter: Planter,
+    spec: SeriesSpec,
+    *,
+    series_uid: str,
+    series_number: int,
+    series_time: str,
+    sop_uid: str,
+) -> Dataset:
     """A screen capture of the scanner's patient page: identifiers burned into the pixels."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -382,7 +429,9 @@ def burned_in_sc(ctx: StudyContext, planter: Planter, spec: SeriesSpec, *, serie
     return ds
 
 
-def write(ds: Dataset, path: Path, syntax: str = ExplicitVRLittleEndian, legacy: bool = False) -> None:
+def write(
+    ds: Dataset, path: Path, syntax: str = ExplicitVRLittleEndian, legacy: bool = False
+) -> None:
     """Write ``ds`` to ``path`` in the given transfer syntax.
 
     ``legacy`` writes what old archives hold: no preamble, no "DICM", no file meta, implicit VR.

@@ -13,8 +13,8 @@ the metric masked by the eroded MNI brain mask (FIELD-NOTES.md). A SyN stage aft
 and rejected: between a brain-only and a whole-head image it pulled the mask edge inwards
 (intracranial volume 1,123 ml after the affine, 771 ml after SyN, visibly inside the brain).
 Inside the intracranial space the synthetic intensities come from the labels, not from the
-template, so the affine only has to fit the skull, which it does. The result lives on the pydeface grid and is cached in
-the data folder: it takes about a minute once and is never rebuilt per subject.
+template, so the affine only has to fit the skull, which it does. The result lives on the pydeface
+grid and is cached in the data folder: it takes about a minute once, never per subject.
 """
 
 from __future__ import annotations

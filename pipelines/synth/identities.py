@@ -6,19 +6,76 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAMILY = ("SMITH", "JONES", "MUELLER", "GARCIA", "NGUYEN", "OKAFOR", "ROSSI", "DUBOIS", "KOWALSKI",
-          "TANAKA", "HANSEN", "OBRIEN", "SILVA", "PETROV", "LINDQVIST", "MORENO", "FISCHER",
-          "NAKAMURA", "ABERNATHY", "QUINTERO", "VANDERBERG", "ERIKSSON", "MBEKI", "CHATTERJEE")
-GIVEN_F = ("MARY", "ANNA", "FATIMA", "SOFIA", "INGRID", "YUKI", "CHIARA", "AGNIESZKA", "GRACE",
-           "LUCIA", "HELGA", "AMARA")
-GIVEN_M = ("JOHN", "PETER", "AHMED", "LUCA", "HANS", "KENJI", "PIOTR", "DIEGO", "OLUWASEUN",
-           "MARCEL", "ERIK", "RAJESH")
-STREETS = ("Elm Street", "Mill Lane", "Station Road", "Kastanienallee", "Rue des Lilas",
-           "Via Roma", "Harbour View", "Birch Close")
+FAMILY = (
+    "SMITH",
+    "JONES",
+    "MUELLER",
+    "GARCIA",
+    "NGUYEN",
+    "OKAFOR",
+    "ROSSI",
+    "DUBOIS",
+    "KOWALSKI",
+    "TANAKA",
+    "HANSEN",
+    "OBRIEN",
+    "SILVA",
+    "PETROV",
+    "LINDQVIST",
+    "MORENO",
+    "FISCHER",
+    "NAKAMURA",
+    "ABERNATHY",
+    "QUINTERO",
+    "VANDERBERG",
+    "ERIKSSON",
+    "MBEKI",
+    "CHATTERJEE",
+)
+GIVEN_F = (
+    "MARY",
+    "ANNA",
+    "FATIMA",
+    "SOFIA",
+    "INGRID",
+    "YUKI",
+    "CHIARA",
+    "AGNIESZKA",
+    "GRACE",
+    "LUCIA",
+    "HELGA",
+    "AMARA",
+)
+GIVEN_M = (
+    "JOHN",
+    "PETER",
+    "AHMED",
+    "LUCA",
+    "HANS",
+    "KENJI",
+    "PIOTR",
+    "DIEGO",
+    "OLUWASEUN",
+    "MARCEL",
+    "ERIK",
+    "RAJESH",
+)
+STREETS = (
+    "Elm Street",
+    "Mill Lane",
+    "Station Road",
+    "Kastanienallee",
+    "Rue des Lilas",
+    "Via Roma",
+    "Harbour View",
+    "Birch Close",
+)
 CITIES = ("Springfield", "Riverton", "Lakeside", "Northbridge", "Eastwick", "Fairhaven")
-INSTITUTIONS = (("St Elsewhere Hospital", "1 Hospital Way, Springfield"),
-                ("Riverton University Medical Centre", "200 College Road, Riverton"),
-                ("Lakeside Imaging Clinic", "7 Shore Drive, Lakeside"))
+INSTITUTIONS = (
+    ("St Elsewhere Hospital", "1 Hospital Way, Springfield"),
+    ("Riverton University Medical Centre", "200 College Road, Riverton"),
+    ("Lakeside Imaging Clinic", "7 Shore Drive, Lakeside"),
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.prefect_env import configure_prefect
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_flow_runs_in_prefect(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    configure_prefect(tmp_path)
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.synth_flow import demo_flow
+
+    with prefect_test_harness():
+        summary = demo_flow(
+            out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=2, seed=5, workers=1
+        )
+    assert summary.studies == 2
+    assert (tmp_path / "cohort" / "ground_truth.json").is_file()
+    assert sum(summary.faults.values()) >= 1
