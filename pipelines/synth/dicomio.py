@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     MRImageStorage,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from models.synth import PlantedIdentifier
@@ -28,11 +28,17 @@ from pipelines.synth.scanners import Scanner, SeriesSpec, vendor
 
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1455.1")  # a synthetic-data root
 IMPLEMENTATION_VERSION = "COHORTFLOW_SYN1"
+_UID_NAMESPACE = uuid.UUID("5b0c3c1e-6f3a-4c1e-9a49-3c6f6c0f1a55")  # cohortflow synth
 
 
 def make_uid(*parts: object) -> UID:
-    """A deterministic UID (2.25 form) from the given parts."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A deterministic UID (2.25 form, a name-based UUID) from the given parts.
+
+    Not pydicom's ``generate_uid(prefix=None, entropy_srcs=...)``: with no prefix it returns a
+    random UUID and ignores the entropy sources, which made every run differ.
+    """
+    name = "|".join(str(p) for p in parts)
+    return UID(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
 
 
 @dataclass
