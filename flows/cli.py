@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
-from models.synth import Fault, SynthConfig
+from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("cohortflow")
@@ -148,8 +148,7 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         return EXIT_USAGE
     rates = {f: 0.0 for f in Fault} if args.no_faults else None
     try:
-        base = SynthConfig(studies=args.studies, seed=args.seed)
-        merged = dict(rates if rates is not None else base.fault_rates)
+        merged = dict(rates if rates is not None else DEFAULT_FAULT_RATES)
         merged.update(dict(args.fault_rate))
         config = SynthConfig(studies=args.studies, seed=args.seed, fault_rates=merged)
     except ValueError as exc:

@@ -104,7 +104,7 @@ def sample_shape(
     model: HeadModel, rng: np.random.Generator, target_icv_ml: float, warp_sd_mm: float = 2.0
 ) -> SubjectShape:
     """Draw a subject: isotropic size for ``target_icv_ml``, a little anisotropy, a smooth warp."""
-    model_icv = float(np.isin(model.labels, (CSF, GM, WM)).sum()) * model.voxel_ml
+    model_icv = len(model.icv_voxels) * model.voxel_ml
     iso = (target_icv_ml / model_icv) ** (1.0 / 3.0)
     aniso = rng.normal(0.0, 0.025, size=3)
     aniso -= aniso.mean()  # anisotropy changes shape, not size
@@ -116,7 +116,7 @@ def sample_shape(
     warp[:, :, :, [0, -1]] = 0
     # Vulnerability to atrophy: partial-volume tissue at CSF borders first, with a smooth
     # random modulation so that every subject loses tissue in its own places.
-    brain = np.flatnonzero(np.isin(model.labels, (GM, WM)).ravel())
+    brain = model.brain_flat
     noise = ndimage.zoom(
         rng.normal(size=(12, 16, 16)).astype(np.float32),
         np.array(model.labels.shape) / np.array((12, 16, 16)),
@@ -135,7 +135,7 @@ def sample_shape(
 
 
 def _icv_frame(model: HeadModel) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    idx = np.argwhere(np.isin(model.labels, (CSF, GM, WM)))
+    idx = model.icv_voxels
     to_lps = LPS_FROM_RAS @ model.affine
     centre = (to_lps @ np.append(idx.mean(axis=0), 1.0))[:3]
     lo, hi = idx.min(axis=0), idx.max(axis=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -285,7 +284,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_or_build(cache_dir)
     patients, fault_counts = plan_cohort(config)
-    jobs = [(p, str(out_dir), str(cache_dir), config.seed) for p in patients]
+    jobs = [(p, str(out_dir), config.seed) for p in patients]
     results: list[tuple[PatientTruth, list[PlantedIdentifier]]] = []
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -329,21 +328,19 @@ _WORKER_MODEL: HeadModel | None = None
 
 def _init_worker(cache_dir: str) -> None:
     global _WORKER_MODEL  # noqa: PLW0603 - one read-only model per worker process
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER_MODEL = load_or_build(Path(cache_dir))
 
 
 def _render_patient(
-    job: tuple[PatientPlan, str, str, int],
+    job: tuple[PatientPlan, str, int],
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     assert _WORKER_MODEL is not None
     return _render_patient_with(_WORKER_MODEL, *job)
 
 
 def _render_patient_with(
-    model: HeadModel, plan: PatientPlan, out: str, cache: str, seed: int
+    model: HeadModel, plan: PatientPlan, out: str, seed: int
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
-    _ = cache
     out_dir = Path(out)
     rng = np.random.default_rng([seed, 2, plan.seed])
     shape = anatomy.sample_shape(model, rng, plan.target_icv_ml)
@@ -354,7 +351,7 @@ def _render_patient_with(
     studies: list[StudyTruth] = []
     planted: list[PlantedIdentifier] = []
     for st in plan.studies:
-        truth, ids = _render_study(model, plan, st, shape, warp, rng, out_dir, seed)  # type: ignore[arg-type]
+        truth, ids = _render_study(model, plan, st, shape, warp, rng, out_dir, seed)
         studies.append(truth)
         planted.extend(ids)
     idn = plan.identity
@@ -420,7 +417,7 @@ def _render_study(
     plan: PatientPlan,
     st: StudyPlan,
     shape: anatomy.SubjectShape,
-    warp: _Warped,
+    warp: _Warped | None,
     rng: np.random.Generator,
     out_dir: Path,
     seed: int,
@@ -431,6 +428,7 @@ def _render_study(
     labels_file = None
     labels = None
     if st.atrophy is not None:
+        assert warp is not None, "a patient with brain studies always has a warp"
         labels = anatomy.warp_volume(
             anatomy.atrophied_labels(model, shape, st.atrophy), warp.coords, order=0
         ).astype(np.uint8)
@@ -566,7 +564,7 @@ def _render_series(
                 model, shape, placement, labels, warp.head, contrast_cache, spec, grid
             )
         else:
-            img = _render_phantom(grid, spec, rng)
+            img = _render_phantom(grid, spec)
         img *= anatomy.bias_field(img.shape, rng, 0.12)
         sigma = 0.02 * (10.0 if Fault.NOISE in se.faults else 1.0)
         img = anatomy.rician(img, sigma, rng)
@@ -679,9 +677,7 @@ def _render_head(
     return np.asarray(acc / len(offsets), dtype=np.float32)
 
 
-def _render_phantom(
-    grid: anatomy.Grid, spec: SeriesSpec, rng: np.random.Generator
-) -> npt.NDArray[np.float32]:
+def _render_phantom(grid: anatomy.Grid, spec: SeriesSpec) -> npt.NDArray[np.float32]:
     """Knee and spine studies: a limb-like phantom (soft tissue, bone, marrow)."""
     ns, nr, nc = grid.shape
     rr, cc = np.mgrid[0:nr, 0:nc].astype(np.float32)
@@ -698,7 +694,6 @@ def _render_phantom(
         sl = np.where(bone, c["skull"], sl)
         sl = np.where(marrow, c["head"], sl)
         out[k] = sl
-    _ = rng
     return out
 
 

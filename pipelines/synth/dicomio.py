@@ -445,7 +445,6 @@ def write(
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if legacy:
-        ds.file_meta = FileMetaDataset()
         del ds.file_meta
         ds.preamble = None
         ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)

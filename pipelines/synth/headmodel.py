@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ class HeadModel:
     @property
     def voxel_ml(self) -> float:
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @cached_property
+    def icv_voxels(self) -> npt.NDArray[np.intp]:
+        """Indices (n, 3) of the intracranial voxels (CSF, GM, WM); computed once per model."""
+        return np.argwhere(np.isin(self.labels, (CSF, GM, WM)))
+
+    @cached_property
+    def brain_flat(self) -> npt.NDArray[np.intp]:
+        """Flat indices of the brain voxels (GM, WM); computed once per model."""
+        return np.flatnonzero(np.isin(self.labels, (GM, WM)).ravel())
 
     def volumes_ml(self) -> dict[str, float]:
         counts = np.bincount(self.labels.ravel(), minlength=5)
