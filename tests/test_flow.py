@@ -25,3 +25,13 @@ def test_demo_flow_runs_in_prefect(
     assert summary.studies == 2
     assert (tmp_path / "cohort" / "ground_truth.json").is_file()
     assert sum(summary.faults.values()) >= 1
+
+
+def test_prefect_home_is_created_with_its_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: on a fresh clone ./cohortflow-data did not exist and the ephemeral Prefect
+    server failed with 'unable to open database file'."""
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    configure_prefect(tmp_path / "not" / "yet")
+    assert (tmp_path / "not" / "yet" / "prefect").is_dir()
