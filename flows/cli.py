@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace a cohort already in --out")
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    ingest = sub.add_parser(
+        "ingest",
+        help="archive and index a delivered folder",
+        description="Hash, classify (modern / legacy / corrupt / not DICOM / unreadable), "
+        "archive (content-addressed, stored once) and index every file under PATH; compare "
+        "with the batch manifest. Rerunning does no work for files already indexed.",
+    )
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files")
+    ingest.add_argument(
+        "--batch", help="batch name (default: the folder name; rerun with it to resume)"
+    )
+    ingest.add_argument(
+        "--manifest",
+        type=Path,
+        help="CSV with an AccessionNumber column and optionally ExpectedFiles",
+    )
+    ingest.add_argument(
+        "--workers", type=int, default=None, help="reader processes (default: one per core)"
+    )
+    ingest.add_argument("--json", action="store_true", help="print the accounting as JSON")
+
+    verify = sub.add_parser(
+        "verify",
+        help="re-hash the archive",
+        description="Re-hash every file in the archive and report files changed, missing, "
+        "unreadable, or present but unknown to the index.",
+    )
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    report = sub.add_parser(
+        "report",
+        help="print the accounting of a batch",
+        description="Reports from the archive index.",
+    )
+    report_sub = report.add_subparsers(dest="report", metavar="WHAT", required=True)
+    report_batch = report_sub.add_parser(
+        "batch",
+        help="accounting of one batch",
+        description="Files by status, duplicates, manifest accounting (missing, incomplete, "
+        "unexpected, duplicated, complete), unknown scanners, and every problem file.",
+    )
+    report_batch.add_argument("name", help="the batch name")
+    report_batch.add_argument("--json", action="store_true", help="print the report as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -112,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _synth(args, settings, err)
         if args.command == "demo":
             return _demo(args, settings, err)
+        if args.command == "ingest":
+            return _ingest(args, settings, err)
+        if args.command == "verify":
+            return _verify(args, settings, err)
+        if args.command == "report":
+            return _report(args, settings, err)
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         return EXIT_USAGE
@@ -176,11 +227,103 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     return EXIT_OK
 
 
+def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_batch_report
+    from models.database import open_index
+    from models.scanners import load_known_scanners
+    from pipelines.ingest.accounting import batch_report
+    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.ingest.engine import choose_batch_name, count_files, ingest
+    from pipelines.ingest.manifest import read_manifest
+
+    missing = [str(p) for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        err.print(f"[red]usage error:[/red] no such file or folder: {', '.join(missing)}")
+        return EXIT_USAGE
+    if args.workers is not None and args.workers < 1:
+        err.print("[red]usage error:[/red] --workers must be at least 1")
+        return EXIT_USAGE
+    manifest = read_manifest(args.manifest) if args.manifest else None
+    scanners = load_known_scanners(settings.known_scanners_file)
+    index = open_index(settings.index_url or "")
+    store = ArchiveStore(settings.archive)
+    try:
+        batch = args.batch or choose_batch_name(index, args.paths)
+        total = count_files(args.paths, skip=store.root)
+        with _progress(err, f"ingesting batch {batch}") as bar:
+            task = bar.add_task("ingest", total=total)
+            outcome = ingest(
+                args.paths,
+                index,
+                store,
+                scanners,
+                batch=batch,
+                manifest=manifest,
+                workers=args.workers or settings.worker_count,
+                progress=lambda n: bar.advance(task, n),
+            )
+        report = batch_report(index, batch)
+    finally:
+        index.dispose()
+    if args.json:
+        _emit(
+            args,
+            {"ingest": outcome.model_dump(mode="json"), "report": report.model_dump(mode="json")},
+        )
+    else:
+        print_batch_report(report, Console())
+        err.print(
+            f"ingested {outcome.seen} files in {outcome.seconds:.1f} s "
+            f"({outcome.files_per_second:.0f} files/s): {outcome.processed} read, "
+            f"{outcome.unchanged} already indexed, {outcome.reused} known from earlier batches"
+        )
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_verify_report
+    from models.database import open_index
+    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.ingest.verify import verify
+
+    index = open_index(settings.index_url or "")
+    try:
+        with _progress(err, "verifying the archive") as bar:
+            task = bar.add_task("verify", total=None)
+            report = verify(
+                index, ArchiveStore(settings.archive), progress=lambda n: bar.advance(task, n)
+            )
+    finally:
+        index.dispose()
+    if args.json:
+        _emit(args, report.model_dump(mode="json"))
+    else:
+        print_verify_report(report, Console())
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_batch_report
+    from models.database import open_index
+    from pipelines.ingest.accounting import batch_report
+
+    index = open_index(settings.index_url or "")
+    try:
+        report = batch_report(index, args.name)
+    finally:
+        index.dispose()
+    if args.json:
+        _emit(args, report.model_dump(mode="json"))
+    else:
+        print_batch_report(report, Console())
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
 def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.prefect_env import configure_prefect
 
     configure_prefect(settings.home)
-    from flows.report import print_summary, summary_json
+    from flows.report import print_batch_report, print_summary, summary_json
     from flows.synth_flow import demo_flow
 
     out = settings.home / "demo" / "cohort"
@@ -188,17 +331,23 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         f"demo: generating {args.studies} studies into {out} (head model cached in "
         f"{settings.cache}; the first run builds it, about a minute)"
     )
-    summary = demo_flow(
+    summary, report = demo_flow(
         out_dir=out,
         cache_dir=settings.cache,
         studies=args.studies,
         seed=args.seed,
         workers=min(2, settings.worker_count),
+        config=args.config,
     )
     if args.json:
-        _emit(args, {"out": str(out), **summary_json(summary)})
+        _emit(
+            args,
+            {"out": str(out), **summary_json(summary), "ingest": report.model_dump(mode="json")},
+        )
     else:
-        print_summary(summary, Console(), f"cohortflow demo: synthetic cohort in {out}")
+        console = Console()
+        print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
+        print_batch_report(report, console)
     return EXIT_OK
 
 

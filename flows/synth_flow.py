@@ -7,9 +7,11 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from models.synth import SynthConfig
+from flows.ingest_flow import ingest_flow
+from models.ingest import BatchReport
+from models.synth import CohortTruth, SynthConfig
 from pipelines.synth.cohort import generate
-from pipelines.synth.summary import CohortSummary, summarize
+from pipelines.synth.summary import CohortSummary, summarize, write_manifest
 
 
 @task(name="generate-synthetic-cohort")
@@ -31,14 +33,30 @@ def publish_summary(summary: CohortSummary) -> None:
     )
 
 
+@task(name="write-manifest")
+def write_delivery_manifest(out_dir: Path) -> Path:
+    truth = CohortTruth.model_validate_json((out_dir / "ground_truth.json").read_text("utf-8"))
+    return write_manifest(truth, out_dir / "manifest.csv", undelivered=True)
+
+
 @flow(name="cohortflow-demo")
 def demo_flow(
-    out_dir: Path, cache_dir: Path, studies: int = 12, seed: int = 0, workers: int = 2
-) -> CohortSummary:
-    """Generate a small synthetic clinical cohort and report what it holds.
+    out_dir: Path,
+    cache_dir: Path,
+    studies: int = 12,
+    seed: int = 0,
+    workers: int = 2,
+    config: Path | None = None,
+) -> tuple[CohortSummary, BatchReport]:
+    """Generate a small synthetic clinical cohort, ingest it as a delivery, report both.
 
+    The manifest lists one study the delivery lacks, so the accounting shows a missing study.
     Later capabilities extend this flow until it runs the whole mission on the cohort.
     """
     summary = generate_cohort(SynthConfig(studies=studies, seed=seed), out_dir, cache_dir, workers)
     publish_summary(summary)
-    return summary
+    manifest = write_delivery_manifest(out_dir)
+    report = ingest_flow(
+        [out_dir / "dicom"], batch=f"demo-seed{seed}", manifest=manifest, config=config
+    )
+    return summary, report

@@ -7,3 +7,11 @@ class CohortflowError(Exception):
 
 class ConfigurationError(CohortflowError):
     """A setting, config file or option is invalid (exit status 2 at the command line)."""
+
+
+class IndexDatabaseError(CohortflowError):
+    """The archive index cannot be opened, reached or used."""
+
+
+class ManifestError(CohortflowError):
+    """A batch manifest cannot be read or has invalid rows (exit status 2)."""

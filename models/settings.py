@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     pseudonym_key_source: str | None = None
     local_aet: str = Field("COHORTFLOW", min_length=1, max_length=16)
     orthanc: OrthancSettings = OrthancSettings()
-    #: Worker processes for CPU-bound local work (synthesis); 0 means one per core.
+    #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.
     workers: int = Field(0, ge=0)
+    #: The known-scanner knowledge base; default: the list shipped in models/data.
+    known_scanners_file: Path | None = None
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from models.synth import CohortTruth
 
@@ -39,3 +40,28 @@ def summarize(truth: CohortTruth) -> CohortSummary:
         identifiers=len(truth.identifiers),
         head_model=truth.head_model,
     )
+
+
+#: An accession number the demo manifest promises but the synthetic delivery lacks, so the
+#: accounting has a missing study to show.
+UNDELIVERED_ACCESSION = "A00000000"
+
+
+def write_manifest(truth: CohortTruth, path: Path, *, undelivered: bool = False) -> Path:
+    """A delivery manifest for the cohort: accession number and expected instances per study.
+
+    Studies that share an accession number (the duplicate-accession fault) are one line with the
+    sum of their instances, as a PACS export listing accession numbers would have it.
+    """
+    expected: dict[str, int] = {}
+    for patient in truth.patients:
+        for study in patient.studies:
+            count = sum(series.instances for series in study.series)
+            expected[study.accession_number] = expected.get(study.accession_number, 0) + count
+    lines = ["AccessionNumber,ExpectedFiles"]
+    lines += [f"{accession},{count}" for accession, count in sorted(expected.items())]
+    if undelivered:
+        lines.append(f"{UNDELIVERED_ACCESSION},100")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,82 @@
+"""The ingest flow: one task per chunk of files, each a call of ``pipelines.ingest.engine``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from models.database import IndexDB, open_index
+from models.ingest import BatchReport
+from models.scanners import load_known_scanners
+from models.settings import load_settings
+from pipelines.ingest import engine
+from pipelines.ingest.accounting import batch_report
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.ingest.manifest import read_manifest
+
+CHUNK = 500
+
+
+@lru_cache(maxsize=4)
+def _index(url: str) -> IndexDB:
+    return open_index(url)
+
+
+@task(name="open-batch", retries=2, retry_delay_seconds=2)
+def open_batch(index_url: str, batch: str, sources: list[Path], manifest: Path | None) -> int:
+    loaded = read_manifest(manifest) if manifest is not None else None
+    return engine.begin(_index(index_url), batch, engine.describe_sources(sources), loaded)
+
+
+@task(name="list-files")
+def list_files(sources: list[Path], archive: Path) -> list[list[str]]:
+    paths = [c.path for c in engine.walk(sources, skip=archive)]
+    return [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+
+
+@task(name="ingest-chunk", retries=2, retry_delay_seconds=2)
+def ingest_chunk(
+    index_url: str, archive: Path, batch_id: int, paths: list[str], scanners_file: Path | None
+) -> tuple[int, int, int]:
+    return engine.ingest_chunk(
+        _index(index_url),
+        ArchiveStore(archive),
+        batch_id,
+        paths,
+        load_known_scanners(scanners_file),
+    )
+
+
+@task(name="close-batch", retries=2, retry_delay_seconds=2)
+def close_batch(index_url: str, batch_id: int, batch: str) -> BatchReport:
+    engine.finish(_index(index_url), batch_id)
+    return batch_report(_index(index_url), batch)
+
+
+@task(name="publish-batch-report")
+def publish_batch_report(report: BatchReport) -> None:
+    from flows.report import batch_report_markdown
+
+    create_markdown_artifact(
+        batch_report_markdown(report),
+        key=f"batch-{report.batch}".lower().replace("_", "-")[:100],
+        description=f"Accounting of batch {report.batch}",
+    )
+
+
+@flow(name="cohortflow-ingest")
+def ingest_flow(
+    sources: list[Path], batch: str, manifest: Path | None = None, config: Path | None = None
+) -> BatchReport:
+    """Archive and index a delivered folder, then publish its accounting."""
+    settings = load_settings(config)
+    url = settings.index_url or ""
+    batch_id = open_batch(url, batch, sources, manifest)
+    chunks = list_files(sources, settings.archive)
+    ingest_chunk.map(url, settings.archive, batch_id, chunks, settings.known_scanners_file).result()
+    report = close_batch(url, batch_id, batch)
+    publish_batch_report(report)
+    return report

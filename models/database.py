@@ -1,0 +1,156 @@
+"""Opening the archive index: engine, connection settings per backend, migrations.
+
+``open_index(url)`` returns an ``IndexDB`` whose schema is at the newest migration. SQLite gets
+write-ahead logging and a busy timeout so the CLI, flow tasks and the dashboard can share one
+file; PostgreSQL is used as given (``postgresql+psycopg://user:pass@host/db``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.errors import ConfigurationError, IndexDatabaseError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = "models:migrations"
+
+
+@dataclass(frozen=True)
+class IndexDB:
+    """The archive index: an engine and a session factory."""
+
+    url: str
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers never block the writer; NORMAL is durable across process crashes in WAL mode.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def create_index_engine(url: str) -> Engine:
+    """An engine for ``url``; creates the folder of a SQLite file. ConfigurationError if bad."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"index_url {url!r} is not a database URL: {exc}") from exc
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 60}
+    else:
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigurationError(
+            f"cannot use index_url {parsed.render_as_string(hide_password=True)}: {exc} "
+            "(PostgreSQL needs the 'postgres' extra: pip install 'cohortflow[postgres]')"
+        ) from exc
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _alembic_config(connection: Any) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of cohortflow."""
+    from alembic.script import ScriptDirectory
+
+    config = _alembic_config(None)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (default: the newest)."""
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), revision)
+
+
+def open_index(url: str, *, upgrade: bool = True) -> IndexDB:
+    """Open the index at ``url``, migrating it to the newest schema unless ``upgrade`` is False.
+
+    Raises ConfigurationError for a bad URL and IndexDatabaseError when the database cannot be
+    reached or is newer than this version of cohortflow.
+    """
+    engine = create_index_engine(url)
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        current = current_revision(engine)
+        head = head_revision()
+        if current != head:
+            if not upgrade:
+                raise IndexDatabaseError(
+                    f"the index {shown} is at schema {current or 'empty'}, not {head}; "
+                    "run any cohortflow command that writes to upgrade it"
+                )
+            from alembic.script import ScriptDirectory
+
+            known = {
+                s.revision
+                for s in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()
+            }
+            if current is not None and current not in known:
+                raise IndexDatabaseError(
+                    f"the index {shown} has schema {current}, made by a newer cohortflow; "
+                    "upgrade cohortflow"
+                )
+            log.info("migrating the index %s from %s to %s", shown, current or "empty", head)
+            migrate(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        raise IndexDatabaseError(f"cannot open the index {shown}: {exc.orig}") from exc
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise IndexDatabaseError(f"cannot open the index {shown}: {exc}") from exc
+    return IndexDB(url=url, engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))

@@ -1,0 +1,217 @@
+"""The archive index: SQLAlchemy tables (SQLite by default, PostgreSQL by URL).
+
+The identified side: patients and studies carry the identifiers as received. Only the
+anonymization step (issue 5) reads from here and writes pseudonymized copies elsewhere.
+The schema is created and changed by the migrations in ``models/migrations`` only; a test checks
+that these classes and the migrated database agree.
+
+Hierarchy: patients 1-n studies 1-n series 1-n instances. An instance is one version of a DICOM
+object: (SOPInstanceUID, content hash); two different contents under one SOPInstanceUID are both
+kept and flagged. A file is one received path in one batch, pointing at its stored content (blob)
+and, when it is DICOM, at its instance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+UID = String(64)
+SHA256 = String(64)
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Batch(Base):
+    """One delivery: a folder handed to ingest (a drop from outside, or a retrieval run)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: running while an ingest works on it; complete when the last one finished.
+    state: Mapped[str] = mapped_column(String(20))
+    manifest_file: Mapped[str | None] = mapped_column(Text)
+    manifest_sha256: Mapped[str | None] = mapped_column(SHA256)
+
+
+class ManifestEntry(Base):
+    """A study the batch's manifest promised: accession number, optionally its file count."""
+
+    __tablename__ = "manifest_entries"
+    __table_args__ = (UniqueConstraint("batch_id", "accession_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    accession_number: Mapped[str] = mapped_column(String(64))
+    expected_files: Mapped[int | None] = mapped_column(Integer)
+    line: Mapped[int] = mapped_column(Integer)
+
+
+class Blob(Base):
+    """Content in the archive, stored once under its SHA-256 (``blobs/ab/cd/<sha256>``)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(SHA256, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    first_batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
+    archived_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    verified_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: ok, changed, missing, unreadable: the last ``cohortflow verify`` verdict.
+    verify_state: Mapped[str | None] = mapped_column(String(20))
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: PatientID and IssuerOfPatientID as one key (``id^issuer``); identifies the row.
+    patient_key: Mapped[str] = mapped_column(String(200), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(16))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
+    study_time: Mapped[str | None] = mapped_column(String(32))
+    study_description: Mapped[str | None] = mapped_column(String(200))
+    study_id: Mapped[str | None] = mapped_column(String(64))
+    institution_name: Mapped[str | None] = mapped_column(String(200))
+
+
+class Scanner(Base):
+    """Every (Manufacturer, ManufacturerModelName, SoftwareVersions) ever seen."""
+
+    __tablename__ = "scanners"
+    __table_args__ = (UniqueConstraint("manufacturer", "model", "software_versions"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manufacturer: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    software_versions: Mapped[str] = mapped_column(String(400))
+    known: Mapped[bool] = mapped_column(Boolean)
+    #: Why it is not known (unknown model, unknown software version); empty when known.
+    reason: Mapped[str] = mapped_column(Text)
+    first_batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
+    first_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_protocol_study", "protocol_name", "study_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    scanner_pk: Mapped[int | None] = mapped_column(ForeignKey("scanners.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(200))
+    protocol_name: Mapped[str | None] = mapped_column(String(200))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    manufacturer: Mapped[str | None] = mapped_column(String(200))
+    manufacturer_model_name: Mapped[str | None] = mapped_column(String(200))
+    software_versions: Mapped[str | None] = mapped_column(String(400))
+    station_name: Mapped[str | None] = mapped_column(String(64))
+    magnetic_field_strength: Mapped[float | None] = mapped_column(Float)
+    repetition_time: Mapped[float | None] = mapped_column(Float)
+    echo_time: Mapped[float | None] = mapped_column(Float)
+    inversion_time: Mapped[float | None] = mapped_column(Float)
+    flip_angle: Mapped[float | None] = mapped_column(Float)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    spacing_between_slices: Mapped[float | None] = mapped_column(Float)
+    pixel_spacing_row: Mapped[float | None] = mapped_column(Float)
+    pixel_spacing_column: Mapped[float | None] = mapped_column(Float)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    image_orientation: Mapped[str | None] = mapped_column(String(200))
+    orientation: Mapped[str | None] = mapped_column(String(16))
+    mr_acquisition_type: Mapped[str | None] = mapped_column(String(8))
+    image_type: Mapped[str | None] = mapped_column(String(200))
+    scanning_sequence: Mapped[str | None] = mapped_column(String(64))
+    sequence_variant: Mapped[str | None] = mapped_column(String(64))
+
+
+class Instance(Base):
+    """One version of one DICOM object: SOPInstanceUID and content."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    series_pk: Mapped[int | None] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    image_position: Mapped[str | None] = mapped_column(String(200))
+    image_orientation: Mapped[str | None] = mapped_column(String(200))
+    slice_location: Mapped[float | None] = mapped_column(Float)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    burned_in_annotation: Mapped[str | None] = mapped_column(String(16))
+    #: Another content exists under the same SOPInstanceUID (both versions are kept).
+    sop_conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class File(Base):
+    """One received path in one batch, with its status and the reason for it."""
+
+    __tablename__ = "files"
+    __table_args__ = (UniqueConstraint("batch_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text, index=True)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason_code: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    notes: Mapped[str] = mapped_column(Text, default="")
+    instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
+    #: This file's content was new to the archive when it was ingested.
+    new_content: Mapped[bool] = mapped_column(Boolean)
+    ingested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,81 @@
+"""The identified archive: received content stored once, named by its SHA-256.
+
+Layout: ``<archive>/blobs/ab/cd/abcd...`` (two levels of 256 folders keep any folder small).
+A blob is written to a temporary name and renamed into place, so a crash never leaves a partial
+file under a final name; blobs are read-only, and an existing blob is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class ArchiveStore:
+    """Content-addressed storage under ``root``."""
+
+    root: Path
+    _made: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    def path_for(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256[2:4] / sha256
+
+    def has(self, sha256: str, size: int) -> bool:
+        try:
+            return self.path_for(sha256).stat().st_size == size
+        except OSError:
+            return False
+
+    def put(self, sha256: str, data: bytes) -> bool:
+        """Store ``data`` under its hash; True if it was new, False if already there."""
+        target = self.path_for(sha256)
+        if self.has(sha256, len(data)):
+            return False
+        folder = str(target.parent)
+        if folder not in self._made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
+        temporary = target.with_name(f".{sha256}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+        return True
+
+    def iter_blob_files(self) -> Iterator[Path]:
+        """Every file under ``blobs/`` (temporary files of interrupted writes excluded)."""
+        if not self.blobs.is_dir():
+            return
+        for first in sorted(os.scandir(self.blobs), key=lambda e: e.name):
+            if not first.is_dir():
+                continue
+            for second in sorted(os.scandir(first.path), key=lambda e: e.name):
+                if not second.is_dir():
+                    continue
+                for entry in sorted(os.scandir(second.path), key=lambda e: e.name):
+                    if entry.is_file() and not entry.name.startswith("."):
+                        yield Path(entry.path)
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,327 @@
+"""Ingest: walk a delivery, read and archive every file, index it, in chunks.
+
+The work per chunk is three steps, usable one by one (the Prefect flow runs one task per chunk)
+or pipelined (``ingest``: reading in worker processes while the main process writes the index):
+
+1. ``plan_chunk``: decide per path from the index alone (no file read): skip it (this batch has it
+   with the same size and mtime), reuse an earlier batch's record (same path, size, mtime), or read
+   it (new, or changed: the hash then decides);
+2. ``read_files``: read, hash, classify, store in the archive (runs in a worker process);
+3. ``record_chunk``: one transaction that writes the files and their headers to the index.
+
+A crash anywhere loses at most the chunk in flight; the rerun re-reads it and the keyed writes
+leave one row per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from models import repository
+from models.database import IndexDB
+from models.ingest import FileRecord, FileStatus, IngestOutcome
+from models.scanners import KnownScanners
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.ingest.manifest import Manifest
+from pipelines.ingest.reader import printable_path, read_path
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 256
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A path found in a delivery, with what the directory listing told about it."""
+
+    path: str  # as the OS gives it (may hold escaped undecodable bytes)
+    shown: str  # printable, as stored in the index
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    to_read: list[Candidate]
+    to_copy: list[repository.KnownFile]
+    unchanged: int
+
+
+def _candidate(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
+    try:
+        st = entry.stat() if entry is not None else os.stat(path)
+    except OSError:
+        return Candidate(path, printable_path(path), None, None)
+    return Candidate(path, printable_path(path), st.st_size, st.st_mtime_ns)
+
+
+def walk(sources: Iterable[Path], skip: Path | None = None) -> Iterator[Candidate]:
+    """Every file under the sources, depth first, in name order; symlinked folders not followed.
+
+    A source that is a file is yielded as is; a folder that cannot be listed is yielded as a
+    candidate too, so it ends in the index as unreadable instead of vanishing from the account.
+    """
+    skip_real = os.path.realpath(skip) if skip is not None else None
+    for source in sources:
+        root = os.path.abspath(source)
+        if not os.path.isdir(root) or os.path.islink(root):
+            yield _candidate(root)
+            continue
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            if skip_real is not None and os.path.realpath(folder) == skip_real:
+                continue
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError:
+                yield Candidate(folder, printable_path(folder), None, None)
+                continue
+            subfolders = []
+            for entry in entries:
+                try:
+                    is_folder = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_folder = False
+                if is_folder:
+                    subfolders.append(entry.path)
+                else:
+                    yield _candidate(entry.path, entry)
+            stack.extend(reversed(subfolders))
+
+
+def count_files(sources: Iterable[Path], skip: Path | None = None) -> int:
+    """How many candidates ``walk`` will yield (names only; for progress bars)."""
+    total = 0
+    for source in sources:
+        root = os.path.abspath(source)
+        if not os.path.isdir(root) or os.path.islink(root):
+            total += 1
+            continue
+        for folder, folders, files in os.walk(root, onerror=lambda _e: None):
+            if skip is not None and os.path.realpath(folder) == os.path.realpath(skip):
+                folders[:] = []
+                continue
+            total += len(files) + sum(1 for f in folders if os.path.islink(os.path.join(folder, f)))
+    return total
+
+
+def chunked(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
+    chunk: list[Candidate] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> ChunkPlan:
+    """Decide per path, from the index only, whether it must be read."""
+    with index.session() as session:
+        known = repository.known_files(session, [c.shown for c in chunk])
+    to_read: list[Candidate] = []
+    to_copy: list[repository.KnownFile] = []
+    unchanged = 0
+    for candidate in chunk:
+        rows = known.get(candidate.shown, [])
+        usable = [
+            r
+            for r in rows
+            if candidate.size is not None
+            and r.status != FileStatus.UNREADABLE.value
+            and r.size == candidate.size
+            and r.mtime_ns == candidate.mtime_ns
+        ]
+        if any(r.batch_id == batch_id for r in usable):
+            unchanged += 1
+        elif usable and not any(r.batch_id == batch_id for r in rows):
+            to_copy.append(usable[0])
+        else:
+            to_read.append(candidate)  # new, changed (the hash decides), or unreadable before
+    return ChunkPlan(to_read, to_copy, unchanged)
+
+
+_STORES: dict[str, ArchiveStore] = {}
+
+
+def read_files(paths: Sequence[str], archive_root: str) -> list[FileRecord]:
+    """Read, classify and archive files (a worker process's job). Never raises for a file."""
+    store = _STORES.setdefault(archive_root, ArchiveStore(Path(archive_root)))
+    records = []
+    for path in paths:
+        try:
+            record, data = read_path(path)
+            if data is not None and record.sha256 is not None:
+                store.put(record.sha256, data)
+        except Exception as exc:  # a bug or a full disk must not lose the rest of the chunk
+            log.exception("ingest failed on %s", printable_path(path))
+            record = FileRecord(
+                path=printable_path(path),
+                size=None,
+                mtime_ns=None,
+                sha256=None,
+                status=FileStatus.UNREADABLE,
+                reason_code="internal_error",
+                reason=f"could not be archived: {type(exc).__name__}: {exc}",
+            )
+        records.append(record)
+    return records
+
+
+def record_chunk(
+    index: IndexDB,
+    batch_id: int,
+    records: Sequence[FileRecord],
+    copies: Sequence[repository.KnownFile],
+    scanners: KnownScanners,
+) -> None:
+    with index.session() as session:
+        if copies:
+            repository.copy_files(session, batch_id, copies)
+        if records:
+            repository.record_files(session, batch_id, records, scanners)
+
+
+def begin(index: IndexDB, name: str, source: str, manifest: Manifest | None = None) -> int:
+    """Open the batch (new, or again for a rerun) and store its manifest; returns its id."""
+    with index.session() as session:
+        batch_id = repository.begin_batch(session, name, source)
+        if manifest is not None:
+            repository.replace_manifest(
+                session,
+                batch_id,
+                str(manifest.path),
+                manifest.sha256,
+                [(r.accession_number, r.expected_files, r.line) for r in manifest.rows],
+            )
+    return batch_id
+
+
+def finish(index: IndexDB, batch_id: int) -> None:
+    with index.session() as session:
+        repository.finish_batch(session, batch_id)
+
+
+def ingest_chunk(
+    index: IndexDB,
+    store: ArchiveStore,
+    batch_id: int,
+    paths: Sequence[str],
+    scanners: KnownScanners,
+) -> tuple[int, int, int]:
+    """Plan, read and record one chunk in this process: (read, reused, unchanged)."""
+    plan = plan_chunk(index, batch_id, [_candidate(p) for p in paths])
+    records = read_files([c.path for c in plan.to_read], str(store.root))
+    record_chunk(index, batch_id, records, plan.to_copy, scanners)
+    return len(records), len(plan.to_copy), plan.unchanged
+
+
+def _quiet_worker() -> None:
+    # pydicom reports invalid values through logging as well as warnings; the warnings become
+    # per-file notes, so the log records have nowhere to go in a worker (no lastResort output).
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def describe_sources(sources: Sequence[Path]) -> str:
+    return ", ".join(printable_path(os.path.abspath(s)) for s in sources)
+
+
+def default_batch_name(source: Path) -> str:
+    return Path(os.path.abspath(source)).name or "batch"
+
+
+def ingest(
+    sources: Sequence[Path],
+    index: IndexDB,
+    store: ArchiveStore,
+    scanners: KnownScanners,
+    *,
+    batch: str,
+    manifest: Manifest | None = None,
+    workers: int = 2,
+    chunk_size: int = CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> IngestOutcome:
+    """Ingest every file under ``sources`` into batch ``batch``.
+
+    Reading runs in ``workers`` processes (1: in this process) while this process plans and
+    writes the index; at most ``2 * workers`` chunks are in flight, so memory does not grow
+    with the size of the delivery.
+    """
+    started = time.perf_counter()
+    batch_id = begin(index, batch, describe_sources(sources), manifest)
+    seen = processed = reused = unchanged = 0
+    pool = (
+        ProcessPoolExecutor(
+            workers, mp_context=get_context("forkserver"), initializer=_quiet_worker
+        )
+        if workers > 1
+        else None
+    )
+    pending: deque[tuple[Future[list[FileRecord]] | list[FileRecord], ChunkPlan, int]] = deque()
+
+    def drain_one() -> None:
+        nonlocal processed
+        job, plan, size = pending.popleft()
+        records = job.result() if isinstance(job, Future) else job
+        record_chunk(index, batch_id, records, plan.to_copy, scanners)
+        processed += len(records)
+        if progress is not None:
+            progress(size)
+
+    try:
+        for chunk in chunked(walk(sources, skip=store.root), chunk_size):
+            seen += len(chunk)
+            plan = plan_chunk(index, batch_id, chunk)
+            reused += len(plan.to_copy)
+            unchanged += plan.unchanged
+            paths = [c.path for c in plan.to_read]
+            job: Future[list[FileRecord]] | list[FileRecord]
+            if pool is not None and paths:
+                job = pool.submit(read_files, paths, str(store.root))
+            else:
+                job = read_files(paths, str(store.root))
+            pending.append((job, plan, len(chunk)))
+            while len(pending) > 2 * max(workers, 1):
+                drain_one()
+        while pending:
+            drain_one()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finish(index, batch_id)
+    seconds = time.perf_counter() - started
+    return IngestOutcome(
+        batch=batch,
+        seen=seen,
+        processed=processed,
+        unchanged=unchanged,
+        reused=reused,
+        seconds=round(seconds, 3),
+        files_per_second=round(seen / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+def choose_batch_name(index: IndexDB, sources: Sequence[Path]) -> str:
+    """The folder's name, unless another source already uses it (then name + a short hash)."""
+    import hashlib
+
+    name = default_batch_name(sources[0])
+    source_text = describe_sources(sources)
+    with index.session() as session:
+        existing = repository.batch_by_name(session, name)
+        if existing is None or existing.source == source_text:
+            return name
+    return f"{name}-{hashlib.sha256(source_text.encode()).hexdigest()[:8]}"

@@ -1,0 +1,514 @@
+"""Read one received file: hash it, classify it, read its header without pixel data.
+
+``classify(data)`` is pure (bytes in, verdict out); ``read_path`` adds the file system: stat,
+permissions, directories and FIFOs, files that vanish. Nothing here raises for bad input: every
+outcome is a status and a reason (``models.ingest.FileStatus``).
+
+Classification:
+- modern: 128-byte preamble + ``DICM``, the data set parses, every element lies inside the file;
+- legacy: no preamble, but the file starts with a DICOM data element (group 0002 or 0008, either
+  byte order) and parses when read by content (pydicom ``force=True``);
+- corrupt: DICOM by its start, but empty, truncated, unparseable, or with DICOM elements found at
+  an offset where no reader will look;
+- not_dicom: anything else (the reason names the format when it is a common one);
+- unreadable: the path could not be read at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import stat
+import struct
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from models.ingest import FileRecord, FileStatus, InstanceHeader
+
+PREAMBLE = 128
+_LONG_VRS = {
+    b"OB",
+    b"OW",
+    b"OF",
+    b"OD",
+    b"OL",
+    b"OV",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_PIXEL_GROUP = 0x7FE0
+_SEQ_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_SEQ_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+_UNDEFINED = 0xFFFFFFFF
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x7fELF", "an executable"),
+    (b"SQLite format 3", "a SQLite database"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What some bytes are; ``header`` is set for DICOM that can be indexed."""
+
+    status: FileStatus
+    reason_code: str
+    reason: str
+    header: InstanceHeader | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def printable_path(path: str | os.PathLike[str] | bytes) -> str:
+    """The path as text that any database and terminal accepts (undecodable bytes escaped)."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
+    """Read and classify one path. Returns the record and, when readable, the file's bytes."""
+    shown = printable_path(path)
+
+    def unreadable(code: str, reason: str, st: os.stat_result | None = None) -> FileRecord:
+        return FileRecord(
+            path=shown,
+            size=st.st_size if st else None,
+            mtime_ns=st.st_mtime_ns if st else None,
+            sha256=None,
+            status=FileStatus.UNREADABLE,
+            reason_code=code,
+            reason=reason,
+        )
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        gone = "broken symbolic link" if os.path.islink(path) else "file vanished before reading"
+        return unreadable("missing", gone), None
+    except OSError as exc:
+        return unreadable("stat_failed", f"cannot stat: {exc.strerror or exc}"), None
+    if stat.S_ISDIR(st.st_mode):
+        return unreadable("is_directory", "a directory, not a file", st), None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device"
+        return unreadable("not_regular_file", f"not a regular file ({kind}); not read", st), None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except PermissionError:
+        return unreadable("permission_denied", "permission denied when reading", st), None
+    except OSError as exc:
+        return unreadable("io_error", f"read failed: {exc.strerror or exc}", st), None
+    verdict = classify(data)
+    record = FileRecord(
+        path=shown,
+        size=len(data),
+        mtime_ns=st.st_mtime_ns,
+        sha256=hashlib.sha256(data).hexdigest(),
+        status=verdict.status,
+        reason_code=verdict.reason_code,
+        reason=verdict.reason,
+        header=verdict.header,
+        notes=verdict.notes,
+    )
+    return record, data
+
+
+def classify(data: bytes) -> Verdict:
+    """Classify a file's content and read its header (pydicom, no pixel data)."""
+    if not data:
+        return Verdict(
+            FileStatus.CORRUPT, "empty", "empty file (0 bytes): an interrupted transfer?"
+        )
+    modern = len(data) >= PREAMBLE + 4 and data[PREAMBLE : PREAMBLE + 4] == b"DICM"
+    if not modern and not _starts_with_element(data, 0):
+        offset = _find_misaligned_start(data)
+        if offset is not None:
+            return Verdict(
+                FileStatus.CORRUPT,
+                "misaligned",
+                f"DICOM data elements start at byte {offset}, not at 0 or after a preamble: "
+                "stray bytes before the data set",
+            )
+        return Verdict(FileStatus.NOT_DICOM, "not_dicom", _describe_other(data))
+    return _parse(data, modern)
+
+
+def _starts_with_element(data: bytes, offset: int) -> bool:
+    """Does a plausible first data element (group 0002 or 0008, either byte order) start here?"""
+    if len(data) < offset + 8:
+        return False
+    le_group, le_elem = struct.unpack_from("<HH", data, offset)
+    be_group, _ = struct.unpack_from(">HH", data, offset)
+    if le_group in (0x0002, 0x0008):
+        candidate = le_group
+        vr = data[offset + 4 : offset + 6]
+    elif be_group in (0x0002, 0x0008):
+        candidate = be_group
+        vr = data[offset + 4 : offset + 6]
+    else:
+        return False
+    if vr.isalpha() and vr.isupper():
+        return True  # explicit VR
+    # implicit VR little endian: a 4-byte length that fits in the file
+    (length,) = struct.unpack_from("<I", data, offset + 4)
+    fits = length == _UNDEFINED or length <= len(data)
+    return bool(candidate == le_group and fits and le_elem < 0x2000)
+
+
+def _find_misaligned_start(data: bytes) -> int | None:
+    for offset in range(1, min(len(data) - 8, 2 * PREAMBLE + 16)):
+        if offset != PREAMBLE and _starts_with_element(data, offset) and data[offset] == 0x08:
+            explicit_vr = data[offset + 4 : offset + 6]
+            if explicit_vr.isalpha() and explicit_vr.isupper():
+                return offset
+    return None
+
+
+def _describe_other(data: bytes) -> str:
+    for magic, what in _MAGIC:
+        if data.startswith(magic):
+            return f"not DICOM: {what}"
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "not DICOM: a NIfTI image"
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+        if all(c >= 0x20 or c in b"\t\r\n" for c in head):
+            return "not DICOM: a text file"
+    except UnicodeDecodeError:
+        pass
+    return (
+        "not DICOM: no 'DICM' at byte 128 and no DICOM data element at byte 0 "
+        f"(starts with {data[:4].hex(' ')})"
+    )
+
+
+def _parse(data: bytes, modern: bool) -> Verdict:
+    status = FileStatus.MODERN if modern else FileStatus.LEGACY
+    stream = io.BytesIO(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(stream, stop_before_pixels=True, force=not modern)
+        except Exception as exc:  # pydicom raises many types on damaged input
+            return Verdict(FileStatus.CORRUPT, "parse_error", f"header cannot be read: {exc}")
+        position = stream.tell()
+        transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            problem = _check_deflated(data, modern)
+        else:
+            problem = _check_extents(ds, data, position)
+        header = None
+        if problem is None:
+            try:
+                header = extract_header(ds)
+            except Exception as exc:  # a value so damaged that even reading it fails
+                problem = ("bad_value", f"header value cannot be read: {exc}")
+        notes = list(dict.fromkeys(_warning_text(w.message) for w in caught))[:10]
+    if problem is not None or header is None:
+        code, reason = problem or ("bad_value", "header cannot be read")
+        return Verdict(FileStatus.CORRUPT, code, reason, notes=tuple(notes))
+    if header.sop_instance_uid is None and header.sop_class_uid is None and not modern:
+        return Verdict(
+            FileStatus.CORRUPT,
+            "no_identity",
+            "read without a preamble, but holds no SOPClassUID or SOPInstanceUID",
+            notes=tuple(notes),
+        )
+    if modern:
+        if transfer_syntax is None:
+            notes.append("file meta information lacks TransferSyntaxUID; encoding inferred")
+        return Verdict(status, "ok", "", header, tuple(notes))
+    implicit, little = ds.original_encoding
+    encoding = (
+        "implicit VR little endian"
+        if implicit
+        else f"explicit VR {'little' if little else 'big'} endian"
+    )
+    return Verdict(
+        status,
+        "no_preamble",
+        f"no 128-byte preamble and 'DICM' prefix; read by content as {encoding}",
+        header,
+        tuple(notes),
+    )
+
+
+def _warning_text(message: Warning | str) -> str:
+    text = str(message).splitlines()[0] if str(message) else type(message).__name__
+    return text.split(" Please see ")[0][:200]
+
+
+def _check_deflated(data: bytes, modern: bool) -> tuple[str, str] | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pydicom.dcmread(io.BytesIO(data), force=not modern)
+        except Exception as exc:
+            return "parse_error", f"deflated data set cannot be inflated and read: {exc}"
+    return None
+
+
+def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] | None:
+    """Find elements whose declared length runs past the end of the file (truncation)."""
+    size = len(data)
+    for raw in _raw_elements(ds):
+        length = getattr(raw, "length", None)
+        tell = getattr(raw, "value_tell", None)
+        if length is None or tell is None or length == _UNDEFINED:
+            continue
+        if tell + length > size:
+            return (
+                "truncated",
+                f"element {raw.tag} declares {length} bytes but the file ends "
+                f"{tell + length - size} bytes early (file cut short at {size} bytes)",
+            )
+    if position >= size:
+        if "Rows" in ds and "Columns" in ds and "PixelData" not in ds:
+            return "no_pixel_data", "image attributes (Rows, Columns) present but no pixel data"
+        return None
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    endian = "<" if little else ">"
+    if size - position < 8:
+        return "truncated", f"file ends inside the pixel data element header at byte {size}"
+    group, _element = struct.unpack_from(endian + "HH", data, position)
+    if group != _PIXEL_GROUP:
+        return None
+    if implicit:
+        (length,) = struct.unpack_from(endian + "I", data, position + 4)
+        start = position + 8
+    elif data[position + 4 : position + 6] in _LONG_VRS:
+        if size - position < 12:
+            return "truncated", f"file ends inside the pixel data element header at byte {size}"
+        (length,) = struct.unpack_from(endian + "I", data, position + 8)
+        start = position + 12
+    else:
+        (length,) = struct.unpack_from(endian + "H", data, position + 6)
+        start = position + 8
+    if length == _UNDEFINED:
+        delimiter = _SEQ_DELIMITER_LE if little else _SEQ_DELIMITER_BE
+        if data.rfind(delimiter, start) < 0:
+            return (
+                "truncated_pixel_data",
+                "encapsulated pixel data has no sequence delimiter: the file is cut short",
+            )
+        return None
+    if start + length > size:
+        return (
+            "truncated_pixel_data",
+            f"pixel data declares {length} bytes but only {max(size - start, 0)} are present "
+            "(file cut short)",
+        )
+    expected = _expected_native_length(ds)
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    compressed = transfer_syntax is not None and UID(transfer_syntax).is_compressed
+    if expected is not None and not compressed and length < expected:
+        return (
+            "short_pixel_data",
+            f"pixel data holds {length} bytes; Rows x Columns x frames x samples x bits need "
+            f"{expected}",
+        )
+    return None
+
+
+def _raw_elements(ds: Dataset) -> Iterable[Any]:
+    return ds._dict.values()  # raw elements keep value_tell and length before conversion
+
+
+def _expected_native_length(ds: Dataset) -> int | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if photometric in {"YBR_FULL_422", "YBR_PARTIAL_422"}:
+        samples = 2  # chroma subsampled 4:2:2: two samples per pixel on average (PS3.5 8.2.1)
+    return (rows * cols * frames * samples * bits + 7) // 8
+
+
+# --- header fields ---------------------------------------------------------------------------
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip().replace("\x00", "")
+    return text or None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        result = float(value)
+    except Exception:
+        return None
+    return None if math.isnan(result) else result
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    number = _float(ds, keyword)
+    return int(number) if number is not None else None
+
+
+def _first_item(ds: Dataset, *path: str) -> Dataset | None:
+    current: Dataset | None = ds
+    for keyword in path:
+        if current is None:
+            return None
+        try:
+            seq = current.get(keyword)
+        except Exception:
+            return None
+        current = seq[0] if seq else None
+    return current
+
+
+def _orientation_label(iop: list[float] | None) -> str | None:
+    if iop is None or len(iop) != 6:
+        return None
+    rx, ry, rz, cx, cy, cz = iop
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) < 0.8:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _iop(ds: Dataset) -> list[float] | None:
+    try:
+        value = ds.get("ImageOrientationPatient")
+        return [float(v) for v in value] if value is not None and len(value) == 6 else None
+    except Exception:
+        return None
+
+
+def extract_header(ds: Dataset) -> InstanceHeader:
+    """The indexed header fields of one data set; Enhanced MR functional groups are looked into."""
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    frame = _first_item(ds, "PerFrameFunctionalGroupsSequence")
+
+    def fallback(keyword: str, *path: str) -> Dataset | None:
+        if keyword in ds:
+            return ds
+        for root in (shared, frame):
+            if root is not None:
+                item = _first_item(root, *path)
+                if item is not None and keyword in item:
+                    return item
+        return None
+
+    measures = ("PixelMeasuresSequence",)
+    spacing_src = fallback("PixelSpacing", *measures)
+    spacing = None
+    if spacing_src is not None:
+        try:
+            spacing = [float(v) for v in spacing_src.PixelSpacing]
+        except Exception:
+            spacing = None
+    thickness_src = fallback("SliceThickness", *measures)
+    between_src = fallback("SpacingBetweenSlices", *measures)
+    orient_src = fallback("ImageOrientationPatient", "PlaneOrientationSequence")
+    iop = _iop(orient_src) if orient_src is not None else None
+    position_src = fallback("ImagePositionPatient", "PlanePositionSequence")
+    timing = fallback("RepetitionTime", "MRTimingAndRelatedParametersSequence")
+    flip = fallback("FlipAngle", "MRTimingAndRelatedParametersSequence")
+    echo_time = _float(ds, "EchoTime")
+    if echo_time is None:
+        echo = _first_item(shared, "MREchoSequence") if shared is not None else None
+        echo_time = _float(echo, "EffectiveEchoTime") if echo is not None else None
+    inversion = _float(ds, "InversionTime")
+    if inversion is None and shared is not None:
+        modifier = _first_item(shared, "MRModifierSequence")
+        inversion = _float(modifier, "InversionTimes") if modifier is not None else None
+    meta = ds.file_meta if isinstance(ds, FileDataset) and ds.file_meta else Dataset()
+    return InstanceHeader(
+        sop_instance_uid=_text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID"),
+        transfer_syntax_uid=_text(meta, "TransferSyntaxUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        study_description=_text(ds, "StudyDescription"),
+        study_id=_text(ds, "StudyID"),
+        institution_name=_text(ds, "InstitutionName"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        protocol_name=_text(ds, "ProtocolName"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        manufacturer=_text(ds, "Manufacturer"),
+        manufacturer_model_name=_text(ds, "ManufacturerModelName"),
+        software_versions=_text(ds, "SoftwareVersions"),
+        station_name=_text(ds, "StationName"),
+        magnetic_field_strength=_float(ds, "MagneticFieldStrength"),
+        repetition_time=_float(timing, "RepetitionTime") if timing is not None else None,
+        echo_time=echo_time,
+        inversion_time=inversion,
+        flip_angle=_float(flip, "FlipAngle") if flip is not None else None,
+        slice_thickness=_float(thickness_src, "SliceThickness") if thickness_src else None,
+        spacing_between_slices=(
+            _float(between_src, "SpacingBetweenSlices") if between_src else None
+        ),
+        pixel_spacing_row=spacing[0] if spacing and len(spacing) == 2 else None,
+        pixel_spacing_column=spacing[1] if spacing and len(spacing) == 2 else None,
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        image_orientation="\\".join(f"{v:g}" for v in iop) if iop else None,
+        orientation=_orientation_label(iop),
+        mr_acquisition_type=_text(ds, "MRAcquisitionType"),
+        image_type=_text(ds, "ImageType"),
+        scanning_sequence=_text(ds, "ScanningSequence"),
+        sequence_variant=_text(ds, "SequenceVariant"),
+        instance_number=_int(ds, "InstanceNumber"),
+        image_position=(
+            _text(position_src, "ImagePositionPatient") if position_src is not None else None
+        ),
+        slice_location=_float(ds, "SliceLocation"),
+        acquisition_number=_int(ds, "AcquisitionNumber"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+        burned_in_annotation=_text(ds, "BurnedInAnnotation"),
+    )
