@@ -358,26 +358,26 @@ def record_files(
 
     instance_rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in headed:
-        h = r.header
-        sop = h.sop_instance_uid if h is not None else None
-        if h is None or sop is None or r.sha256 is None:
+        hdr = r.header
+        sop = hdr.sop_instance_uid if hdr is not None else None
+        if hdr is None or sop is None or r.sha256 is None:
             continue
-        placed = h.study_instance_uid and h.series_instance_uid
+        placed = hdr.study_instance_uid and hdr.series_instance_uid
         instance_rows.setdefault(
             (sop, r.sha256),
             {
                 "sop_instance_uid": sop,
                 "sha256": r.sha256,
-                "series_pk": series_ids.get(h.series_instance_uid or "") if placed else None,
-                "sop_class_uid": h.sop_class_uid,
-                "transfer_syntax_uid": h.transfer_syntax_uid,
-                "instance_number": h.instance_number,
-                "image_position": h.image_position,
-                "image_orientation": h.image_orientation,
-                "slice_location": h.slice_location,
-                "acquisition_number": h.acquisition_number,
-                "number_of_frames": h.number_of_frames,
-                "burned_in_annotation": h.burned_in_annotation,
+                "series_pk": series_ids.get(hdr.series_instance_uid or "") if placed else None,
+                "sop_class_uid": hdr.sop_class_uid,
+                "transfer_syntax_uid": hdr.transfer_syntax_uid,
+                "instance_number": hdr.instance_number,
+                "image_position": hdr.image_position,
+                "image_orientation": hdr.image_orientation,
+                "slice_location": hdr.slice_location,
+                "acquisition_number": hdr.acquisition_number,
+                "number_of_frames": hdr.number_of_frames,
+                "burned_in_annotation": hdr.burned_in_annotation,
                 "sop_conflict": False,
             },
         )
@@ -402,11 +402,23 @@ def record_files(
             update(Instance).where(Instance.sop_instance_uid.in_(part)).values(sop_conflict=True)
         )
 
+    # A path read again in the same batch (changed mtime, same content) keeps its verdict.
+    previous: dict[str, tuple[str | None, bool]] = {}
+    for part in _chunks([r.path for r in records]):
+        for path, sha, was_new in session.execute(
+            select(File.path, File.sha256, File.new_content).where(
+                File.batch_id == batch_id, File.path.in_(part)
+            )
+        ):
+            previous[path] = (sha, was_new)
     first_in_chunk: set[str] = set()
     file_rows = []
     for r in records:
         header = r.header
         new = r.sha256 is not None and r.sha256 not in existing and r.sha256 not in first_in_chunk
+        before = previous.get(r.path)
+        if before is not None and before[0] == r.sha256:
+            new = before[1]
         if r.sha256 is not None:
             first_in_chunk.add(r.sha256)
         instance_pk = None

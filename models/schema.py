@@ -31,7 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-UID = String(64)
+#: Header values are stored unbounded: real files carry over-long UIDs and descriptions, and
+#: PostgreSQL would reject a value longer than a VARCHAR(n) and with it the whole chunk.
+UID = Text
 SHA256 = String(64)
 
 # Stable constraint names, so migrations can refer to them on every backend.
@@ -53,7 +55,7 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
     source: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
@@ -72,7 +74,7 @@ class ManifestEntry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
-    accession_number: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str] = mapped_column(Text)
     expected_files: Mapped[int | None] = mapped_column(Integer)
     line: Mapped[int] = mapped_column(Integer)
 
@@ -96,12 +98,12 @@ class Patient(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     #: PatientID and IssuerOfPatientID as one key (``id^issuer``); identifies the row.
-    patient_key: Mapped[str] = mapped_column(String(200), unique=True)
-    patient_id: Mapped[str | None] = mapped_column(String(64))
-    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
-    patient_name: Mapped[str | None] = mapped_column(String(324))
-    patient_birth_date: Mapped[str | None] = mapped_column(String(16))
-    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_key: Mapped[str] = mapped_column(Text, unique=True)
+    patient_id: Mapped[str | None] = mapped_column(Text)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(Text)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(Text)
+    patient_sex: Mapped[str | None] = mapped_column(Text)
 
 
 class Study(Base):
@@ -110,12 +112,12 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
-    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(Text, index=True)
     study_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
-    study_time: Mapped[str | None] = mapped_column(String(32))
-    study_description: Mapped[str | None] = mapped_column(String(200))
-    study_id: Mapped[str | None] = mapped_column(String(64))
-    institution_name: Mapped[str | None] = mapped_column(String(200))
+    study_time: Mapped[str | None] = mapped_column(Text)
+    study_description: Mapped[str | None] = mapped_column(Text)
+    study_id: Mapped[str | None] = mapped_column(Text)
+    institution_name: Mapped[str | None] = mapped_column(Text)
 
 
 class Scanner(Base):
@@ -125,9 +127,9 @@ class Scanner(Base):
     __table_args__ = (UniqueConstraint("manufacturer", "model", "software_versions"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    manufacturer: Mapped[str] = mapped_column(String(200))
-    model: Mapped[str] = mapped_column(String(200))
-    software_versions: Mapped[str] = mapped_column(String(400))
+    manufacturer: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    software_versions: Mapped[str] = mapped_column(Text)
     known: Mapped[bool] = mapped_column(Boolean)
     #: Why it is not known (unknown model, unknown software version); empty when known.
     reason: Mapped[str] = mapped_column(Text)
@@ -143,16 +145,16 @@ class Series(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     scanner_pk: Mapped[int | None] = mapped_column(ForeignKey("scanners.id"), index=True)
-    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    modality: Mapped[str | None] = mapped_column(Text, index=True)
     series_number: Mapped[int | None] = mapped_column(Integer)
-    series_description: Mapped[str | None] = mapped_column(String(200))
-    protocol_name: Mapped[str | None] = mapped_column(String(200))
-    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(Text)
+    protocol_name: Mapped[str | None] = mapped_column(Text)
+    body_part_examined: Mapped[str | None] = mapped_column(Text)
     sop_class_uid: Mapped[str | None] = mapped_column(UID)
-    manufacturer: Mapped[str | None] = mapped_column(String(200))
-    manufacturer_model_name: Mapped[str | None] = mapped_column(String(200))
-    software_versions: Mapped[str | None] = mapped_column(String(400))
-    station_name: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(Text)
+    manufacturer_model_name: Mapped[str | None] = mapped_column(Text)
+    software_versions: Mapped[str | None] = mapped_column(Text)
+    station_name: Mapped[str | None] = mapped_column(Text)
     magnetic_field_strength: Mapped[float | None] = mapped_column(Float)
     repetition_time: Mapped[float | None] = mapped_column(Float)
     echo_time: Mapped[float | None] = mapped_column(Float)
@@ -164,12 +166,12 @@ class Series(Base):
     pixel_spacing_column: Mapped[float | None] = mapped_column(Float)
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
-    image_orientation: Mapped[str | None] = mapped_column(String(200))
-    orientation: Mapped[str | None] = mapped_column(String(16))
-    mr_acquisition_type: Mapped[str | None] = mapped_column(String(8))
-    image_type: Mapped[str | None] = mapped_column(String(200))
-    scanning_sequence: Mapped[str | None] = mapped_column(String(64))
-    sequence_variant: Mapped[str | None] = mapped_column(String(64))
+    image_orientation: Mapped[str | None] = mapped_column(Text)
+    orientation: Mapped[str | None] = mapped_column(Text)
+    mr_acquisition_type: Mapped[str | None] = mapped_column(Text)
+    image_type: Mapped[str | None] = mapped_column(Text)
+    scanning_sequence: Mapped[str | None] = mapped_column(Text)
+    sequence_variant: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):
@@ -185,12 +187,12 @@ class Instance(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
     instance_number: Mapped[int | None] = mapped_column(Integer)
-    image_position: Mapped[str | None] = mapped_column(String(200))
-    image_orientation: Mapped[str | None] = mapped_column(String(200))
+    image_position: Mapped[str | None] = mapped_column(Text)
+    image_orientation: Mapped[str | None] = mapped_column(Text)
     slice_location: Mapped[float | None] = mapped_column(Float)
     acquisition_number: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
-    burned_in_annotation: Mapped[str | None] = mapped_column(String(16))
+    burned_in_annotation: Mapped[str | None] = mapped_column(Text)
     #: Another content exists under the same SOPInstanceUID (both versions are kept).
     sop_conflict: Mapped[bool] = mapped_column(Boolean, default=False)
 

@@ -24,12 +24,18 @@ import stat
 import struct
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from models.ingest import FileRecord, FileStatus, InstanceHeader
 
@@ -238,6 +244,14 @@ def _parse(data: bytes, modern: bool) -> Verdict:
     if modern:
         if transfer_syntax is None:
             notes.append("file meta information lacks TransferSyntaxUID; encoding inferred")
+        if header.sop_instance_uid is None:
+            return Verdict(
+                status,
+                "no_identity",
+                "DICOM file without SOPInstanceUID: archived, but not indexed as an instance",
+                header,
+                tuple(notes),
+            )
         return Verdict(status, "ok", "", header, tuple(notes))
     implicit, little = ds.original_encoding
     encoding = (
@@ -245,6 +259,15 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         if implicit
         else f"explicit VR {'little' if little else 'big'} endian"
     )
+    if header.transfer_syntax_uid is None:  # no file meta: record the encoding found by reading
+        inferred = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
+        header = replace(header, transfer_syntax_uid=str(inferred))
     return Verdict(
         status,
         "no_preamble",
@@ -272,6 +295,18 @@ def _check_deflated(data: bytes, modern: bool) -> tuple[str, str] | None:
 def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] | None:
     """Find elements whose declared length runs past the end of the file (truncation)."""
     size = len(data)
+    meta = ds.file_meta if isinstance(ds, FileDataset) else None
+    group_length = meta.get("FileMetaInformationGroupLength") if meta else None
+    if isinstance(group_length, int) and data[PREAMBLE : PREAMBLE + 4] == b"DICM":
+        meta_end = PREAMBLE + 4 + 12 + group_length  # the group length element is 12 bytes
+        if meta_end > size:
+            return (
+                "truncated",
+                f"file meta information declares {group_length} bytes but the file ends at "
+                f"{size} bytes (file cut short)",
+            )
+    if len(ds) == 0 and position >= size:
+        return "no_data_set", "file meta information only: the data set is missing"
     for raw in _raw_elements(ds):
         length = getattr(raw, "length", None)
         tell = getattr(raw, "value_tell", None)

@@ -1,0 +1,58 @@
+"""Shared set-up for ingest tests: a throwaway index and archive, pydicom's local test files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from models.database import IndexDB, open_index
+from models.ingest import BatchReport, IngestOutcome
+from models.scanners import KnownScanners, load_known_scanners
+from pipelines.ingest.accounting import batch_report
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.ingest.engine import ingest
+from pipelines.ingest.manifest import Manifest
+
+#: pydicom's bundled test files that ship in the wheel (never the download-on-demand ones).
+PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
+
+
+def pydicom_file(name: str) -> Path:
+    path = PYDICOM_FILES / name
+    assert path.is_file(), f"{name} is not among pydicom's local test files"
+    return path
+
+
+@dataclass
+class Archive:
+    index: IndexDB
+    store: ArchiveStore
+    scanners: KnownScanners
+
+    def ingest(
+        self,
+        *sources: Path,
+        batch: str = "b1",
+        manifest: Manifest | None = None,
+        workers: int = 1,
+        chunk_size: int = 64,
+    ) -> tuple[IngestOutcome, BatchReport]:
+        outcome = ingest(
+            list(sources),
+            self.index,
+            self.store,
+            self.scanners,
+            batch=batch,
+            manifest=manifest,
+            workers=workers,
+            chunk_size=chunk_size,
+        )
+        return outcome, batch_report(self.index, batch)
+
+
+def make_archive(root: Path) -> Archive:
+    index = open_index(f"sqlite:///{root / 'index.sqlite'}")
+    return Archive(index, ArchiveStore(root / "archive"), load_known_scanners())
