@@ -405,12 +405,12 @@ def record_files(
     # A path read again in the same batch (changed mtime, same content) keeps its verdict.
     previous: dict[str, tuple[str | None, bool]] = {}
     for part in _chunks([r.path for r in records]):
-        for path, sha, was_new in session.execute(
+        for path, old_sha, was_new in session.execute(
             select(File.path, File.sha256, File.new_content).where(
                 File.batch_id == batch_id, File.path.in_(part)
             )
         ):
-            previous[path] = (sha, was_new)
+            previous[path] = (old_sha, was_new)
     first_in_chunk: set[str] = set()
     file_rows = []
     for r in records:

@@ -21,7 +21,7 @@ from models.ingest import FileStatus
 from models.schema import Base, Blob, File, Instance, Scanner
 from pipelines.ingest.engine import ingest_chunk
 from pipelines.ingest.manifest import read_manifest
-from pipelines.ingest.reader import classify, read_path
+from pipelines.ingest.reader import read_path
 from tests.ingest_helpers import PYDICOM_FILES, Archive, make_archive, pydicom_file
 
 
