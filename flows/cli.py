@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--workers", type=int, default=None, help="reader processes (default: one per core)"
     )
+    ingest.add_argument(
+        "--move",
+        action="store_true",
+        help="for folders handed over to cohortflow (its retrieval spool): hard-link files into "
+        "the archive instead of copying, and remove them from PATH once indexed",
+    )
     ingest.add_argument("--json", action="store_true", help="print the accounting as JSON")
 
     verify = sub.add_parser(
@@ -261,6 +267,7 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 manifest=manifest,
                 workers=args.workers or settings.worker_count,
                 progress=lambda n: bar.advance(task, n),
+                move=args.move,
             )
         report = batch_report(index, batch)
     finally:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigurationError, IndexDatabaseError
@@ -24,6 +24,9 @@ from models.errors import ConfigurationError, IndexDatabaseError
 log = logging.getLogger(__name__)
 
 MIGRATIONS = "models:migrations"
+#: The newest migration (a test checks it against Alembic's head). Opening an index that is
+#: already there costs one query; Alembic is imported only when the schema must change.
+SCHEMA_REVISION = "0001"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,14 @@ def open_index(url: str, *, upgrade: bool = True) -> IndexDB:
     """
     engine = create_index_engine(url)
     shown = make_url(url).render_as_string(hide_password=True)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    try:
+        with engine.connect() as connection:
+            stamped = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        if [row[0] for row in stamped] == [SCHEMA_REVISION]:
+            return IndexDB(url=url, engine=engine, sessions=sessions)
+    except (OperationalError, ProgrammingError):
+        pass  # no version table yet (or no database): the full check below explains
     try:
         current = current_revision(engine)
         head = head_revision()
@@ -153,4 +164,4 @@ def open_index(url: str, *, upgrade: bool = True) -> IndexDB:
     except SQLAlchemyError as exc:
         engine.dispose()
         raise IndexDatabaseError(f"cannot open the index {shown}: {exc}") from exc
-    return IndexDB(url=url, engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+    return IndexDB(url=url, engine=engine, sessions=sessions)

@@ -57,10 +57,14 @@ def _chunks(values: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[A
 def insert_ignore(
     session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]
 ) -> None:
-    """Insert rows, skipping those whose ``keys`` already exist."""
-    for part in _chunks(rows, 200):
-        statement = _insert(session, table).values(list(part))
-        session.execute(statement.on_conflict_do_nothing(index_elements=keys))
+    """Insert rows, skipping those whose ``keys`` already exist.
+
+    Executemany with one cached statement: a multi-VALUES statement is compiled anew for every
+    chunk and cost more than all of ingest's file reading.
+    """
+    if rows:
+        statement = _insert(session, table).on_conflict_do_nothing(index_elements=keys)
+        session.execute(statement, rows)
 
 
 # --- batches and manifests -------------------------------------------------------------------
@@ -447,8 +451,8 @@ def record_files(
                 "ingested_at": stamp,
             }
         )
-    for part in _chunks(file_rows, 200):
-        statement = _insert(session, File.__table__).values(list(part))
+    if file_rows:
+        statement = _insert(session, File.__table__)
         excluded = statement.excluded
         session.execute(
             statement.on_conflict_do_update(
@@ -468,7 +472,8 @@ def record_files(
                         "ingested_at",
                     )
                 },
-            )
+            ),
+            file_rows,
         )
 
 

@@ -80,7 +80,7 @@ class ManifestEntry(Base):
 
 
 class Blob(Base):
-    """Content in the archive, stored once under its SHA-256 (``blobs/ab/cd/<sha256>``)."""
+    """Content in the archive, stored once under its SHA-256 (``blobs/ab/<sha256>``)."""
 
     __tablename__ = "blobs"
 

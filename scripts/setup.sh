@@ -26,6 +26,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -c requirements.lock -e '.[dev]'
+"$VENV/bin/python" -m pip install -q -c requirements.lock -e '.[dev,postgres]'
 touch "$VENV/.installed"
 echo "setup: $VENV ready" >&2

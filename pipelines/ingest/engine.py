@@ -31,11 +31,11 @@ from models.ingest import FileRecord, FileStatus, IngestOutcome
 from models.scanners import KnownScanners
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.manifest import Manifest
-from pipelines.ingest.reader import printable_path, read_path
+from pipelines.ingest.paths import printable_path
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 256
+CHUNK_SIZE = 512
 Progress = Callable[[int], None]
 
 
@@ -52,8 +52,8 @@ class Candidate:
 @dataclass(frozen=True)
 class ChunkPlan:
     to_read: list[Candidate]
-    to_copy: list[repository.KnownFile]
-    unchanged: int
+    to_copy: list[tuple[Candidate, repository.KnownFile]]
+    unchanged: list[tuple[Candidate, repository.KnownFile]]
 
 
 def _candidate(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
@@ -132,8 +132,8 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
     with index.session() as session:
         known = repository.known_files(session, [c.shown for c in chunk])
     to_read: list[Candidate] = []
-    to_copy: list[repository.KnownFile] = []
-    unchanged = 0
+    to_copy: list[tuple[Candidate, repository.KnownFile]] = []
+    unchanged: list[tuple[Candidate, repository.KnownFile]] = []
     for candidate in chunk:
         rows = known.get(candidate.shown, [])
         usable = [
@@ -144,10 +144,11 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
             and r.size == candidate.size
             and r.mtime_ns == candidate.mtime_ns
         ]
-        if any(r.batch_id == batch_id for r in usable):
-            unchanged += 1
+        mine = [r for r in usable if r.batch_id == batch_id]
+        if mine:
+            unchanged.append((candidate, mine[0]))
         elif usable and not any(r.batch_id == batch_id for r in rows):
-            to_copy.append(usable[0])
+            to_copy.append((candidate, usable[0]))
         else:
             to_read.append(candidate)  # new, changed (the hash decides), or unreadable before
     return ChunkPlan(to_read, to_copy, unchanged)
@@ -156,15 +157,24 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
 _STORES: dict[str, ArchiveStore] = {}
 
 
-def read_files(paths: Sequence[str], archive_root: str) -> list[FileRecord]:
-    """Read, classify and archive files (a worker process's job). Never raises for a file."""
+def read_files(paths: Sequence[str], archive_root: str, move: bool = False) -> list[FileRecord]:
+    """Read, classify and archive files (a worker process's job). Never raises for a file.
+
+    With ``move`` the files are hard-linked into the archive instead of copied; the caller
+    removes the originals once the index holds them (``release_sources``).
+    """
+    from pipelines.ingest.reader import read_path  # pydicom: loaded in the readers only
+
     store = _STORES.setdefault(archive_root, ArchiveStore(Path(archive_root)))
     records = []
     for path in paths:
         try:
             record, data = read_path(path)
             if data is not None and record.sha256 is not None:
-                store.put(record.sha256, data)
+                if move:
+                    store.adopt(record.sha256, path, len(data), record.mtime_ns, data)
+                else:
+                    store.put(record.sha256, data)
         except Exception as exc:  # a bug or a full disk must not lose the rest of the chunk
             log.exception("ingest failed on %s", printable_path(path))
             record = FileRecord(
@@ -180,16 +190,36 @@ def read_files(paths: Sequence[str], archive_root: str) -> list[FileRecord]:
     return records
 
 
+def release_sources(store: ArchiveStore, held: Iterable[tuple[str, str | None, int | None]]) -> int:
+    """Remove handed-over originals whose content the archive holds: (path, sha256, size).
+
+    Called after the index transaction committed, so a crash in between leaves the original
+    in place and the rerun finds it indexed and removes it then. Returns how many were removed.
+    """
+    removed = 0
+    for path, sha256, size in held:
+        if sha256 is None or size is None or not store.has(sha256, size):
+            continue
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove %s after archiving it: %s", printable_path(path), exc)
+    return removed
+
+
 def record_chunk(
     index: IndexDB,
     batch_id: int,
     records: Sequence[FileRecord],
-    copies: Sequence[repository.KnownFile],
+    copies: Sequence[tuple[Candidate, repository.KnownFile]],
     scanners: KnownScanners,
 ) -> None:
     with index.session() as session:
         if copies:
-            repository.copy_files(session, batch_id, copies)
+            repository.copy_files(session, batch_id, [known for _, known in copies])
         if records:
             repository.record_files(session, batch_id, records, scanners)
 
@@ -225,7 +255,15 @@ def ingest_chunk(
     plan = plan_chunk(index, batch_id, [_candidate(p) for p in paths])
     records = read_files([c.path for c in plan.to_read], str(store.root))
     record_chunk(index, batch_id, records, plan.to_copy, scanners)
-    return len(records), len(plan.to_copy), plan.unchanged
+    return len(records), len(plan.to_copy), len(plan.unchanged)
+
+
+def _reader_pool(workers: int) -> ProcessPoolExecutor:
+    # forkserver, not fork: this process holds database connections and threads. The server
+    # imports the reader once, so every worker starts with pydicom already loaded.
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["pipelines.ingest.engine", "pipelines.ingest.reader"])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
 
 
 def _quiet_worker() -> None:
@@ -253,23 +291,22 @@ def ingest(
     workers: int = 2,
     chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
+    move: bool = False,
 ) -> IngestOutcome:
     """Ingest every file under ``sources`` into batch ``batch``.
 
     Reading runs in ``workers`` processes (1: in this process) while this process plans and
     writes the index; at most ``2 * workers`` chunks are in flight, so memory does not grow
     with the size of the delivery.
+
+    ``move`` is for folders handed over to cohortflow (its own retrieval spool): files are
+    hard-linked into the archive (no copy) and removed from the folder once indexed. Without it
+    the originals are copied and never touched.
     """
     started = time.perf_counter()
     batch_id = begin(index, batch, describe_sources(sources), manifest)
     seen = processed = reused = unchanged = 0
-    pool = (
-        ProcessPoolExecutor(
-            workers, mp_context=get_context("forkserver"), initializer=_quiet_worker
-        )
-        if workers > 1
-        else None
-    )
+    pool = _reader_pool(workers) if workers > 1 else None
     pending: deque[tuple[Future[list[FileRecord]] | list[FileRecord], ChunkPlan, int]] = deque()
 
     def drain_one() -> None:
@@ -278,6 +315,10 @@ def ingest(
         records = job.result() if isinstance(job, Future) else job
         record_chunk(index, batch_id, records, plan.to_copy, scanners)
         processed += len(records)
+        if move:
+            held = [(c.path, r.sha256, r.size) for c, r in zip(plan.to_read, records, strict=True)]
+            held += [(c.path, k.sha256, k.size) for c, k in (*plan.to_copy, *plan.unchanged)]
+            release_sources(store, held)
         if progress is not None:
             progress(size)
 
@@ -286,13 +327,13 @@ def ingest(
             seen += len(chunk)
             plan = plan_chunk(index, batch_id, chunk)
             reused += len(plan.to_copy)
-            unchanged += plan.unchanged
+            unchanged += len(plan.unchanged)
             paths = [c.path for c in plan.to_read]
             job: Future[list[FileRecord]] | list[FileRecord]
             if pool is not None and paths:
-                job = pool.submit(read_files, paths, str(store.root))
+                job = pool.submit(read_files, paths, str(store.root), move)
             else:
-                job = read_files(paths, str(store.root))
+                job = read_files(paths, str(store.root), move)
             pending.append((job, plan, len(chunk)))
             while len(pending) > 2 * max(workers, 1):
                 drain_one()

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import (
     UID,
@@ -38,6 +40,7 @@ from pydicom.uid import (
 )
 
 from models.ingest import FileRecord, FileStatus, InstanceHeader
+from pipelines.ingest.paths import printable_path
 
 PREAMBLE = 128
 _LONG_VRS = {
@@ -82,12 +85,6 @@ class Verdict:
     reason: str
     header: InstanceHeader | None = None
     notes: tuple[str, ...] = field(default=())
-
-
-def printable_path(path: str | os.PathLike[str] | bytes) -> str:
-    """The path as text that any database and terminal accepts (undecodable bytes escaped)."""
-    raw = os.fsencode(path)
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
@@ -219,18 +216,20 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         except Exception as exc:  # pydicom raises many types on damaged input
             return Verdict(FileStatus.CORRUPT, "parse_error", f"header cannot be read: {exc}")
         position = stream.tell()
-        transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        transfer_syntax = _text(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else None
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             problem = _check_deflated(data, modern)
         else:
             problem = _check_extents(ds, data, position)
         header = None
+        extra_notes: list[str] = []
         if problem is None:
             try:
-                header = extract_header(ds)
+                header = extract_header(ds, extra_notes)
             except Exception as exc:  # a value so damaged that even reading it fails
                 problem = ("bad_value", f"header value cannot be read: {exc}")
-        notes = list(dict.fromkeys(_warning_text(w.message) for w in caught))[:10]
+        notes = list(dict.fromkeys([*(_warning_text(w.message) for w in caught), *extra_notes]))
+        notes = notes[:10]
     if problem is not None or header is None:
         code, reason = problem or ("bad_value", "header cannot be read")
         return Verdict(FileStatus.CORRUPT, code, reason, notes=tuple(notes))
@@ -357,7 +356,7 @@ def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] |
             "(file cut short)",
         )
     expected = _expected_native_length(ds)
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    transfer_syntax = _text(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else None
     compressed = transfer_syntax is not None and UID(transfer_syntax).is_compressed
     if expected is not None and not compressed and length < expected:
         return (
@@ -373,15 +372,13 @@ def _raw_elements(ds: Dataset) -> Iterable[Any]:
 
 
 def _expected_native_length(ds: Dataset) -> int | None:
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    except (AttributeError, TypeError, ValueError):
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits = _int(ds, "BitsAllocated")
+    if rows is None or cols is None or bits is None:
         return None
-    if photometric in {"YBR_FULL_422", "YBR_PARTIAL_422"}:
+    samples = _int(ds, "SamplesPerPixel") or 1
+    frames = _int(ds, "NumberOfFrames") or 1
+    if _text(ds, "PhotometricInterpretation") in {"YBR_FULL_422", "YBR_PARTIAL_422"}:
         samples = 2  # chroma subsampled 4:2:2: two samples per pixel on average (PS3.5 8.2.1)
     return (rows * cols * frames * samples * bits + 7) // 8
 
@@ -389,37 +386,93 @@ def _expected_native_length(ds: Dataset) -> int | None:
 # --- header fields ---------------------------------------------------------------------------
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+_TAGS: dict[str, int] = {}
+_BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+
+def _tag(keyword: str) -> int:
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        found = tag_for_keyword(keyword)
+        assert found is not None, keyword
+        tag = _TAGS[keyword] = found
+    return tag
+
+
+def _values(ds: Dataset | None, keyword: str, notes: list[str] | None = None) -> list[Any]:
+    """The values of one element, read straight from the raw bytes where that is safe.
+
+    Converting every element through pydicom costs more than the rest of ingest together; the
+    raw path decodes ASCII text and binary numbers itself and leaves anything else (non-ASCII
+    text, which needs the character set; sequences) to pydicom.
+    """
+    if ds is None:
+        return []
+    tag = _tag(keyword)
+    elem = ds._dict.get(tag)  # type: ignore[call-overload]
+    if elem is None:
+        return []
+    if isinstance(elem, DataElement) and elem.VR != "SQ":
+        value = elem.value
+        if value is None or value == "":
+            return []
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            return [v for v in value if v is not None and v != ""]
+        return [value]
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        raw = elem.value
+        vr = elem.VR or dictionary_VR(tag)
+        code = _BINARY.get(vr)
+        if code is not None:
+            size = struct.calcsize(code)
+            endian = "<" if elem.is_little_endian else ">"
+            count = len(raw) // size
+            return list(struct.unpack(f"{endian}{count}{code}", raw[: count * size]))
+        if raw.isascii() and vr not in {"SQ", "OB", "OW", "UN"}:
+            parts = [p.strip(" \x00") for p in raw.decode("ascii").split("\\")]
+            return [p for p in parts if p]
     try:
-        value = ds.get(keyword)
-    except Exception:
-        return None
-    if value is None:
-        return None
+        value = ds[tag].value
+    except Exception as exc:
+        if notes is not None:
+            notes.append(f"{keyword} cannot be read: {_warning_text(str(exc))}")
+        return []
+    if value is None or value == "":
+        return []
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    text = text.strip().replace("\x00", "")
+        return [v for v in value if v is not None and v != ""]
+    return [value]
+
+
+def _text(ds: Dataset | None, keyword: str) -> str | None:
+    values = _values(ds, keyword)
+    text = "\\".join(str(v).strip().replace("\x00", "") for v in values)
     return text or None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(ds: Dataset | None, keyword: str, notes: list[str] | None = None) -> float | None:
+    values = _values(ds, keyword, notes)
+    if not values:
+        return None
     try:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            return None
-        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-            value = value[0]
-        result = float(value)
-    except Exception:
+        result = float(values[0])
+    except (TypeError, ValueError):
+        if notes is not None:
+            notes.append(f"invalid {keyword} value {str(values[0])[:40]!r}")
         return None
     return None if math.isnan(result) else result
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    number = _float(ds, keyword)
+def _int(ds: Dataset | None, keyword: str, notes: list[str] | None = None) -> int | None:
+    number = _float(ds, keyword, notes)
     return int(number) if number is not None else None
+
+
+def _floats(ds: Dataset | None, keyword: str) -> list[float] | None:
+    try:
+        return [float(v) for v in _values(ds, keyword)] or None
+    except (TypeError, ValueError):
+        return None
 
 
 def _first_item(ds: Dataset, *path: str) -> Dataset | None:
@@ -446,37 +499,32 @@ def _orientation_label(iop: list[float] | None) -> str | None:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def _iop(ds: Dataset) -> list[float] | None:
-    try:
-        value = ds.get("ImageOrientationPatient")
-        return [float(v) for v in value] if value is not None and len(value) == 6 else None
-    except Exception:
-        return None
+def _iop(ds: Dataset | None) -> list[float] | None:
+    values = _floats(ds, "ImageOrientationPatient")
+    return values if values is not None and len(values) == 6 else None
 
 
-def extract_header(ds: Dataset) -> InstanceHeader:
-    """The indexed header fields of one data set; Enhanced MR functional groups are looked into."""
+def extract_header(ds: Dataset, notes: list[str] | None = None) -> InstanceHeader:
+    """The indexed header fields of one data set; Enhanced MR functional groups are looked into.
+
+    Values that cannot be read are left out (None) and explained in ``notes``.
+    """
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     frame = _first_item(ds, "PerFrameFunctionalGroupsSequence")
 
     def fallback(keyword: str, *path: str) -> Dataset | None:
-        if keyword in ds:
+        if _tag(keyword) in ds._dict:
             return ds
         for root in (shared, frame):
             if root is not None:
                 item = _first_item(root, *path)
-                if item is not None and keyword in item:
+                if item is not None and _tag(keyword) in item._dict:
                     return item
         return None
 
     measures = ("PixelMeasuresSequence",)
     spacing_src = fallback("PixelSpacing", *measures)
-    spacing = None
-    if spacing_src is not None:
-        try:
-            spacing = [float(v) for v in spacing_src.PixelSpacing]
-        except Exception:
-            spacing = None
+    spacing = _floats(spacing_src, "PixelSpacing")
     thickness_src = fallback("SliceThickness", *measures)
     between_src = fallback("SpacingBetweenSlices", *measures)
     orient_src = fallback("ImageOrientationPatient", "PlaneOrientationSequence")
@@ -484,14 +532,14 @@ def extract_header(ds: Dataset) -> InstanceHeader:
     position_src = fallback("ImagePositionPatient", "PlanePositionSequence")
     timing = fallback("RepetitionTime", "MRTimingAndRelatedParametersSequence")
     flip = fallback("FlipAngle", "MRTimingAndRelatedParametersSequence")
-    echo_time = _float(ds, "EchoTime")
+    echo_time = _float(ds, "EchoTime", notes)
     if echo_time is None:
         echo = _first_item(shared, "MREchoSequence") if shared is not None else None
-        echo_time = _float(echo, "EffectiveEchoTime") if echo is not None else None
-    inversion = _float(ds, "InversionTime")
+        echo_time = _float(echo, "EffectiveEchoTime", notes) if echo is not None else None
+    inversion = _float(ds, "InversionTime", notes)
     if inversion is None and shared is not None:
         modifier = _first_item(shared, "MRModifierSequence")
-        inversion = _float(modifier, "InversionTimes") if modifier is not None else None
+        inversion = _float(modifier, "InversionTimes", notes) if modifier is not None else None
     meta = ds.file_meta if isinstance(ds, FileDataset) and ds.file_meta else Dataset()
     return InstanceHeader(
         sop_instance_uid=_text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID"),
@@ -511,7 +559,7 @@ def extract_header(ds: Dataset) -> InstanceHeader:
         study_id=_text(ds, "StudyID"),
         institution_name=_text(ds, "InstitutionName"),
         modality=_text(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
+        series_number=_int(ds, "SeriesNumber", notes),
         series_description=_text(ds, "SeriesDescription"),
         protocol_name=_text(ds, "ProtocolName"),
         body_part_examined=_text(ds, "BodyPartExamined"),
@@ -519,31 +567,31 @@ def extract_header(ds: Dataset) -> InstanceHeader:
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
         software_versions=_text(ds, "SoftwareVersions"),
         station_name=_text(ds, "StationName"),
-        magnetic_field_strength=_float(ds, "MagneticFieldStrength"),
-        repetition_time=_float(timing, "RepetitionTime") if timing is not None else None,
+        magnetic_field_strength=_float(ds, "MagneticFieldStrength", notes),
+        repetition_time=_float(timing, "RepetitionTime", notes) if timing is not None else None,
         echo_time=echo_time,
         inversion_time=inversion,
-        flip_angle=_float(flip, "FlipAngle") if flip is not None else None,
-        slice_thickness=_float(thickness_src, "SliceThickness") if thickness_src else None,
+        flip_angle=_float(flip, "FlipAngle", notes) if flip is not None else None,
+        slice_thickness=_float(thickness_src, "SliceThickness", notes) if thickness_src else None,
         spacing_between_slices=(
-            _float(between_src, "SpacingBetweenSlices") if between_src else None
+            _float(between_src, "SpacingBetweenSlices", notes) if between_src else None
         ),
         pixel_spacing_row=spacing[0] if spacing and len(spacing) == 2 else None,
         pixel_spacing_column=spacing[1] if spacing and len(spacing) == 2 else None,
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
+        rows=_int(ds, "Rows", notes),
+        columns=_int(ds, "Columns", notes),
         image_orientation="\\".join(f"{v:g}" for v in iop) if iop else None,
         orientation=_orientation_label(iop),
         mr_acquisition_type=_text(ds, "MRAcquisitionType"),
         image_type=_text(ds, "ImageType"),
         scanning_sequence=_text(ds, "ScanningSequence"),
         sequence_variant=_text(ds, "SequenceVariant"),
-        instance_number=_int(ds, "InstanceNumber"),
+        instance_number=_int(ds, "InstanceNumber", notes),
         image_position=(
             _text(position_src, "ImagePositionPatient") if position_src is not None else None
         ),
-        slice_location=_float(ds, "SliceLocation"),
-        acquisition_number=_int(ds, "AcquisitionNumber"),
-        number_of_frames=_int(ds, "NumberOfFrames"),
+        slice_location=_float(ds, "SliceLocation", notes),
+        acquisition_number=_int(ds, "AcquisitionNumber", notes),
+        number_of_frames=_int(ds, "NumberOfFrames", notes),
         burned_in_annotation=_text(ds, "BurnedInAnnotation"),
     )
