@@ -540,9 +540,12 @@ def study_rows(session: Session, batch_id: int) -> list[StudyRow]:
         .join(Study, Study.id == Series.study_pk)
         .where(File.batch_id == batch_id)
         .group_by(Study.study_instance_uid, Study.accession_number)
-        .order_by(Study.accession_number, Study.study_instance_uid)
     )
-    return [StudyRow(*r) for r in rows]
+    # Sorted here, not by the database: NULL placement and text collation differ between
+    # SQLite and PostgreSQL, and reports must not depend on the backend.
+    return sorted(
+        (StudyRow(*r) for r in rows), key=lambda r: (r.accession_number or "", r.study_instance_uid)
+    )
 
 
 def manifest_entries(session: Session, batch_id: int) -> list[ManifestEntry]:
@@ -567,9 +570,8 @@ def sop_conflicts(session: Session, batch_id: int) -> list[tuple[str, int]]:
         select(Instance.sop_instance_uid, func.count())
         .where(Instance.sop_instance_uid.in_(select(in_batch.c.sop_instance_uid)))
         .group_by(Instance.sop_instance_uid)
-        .order_by(Instance.sop_instance_uid)
     )
-    return [(uid, int(n)) for uid, n in rows]
+    return sorted((uid, int(n)) for uid, n in rows)
 
 
 def accession_conflicts(session: Session, batch_id: int) -> list[tuple[str, list[str]]]:
@@ -596,7 +598,7 @@ def accession_conflicts(session: Session, batch_id: int) -> list[tuple[str, list
     ):
         if accession is not None:
             result.setdefault(accession, []).append(uid)
-    return sorted(result.items())
+    return sorted((accession, sorted(uids)) for accession, uids in result.items())
 
 
 def delivered_before(session: Session, batch_id: int) -> list[str]:
@@ -636,19 +638,18 @@ def scanner_alerts(session: Session, batch_id: int) -> list[tuple[str, str, str,
         .join(Scanner, Scanner.id == Series.scanner_pk)
         .where(File.batch_id == batch_id, Scanner.known.is_(False))
         .group_by(Scanner.manufacturer, Scanner.model, Scanner.software_versions, Scanner.reason)
-        .order_by(Scanner.manufacturer, Scanner.model)
     )
-    return [(a, b, c, d, int(n)) for a, b, c, d, n in rows]
+    return sorted((a, b, c, d, int(n)) for a, b, c, d, n in rows)
 
 
 def problem_files(session: Session, batch_id: int) -> list[tuple[str, str, str, str]]:
     bad = (FileStatus.CORRUPT.value, FileStatus.NOT_DICOM.value, FileStatus.UNREADABLE.value)
     rows = session.execute(
-        select(File.path, File.status, File.reason_code, File.reason)
-        .where(File.batch_id == batch_id, File.status.in_(bad))
-        .order_by(File.status, File.path)
+        select(File.path, File.status, File.reason_code, File.reason).where(
+            File.batch_id == batch_id, File.status.in_(bad)
+        )
     )
-    return [(p, s, c, r) for p, s, c, r in rows]
+    return sorted(((p, s, c, r) for p, s, c, r in rows), key=lambda row: (row[1], row[0]))
 
 
 # --- verify ----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class Archive:
         manifest: Manifest | None = None,
         workers: int = 1,
         chunk_size: int = 64,
+        move: bool = False,
     ) -> tuple[IngestOutcome, BatchReport]:
         outcome = ingest(
             list(sources),
@@ -49,6 +50,7 @@ class Archive:
             manifest=manifest,
             workers=workers,
             chunk_size=chunk_size,
+            move=move,
         )
         return outcome, batch_report(self.index, batch)
 

@@ -296,12 +296,7 @@ def test_long_values_stored_on_postgres(tmp_path: Path, pg_index: IndexDB) -> No
     assert instance.sop_instance_uid == uid_prefix + ".3"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repository.study_rows orders by accession_number: NULLs sort first on SQLite and "
-    "last on PostgreSQL, so unexpected_studies come in another order (remove when fixed)",
-)
-def test_manifest_accounting_same_on_postgres_and_sqlite(tmp_path: Path, pg_index: IndexDB) -> None:
+def test_accounting_order_same_on_postgres_and_sqlite(tmp_path: Path, pg_index: IndexDB) -> None:
     drop = tmp_path / "drop"
     drop.mkdir()
     ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))

@@ -423,3 +423,34 @@ def test_verify_finds_changed_missing_and_untracked(
     result = json.loads(capsys.readouterr().out)
     assert (result["checked"], result["ok"], result["changed"], result["missing"]) == (4, 2, 1, 1)
     assert result["untracked"] == 1
+
+
+def test_move_hands_over_files_and_survives_a_crash_before_removal(
+    tmp_path: Path, archive: Archive
+) -> None:
+    from pipelines.ingest import engine
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    names = ("MR_small.dcm", "ExplVR_LitEndNoMeta.dcm", "MR_truncated.dcm", "README.txt")
+    originals = {}
+    for name in names:
+        shutil.copy(pydicom_file(name), spool / name)
+        originals[name] = (spool / name).read_bytes()
+    os.mkfifo(spool / "pipe")  # unreadable: must stay where it is
+
+    # a crash after the index transaction, before the originals were removed
+    batch_id = engine.begin(archive.index, "spool", str(spool))
+    plan = engine.plan_chunk(archive.index, batch_id, list(engine.walk([spool])))
+    records = engine.read_files([c.path for c in plan.to_read], str(archive.store.root), True)
+    engine.record_chunk(archive.index, batch_id, records, plan.to_copy, archive.scanners)
+    assert sorted(p.name for p in spool.iterdir()) == sorted([*names, "pipe"])
+
+    outcome, report = archive.ingest(spool, batch="spool", move=True)
+    assert outcome.unchanged == len(names) and outcome.processed == 1  # the FIFO, read again
+    assert [p.name for p in spool.iterdir()] == ["pipe"]
+    assert report.files == len(names) + 1
+    for name in names:
+        row = next(r for r in _files(archive.index) if r.path.endswith(name))
+        assert row.sha256 is not None
+        assert archive.store.path_for(row.sha256).read_bytes() == originals[name]
