@@ -175,6 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CohortflowError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted: rerun the same command to resume where it stopped")
+        return EXIT_FAILURES
+    except Exception as exc:  # nothing raises past the command line; -v shows the traceback
+        if args.verbose:
+            err.print_exception()
+        err.print(
+            f"[red]{args.command} stopped:[/red] {type(exc).__name__}: {exc}. Work already done "
+            "is kept; rerun the same command to resume (add -v for details)"
+        )
+        return EXIT_FAILURES
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

@@ -189,7 +189,11 @@ def copy_files(session: Session, batch_id: int, rows: Sequence[KnownFile]) -> No
 
 
 def _patient_key(h: InstanceHeader) -> str:
-    return f"{h.patient_id or ''}^{h.issuer_of_patient_id or ''}"
+    if h.patient_id:
+        return f"{h.patient_id}^{h.issuer_of_patient_id or ''}"
+    # No PatientID (legacy and hand-made files): name and birth date, rather than merging every
+    # such patient into one row.
+    return f"^^{h.patient_name or ''}^{h.patient_birth_date or ''}"
 
 
 def _date(text: str | None) -> dt.date | None:

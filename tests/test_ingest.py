@@ -454,3 +454,26 @@ def test_move_hands_over_files_and_survives_a_crash_before_removal(
         row = next(r for r in _files(archive.index) if r.path.endswith(name))
         assert row.sha256 is not None
         assert archive.store.path_for(row.sha256).read_bytes() == originals[name]
+
+
+def test_an_index_failure_mid_ingest_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The index database becomes unwritable mid-run: a message and exit 1, then a clean rerun."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("COHORTFLOW_HOME", str(home))
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    shutil.copy(pydicom_file("MR_small.dcm"), drop / "a.dcm")
+    assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 0
+    shutil.copy(pydicom_file("CT_small.dcm"), drop / "b.dcm")
+    index = open_index(f"sqlite:///{home / 'index.sqlite'}")
+    with index.engine.begin() as connection:  # a real failure: the files table is gone
+        connection.exec_driver_sql("ALTER TABLE files RENAME TO files_away")
+    capsys.readouterr()
+    assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 1
+    assert "rerun the same command" in capsys.readouterr().err
+    with index.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE files_away RENAME TO files")
+    index.dispose()
+    assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 0
