@@ -1,0 +1,95 @@
+"""The project's own Orthanc, started for real: locked down, and loaded over DICOM (C-STORE)."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.pacs import orthanc
+from pipelines.pacs.dimse import PacsNode, echo, store_files
+from pipelines.pacs.errors import PacsError
+from pipelines.synth.cohort import CohortResult
+from tests.ingest_helpers import pydicom_file
+
+pytestmark = pytest.mark.integration
+
+LOCAL_AET = "COHORTFLOW"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[orthanc.OrthancServer]:
+    if not orthanc.available():
+        pytest.fail("Orthanc is required (CI installs it): run `make setup` as root")
+    config = orthanc.OrthancConfig(
+        folder=tmp_path / "orthanc",
+        http_port=_free_port(),
+        dicom_port=_free_port(),
+        modalities=(orthanc.Modality("cohortflow", LOCAL_AET, "127.0.0.1", _free_port()),),
+    )
+    with orthanc.OrthancServer(config) as server:
+        yield server
+
+
+def _node(server: orthanc.OrthancServer) -> PacsNode:
+    return PacsNode(server.config.aet, "127.0.0.1", server.config.dicom_port)
+
+
+def test_orthanc_is_locked_down(pacs: orthanc.OrthancServer) -> None:
+    echo(_node(pacs), LOCAL_AET)  # the configured AE from 127.0.0.1 may talk to it
+    with pytest.raises(PacsError):
+        echo(_node(pacs), "INTRUDER")  # an unknown AE title may not
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(pacs.url + "/system", timeout=10)  # no password
+    assert refused.value.code == 401
+    wrong = urllib.request.Request(pacs.url + "/system")
+    wrong.add_header("Authorization", "Basic " + base64.b64encode(b"cohortflow:no").decode())
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(wrong, timeout=10)
+    assert (pacs.config.folder / "orthanc.json").stat().st_mode & 0o077 == 0
+
+
+def test_store_sends_dicom_and_skips_the_rest(pacs: orthanc.OrthancServer, tmp_path: Path) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for name in (
+        "MR_small.dcm",
+        "CT_small.dcm",
+        "ExplVR_LitEndNoMeta.dcm",
+        "MR_small_RLE.dcm",
+        "MR_truncated.dcm",
+        "README.txt",
+    ):
+        shutil.copy(pydicom_file(name), drop / name)
+    result = store_files(_node(pacs), sorted(drop.iterdir()), LOCAL_AET)
+    assert result.sent == 4 and not result.failed
+    assert sorted(Path(p).name for p, _ in result.skipped) == ["MR_truncated.dcm", "README.txt"]
+    # MR_small and MR_small_RLE share a SOPInstanceUID: the PACS keeps one
+    assert pacs.statistics()["CountInstances"] == 3
+
+
+@pytest.mark.slow
+def test_synthetic_cohort_loads_into_orthanc(
+    pacs: orthanc.OrthancServer, cohort: CohortResult
+) -> None:
+    files = sorted(p for p in (cohort.out_dir / "dicom").rglob("*") if p.is_file())
+    result = store_files(_node(pacs), files, LOCAL_AET)
+    assert not result.failed
+    studies = [s for p in cohort.truth.patients for s in p.studies]
+    truncated = sum(1 for s in studies for se in s.series if "truncated_file" in se.faults)
+    instances = sum(se.instances for s in studies for se in s.series)
+    stats = pacs.statistics()
+    assert stats["CountInstances"] == instances - truncated
+    assert stats["CountStudies"] == len(studies)
