@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -177,8 +178,6 @@ def run_ingest(source: Path, home: Path, move: bool = False) -> tuple[float, flo
     sampler.join()
     if process.returncode not in (0, 1):
         raise SystemExit(f"cohortflow ingest failed with status {process.returncode}")
-    import json
-
     payload = json.loads(out)
     inner = float(payload["ingest"]["seconds"])
     return seconds, inner, int(payload["ingest"]["seen"]), peaks[0], peaks[1]
@@ -276,7 +275,6 @@ def fill_index(url: str, instances: int) -> tuple[float, int]:
     _flush(cursor, instance_rows, stamp)
     raw.commit()
     raw.close()
-    cursor = None
     seconds = time.perf_counter() - started
     index.dispose()
     return seconds, series_pk

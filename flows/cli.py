@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,6 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
 from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
+
+if TYPE_CHECKING:
+    from models.database import IndexDB
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("cohortflow")
@@ -201,6 +205,17 @@ def _progress(err: Console, what: str) -> Progress:
     )
 
 
+@contextmanager
+def _open_index(settings: Settings) -> Iterator[IndexDB]:
+    from models.database import open_index
+
+    index = open_index(settings.index)
+    try:
+        yield index
+    finally:
+        index.dispose()
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=1, default=str) + "\n")
@@ -246,7 +261,6 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_batch_report
-    from models.database import open_index
     from models.scanners import load_known_scanners
     from pipelines.ingest.accounting import batch_report
     from pipelines.ingest.archive import ArchiveStore
@@ -262,9 +276,8 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         return EXIT_USAGE
     manifest = read_manifest(args.manifest) if args.manifest else None
     scanners = load_known_scanners(settings.known_scanners_file)
-    index = open_index(settings.index_url or "")
     store = ArchiveStore(settings.archive)
-    try:
+    with _open_index(settings) as index:
         batch = args.batch or choose_batch_name(index, args.paths)
         total = count_files(args.paths, skip=store.root)
         with _progress(err, f"ingesting batch {batch}") as bar:
@@ -281,8 +294,6 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 move=args.move,
             )
         report = batch_report(index, batch)
-    finally:
-        index.dispose()
     if args.json:
         _emit(
             args,
@@ -300,19 +311,14 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_verify_report
-    from models.database import open_index
     from pipelines.ingest.archive import ArchiveStore
     from pipelines.ingest.verify import verify
 
-    index = open_index(settings.index_url or "")
-    try:
-        with _progress(err, "verifying the archive") as bar:
-            task = bar.add_task("verify", total=None)
-            report = verify(
-                index, ArchiveStore(settings.archive), progress=lambda n: bar.advance(task, n)
-            )
-    finally:
-        index.dispose()
+    with _open_index(settings) as index, _progress(err, "verifying the archive") as bar:
+        task = bar.add_task("verify", total=None)
+        report = verify(
+            index, ArchiveStore(settings.archive), progress=lambda n: bar.advance(task, n)
+        )
     if args.json:
         _emit(args, report.model_dump(mode="json"))
     else:
@@ -322,14 +328,10 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_batch_report
-    from models.database import open_index
     from pipelines.ingest.accounting import batch_report
 
-    index = open_index(settings.index_url or "")
-    try:
+    with _open_index(settings) as index:
         report = batch_report(index, args.name)
-    finally:
-        index.dispose()
     if args.json:
         _emit(args, report.model_dump(mode="json"))
     else:

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.database import IndexDB, open_index
 from models.ingest import BatchReport
-from models.scanners import load_known_scanners
+from models.scanners import KnownScanners, load_known_scanners
 from models.settings import load_settings
 from pipelines.ingest import engine
 from pipelines.ingest.accounting import batch_report
@@ -31,10 +31,15 @@ def open_batch(index_url: str, batch: str, sources: list[Path], manifest: Path |
     return engine.begin(_index(index_url), batch, engine.describe_sources(sources), loaded)
 
 
+@lru_cache(maxsize=4)
+def _scanners(path: Path | None) -> KnownScanners:
+    return load_known_scanners(path)  # read once per process, not once per chunk
+
+
 @task(name="list-files")
 def list_files(sources: list[Path], archive: Path) -> list[list[str]]:
-    paths = [c.path for c in engine.walk(sources, skip=archive)]
-    return [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    chunks = engine.chunked(engine.walk(sources, skip=archive, stat=False), CHUNK)
+    return [[c.path for c in chunk] for chunk in chunks]
 
 
 @task(name="ingest-chunk", retries=2, retry_delay_seconds=2)
@@ -46,7 +51,7 @@ def ingest_chunk(
         ArchiveStore(archive),
         batch_id,
         paths,
-        load_known_scanners(scanners_file),
+        _scanners(scanners_file),
     )
 
 
@@ -73,7 +78,7 @@ def ingest_flow(
 ) -> BatchReport:
     """Archive and index a delivered folder, then publish its accounting."""
     settings = load_settings(config)
-    url = settings.index_url or ""
+    url = settings.index
     batch_id = open_batch(url, batch, sources, manifest)
     chunks = list_files(sources, settings.archive)
     ingest_chunk.map(url, settings.archive, batch_id, chunks, settings.known_scanners_file).result()

@@ -11,9 +11,11 @@ from rich.table import Table
 from models.ingest import BatchReport, VerifyReport
 from pipelines.synth.summary import CohortSummary
 
+Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
-def summary_rows(summary: CohortSummary) -> list[tuple[str, str, str]]:
-    rows: list[tuple[str, str, str]] = [
+
+def summary_rows(summary: CohortSummary) -> Rows:
+    rows: Rows = [
         ("cohort", "patients", str(summary.patients)),
         ("cohort", "studies", str(summary.studies)),
         ("cohort", "series", str(summary.series)),
@@ -30,20 +32,28 @@ def summary_rows(summary: CohortSummary) -> list[tuple[str, str, str]]:
     return rows
 
 
-def print_summary(summary: CohortSummary, console: Console, title: str) -> None:
+def rows_table(rows: Rows, title: str) -> Table:
+    """A (what, detail, count) table for the terminal."""
     table = Table(title=title)
     table.add_column("what")
     table.add_column("")
     table.add_column("count", justify="right")
-    for row in summary_rows(summary):
+    for row in rows:
         table.add_row(*row)
-    console.print(table)
+    return table
+
+
+def rows_markdown(rows: Rows) -> list[str]:
+    """The same (what, detail, count) rows as markdown table lines (Prefect artifacts)."""
+    return ["| what | | count |", "|---|---|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+
+
+def print_summary(summary: CohortSummary, console: Console, title: str) -> None:
+    console.print(rows_table(summary_rows(summary), title))
 
 
 def summary_markdown(summary: CohortSummary) -> str:
-    lines = ["| what | | count |", "|---|---|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(summary)]
-    return "\n".join(lines)
+    return "\n".join(rows_markdown(summary_rows(summary)))
 
 
 def summary_json(summary: CohortSummary) -> dict[str, Any]:
@@ -55,8 +65,8 @@ def summary_json(summary: CohortSummary) -> dict[str, Any]:
 SHOWN_PROBLEMS = 20
 
 
-def batch_report_rows(report: BatchReport) -> list[tuple[str, str, str]]:
-    rows: list[tuple[str, str, str]] = [
+def batch_report_rows(report: BatchReport) -> Rows:
+    rows: Rows = [
         ("batch", "state", report.state),
         ("batch", "files", str(report.files)),
     ]
@@ -89,13 +99,7 @@ def batch_report_rows(report: BatchReport) -> list[tuple[str, str, str]]:
 
 
 def print_batch_report(report: BatchReport, console: Console) -> None:
-    table = Table(title=f"batch {report.batch}: {report.source}")
-    table.add_column("what")
-    table.add_column("")
-    table.add_column("count", justify="right")
-    for row in batch_report_rows(report):
-        table.add_row(*row)
-    console.print(table)
+    console.print(rows_table(batch_report_rows(report), f"batch {report.batch}: {report.source}"))
     shown = [line for line in report.manifest_lines if line.status != "complete"]
     if shown:
         lines = Table(title="manifest lines that are not complete")
@@ -129,8 +133,7 @@ def print_batch_report(report: BatchReport, console: Console) -> None:
 
 
 def batch_report_markdown(report: BatchReport) -> str:
-    lines = ["| what | | count |", "|---|---|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in batch_report_rows(report)]
+    lines = rows_markdown(batch_report_rows(report))
     if report.problems:
         lines += ["", "| status | reason | file |", "|---|---|---|"]
         lines += [

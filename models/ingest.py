@@ -107,6 +107,13 @@ class FileRecord:
     stored: bool = False  # this file brought content that was new to the archive
     notes: tuple[str, ...] = ()  # non-fatal oddities (invalid values, guessed encodings)
 
+    @classmethod
+    def unreadable(
+        cls, path: str, code: str, reason: str, size: int | None = None, mtime_ns: int | None = None
+    ) -> FileRecord:
+        """A path whose content could not be read (so: no hash, no header)."""
+        return cls(path, size, mtime_ns, None, FileStatus.UNREADABLE, code, reason)
+
 
 class StatusCount(BaseModel):
     model_config = ConfigDict(frozen=True)

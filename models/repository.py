@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Table, and_, case, delete, func, insert, select, update
@@ -140,6 +140,7 @@ class KnownFile:
     reason: str
     notes: str
     instance_pk: int | None
+    new_content: bool
 
 
 def known_files(session: Session, paths: Sequence[str]) -> dict[str, list[KnownFile]]:
@@ -155,6 +156,7 @@ def known_files(session: Session, paths: Sequence[str]) -> dict[str, list[KnownF
         File.reason,
         File.notes,
         File.instance_pk,
+        File.new_content,
     )
     for part in _chunks(list(paths)):
         for row in session.execute(select(*columns).where(File.path.in_(part))):
@@ -166,20 +168,7 @@ def copy_files(session: Session, batch_id: int, rows: Sequence[KnownFile]) -> No
     """Index files already known from another batch in this batch, without reading them."""
     stamp = now()
     values = [
-        {
-            "batch_id": batch_id,
-            "path": k.path,
-            "size": k.size,
-            "mtime_ns": k.mtime_ns,
-            "sha256": k.sha256,
-            "status": k.status,
-            "reason_code": k.reason_code,
-            "reason": k.reason,
-            "notes": k.notes,
-            "instance_pk": k.instance_pk,
-            "new_content": False,
-            "ingested_at": stamp,
-        }
+        {**asdict(k), "batch_id": batch_id, "new_content": False, "ingested_at": stamp}
         for k in rows
     ]
     insert_ignore(session, File.__table__, values, ["batch_id", "path"])
@@ -224,8 +213,12 @@ def record_files(
     batch_id: int,
     records: Sequence[FileRecord],
     scanners: KnownScanners,
+    earlier: Mapping[str, KnownFile],
 ) -> None:
-    """Write read files and everything their headers say, in the caller's transaction."""
+    """Write read files and everything their headers say, in the caller's transaction.
+
+    ``earlier``: this batch's existing rows for paths read again (from ``known_files``).
+    """
     stamp = now()
     with_content = [r for r in records if r.sha256 is not None]
     hashes = list(dict.fromkeys(r.sha256 for r in with_content if r.sha256))
@@ -410,23 +403,14 @@ def record_files(
             update(Instance).where(Instance.sop_instance_uid.in_(part)).values(sop_conflict=True)
         )
 
-    # A path read again in the same batch (changed mtime, same content) keeps its verdict.
-    previous: dict[str, tuple[str | None, bool]] = {}
-    for part in _chunks([r.path for r in records]):
-        for path, old_sha, was_new in session.execute(
-            select(File.path, File.sha256, File.new_content).where(
-                File.batch_id == batch_id, File.path.in_(part)
-            )
-        ):
-            previous[path] = (old_sha, was_new)
     first_in_chunk: set[str] = set()
     file_rows = []
     for r in records:
         header = r.header
         new = r.sha256 is not None and r.sha256 not in existing and r.sha256 not in first_in_chunk
-        before = previous.get(r.path)
-        if before is not None and before[0] == r.sha256:
-            new = before[1]
+        before = earlier.get(r.path)
+        if before is not None and before.sha256 == r.sha256:
+            new = before.new_content  # read again (new mtime), same content: same verdict
         if r.sha256 is not None:
             first_in_chunk.add(r.sha256)
         instance_pk = None
@@ -463,18 +447,8 @@ def record_files(
                 index_elements=["batch_id", "path"],
                 set_={
                     name: getattr(excluded, name)
-                    for name in (
-                        "size",
-                        "mtime_ns",
-                        "sha256",
-                        "status",
-                        "reason_code",
-                        "reason",
-                        "notes",
-                        "instance_pk",
-                        "new_content",
-                        "ingested_at",
-                    )
+                    for name in file_rows[0]
+                    if name not in ("batch_id", "path")
                 },
             ),
             file_rows,

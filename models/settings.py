@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def index(self) -> str:
+        """The archive index's database URL."""
+        assert self.index_url is not None
+        return self.index_url
+
+    @property
     def archive(self) -> Path:
         assert self.archive_dir is not None
         return self.archive_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from pipelines.ingest.manifest import Manifest
 
 #: pydicom's bundled test files that ship in the wheel (never the download-on-demand ones).
 PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers the tests start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def pydicom_file(name: str) -> Path:

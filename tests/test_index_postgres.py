@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -29,7 +28,7 @@ from models.scanners import load_known_scanners
 from models.schema import Base, File, Instance, Patient, Series, Study
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.manifest import read_manifest
-from tests.ingest_helpers import Archive, make_archive, pydicom_file
+from tests.ingest_helpers import Archive, free_port, make_archive, pydicom_file
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +71,6 @@ def _postgres_bin() -> Path:
     return found[-1].parent  # the newest major version
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _run_as_postgres(args: list[str], cwd: Path, timeout: float = 120) -> None:
     """Run a server command; as root via runuser (PostgreSQL refuses to run as root)."""
     command = ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
@@ -105,7 +98,7 @@ def postgres() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
         shutil.chown(sockets, "postgres", "postgres")
-    port = _free_port()
+    port = free_port()
     running = False
     try:
         _run_as_postgres(

@@ -443,7 +443,7 @@ def test_move_hands_over_files_and_survives_a_crash_before_removal(
     batch_id = engine.begin(archive.index, "spool", str(spool))
     plan = engine.plan_chunk(archive.index, batch_id, list(engine.walk([spool])))
     records = engine.read_files([c.path for c in plan.to_read], str(archive.store.root), True)
-    engine.record_chunk(archive.index, batch_id, records, plan.to_copy, archive.scanners)
+    engine.record_chunk(archive.index, batch_id, plan, records, archive.scanners)
     assert sorted(p.name for p in spool.iterdir()) == sorted([*names, "pipe"])
 
     outcome, report = archive.ingest(spool, batch="spool", move=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,17 +15,11 @@ from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import PacsNode, echo, store_files
 from pipelines.pacs.errors import PacsError
 from pipelines.synth.cohort import CohortResult
-from tests.ingest_helpers import pydicom_file
+from tests.ingest_helpers import free_port, pydicom_file
 
 pytestmark = pytest.mark.integration
 
 LOCAL_AET = "COHORTFLOW"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -35,9 +28,9 @@ def pacs(tmp_path: Path) -> Iterator[orthanc.OrthancServer]:
         pytest.fail("Orthanc is required (CI installs it): run `make setup` as root")
     config = orthanc.OrthancConfig(
         folder=tmp_path / "orthanc",
-        http_port=_free_port(),
-        dicom_port=_free_port(),
-        modalities=(orthanc.Modality("cohortflow", LOCAL_AET, "127.0.0.1", _free_port()),),
+        http_port=free_port(),
+        dicom_port=free_port(),
+        modalities=(orthanc.Modality("cohortflow", LOCAL_AET, "127.0.0.1", free_port()),),
     )
     with orthanc.OrthancServer(config) as server:
         yield server

@@ -32,6 +32,12 @@ class ArchiveStore:
     def path_for(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
 
+    def _make_folder(self, target: Path) -> None:
+        folder = str(target.parent)
+        if folder not in self._made:  # one mkdir per folder and process, not per file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
+
     def has(self, sha256: str, size: int) -> bool:
         try:
             return self.path_for(sha256).stat().st_size == size
@@ -43,10 +49,7 @@ class ArchiveStore:
         target = self.path_for(sha256)
         if self.has(sha256, len(data)):
             return False
-        folder = str(target.parent)
-        if folder not in self._made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+        self._make_folder(target)
         temporary = target.with_name(f".{sha256}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         try:
@@ -69,10 +72,7 @@ class ArchiveStore:
         target = self.path_for(sha256)
         if self.has(sha256, size):
             return False
-        folder = str(target.parent)
-        if folder not in self._made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+        self._make_folder(target)
         try:
             os.link(source, target)
         except FileExistsError:

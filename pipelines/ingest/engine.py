@@ -54,6 +54,8 @@ class ChunkPlan:
     to_read: list[Candidate]
     to_copy: list[tuple[Candidate, repository.KnownFile]]
     unchanged: list[tuple[Candidate, repository.KnownFile]]
+    #: this batch's rows of paths to read again (changed size or mtime): the hash decides
+    earlier: dict[str, repository.KnownFile]
 
 
 def _candidate(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
@@ -64,17 +66,24 @@ def _candidate(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
     return Candidate(path, printable_path(path), st.st_size, st.st_mtime_ns)
 
 
-def walk(sources: Iterable[Path], skip: Path | None = None) -> Iterator[Candidate]:
+def walk(
+    sources: Iterable[Path], skip: Path | None = None, *, stat: bool = True
+) -> Iterator[Candidate]:
     """Every file under the sources, depth first, in name order; symlinked folders not followed.
 
     A source that is a file is yielded as is; a folder that cannot be listed is yielded as a
     candidate too, so it ends in the index as unreadable instead of vanishing from the account.
+    Without ``stat`` the candidates carry no size and mtime (names only: counting).
     """
+
+    def found(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
+        return _candidate(path, entry) if stat else Candidate(path, path, None, None)
+
     skip_real = os.path.realpath(skip) if skip is not None else None
     for source in sources:
         root = os.path.abspath(source)
         if not os.path.isdir(root) or os.path.islink(root):
-            yield _candidate(root)
+            yield found(root)
             continue
         stack = [root]
         while stack:
@@ -96,24 +105,13 @@ def walk(sources: Iterable[Path], skip: Path | None = None) -> Iterator[Candidat
                 if is_folder:
                     subfolders.append(entry.path)
                 else:
-                    yield _candidate(entry.path, entry)
+                    yield found(entry.path, entry)
             stack.extend(reversed(subfolders))
 
 
 def count_files(sources: Iterable[Path], skip: Path | None = None) -> int:
     """How many candidates ``walk`` will yield (names only; for progress bars)."""
-    total = 0
-    for source in sources:
-        root = os.path.abspath(source)
-        if not os.path.isdir(root) or os.path.islink(root):
-            total += 1
-            continue
-        for folder, folders, files in os.walk(root, onerror=lambda _e: None):
-            if skip is not None and os.path.realpath(folder) == os.path.realpath(skip):
-                folders[:] = []
-                continue
-            total += len(files) + sum(1 for f in folders if os.path.islink(os.path.join(folder, f)))
-    return total
+    return sum(1 for _ in walk(sources, skip, stat=False))
 
 
 def chunked(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
@@ -134,6 +132,7 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
     to_read: list[Candidate] = []
     to_copy: list[tuple[Candidate, repository.KnownFile]] = []
     unchanged: list[tuple[Candidate, repository.KnownFile]] = []
+    earlier: dict[str, repository.KnownFile] = {}
     for candidate in chunk:
         rows = known.get(candidate.shown, [])
         usable = [
@@ -151,7 +150,10 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
             to_copy.append((candidate, usable[0]))
         else:
             to_read.append(candidate)  # new, changed (the hash decides), or unreadable before
-    return ChunkPlan(to_read, to_copy, unchanged)
+            here = [r for r in rows if r.batch_id == batch_id]
+            if here:
+                earlier[candidate.shown] = here[0]
+    return ChunkPlan(to_read, to_copy, unchanged, earlier)
 
 
 _STORES: dict[str, ArchiveStore] = {}
@@ -177,14 +179,10 @@ def read_files(paths: Sequence[str], archive_root: str, move: bool = False) -> l
                     store.put(record.sha256, data)
         except Exception as exc:  # a bug or a full disk must not lose the rest of the chunk
             log.exception("ingest failed on %s", printable_path(path))
-            record = FileRecord(
-                path=printable_path(path),
-                size=None,
-                mtime_ns=None,
-                sha256=None,
-                status=FileStatus.UNREADABLE,
-                reason_code="internal_error",
-                reason=f"could not be archived: {type(exc).__name__}: {exc}",
+            record = FileRecord.unreadable(
+                printable_path(path),
+                "internal_error",
+                f"could not be archived: {type(exc).__name__}: {exc}",
             )
         records.append(record)
     return records
@@ -213,15 +211,16 @@ def release_sources(store: ArchiveStore, held: Iterable[tuple[str, str | None, i
 def record_chunk(
     index: IndexDB,
     batch_id: int,
+    plan: ChunkPlan,
     records: Sequence[FileRecord],
-    copies: Sequence[tuple[Candidate, repository.KnownFile]],
     scanners: KnownScanners,
 ) -> None:
+    """Write one planned and read chunk to the index, in one transaction."""
     with index.session() as session:
-        if copies:
-            repository.copy_files(session, batch_id, [known for _, known in copies])
+        if plan.to_copy:
+            repository.copy_files(session, batch_id, [known for _, known in plan.to_copy])
         if records:
-            repository.record_files(session, batch_id, records, scanners)
+            repository.record_files(session, batch_id, records, scanners, plan.earlier)
 
 
 def begin(index: IndexDB, name: str, source: str, manifest: Manifest | None = None) -> int:
@@ -254,7 +253,7 @@ def ingest_chunk(
     """Plan, read and record one chunk in this process: (read, reused, unchanged)."""
     plan = plan_chunk(index, batch_id, [_candidate(p) for p in paths])
     records = read_files([c.path for c in plan.to_read], str(store.root))
-    record_chunk(index, batch_id, records, plan.to_copy, scanners)
+    record_chunk(index, batch_id, plan, records, scanners)
     return len(records), len(plan.to_copy), len(plan.unchanged)
 
 
@@ -313,7 +312,7 @@ def ingest(
         nonlocal processed
         job, plan, size = pending.popleft()
         records = job.result() if isinstance(job, Future) else job
-        record_chunk(index, batch_id, records, plan.to_copy, scanners)
+        record_chunk(index, batch_id, plan, records, scanners)
         processed += len(records)
         if move:
             held = [(c.path, r.sha256, r.size) for c, r in zip(plan.to_read, records, strict=True)]

@@ -23,7 +23,6 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,15 +91,9 @@ def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
     shown = printable_path(path)
 
     def unreadable(code: str, reason: str, st: os.stat_result | None = None) -> FileRecord:
-        return FileRecord(
-            path=shown,
-            size=st.st_size if st else None,
-            mtime_ns=st.st_mtime_ns if st else None,
-            sha256=None,
-            status=FileStatus.UNREADABLE,
-            reason_code=code,
-            reason=reason,
-        )
+        if st is None:
+            return FileRecord.unreadable(shown, code, reason)
+        return FileRecord.unreadable(shown, code, reason, st.st_size, st.st_mtime_ns)
 
     try:
         st = os.stat(path)
@@ -220,7 +213,7 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             problem = _check_deflated(data, modern)
         else:
-            problem = _check_extents(ds, data, position)
+            problem = _check_extents(ds, data, position, transfer_syntax)
         header = None
         extra_notes: list[str] = []
         if problem is None:
@@ -291,7 +284,9 @@ def _check_deflated(data: bytes, modern: bool) -> tuple[str, str] | None:
     return None
 
 
-def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] | None:
+def _check_extents(
+    ds: Dataset, data: bytes, position: int, transfer_syntax: str | None
+) -> tuple[str, str] | None:
     """Find elements whose declared length runs past the end of the file (truncation)."""
     size = len(data)
     meta = ds.file_meta if isinstance(ds, FileDataset) else None
@@ -306,7 +301,7 @@ def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] |
             )
     if len(ds) == 0 and position >= size:
         return "no_data_set", "file meta information only: the data set is missing"
-    for raw in _raw_elements(ds):
+    for raw in ds._dict.values():  # raw elements keep value_tell and length before conversion
         length = getattr(raw, "length", None)
         tell = getattr(raw, "value_tell", None)
         if length is None or tell is None or length == _UNDEFINED:
@@ -356,7 +351,6 @@ def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] |
             "(file cut short)",
         )
     expected = _expected_native_length(ds)
-    transfer_syntax = _text(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else None
     compressed = transfer_syntax is not None and UID(transfer_syntax).is_compressed
     if expected is not None and not compressed and length < expected:
         return (
@@ -365,10 +359,6 @@ def _check_extents(ds: Dataset, data: bytes, position: int) -> tuple[str, str] |
             f"{expected}",
         )
     return None
-
-
-def _raw_elements(ds: Dataset) -> Iterable[Any]:
-    return ds._dict.values()  # raw elements keep value_tell and length before conversion
 
 
 def _expected_native_length(ds: Dataset) -> int | None:

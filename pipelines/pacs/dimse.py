@@ -101,15 +101,19 @@ def store_files(
     progress: Callable[[int], None] | None = None,
 ) -> StoreResult:
     """C-STORE the DICOM files among ``paths`` to ``node`` over one association."""
-    from pipelines.ingest.reader import read_path
+    from pipelines.ingest.reader import classify  # the header only: no hash needed here
 
     result = StoreResult()
     sendable: list[tuple[Path, str, str]] = []
     for path in paths:
-        record, _ = read_path(str(path))
-        header = record.header
-        if not record.status.is_dicom or header is None or not header.sop_class_uid:
-            result.skipped.append((str(path), record.reason or record.status.value))
+        try:
+            verdict = classify(path.read_bytes())
+        except OSError as exc:
+            result.skipped.append((str(path), f"cannot be read: {exc.strerror or exc}"))
+            continue
+        header = verdict.header
+        if not verdict.status.is_dicom or header is None or not header.sop_class_uid:
+            result.skipped.append((str(path), verdict.reason or verdict.status.value))
             continue
         syntax = header.transfer_syntax_uid or pydicom.uid.ImplicitVRLittleEndian
         sendable.append((path, header.sop_class_uid, syntax))

@@ -181,13 +181,6 @@ class OrthancServer:
             process.kill()
             process.wait(timeout)
 
-    def kill(self) -> None:
-        """Stop abruptly, as a crash would (tests of interrupted transfers)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(20)
-            self.process = None
-
     def __enter__(self) -> OrthancServer:
         return self.start()
 

@@ -17,7 +17,15 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.synth import Volumes
-from pipelines.synth.headmodel import BACKGROUND, CSF, GM, OTHER_HEAD, WM, HeadModel
+from pipelines.synth.headmodel import (
+    BACKGROUND,
+    CSF,
+    GM,
+    OTHER_HEAD,
+    WM,
+    HeadModel,
+    tissue_volumes_ml,
+)
 
 FloatArray = npt.NDArray[np.float32]
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -318,8 +326,8 @@ def motion_ghosts(
 
 
 def truth_volumes(labels: npt.NDArray[np.uint8], voxel_ml: float) -> Volumes:
-    counts = np.bincount(labels.ravel(), minlength=5)
-    csf, gm, wm = (float(counts[x]) * voxel_ml for x in (CSF, GM, WM))
+    tissue = tissue_volumes_ml(labels, voxel_ml)
+    csf, gm, wm = tissue["csf"], tissue["gm"], tissue["wm"]
     icv = csf + gm + wm
     return Volumes(
         icv_ml=round(icv, 3),

@@ -80,8 +80,13 @@ class HeadModel:
         return np.flatnonzero(np.isin(self.labels, (GM, WM)).ravel())
 
     def volumes_ml(self) -> dict[str, float]:
-        counts = np.bincount(self.labels.ravel(), minlength=5)
-        return {LABEL_NAMES[k]: float(counts[k]) * self.voxel_ml for k in (CSF, GM, WM)}
+        return tissue_volumes_ml(self.labels, self.voxel_ml)
+
+
+def tissue_volumes_ml(labels: npt.NDArray[np.uint8], voxel_ml: float) -> dict[str, float]:
+    """CSF, GM and WM volumes (ml) of a label map: {"csf": .., "gm": .., "wm": ..}."""
+    counts = np.bincount(labels.ravel(), minlength=5)
+    return {LABEL_NAMES[k]: float(counts[k]) * voxel_ml for k in (CSF, GM, WM)}
 
 
 def template_paths() -> dict[str, Path]:
