@@ -7,12 +7,14 @@ With ``--json`` a command prints exactly one JSON document on stdout; progress g
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +24,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
 from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
+from pipelines.pacs.errors import PacsError
 
 if TYPE_CHECKING:
     from models.database import IndexDB
+    from pipelines.pacs.dimse import StoreResult
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("cohortflow")
@@ -44,6 +48,15 @@ def _fault_rate(text: str) -> tuple[Fault, float]:
     if not 0.0 <= rate <= 1.0:
         raise argparse.ArgumentTypeError(f"'{text}': give NAME=RATE with a rate in [0, 1]")
     return fault, rate
+
+
+def _date(text: str) -> dt.date:
+    for pattern in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text, pattern).date()
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"'{text}' is not a date (YYYY-MM-DD)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (default: settings, one per core)",
     )
     synth.add_argument("--overwrite", action="store_true", help="replace a cohort already in --out")
+    synth.add_argument(
+        "--pacs",
+        action="store_true",
+        help="also load the cohort into the PACS (C-STORE; default: the project's own Orthanc, "
+        "started by `cohortflow pacs start`)",
+    )
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     ingest = sub.add_parser(
@@ -137,6 +156,70 @@ def build_parser() -> argparse.ArgumentParser:
     report_batch.add_argument("name", help="the batch name")
     report_batch.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    pacs = sub.add_parser(
+        "pacs",
+        help="start, stop or check the project's own PACS (Orthanc)",
+        description="The project's own Orthanc under $COHORTFLOW_HOME/orthanc: loopback "
+        "only, HTTP with a generated password, DICOM open to cohortflow's AE only.",
+    )
+    pacs.add_argument("action", choices=("start", "stop", "status"))
+    pacs.add_argument("--json", action="store_true", help="print the state as JSON")
+
+    select = sub.add_parser(
+        "select",
+        help="find a protocol's studies and series in the PACS",
+        description="C-FIND at study level (date range, modality, study description patterns) "
+        "then series level; the protocol's series rules (protocols.yaml) decide. Without "
+        "--dry-run the selection is stored for `cohortflow retrieve`.",
+    )
+    select.add_argument("protocol", help="protocol name, e.g. dementia, ms, open")
+    select.add_argument("--from", dest="date_from", type=_date, required=True, metavar="DATE")
+    select.add_argument("--to", dest="date_to", type=_date, required=True, metavar="DATE")
+    select.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every candidate study and series with the rule that selected or rejected "
+        "it; store nothing",
+    )
+    select.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    select.add_argument("--json", action="store_true", help="print the selection as JSON")
+
+    retrieve = sub.add_parser(
+        "retrieve",
+        help="fetch a selection from the PACS into the archive",
+        description="C-MOVE to cohortflow's storage SCP, C-GET or DICOMweb WADO-RS; received "
+        "files are ingested at once and each series is checked complete. Throttled; a study "
+        "already complete in the archive is not fetched again; rerun to resume.",
+    )
+    retrieve.add_argument("--selection", type=int, help="selection id (default: the latest)")
+    retrieve.add_argument("--method", choices=("move", "get", "dicomweb"))
+    retrieve.add_argument("--max-associations", type=int, metavar="N")
+    retrieve.add_argument("--studies-per-hour", type=float, metavar="N")
+    retrieve.add_argument(
+        "--window",
+        action="append",
+        dest="windows",
+        metavar="SPEC",
+        help="allowed time window, e.g. 'Mon-Fri 19:00-07:00' (repeatable; default: settings)",
+    )
+    retrieve.add_argument("--outside-window", choices=("wait", "stop"))
+    retrieve.add_argument("--retries", type=int, metavar="N")
+    retrieve.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    listen = sub.add_parser(
+        "listen",
+        help="run a storage SCP that ingests what is pushed to it",
+        description="Receive studies pushed by a PACS or modality (C-STORE to cohortflow's AE "
+        "title on retrieve.scp_port) and ingest them once no instance arrived for "
+        "--idle seconds. Runs until interrupted (or --seconds).",
+    )
+    listen.add_argument("--port", type=int, help="port (default: settings retrieve.scp_port)")
+    listen.add_argument("--host", help="address to listen on (default: settings)")
+    listen.add_argument("--idle", type=float, default=5.0, help="seconds of quiet before ingest")
+    listen.add_argument("--seconds", type=float, help="stop after this many seconds")
+    listen.add_argument("--batch", help="batch name (default: listen-YYYY-MM-DD)")
+    listen.add_argument("--json", action="store_true", help="print what was received as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -173,9 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify(args, settings, err)
         if args.command == "report":
             return _report(args, settings, err)
+        commands = {"pacs": _pacs, "select": _select, "retrieve": _retrieve, "listen": _listen}
+        if args.command in commands:
+            return commands[args.command](args, settings, err)
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         return EXIT_USAGE
+    except PacsError as exc:  # the PACS failed us: not the user's mistake
+        err.print(f"[red]PACS error:[/red] {exc}")
+        return EXIT_FAILURES
     except CohortflowError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_USAGE
@@ -249,14 +338,39 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     summary = summarize(result.truth)
+    loaded = _load_into_pacs(settings, args.out / "dicom", err) if args.pacs else None
     if args.json:
-        _emit(
-            args,
-            {"out": str(args.out), "ground_truth": str(result.truth_file), **summary_json(summary)},
-        )
+        payload = {
+            "out": str(args.out),
+            "ground_truth": str(result.truth_file),
+            **summary_json(summary),
+        }
+        if loaded is not None:
+            payload["pacs"] = asdict(loaded)
+        _emit(args, payload)
     else:
         print_summary(summary, Console(), f"synthetic cohort in {args.out}")
-    return EXIT_OK
+    return EXIT_FAILURES if loaded is not None and loaded.failed else EXIT_OK
+
+
+def _load_into_pacs(settings: Settings, folder: Path, err: Console) -> StoreResult:
+    from pipelines.pacs.dimse import store_files
+    from pipelines.retrieve.config import pacs_node
+
+    node = pacs_node(settings)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with _progress(err, f"C-STORE into {node}") as bar:
+        task = bar.add_task("store", total=len(files))
+        result = store_files(
+            node, files, settings.local_aet, progress=lambda n: bar.advance(task, n)
+        )
+    err.print(
+        f"loaded into {node}: {result.sent} instances sent, {len(result.skipped)} files skipped "
+        f"(not DICOM or damaged), {len(result.failed)} refused"
+    )
+    for path, reason in result.failed:
+        err.print(f"  refused: {path}: {reason}")
+    return result
 
 
 def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
@@ -368,6 +482,151 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         console = Console()
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
         print_batch_report(report, console)
+    return EXIT_OK
+
+
+def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from pipelines.pacs import orthanc
+    from pipelines.retrieve.config import own_orthanc
+
+    config = own_orthanc(settings)
+    pid = orthanc.running_pid(config.folder)
+    if args.action == "start" and pid is None:
+        server = orthanc.OrthancServer(config).start()
+        pid = server.detach()
+        err.print(f"Orthanc started (pid {pid}) in {config.folder}")
+    elif args.action == "stop":
+        stopped = orthanc.stop_running(config.folder)
+        err.print("Orthanc stopped" if stopped else "Orthanc was not running")
+        pid = None
+    state = {
+        "running": pid is not None,
+        "pid": pid,
+        "folder": str(config.folder),
+        "aet": config.aet,
+        "dicom_port": config.dicom_port,
+        "http_url": f"http://127.0.0.1:{config.http_port}",
+    }
+    if args.json:
+        _emit(args, state)
+    elif args.action == "status":
+        Console().print(
+            f"Orthanc {'running, pid ' + str(pid) if pid else 'not running'}: "
+            f"{config.aet}@127.0.0.1:{config.dicom_port}, {state['http_url']}, {config.folder}"
+        )
+    return EXIT_OK
+
+
+def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_selection, selection_json
+    from pipelines.retrieve.config import pacs_node, retrieve_policy
+    from pipelines.retrieve.throttle import Throttle
+    from pipelines.select.protocols import load_protocols
+    from pipelines.select.query import record_selection, select_studies
+
+    if args.date_to < args.date_from:
+        err.print("[red]usage error:[/red] --to is before --from")
+        return EXIT_USAGE
+    protocols = load_protocols(args.protocols or settings.protocols_file)
+    protocol = protocols.get(args.protocol)
+    throttle = Throttle(retrieve_policy(settings))
+    node = pacs_node(settings)
+    err.print(f"querying {node} for protocol {protocol.name}, {args.date_from} to {args.date_to}")
+    result = select_studies(
+        node,
+        settings.local_aet,
+        protocol,
+        args.date_from,
+        args.date_to,
+        association=throttle.association,
+    )
+    selection_id = None
+    if not args.dry_run:
+        with _open_index(settings) as index:
+            selection_id = record_selection(index, result, Path(protocols.source))
+    if args.json:
+        _emit(args, selection_json(result, selection_id, dry_run=args.dry_run))
+    else:
+        print_selection(result, Console(), dry_run=args.dry_run)
+        if selection_id is not None:
+            err.print(f"stored as selection {selection_id}: `cohortflow retrieve` fetches it")
+    return EXIT_OK
+
+
+def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_retrieval
+    from models import retrieval
+    from models.scanners import load_known_scanners
+    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.retrieve.config import retrieve_policy, retrieve_target
+    from pipelines.retrieve.engine import retrieve
+    from pipelines.retrieve.throttle import Throttle
+
+    policy = retrieve_policy(
+        settings,
+        max_associations=args.max_associations,
+        studies_per_hour=args.studies_per_hour,
+        windows=args.windows,
+        outside_window=args.outside_window,
+        retries=args.retries,
+    )
+    target = retrieve_target(settings, args.method)
+    with _open_index(settings) as index:
+        with index.session() as session:
+            chosen = retrieval.selection(session, args.selection)
+        if chosen is None:
+            which = f"selection {args.selection}" if args.selection else "a selection"
+            err.print(f"[red]usage error:[/red] no {which}: run `cohortflow select` first")
+            return EXIT_USAGE
+        with _progress(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
+            task = bar.add_task("retrieve", total=chosen.studies)
+            outcome = retrieve(
+                index,
+                ArchiveStore(settings.archive),
+                load_known_scanners(settings.known_scanners_file),
+                chosen.id,
+                target,
+                Throttle(policy),
+                settings.home / "spool" / f"selection-{chosen.id}",
+                progress=lambda _o: bar.advance(task, 1),
+            )
+    if args.json:
+        _emit(args, asdict(outcome))
+    else:
+        print_retrieval(outcome, Console())
+    return EXIT_OK if outcome.state == "complete" else EXIT_FAILURES
+
+
+def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.scanners import load_known_scanners
+    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.retrieve.listen import listen
+
+    port = args.port or settings.retrieve.scp_port
+    host = args.host or settings.retrieve.scp_host
+    batch = args.batch or f"listen-{dt.date.today():%Y-%m-%d}"
+    err.print(
+        f"listening as {settings.local_aet} on {host}:{port}; ingesting into batch {batch} "
+        f"after {args.idle:g} s without new instances (Ctrl-C stops)"
+    )
+    with _open_index(settings) as index:
+        outcome = listen(
+            index,
+            ArchiveStore(settings.archive),
+            load_known_scanners(settings.known_scanners_file),
+            settings.home / "spool" / "listen",
+            aet=settings.local_aet,
+            host=host,
+            port=port,
+            batch=batch,
+            idle_seconds=args.idle,
+            seconds=args.seconds,
+            on_ingest=lambda n: err.print(f"ingested {n} files into batch {batch}"),
+        )
+    if args.json:
+        _emit(args, asdict(outcome))
+    else:
+        err.print(f"received {outcome.received} instances; {outcome.ingested} files ingested")
     return EXIT_OK
 
 

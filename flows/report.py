@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from models.ingest import BatchReport, VerifyReport
+from pipelines.retrieve.engine import RetrieveOutcome
+from pipelines.select.query import SelectionResult
 from pipelines.synth.summary import CohortSummary
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
@@ -152,3 +154,114 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     console.print(table)
     for problem in report.problems[:SHOWN_PROBLEMS]:
         console.print(f"{problem.problem}: {problem.path}")
+
+
+# --- selection and retrieval -------------------------------------------------------------------
+
+
+def selection_json(
+    result: SelectionResult, selection_id: int | None, dry_run: bool
+) -> dict[str, Any]:
+    return {
+        "selection_id": selection_id,
+        "dry_run": dry_run,
+        "protocol": result.protocol,
+        "from": str(result.date_from),
+        "to": str(result.date_to),
+        "pacs": result.pacs,
+        "notes": list(result.notes),
+        "unanswered_fields": list(result.unanswered),
+        "studies_found": len(result.studies),
+        "studies_selected": len(result.selected),
+        "series_selected": sum(len(s.chosen) for s in result.selected),
+        "studies": [
+            {
+                "study_instance_uid": s.study_instance_uid,
+                "accession_number": s.accession_number,
+                "study_date": str(s.study_date) if s.study_date else None,
+                "study_description": s.study_description,
+                "selected": s.selected,
+                "why": s.why,
+                "series": [
+                    {
+                        "series_instance_uid": se.series_instance_uid,
+                        "series_number": se.attributes.get("SeriesNumber"),
+                        "series_description": se.attributes.get("SeriesDescription"),
+                        "protocol_name": se.attributes.get("ProtocolName"),
+                        "instances": se.expected_instances,
+                        "selected": s.selected and se.decision.selected,
+                        "rule": se.decision.rule,
+                        "why": se.decision.why,
+                    }
+                    for se in s.series
+                ],
+            }
+            for s in result.studies
+        ],
+    }
+
+
+def print_selection(result: SelectionResult, console: Console, dry_run: bool) -> None:
+    """The studies the PACS returned, each series with the rule that decided it."""
+    title = (
+        f"{'dry run: ' if dry_run else ''}protocol {result.protocol}, {result.date_from} to "
+        f"{result.date_to}, {result.pacs}: {len(result.selected)} of {len(result.studies)} "
+        f"studies selected"
+    )
+    table = Table(title=title, show_lines=True)
+    for name in ("study", "series", "rule", "why"):
+        table.add_column(name)
+    for study in result.studies:
+        mark = "[green]selected[/green]" if study.selected else "[red]rejected[/red]"
+        head = f"{study.study_date} {study.accession_number or '-'}\n{study.study_description}"
+        table.add_row(head, mark, "", study.why)
+        if not dry_run and not study.selected:
+            continue
+        for se in study.series:
+            chosen = study.selected and se.decision.selected
+            number = se.attributes.get("SeriesNumber") or "?"
+            count = se.expected_instances if se.expected_instances is not None else "?"
+            label = f"{number} {se.attributes.get('SeriesDescription') or ''} ({count})"
+            table.add_row(
+                "",
+                f"[green]{label}[/green]" if chosen else f"[dim]{label}[/dim]",
+                se.decision.rule,
+                se.decision.why,
+            )
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    for keyword in result.unanswered:
+        console.print(
+            f"note: no series had a value for {keyword} (empty, or not returned by this PACS at "
+            "series level); rules on it did not match"
+        )
+
+
+def print_retrieval(outcome: RetrieveOutcome, console: Console) -> None:
+    table = Table(
+        title=f"retrieval of selection {outcome.selection_id} ({outcome.method}): {outcome.state}"
+    )
+    for name in ("study", "status", "series", "attempts", "problems"):
+        table.add_column(name)
+    for study in outcome.studies:
+        problems = [
+            f"{se.rule}: {se.status}: {se.reason}" for se in study.series if se.status != "complete"
+        ]
+        table.add_row(
+            study.accession_number or study.study_instance_uid,
+            study.status,
+            str(len(study.series)),
+            str(study.attempts),
+            "\n".join(problems) or "-",
+        )
+    console.print(table)
+    counts = {s: outcome.count(s) for s in ("complete", "already", "incomplete", "failed", "gone")}
+    counts["pending"] = outcome.count("pending")
+    console.print(
+        ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        + f"; {outcome.seconds:.1f} s; at most {outcome.associations_peak} association(s) open "
+        f"at once ({outcome.associations_opened} opened); waited {outcome.waited_seconds:.0f} s"
+    )
+    if outcome.message:
+        console.print(f"[yellow]{outcome.state}:[/yellow] {outcome.message}; rerun to resume")

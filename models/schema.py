@@ -217,3 +217,59 @@ class File(Base):
     #: This file's content was new to the archive when it was ingested.
     new_content: Mapped[bool] = mapped_column(Boolean)
     ingested_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Selection(Base):
+    """One ``cohortflow select`` run: a protocol's query of the PACS over a date range."""
+
+    __tablename__ = "selections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    protocol: Mapped[str] = mapped_column(Text, index=True)
+    date_from: Mapped[dt.date] = mapped_column(Date)
+    date_to: Mapped[dt.date] = mapped_column(Date)
+    #: The PACS queried (AE title, host, port).
+    pacs: Mapped[str] = mapped_column(Text)
+    #: Which protocol file decided, and its content hash (the rules are versioned data).
+    protocols_file: Mapped[str] = mapped_column(Text)
+    protocols_sha256: Mapped[str] = mapped_column(SHA256)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    studies: Mapped[int] = mapped_column(Integer)
+    series: Mapped[int] = mapped_column(Integer)
+
+
+class SelectedSeries(Base):
+    """A series a selection chose, with the rule that chose it and the PACS's instance count."""
+
+    __tablename__ = "selected_series"
+    __table_args__ = (UniqueConstraint("selection_id", "series_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    selection_id: Mapped[int] = mapped_column(ForeignKey("selections.id", ondelete="CASCADE"))
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    accession_number: Mapped[str | None] = mapped_column(Text)
+    study_date: Mapped[dt.date | None] = mapped_column(Date)
+    rule: Mapped[str] = mapped_column(Text)
+    #: NumberOfSeriesRelatedInstances from the series C-FIND (None: the PACS did not say).
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+
+
+class Retrieval(Base):
+    """Where the retrieval of one series from the PACS stands (shared by every selection)."""
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: pending, complete, incomplete, failed, gone (no longer in the PACS).
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    expected: Mapped[int | None] = mapped_column(Integer)
+    #: distinct instances of the series in the archive index after the last attempt
+    archived: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(20))
+    reason_code: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -36,6 +36,42 @@ class OrthancSettings(BaseModel):
     password: SecretStr | None = None
 
 
+class PacsSettings(BaseModel):
+    """Another DICOM node to select and retrieve from (unset: the project's own Orthanc)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    aet: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: DICOMweb root for ``retrieve.method: dicomweb``, e.g. https://pacs.example.org/dicom-web
+    dicomweb_url: str | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+
+
+class RetrieveSettings(BaseModel):
+    """How cohortflow fetches from the PACS, and how gently (see pipelines/retrieve/throttle)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field("move", pattern="^(move|get|dicomweb)$")
+    #: cohortflow's storage SCP (C-MOVE destination, ``cohortflow listen``); its AE title is
+    #: ``local_aet``. The PACS must know this AE title, host and port.
+    scp_host: str = "127.0.0.1"
+    scp_port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(1, ge=1, le=32)
+    studies_per_hour: float | None = Field(None, gt=0)
+    #: e.g. ["Mon-Fri 19:00-07:00", "Sat-Sun"]; empty: any time
+    windows: tuple[str, ...] = ()
+    outside_window: str = Field("wait", pattern="^(wait|stop)$")
+    retries: int = Field(3, ge=0, le=100)
+    backoff_seconds: float = Field(5.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, ge=0)
+    #: DIMSE timeout per response (a C-MOVE of a large series answers when it is done)
+    timeout_seconds: float = Field(600.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -56,6 +92,11 @@ class Settings(BaseSettings):
     pseudonym_key_source: str | None = None
     local_aet: str = Field("COHORTFLOW", min_length=1, max_length=16)
     orthanc: OrthancSettings = OrthancSettings()
+    #: The PACS to select and retrieve from; unset: the project's own Orthanc (``orthanc``).
+    pacs: PacsSettings | None = None
+    retrieve: RetrieveSettings = RetrieveSettings()
+    #: Protocol definitions; default: the file shipped in pipelines/select/data.
+    protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.
     workers: int = Field(0, ge=0)
     #: The known-scanner knowledge base; default: the list shipped in models/data.

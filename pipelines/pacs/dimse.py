@@ -1,8 +1,10 @@
-"""DICOM networking with a PACS (pynetdicom): verification and storage so far.
+"""DICOM networking with a PACS (pynetdicom): C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET.
 
 Every association has explicit timeouts; failures become ``PacsError`` with the node and the
-reason, never a hang. Files are classified with the ingest reader first, so what is not DICOM or
-is damaged is reported and skipped instead of being sent.
+reason, never a hang. Files are classified with the ingest reader before C-STORE, so what is not
+DICOM or is damaged is reported and skipped instead of being sent. Query results are returned as
+plain Python values keyed by DICOM keyword (``Attributes``), so the rules that read them never
+see pydicom types.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class StoreResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # not DICOM or damaged
 
 
-def _ae(local_aet: str) -> object:
+def _ae(local_aet: str) -> Any:
     from pynetdicom import AE
 
     ae = AE(ae_title=local_aet)
@@ -69,7 +71,7 @@ def _no_delay(event: Any) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _handlers() -> list[tuple[Any, Callable[[Any], None]]]:
+def _handlers() -> list[tuple[Any, Callable[[Any], Any]]]:
     from pynetdicom import evt
 
     return [(evt.EVT_CONN_OPEN, _no_delay)]
@@ -80,8 +82,8 @@ def echo(node: PacsNode, local_aet: str) -> None:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = _ae(local_aet)
-    ae.add_requested_context(Verification)  # type: ignore[attr-defined]
-    assoc = ae.associate(  # type: ignore[attr-defined]
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(
         node.host, node.port, ae_title=node.aet, evt_handlers=_handlers()
     )
     if not assoc.is_established:
@@ -124,8 +126,8 @@ def store_files(
         return result
     ae = _ae(local_aet)
     for sop, syntax in contexts:
-        ae.add_requested_context(sop, [syntax])  # type: ignore[attr-defined]
-    assoc = ae.associate(  # type: ignore[attr-defined]
+        ae.add_requested_context(sop, [syntax])
+    assoc = ae.associate(
         node.host, node.port, ae_title=node.aet, evt_handlers=_handlers()
     )
     if not assoc.is_established:
@@ -154,3 +156,197 @@ def store_files(
         if assoc.is_established:
             assoc.release()
     return result
+
+
+# --- query / retrieve --------------------------------------------------------------------------
+
+#: The statuses of a C-FIND / C-MOVE / C-GET response that mean "more to come".
+PENDING = (0xFF00, 0xFF01)
+#: Warning: some sub-operations failed (C-MOVE / C-GET), the others succeeded.
+SUB_OPERATIONS_FAILED = 0xB000
+QueryValue = str | float | int | list[str] | list[float] | None
+Attributes = dict[str, QueryValue]
+# Study Root Query/Retrieve Information Model SOP classes
+FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def _plain(value: Any) -> QueryValue:
+    """A pydicom element value as plain Python (multi-valued -> list, numbers -> float)."""
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import IS, DSfloat
+
+    if value is None:
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        items = [_plain(v) for v in value]
+        if all(isinstance(v, (int, float)) for v in items):
+            return [float(v) for v in items]  # type: ignore[arg-type]
+        return [str(v) for v in items]
+    if isinstance(value, (DSfloat, float)):
+        return float(value)
+    if isinstance(value, (IS, int)):
+        return int(value)
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip("\x00 ")
+    return str(value).strip()
+
+
+def attributes(ds: Any, keywords: Sequence[str]) -> Attributes:
+    """The asked keywords of a response data set; None for what the PACS did not return."""
+    out: Attributes = {}
+    for keyword in keywords:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # an invalid value in one element must not lose the response
+            value = None
+        out[keyword] = _plain(value) if value not in ("", None) else None
+    return out
+
+
+def _query(level: str, keys: dict[str, Any], keywords: Sequence[str]) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword in keywords:
+        setattr(ds, keyword, keys.get(keyword, ""))  # empty: a return key
+    for keyword, value in keys.items():
+        if keyword not in keywords:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def _status_text(status: Any) -> str:
+    if not status:
+        return "no answer (timeout or dropped association)"
+    code = int(status.Status)
+    comment = getattr(status, "ErrorComment", None)
+    return f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
+
+
+class Session:
+    """One association to a PACS for query / retrieve; a context manager.
+
+    ``on_open`` / ``on_close`` let a throttle count the associations it holds (the PACS's
+    limit is ours to respect).
+    """
+
+    def __init__(
+        self,
+        node: PacsNode,
+        local_aet: str,
+        contexts: Sequence[str],
+        *,
+        storage: Callable[[Any], int] | None = None,
+        timeout: float = DIMSE_TIMEOUT,
+    ) -> None:
+        self.node = node
+        self.local_aet = local_aet
+        self.contexts = contexts
+        self.storage = storage  # C-GET: receives the instances on this association
+        self.timeout = timeout
+        self.assoc: Any = None
+
+    def __enter__(self) -> Session:
+        from pynetdicom import StoragePresentationContexts, build_role, evt
+
+        ae = _ae(self.local_aet)
+        ae.dimse_timeout = self.timeout
+        for uid in self.contexts:
+            ae.add_requested_context(uid)
+        roles = []
+        handlers = _handlers()
+        if self.storage is not None:
+            # C-GET: the instances come back on this association, so it must offer the storage
+            # SOP classes with the SCP role (at most 128 contexts in all).
+            room = 128 - len(self.contexts)
+            for context in StoragePresentationContexts[:room]:
+                ae.add_requested_context(context.abstract_syntax)
+                roles.append(build_role(str(context.abstract_syntax), scp_role=True))
+            handlers.append((evt.EVT_C_STORE, self.storage))
+        assoc = ae.associate(
+            self.node.host,
+            self.node.port,
+            ae_title=self.node.aet,
+            ext_neg=roles or None,
+            evt_handlers=handlers,
+        )
+        if not assoc.is_established:
+            reason = "rejected the association" if assoc.is_rejected else "did not answer"
+            raise PacsUnavailableError(f"{self.node} {reason}")
+        self.assoc = assoc
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
+
+    def find(self, level: str, keys: dict[str, Any], keywords: Sequence[str]) -> list[Attributes]:
+        """C-FIND (Study Root) at ``level``; returns the asked keywords of every match."""
+        found: list[Attributes] = []
+        status = None
+        for status, identifier in self.assoc.send_c_find(_query(level, keys, keywords), FIND_MODEL):
+            if status and int(status.Status) in PENDING and identifier is not None:
+                found.append(attributes(identifier, keywords))
+        if not status or int(status.Status) != SUCCESS:
+            raise PacsError(f"C-FIND {level} on {self.node} failed: {_status_text(status)}")
+        return found
+
+    def _retrieve(self, kind: str, keys: dict[str, Any], move_aet: str | None) -> RetrieveStatus:
+        level = "IMAGE" if "SOPInstanceUID" in keys else "SERIES"
+        query = _query(level, keys, ())
+        if move_aet is not None:
+            responses = self.assoc.send_c_move(query, move_aet, MOVE_MODEL)
+        else:
+            responses = self.assoc.send_c_get(query, GET_MODEL)
+        status = None
+        for response, _identifier in responses:
+            status = response  # the last one is final
+        if not status:
+            raise PacsUnavailableError(
+                f"{self.node} gave no final {kind} response (association dropped or timed out)"
+            )
+        return RetrieveStatus.from_status(kind, status)
+
+    def move(self, keys: dict[str, Any], destination: str) -> RetrieveStatus:
+        """C-MOVE the matching series (or listed instances) to AE ``destination``."""
+        return self._retrieve("C-MOVE", keys, destination)
+
+    def get(self, keys: dict[str, Any]) -> RetrieveStatus:
+        """C-GET the matching series (or listed instances) over this association."""
+        return self._retrieve("C-GET", keys, None)
+
+
+@dataclass(frozen=True)
+class RetrieveStatus:
+    """The final response of a C-MOVE / C-GET."""
+
+    ok: bool  # success, or warning with every sub-operation accounted for
+    completed: int
+    failed: int
+    warning: int
+    message: str
+
+    @classmethod
+    def from_status(cls, kind: str, status: Any) -> RetrieveStatus:
+        def count(name: str) -> int:
+            return int(getattr(status, name, 0) or 0)
+
+        code = int(status.Status)
+        completed = count("NumberOfCompletedSuboperations")
+        failed = count("NumberOfFailedSuboperations")
+        warning = count("NumberOfWarningSuboperations")
+        ok = code == SUCCESS or (code == SUB_OPERATIONS_FAILED and failed == 0)
+        text = f"{kind} {_status_text(status)}: {completed} completed, {failed} failed"
+        return cls(ok, completed, failed, warning, text)
+
+
+def query_contexts(method: str) -> list[str]:
+    return {
+        "find": [FIND_MODEL],
+        "move": [FIND_MODEL, MOVE_MODEL],
+        "get": [FIND_MODEL, GET_MODEL],
+    }[method]

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ORTHANC_BINARY = "Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 START_TIMEOUT = 30.0
+PID_FILE = "orthanc.pid"
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class OrthancServer:
                 )
             try:
                 self.get("/system")
+                (folder / PID_FILE).write_text(f"{self.process.pid}\n", encoding="ascii")
                 return self
             except PacsError:
                 time.sleep(0.1)
@@ -172,6 +174,7 @@ class OrthancServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         process, self.process = self.process, None
+        (self.config.folder / PID_FILE).unlink(missing_ok=True)
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)
@@ -181,6 +184,12 @@ class OrthancServer:
             process.kill()
             process.wait(timeout)
 
+    def detach(self) -> int:
+        """Leave the server running after this process exits (``cohortflow pacs start``)."""
+        process, self.process = self.process, None
+        assert process is not None
+        return process.pid
+
     def __enter__(self) -> OrthancServer:
         return self.start()
 
@@ -189,12 +198,19 @@ class OrthancServer:
 
     # --- REST (administration and checks; data moves over DICOM) -----------------------------
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        raw: bool = False,
+    ) -> Any:
         request = urllib.request.Request(self.url + path, data=body, method=method)
         token = base64.b64encode(f"{self.config.username}:{self.config.password}".encode())
         request.add_header("Authorization", f"Basic {token.decode()}")
         if body is not None:
-            request.add_header("Content-Type", "application/dicom")
+            request.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 payload = response.read()
@@ -202,11 +218,59 @@ class OrthancServer:
             raise PacsError(f"Orthanc {method} {path}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, OSError) as exc:
             raise PacsError(f"Orthanc {method} {path}: {exc}") from exc
+        if raw:
+            return payload
         return json.loads(payload) if payload else None
 
     def get(self, path: str) -> Any:
         return self._request("GET", path)
 
+    def get_bytes(self, path: str) -> bytes:
+        data: bytes = self._request("GET", path, raw=True)
+        return data
+
+    def post_json(self, path: str, body: Any) -> Any:
+        return self._request("POST", path, json.dumps(body).encode())
+
+    def post_bytes(self, path: str, body: bytes) -> Any:
+        return self._request("POST", path, body, "application/dicom")
+
+    def delete(self, path: str) -> None:
+        self._request("DELETE", path)
+
     def statistics(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get("/statistics")
         return result
+
+
+def running_pid(folder: Path) -> int | None:
+    """The pid of the Orthanc started in ``folder`` if it still runs."""
+    try:
+        pid = int((folder / PID_FILE).read_text(encoding="ascii").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"Orthanc" in cmdline and str(folder).encode() in cmdline else None
+
+
+def stop_running(folder: Path, timeout: float = 20.0) -> bool:
+    """Stop the Orthanc started in ``folder`` (by ``cohortflow pacs start``); False if none ran."""
+    pid = running_pid(folder)
+    (folder / PID_FILE).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _state(pid) == b"Z":  # gone, or a zombie
+            return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return b""

@@ -1,0 +1,188 @@
+"""cohortflow's storage SCP: where C-MOVE sends, what C-GET hands back, and what `listen` takes.
+
+Received instances are written as they came off the wire (``encoded_dataset``: no decoding, no
+re-encoding) into a spool folder, ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOP>.dcm``,
+through a temporary name and a rename, so a crash never leaves half a file under a final name.
+The spool is handed to ingest (``--move``), which archives and removes what it indexed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.pacs.dimse import _ae, _handlers
+
+log = logging.getLogger(__name__)
+
+#: Success, and "out of resources" (the spool could not be written).
+STORED = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+_SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Received:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    path: Path
+
+
+class Spool:
+    """A folder that received instances are written into, with per-series counters."""
+
+    def __init__(self, root: Path, on_received: Callable[[Received], None] | None = None) -> None:
+        self.root = root
+        self.on_received = on_received
+        self.received: Counter[str] = Counter()  # SeriesInstanceUID -> instances written
+        self.last_received = 0.0
+        self._lock = threading.Lock()
+        # Files are written beside the spool and renamed in: whoever walks the spool (ingest)
+        # never sees a file being written.
+        self.partial = root.parent / f"{root.name}.partial"
+        root.mkdir(parents=True, exist_ok=True)
+        self.partial.mkdir(exist_ok=True)
+
+    def series_folder(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / study_uid / series_uid
+
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Put one instance in the spool under its final name (atomically)."""
+        folder = self.series_folder(study_uid, series_uid)
+        path = folder / f"{sop_uid}.dcm"
+        temp = self.partial / f"{sop_uid}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            temp.write_bytes(data)
+            os.replace(temp, path)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self.received[series_uid] += 1
+            self.last_received = time.monotonic()
+        if self.on_received is not None:
+            self.on_received(Received(study_uid, series_uid, sop_uid, path))
+        return path
+
+    def prune(self) -> None:
+        """Remove the empty folders ingest left behind."""
+        for folder in sorted(self.root.glob("*/*"), reverse=True) + sorted(self.root.glob("*")):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+
+    def handle_store(self, event: Any) -> int:
+        """EVT_C_STORE handler: write the instance; a DIMSE status for the sender."""
+        try:
+            ds = event.dataset  # pydicom decodes only the elements asked for
+            study_uid = str(ds.get("StudyInstanceUID", "")).strip()
+            series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
+            sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
+        except Exception as exc:
+            log.warning("storage SCP: cannot read the identifiers of an instance: %s", exc)
+            return CANNOT_UNDERSTAND
+        if not all(_SAFE_UID.match(u) for u in (study_uid, series_uid, sop_uid)):
+            # UIDs become file names: anything else could escape the spool
+            log.warning(
+                "storage SCP: refused an instance with invalid UIDs (study %r, series %r, "
+                "SOP %r) from %s",
+                study_uid,
+                series_uid,
+                sop_uid,
+                event.assoc.requestor.ae_title,
+            )
+            return CANNOT_UNDERSTAND
+        try:
+            self.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
+        except OSError as exc:
+            log.error("storage SCP: cannot write %s into %s: %s", sop_uid, self.root, exc)
+            return OUT_OF_RESOURCES
+        return STORED
+
+    def count(self, series_uid: str) -> int:
+        with self._lock:
+            return self.received[series_uid]
+
+
+class StorageSCP:
+    """A running storage SCP (a pynetdicom server thread); a context manager."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        aet: str,
+        port: int,
+        host: str = "127.0.0.1",
+        allowed_aets: tuple[str, ...] = (),
+    ) -> None:
+        self.spool = spool
+        self.aet = aet
+        self.port = port
+        self.host = host
+        self.allowed_aets = allowed_aets  # empty: any calling AE
+        self._server: Any = None
+
+    def start(self) -> StorageSCP:
+        from pynetdicom import AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = _ae(self.aet)
+        ae.require_called_aet = True
+        if self.allowed_aets:
+            ae.require_calling_aet = list(self.allowed_aets)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        handlers = [*_handlers(), (evt.EVT_C_STORE, self.spool.handle_store)]
+        try:
+            self._server = ae.start_server(
+                (self.host, self.port), block=False, evt_handlers=handlers
+            )
+        except OSError as exc:
+            from pipelines.pacs.errors import PacsError
+
+            raise PacsError(
+                f"the storage SCP cannot listen on {self.host}:{self.port}: {exc.strerror or exc} "
+                "(another program uses the port? set retrieve.scp_port)"
+            ) from exc
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+#: Accept what the PACS stores, compressed included: the archive keeps the bytes as sent.
+ALL_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still found)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]

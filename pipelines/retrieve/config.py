@@ -1,0 +1,92 @@
+"""The PACS side of the settings, turned into the objects the steps take."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from models.settings import Settings
+from pipelines.pacs import orthanc
+from pipelines.pacs.dicomweb import DicomWebNode
+from pipelines.pacs.dimse import PacsNode
+from pipelines.retrieve.engine import RetrieveTarget
+from pipelines.retrieve.throttle import RetrievePolicy, Window
+
+
+def own_orthanc(settings: Settings) -> orthanc.OrthancConfig:
+    """The project's own Orthanc: under $COHORTFLOW_HOME/orthanc, knowing cohortflow's AE."""
+    o = settings.orthanc
+    me = orthanc.Modality("cohortflow", settings.local_aet, "127.0.0.1", settings.retrieve.scp_port)
+    config = orthanc.OrthancConfig(
+        folder=settings.home / "orthanc",
+        http_port=o.http_port,
+        dicom_port=o.dicom_port,
+        aet=o.aet,
+        username=o.username,
+        modalities=(me,),
+    )
+    if o.password is not None:
+        config = replace(config, password=o.password.get_secret_value())
+    return config
+
+
+def pacs_node(settings: Settings) -> PacsNode:
+    if settings.pacs is not None:
+        return PacsNode(settings.pacs.aet, settings.pacs.host, settings.pacs.port)
+    return PacsNode(settings.orthanc.aet, settings.orthanc.host, settings.orthanc.dicom_port)
+
+
+def _own_password(folder: Path) -> str | None:
+    """The password the running own Orthanc was started with (its configuration file)."""
+    try:
+        data: dict[str, Any] = json.loads((folder / "orthanc.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    users = data.get("RegisteredUsers") or {}
+    return next(iter(users.values()), None)
+
+
+def dicomweb_node(settings: Settings) -> DicomWebNode | None:
+    p = settings.pacs
+    if p is not None:
+        if not p.dicomweb_url:
+            return None
+        secret = p.dicomweb_password.get_secret_value() if p.dicomweb_password else None
+        return DicomWebNode(p.dicomweb_url, p.dicomweb_username, secret)
+    o = settings.orthanc
+    password = (
+        o.password.get_secret_value() if o.password else _own_password(settings.home / "orthanc")
+    )
+    return DicomWebNode(f"http://{o.host}:{o.http_port}/dicom-web", o.username, password)
+
+
+def retrieve_target(settings: Settings, method: str | None = None) -> RetrieveTarget:
+    r = settings.retrieve
+    method = method or r.method
+    return RetrieveTarget(
+        node=pacs_node(settings),
+        local_aet=settings.local_aet,
+        method=method,
+        scp_host=r.scp_host,
+        scp_port=r.scp_port,
+        dicomweb=dicomweb_node(settings) if method == "dicomweb" else None,
+        timeout=r.timeout_seconds,
+    )
+
+
+def retrieve_policy(settings: Settings, **overrides: Any) -> RetrievePolicy:
+    r = settings.retrieve
+    values: dict[str, Any] = {
+        "max_associations": r.max_associations,
+        "studies_per_hour": r.studies_per_hour,
+        "windows": r.windows,
+        "outside_window": r.outside_window,
+        "retries": r.retries,
+        "backoff_seconds": r.backoff_seconds,
+        "backoff_max_seconds": r.backoff_max_seconds,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["windows"] = tuple(Window.parse(w) for w in values["windows"])
+    return RetrievePolicy(**values)

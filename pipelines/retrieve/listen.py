@@ -1,0 +1,91 @@
+"""Receive a pushed stream (the ImageVU way): a storage SCP whose spool is ingested when quiet.
+
+Instances land in the spool as they arrive; once none arrived for ``idle_seconds`` (a study is
+usually pushed in one burst), the spool is ingested with ``--move`` into one batch. Stopping
+(SIGINT / SIGTERM, or ``seconds``) ingests what is left first, and anything a crash left in the
+spool is ingested at the next start.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.database import IndexDB
+from models.scanners import KnownScanners
+from pipelines.ingest import engine as ingest_engine
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.pacs.scp import Spool, StorageSCP
+
+
+@dataclass(frozen=True)
+class ListenOutcome:
+    batch: str
+    received: int
+    ingested: int
+    ingest_runs: int
+    seconds: float
+
+
+def listen(
+    index: IndexDB,
+    store: ArchiveStore,
+    scanners: KnownScanners,
+    spool_root: Path,
+    *,
+    aet: str,
+    host: str,
+    port: int,
+    batch: str,
+    idle_seconds: float = 5.0,
+    seconds: float | None = None,
+    stop: threading.Event | None = None,
+    on_ingest: Callable[[int], None] | None = None,
+) -> ListenOutcome:
+    """Run the storage SCP until ``stop`` is set, a signal arrives, or ``seconds`` pass."""
+    started = time.monotonic()
+    stop = stop or threading.Event()
+    spool = Spool(spool_root)
+    ingested = runs = 0
+
+    def flush() -> None:
+        nonlocal ingested, runs
+        if not any(spool.root.iterdir()):
+            return
+        outcome = ingest_engine.ingest(
+            [spool.root], index, store, scanners, batch=batch, workers=1, move=True
+        )
+        spool.prune()
+        ingested += outcome.seen
+        runs += 1
+        if on_ingest is not None:
+            on_ingest(outcome.seen)
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        flush()  # what the last run left behind
+        with StorageSCP(spool, aet, port, host):
+            while not stop.wait(0.2):
+                if seconds is not None and time.monotonic() - started >= seconds:
+                    break
+                quiet = time.monotonic() - spool.last_received
+                if spool.last_received and quiet >= idle_seconds:
+                    mark = spool.last_received
+                    flush()
+                    if spool.last_received == mark:  # nothing arrived meanwhile
+                        spool.last_received = 0.0
+        flush()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return ListenOutcome(
+        batch, sum(spool.received.values()), ingested, runs, round(time.monotonic() - started, 1)
+    )
