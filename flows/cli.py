@@ -457,15 +457,16 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.prefect_env import configure_prefect
 
     configure_prefect(settings.home)
-    from flows.report import print_batch_report, print_summary, summary_json
+    from flows.report import print_protocol_runs, print_summary, summary_json
     from flows.synth_flow import demo_flow
 
     out = settings.home / "demo" / "cohort"
     err.print(
         f"demo: generating {args.studies} studies into {out} (head model cached in "
-        f"{settings.cache}; the first run builds it, about a minute)"
+        f"{settings.cache}; the first run builds it, about a minute), loading them into the "
+        "project's own Orthanc, then selecting and retrieving each brain protocol"
     )
-    summary, report = demo_flow(
+    summary, runs = demo_flow(
         out_dir=out,
         cache_dir=settings.cache,
         studies=args.studies,
@@ -476,13 +477,17 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         _emit(
             args,
-            {"out": str(out), **summary_json(summary), "ingest": report.model_dump(mode="json")},
+            {
+                "out": str(out),
+                **summary_json(summary),
+                "protocols": [{**asdict(sel), **asdict(ret)} for sel, ret in runs],
+            },
         )
     else:
         console = Console()
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
-        print_batch_report(report, console)
-    return EXIT_OK
+        print_protocol_runs(runs, console)
+    return EXIT_OK if all(ret.state == "complete" for _, ret in runs) else EXIT_FAILURES
 
 
 def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:

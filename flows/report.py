@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from models.ingest import BatchReport, VerifyReport
-from pipelines.retrieve.engine import RetrieveOutcome
+from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
 from pipelines.select.query import SelectionResult
 from pipelines.synth.summary import CohortSummary
+
+if TYPE_CHECKING:
+    from flows.protocol_flow import SelectionSummary
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
@@ -265,3 +269,28 @@ def print_retrieval(outcome: RetrieveOutcome, console: Console) -> None:
     )
     if outcome.message:
         console.print(f"[yellow]{outcome.state}:[/yellow] {outcome.message}; rerun to resume")
+
+
+def print_protocol_runs(
+    runs: Sequence[tuple[SelectionSummary, RetrieveSummary]], console: Console
+) -> None:
+    table = Table(title="selection and retrieval per protocol (from the PACS into the archive)")
+    for name in (
+        "protocol",
+        "studies found",
+        "selected",
+        "series",
+        "retrieval",
+        "studies by status",
+    ):
+        table.add_column(name)
+    for sel, ret in runs:
+        table.add_row(
+            sel.protocol,
+            str(sel.studies_found),
+            str(sel.studies_selected),
+            str(sel.series_selected),
+            ret.state,
+            ", ".join(f"{v} {k}" for k, v in ret.by_status.items()) or "-",
+        )
+    console.print(table)

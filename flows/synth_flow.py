@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.ingest_flow import ingest_flow
-from models.ingest import BatchReport
-from models.synth import CohortTruth, SynthConfig
-from pipelines.synth.cohort import generate
-from pipelines.synth.summary import CohortSummary, summarize, write_manifest
+from flows.protocol_flow import (
+    SelectionSummary,
+    load_into_pacs,
+    protocol_flow,
+    start_own_pacs,
+    stop_own_pacs,
+)
+from models.synth import SynthConfig
+from pipelines.retrieve.engine import RetrieveSummary
+from pipelines.synth.cohort import BRAIN_PROTOCOLS, generate
+from pipelines.synth.summary import CohortSummary, summarize
+
+#: The synthetic cohort's studies all lie in this range.
+EVERY_DATE = (dt.date(1990, 1, 1), dt.date(2030, 12, 31))
 
 
 @task(name="generate-synthetic-cohort")
@@ -33,12 +43,6 @@ def publish_summary(summary: CohortSummary) -> None:
     )
 
 
-@task(name="write-manifest")
-def write_delivery_manifest(out_dir: Path) -> Path:
-    truth = CohortTruth.model_validate_json((out_dir / "ground_truth.json").read_text("utf-8"))
-    return write_manifest(truth, out_dir / "manifest.csv", undelivered=True)
-
-
 @flow(name="cohortflow-demo")
 def demo_flow(
     out_dir: Path,
@@ -47,16 +51,21 @@ def demo_flow(
     seed: int = 0,
     workers: int = 2,
     config: Path | None = None,
-) -> tuple[CohortSummary, BatchReport]:
-    """Generate a small synthetic clinical cohort, ingest it as a delivery, report both.
+) -> tuple[CohortSummary, list[tuple[SelectionSummary, RetrieveSummary]]]:
+    """Generate a synthetic clinical cohort, load it into the project's own PACS (Orthanc), then
+    select and retrieve each brain protocol from it into the archive, as a hospital run would.
 
-    The manifest lists one study the delivery lacks, so the accounting shows a missing study.
     Later capabilities extend this flow until it runs the whole mission on the cohort.
     """
     summary = generate_cohort(SynthConfig(studies=studies, seed=seed), out_dir, cache_dir, workers)
     publish_summary(summary)
-    manifest = write_delivery_manifest(out_dir)
-    report = ingest_flow(
-        [out_dir / "dicom"], batch=f"demo-seed{seed}", manifest=manifest, config=config
-    )
-    return summary, report
+    started = start_own_pacs(config)
+    try:
+        load_into_pacs(out_dir / "dicom", config)
+        runs = []
+        for protocol in BRAIN_PROTOCOLS:
+            runs.append(protocol_flow(protocol, *EVERY_DATE, config=config))
+    finally:
+        if started:
+            stop_own_pacs(config)
+    return summary, runs

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from flows.prefect_env import configure_prefect
-from pipelines.synth.summary import UNDELIVERED_ACCESSION
+from models.synth import CohortTruth
+from pipelines.pacs import orthanc
+from tests.ingest_helpers import free_port
 
 
 @pytest.mark.integration
@@ -15,27 +18,32 @@ def test_demo_flow_runs_in_prefect(
 ) -> None:
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    for name in ("ORTHANC__HTTP_PORT", "ORTHANC__DICOM_PORT", "RETRIEVE__SCP_PORT"):
+        monkeypatch.setenv(f"COHORTFLOW_{name}", str(free_port()))
     configure_prefect(tmp_path)
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.synth_flow import demo_flow
 
     with prefect_test_harness():
-        summary, report = demo_flow(
-            out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=2, seed=5, workers=1
+        # seed 6: an ms, a dementia, an open and a knee study
+        summary, runs = demo_flow(
+            out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=4, seed=6, workers=1
         )
-    assert summary.studies == 2
+    assert summary.studies == 4
     assert (tmp_path / "cohort" / "ground_truth.json").is_file()
-    assert sum(summary.faults.values()) >= 1
-    # the generated delivery was ingested, chunk by chunk, and accounted for
-    assert report.files == summary.files
-    assert report.studies == summary.studies and report.state == "complete"
-    missing = [line for line in report.manifest_lines if line.status == "missing"]
-    assert [line.accession_number for line in missing] == [UNDELIVERED_ACCESSION]
-    assert report.manifest == "incomplete"
+    truth = CohortTruth.model_validate_json((tmp_path / "cohort" / "ground_truth.json").read_text())
+    by_protocol = Counter(st.protocol for p in truth.patients for st in p.studies)
+    assert [sel.protocol for sel, _ in runs] == ["dementia", "ms", "open"]
+    for selection, retrieval in runs:
+        # each protocol's studies were selected from the PACS and retrieved completely
+        assert selection.studies_selected == by_protocol[selection.protocol]
+        assert retrieval.state == "complete"
+        assert retrieval.by_status.get("complete", 0) == by_protocol[selection.protocol]
     assert (tmp_path / "home" / "index.sqlite").is_file()
-    archived = list((tmp_path / "home" / "archive" / "blobs").rglob("*"))
-    assert sum(p.is_file() for p in archived) == report.new_content
+    assert any((tmp_path / "home" / "archive" / "blobs").rglob("*"))
+    # the demo stopped the PACS it started
+    assert orthanc.running_pid(tmp_path / "home" / "orthanc") is None
 
 
 def test_prefect_home_is_created_with_its_parents(
@@ -46,3 +54,24 @@ def test_prefect_home_is_created_with_its_parents(
     monkeypatch.delenv("PREFECT_HOME", raising=False)
     configure_prefect(tmp_path / "not" / "yet")
     assert (tmp_path / "not" / "yet" / "prefect").is_dir()
+
+
+def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
+    """prefect.yaml: one deployment per protocol, each entrypoint importable and its
+    parameters accepted by the flow's schema (enforce_parameter_schema is on)."""
+    import importlib
+
+    import yaml
+
+    from pipelines.select.protocols import load_protocols
+
+    spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text("utf-8"))
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(load_protocols().protocols) <= set(deployments)
+    for name, deployment in deployments.items():
+        module, _, attribute = deployment["entrypoint"].partition(":")
+        flow = getattr(
+            importlib.import_module(module.removesuffix(".py").replace("/", ".")), attribute
+        )
+        flow.validate_parameters(deployment.get("parameters", {}))
+        assert deployment["enforce_parameter_schema"] is True, name

@@ -429,3 +429,31 @@ def retrieve(
         round(throttle.waited_seconds, 1),
         message,
     )
+
+
+@dataclass(frozen=True)
+class RetrieveSummary:
+    """Counts only (no identifier): what flows return and publish."""
+
+    selection_id: int
+    method: str
+    state: str
+    studies: int
+    by_status: dict[str, int]
+    seconds: float
+    associations_peak: int
+    message: str
+
+    @classmethod
+    def of(cls, outcome: RetrieveOutcome) -> RetrieveSummary:
+        statuses = sorted({s.status for s in outcome.studies})
+        return cls(
+            outcome.selection_id,
+            outcome.method,
+            outcome.state,
+            len(outcome.studies),
+            {s: outcome.count(s) for s in statuses},
+            outcome.seconds,
+            outcome.associations_peak,
+            outcome.message,
+        )
