@@ -28,6 +28,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/synth.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/retrieve.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,8 @@
    method, so that neither the order nor a cold cache makes the figures.
 
 Every retrieval must end "complete" (else the problems are printed and the exit status is 1).
-Without ``--work`` everything is written to a temporary folder that is removed at the end.
+Without ``--work`` everything is written to a temporary folder, removed at the end unless the
+benchmark failed (then its path is printed: the Orthanc log is in it).
 Prints its figures last, one ``name: value`` a line.
 """
 
@@ -164,21 +165,24 @@ def main() -> None:
         )
         sys.exit(2)
 
+    temporary = args.work is None
     if args.work is None:
-        temporary = tempfile.TemporaryDirectory(prefix="cohortflow-retrieve-")
-        work = Path(temporary.name)
+        work = Path(tempfile.mkdtemp(prefix="cohortflow-retrieve-"))
     else:
-        temporary = None
         work = args.work.resolve()
         for stale in ("cohort", "orthanc", "runs"):  # this benchmark's own folders only
             shutil.rmtree(work / stale, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
     cache = args.cache or Path(os.environ.get("COHORTFLOW_TEST_CACHE") or work / "cache")
+    code = 1
     try:
         code, figures = _benchmark(work, cache, n, rounds)
     finally:
-        if temporary is not None:
-            temporary.cleanup()
+        if temporary and code == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        elif temporary:
+            # a failure keeps the Orthanc log and the runs' indexes for a person to look at
+            print(f"work folder kept: {work} (orthanc/orthanc.log)", file=sys.stderr)
     if code:
         sys.exit(code)
     for name, value in figures.items():

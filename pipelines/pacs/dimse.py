@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ ACSE_TIMEOUT = 30.0
 DIMSE_TIMEOUT = 60.0
 NETWORK_TIMEOUT = 60.0
 SUCCESS = 0x0000
+#: New storage associations after one died (a dropped response times out and aborts it).
+STORE_RECONNECTS = 3
+#: Times a query is asked again after pynetdicom lost one of its responses.
+QUERY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,7 @@ def echo(node: PacsNode, local_aet: str) -> None:
 
     ae = _ae(local_aet)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(
-        node.host, node.port, ae_title=node.aet, evt_handlers=_handlers()
-    )
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
     if not assoc.is_established:
         raise PacsUnavailableError(f"{node} refused or did not answer the association")
     try:
@@ -124,38 +127,95 @@ def store_files(
         raise PacsError(f"{len(contexts)} SOP class / transfer syntax pairs: more than 128")
     if not sendable:
         return result
+    queue = deque(sendable)
+    reconnects = 0
+    while queue:
+        assoc = _associate_storage(node, local_aet, contexts)
+        try:
+            while queue:
+                path, _sop, syntax = queue[0]
+                try:
+                    ds = pydicom.dcmread(path, force=True)
+                    if (
+                        not getattr(ds, "file_meta", None)
+                        or "TransferSyntaxUID" not in ds.file_meta
+                    ):
+                        ds.file_meta = ds.file_meta if ds.file_meta else FileMetaDataset()
+                        ds.file_meta.TransferSyntaxUID = UID(syntax)  # legacy: the encoding read
+                    status = assoc.send_c_store(ds)
+                except Exception as exc:  # one bad file must not stop the others
+                    queue.popleft()
+                    result.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
+                    continue
+                if not status and not assoc.is_established:
+                    break  # the association died under this file: send it again on a new one
+                queue.popleft()
+                if status and status.Status in (SUCCESS, 0xB000, 0xB007, 0xB006):
+                    result.sent += 1
+                else:
+                    code = f"0x{status.Status:04X}" if status else "no answer"
+                    result.failed.append((str(path), f"C-STORE status {code}"))
+                if progress is not None:
+                    progress(1)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if queue:
+            reconnects += 1
+            if reconnects > STORE_RECONNECTS:
+                raise PacsUnavailableError(
+                    f"{node} dropped the storage association {reconnects} times; "
+                    f"{len(queue)} files not sent"
+                )
+            log.warning("%s dropped the storage association; reconnecting", node)
+    return result
+
+
+def _associate_storage(node: PacsNode, local_aet: str, contexts: Sequence[tuple[str, str]]) -> Any:
     ae = _ae(local_aet)
     for sop, syntax in contexts:
         ae.add_requested_context(sop, [syntax])
-    assoc = ae.associate(
-        node.host, node.port, ae_title=node.aet, evt_handlers=_handlers()
-    )
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
     if not assoc.is_established:
         raise PacsUnavailableError(f"{node} refused or did not answer the storage association")
-    try:
-        for path, _sop, syntax in sendable:
-            try:
-                ds = pydicom.dcmread(path, force=True)
-                if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-                    ds.file_meta = ds.file_meta if ds.file_meta else FileMetaDataset()
-                    ds.file_meta.TransferSyntaxUID = UID(syntax)  # legacy: the encoding read
-                status = assoc.send_c_store(ds)
-            except Exception as exc:  # one bad file must not stop the others
-                result.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
-                continue
-            if status and status.Status in (SUCCESS, 0xB000, 0xB007, 0xB006):
-                result.sent += 1
-            else:
-                code = f"0x{status.Status:04X}" if status else "no answer"
-                result.failed.append((str(path), f"C-STORE status {code}"))
-            if progress is not None:
-                progress(1)
-            if not assoc.is_established:
-                raise PacsUnavailableError(f"{node} dropped the association during storage")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return result
+    return assoc
+
+
+class LostResponseError(PacsError):
+    """pynetdicom dropped a response of the PACS (see ``_LostResponses``)."""
+
+
+class _LostResponses(logging.Handler):
+    """Counts, per association, the responses pynetdicom 3.0.4 drops.
+
+    Its association thread (the "reactor") can take a response off the queue just before
+    ``send_c_*()`` reads it, and then discards it with "Received unexpected ... service message"
+    (a race; pynetdicom issue #875, seen here about once in a few thousand messages from a fast
+    PACS). A lost C-FIND match would silently shorten a selection, so queries watch this count
+    and are asked again when it moves. The warning is logged by the association's own thread.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[int] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Received unexpected") and record.thread is not None:
+            self.counts[record.thread] += 1
+
+    def count(self, assoc: Any) -> int:
+        return self.counts.get(assoc.ident, 0) if assoc.ident is not None else 0
+
+
+_LOST = _LostResponses()
+
+
+def _watch_lost_responses() -> None:
+    logger = logging.getLogger("pynetdicom.association")
+    if _LOST not in logger.handlers:
+        logger.addHandler(_LOST)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)  # the warning must be made to be counted
 
 
 # --- query / retrieve --------------------------------------------------------------------------
@@ -252,6 +312,7 @@ class Session:
     def __enter__(self) -> Session:
         from pynetdicom import StoragePresentationContexts, build_role, evt
 
+        _watch_lost_responses()
         ae = _ae(self.local_aet)
         ae.dimse_timeout = self.timeout
         for uid in self.contexts:
@@ -285,7 +346,28 @@ class Session:
         self.assoc = None
 
     def find(self, level: str, keys: dict[str, Any], keywords: Sequence[str]) -> list[Attributes]:
-        """C-FIND (Study Root) at ``level``; returns the asked keywords of every match."""
+        """C-FIND (Study Root) at ``level``; returns the asked keywords of every match.
+
+        Asked again (at most ``QUERY_ATTEMPTS`` times) when pynetdicom lost a response.
+        """
+        for attempt in range(1, QUERY_ATTEMPTS + 1):
+            before = _LOST.count(self.assoc)
+            found = self._find_once(level, keys, keywords)
+            if _LOST.count(self.assoc) == before:
+                return found
+            log.warning(
+                "C-FIND %s on %s lost a response (attempt %d); asking again",
+                level,
+                self.node,
+                attempt,
+            )
+        raise LostResponseError(
+            f"C-FIND {level} on {self.node}: responses were lost {QUERY_ATTEMPTS} times"
+        )
+
+    def _find_once(
+        self, level: str, keys: dict[str, Any], keywords: Sequence[str]
+    ) -> list[Attributes]:
         found: list[Attributes] = []
         status = None
         for status, identifier in self.assoc.send_c_find(_query(level, keys, keywords), FIND_MODEL):
