@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -173,7 +173,9 @@ def _assert_archive_matches_pacs(pacs: Pacs, index: IndexDB, selection_ids: list
     return len({se.study_instance_uid for se in chosen})
 
 
-def test_selection_matches_ground_truth_for_every_protocol(pacs: Pacs) -> None:
+def test_selection_matches_ground_truth_for_every_protocol(
+    pacs: Pacs, capsys: pytest.CaptureFixture[str]
+) -> None:
     protocols = load_protocols()
     lines = []
     for name in EXPECTED_KINDS:
@@ -193,7 +195,8 @@ def test_selection_matches_ground_truth_for_every_protocol(pacs: Pacs) -> None:
             f"{studies} / {len(truth)}; precision {precision:.1%}, recall {recall:.1%}"
         )
         assert truth and got == truth, name
-    print("\nselection vs ground truth\n" + "\n".join(lines))
+    with capsys.disabled():  # the figures belong in every test log, not only on failure
+        print("\nselection vs ground truth\n" + "\n".join(lines))
 
 
 def test_dry_run_explains_every_series(
@@ -262,8 +265,9 @@ def test_other_methods_retrieve_completely(
     _assert_archive_matches_pacs(pacs, index, ids[:1])
 
 
+@pytest.mark.parametrize("method", ["move", "get"])
 def test_killing_the_pacs_mid_retrieval_then_rerunning_completes_without_duplicates(
-    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path
+    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path, method: str
 ) -> None:
     ids = _select_all(pacs, index)
     with index.session() as session:
@@ -284,7 +288,7 @@ def test_killing_the_pacs_mid_retrieval_then_rerunning_completes_without_duplica
         if received == kill_at:
             os.kill(process.pid, signal.SIGKILL)
 
-    first = _retrieve(pacs, index, scanners, tmp_path, ids[0], on_instance=kill_midway)
+    first = _retrieve(pacs, index, scanners, tmp_path, ids[0], method, on_instance=kill_midway)
     process.wait(10)
     assert first.state == "stopped" and "unavailable" in first.message
     assert first.count("complete") >= 1 and first.count("pending") >= 1
@@ -306,7 +310,7 @@ def test_killing_the_pacs_mid_retrieval_then_rerunning_completes_without_duplica
     assert partial, "the kill should leave a series half received"
     pacs.server.process = None
     pacs.server.start()  # same storage: the PACS comes back with everything
-    second = _retrieve(pacs, index, scanners, tmp_path, ids[0])
+    second = _retrieve(pacs, index, scanners, tmp_path, ids[0], method)
     assert second.state == "complete", second
     assert {s.status for s in second.studies} <= {"complete", "already"}
     assert second.count("already") == first.count("complete")
@@ -325,8 +329,9 @@ def test_association_limit_is_respected(
     assert outcome.state == "complete" and 1 <= three.peak <= 3
 
 
+@pytest.mark.parametrize("method", ["move", "dicomweb"])
 def test_deleted_study_and_incomplete_series_are_reported_not_complete(
-    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path
+    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path, method: str
 ) -> None:
     ids = _select_all(pacs, index)
     with index.session() as session:
@@ -339,7 +344,7 @@ def test_deleted_study_and_incomplete_series_are_reported_not_complete(
     )
     deleted_orthanc_ids = _delete(pacs, gone_study, other)
     try:
-        outcome = _retrieve(pacs, index, scanners, tmp_path, ids[1])
+        outcome = _retrieve(pacs, index, scanners, tmp_path, ids[1], method)
     finally:
         _restore(pacs, deleted_orthanc_ids)
     assert outcome.state == "failures"
@@ -358,7 +363,9 @@ def test_deleted_study_and_incomplete_series_are_reported_not_complete(
     assert states[other.series_instance_uid].status == "incomplete"
     assert "of" in (states[other.series_instance_uid].reason or "")
     # back in the PACS: the rerun fetches only what is missing
-    second = _retrieve(pacs, index, scanners, tmp_path, ids[1])
+    arrived: list[Received] = []
+    second = _retrieve(pacs, index, scanners, tmp_path, ids[1], method, on_instance=arrived.append)
+    assert len([r for r in arrived if r.series_uid == other.series_instance_uid]) == 1
     assert second.state == "complete"
     _assert_archive_matches_pacs(pacs, index, ids[1:2])
 
@@ -456,3 +463,62 @@ def _delete(pacs: Pacs, study_uid: str, series: repo.ChosenSeries) -> list[tuple
 def _restore(pacs: Pacs, saved: list[tuple[str, bytes]]) -> None:
     for _id, data in saved:
         pacs.server.post_bytes("/instances", data)
+
+
+def test_a_refused_association_stops_the_run_with_the_reason(
+    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path
+) -> None:
+    ids = _select_all(pacs, index)
+    stranger = replace(pacs.target(), local_aet="INTRUDER")  # an AE the PACS does not know
+    outcome = retrieve(
+        index,
+        ArchiveStore(tmp_path / "archive"),
+        scanners,
+        ids[2],
+        stranger,
+        Throttle(FAST_RETRY),
+        tmp_path / "spool",
+    )
+    assert outcome.state == "stopped" and "rejected the association" in outcome.message
+    assert outcome.studies[0].status == "failed" and outcome.studies[0].attempts == 2
+    assert {s.status for s in outcome.studies[1:]} == {"pending"}
+    with index.session() as session:
+        states = repo.retrieval_states(
+            session, [se.series_instance_uid for se in repo.chosen_series(session, ids[2])]
+        )
+    assert all(st.status != "complete" for st in states.values())
+
+
+def test_a_pacs_that_stops_answering_mid_transfer_times_out_and_resumes(
+    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path
+) -> None:
+    ids = _select_all(pacs, index)
+    process = pacs.server.process
+    assert process is not None
+    received = 0
+
+    def freeze(_item: Received) -> None:
+        nonlocal received
+        received += 1
+        if received == 100:
+            os.kill(process.pid, signal.SIGSTOP)  # alive, holding its sockets, silent
+
+    hung = replace(pacs.target(), timeout=2.0)
+    try:
+        first = retrieve(
+            index,
+            ArchiveStore(tmp_path / "archive"),
+            scanners,
+            ids[2],
+            hung,
+            Throttle(FAST_RETRY),
+            tmp_path / "spool",
+            on_instance=freeze,
+        )
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    assert first.state == "stopped"
+    assert "timed out" in first.message or "did not answer" in first.message
+    second = _retrieve(pacs, index, scanners, tmp_path, ids[2])
+    assert second.state == "complete"
+    _assert_archive_matches_pacs(pacs, index, ids[2:3])

@@ -315,6 +315,8 @@ class Session:
         _watch_lost_responses()
         ae = _ae(self.local_aet)
         ae.dimse_timeout = self.timeout
+        ae.acse_timeout = min(ACSE_TIMEOUT, self.timeout)
+        ae.network_timeout = max(NETWORK_TIMEOUT, self.timeout)
         for uid in self.contexts:
             ae.add_requested_context(uid)
         roles = []

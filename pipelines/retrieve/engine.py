@@ -137,66 +137,80 @@ class _Run:
         with self.index.session() as session:
             return repo.archived_counts(session, [s.series_instance_uid for s in series])
 
-    def missing_sops(self, series: ChosenSeries, on_pacs: Sequence[str]) -> list[str]:
+    def missing_sops(self, pacs: Session, se: ChosenSeries) -> list[str]:
+        """The instances of a partly archived series that the PACS has and the archive lacks."""
+        keys = {
+            "StudyInstanceUID": se.study_instance_uid,
+            "SeriesInstanceUID": se.series_instance_uid,
+        }
+        on_pacs = [str(a["SOPInstanceUID"]) for a in pacs.find("IMAGE", keys, ["SOPInstanceUID"])]
         with self.index.session() as session:
-            have = repo.archived_sops(session, series.series_instance_uid)
+            have = repo.archived_sops(session, se.series_instance_uid)
         return [sop for sop in on_pacs if sop not in have]
 
     # --- the PACS side -------------------------------------------------------------------
 
     def fetch(self, todo: Sequence[ChosenSeries], archived: dict[str, int]) -> dict[str, str]:
-        """Fetch what is missing of ``todo``; returns per series a problem, if any."""
-        problems: dict[str, str] = {}
+        """Fetch what is missing of ``todo`` (the caller holds one association slot; the
+        associations opened here follow one another). Returns per series a problem, if any."""
         t = self.target
+        partial = [se for se in todo if archived.get(se.series_instance_uid)]
         if t.method == "dicomweb":
-            assert t.dicomweb is not None
-            for se in todo:
-                partial = self._partial_sops_dicomweb(se, archived)
-                got = dicomweb.retrieve_series(
-                    t.dicomweb, se.study_instance_uid, se.series_instance_uid, self.spool, partial
-                )
-                if got == 0:
-                    problems[se.series_instance_uid] = "gone?"
-            return problems
+            missing: dict[str, list[str]] = {}
+            if partial:
+                with Session(t.node, t.local_aet, query_contexts("find")) as pacs:
+                    missing = {
+                        se.series_instance_uid: self.missing_sops(pacs, se) for se in partial
+                    }
+            return self._web_fetch(todo, missing)
+        problems: dict[str, str] = {}
         storage = self.spool.handle_store if t.method == "get" else None
-        with Session(
-            t.node, t.local_aet, query_contexts(t.method), storage=storage, timeout=t.timeout
-        ) as pacs:
+        contexts = query_contexts(t.method)
+        with Session(t.node, t.local_aet, contexts, storage=storage, timeout=t.timeout) as pacs:
             for se in todo:
-                keys: dict[str, object] = {
-                    "StudyInstanceUID": se.study_instance_uid,
-                    "SeriesInstanceUID": se.series_instance_uid,
-                }
-                if archived.get(se.series_instance_uid):
-                    # part of it is in the archive already: ask only for the rest
-                    answers = pacs.find("IMAGE", keys, ["SOPInstanceUID"])
-                    on_pacs = [str(a["SOPInstanceUID"]) for a in answers if a["SOPInstanceUID"]]
-                    missing = self.missing_sops(se, on_pacs)
-                    if not missing:
-                        continue
-                    keys["SOPInstanceUID"] = missing
-                status: RetrieveStatus = (
-                    pacs.move(keys, t.local_aet) if t.method == "move" else pacs.get(keys)
-                )
-                if status.completed == 0 and status.failed == 0:
-                    problems[se.series_instance_uid] = "gone?"
-                elif not status.ok:
-                    problems[se.series_instance_uid] = status.message
+                # of a series that arrived in part, ask only for the rest
+                sops = self.missing_sops(pacs, se) if se in partial else None
+                problem = self._dimse_fetch(pacs, se, sops)
+                if problem:
+                    problems[se.series_instance_uid] = problem
         return problems
 
-    def _partial_sops_dicomweb(self, se: ChosenSeries, archived: dict[str, int]) -> list[str]:
-        if not archived.get(se.series_instance_uid):
-            return []
-        with Session(self.target.node, self.target.local_aet, query_contexts("find")) as pacs:
-            answers = pacs.find(
-                "IMAGE",
-                {
-                    "StudyInstanceUID": se.study_instance_uid,
-                    "SeriesInstanceUID": se.series_instance_uid,
-                },
-                ["SOPInstanceUID"],
+    def _web_fetch(
+        self, todo: Sequence[ChosenSeries], missing: dict[str, list[str]]
+    ) -> dict[str, str]:
+        assert self.target.dicomweb is not None
+        problems: dict[str, str] = {}
+        for se in todo:
+            sops = missing.get(se.series_instance_uid)
+            if sops == []:
+                continue  # the PACS has nothing the archive lacks
+            got = dicomweb.retrieve_series(
+                self.target.dicomweb,
+                se.study_instance_uid,
+                se.series_instance_uid,
+                self.spool,
+                sops or (),
             )
-        return self.missing_sops(se, [str(a["SOPInstanceUID"]) for a in answers])
+            if got == 0:
+                problems[se.series_instance_uid] = "gone?"
+        return problems
+
+    def _dimse_fetch(self, pacs: Session, se: ChosenSeries, sops: list[str] | None) -> str | None:
+        keys: dict[str, object] = {
+            "StudyInstanceUID": se.study_instance_uid,
+            "SeriesInstanceUID": se.series_instance_uid,
+        }
+        if sops is not None:
+            if not sops:
+                return None  # the PACS has nothing the archive lacks
+            keys["SOPInstanceUID"] = sops
+        t = self.target
+        status: RetrieveStatus = (
+            pacs.move(keys, t.local_aet) if t.method == "move" else pacs.get(keys)
+        )
+        if status.completed == 0 and status.failed == 0:
+            return "gone?"
+        return None if status.ok else status.message
 
     def still_on_pacs(self, se: ChosenSeries) -> bool:
         keys = {
