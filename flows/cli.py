@@ -220,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--batch", help="batch name (default: listen-YYYY-MM-DD)")
     listen.add_argument("--json", action="store_true", help="print what was received as JSON")
 
+    anonymize = sub.add_parser(
+        "anonymize",
+        help="de-identify a folder of DICOM files",
+        description="PS3.15 Annex E Basic Profile with the profile's options (keyed pseudonyms, "
+        "date shifting, UID remapping, safe private allow-list). Writes OUT_DIR/<pseudonym>/"
+        "<study>/<series>/<instance>.dcm; instances that may carry burned-in text are excluded "
+        "with a reason. The linkage is stored in the index (identified side), audited.",
+    )
+    anonymize.add_argument("source", type=Path, metavar="IN_DIR")
+    anonymize.add_argument("out", type=Path, metavar="OUT_DIR")
+    anonymize.add_argument("--profile", type=Path, help="profile file (default: the shipped one)")
+    anonymize.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -256,7 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify(args, settings, err)
         if args.command == "report":
             return _report(args, settings, err)
-        commands = {"pacs": _pacs, "select": _select, "retrieve": _retrieve, "listen": _listen}
+        commands = {
+            "pacs": _pacs,
+            "select": _select,
+            "retrieve": _retrieve,
+            "listen": _listen,
+            "anonymize": _anonymize,
+        }
         if args.command in commands:
             return commands[args.command](args, settings, err)
     except ConfigurationError as exc:
@@ -633,6 +652,54 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     else:
         err.print(f"received {outcome.received} instances; {outcome.ingested} files ingested")
     return EXIT_OK
+
+
+def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.linkage import record_linkage
+    from pipelines.anonymize.deidentify import Deidentifier
+    from pipelines.anonymize.files import anonymize_folder
+    from pipelines.anonymize.keys import ProjectKey
+    from pipelines.anonymize.profile import load_profile
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
+        return EXIT_USAGE
+    assert settings.pseudonym_key_source is not None
+    key = ProjectKey.load(settings.pseudonym_key_source)
+    deidentifier = Deidentifier(load_profile(args.profile), key)
+    with _progress(err, f"de-identifying {args.source}") as bar:
+        task = bar.add_task("anonymize", total=None)
+        report = anonymize_folder(
+            args.source, args.out, deidentifier, progress=lambda n: bar.advance(task, n)
+        )
+    with _open_index(settings) as index, index.session() as session:
+        new = record_linkage(session, list(report.linkage.values()), key.source)
+    payload = {
+        "written": report.written,
+        "patients": len(report.linkage),
+        "new_linkage": new,
+        "profile": deidentifier.profile.name,
+        "standard_edition": deidentifier.profile.table.edition,
+        "excluded": [asdict(o) for o in report.excluded],
+        "skipped": [asdict(o) for o in report.skipped],
+        "failed": [asdict(o) for o in report.failed],
+    }
+    if args.json:
+        _emit(args, payload)
+    else:
+        console = Console()
+        console.print(
+            f"{report.written} files de-identified into {args.out} ({len(report.linkage)} "
+            f"patients, profile {deidentifier.profile.name}, PS3.15 "
+            f"{deidentifier.profile.table.edition})"
+        )
+        for kind in ("excluded", "skipped", "failed"):
+            for outcome in getattr(report, kind):
+                console.print(f"{kind}: {outcome.source}: {outcome.reason}")
+    return EXIT_FAILURES if report.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -249,3 +249,16 @@ class VerifyReport(BaseModel):
     @property
     def failed(self) -> bool:
         return bool(self.changed or self.missing or self.unreadable)
+
+
+def patient_key(
+    patient_id: str | None, issuer: str | None, name: str | None, birth_date: str | None
+) -> str:
+    """The identity of a patient as the index and the pseudonyms key it: ``id^issuer``.
+
+    Without a PatientID (legacy and hand-made files): name and birth date, rather than merging
+    every such patient into one.
+    """
+    if patient_id:
+        return f"{patient_id}^{issuer or ''}"
+    return f"^^{name or ''}^{birth_date or ''}"

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Table, and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
-from models.ingest import FileRecord, FileStatus, InstanceHeader
+from models.ingest import FileRecord, FileStatus, InstanceHeader, patient_key
 from models.scanners import KnownScanners
 from models.schema import (
     Batch,
@@ -178,11 +178,7 @@ def copy_files(session: Session, batch_id: int, rows: Sequence[KnownFile]) -> No
 
 
 def _patient_key(h: InstanceHeader) -> str:
-    if h.patient_id:
-        return f"{h.patient_id}^{h.issuer_of_patient_id or ''}"
-    # No PatientID (legacy and hand-made files): name and birth date, rather than merging every
-    # such patient into one row.
-    return f"^^{h.patient_name or ''}^{h.patient_birth_date or ''}"
+    return patient_key(h.patient_id, h.issuer_of_patient_id, h.patient_name, h.patient_birth_date)
 
 
 def _date(text: str | None) -> dt.date | None:

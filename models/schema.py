@@ -273,3 +273,29 @@ class Retrieval(Base):
     reason_code: Mapped[str | None] = mapped_column(String(40))
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Linkage(Base):
+    """Identified side only, never exported: which pseudonym and date offset a patient got."""
+
+    __tablename__ = "linkage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_key: Mapped[str] = mapped_column(Text, unique=True)
+    pseudonym: Mapped[str] = mapped_column(String(32), unique=True)
+    date_offset_days: Mapped[int] = mapped_column(Integer)
+    #: the project key's source (file or variable name, never the key) and the profile used
+    key_source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Who did what, when: linkage written or read, exports, reviews."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    detail: Mapped[str] = mapped_column(Text)

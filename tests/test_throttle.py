@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import logging
 import threading
 import time
 
@@ -143,39 +142,3 @@ def test_multipart_parts_are_split_exactly() -> None:
     )
     with pytest.raises(PacsError, match="not multipart"):
         split_multipart(body, "application/dicom")
-
-
-def test_a_query_whose_response_pynetdicom_dropped_is_asked_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """pynetdicom 3.0.4 can drop a C-FIND response (its reactor races send_c_find and logs
-    "Received unexpected C-FIND service message" from the association's thread): the match
-    would be lost silently, so the query is asked again."""
-    from types import SimpleNamespace
-
-    from pipelines.pacs import dimse
-
-    session = dimse.Session(dimse.PacsNode("PACS", "127.0.0.1", 104), "ME", [])
-    session.assoc = SimpleNamespace(ident=threading.get_ident())
-    dimse._watch_lost_responses()
-    answers = iter([[{"StudyInstanceUID": "1.2"}], [{"StudyInstanceUID": "1.2"}, {"x": "1.3"}]])
-    calls = []
-
-    def find_once(*_args: object) -> list[dict[str, object]]:
-        calls.append(1)
-        if len(calls) == 1:  # the reactor thread (here: this one) dropped a response
-            logging.getLogger("pynetdicom.association").warning(
-                "Received unexpected C-FIND service message"
-            )
-        return next(answers)
-
-    monkeypatch.setattr(session, "_find_once", find_once)
-    assert len(session.find("STUDY", {}, ["StudyInstanceUID"])) == 2 and len(calls) == 2
-
-    def always_lost(*_args: object) -> list[dict[str, object]]:
-        logging.getLogger("pynetdicom.association").warning("Received unexpected C-FIND x")
-        return []
-
-    monkeypatch.setattr(session, "_find_once", always_lost)
-    with pytest.raises(dimse.LostResponseError, match="lost 3 times"):
-        session.find("STUDY", {}, ["StudyInstanceUID"])

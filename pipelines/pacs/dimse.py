@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import Counter, deque
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,6 @@ NETWORK_TIMEOUT = 60.0
 SUCCESS = 0x0000
 #: New storage associations after one died (a dropped response times out and aborts it).
 STORE_RECONNECTS = 3
-#: Times a query is asked again after pynetdicom lost one of its responses.
-QUERY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,7 @@ def echo(node: PacsNode, local_aet: str) -> None:
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
     if not assoc.is_established:
         raise PacsUnavailableError(f"{node} refused or did not answer the association")
+    _guard_reactor(assoc)
     try:
         status = assoc.send_c_echo()
         if not status or status.Status != SUCCESS:
@@ -178,44 +178,30 @@ def _associate_storage(node: PacsNode, local_aet: str, contexts: Sequence[tuple[
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
     if not assoc.is_established:
         raise PacsUnavailableError(f"{node} refused or did not answer the storage association")
-    return assoc
+    return _guard_reactor(assoc)
 
 
-class LostResponseError(PacsError):
-    """pynetdicom dropped a response of the PACS (see ``_LostResponses``)."""
+def _guard_reactor(assoc: Any) -> Any:
+    """Keep pynetdicom's association thread from taking our responses; returns ``assoc``.
 
-
-class _LostResponses(logging.Handler):
-    """Counts, per association, the responses pynetdicom 3.0.4 drops.
-
-    Its association thread (the "reactor") can take a response off the queue just before
-    ``send_c_*()`` reads it, and then discards it with "Received unexpected ... service message"
-    (a race; pynetdicom issue #875, seen here about once in a few thousand messages from a fast
-    PACS). A lost C-FIND match would silently shorten a selection, so queries watch this count
-    and are asked again when it moves. The warning is logged by the association's own thread.
+    pynetdicom 3.0.4 runs a "reactor" thread per association that polls the DIMSE queue for
+    requests from the peer. Its pause handshake with ``send_c_*()`` has a window (the reactor
+    can be between its checkpoint and the poll when a send starts), so it sometimes takes the
+    PACS's response and drops it ("Received unexpected C-FIND service message", pynetdicom issue
+    #875): a lost C-FIND match shortens a selection silently, a lost final response costs a
+    DIMSE timeout. Seen here under load about once in a few thousand messages. Our associations
+    never serve requests from the peer on the reactor (C-GET's C-STOREs are handled by the
+    thread that sent the C-GET), so the reactor is simply given nothing.
     """
+    poll = assoc.dimse.get_msg
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: Counter[int] = Counter()
+    def get_msg(block: bool = False) -> Any:
+        if threading.current_thread() is assoc:
+            return None, None
+        return poll(block)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("Received unexpected") and record.thread is not None:
-            self.counts[record.thread] += 1
-
-    def count(self, assoc: Any) -> int:
-        return self.counts.get(assoc.ident, 0) if assoc.ident is not None else 0
-
-
-_LOST = _LostResponses()
-
-
-def _watch_lost_responses() -> None:
-    logger = logging.getLogger("pynetdicom.association")
-    if _LOST not in logger.handlers:
-        logger.addHandler(_LOST)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)  # the warning must be made to be counted
+    assoc.dimse.get_msg = get_msg
+    return assoc
 
 
 # --- query / retrieve --------------------------------------------------------------------------
@@ -312,7 +298,6 @@ class Session:
     def __enter__(self) -> Session:
         from pynetdicom import StoragePresentationContexts, build_role, evt
 
-        _watch_lost_responses()
         ae = _ae(self.local_aet)
         ae.dimse_timeout = self.timeout
         ae.acse_timeout = min(ACSE_TIMEOUT, self.timeout)
@@ -339,7 +324,7 @@ class Session:
         if not assoc.is_established:
             reason = "rejected the association" if assoc.is_rejected else "did not answer"
             raise PacsUnavailableError(f"{self.node} {reason}")
-        self.assoc = assoc
+        self.assoc = _guard_reactor(assoc)
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -348,31 +333,11 @@ class Session:
         self.assoc = None
 
     def find(self, level: str, keys: dict[str, Any], keywords: Sequence[str]) -> list[Attributes]:
-        """C-FIND (Study Root) at ``level``; returns the asked keywords of every match.
-
-        Asked again (at most ``QUERY_ATTEMPTS`` times) when pynetdicom lost a response.
-        """
-        for attempt in range(1, QUERY_ATTEMPTS + 1):
-            before = _LOST.count(self.assoc)
-            found = self._find_once(level, keys, keywords)
-            if _LOST.count(self.assoc) == before:
-                return found
-            log.warning(
-                "C-FIND %s on %s lost a response (attempt %d); asking again",
-                level,
-                self.node,
-                attempt,
-            )
-        raise LostResponseError(
-            f"C-FIND {level} on {self.node}: responses were lost {QUERY_ATTEMPTS} times"
-        )
-
-    def _find_once(
-        self, level: str, keys: dict[str, Any], keywords: Sequence[str]
-    ) -> list[Attributes]:
+        """C-FIND (Study Root) at ``level``; returns the asked keywords of every match."""
         found: list[Attributes] = []
         status = None
-        for status, identifier in self.assoc.send_c_find(_query(level, keys, keywords), FIND_MODEL):
+        query = _query(level, keys, keywords)
+        for status, identifier in self.assoc.send_c_find(query, FIND_MODEL):
             if status and int(status.Status) in PENDING and identifier is not None:
                 found.append(attributes(identifier, keywords))
         if not status or int(status.Status) != SUCCESS:

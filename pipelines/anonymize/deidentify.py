@@ -1,0 +1,297 @@
+"""De-identify DICOM data sets: PS3.15 Annex E Basic Profile plus the profile's options.
+
+One pass over each data set, nested sequences included:
+- attributes of the standard's table get its action (D dummy, Z empty, X removed, U remapped
+  UID; for combined actions the one that keeps the object valid while removing the value);
+- the options change that for what they name: dates moved by the patient's keyed offset
+  (intervals exact), patient characteristics and (optionally) device identity kept, descriptors
+  kept but cleaned of the identifying values the data set itself holds;
+- every UID that is not a registered DICOM UID is remapped with the project key, so references
+  between objects stay intact; private attributes go unless on the safe-private allow-list;
+- PatientID and PatientName become the pseudonym; PatientIdentityRemoved, DeidentificationMethod
+  and its code sequence (CID 7050) say what was done.
+Instances that may carry burned-in text are refused with a reason instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+
+from models.ingest import patient_key
+from pipelines.anonymize.keys import ProjectKey
+from pipelines.anonymize.profile import Profile
+
+#: CID 7050 De-identification Method codes (scheme DCM).
+CID_7050 = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "retain_longitudinal_modified_dates": (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants (.7.x)
+_BIRTH_DATE = 0x00100030
+_PATIENT_ID, _PATIENT_NAME = 0x00100020, 0x00100010
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMY = {
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "IS": "0",
+    "DS": "0",
+    "AS": "000D",
+    "UI": "",
+}
+_MAX = {"SH": 16, "CS": 16, "AE": 16, "LO": 64, "PN": 64}
+#: Identifying values a descriptor is cleaned of, read from the data set before it is changed.
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyID",
+)
+_LONG_NUMBER = re.compile(r"\d{6,}")
+
+
+@dataclass(frozen=True)
+class Excluded:
+    reason_code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Deidentified:
+    dataset: Dataset
+    patient_key: str
+    pseudonym: str
+    date_offset_days: int
+
+
+def burned_in(ds: Dataset) -> Excluded | None:
+    """Why an instance may carry burned-in identifying text, or None."""
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        return Excluded("burned_in_annotation", "BurnedInAnnotation is YES")
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop == SECONDARY_CAPTURE or sop.startswith(SECONDARY_CAPTURE + "."):
+        return Excluded("secondary_capture", "a secondary capture (screenshots carry text)")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "SCREEN SAVE" in image_type:
+        return Excluded("screen_capture", f"ImageType {'/'.join(image_type)}: a screen capture")
+    overlays = any(tag.group & 0xFF00 == 0x6000 and tag.element == 0x3000 for tag in ds.keys())  # noqa: SIM118
+    if "SECONDARY" in image_type and overlays:
+        # reformats (DERIVED/SECONDARY) are common and clean; with overlay planes, text may
+        # have been burned in when they were made
+        return Excluded(
+            "secondary_with_overlay", "a secondary image with overlays (text may be burned in)"
+        )
+    return None
+
+
+def _shift(value: str, vr: str, days: int) -> str:
+    """Move a DA or DT value by ``days``; unparseable values are emptied (never kept)."""
+    text = value.strip()
+    try:
+        moved = dt.datetime.strptime(text[:8], "%Y%m%d") + dt.timedelta(days=days)
+    except ValueError:
+        return ""
+    return moved.strftime("%Y%m%d") + (text[8:] if vr == "DT" else "")
+
+
+class Deidentifier:
+    """Applies one profile with one project key; reusable across files and threads."""
+
+    def __init__(self, profile: Profile, key: ProjectKey) -> None:
+        self.profile = profile
+        self.key = key
+        self._uids: dict[str, str] = {}
+
+    def uid(self, value: str) -> str:
+        if not value or value in UID_dictionary:
+            return value  # registered UIDs (SOP classes, transfer syntaxes) identify nobody
+        found = self._uids.get(value)
+        if found is None:
+            found = self._uids[value] = self.key.uid(value)
+        return found
+
+    def deidentify(self, ds: Dataset) -> Deidentified | Excluded:
+        """De-identify ``ds`` in place, or say why it must not be passed on."""
+        opts = self.profile.options
+        if not opts.keep_burned_in:
+            refused = burned_in(ds)
+            if refused is not None:
+                return refused
+        identity = patient_key(
+            str(ds.get("PatientID", "")).strip() or None,
+            str(ds.get("IssuerOfPatientID", "")).strip() or None,
+            str(ds.get("PatientName", "")).strip() or None,
+            str(ds.get("PatientBirthDate", "")).strip() or None,
+        )
+        pseudonym = self.key.pseudonym(identity)
+        days = self.key.date_offset_days(identity)
+        cleaner = self._cleaner(ds) if opts.clean_descriptors else None
+        self._walk(ds, days, cleaner)
+        ds.PatientID = pseudonym
+        ds.PatientName = pseudonym
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = f"cohortflow {self.profile.name}"[:64]
+        ds.DeidentificationMethodCodeSequence = Sequence(
+            [self._code(name) for name in self._codes()]
+        )
+        if opts.retain_longitudinal_modified_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            if "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = self.uid(str(meta.MediaStorageSOPInstanceUID))
+            for keyword in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle"):
+                if keyword in meta:
+                    del meta[keyword]
+        return Deidentified(ds, identity, pseudonym, days)
+
+    def _codes(self) -> list[str]:
+        chosen = self.profile.options.model_dump()
+        return ["basic", *(k for k in CID_7050 if k != "basic" and chosen.get(k))]
+
+    @staticmethod
+    def _code(name: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodeMeaning = CID_7050[name]
+        item.CodingSchemeDesignator = "DCM"
+        return item
+
+    def _cleaner(self, ds: Dataset) -> Callable[[str], str]:
+        values: set[str] = set()
+        for keyword in _IDENTIFYING:
+            raw = str(ds.get(keyword, "") or "")
+            values.add(raw)
+            values.update(re.split(r"[\^\s,/=]+", raw))
+        for item in ds.get("OtherPatientIDsSequence") or []:
+            values.add(str(item.get("PatientID", "")))
+        words = sorted((v for v in values if len(v.strip()) >= 3), key=len, reverse=True)
+        pattern = (
+            re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
+        )
+
+        def clean(text: str) -> str:
+            if pattern is not None:
+                text = pattern.sub("", text)
+            return _LONG_NUMBER.sub("", text).strip(" _-^/")
+
+        return clean
+
+    def _walk(self, ds: Dataset, days: int, cleaner: Callable[[str], str] | None) -> None:
+        profile, opts = self.profile, self.profile.options
+        allowed_private = self._allowed_private(ds) if opts.retain_safe_private else set()
+        for tag in list(ds.keys()):
+            element = ds[tag]
+            tag_int = int(tag)
+            if tag.is_private:
+                if tag_int not in allowed_private:
+                    del ds[tag]
+                continue
+            vr = element.VR
+            if vr == "SQ":
+                action = profile.table.action(tag_int)
+                if action in ("X", "X/Z", "X/D", "X/Z/D"):
+                    del ds[tag]
+                    continue
+                if action in ("Z", "Z/D", "D"):
+                    element.value = Sequence()
+                    continue
+                for item in element.value or []:
+                    self._walk(item, days, cleaner)
+                continue
+            if vr == "UI":
+                self._remap(element)
+                continue
+            if tag_int in profile.patient_characteristics and opts.retain_patient_characteristics:
+                continue
+            if tag_int in profile.device_identity and opts.retain_device_identity:
+                continue
+            action = profile.table.action(tag_int)
+            if action is None:
+                continue  # not in the table: not identifying
+            if tag_int in profile.descriptors and cleaner is not None:
+                element.value = cleaner(str(element.value or ""))
+                continue
+            if opts.retain_longitudinal_modified_dates and tag_int != _BIRTH_DATE:
+                if vr in ("DA", "DT"):
+                    element.value = _shift_value(element.value, vr, days)
+                    continue
+                if vr == "TM":
+                    continue  # whole days move: times stay consistent with them
+            self._apply(ds, tag, element, action)
+
+    def _allowed_private(self, ds: Dataset) -> set[int]:
+        """Tags of the safe private attributes present (their creators included)."""
+        allowed: set[int] = set()
+        for creator, group, element in self.profile.safe_private:
+            for block in range(0x10, 0x100):
+                creator_tag = (group << 16) | block
+                if creator_tag in ds and str(ds[creator_tag].value).strip() == creator:
+                    allowed.add(creator_tag)
+                    allowed.add((group << 16) | (block << 8) | element)
+        return allowed
+
+    def _remap(self, element: DataElement) -> None:
+        value = element.value
+        if isinstance(value, (list, tuple, MultiValue)):
+            element.value = [self.uid(str(v)) for v in value]
+        elif value:
+            element.value = self.uid(str(value))
+
+    @staticmethod
+    def _apply(ds: Dataset, tag: BaseTag, element: DataElement, action: str) -> None:
+        # Combined actions: keep the attribute (empty, else a dummy) rather than remove it, so
+        # the object stays valid (Type 2 attributes must be present) with the value gone.
+        if action == "X":
+            del ds[tag]
+        elif action in ("Z", "X/Z", "X/Z/U*"):
+            element.value = None if element.VR not in ("OB", "OW", "UN") else b""
+        elif action in ("D", "X/D", "Z/D", "X/Z/D"):
+            # D where the table allows it: some IODs make these Type 1 (DeviceSerialNumber in
+            # Enhanced General Equipment), and an empty Type 1 value is invalid
+            element.value = _dummy(element.VR)
+        # U on a non-UI value would be a table error: empty it rather than keep it
+        elif action == "U":
+            element.value = None
+
+
+def _dummy(vr: str) -> object:
+    if vr in _DUMMY:
+        return _DUMMY[vr]
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"):
+        return 0
+    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return b""
+    return _DUMMY_TEXT[: _MAX.get(vr, 64)]
+
+
+def _shift_value(value: object, vr: str, days: int) -> object:
+    if value in (None, ""):
+        return value
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_shift(str(v), vr, days) for v in value]
+    return _shift(str(value), vr, days)

@@ -1,0 +1,122 @@
+"""De-identify a folder of DICOM files into another, laid out by pseudonym and new UIDs.
+
+``<out>/<pseudonym>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, all UIDs the
+project's. Files that are not DICOM or are damaged (the ingest reader decides), and instances
+that may carry burned-in text, are not written and are reported with a reason; one bad file never
+stops the others. The linkage records it returns belong on the identified side only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import FileMetaDataset
+
+from models.linkage import LinkageRecord
+from pipelines.anonymize.deidentify import Deidentifier, Excluded
+from pipelines.ingest.paths import printable_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    source: str
+    #: written, excluded (may carry burned-in text), skipped (not DICOM / damaged), failed
+    status: str
+    output: str | None = None
+    reason_code: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class FolderReport:
+    written: int = 0
+    excluded: list[FileOutcome] = field(default_factory=list)
+    skipped: list[FileOutcome] = field(default_factory=list)
+    failed: list[FileOutcome] = field(default_factory=list)
+    linkage: dict[str, LinkageRecord] = field(default_factory=dict)
+
+    def add(self, outcome: FileOutcome) -> None:
+        if outcome.status == "written":
+            self.written += 1
+        else:
+            getattr(self, outcome.status).append(outcome)
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            yield Path(folder) / name
+
+
+def anonymize_file(
+    path: Path, out_root: Path, deidentifier: Deidentifier
+) -> tuple[FileOutcome, LinkageRecord | None]:
+    """De-identify one file into ``out_root``; never raises for the file's content."""
+    from pipelines.ingest.reader import classify
+
+    shown = printable_path(str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileOutcome(shown, "failed", None, "unreadable", exc.strerror or str(exc)), None
+    verdict = classify(data)
+    if not verdict.status.is_dicom or verdict.status.value == "corrupt":
+        reason = verdict.reason or verdict.status.value
+        return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        syntax = (ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None) or (
+            verdict.header.transfer_syntax_uid if verdict.header else None
+        )
+        result = deidentifier.deidentify(ds)
+        if isinstance(result, Excluded):
+            return FileOutcome(shown, "excluded", None, result.reason_code, result.reason), None
+        out = (
+            out_root
+            / result.pseudonym
+            / str(ds.StudyInstanceUID)
+            / str(ds.SeriesInstanceUID)
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
+        ds.file_meta = meta
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temp = out.with_suffix(".part")
+        ds.save_as(temp, enforce_file_format=True)
+        os.replace(temp, out)
+    except Exception as exc:  # one bad file must not stop the others
+        log.warning("anonymize failed on %s: %s", shown, exc)
+        return FileOutcome(
+            shown, "failed", None, "internal_error", f"{type(exc).__name__}: {exc}"
+        ), None
+    link = LinkageRecord(result.patient_key, result.pseudonym, result.date_offset_days)
+    return FileOutcome(shown, "written", str(out)), link
+
+
+def anonymize_folder(
+    source: Path,
+    out_root: Path,
+    deidentifier: Deidentifier,
+    progress: Callable[[int], None] | None = None,
+) -> FolderReport:
+    report = FolderReport()
+    for path in _files(source):
+        outcome, link = anonymize_file(path, out_root, deidentifier)
+        report.add(outcome)
+        if link is not None:
+            report.linkage.setdefault(link.patient_key, link)
+        if progress is not None:
+            progress(1)
+    return report
