@@ -282,7 +282,7 @@ def test_dciodvfy_finds_no_new_error_in_anonymized_output(
 
     deidentifier = Deidentifier(load_profile(), KEY)
     checked = 0
-    for series in sorted((cohort.out_dir / "dicom").glob("*/*")):
+    for series in sorted(p for p in (cohort.out_dir / "dicom").glob("*/*") if p.is_dir()):
         first = sorted(p for p in series.iterdir() if p.suffix == ".dcm")[:1]
         for source in first:
             outcome, _ = anonymize_file(source, tmp_path / "out", deidentifier)
