@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python benchmarks/synth.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/retrieve.py
+	$(BIN)/python benchmarks/anonymize.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

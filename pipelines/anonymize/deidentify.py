@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -126,6 +127,10 @@ class Deidentifier:
         self.profile = profile
         self.key = key
         self._uids: dict[str, str] = {}
+        # safe private attributes by group, then creator: element bytes
+        self._safe_by_group: dict[int, dict[str, list[int]]] = {}
+        for creator, group, element in profile.safe_private:
+            self._safe_by_group.setdefault(group, {}).setdefault(creator, []).append(element)
 
     def uid(self, value: str) -> str:
         if not value or value in UID_dictionary:
@@ -202,21 +207,23 @@ class Deidentifier:
         return clean
 
     def _walk(self, ds: Dataset, days: int, cleaner: Callable[[str], str] | None) -> None:
+        # Elements are looked at raw (``get_item``: no value conversion) and converted only when
+        # they change; untouched ones are written back as read, which is most of the speed.
         profile, opts = self.profile, self.profile.options
         allowed_private = self._allowed_private(ds) if opts.retain_safe_private else set()
         for tag in list(ds.keys()):
-            element = ds[tag]
             tag_int = int(tag)
             if tag.is_private:
                 if tag_int not in allowed_private:
                     del ds[tag]
                 continue
-            vr = element.VR
+            vr = _vr(ds.get_item(tag), tag_int)
             if vr == "SQ":
                 action = profile.table.action(tag_int)
                 if action in ("X", "X/Z", "X/D", "X/Z/D"):
                     del ds[tag]
                     continue
+                element = ds[tag]
                 if action in ("Z", "Z/D", "D"):
                     element.value = Sequence()
                     continue
@@ -224,7 +231,7 @@ class Deidentifier:
                     self._walk(item, days, cleaner)
                 continue
             if vr == "UI":
-                self._remap(element)
+                self._remap(ds[tag])
                 continue
             if tag_int in profile.patient_characteristics and opts.retain_patient_characteristics:
                 continue
@@ -234,25 +241,33 @@ class Deidentifier:
             if action is None:
                 continue  # not in the table: not identifying
             if tag_int in profile.descriptors and cleaner is not None:
+                element = ds[tag]
                 element.value = cleaner(str(element.value or ""))
                 continue
             if opts.retain_longitudinal_modified_dates and tag_int != _BIRTH_DATE:
                 if vr in ("DA", "DT"):
+                    element = ds[tag]
                     element.value = _shift_value(element.value, vr, days)
                     continue
                 if vr == "TM":
                     continue  # whole days move: times stay consistent with them
-            self._apply(ds, tag, element, action)
+            if action == "X":
+                del ds[tag]  # no need to convert what goes
+                continue
+            self._apply(ds, tag, ds[tag], action)
 
     def _allowed_private(self, ds: Dataset) -> set[int]:
         """Tags of the safe private attributes present (their creators included)."""
+        wanted = self._safe_by_group
         allowed: set[int] = set()
-        for creator, group, element in self.profile.safe_private:
-            for block in range(0x10, 0x100):
-                creator_tag = (group << 16) | block
-                if creator_tag in ds and str(ds[creator_tag].value).strip() == creator:
-                    allowed.add(creator_tag)
-                    allowed.add((group << 16) | (block << 8) | element)
+        for tag in ds.keys():  # noqa: SIM118 - tags, in order, without converting values
+            group, element = tag.group, tag.element
+            if group not in wanted or not 0x10 <= element <= 0xFF:
+                continue  # not a private creator element of a group with safe attributes
+            creator = str(ds[tag].value).strip()
+            for offset in wanted[group].get(creator, ()):
+                allowed.add(int(tag))
+                allowed.add((group << 16) | (element << 8) | offset)
         return allowed
 
     def _remap(self, element: DataElement) -> None:
@@ -277,6 +292,17 @@ class Deidentifier:
         # U on a non-UI value would be a table error: empty it rather than keep it
         elif action == "U":
             element.value = None
+
+
+def _vr(element: object, tag: int) -> str:
+    """The VR of a (possibly raw) element; implicit VR files leave it to the dictionary."""
+    vr = getattr(element, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _dummy(vr: str) -> object:
