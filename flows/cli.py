@@ -673,7 +673,11 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
     with _progress(err, f"de-identifying {args.source}") as bar:
         task = bar.add_task("anonymize", total=None)
         report = anonymize_folder(
-            args.source, args.out, deidentifier, progress=lambda n: bar.advance(task, n)
+            args.source,
+            args.out,
+            deidentifier,
+            progress=lambda n: bar.advance(task, n),
+            workers=settings.worker_count,
         )
     with _open_index(settings) as index, index.session() as session:
         new = record_linkage(session, list(report.linkage.values()), key.source)

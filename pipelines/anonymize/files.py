@@ -12,7 +12,10 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
+from multiprocessing import get_context
 from pathlib import Path
 
 import pydicom
@@ -105,18 +108,41 @@ def anonymize_file(
     return FileOutcome(shown, "written", str(out)), link
 
 
+def _chunk(
+    paths: list[Path], out_root: Path, deidentifier: Deidentifier
+) -> list[tuple[FileOutcome, LinkageRecord | None]]:
+    return [anonymize_file(path, out_root, deidentifier) for path in paths]
+
+
 def anonymize_folder(
     source: Path,
     out_root: Path,
     deidentifier: Deidentifier,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+    chunk_size: int = 64,
 ) -> FolderReport:
+    """De-identify every file under ``source`` (in ``workers`` processes when more than one)."""
     report = FolderReport()
-    for path in _files(source):
-        outcome, link = anonymize_file(path, out_root, deidentifier)
-        report.add(outcome)
-        if link is not None:
-            report.linkage.setdefault(link.patient_key, link)
+
+    def collect(results: list[tuple[FileOutcome, LinkageRecord | None]]) -> None:
+        for outcome, link in results:
+            report.add(outcome)
+            if link is not None:
+                report.linkage.setdefault(link.patient_key, link)
         if progress is not None:
-            progress(1)
+            progress(len(results))
+
+    paths = list(_files(source))
+    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
+    if workers <= 1:
+        for chunk in chunks:
+            collect(_chunk(chunk, out_root, deidentifier))
+        return report
+    # forkserver: no inherited threads or connections; workers load pydicom once
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["pipelines.anonymize.files"])
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for results in pool.map(_chunk, chunks, repeat(out_root), repeat(deidentifier)):
+            collect(results)
     return report
