@@ -101,6 +101,10 @@ class RetrieveOutcome:
         return sum(1 for s in self.studies if s.status == status)
 
 
+def _series_keys(se: ChosenSeries) -> dict[str, object]:
+    return {"StudyInstanceUID": se.study_instance_uid, "SeriesInstanceUID": se.series_instance_uid}
+
+
 @dataclass
 class _Run:
     index: IndexDB
@@ -139,10 +143,7 @@ class _Run:
 
     def missing_sops(self, pacs: Session, se: ChosenSeries) -> list[str]:
         """The instances of a partly archived series that the PACS has and the archive lacks."""
-        keys = {
-            "StudyInstanceUID": se.study_instance_uid,
-            "SeriesInstanceUID": se.series_instance_uid,
-        }
+        keys = _series_keys(se)
         on_pacs = [str(a["SOPInstanceUID"]) for a in pacs.find("IMAGE", keys, ["SOPInstanceUID"])]
         with self.index.session() as session:
             have = repo.archived_sops(session, se.series_instance_uid)
@@ -196,10 +197,7 @@ class _Run:
         return problems
 
     def _dimse_fetch(self, pacs: Session, se: ChosenSeries, sops: list[str] | None) -> str | None:
-        keys: dict[str, object] = {
-            "StudyInstanceUID": se.study_instance_uid,
-            "SeriesInstanceUID": se.series_instance_uid,
-        }
+        keys = _series_keys(se)
         if sops is not None:
             if not sops:
                 return None  # the PACS has nothing the archive lacks
@@ -213,10 +211,7 @@ class _Run:
         return None if status.ok else status.message
 
     def still_on_pacs(self, se: ChosenSeries) -> bool:
-        keys = {
-            "StudyInstanceUID": se.study_instance_uid,
-            "SeriesInstanceUID": se.series_instance_uid,
-        }
+        keys = _series_keys(se)
         t = self.target
         with self.throttle.association(), Session(t.node, t.local_aet, query_contexts("find")) as p:
             return bool(p.find("SERIES", keys, ["SeriesInstanceUID"]))
