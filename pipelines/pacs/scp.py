@@ -110,10 +110,6 @@ class Spool:
             return OUT_OF_RESOURCES
         return STORED
 
-    def count(self, series_uid: str) -> int:
-        with self._lock:
-            return self.received[series_uid]
-
 
 class StorageSCP:
     """A running storage SCP (a pynetdicom server thread); a context manager."""
