@@ -543,31 +543,23 @@ def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_selection, selection_json
-    from pipelines.retrieve.config import pacs_node, retrieve_policy
-    from pipelines.retrieve.throttle import Throttle
-    from pipelines.select.protocols import load_protocols
-    from pipelines.select.query import record_selection, select_studies
+    from pipelines.retrieve.config import pacs_node, select_configured
+    from pipelines.select.query import record_selection
 
     if args.date_to < args.date_from:
         err.print("[red]usage error:[/red] --to is before --from")
         return EXIT_USAGE
-    protocols = load_protocols(args.protocols or settings.protocols_file)
-    protocol = protocols.get(args.protocol)
-    throttle = Throttle(retrieve_policy(settings))
-    node = pacs_node(settings)
-    err.print(f"querying {node} for protocol {protocol.name}, {args.date_from} to {args.date_to}")
-    result = select_studies(
-        node,
-        settings.local_aet,
-        protocol,
-        args.date_from,
-        args.date_to,
-        association=throttle.association,
+    err.print(
+        f"querying {pacs_node(settings)} for protocol {args.protocol}, "
+        f"{args.date_from} to {args.date_to}"
+    )
+    result, protocols_file = select_configured(
+        settings, args.protocol, args.date_from, args.date_to, args.protocols
     )
     selection_id = None
     if not args.dry_run:
         with _open_index(settings) as index:
-            selection_id = record_selection(index, result, Path(protocols.source))
+            selection_id = record_selection(index, result, protocols_file)
     if args.json:
         _emit(args, selection_json(result, selection_id, dry_run=args.dry_run))
     else:
@@ -580,11 +572,7 @@ def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_retrieval
     from models import retrieval
-    from models.scanners import load_known_scanners
-    from pipelines.ingest.archive import ArchiveStore
-    from pipelines.retrieve.config import retrieve_policy, retrieve_target
-    from pipelines.retrieve.engine import retrieve
-    from pipelines.retrieve.throttle import Throttle
+    from pipelines.retrieve.config import retrieve_configured, retrieve_policy
 
     policy = retrieve_policy(
         settings,
@@ -594,7 +582,6 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
         outside_window=args.outside_window,
         retries=args.retries,
     )
-    target = retrieve_target(settings, args.method)
     with _open_index(settings) as index:
         with index.session() as session:
             chosen = retrieval.selection(session, args.selection)
@@ -604,14 +591,12 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
             return EXIT_USAGE
         with _progress(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
             task = bar.add_task("retrieve", total=chosen.studies)
-            outcome = retrieve(
+            outcome = retrieve_configured(
+                settings,
                 index,
-                ArchiveStore(settings.archive),
-                load_known_scanners(settings.known_scanners_file),
                 chosen.id,
-                target,
-                Throttle(policy),
-                settings.home / "spool" / f"selection-{chosen.id}",
+                method=args.method,
+                policy=policy,
                 progress=lambda _o: bar.advance(task, 1),
             )
     if args.json:

@@ -16,16 +16,17 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from models.database import open_index
-from models.scanners import load_known_scanners
 from models.settings import load_settings
-from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import store_files
-from pipelines.retrieve.config import own_orthanc, pacs_node, retrieve_policy, retrieve_target
-from pipelines.retrieve.engine import RetrieveSummary, retrieve
-from pipelines.retrieve.throttle import Throttle
-from pipelines.select.protocols import load_protocols
-from pipelines.select.query import record_selection, select_studies
+from pipelines.retrieve.config import (
+    own_orthanc,
+    pacs_node,
+    retrieve_configured,
+    select_configured,
+)
+from pipelines.retrieve.engine import RetrieveSummary
+from pipelines.select.query import record_selection
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,10 @@ def select_task(
     protocol: str, date_from: dt.date, date_to: dt.date, config: Path | None
 ) -> SelectionSummary:
     settings = load_settings(config)
-    protocols = load_protocols(settings.protocols_file)
-    result = select_studies(
-        pacs_node(settings),
-        settings.local_aet,
-        protocols.get(protocol),
-        date_from,
-        date_to,
-        association=Throttle(retrieve_policy(settings)).association,
-    )
+    result, protocols_file = select_configured(settings, protocol, date_from, date_to)
     index = open_index(settings.index)
     try:
-        selection_id = record_selection(index, result, Path(protocols.source))
+        selection_id = record_selection(index, result, protocols_file)
     finally:
         index.dispose()
     return SelectionSummary(
@@ -92,15 +85,7 @@ def retrieve_task(selection_id: int, method: str | None, config: Path | None) ->
     settings = load_settings(config)
     index = open_index(settings.index)
     try:
-        outcome = retrieve(
-            index,
-            ArchiveStore(settings.archive),
-            load_known_scanners(settings.known_scanners_file),
-            selection_id,
-            retrieve_target(settings, method),
-            Throttle(retrieve_policy(settings)),
-            settings.home / "spool" / f"selection-{selection_id}",
-        )
+        outcome = retrieve_configured(settings, index, selection_id, method=method)
     finally:
         index.dispose()
     return RetrieveSummary.of(outcome)

@@ -127,6 +127,10 @@ class Deidentifier:
         self.profile = profile
         self.key = key
         self._uids: dict[str, str] = {}
+        # the same for every file: what was done, in words and as CID 7050 codes
+        self._method = f"cohortflow {profile.name}; PS3.15 {profile.table.edition}"[:64]
+        chosen = profile.options.model_dump()
+        self._codes = ["basic", *(k for k in CID_7050 if k != "basic" and chosen.get(k))]
         # safe private attributes by group, then creator: element bytes
         self._safe_by_group: dict[int, dict[str, list[int]]] = {}
         for creator, group, element in profile.safe_private:
@@ -160,10 +164,8 @@ class Deidentifier:
         ds.PatientID = pseudonym
         ds.PatientName = pseudonym
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = f"cohortflow {self.profile.name}"[:64]
-        ds.DeidentificationMethodCodeSequence = Sequence(
-            [self._code(name) for name in self._codes()]
-        )
+        ds.DeidentificationMethod = self._method
+        ds.DeidentificationMethodCodeSequence = Sequence([self._code(n) for n in self._codes])
         if opts.retain_longitudinal_modified_dates:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         meta = getattr(ds, "file_meta", None)
@@ -174,10 +176,6 @@ class Deidentifier:
                 if keyword in meta:
                     del meta[keyword]
         return Deidentified(ds, identity, pseudonym, days)
-
-    def _codes(self) -> list[str]:
-        chosen = self.profile.options.model_dump()
-        return ["basic", *(k for k in CID_7050 if k != "basic" and chosen.get(k))]
 
     @staticmethod
     def _code(name: str) -> Dataset:

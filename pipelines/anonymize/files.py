@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -23,6 +23,7 @@ from pydicom.dataset import FileMetaDataset
 
 from models.linkage import LinkageRecord
 from pipelines.anonymize.deidentify import Deidentifier, Excluded
+from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,6 @@ class FolderReport:
             self.written += 1
         else:
             getattr(self, outcome.status).append(outcome)
-
-
-def _files(root: Path) -> Iterator[Path]:
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in sorted(names):
-            yield Path(folder) / name
 
 
 def anonymize_file(
@@ -133,7 +127,8 @@ def anonymize_folder(
         if progress is not None:
             progress(len(results))
 
-    paths = list(_files(source))
+    # ingest's walk: name order, symlinked folders not followed, an unlistable folder reported
+    paths = [Path(c.path) for c in walk([source], stat=False)]
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
         for chunk in chunks:

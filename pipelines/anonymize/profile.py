@@ -130,13 +130,6 @@ class Profile:
     device_identity: frozenset[int]
     safe_private: frozenset[tuple[str, int, int]]
 
-    @property
-    def method(self) -> str:
-        """DeidentificationMethod: what was applied, for the reader of an output file."""
-        chosen = [k for k, v in self.options.model_dump().items() if v and k != "keep_burned_in"]
-        text = f"cohortflow {self.name}; PS3.15 E.1-1 {self.table.edition}; {', '.join(chosen)}"
-        return text[:64]
-
 
 def load_profile(path: Path | None = None) -> Profile:
     """Load and validate a profile (default: the one shipped in pipelines/anonymize/data)."""

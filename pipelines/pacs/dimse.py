@@ -87,10 +87,7 @@ def echo(node: PacsNode, local_aet: str) -> None:
 
     ae = _ae(local_aet)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
-    if not assoc.is_established:
-        raise PacsUnavailableError(f"{node} refused or did not answer the association")
-    _guard_reactor(assoc)
+    assoc = _associate(ae, node)
     try:
         status = assoc.send_c_echo()
         if not status or status.Status != SUCCESS:
@@ -175,9 +172,23 @@ def _associate_storage(node: PacsNode, local_aet: str, contexts: Sequence[tuple[
     ae = _ae(local_aet)
     for sop, syntax in contexts:
         ae.add_requested_context(sop, [syntax])
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=_handlers())
+    return _associate(ae, node)
+
+
+def _associate(
+    ae: Any, node: PacsNode, roles: list[Any] | None = None, handlers: list[Any] | None = None
+) -> Any:
+    """Open an association (PacsUnavailableError with the reason when it fails), guarded."""
+    assoc = ae.associate(
+        node.host,
+        node.port,
+        ae_title=node.aet,
+        ext_neg=roles or None,
+        evt_handlers=handlers or _handlers(),
+    )
     if not assoc.is_established:
-        raise PacsUnavailableError(f"{node} refused or did not answer the storage association")
+        reason = "rejected the association" if assoc.is_rejected else "did not answer"
+        raise PacsUnavailableError(f"{node} {reason}")
     return _guard_reactor(assoc)
 
 
@@ -314,17 +325,7 @@ class Session:
                 ae.add_requested_context(context.abstract_syntax)
                 roles.append(build_role(str(context.abstract_syntax), scp_role=True))
             handlers.append((evt.EVT_C_STORE, self.storage))
-        assoc = ae.associate(
-            self.node.host,
-            self.node.port,
-            ae_title=self.node.aet,
-            ext_neg=roles or None,
-            evt_handlers=handlers,
-        )
-        if not assoc.is_established:
-            reason = "rejected the association" if assoc.is_rejected else "did not answer"
-            raise PacsUnavailableError(f"{self.node} {reason}")
-        self.assoc = _guard_reactor(assoc)
+        self.assoc = _associate(ae, self.node, roles, handlers)
         return self
 
     def __exit__(self, *_exc: object) -> None:

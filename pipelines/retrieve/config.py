@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from models.database import IndexDB
+from models.scanners import load_known_scanners
 from models.settings import Settings
+from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs import orthanc
 from pipelines.pacs.dicomweb import DicomWebNode
 from pipelines.pacs.dimse import PacsNode
-from pipelines.retrieve.engine import RetrieveTarget
-from pipelines.retrieve.throttle import RetrievePolicy, Window
+from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, StudyOutcome, retrieve
+from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
+from pipelines.select.protocols import load_protocols
+from pipelines.select.query import SelectionResult, select_studies
 
 
 def own_orthanc(settings: Settings) -> orthanc.OrthancConfig:
@@ -90,3 +97,45 @@ def retrieve_policy(settings: Settings, **overrides: Any) -> RetrievePolicy:
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["windows"] = tuple(Window.parse(w) for w in values["windows"])
     return RetrievePolicy(**values)
+
+
+def select_configured(
+    settings: Settings,
+    protocol: str,
+    date_from: dt.date,
+    date_to: dt.date,
+    protocols_file: Path | None = None,
+) -> tuple[SelectionResult, Path]:
+    """``select_studies`` as the settings configure it; also returns the protocol file used."""
+    protocols = load_protocols(protocols_file or settings.protocols_file)
+    result = select_studies(
+        pacs_node(settings),
+        settings.local_aet,
+        protocols.get(protocol),
+        date_from,
+        date_to,
+        association=Throttle(retrieve_policy(settings)).association,
+    )
+    return result, Path(protocols.source)
+
+
+def retrieve_configured(
+    settings: Settings,
+    index: IndexDB,
+    selection_id: int,
+    *,
+    method: str | None = None,
+    policy: RetrievePolicy | None = None,
+    progress: Callable[[StudyOutcome], None] | None = None,
+) -> RetrieveOutcome:
+    """``retrieve`` as the settings configure it (archive, scanners, PACS, throttle, spool)."""
+    return retrieve(
+        index,
+        ArchiveStore(settings.archive),
+        load_known_scanners(settings.known_scanners_file),
+        selection_id,
+        retrieve_target(settings, method),
+        Throttle(policy or retrieve_policy(settings)),
+        settings.home / "spool" / f"selection-{selection_id}",
+        progress=progress,
+    )

@@ -101,6 +101,20 @@ class RetrieveOutcome:
         return sum(1 for s in self.studies if s.status == status)
 
 
+def ingest_spool(
+    spool: Spool, index: IndexDB, store: ArchiveStore, scanners: KnownScanners, batch: str
+) -> int:
+    """Archive and index whatever the spool holds, removing it from the spool (``--move``);
+    returns how many files were handed over."""
+    if not any(spool.root.iterdir()):
+        return 0
+    outcome = ingest_engine.ingest(
+        [spool.root], index, store, scanners, batch=batch, workers=1, move=True
+    )
+    spool.prune()
+    return outcome.seen
+
+
 def _series_keys(se: ChosenSeries) -> dict[str, object]:
     return {"StudyInstanceUID": se.study_instance_uid, "SeriesInstanceUID": se.series_instance_uid}
 
@@ -122,20 +136,8 @@ class _Run:
     # --- the index side ------------------------------------------------------------------
 
     def ingest_spool(self) -> None:
-        """Archive and index whatever the spool holds (and remove it from the spool)."""
         with self.ingest_lock:
-            if not any(self.spool.root.iterdir()):
-                return
-            ingest_engine.ingest(
-                [self.spool.root],
-                self.index,
-                self.store,
-                self.scanners,
-                batch=self.batch,
-                workers=1,
-                move=True,
-            )
-            self.spool.prune()
+            ingest_spool(self.spool, self.index, self.store, self.scanners, self.batch)
 
     def archived(self, series: Sequence[ChosenSeries]) -> dict[str, int]:
         with self.index.session() as session:

@@ -18,9 +18,9 @@ from typing import Any
 
 from models.database import IndexDB
 from models.scanners import KnownScanners
-from pipelines.ingest import engine as ingest_engine
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs.scp import Spool, StorageSCP
+from pipelines.retrieve.engine import ingest_spool
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,12 @@ def listen(
 
     def flush() -> None:
         nonlocal ingested, runs
-        if not any(spool.root.iterdir()):
-            return
-        outcome = ingest_engine.ingest(
-            [spool.root], index, store, scanners, batch=batch, workers=1, move=True
-        )
-        spool.prune()
-        ingested += outcome.seen
-        runs += 1
-        if on_ingest is not None:
-            on_ingest(outcome.seen)
+        handed = ingest_spool(spool, index, store, scanners, batch)
+        if handed:
+            ingested += handed
+            runs += 1
+            if on_ingest is not None:
+                on_ingest(handed)
 
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():

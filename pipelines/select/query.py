@@ -128,7 +128,8 @@ def select_studies(
     study = protocol.study
     patterns = study.description or ("",)  # "": no description key (any)
     found: dict[str, Attributes] = {}
-    series_keys = sorted(protocol.series_fields() | {"SeriesInstanceUID"})
+    asked = protocol.series_fields()  # SeriesInstanceUID and the rules' keywords
+    series_keys = sorted(asked)
     studies: list[StudyCandidate] = []
     with (association or nullcontext)(), Session(node, local_aet, query_contexts("find")) as pacs:
         for first, last in date_slices(date_from, date_to, window_days):
@@ -155,7 +156,6 @@ def select_studies(
                 for (s_uid, attrs), (_, d) in zip(pairs, decision.series, strict=True)
             )
             studies.append(_candidate(uid, answer, decision.selected, decision.why, series))
-    asked = protocol.series_fields()
     answered = {k for s in studies for se in s.series for k, v in se.attributes.items() if v}
     unanswered = tuple(sorted(asked - answered)) if any(s.series for s in studies) else ()
     for keyword in unanswered:
