@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.prefect_env import configure_itk
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
 from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
@@ -233,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     anonymize.add_argument("--profile", type=Path, help="profile file (default: the shipped one)")
     anonymize.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
+    deface = sub.add_parser(
+        "deface",
+        help="deface the series in a folder",
+        description="Fit pydeface's head template (antspyx affine) to each study's 3D T1 and "
+        "set the face to background in every series sharing its frame of reference, never "
+        "touching the intracranial mask grown by a margin. Each series is checked on the pixels "
+        "written; one that fails or cannot be placed is not written and is reported with a "
+        "reason. OUT_DIR mirrors IN_DIR's paths.",
+    )
+    deface.add_argument("source", type=Path, metavar="IN_DIR")
+    deface.add_argument("out", type=Path, metavar="OUT_DIR")
+    deface.add_argument(
+        "--previews",
+        type=Path,
+        metavar="DIR",
+        help="write before / after mid-sagittal PNGs here (the 'before' one shows the face: "
+        "keep it on the restricted side)",
+    )
+    deface.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -259,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         settings = load_settings(args.config)
+        configure_itk(settings.itk_threads)
         if args.command == "synth":
             return _synth(args, settings, err)
         if args.command == "demo":
@@ -275,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retrieve": _retrieve,
             "listen": _listen,
             "anonymize": _anonymize,
+            "deface": _deface,
         }
         if args.command in commands:
             return commands[args.command](args, settings, err)
@@ -640,11 +663,7 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.linkage import record_linkage
-    from pipelines.anonymize.deidentify import Deidentifier
-    from pipelines.anonymize.files import anonymize_folder
-    from pipelines.anonymize.keys import ProjectKey
-    from pipelines.anonymize.profile import load_profile
+    from pipelines.anonymize.files import anonymize_configured
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
@@ -652,24 +671,24 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
     if args.out.resolve().is_relative_to(args.source.resolve()):
         err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
         return EXIT_USAGE
-    assert settings.pseudonym_key_source is not None
-    key = ProjectKey.load(settings.pseudonym_key_source)
-    deidentifier = Deidentifier(load_profile(args.profile), key)
-    with _progress(err, f"de-identifying {args.source}") as bar:
+    with (
+        _open_index(settings) as index,
+        _progress(err, f"de-identifying {args.source}") as bar,
+    ):
         task = bar.add_task("anonymize", total=None)
-        report = anonymize_folder(
+        run = anonymize_configured(
+            settings,
             args.source,
             args.out,
-            deidentifier,
+            index,
+            profile=args.profile,
             progress=lambda n: bar.advance(task, n),
-            workers=settings.worker_count,
         )
-    with _open_index(settings) as index, index.session() as session:
-        new = record_linkage(session, list(report.linkage.values()), key.source)
+    report, deidentifier = run.report, run.deidentifier
     payload = {
         "written": report.written,
         "patients": len(report.linkage),
-        "new_linkage": new,
+        "new_linkage": run.new_linkage,
         "profile": deidentifier.profile.name,
         "standard_edition": deidentifier.profile.table.edition,
         "excluded": [asdict(o) for o in report.excluded],
@@ -689,6 +708,52 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
             for outcome in getattr(report, kind):
                 console.print(f"{kind}: {outcome.source}: {outcome.reason}")
     return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from pipelines.deface.folder import deface_configured
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
+        return EXIT_USAGE
+    with _progress(err, f"defacing {args.source}") as bar:
+        task = bar.add_task("deface", total=None)
+        report = deface_configured(
+            settings,
+            args.source,
+            args.out,
+            previews=args.previews,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    failed = report.with_status("failed")
+    if args.json:
+        _emit(
+            args,
+            {
+                "defaced": len(report.with_status("defaced")),
+                "excluded": len(report.with_status("excluded")),
+                "failed": len(failed),
+                "series": [asdict(o) for o in report.series],
+                "skipped": [asdict(s) for s in report.skipped],
+            },
+        )
+    else:
+        console = Console()
+        console.print(
+            f"{len(report.with_status('defaced'))} series defaced into {args.out}, "
+            f"{len(report.with_status('excluded'))} excluded, {len(failed)} failed"
+        )
+        for outcome in report.series:
+            if outcome.status != "defaced":
+                console.print(
+                    f"{outcome.status}: {outcome.folder}: {outcome.reason_code}: {outcome.reason}"
+                )
+        for skipped in report.skipped:
+            console.print(f"skipped: {skipped.source}: {skipped.reason}")
+    return EXIT_FAILURES if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Prefect's environment, set before prefect is imported (the launching edge only)."""
+"""The process environment of Prefect and ITK, set at the launching edge before either is used."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def configure_prefect(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def configure_itk(threads: int) -> None:
+    """Fix ITK's thread count (ANTs, through antspyx). ITK reads it once, when it first runs a
+    filter in the process, so this must come before any registration; later calls change nothing.
+    """
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)

@@ -72,6 +72,29 @@ class RetrieveSettings(BaseModel):
     timeout_seconds: float = Field(600.0, gt=0)
 
 
+class DefaceSettings(BaseModel):
+    """How cohortflow removes faces (see pipelines/deface)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: the protocols.yaml include rule naming the series the template is registered to
+    reference_rule: str = "t1_3d"
+    #: the intracranial mask grown by this much is never altered, whatever the face mask says
+    brain_margin_mm: float = Field(4.0, ge=0, le=20)
+    #: pydeface's face region grown by this much is removed (outside the intracranial margin):
+    #: a template a few millimetres or degrees off still takes the whole face
+    face_margin_mm: float = Field(6.0, ge=0, le=20)
+    #: a series fails unless at least this fraction of its face-mask voxels is removed
+    min_face_removed: float = Field(0.95, gt=0, le=1)
+    #: a registration whose template / subject correlation is lower fails the whole study
+    min_correlation: float = Field(0.5, ge=-1, le=1)
+    #: ... and so does one where the template moved by 5 mm or 5 degrees correlates better by
+    #: more than this (the fit stopped short of the best placement)
+    max_neighbour_gain: float = Field(0.0, ge=-1, le=1)
+    #: a registration fails when less of the warped intracranial mask lies on head tissue
+    min_brain_on_tissue: float = Field(0.9, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -95,10 +118,14 @@ class Settings(BaseSettings):
     #: The PACS to select and retrieve from; unset: the project's own Orthanc (``orthanc``).
     pacs: PacsSettings | None = None
     retrieve: RetrieveSettings = RetrieveSettings()
+    deface: DefaceSettings = DefaceSettings()
     #: Protocol definitions; default: the file shipped in pipelines/select/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.
     workers: int = Field(0, ge=0)
+    #: ITK threads per process (antspyx registration). 1 makes every registration reproducible
+    #: to the bit; more threads are faster but vary in the last digits from run to run.
+    itk_threads: int = Field(1, ge=1, le=256)
     #: The known-scanner knowledge base; default: the list shipped in models/data.
     known_scanners_file: Path | None = None
 

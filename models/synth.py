@@ -161,6 +161,8 @@ class SeriesTruth(BaseModel):
     files: int  # files written, duplicates included
     voxel_mm: tuple[float, float, float]
     faults: list[Fault] = Field(default_factory=list)
+    #: brain studies: label map on the series grid, 1 = face to remove, 2 = intracranial to keep
+    deface_truth_file: str | None = None
 
 
 class StudyTruth(BaseModel):

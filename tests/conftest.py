@@ -5,9 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from flows.prefect_env import configure_itk
 from models.synth import SynthConfig
 from pipelines.synth.cohort import CohortResult, generate
 from pipelines.synth.headmodel import HeadModel, load_or_build
+
+# As the command line does: ITK single-threaded, so registrations are reproducible (this must
+# happen before the first registration in the test process).
+configure_itk(1)
 
 
 @pytest.fixture(scope="session")

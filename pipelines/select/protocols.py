@@ -136,6 +136,13 @@ class ProtocolSet:
             f"known protocols: {', '.join(self.protocols)}"
         )
 
+    def with_role(self, role: str) -> Protocol:
+        """The first protocol with an include rule called ``role`` (e.g. ``t1_3d``)."""
+        for protocol in self.protocols.values():
+            if any(name == role for name, _ in protocol.include):
+                return protocol
+        raise ProtocolError(f"{self.source}: no protocol has an include rule called {role!r}")
+
 
 def load_protocols(path: Path | None = None) -> ProtocolSet:
     """Load and validate a protocol file: ``path``, else the one shipped with cohortflow."""

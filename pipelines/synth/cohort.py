@@ -48,7 +48,7 @@ from pipelines.synth.dicomio import (
     write,
 )
 from pipelines.synth.errors import SynthError
-from pipelines.synth.headmodel import HeadModel, load_or_build
+from pipelines.synth.headmodel import CSF, GM, WM, HeadModel, load_or_build
 from pipelines.synth.identities import INSTITUTIONS, Identity, make_identity, staff_name
 from pipelines.synth.scanners import (
     CONTRASTS,
@@ -347,7 +347,11 @@ def _render_patient_with(
     warp = None
     if any(st.atrophy is not None for st in plan.studies):
         coords = anatomy.warp_coordinates(model, shape)
-        warp = _Warped(coords, anatomy.warp_volume(model.head, coords, order=1).astype(np.float32))
+        warp = _Warped(
+            coords,
+            anatomy.warp_volume(model.head, coords, order=1).astype(np.float32),
+            anatomy.warp_volume(model.face, coords, order=0).astype(np.uint8),
+        )
     studies: list[StudyTruth] = []
     planted: list[PlantedIdentifier] = []
     for st in plan.studies:
@@ -410,6 +414,7 @@ def _study_context(
 class _Warped:
     coords: npt.NDArray[np.float32]
     head: npt.NDArray[np.float32]
+    face: npt.NDArray[np.uint8]
 
 
 def _render_study(
@@ -491,8 +496,13 @@ def _render_study(
     return truth, list(ctx.planted)
 
 
-def _save_truth_labels(path: Path, labels: npt.NDArray[np.uint8], grid: anatomy.Grid) -> None:
-    """Label map (NIfTI, RAS affine) in the subject's head frame, as (x, y, z) voxel order."""
+def _save_truth_labels(
+    path: Path,
+    labels: npt.NDArray[np.uint8],
+    grid: anatomy.Grid,
+    descrip: bytes = b"cohortflow truth 0bg 1csf 2gm 3wm 4head",
+) -> None:
+    """Label map (NIfTI, RAS affine) on ``grid``, as (x, y, z) = (c, r, k) voxel order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.transpose(labels, (2, 1, 0))  # (k, r, c) -> (c, r, k) = (x, y, z)
     m = grid.index_to_lps()
@@ -502,8 +512,31 @@ def _save_truth_labels(path: Path, labels: npt.NDArray[np.uint8], grid: anatomy.
     img = nib.Nifti1Image(data, aff)
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
-    img.header["descrip"] = b"cohortflow truth 0bg 1csf 2gm 3wm 4head"
+    img.header["descrip"] = descrip
     nib.save(img, path)
+
+
+#: Values of a series' defacing truth map.
+DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL = 1, 2
+
+
+def _save_deface_truth(
+    path: Path,
+    model: HeadModel,
+    shape: anatomy.SubjectShape,
+    placement: anatomy.Placement,
+    labels: npt.NDArray[np.uint8],
+    warp: _Warped,
+    grid: anatomy.Grid,
+) -> None:
+    """What defacing must remove and keep, on the series' own grid: 1 = the subject's face
+    (head tissue in front of pydeface's face plane), 2 = intracranial (CSF, GM, WM)."""
+    face = np.asarray(anatomy.sample_grid(warp.face, model, shape, placement, grid, order=0))
+    icv = np.isin(labels, (CSF, GM, WM)).astype(np.uint8)
+    inside = np.asarray(anatomy.sample_grid(icv, model, shape, placement, grid, order=0))
+    truth = np.where(face > 0, DEFACE_TRUTH_FACE, 0)
+    truth = np.where(inside > 0, DEFACE_TRUTH_INTRACRANIAL, truth)
+    _save_truth_labels(path, truth.astype(np.uint8), grid, b"cohortflow deface truth 1face 2icv")
 
 
 def _grids(spec: SeriesSpec, centre: npt.NDArray[np.float64]) -> list[anatomy.Grid]:
@@ -571,6 +604,10 @@ def _render_series(
         if Fault.MOTION in se.faults:
             img = anatomy.motion_ghosts(img, rng)
         stacks.append(np.clip(img * 3000.0, 0, 4095).astype(np.uint16))
+    deface_truth = None
+    if labels is not None and warp is not None and len(grids) == 1:
+        deface_truth = f"truth/{se.folder}_deface.nii.gz"
+        _save_deface_truth(out_dir / deface_truth, model, shape, placement, labels, warp, grids[0])
 
     if Fault.ENHANCED_MULTIFRAME in se.faults:
         ds = enhanced_mr(
@@ -586,7 +623,7 @@ def _render_series(
         )
         write(ds, folder / "IM00001.dcm")
         return _series_truth(
-            se, EnhancedMRImageStorage, ExplicitVRLittleEndian, spec.shape[0], 1, 1
+            se, EnhancedMRImageStorage, ExplicitVRLittleEndian, spec.shape[0], 1, 1, deface_truth
         )
 
     syntax = ExplicitVRLittleEndian
@@ -644,6 +681,7 @@ def _render_series(
         len(slices),
         len(order),
         n_files,
+        deface_truth,
     )
 
 
@@ -698,7 +736,13 @@ def _render_phantom(grid: anatomy.Grid, spec: SeriesSpec) -> npt.NDArray[np.floa
 
 
 def _series_truth(
-    se: SeriesPlan, sop_class: str, syntax: str, slices: int, instances: int, files: int
+    se: SeriesPlan,
+    sop_class: str,
+    syntax: str,
+    slices: int,
+    instances: int,
+    files: int,
+    deface_truth: str | None = None,
 ) -> SeriesTruth:
     spec = se.spec
     return SeriesTruth(
@@ -718,4 +762,5 @@ def _series_truth(
         files=files,
         voxel_mm=(spec.spacing[1], spec.spacing[2], spec.slice_thickness),
         faults=list(se.faults),
+        deface_truth_file=deface_truth,
     )

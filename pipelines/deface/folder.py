@@ -1,0 +1,530 @@
+"""Deface every series of a folder of DICOM studies into another folder.
+
+Per study: pydeface's template is registered (affine, antspyx) to the study's 3D T1, chosen by
+the protocols' ``t1_3d`` rule. Every series sharing the T1's frame of reference is then masked
+plane by plane in its own geometry: face pixels are set to the series' background value, except
+inside the intracranial mask grown by a safety margin. Each series is checked on the pixels
+written (no intracranial pixel changed, the face region removed) before its files are written;
+a series that fails a check, or cannot be placed, is not written and is reported with a reason.
+
+Output files keep their path relative to the input folder, their UIDs, and gain
+RecognizableVisualFeatures NO plus the CID 7050 code of the Clean Recognizable Visual Features
+Option. Writing is atomic per file and deterministic, so a rerun overwrites rather than
+duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from models.settings import DefaceSettings, Settings
+from pipelines.deface import masks, preview
+from pipelines.deface.errors import DefaceError
+from pipelines.deface.planes import Plane, Volume, planes_of, reference_volume
+from pipelines.deface.register import Fit, fit_affine
+from pipelines.deface.template import BRAIN, Template
+from pipelines.ingest.engine import walk
+from pipelines.ingest.paths import printable_path
+from pipelines.pacs.dimse import attributes
+from pipelines.select.protocols import ProtocolSet
+
+log = logging.getLogger(__name__)
+
+METHOD_TEXT = "cohortflow deface: pydeface face mask, antspyx affine"
+CLEAN_VISUAL_FEATURES = ("113102", "DCM", "Clean Recognizable Visual Features Option")
+
+#: Is this header the study's reference T1?
+ReferenceRule = Callable[[Dataset], bool]
+
+
+def reference_rule(protocols: ProtocolSet, role: str) -> ReferenceRule:
+    """The protocols' rule for ``role`` (exclusions first), applied to a series' header."""
+    protocol = protocols.with_role(role)
+    keywords = sorted(protocol.series_fields())
+
+    def is_reference(header: Dataset) -> bool:
+        decision = protocol.classify_series(attributes(header, keywords))
+        return decision.selected and decision.rule == role
+
+    return is_reference
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    study: str  # StudyInstanceUID
+    series: str  # SeriesInstanceUID
+    folder: str  # folder of its first file, relative to the input
+    status: str  # defaced, excluded (cannot be defaced safely), failed (a check failed)
+    reason_code: str | None = None
+    reason: str | None = None
+    reference: str | None = None  # SeriesInstanceUID of the T1 the template was fitted to
+    instances: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    previews: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    source: str
+    reason_code: str
+    reason: str
+
+
+@dataclass
+class DefaceReport:
+    series: list[SeriesOutcome] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def with_status(self, status: str) -> list[SeriesOutcome]:
+        return [s for s in self.series if s.status == status]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    relative: Path
+    header: Dataset
+
+
+@dataclass(frozen=True)
+class _Reference:
+    series: str
+    frame_of_reference: str | None
+    fit: Fit
+    metrics: dict[str, float]
+    datasets: list[Dataset]
+
+
+def deface_folder(
+    source: Path,
+    out_root: Path,
+    template: Template,
+    settings: DefaceSettings,
+    is_reference: ReferenceRule,
+    previews: Path | None = None,
+    progress: Callable[[SeriesOutcome], None] | None = None,
+) -> DefaceReport:
+    """Deface the series of every study under ``source`` into ``out_root``."""
+    report = DefaceReport()
+    studies = _index(source, report.skipped)
+    for study_uid, series in studies.items():
+        for outcome in deface_study(
+            study_uid, series, out_root, template, settings, is_reference, previews
+        ):
+            report.series.append(outcome)
+            if progress is not None:
+                progress(outcome)
+    return report
+
+
+def deface_configured(
+    settings: Settings,
+    source: Path,
+    out_root: Path,
+    previews: Path | None = None,
+    progress: Callable[[SeriesOutcome], None] | None = None,
+) -> DefaceReport:
+    """Deface with the project's settings: its protocols' reference rule, the cached template."""
+    from pipelines.deface.template import load_template
+    from pipelines.select.protocols import load_protocols
+
+    policy = settings.deface
+    is_reference = reference_rule(load_protocols(settings.protocols_file), policy.reference_rule)
+    template = load_template(settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+    return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
+
+
+def _index(source: Path, skipped: list[SkippedFile]) -> dict[str, dict[str, list[_Entry]]]:
+    from pipelines.ingest.reader import classify
+
+    studies: dict[str, dict[str, list[_Entry]]] = defaultdict(lambda: defaultdict(list))
+    for candidate in walk([source], stat=False):
+        path = Path(candidate.path)
+        shown = printable_path(candidate.path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            skipped.append(SkippedFile(shown, "unreadable", exc.strerror or str(exc)))
+            continue
+        verdict = classify(data)
+        if not verdict.status.is_dicom or verdict.status.value == "corrupt":
+            reason = verdict.reason or verdict.status.value
+            skipped.append(SkippedFile(shown, verdict.status.value, reason))
+            continue
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        study, series = header.get("StudyInstanceUID"), header.get("SeriesInstanceUID")
+        if not study or not series:
+            skipped.append(SkippedFile(shown, "no_uids", "no StudyInstanceUID / SeriesInstanceUID"))
+            continue
+        studies[str(study)][str(series)].append(_Entry(path, path.relative_to(source), header))
+    return studies
+
+
+def _series_number(entries: list[_Entry]) -> float:
+    try:
+        return float(entries[0].header.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def deface_study(
+    study_uid: str,
+    series: dict[str, list[_Entry]],
+    out_root: Path,
+    template: Template,
+    settings: DefaceSettings,
+    is_reference: ReferenceRule,
+    previews: Path | None,
+) -> list[SeriesOutcome]:
+    """Fit the template to the study's T1, then deface each series (never raises per series)."""
+    ordered = sorted(series.items(), key=lambda item: (_series_number(item[1]), item[0]))
+    folder = {uid: str(entries[0].relative.parent) for uid, entries in ordered}
+
+    def every(status: str, code: str, reason: str) -> list[SeriesOutcome]:
+        return [
+            SeriesOutcome(study_uid, uid, folder[uid], status, code, reason, instances=len(e))
+            for uid, e in ordered
+        ]
+
+    candidates = [uid for uid, entries in ordered if is_reference(entries[0].header)]
+    if not candidates:
+        return every(
+            "excluded",
+            "no_reference_t1",
+            f"no 3D T1 (rule {settings.reference_rule}) in the study to fit the face template to",
+        )
+    reference: _Reference | None = None
+    problems: list[tuple[str, str]] = []
+    for uid in candidates:
+        try:
+            reference = _fit_reference(uid, series[uid], template, settings)
+            break
+        except DefaceError as exc:
+            log.warning("deface: study %s, T1 %s: %s", study_uid, uid, exc.message)
+            problems.append((exc.code, f"T1 {uid}: {exc.message}"))
+        except Exception as exc:  # a bad reference must not stop the other studies
+            log.exception("deface: fitting T1 %s failed", uid)
+            problems.append(("internal_error", f"T1 {uid}: {type(exc).__name__}: {exc}"))
+    if reference is None:
+        return every("failed", problems[-1][0], "; ".join(text for _, text in problems))
+
+    outcomes = []
+    for uid, entries in ordered:
+        start = time.perf_counter()
+        try:
+            outcome = _deface_series(
+                study_uid, uid, entries, reference, out_root, template, settings, previews
+            )
+        except DefaceError as exc:
+            outcome = SeriesOutcome(
+                study_uid,
+                uid,
+                folder[uid],
+                "excluded",
+                exc.code,
+                exc.message,
+                reference.series,
+                len(entries),
+            )
+        except Exception as exc:  # one series must never stop the others
+            log.exception("deface: series %s failed", uid)
+            outcome = SeriesOutcome(
+                study_uid,
+                uid,
+                folder[uid],
+                "failed",
+                "internal_error",
+                f"{type(exc).__name__}: {exc}",
+                reference.series,
+                len(entries),
+            )
+        seconds = time.perf_counter() - start
+        if uid == reference.series:
+            seconds += reference.fit.seconds
+        outcomes.append(
+            SeriesOutcome(
+                **{
+                    **outcome.__dict__,
+                    "metrics": {**outcome.metrics, **reference.metrics, "seconds": seconds},
+                }
+            )
+        )
+    return outcomes
+
+
+def read_instance(path: Path) -> Dataset:
+    """Read a whole instance; a file without the DICM preamble gets the transfer syntax it was
+    read in, so that its pixels decode."""
+    ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if not little:
+            raise ValueError("big endian data set without file meta information")
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _load(entries: list[_Entry]) -> list[Dataset]:
+    datasets = []
+    for entry in entries:
+        try:
+            datasets.append(read_instance(entry.path))
+        except Exception as exc:
+            raise DefaceError(
+                "unreadable", f"{printable_path(str(entry.path))}: {type(exc).__name__}: {exc}"
+            ) from exc
+    return datasets
+
+
+def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise DefaceError("unreadable_pixels", f"{where}: pixel data: {exc}") from exc
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise DefaceError("not_grayscale", f"{where}: colour images are not defaced")
+    return np.asarray(arr)
+
+
+def _frame(arr: npt.NDArray[np.generic], plane: Plane) -> npt.NDArray[np.generic]:
+    return arr if plane.frame is None else arr[plane.frame]
+
+
+def _all_planes(datasets: list[Dataset]) -> list[Plane]:
+    return [p for i, ds in enumerate(datasets) for p in planes_of(ds, i)]
+
+
+def _stack(volume: Volume, arrays: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.float32]:
+    """The volume's pixels in (k, r, c) order; a missing slice is interpolated from its
+    neighbours (for registration and pictures only, never written)."""
+    present = [(k, p) for k, p in enumerate(volume.planes) if p is not None]
+    first = _frame(arrays[present[0][1].instance], present[0][1])
+    out = np.zeros((len(volume.planes), *first.shape), np.float32)
+    for k, p in present:
+        out[k] = _frame(arrays[p.instance], p)
+    for (a, _), (b, _) in pairwise(present):
+        for k in range(a + 1, b):
+            w = (k - a) / (b - a)
+            out[k] = (1 - w) * out[a] + w * out[b]
+    return out
+
+
+def _fit_reference(
+    uid: str, entries: list[_Entry], template: Template, settings: DefaceSettings
+) -> _Reference:
+    datasets = _load(entries)
+    volume = reference_volume(_all_planes(datasets))
+    arrays = [
+        _pixels(ds, printable_path(str(e.path))) for ds, e in zip(datasets, entries, strict=True)
+    ]
+    stack = _stack(volume, arrays)
+    fit = fit_affine(
+        np.transpose(stack, (2, 1, 0)),  # ITK index order: column, row, slice
+        volume.first.origin,
+        volume.spacing,
+        volume.direction,
+        str(template.head_path),
+    )
+    to_lps = volume.index_to_lps()
+    placement = masks.check_placement(stack, to_lps, fit.subject_to_template, template)
+    if placement.correlation < settings.min_correlation:
+        raise DefaceError(
+            "registration_failed",
+            f"the template matches the image poorly after registration (r = "
+            f"{placement.correlation:.2f}, minimum {settings.min_correlation})",
+        )
+    if placement.neighbour_gain > settings.max_neighbour_gain:
+        raise DefaceError(
+            "registration_failed",
+            f"the registration stopped short: the template moved ({placement.neighbour}) "
+            f"matches better (r {placement.correlation:.3f} -> "
+            f"{placement.correlation + placement.neighbour_gain:.3f})",
+        )
+    brain = np.stack(
+        [
+            masks.plane_labels(template, fit.subject_to_template, p) & BRAIN > 0
+            if p is not None
+            else np.zeros((volume.first.rows, volume.first.columns), bool)
+            for p in volume.planes
+        ]
+    )
+    on_tissue = masks.brain_on_tissue(stack, brain)
+    if on_tissue < settings.min_brain_on_tissue:
+        raise DefaceError(
+            "registration_failed",
+            f"only {on_tissue:.0%} of the warped intracranial mask lies on the head (minimum "
+            f"{settings.min_brain_on_tissue:.0%}): the template landed off the brain",
+        )
+    header = entries[0].header
+    return _Reference(
+        series=uid,
+        frame_of_reference=str(header.get("FrameOfReferenceUID") or "") or None,
+        fit=fit,
+        metrics={
+            "correlation": round(placement.correlation, 4),
+            "neighbour_gain": round(placement.neighbour_gain, 4),
+            "brain_on_tissue": round(on_tissue, 4),
+            "registration_seconds": round(fit.seconds, 2),
+        },
+        datasets=datasets,
+    )
+
+
+def _deface_series(
+    study_uid: str,
+    uid: str,
+    entries: list[_Entry],
+    reference: _Reference,
+    out_root: Path,
+    template: Template,
+    settings: DefaceSettings,
+    previews: Path | None,
+) -> SeriesOutcome:
+    folder = str(entries[0].relative.parent)
+    if uid != reference.series:
+        own = str(entries[0].header.get("FrameOfReferenceUID") or "") or None
+        if own is None or own != reference.frame_of_reference:
+            raise DefaceError(
+                "other_frame_of_reference",
+                ("no FrameOfReferenceUID" if own is None else "another frame of reference")
+                + " than the T1 the template was fitted to: the face mask cannot be placed on it",
+            )
+    datasets = reference.datasets if uid == reference.series else _load(entries)
+    planes = _all_planes(datasets)
+    where = [printable_path(str(e.path)) for e in entries]
+    before = [_pixels(ds, w) for ds, w in zip(datasets, where, strict=True)]
+    fill = min(0, *(int(a.min()) for a in before))
+    after = [a.copy() for a in before]
+    tally = masks.Tally()
+    matrix = reference.fit.subject_to_template
+    for plane in planes:
+        labels = masks.plane_labels(template, matrix, plane)
+        src = _frame(before[plane.instance], plane)
+        out = masks.deface_plane(src, labels, fill)
+        tally.add(src, out, labels, fill)
+        if plane.frame is None:
+            after[plane.instance] = out
+        else:
+            after[plane.instance][plane.frame] = out
+    metrics = {
+        "face_voxels": float(tally.face_voxels),
+        "face_removed_fraction": round(tally.face_removed_fraction, 5),
+        "brain_voxels": float(tally.brain_voxels),
+        "brain_changed": float(tally.brain_changed),
+        "changed_voxels": float(tally.changed),
+    }
+
+    def failed(code: str, reason: str) -> SeriesOutcome:
+        return SeriesOutcome(
+            study_uid, uid, folder, "failed", code, reason, reference.series, len(entries), metrics
+        )
+
+    if tally.brain_changed:
+        return failed(
+            "brain_altered", f"{tally.brain_changed} intracranial voxels would change: not written"
+        )
+    if tally.face_removed_fraction < settings.min_face_removed:
+        return failed(
+            "face_not_removed",
+            f"only {tally.face_removed_fraction:.1%} of the face region removed (minimum "
+            f"{settings.min_face_removed:.0%}): the intracranial margin overlaps the face",
+        )
+    for ds, arr, entry in zip(datasets, after, entries, strict=True):
+        _write(ds, arr, out_root / entry.relative)
+    shown: tuple[str, ...] = ()
+    if previews is not None:
+        shown = _previews(previews, study_uid, uid, planes, before, after, matrix, template)
+    return SeriesOutcome(
+        study_uid,
+        uid,
+        folder,
+        "defaced",
+        None,
+        None,
+        reference.series,
+        len(entries),
+        metrics,
+        shown,
+    )
+
+
+def _previews(
+    root: Path,
+    study_uid: str,
+    uid: str,
+    planes: list[Plane],
+    before: list[npt.NDArray[np.generic]],
+    after: list[npt.NDArray[np.generic]],
+    matrix: npt.NDArray[np.float64],
+    template: Template,
+) -> tuple[str, ...]:
+    try:
+        volume = reference_volume(planes)
+    except DefaceError:
+        return ()  # not a regular stack (a localizer, a gap): no reformatted picture
+    to_lps = volume.index_to_lps()
+    img_before, labels = preview.midsagittal(_stack(volume, before), to_lps, matrix, template)
+    img_after, _ = preview.midsagittal(_stack(volume, after), to_lps, matrix, template)
+    rgb_before, rgb_after = preview.render(img_before, img_after, labels)
+    paths = (root / study_uid / f"{uid}_before.png", root / study_uid / f"{uid}_after.png")
+    preview.write_png(paths[0], rgb_before)
+    preview.write_png(paths[1], rgb_after)
+    return tuple(str(p) for p in paths)
+
+
+def mark_defaced(ds: Dataset) -> None:
+    """Record in the header that recognizable visual features were removed (PS3.15 E.3.2)."""
+    ds.RecognizableVisualFeatures = "NO"
+    method = ds.get("DeidentificationMethod")
+    if method is None:
+        values = []
+    elif isinstance(method, MultiValue):
+        values = [str(v) for v in method]
+    else:
+        values = [str(method)]
+    if METHOD_TEXT not in values:
+        ds.DeidentificationMethod = [*values, METHOD_TEXT] if values else METHOD_TEXT
+    codes = ds.get("DeidentificationMethodCodeSequence")
+    if codes is None:
+        codes = DicomSequence()
+        ds.DeidentificationMethodCodeSequence = codes
+    if not any(str(item.get("CodeValue")) == CLEAN_VISUAL_FEATURES[0] for item in codes):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = CLEAN_VISUAL_FEATURES
+        codes.append(item)
+
+
+def _write(ds: Dataset, pixels: npt.NDArray[np.generic], out: Path) -> None:
+    bits = int(ds.get("BitsStored") or pixels.dtype.itemsize * 8)
+    ds.set_pixel_data(
+        pixels,
+        str(ds.get("PhotometricInterpretation") or "MONOCHROME2"),
+        bits,
+        generate_instance_uid=False,
+    )
+    mark_defaced(ds)
+    meta = ds.file_meta if getattr(ds, "file_meta", None) else FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(out.name + ".part")
+    ds.save_as(temp, enforce_file_format=True)
+    temp.replace(out)

@@ -1,0 +1,88 @@
+"""The defacing template: pydeface's whole-head mean T1, its face mask, and a brain mask.
+
+- ``mean_reg2mean.nii.gz`` and ``facemask.nii.gz`` are package data of ``pydeface`` (MIT); its
+  command needs FSL, which cohortflow does not use: the template is registered with antspyx.
+- The intracranial mask on the same grid is the whole-head atlas built once from nilearn's MNI152
+  brain mask registered to that head (``pipelines.synth.headmodel``, cached in the data folder,
+  about a minute on first use). It is what defacing must never touch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from pipelines.deface.errors import TemplateError
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, and the
+#: intracranial mask grown by the safety margin (never altered).
+FACE, BRAIN, PROTECT = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class Template:
+    """The template head's path and its label bits on the head's grid (voxel order i, j, k)."""
+
+    head_path: Path
+    head: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.uint8]
+    index_to_lps: npt.NDArray[np.float64]
+    digest: str
+
+    @property
+    def lps_to_index(self) -> npt.NDArray[np.float64]:
+        return np.asarray(np.linalg.inv(self.index_to_lps), dtype=np.float64)
+
+
+def load_template(cache_dir: Path, margin_mm: float, face_margin_mm: float) -> Template:
+    """Load pydeface's template and the cached brain mask (building it on first use); grow the
+    face region by ``face_margin_mm`` and the protected intracranial mask by ``margin_mm``."""
+    from pipelines.synth.headmodel import CSF, GM, WM, load_or_build
+
+    data = resources.files("pydeface") / "data"
+    head_path = Path(str(data / "mean_reg2mean.nii.gz"))
+    mask_path = Path(str(data / "facemask.nii.gz"))
+    for path in (head_path, mask_path):
+        if not path.is_file():
+            raise TemplateError(f"{path} not found: install the package pydeface")
+    head_img = nib.load(head_path)
+    keep = np.asarray(nib.load(mask_path).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+    model = load_or_build(cache_dir)
+    if model.labels.shape != keep.shape:
+        raise TemplateError(
+            f"the head model in {cache_dir} has shape {model.labels.shape}, pydeface's face "
+            f"mask {keep.shape}: delete the cached head model to rebuild it"
+        )
+    brain = np.isin(model.labels, (CSF, GM, WM))
+    affine = np.asarray(head_img.affine, dtype=np.float64)  # type: ignore[attr-defined]
+    voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    labels = np.where(_grow(keep < 0.5, face_margin_mm, voxel), FACE, 0).astype(np.uint8)
+    labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
+    labels |= np.where(_grow(brain, margin_mm, voxel), PROTECT, 0).astype(np.uint8)
+    return Template(
+        head_path=head_path,
+        head=np.asarray(head_img.dataobj, dtype=np.float32),  # type: ignore[attr-defined]
+        labels=labels,
+        index_to_lps=LPS_FROM_RAS @ affine,
+        digest=model.digest,
+    )
+
+
+def _grow(
+    mask: npt.NDArray[np.bool_], mm: float, voxel: npt.NDArray[np.float64]
+) -> npt.NDArray[np.bool_]:
+    """Dilate by a ball of ``mm`` millimetres (an ellipsoid in voxels of size ``voxel``)."""
+    if mm <= 0:
+        return mask
+    radius = np.maximum(1, np.round(mm / voxel)).astype(int)
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius, strict=True)) <= 1.0
+    return np.asarray(ndimage.binary_dilation(mask, structure=ball), dtype=bool)
