@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/retrieve.py
 	$(BIN)/python benchmarks/anonymize.py
+	$(BIN)/python benchmarks/deface.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -73,6 +73,9 @@ _IDENTIFYING = (
     "DeviceSerialNumber",
     "StudyID",
 )
+_IDENTIFYING_TAGS = tuple((k, BaseTag(tag_for_keyword(k) or 0)) for k in _IDENTIFYING)
+#: Character sets whose raw bytes decode with one Python codec (no code extensions).
+_RAW_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _LONG_NUMBER = re.compile(r"\d{6,}")
 
 
@@ -127,6 +130,9 @@ class Deidentifier:
         self.profile = profile
         self.key = key
         self._uids: dict[str, str] = {}
+        # descriptor cleaners by the identifying words they remove: the files of a series share
+        # them, and compiling the pattern is the costly part
+        self._cleaners: dict[tuple[str, ...], Callable[[str], str]] = {}
         # the same for every file: what was done, in words and as CID 7050 codes
         self._method = f"cohortflow {profile.name}; PS3.15 {profile.table.edition}"[:64]
         chosen = profile.options.model_dump()
@@ -186,13 +192,26 @@ class Deidentifier:
 
     def _cleaner(self, ds: Dataset) -> Callable[[str], str]:
         values: set[str] = set()
-        for keyword in _IDENTIFYING:
-            raw = str(ds.get(keyword, "") or "")
+        codec = _RAW_CODECS.get(str(ds.get("SpecificCharacterSet") or ""))
+        for keyword, tag in _IDENTIFYING_TAGS:
+            element = ds.get_item(tag)
+            if element is None:
+                continue
+            if isinstance(element, RawDataElement) and codec is not None:
+                # read as text without building pydicom values (PersonName is slow to make)
+                raw = (element.value or b"").decode(codec, "replace").strip("\x00 ")
+            else:
+                raw = str(ds.get(keyword, "") or "")
             values.add(raw)
-            values.update(re.split(r"[\^\s,/=]+", raw))
+            values.update(re.split(r"[\^\s,/=\\]+", raw))
         for item in ds.get("OtherPatientIDsSequence") or []:
             values.add(str(item.get("PatientID", "")))
-        words = sorted((v for v in values if len(v.strip()) >= 3), key=len, reverse=True)
+        words = tuple(
+            sorted((v for v in values if len(v.strip()) >= 3), key=lambda w: (-len(w), w))
+        )
+        cached = self._cleaners.get(words)
+        if cached is not None:
+            return cached
         pattern = (
             re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
         )
@@ -202,6 +221,9 @@ class Deidentifier:
                 text = pattern.sub("", text)
             return _LONG_NUMBER.sub("", text).strip(" _-^/")
 
+        if len(self._cleaners) > 4096:  # a long run over many patients: bound the memory
+            self._cleaners.clear()
+        self._cleaners[words] = clean
         return clean
 
     def _walk(self, ds: Dataset, days: int, cleaner: Callable[[str], str] | None) -> None:

@@ -8,7 +8,6 @@ stops the others. The linkage records it returns belong on the identified side o
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from models.settings import Settings
 from pipelines.anonymize.deidentify import Deidentifier, Excluded
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
+from pipelines.anonymize.writer import can_splice, encode_file, snapshot
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
 
@@ -74,7 +74,8 @@ def anonymize_file(
         reason = verdict.reason or verdict.status.value
         return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = verdict.full_dataset(data)  # the header is not parsed twice
+        originals = snapshot(ds)
         syntax = (ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None) or (
             verdict.header.transfer_syntax_uid if verdict.header else None
         )
@@ -92,10 +93,14 @@ def anonymize_file(
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
-        ds.file_meta = meta
         out.parent.mkdir(parents=True, exist_ok=True)
         temp = out.with_suffix(".part")
-        ds.save_as(temp, enforce_file_format=True)
+        if can_splice(ds, meta):
+            temp.write_bytes(encode_file(ds, meta, data, originals))
+        else:
+            ds.file_meta = meta
+            ds.preamble = b"\x00" * 128  # a preamble may carry application data (a TIFF header)
+            ds.save_as(temp, enforce_file_format=True)
         os.replace(temp, out)
     except Exception as exc:  # one bad file must not stop the others
         log.warning("anonymize failed on %s: %s", shown, exc)

@@ -30,6 +30,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -84,6 +85,25 @@ class Verdict:
     reason: str
     header: InstanceHeader | None = None
     notes: tuple[str, ...] = field(default=())
+    #: the header as pydicom read it (no pixel data), and the offset where that reading stopped
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    stopped_at: int | None = field(default=None, repr=False, compare=False)
+
+    def full_dataset(self, data: bytes) -> Dataset:
+        """The whole data set of ``data`` (the bytes this verdict was made from): the header
+        already read, completed by reading only what follows it (pixel data, trailing elements).
+        Raw elements keep their offsets in ``data``."""
+        if self.dataset is None or self.stopped_at is None:
+            raise ValueError(f"no data set: the content is {self.status.value}")
+        ds = self.dataset
+        if self.stopped_at < len(data):
+            implicit, little = ds.original_encoding
+            stream = io.BytesIO(data)
+            stream.seek(self.stopped_at)
+            rest = read_dataset(stream, bool(implicit), bool(little))
+            for tag in rest.keys():  # noqa: SIM118 - raw elements, unconverted
+                ds[tag] = rest.get_item(tag)
+        return ds
 
 
 def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
@@ -233,6 +253,7 @@ def _parse(data: bytes, modern: bool) -> Verdict:
             "read without a preamble, but holds no SOPClassUID or SOPInstanceUID",
             notes=tuple(notes),
         )
+
     if modern:
         if transfer_syntax is None:
             notes.append("file meta information lacks TransferSyntaxUID; encoding inferred")
@@ -243,8 +264,10 @@ def _parse(data: bytes, modern: bool) -> Verdict:
                 "DICOM file without SOPInstanceUID: archived, but not indexed as an instance",
                 header,
                 tuple(notes),
+                dataset=ds,
+                stopped_at=position,
             )
-        return Verdict(status, "ok", "", header, tuple(notes))
+        return Verdict(status, "ok", "", header, tuple(notes), dataset=ds, stopped_at=position)
     implicit, little = ds.original_encoding
     encoding = (
         "implicit VR little endian"
@@ -266,6 +289,8 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         f"no 128-byte preamble and 'DICM' prefix; read by content as {encoding}",
         header,
         tuple(notes),
+        dataset=ds,
+        stopped_at=position,
     )
 
 
