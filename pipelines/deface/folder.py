@@ -165,7 +165,8 @@ def _index(source: Path, skipped: list[SkippedFile]) -> dict[str, dict[str, list
             reason = verdict.reason or verdict.status.value
             skipped.append(SkippedFile(shown, verdict.status.value, reason))
             continue
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        header = verdict.dataset  # the header as classify read it (no pixel data)
+        assert header is not None
         study, series = header.get("StudyInstanceUID"), header.get("SeriesInstanceUID")
         if not study or not series:
             skipped.append(SkippedFile(shown, "no_uids", "no StudyInstanceUID / SeriesInstanceUID"))
