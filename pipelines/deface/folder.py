@@ -19,7 +19,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -97,7 +97,9 @@ class DefaceReport:
 class _Entry:
     path: Path
     relative: Path
-    header: Dataset
+    #: the header of the series' first file; later files keep none (a large folder's headers
+    #: would not fit in memory)
+    header: Dataset | None
 
 
 @dataclass(frozen=True)
@@ -171,13 +173,20 @@ def _index(source: Path, skipped: list[SkippedFile]) -> dict[str, dict[str, list
         if not study or not series:
             skipped.append(SkippedFile(shown, "no_uids", "no StudyInstanceUID / SeriesInstanceUID"))
             continue
-        studies[str(study)][str(series)].append(_Entry(path, path.relative_to(source), header))
+        entries = studies[str(study)][str(series)]
+        entries.append(_Entry(path, path.relative_to(source), None if entries else header))
     return studies
+
+
+def _first_header(entries: list[_Entry]) -> Dataset:
+    header = entries[0].header
+    assert header is not None, "the first entry of a series keeps its header"
+    return header
 
 
 def _series_number(entries: list[_Entry]) -> float:
     try:
-        return float(entries[0].header.get("SeriesNumber") or 0)
+        return float(_first_header(entries).get("SeriesNumber") or 0)
     except (TypeError, ValueError):
         return 0.0
 
@@ -201,7 +210,7 @@ def deface_study(
             for uid, e in ordered
         ]
 
-    candidates = [uid for uid, entries in ordered if is_reference(entries[0].header)]
+    candidates = [uid for uid, entries in ordered if is_reference(_first_header(entries))]
     if not candidates:
         return every(
             "excluded",
@@ -256,14 +265,8 @@ def deface_study(
         seconds = time.perf_counter() - start
         if uid == reference.series:
             seconds += reference.fit.seconds
-        outcomes.append(
-            SeriesOutcome(
-                **{
-                    **outcome.__dict__,
-                    "metrics": {**outcome.metrics, **reference.metrics, "seconds": seconds},
-                }
-            )
-        )
+        metrics = {**outcome.metrics, **reference.metrics, "seconds": round(seconds, 3)}
+        outcomes.append(replace(outcome, metrics=metrics))
     return outcomes
 
 
@@ -371,7 +374,7 @@ def _fit_reference(
             f"only {on_tissue:.0%} of the warped intracranial mask lies on the head (minimum "
             f"{settings.min_brain_on_tissue:.0%}): the template landed off the brain",
         )
-    header = entries[0].header
+    header = _first_header(entries)
     return _Reference(
         series=uid,
         frame_of_reference=str(header.get("FrameOfReferenceUID") or "") or None,
@@ -398,12 +401,15 @@ def _deface_series(
 ) -> SeriesOutcome:
     folder = str(entries[0].relative.parent)
     if uid != reference.series:
-        own = str(entries[0].header.get("FrameOfReferenceUID") or "") or None
+        own = str(_first_header(entries).get("FrameOfReferenceUID") or "") or None
         if own is None or own != reference.frame_of_reference:
+            where = (
+                "has no FrameOfReferenceUID"
+                if own is None
+                else "lies in another frame of reference than the T1 the template was fitted to"
+            )
             raise DefaceError(
-                "other_frame_of_reference",
-                ("no FrameOfReferenceUID" if own is None else "another frame of reference")
-                + " than the T1 the template was fitted to: the face mask cannot be placed on it",
+                "other_frame_of_reference", f"{where}: the face mask cannot be placed on it"
             )
     datasets = reference.datasets if uid == reference.series else _load(entries)
     planes = _all_planes(datasets)
