@@ -403,13 +403,13 @@ def _deface_series(
     if uid != reference.series:
         own = str(_first_header(entries).get("FrameOfReferenceUID") or "") or None
         if own is None or own != reference.frame_of_reference:
-            where = (
+            why = (
                 "has no FrameOfReferenceUID"
                 if own is None
                 else "lies in another frame of reference than the T1 the template was fitted to"
             )
             raise DefaceError(
-                "other_frame_of_reference", f"{where}: the face mask cannot be placed on it"
+                "other_frame_of_reference", f"{why}: the face mask cannot be placed on it"
             )
     datasets = reference.datasets if uid == reference.series else _load(entries)
     planes = _all_planes(datasets)
