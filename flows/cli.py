@@ -691,6 +691,7 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
         "new_linkage": run.new_linkage,
         "profile": deidentifier.profile.name,
         "standard_edition": deidentifier.profile.table.edition,
+        "profile_sha256": deidentifier.profile.sha256,
         "excluded": [asdict(o) for o in report.excluded],
         "skipped": [asdict(o) for o in report.skipped],
         "failed": [asdict(o) for o in report.failed],

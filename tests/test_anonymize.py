@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import re
 from collections import defaultdict
@@ -197,6 +198,9 @@ def test_no_planted_identifier_survives_in_any_output_file(
     out = tmp_path / "out"
     assert main(["anonymize", str(cohort.out_dir / "dicom"), str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    # the output names the exact profile file used (its hash), for provenance
+    shipped = Path(load_profile().source).read_bytes()
+    assert report["profile_sha256"] == hashlib.sha256(shipped).hexdigest()
     files = sorted(p for p in out.rglob("*") if p.is_file())
     values = _planted(cohort.truth)
     leaks = {str(f): hits for f in files if (hits := _found(values, f.read_bytes()))}
