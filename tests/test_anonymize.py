@@ -293,6 +293,21 @@ def test_dciodvfy_finds_no_new_error_in_anonymized_output(
     assert checked >= 30
 
 
+def test_deflated_files_keep_their_pixel_data() -> None:
+    """Regression: the header read by classify was completed from an offset that, in a deflated
+    file, points into the inflated stream: the pixel data was silently lost."""
+    from pipelines.ingest.reader import classify
+
+    source = pydicom_file("image_dfl.dcm")
+    data = source.read_bytes()
+    whole = classify(data).full_dataset(data)
+    assert whole.PixelData == pydicom.dcmread(source).PixelData
+    # and a file that is not deflated is completed from where the header stopped
+    source = pydicom_file("MR_small.dcm")
+    data = source.read_bytes()
+    assert classify(data).full_dataset(data).PixelData == pydicom.dcmread(source).PixelData
+
+
 def _both_writers(path: Path) -> tuple[bytes, bytes] | None:
     """The de-identified file as the splicing writer and as pydicom's writer encode it."""
     import io

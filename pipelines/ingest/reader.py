@@ -91,11 +91,14 @@ class Verdict:
 
     def full_dataset(self, data: bytes) -> Dataset:
         """The whole data set of ``data`` (the bytes this verdict was made from): the header
-        already read, completed by reading only what follows it (pixel data, trailing elements).
-        Raw elements keep their offsets in ``data``."""
+        already read, completed in place by reading only what follows it (pixel data, trailing
+        elements). Raw elements keep their offsets in ``data``."""
         if self.dataset is None or self.stopped_at is None:
             raise ValueError(f"no data set: the content is {self.status.value}")
         ds = self.dataset
+        if _text(ds.file_meta, "TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # offsets in a deflated file are offsets in the inflated stream: read it all again
+            return pydicom.dcmread(io.BytesIO(data), force=True)
         if self.stopped_at < len(data):
             implicit, little = ds.original_encoding
             stream = io.BytesIO(data)
@@ -253,7 +256,6 @@ def _parse(data: bytes, modern: bool) -> Verdict:
             "read without a preamble, but holds no SOPClassUID or SOPInstanceUID",
             notes=tuple(notes),
         )
-
     if modern:
         if transfer_syntax is None:
             notes.append("file meta information lacks TransferSyntaxUID; encoding inferred")
