@@ -7,7 +7,8 @@ still the very raw element read from them (not converted, not replaced), has a d
 and its tag is found where its header must start; everything else (new, changed, converted,
 undefined-length elements) is encoded by pydicom's own ``write_data_element``. Runs of
 consecutive untouched elements are copied as one slice. The output is byte-identical to what
-pydicom would write for the same data set (tests compare both).
+pydicom would write for the same data set (tests compare both), except the 128-byte preamble,
+which is always zeroed here: a source's preamble may carry application data (a TIFF header).
 
 Only for data sets decoded from ``source`` in little endian, written in that same encoding and
 character set; otherwise the caller uses pydicom's writer.
