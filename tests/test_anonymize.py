@@ -321,7 +321,7 @@ def _both_writers(path: Path) -> tuple[bytes, bytes] | None:
     outputs = []
     for splice in (True, False):
         verdict = classify(data)
-        if not verdict.status.is_dicom or verdict.status.value == "corrupt":
+        if not verdict.readable:
             return None
         ds = verdict.full_dataset(data)
         if "SOPClassUID" not in ds:

@@ -70,7 +70,7 @@ def anonymize_file(
     except OSError as exc:
         return FileOutcome(shown, "failed", None, "unreadable", exc.strerror or str(exc)), None
     verdict = classify(data)
-    if not verdict.status.is_dicom or verdict.status.value == "corrupt":
+    if not verdict.readable:
         reason = verdict.reason or verdict.status.value
         return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
     try:

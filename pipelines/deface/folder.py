@@ -163,7 +163,7 @@ def _index(source: Path, skipped: list[SkippedFile]) -> dict[str, dict[str, list
             skipped.append(SkippedFile(shown, "unreadable", exc.strerror or str(exc)))
             continue
         verdict = classify(data)
-        if not verdict.status.is_dicom or verdict.status.value == "corrupt":
+        if not verdict.readable:
             reason = verdict.reason or verdict.status.value
             skipped.append(SkippedFile(shown, verdict.status.value, reason))
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,8 +50,6 @@ def fit_affine(
 ) -> Fit:
     """Register the template head (moving) to the subject volume (fixed, ``pixels`` in
     (column, row, slice) order with ITK's origin / spacing / direction)."""
-    import time
-
     import ants
 
     start = time.perf_counter()

@@ -19,8 +19,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.deface.errors import TemplateError
-
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from pipelines.synth.anatomy import LPS_FROM_RAS
 
 #: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, and the
 #: intracranial mask grown by the safety margin (never altered).

@@ -89,6 +89,11 @@ class Verdict:
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
     stopped_at: int | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def readable(self) -> bool:
+        """DICOM whose data set was read (modern or legacy): not corrupt, not foreign."""
+        return self.status.is_dicom and self.status is not FileStatus.CORRUPT
+
     def full_dataset(self, data: bytes) -> Dataset:
         """The whole data set of ``data`` (the bytes this verdict was made from): the header
         already read, completed in place by reading only what follows it (pixel data, trailing

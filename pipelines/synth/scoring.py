@@ -11,9 +11,8 @@ import numpy as np
 from models.synth import CohortTruth, SeriesTruth
 from pipelines.deface.folder import read_instance
 from pipelines.deface.planes import planes_of
+from pipelines.synth.anatomy import LPS_FROM_RAS
 from pipelines.synth.cohort import DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL
-
-LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def _score_series(cohort_dir: Path, series: SeriesTruth, rel: Path, out_dir: Pat
         before_ds = read_instance(cohort_dir / "dicom" / rel / out_file.name)
         after_all, before_all = after_ds.pixel_array, before_ds.pixel_array
         for plane in planes_of(after_ds, 0):
-            ras = plane.origin * LPS_TO_RAS
+            ras = LPS_FROM_RAS[:3, :3] @ plane.origin  # the flip is its own inverse
             k = round(float((to_voxel @ np.append(ras, 1.0))[2]))
             truth = labels[:, :, k].T  # (x, y) = (c, r) -> (r, c)
             f = plane.frame
