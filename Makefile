@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/retrieve.py
 	$(BIN)/python benchmarks/anonymize.py
 	$(BIN)/python benchmarks/deface.py
+	$(BIN)/python benchmarks/qc.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

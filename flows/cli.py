@@ -254,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deface.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
+    qc = sub.add_parser(
+        "qc",
+        help="header and image QC of the series in a folder",
+        description="Check every series the protocol selects (its include rules): header QC "
+        "(required attributes, slice geometry, protocol parameters, known scanners) and, for "
+        "the 3D T1, image QC (SNR, CNR, CJV, EFC, FBER, WM2MAX, non-uniformity, artefacts, "
+        "brain coverage), each metric also against the series of the same protocol and "
+        "scanner seen so far. Every finding names its check, value and threshold. Results are "
+        "recorded in the archive index (stage_results) unless --no-record.",
+    )
+    qc.add_argument("source", type=Path, metavar="SERIES_DIR", help="a series or studies folder")
+    qc.add_argument(
+        "--protocol",
+        help="protocol whose rules and thresholds apply (default: the one whose study "
+        "description patterns match each study)",
+    )
+    qc.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    qc.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not record results in the index (outliers are still judged against it)",
+    )
+    qc.add_argument("--json", action="store_true", help="print the findings as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -298,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "listen": _listen,
             "anonymize": _anonymize,
             "deface": _deface,
+            "qc": _qc,
         }
         if args.command in commands:
             return commands[args.command](args, settings, err)
@@ -755,6 +780,32 @@ def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         for skipped in report.skipped:
             console.print(f"skipped: {skipped.source}: {skipped.reason}")
     return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_qc_report, qc_json
+    from pipelines.quality.folder import qc_configured
+    from qc.findings import Verdict
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    with _open_index(settings) as index, _progress(err, f"checking {args.source}") as bar:
+        task = bar.add_task("qc", total=None)
+        report = qc_configured(
+            settings,
+            args.source,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        _emit(args, qc_json(report))
+    else:
+        print_qc_report(report, Console())
+    return EXIT_FAILURES if report.with_verdict(Verdict.FAIL) else EXIT_OK
 
 
 if __name__ == "__main__":

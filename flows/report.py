@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from pipelines.synth.summary import CohortSummary
 
 if TYPE_CHECKING:
     from flows.protocol_flow import SelectionSummary
+    from pipelines.quality.folder import QcReport
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
@@ -294,3 +296,78 @@ def print_protocol_runs(
             ", ".join(f"{v} {k}" for k, v in ret.by_status.items()) or "-",
         )
     console.print(table)
+
+
+def qc_json(report: QcReport) -> dict[str, Any]:
+    """The QC of a folder as one JSON document (``cohortflow qc --json``)."""
+    counts = Counter(s.verdict.value for s in report.series)
+    return {
+        "checked": len(report.series),
+        "passed": counts.get("pass", 0),
+        "warned": counts.get("warn", 0),
+        "failed": counts.get("fail", 0),
+        "series": [
+            {
+                "study": s.study,
+                "series": s.series,
+                "folder": s.folder,
+                "description": s.description,
+                "protocol": s.protocol,
+                "role": s.role,
+                "scanner": {
+                    "manufacturer": s.manufacturer,
+                    "model": s.model,
+                    "software_versions": s.software_versions,
+                },
+                "verdict": s.verdict.value,
+                "reason_code": s.reason.check if s.reason else None,
+                "reason": s.reason.message if s.reason else None,
+                "input_sha256": s.input_sha256,
+                "stages": [
+                    {
+                        "stage": st.stage,
+                        "verdict": st.verdict.value,
+                        "seconds": st.seconds,
+                        "findings": [f.as_dict() for f in st.findings],
+                        "metrics": st.metrics,
+                    }
+                    for st in s.stages
+                ],
+            }
+            for s in report.series
+        ],
+        "not_checked": [asdict(n) for n in report.not_checked],
+        "skipped": [asdict(s) for s in report.skipped],
+    }
+
+
+def print_qc_report(report: QcReport, console: Console) -> None:
+    """One line per series checked (verdict and deciding finding), then each finding of the
+    series that did not pass, then what was not checked and why."""
+    table = Table(title="QC: header and image")
+    for name in ("series", "role", "verdict", "reason"):
+        table.add_column(name)
+    colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+    for s in report.series:
+        deciding = s.reason
+        table.add_row(
+            f"{s.folder} ({s.description})" if s.description else s.folder,
+            s.role,
+            f"[{colour[s.verdict.value]}]{s.verdict.value}[/]",
+            f"{deciding.check}: {deciding.message}" if deciding else "",
+        )
+    console.print(table)
+    for s in report.series:
+        extra = [f for st in s.stages for f in st.findings if f is not s.reason]
+        for f in extra:
+            console.print(f"  {s.folder}: {f.severity.value} {f.check}: {f.message}")
+    for n in report.not_checked:
+        console.print(f"not checked: {n.folder}: {n.reason_code}: {n.reason}")
+    for skipped in report.skipped:
+        console.print(f"skipped: {skipped.source}: {skipped.reason}")
+    counts = Counter(s.verdict.value for s in report.series)
+    console.print(
+        f"{len(report.series)} series checked: {counts.get('pass', 0)} passed, "
+        f"{counts.get('warn', 0)} with warnings, {counts.get('fail', 0)} failed; "
+        f"{len(report.not_checked)} not checked"
+    )

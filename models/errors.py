@@ -15,3 +15,18 @@ class IndexDatabaseError(CohortflowError):
 
 class ManifestError(CohortflowError):
     """A batch manifest cannot be read or has invalid rows (exit status 2)."""
+
+
+class ReasonError(CohortflowError):
+    """Something about one item (a file, a series) stops a stage; ``code`` is the machine-readable
+    reason recorded in reports and the index, ``message`` says what is wrong for the reader."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class GeometryError(ReasonError):
+    """A series does not say where its pixels lie, or its planes do not form the volume asked for
+    (codes ``no_geometry``, ``not_a_volume``)."""

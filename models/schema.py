@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Date,
@@ -299,3 +300,41 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(Text)
     action: Mapped[str] = mapped_column(String(40), index=True)
     detail: Mapped[str] = mapped_column(Text)
+
+
+class StageResult(Base):
+    """The latest outcome of one processing stage for one series (header QC, image QC, ...).
+
+    Keyed by the SeriesInstanceUID the stage saw: after de-identification, the pseudonymized
+    one. Protocol and scanner say which cohort the series is compared with (robust z-scores,
+    success rates); ``input_sha256`` and ``method_version`` say whether a rerun can skip it.
+    """
+
+    __tablename__ = "stage_results"
+    __table_args__ = (
+        UniqueConstraint("series_uid", "stage"),
+        Index("ix_stage_results_cohort", "stage", "protocol", "manufacturer", "model"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    stage: Mapped[str] = mapped_column(String(40))
+    protocol: Mapped[str | None] = mapped_column(Text)
+    #: the protocol's include rule that selected the series (t1_3d, flair...)
+    role: Mapped[str | None] = mapped_column(Text)
+    manufacturer: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    software_versions: Mapped[str | None] = mapped_column(Text)
+    #: pass, warn or fail
+    status: Mapped[str] = mapped_column(String(10), index=True)
+    #: the deciding finding's check id (the first failure, else the first warning)
+    reason_code: Mapped[str | None] = mapped_column(String(80), index=True)
+    message: Mapped[str | None] = mapped_column(Text)
+    #: every finding: check, severity, value, threshold, message
+    findings: Mapped[list[dict[str, object]]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, object]] = mapped_column(JSON)
+    input_sha256: Mapped[str | None] = mapped_column(SHA256)
+    method_version: Mapped[str] = mapped_column(String(40))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -16,21 +16,21 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from flows.cli import main
+from models.errors import GeometryError
+from models.geometry import Plane, planes_of, reference_volume
 from models.settings import DefaceSettings
 from pipelines.deface import folder as deface_module
-from pipelines.deface.errors import DefaceError
 from pipelines.deface.folder import (
     CLEAN_VISUAL_FEATURES,
     DefaceReport,
     deface_folder,
     mark_defaced,
-    read_instance,
     reference_rule,
 )
 from pipelines.deface.masks import check_placement, removal_mask
-from pipelines.deface.planes import Plane, planes_of, reference_volume
 from pipelines.deface.register import Fit
 from pipelines.deface.template import BRAIN, FACE, PROTECT, Template, load_template
+from pipelines.dicomfolder import read_instance
 from pipelines.select.protocols import load_protocols
 from pipelines.synth.cohort import CohortResult
 from pipelines.synth.scoring import score_deface
@@ -62,24 +62,24 @@ def test_reference_volume_orders_planes_and_tolerates_a_few_gaps() -> None:
     gappy = [p for p in planes[:40] if p.origin[2] not in (10.0, 11.0, 12.0)]
     volume = reference_volume(gappy)
     assert len(volume.planes) == 40 and volume.planes[11] is None
-    with pytest.raises(DefaceError, match="too many gaps"):
+    with pytest.raises(GeometryError, match="too many gaps"):
         reference_volume([p for p in planes[:40] if not 5 <= p.origin[2] < 15])
-    with pytest.raises(DefaceError, match="regular grid"):
+    with pytest.raises(GeometryError, match="regular grid"):
         reference_volume([*planes[:40], _plane(40.5, 100)])
-    with pytest.raises(DefaceError, match="too few"):
+    with pytest.raises(GeometryError, match="too few"):
         reference_volume(planes[:5])
 
 
 def test_planes_of_refuses_instances_that_do_not_say_where_they_lie() -> None:
     ds = Dataset()
     ds.Rows, ds.Columns = 4, 4
-    with pytest.raises(DefaceError, match="ImagePositionPatient") as info:
+    with pytest.raises(GeometryError, match="ImagePositionPatient") as info:
         planes_of(ds, 0)
     assert info.value.code == "no_geometry"
     ds.ImagePositionPatient = [0, 0, 0]
     ds.ImageOrientationPatient = [1, 0, 0, 1, 0, 0]
     ds.PixelSpacing = [1, 1]
-    with pytest.raises(DefaceError, match="orthogonal"):
+    with pytest.raises(GeometryError, match="orthogonal"):
         planes_of(ds, 0)
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+from models.errors import ReasonError
 
-class DefaceError(Exception):
+
+class DefaceError(ReasonError):
     """A series (or the study's reference T1) cannot be defaced; ``code`` is machine-readable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class TemplateError(Exception):

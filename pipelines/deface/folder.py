@@ -17,27 +17,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
+from models.errors import GeometryError, ReasonError
+from models.geometry import Plane, plane_pixels, planes_of, reference_volume, stack_pixels
 from models.settings import DefaceSettings, Settings
 from pipelines.deface import masks, preview
 from pipelines.deface.errors import DefaceError
-from pipelines.deface.planes import Plane, Volume, planes_of, reference_volume
 from pipelines.deface.register import Fit, fit_affine
 from pipelines.deface.template import BRAIN, Template
-from pipelines.ingest.engine import walk
+from pipelines.dicomfolder import (
+    FolderFile,
+    SkippedFile,
+    first_header,
+    index_folder,
+    read_instance,
+    series_number,
+)
 from pipelines.ingest.paths import printable_path
 from pipelines.pacs.dimse import attributes
 from pipelines.select.protocols import ProtocolSet
@@ -77,13 +82,6 @@ class SeriesOutcome:
     previews: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class SkippedFile:
-    source: str
-    reason_code: str
-    reason: str
-
-
 @dataclass
 class DefaceReport:
     series: list[SeriesOutcome] = field(default_factory=list)
@@ -91,15 +89,6 @@ class DefaceReport:
 
     def with_status(self, status: str) -> list[SeriesOutcome]:
         return [s for s in self.series if s.status == status]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    path: Path
-    relative: Path
-    #: the header of the series' first file; later files keep none (a large folder's headers
-    #: would not fit in memory)
-    header: Dataset | None
 
 
 @dataclass(frozen=True)
@@ -122,7 +111,7 @@ def deface_folder(
 ) -> DefaceReport:
     """Deface the series of every study under ``source`` into ``out_root``."""
     report = DefaceReport()
-    studies = _index(source, report.skipped)
+    studies = index_folder(source, report.skipped)
     for study_uid, series in studies.items():
         for outcome in deface_study(
             study_uid, series, out_root, template, settings, is_reference, previews
@@ -150,50 +139,9 @@ def deface_configured(
     return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
 
 
-def _index(source: Path, skipped: list[SkippedFile]) -> dict[str, dict[str, list[_Entry]]]:
-    from pipelines.ingest.reader import classify
-
-    studies: dict[str, dict[str, list[_Entry]]] = defaultdict(lambda: defaultdict(list))
-    for candidate in walk([source], stat=False):
-        path = Path(candidate.path)
-        shown = printable_path(candidate.path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            skipped.append(SkippedFile(shown, "unreadable", exc.strerror or str(exc)))
-            continue
-        verdict = classify(data)
-        if not verdict.readable:
-            reason = verdict.reason or verdict.status.value
-            skipped.append(SkippedFile(shown, verdict.status.value, reason))
-            continue
-        header = verdict.dataset  # the header as classify read it (no pixel data)
-        assert header is not None
-        study, series = header.get("StudyInstanceUID"), header.get("SeriesInstanceUID")
-        if not study or not series:
-            skipped.append(SkippedFile(shown, "no_uids", "no StudyInstanceUID / SeriesInstanceUID"))
-            continue
-        entries = studies[str(study)][str(series)]
-        entries.append(_Entry(path, path.relative_to(source), None if entries else header))
-    return studies
-
-
-def _first_header(entries: list[_Entry]) -> Dataset:
-    header = entries[0].header
-    assert header is not None, "the first entry of a series keeps its header"
-    return header
-
-
-def _series_number(entries: list[_Entry]) -> float:
-    try:
-        return float(_first_header(entries).get("SeriesNumber") or 0)
-    except (TypeError, ValueError):
-        return 0.0
-
-
 def deface_study(
     study_uid: str,
-    series: dict[str, list[_Entry]],
+    series: dict[str, list[FolderFile]],
     out_root: Path,
     template: Template,
     settings: DefaceSettings,
@@ -201,7 +149,7 @@ def deface_study(
     previews: Path | None,
 ) -> list[SeriesOutcome]:
     """Fit the template to the study's T1, then deface each series (never raises per series)."""
-    ordered = sorted(series.items(), key=lambda item: (_series_number(item[1]), item[0]))
+    ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
     folder = {uid: str(entries[0].relative.parent) for uid, entries in ordered}
 
     def every(status: str, code: str, reason: str) -> list[SeriesOutcome]:
@@ -210,7 +158,7 @@ def deface_study(
             for uid, e in ordered
         ]
 
-    candidates = [uid for uid, entries in ordered if is_reference(_first_header(entries))]
+    candidates = [uid for uid, entries in ordered if is_reference(first_header(entries))]
     if not candidates:
         return every(
             "excluded",
@@ -223,7 +171,7 @@ def deface_study(
         try:
             reference = _fit_reference(uid, series[uid], template, settings)
             break
-        except DefaceError as exc:
+        except ReasonError as exc:
             log.warning("deface: study %s, T1 %s: %s", study_uid, uid, exc.message)
             problems.append((exc.code, f"T1 {uid}: {exc.message}"))
         except Exception as exc:  # a bad reference must not stop the other studies
@@ -239,7 +187,7 @@ def deface_study(
             outcome = _deface_series(
                 study_uid, uid, entries, reference, out_root, template, settings, previews
             )
-        except DefaceError as exc:
+        except ReasonError as exc:
             outcome = SeriesOutcome(
                 study_uid,
                 uid,
@@ -270,20 +218,7 @@ def deface_study(
     return outcomes
 
 
-def read_instance(path: Path) -> Dataset:
-    """Read a whole instance; a file without the DICM preamble gets the transfer syntax it was
-    read in, so that its pixels decode."""
-    ds = pydicom.dcmread(path, force=True)
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        if not little:
-            raise ValueError("big endian data set without file meta information")
-        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-        ds.file_meta.TransferSyntaxUID = syntax
-    return ds
-
-
-def _load(entries: list[_Entry]) -> list[Dataset]:
+def _load(entries: list[FolderFile]) -> list[Dataset]:
     datasets = []
     for entry in entries:
         try:
@@ -305,38 +240,19 @@ def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
     return np.asarray(arr)
 
 
-def _frame(arr: npt.NDArray[np.generic], plane: Plane) -> npt.NDArray[np.generic]:
-    return arr if plane.frame is None else arr[plane.frame]
-
-
 def _all_planes(datasets: list[Dataset]) -> list[Plane]:
     return [p for i, ds in enumerate(datasets) for p in planes_of(ds, i)]
 
 
-def _stack(volume: Volume, arrays: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.float32]:
-    """The volume's pixels in (k, r, c) order; a missing slice is interpolated from its
-    neighbours (for registration and pictures only, never written)."""
-    present = [(k, p) for k, p in enumerate(volume.planes) if p is not None]
-    first = _frame(arrays[present[0][1].instance], present[0][1])
-    out = np.zeros((len(volume.planes), *first.shape), np.float32)
-    for k, p in present:
-        out[k] = _frame(arrays[p.instance], p)
-    for (a, _), (b, _) in pairwise(present):
-        for k in range(a + 1, b):
-            w = (k - a) / (b - a)
-            out[k] = (1 - w) * out[a] + w * out[b]
-    return out
-
-
 def _fit_reference(
-    uid: str, entries: list[_Entry], template: Template, settings: DefaceSettings
+    uid: str, entries: list[FolderFile], template: Template, settings: DefaceSettings
 ) -> _Reference:
     datasets = _load(entries)
     volume = reference_volume(_all_planes(datasets))
     arrays = [
         _pixels(ds, printable_path(str(e.path))) for ds, e in zip(datasets, entries, strict=True)
     ]
-    stack = _stack(volume, arrays)
+    stack = stack_pixels(volume, arrays)
     fit = fit_affine(
         np.transpose(stack, (2, 1, 0)),  # ITK index order: column, row, slice
         volume.first.origin,
@@ -374,7 +290,7 @@ def _fit_reference(
             f"only {on_tissue:.0%} of the warped intracranial mask lies on the head (minimum "
             f"{settings.min_brain_on_tissue:.0%}): the template landed off the brain",
         )
-    header = _first_header(entries)
+    header = first_header(entries)
     return _Reference(
         series=uid,
         frame_of_reference=str(header.get("FrameOfReferenceUID") or "") or None,
@@ -392,7 +308,7 @@ def _fit_reference(
 def _deface_series(
     study_uid: str,
     uid: str,
-    entries: list[_Entry],
+    entries: list[FolderFile],
     reference: _Reference,
     out_root: Path,
     template: Template,
@@ -401,7 +317,7 @@ def _deface_series(
 ) -> SeriesOutcome:
     folder = str(entries[0].relative.parent)
     if uid != reference.series:
-        own = str(_first_header(entries).get("FrameOfReferenceUID") or "") or None
+        own = str(first_header(entries).get("FrameOfReferenceUID") or "") or None
         if own is None or own != reference.frame_of_reference:
             why = (
                 "has no FrameOfReferenceUID"
@@ -421,7 +337,7 @@ def _deface_series(
     matrix = reference.fit.subject_to_template
     for plane in planes:
         labels = masks.plane_labels(template, matrix, plane)
-        src = _frame(before[plane.instance], plane)
+        src = plane_pixels(before[plane.instance], plane)
         out = masks.deface_plane(src, labels, fill)
         tally.add(src, out, labels, fill)
         if plane.frame is None:
@@ -482,11 +398,11 @@ def _previews(
 ) -> tuple[str, ...]:
     try:
         volume = reference_volume(planes)
-    except DefaceError:
+    except GeometryError:
         return ()  # not a regular stack (a localizer, a gap): no reformatted picture
     to_lps = volume.index_to_lps()
-    img_before, labels = preview.midsagittal(_stack(volume, before), to_lps, matrix, template)
-    img_after, _ = preview.midsagittal(_stack(volume, after), to_lps, matrix, template)
+    img_before, labels = preview.midsagittal(stack_pixels(volume, before), to_lps, matrix, template)
+    img_after, _ = preview.midsagittal(stack_pixels(volume, after), to_lps, matrix, template)
     rgb_before, rgb_after = preview.render(img_before, img_after, labels)
     paths = (root / study_uid / f"{uid}_before.png", root / study_uid / f"{uid}_after.png")
     preview.write_png(paths[0], rgb_before)

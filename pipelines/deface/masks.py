@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipelines.deface.planes import Plane
+from models.geometry import Plane
 from pipelines.deface.template import BRAIN, FACE, PROTECT, Template
 
 

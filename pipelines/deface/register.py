@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,15 +43,28 @@ def _seeded(seed: int) -> Iterator[None]:
         ants.config._random_seed = saved
 
 
+@lru_cache(maxsize=4)
+def _template(path: str, resolution_mm: float) -> Any:
+    """The template read and resampled once per process (ANTs images are not changed by a
+    registration)."""
+    import ants
+
+    return ants.resample_image(
+        ants.image_read(path, pixeltype="float"), (resolution_mm,) * 3, False, 1
+    )
+
+
 def fit_affine(
     pixels: npt.NDArray[np.generic],
     origin: npt.NDArray[np.float64],
     spacing: tuple[float, float, float],
     direction: npt.NDArray[np.float64],
     template_path: str,
+    resolution_mm: float = REGISTRATION_MM,
 ) -> Fit:
     """Register the template head (moving) to the subject volume (fixed, ``pixels`` in
-    (column, row, slice) order with ITK's origin / spacing / direction)."""
+    (column, row, slice) order with ITK's origin / spacing / direction), both resampled to
+    ``resolution_mm``."""
     import ants
 
     start = time.perf_counter()
@@ -59,10 +74,8 @@ def fit_affine(
         spacing=tuple(float(v) for v in spacing),
         direction=np.asarray(direction, dtype=np.float64),
     )
-    fixed = ants.resample_image(subject, (REGISTRATION_MM,) * 3, False, 1)
-    moving = ants.resample_image(
-        ants.image_read(template_path, pixeltype="float"), (REGISTRATION_MM,) * 3, False, 1
-    )
+    fixed = ants.resample_image(subject, (resolution_mm,) * 3, False, 1)
+    moving = _template(template_path, resolution_mm)
     with tempfile.TemporaryDirectory(prefix="cohortflow-deface-") as tmp, _seeded(SEED):
         reg = ants.registration(
             fixed=fixed,

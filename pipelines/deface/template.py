@@ -12,14 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from models.geometry import LPS_FROM_RAS
 from pipelines.deface.errors import TemplateError
-from pipelines.synth.anatomy import LPS_FROM_RAS
 
 #: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, and the
 #: intracranial mask grown by the safety margin (never altered).
@@ -44,34 +45,53 @@ class Template:
 def load_template(cache_dir: Path, margin_mm: float, face_margin_mm: float) -> Template:
     """Load pydeface's template and the cached brain mask (building it on first use); grow the
     face region by ``face_margin_mm`` and the protected intracranial mask by ``margin_mm``."""
-    from pipelines.synth.headmodel import CSF, GM, WM, load_or_build
-
-    data = resources.files("pydeface") / "data"
-    head_path = Path(str(data / "mean_reg2mean.nii.gz"))
-    mask_path = Path(str(data / "facemask.nii.gz"))
-    for path in (head_path, mask_path):
-        if not path.is_file():
-            raise TemplateError(f"{path} not found: install the package pydeface")
-    head_img = nib.load(head_path)
-    keep = np.asarray(nib.load(mask_path).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
-    model = load_or_build(cache_dir)
-    if model.labels.shape != keep.shape:
+    head_img, brain, digest = _parts(cache_dir)
+    face_img: Any = nib.load(_data("facemask.nii.gz"))
+    keep = np.asarray(face_img.dataobj, dtype=np.float32)
+    if brain.shape != keep.shape:
         raise TemplateError(
-            f"the head model in {cache_dir} has shape {model.labels.shape}, pydeface's face "
+            f"the head model in {cache_dir} has shape {brain.shape}, pydeface's face "
             f"mask {keep.shape}: delete the cached head model to rebuild it"
         )
-    brain = np.isin(model.labels, (CSF, GM, WM))
-    affine = np.asarray(head_img.affine, dtype=np.float64)  # type: ignore[attr-defined]
+    affine = np.asarray(head_img.affine, dtype=np.float64)
     voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     labels = np.where(_grow(keep < 0.5, face_margin_mm, voxel), FACE, 0).astype(np.uint8)
     labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
     labels |= np.where(_grow(brain, margin_mm, voxel), PROTECT, 0).astype(np.uint8)
+    return _template(head_img, labels, digest)
+
+
+def load_brain_template(cache_dir: Path) -> Template:
+    """The template with its intracranial mask only (BRAIN): what QC and volumetry place on a
+    head. Skips the face and margin dilations, which take most of :func:`load_template`'s time."""
+    head_img, brain, digest = _parts(cache_dir)
+    return _template(head_img, np.where(brain, BRAIN, 0).astype(np.uint8), digest)
+
+
+def _data(name: str) -> Path:
+    path = Path(str(resources.files("pydeface") / "data" / name))
+    if not path.is_file():
+        raise TemplateError(f"{path} not found: install the package pydeface")
+    return path
+
+
+def _parts(cache_dir: Path) -> tuple[Any, npt.NDArray[np.bool_], str]:
+    """pydeface's head image, the cached intracranial mask on its grid, the model's digest."""
+    from pipelines.synth.headmodel import CSF, GM, WM, load_or_build
+
+    head_img = nib.load(_data("mean_reg2mean.nii.gz"))
+    model = load_or_build(cache_dir)
+    return head_img, np.isin(model.labels, (CSF, GM, WM)), model.digest
+
+
+def _template(head_img: Any, labels: npt.NDArray[np.uint8], digest: str) -> Template:
+    affine = np.asarray(head_img.affine, dtype=np.float64)
     return Template(
-        head_path=head_path,
-        head=np.asarray(head_img.dataobj, dtype=np.float32),  # type: ignore[attr-defined]
+        head_path=Path(head_img.get_filename()),
+        head=np.asarray(head_img.dataobj, dtype=np.float32),
         labels=labels,
         index_to_lps=LPS_FROM_RAS @ affine,
-        digest=model.digest,
+        digest=digest,
     )
 
 

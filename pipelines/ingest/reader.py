@@ -85,7 +85,9 @@ class Verdict:
     reason: str
     header: InstanceHeader | None = None
     notes: tuple[str, ...] = field(default=())
-    #: the header as pydicom read it (no pixel data), and the offset where that reading stopped
+    #: the header as pydicom read it (no pixel data), and the offset where that reading stopped;
+    #: a corrupt file keeps what could be read of its header (which series it belongs to), but
+    #: no offset: it has no whole data set
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
     stopped_at: int | None = field(default=None, repr=False, compare=False)
 
@@ -253,7 +255,8 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         notes = notes[:10]
     if problem is not None or header is None:
         code, reason = problem or ("bad_value", "header cannot be read")
-        return Verdict(FileStatus.CORRUPT, code, reason, notes=tuple(notes))
+        # the header as far as it was read: says which series lost this file (QC reports it)
+        return Verdict(FileStatus.CORRUPT, code, reason, notes=tuple(notes), dataset=ds)
     if header.sop_instance_uid is None and header.sop_class_uid is None and not modern:
         return Verdict(
             FileStatus.CORRUPT,

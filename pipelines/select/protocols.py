@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,6 +20,7 @@ import yaml
 
 from pipelines.select.errors import ProtocolError, did_you_mean
 from pipelines.select.rules import Attributes, Rule, parse_rule
+from qc.policy import PolicyError, QcPolicy, parse_policy
 
 VERSION = 1
 NO_INCLUDE_RULE = "no_include_rule"
@@ -87,6 +88,9 @@ class Protocol:
     include: tuple[tuple[str, Rule], ...]  # ordered: the first match names the series' role
     exclude: tuple[tuple[str, Rule], ...]  # the shared exclusions first, then the protocol's own
     require: tuple[str, ...]
+    #: how header and image QC judge the protocol's series (the shared ``qc`` section with the
+    #: protocol's own changes merged over it)
+    qc: QcPolicy = field(default_factory=QcPolicy)
 
     def classify_series(self, attrs: Attributes) -> SeriesDecision:
         """Exclusions first (the first match rejects), then the include rules in order."""
@@ -233,23 +237,39 @@ def _rules(data: object, where: str) -> dict[str, Rule]:
 
 
 def _protocol_set(data: object, source: str) -> ProtocolSet:
-    top = _fields(data, "", ("version", "protocols"), ("exclude",))
+    top = _fields(data, "", ("version", "protocols"), ("exclude", "qc"))
     version = top["version"]
     if version != VERSION or isinstance(version, bool):
         raise ProtocolError(
             f"version: {version!r} is not supported; this cohortflow reads version {VERSION}"
         )
     shared = _rules(top.get("exclude"), "exclude")
+    if top.get("qc") is not None:
+        try:
+            parse_policy(top["qc"], None, "qc")  # the shared section alone names its own errors
+        except PolicyError as exc:
+            raise ProtocolError(str(exc)) from None
     protocols = _names(top["protocols"], "protocols", "protocol")
     if not protocols:
         raise ProtocolError("protocols: define at least one protocol")
-    parsed = {name: _protocol(name, p, shared) for name, p in protocols.items()}
+    parsed = {name: _protocol(name, p, shared, top.get("qc")) for name, p in protocols.items()}
+    roles = {rule for p in parsed.values() for rule, _ in p.include}
+    shared_qc = top.get("qc")
+    shared_roles = shared_qc.get("roles") if isinstance(shared_qc, dict) else None
+    for role in shared_roles or {}:
+        if role not in roles:
+            raise ProtocolError(
+                f"qc.roles.{role}: no protocol has an include rule called {role!r}"
+                f"{did_you_mean(str(role), roles)}"
+            )
     return ProtocolSet(VERSION, source, MappingProxyType(parsed))
 
 
-def _protocol(name: str, data: object, shared: dict[str, Rule]) -> Protocol:
+def _protocol(
+    name: str, data: object, shared: dict[str, Rule], shared_qc: object = None
+) -> Protocol:
     where = f"protocols.{name}"
-    fields = _fields(data, where, ("title", "study", "series"))
+    fields = _fields(data, where, ("title", "study", "series"), ("qc",))
     title = fields["title"]
     if not isinstance(title, str) or not title.strip():
         raise ProtocolError(f"{where}.title: give a short human title")
@@ -287,6 +307,18 @@ def _protocol(name: str, data: object, shared: dict[str, Rule]) -> Protocol:
                 f"{where}.series.require: {rule!r} is not one of the include rules "
                 f"({', '.join(include)}); name one of them or add an include rule"
             )
+    own_qc = fields.get("qc")
+    try:
+        policy = parse_policy(shared_qc, own_qc, f"{where}.qc")
+    except PolicyError as exc:
+        raise ProtocolError(str(exc)) from None
+    own_roles = own_qc.get("roles") if isinstance(own_qc, dict) else None
+    for role in own_roles or {}:
+        if role not in include:
+            raise ProtocolError(
+                f"{where}.qc.roles.{role}: not one of the include rules ({', '.join(include)})"
+                f"{did_you_mean(str(role), include)}"
+            )
     return Protocol(
         name,
         title.strip(),
@@ -294,4 +326,5 @@ def _protocol(name: str, data: object, shared: dict[str, Rule]) -> Protocol:
         tuple(include.items()),
         tuple(exclude.items()),
         tuple(dict.fromkeys(require)),
+        policy,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from models.geometry import LPS_FROM_RAS
 from models.synth import Volumes
 from pipelines.synth.headmodel import (
     BACKGROUND,
@@ -28,7 +29,6 @@ from pipelines.synth.headmodel import (
 )
 
 FloatArray = npt.NDArray[np.float32]
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _WARP_NODES = 6  # control points per axis of the smooth warp
 _WARP_EXTENT_MM = 130.0  # the warp grid spans +-130 mm around the head centre

@@ -27,6 +27,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from models.geometry import LPS_FROM_RAS
 from models.synth import (
     CohortTruth,
     Fault,
@@ -508,7 +509,7 @@ def _save_truth_labels(
     m = grid.index_to_lps()
     aff = np.eye(4)
     aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = m[:3, 2], m[:3, 1], m[:3, 0], m[:3, 3]
-    aff = anatomy.LPS_FROM_RAS @ aff  # LPS -> RAS (the flip matrix is its own inverse)
+    aff = LPS_FROM_RAS @ aff  # LPS -> RAS (the flip matrix is its own inverse)
     img = nib.Nifti1Image(data, aff)
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)

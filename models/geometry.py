@@ -1,23 +1,27 @@
 """Where each image plane of a DICOM series lies in the patient's space (LPS millimetres).
 
-Defacing masks every plane by its own geometry, so a series needs no regular slice grid: gaps,
-duplicated positions, several stacks or Enhanced MR frames are all masked correctly. Only the
-reference T1 that the template is registered to has to form a regular volume
-(:func:`reference_volume`).
+Shared by every stage that places pixels: defacing masks every plane by its own geometry (a
+series needs no regular slice grid: gaps, duplicated positions, several stacks or Enhanced MR
+frames are all masked correctly), header QC checks the slice positions, image QC and volumetry
+need a regular volume (:func:`reference_volume`). DICOM patient coordinates are LPS; NIfTI and the
+templates are RAS (:data:`LPS_FROM_RAS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from pipelines.deface.errors import DefaceError
+from models.errors import GeometryError
 
 Array = npt.NDArray[np.float64]
+#: RAS <-> LPS (its own inverse): NIfTI / template space to DICOM patient space and back.
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,11 @@ def _item(ds: Dataset | None, *path: str) -> Dataset | None:
 def planes_of(ds: Dataset, instance: int) -> list[Plane]:
     """The planes of one instance (one, or one per frame of an Enhanced / multi-frame object).
 
-    Raises DefaceError ``no_geometry`` when the instance does not say where its pixels lie.
+    Raises GeometryError ``no_geometry`` when the instance does not say where its pixels lie.
     """
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
-        raise DefaceError("no_geometry", "no Rows / Columns: not an image")
+        raise GeometryError("no_geometry", "no Rows / Columns: not an image")
     frames = int(ds.get("NumberOfFrames") or 1)
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = _item(ds, "SharedFunctionalGroupsSequence")
@@ -102,7 +106,7 @@ def planes_of(ds: Dataset, instance: int) -> list[Plane]:
             )
         return out
     if frames > 1:
-        raise DefaceError(
+        raise GeometryError(
             "no_geometry", f"{frames} frames without per-frame positions: cannot place them"
         )
     return [
@@ -137,14 +141,14 @@ def _plane(
         if value is None
     ]
     if missing:
-        raise DefaceError("no_geometry", f"missing or unreadable {', '.join(missing)}")
+        raise GeometryError("no_geometry", f"missing or unreadable {', '.join(missing)}")
     assert position is not None and orientation is not None and spacing is not None
     row_dir, col_dir = orientation[:3], orientation[3:]
     norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
     if min(norms) < 1e-3 or abs(float(np.dot(row_dir, col_dir))) > 1e-3 * norms[0] * norms[1]:
-        raise DefaceError("no_geometry", "ImageOrientationPatient is not two orthogonal vectors")
+        raise GeometryError("no_geometry", "ImageOrientationPatient is not two orthogonal vectors")
     if min(spacing) <= 0:
-        raise DefaceError("no_geometry", f"PixelSpacing {list(spacing)} is not positive")
+        raise GeometryError("no_geometry", f"PixelSpacing {list(spacing)} is not positive")
     return Plane(
         instance=instance,
         frame=frame,
@@ -202,7 +206,7 @@ MAX_MISSING = 0.1
 
 
 def reference_volume(planes: Sequence[Plane]) -> Volume:
-    """Order the planes of a series into a regular volume, or raise DefaceError saying why not.
+    """Order the planes of a series into a regular volume, or raise GeometryError saying why not.
 
     Duplicated positions keep the first instance. Slices must lie on one regular grid; a few
     missing ones (at most 10 %) are allowed and left as gaps. Mixed orientations, differing
@@ -210,7 +214,7 @@ def reference_volume(planes: Sequence[Plane]) -> Volume:
     still be masked plane by plane).
     """
     if len(planes) < 16:
-        raise DefaceError("not_a_volume", f"{len(planes)} planes: too few for a 3D reference")
+        raise GeometryError("not_a_volume", f"{len(planes)} planes: too few for a 3D reference")
     first = planes[0]
     for p in planes[1:]:
         if (
@@ -220,7 +224,7 @@ def reference_volume(planes: Sequence[Plane]) -> Volume:
             or not np.allclose(p.col_dir, first.col_dir, atol=1e-3)
             or not np.allclose(p.spacing, first.spacing, rtol=1e-3)
         ):
-            raise DefaceError(
+            raise GeometryError(
                 "not_a_volume", "planes differ in orientation, matrix or pixel spacing"
             )
     normal = first.normal
@@ -232,14 +236,14 @@ def reference_volume(planes: Sequence[Plane]) -> Volume:
     spacing = float(np.min(steps)) if steps.size else 0.0
     slots = np.round((positions - positions[0]) / spacing) if spacing > 0 else positions
     if spacing <= 0 or np.any(np.abs(positions - positions[0] - slots * spacing) > 0.05 * spacing):
-        raise DefaceError(
+        raise GeometryError(
             "not_a_volume",
             f"slice positions do not lie on a regular grid (steps {steps.min():.2f} to "
             f"{steps.max():.2f} mm)",
         )
     count = int(slots[-1]) + 1
     if count - len(positions) > MAX_MISSING * count:
-        raise DefaceError(
+        raise GeometryError(
             "not_a_volume",
             f"{count - len(positions)} of {count} slice positions are missing: too many gaps",
         )
@@ -253,5 +257,25 @@ def reference_volume(planes: Sequence[Plane]) -> Volume:
             continue
         offset = plane.origin - origin.origin
         if np.linalg.norm(offset - np.dot(offset, normal) * normal) > 0.05 * max(first.spacing):
-            raise DefaceError("not_a_volume", "slices are shifted in-plane (gantry tilt?)")
+            raise GeometryError("not_a_volume", "slices are shifted in-plane (gantry tilt?)")
     return Volume(tuple(ordered), spacing)
+
+
+def plane_pixels(arr: npt.NDArray[np.generic], plane: Plane) -> npt.NDArray[np.generic]:
+    """The pixels of ``plane`` in its instance's pixel array (one frame of a multi-frame one)."""
+    return arr if plane.frame is None else arr[plane.frame]
+
+
+def stack_pixels(volume: Volume, arrays: list[npt.NDArray[np.generic]]) -> npt.NDArray[np.float32]:
+    """The volume's pixels in (k, r, c) order; a missing slice is interpolated from its
+    neighbours (for registration, measurement and pictures; never written back)."""
+    present = [(k, p) for k, p in enumerate(volume.planes) if p is not None]
+    first = plane_pixels(arrays[present[0][1].instance], present[0][1])
+    out = np.zeros((len(volume.planes), *first.shape), np.float32)
+    for k, p in present:
+        out[k] = plane_pixels(arrays[p.instance], p)
+    for (a, _), (b, _) in pairwise(present):
+        for k in range(a + 1, b):
+            w = (k - a) / (b - a)
+            out[k] = (1 - w) * out[a] + w * out[b]
+    return out

@@ -1,0 +1,147 @@
+"""Stage results in the archive index: one row per series and stage, replaced on rerun.
+
+The same on SQLite and PostgreSQL; writes are keyed by (series, stage), so recording a run again
+after a crash leaves one row per key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models.repository import _insert, now
+from models.schema import StageResult
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage concluded about one series (``StageResult`` as a plain record)."""
+
+    series_uid: str
+    study_uid: str
+    stage: str
+    status: str  # pass, warn, fail
+    method_version: str
+    protocol: str | None = None
+    role: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    software_versions: str | None = None
+    reason_code: str | None = None
+    message: str | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    input_sha256: str | None = None
+    seconds: float | None = None
+    recorded_at: dt.datetime | None = None
+
+
+_COLUMNS = (
+    "study_uid",
+    "protocol",
+    "role",
+    "manufacturer",
+    "model",
+    "software_versions",
+    "status",
+    "reason_code",
+    "message",
+    "findings",
+    "metrics",
+    "input_sha256",
+    "method_version",
+    "seconds",
+    "recorded_at",
+)
+
+
+def record_stages(session: Session, records: Sequence[StageRecord]) -> None:
+    """Insert or replace the rows of ``records`` (keyed by series and stage)."""
+    if not records:
+        return
+    stamp = now()
+    rows = [
+        {
+            "series_uid": r.series_uid,
+            "stage": r.stage,
+            **{c: getattr(r, c) for c in _COLUMNS if c != "recorded_at"},
+            "recorded_at": r.recorded_at or stamp,
+        }
+        for r in records
+    ]
+    statement = _insert(session, StageResult)
+    statement = statement.on_conflict_do_update(
+        index_elements=["series_uid", "stage"],
+        set_={c: getattr(statement.excluded, c) for c in _COLUMNS},
+    )
+    session.execute(statement, rows)
+
+
+def _record(row: StageResult) -> StageRecord:
+    return StageRecord(
+        series_uid=row.series_uid,
+        study_uid=row.study_uid,
+        stage=row.stage,
+        status=row.status,
+        method_version=row.method_version,
+        protocol=row.protocol,
+        role=row.role,
+        manufacturer=row.manufacturer,
+        model=row.model,
+        software_versions=row.software_versions,
+        reason_code=row.reason_code,
+        message=row.message,
+        findings=list(row.findings or []),
+        metrics=dict(row.metrics or {}),
+        input_sha256=row.input_sha256,
+        seconds=row.seconds,
+        recorded_at=row.recorded_at,
+    )
+
+
+def stage_records(
+    session: Session, stage: str | None = None, series_uids: Iterable[str] | None = None
+) -> list[StageRecord]:
+    """Stored results, of one stage and / or some series, ordered by series and stage."""
+    query = select(StageResult).order_by(StageResult.series_uid, StageResult.stage)
+    if stage is not None:
+        query = query.where(StageResult.stage == stage)
+    if series_uids is not None:
+        wanted = list(series_uids)
+        if not wanted:
+            return []
+        query = query.where(StageResult.series_uid.in_(wanted))
+    return [_record(row) for row in session.scalars(query)]
+
+
+def cohort_metrics(
+    session: Session,
+    stage: str,
+    protocol: str,
+    manufacturer: str,
+    model: str,
+    exclude: Iterable[str] = (),
+) -> list[Mapping[str, Any]]:
+    """The metrics stored for a stage, protocol and scanner model (the cohort a series is
+    compared with), leaving out the series in ``exclude``."""
+    skip = set(exclude)
+    query = select(StageResult.series_uid, StageResult.metrics).where(
+        StageResult.stage == stage,
+        StageResult.protocol == protocol,
+        StageResult.manufacturer == manufacturer,
+        StageResult.model == model,
+    )
+    return [dict(metrics or {}) for uid, metrics in session.execute(query) if uid not in skip]
+
+
+def status_counts(session: Session, stage: str, protocol: str | None = None) -> dict[str, int]:
+    """How many series of a stage (and protocol) passed, warned, failed."""
+    query = select(StageResult.status, func.count()).where(StageResult.stage == stage)
+    if protocol is not None:
+        query = query.where(StageResult.protocol == protocol)
+    return {status: int(n) for status, n in session.execute(query.group_by(StageResult.status))}

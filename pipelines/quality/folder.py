@@ -1,0 +1,474 @@
+"""Header and image QC of every series in a folder: the QC stages as plain Python.
+
+Per study, the protocol (given, or the one whose study-description patterns match) decides which
+series are checked and in which role (its include rules, as at selection). Each checked series
+gets a header QC outcome; series of a role with image QC (the 3D T1) also get an image QC
+outcome. Then each image metric is compared with the series of the same protocol and scanner
+seen so far (robust z-score). A failure in one series never stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from models.database import IndexDB
+from models.errors import GeometryError
+from models.geometry import planes_of, reference_volume, stack_pixels
+from models.scanners import KnownScanners
+from models.settings import Settings
+from models.stages import StageRecord, cohort_metrics, record_stages
+from pipelines.deface.template import Template
+from pipelines.dicomfolder import (
+    FolderFile,
+    SkippedFile,
+    first_header,
+    has_header,
+    index_folder,
+    series_number,
+    with_transfer_syntax,
+)
+from pipelines.pacs.dimse import attributes
+from pipelines.quality.brain import place_brain
+from pipelines.select.protocols import Protocol, ProtocolSet
+from qc.findings import Finding, Verdict, reason, verdict
+from qc.header import SeriesFile, check_series, check_study, header_text
+from qc.image import check_image
+from qc.outliers import outlier_findings
+
+log = logging.getLogger(__name__)
+
+HEADER, IMAGE = "header_qc", "image_qc"
+#: Changes when a check or metric changes meaning: results of another version are redone.
+METHOD_VERSION = "qc-1"
+
+#: Image metrics stored so far for a protocol and scanner model: (protocol, manufacturer,
+#: model) -> the metrics of each series, the series being checked left out.
+History = Callable[[str, str, str, frozenset[str]], list[Mapping[str, object]]]
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    verdict: Verdict
+    findings: tuple[Finding, ...]
+    metrics: dict[str, float | str | None]
+    seconds: float
+
+    @property
+    def reason(self) -> Finding | None:
+        return reason(self.findings)
+
+
+@dataclass(frozen=True)
+class SeriesQc:
+    """The QC outcomes of one series; scanner and protocol say which cohort it is compared with."""
+
+    study: str  # StudyInstanceUID
+    series: str  # SeriesInstanceUID
+    folder: str  # folder of its files, relative to the folder checked
+    description: str
+    protocol: str
+    role: str
+    manufacturer: str
+    model: str
+    software_versions: str
+    #: SHA-256 over the SHA-256 of each file, sorted: the same files, the same key
+    input_sha256: str
+    stages: tuple[StageOutcome, ...]
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict(f for s in self.stages for f in s.findings)
+
+    @property
+    def reason(self) -> Finding | None:
+        return reason([f for s in self.stages for f in s.findings])
+
+    def stage(self, name: str) -> StageOutcome | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+
+@dataclass(frozen=True)
+class NotChecked:
+    """A series QC did not look at, and why (not selected by the protocol, no protocol...)."""
+
+    study: str
+    series: str
+    folder: str
+    description: str
+    reason_code: str
+    reason: str
+
+
+@dataclass
+class QcReport:
+    series: list[SeriesQc] = field(default_factory=list)
+    not_checked: list[NotChecked] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def with_verdict(self, wanted: Verdict) -> list[SeriesQc]:
+        return [s for s in self.series if s.verdict is wanted]
+
+
+def choose_protocol(
+    protocols: ProtocolSet, name: str | None, study_description: str
+) -> Protocol | None:
+    """``name``'s protocol, or the first whose study-description patterns match."""
+    if name is not None:
+        return protocols.get(name)
+    for protocol in protocols.protocols.values():
+        if protocol.study.description and protocol.study.matches_description(study_description):
+            return protocol
+    return None
+
+
+def qc_folder(
+    source: Path,
+    protocols: ProtocolSet,
+    scanners: KnownScanners | None,
+    template: Callable[[], Template],
+    protocol: str | None = None,
+    history: History | None = None,
+    progress: Callable[[SeriesQc | NotChecked], None] | None = None,
+) -> QcReport:
+    """Check every series of every study under ``source``. ``template`` loads the brain
+    template on first need (folders without a T1 never pay for it); ``progress`` hears of each
+    series as it is done (before the outlier comparison, which needs them all)."""
+    report = QcReport()
+    studies = index_folder(source, report.skipped, keep_damaged=True)
+    for study_uid, series in studies.items():
+        for item in qc_study(study_uid, series, protocols, scanners, template, protocol):
+            if isinstance(item, SeriesQc):
+                report.series.append(item)
+            else:
+                report.not_checked.append(item)
+            if progress is not None:
+                progress(item)
+    report.series = add_outliers(report.series, protocols, history)
+    return report
+
+
+def qc_study(
+    study_uid: str,
+    series: Mapping[str, list[FolderFile]],
+    protocols: ProtocolSet,
+    scanners: KnownScanners | None,
+    template: Callable[[], Template],
+    protocol_name: str | None = None,
+) -> list[SeriesQc | NotChecked]:
+    """QC of one study's series (never raises for a series)."""
+    ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
+    readable = [(uid, e) for uid, e in ordered if has_header(e)]
+    out: list[SeriesQc | NotChecked] = []
+    for uid, entries in ordered:
+        if not has_header(entries):
+            out.append(
+                NotChecked(
+                    study_uid,
+                    uid,
+                    str(entries[0].relative.parent),
+                    "",
+                    "unreadable",
+                    f"none of its {len(entries)} file(s) can be read: {entries[0].damage}",
+                )
+            )
+    if not readable:
+        return out
+    description = header_text(first_header(readable[0][1]), "StudyDescription")
+    protocol = choose_protocol(protocols, protocol_name, description)
+    checked: list[tuple[str, list[FolderFile], str]] = []
+    for uid, entries in readable:
+        header = first_header(entries)
+        folder = str(entries[0].relative.parent)
+        what = header_text(header, "SeriesDescription")
+        if protocol is None:
+            out.append(
+                NotChecked(
+                    study_uid,
+                    uid,
+                    folder,
+                    what,
+                    "no_protocol",
+                    f"no protocol's study descriptions match {description!r}: pass --protocol "
+                    "to name one",
+                )
+            )
+            continue
+        decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
+        if not decision.selected:
+            out.append(
+                NotChecked(
+                    study_uid,
+                    uid,
+                    folder,
+                    what,
+                    "not_selected",
+                    f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})",
+                )
+            )
+            continue
+        checked.append((uid, entries, decision.rule))
+    if protocol is None or not checked:
+        return out
+    study_findings = check_study((role for _, _, role in checked), protocol.require, protocol.qc)
+    for uid, entries, role in checked:
+        try:
+            result = qc_series(
+                study_uid, uid, entries, protocol, role, scanners, template, study_findings
+            )
+        except Exception as exc:  # one series must never stop the others
+            log.exception("qc: series %s failed", uid)
+            result = _internal_error(study_uid, uid, entries, protocol, role, exc)
+        out.append(result)
+    return out
+
+
+def qc_series(
+    study_uid: str,
+    uid: str,
+    entries: list[FolderFile],
+    protocol: Protocol,
+    role: str,
+    scanners: KnownScanners | None,
+    template: Callable[[], Template],
+    study_findings: Sequence[Finding] = (),
+) -> SeriesQc:
+    """Header QC of one series and, for a role with image QC, image QC."""
+    from pipelines.ingest.reader import classify
+
+    policy = protocol.qc
+    wants_image = policy.role(role).image
+    start = time.perf_counter()
+    files: list[SeriesFile] = []
+    digests = []
+    for entry in entries:
+        shown = str(entry.relative)
+        if entry.damage is not None:
+            files.append(SeriesFile(shown, None, entry.damage))
+            continue
+        try:
+            data = entry.path.read_bytes()
+        except OSError as exc:
+            files.append(SeriesFile(shown, None, exc.strerror or str(exc)))
+            continue
+        digests.append(hashlib.sha256(data).hexdigest())
+        verdict_ = classify(data)
+        if not verdict_.readable:
+            files.append(SeriesFile(shown, None, verdict_.reason or verdict_.status.value))
+        elif wants_image:
+            files.append(SeriesFile(shown, with_transfer_syntax(verdict_.full_dataset(data))))
+        else:
+            files.append(SeriesFile(shown, verdict_.dataset))
+    header_result = check_series(files, policy, role, scanners)
+    header_findings = (*header_result.findings, *study_findings)
+    stages = [
+        StageOutcome(
+            HEADER,
+            verdict(header_findings),
+            header_findings,
+            header_result.metrics,
+            round(time.perf_counter() - start, 3),
+        )
+    ]
+    if wants_image:
+        stages.append(image_stage(files, protocol, template))
+    first = first_header(entries)
+    return SeriesQc(
+        study=study_uid,
+        series=uid,
+        folder=str(entries[0].relative.parent),
+        description=header_text(first, "SeriesDescription"),
+        protocol=protocol.name,
+        role=role,
+        manufacturer=header_text(first, "Manufacturer"),
+        model=header_text(first, "ManufacturerModelName"),
+        software_versions=header_text(first, "SoftwareVersions"),
+        input_sha256=hashlib.sha256("".join(sorted(digests)).encode()).hexdigest(),
+        stages=tuple(stages),
+    )
+
+
+def image_stage(
+    files: Sequence[SeriesFile], protocol: Protocol, template: Callable[[], Template]
+) -> StageOutcome:
+    """Build the volume, place the brain template, measure and judge the image."""
+    policy = protocol.qc
+    start = time.perf_counter()
+
+    def unreadable(message: str) -> StageOutcome:
+        check = "image.unreadable"
+        finding = Finding(check, policy.severity_of(check), message)
+        return StageOutcome(
+            IMAGE, verdict([finding]), (finding,), {}, round(time.perf_counter() - start, 3)
+        )
+
+    datasets = []
+    seen: set[str] = set()
+    for f in files:
+        if f.dataset is None:
+            continue
+        sop = str(f.dataset.get("SOPInstanceUID") or f.name)
+        if sop not in seen:  # a file delivered twice is one image
+            seen.add(sop)
+            datasets.append((f.name, f.dataset))
+    try:
+        planes = [p for i, (_, ds) in enumerate(datasets) for p in planes_of(ds, i)]
+        volume = reference_volume(planes)
+    except GeometryError as exc:
+        return unreadable(f"the images do not form one volume: {exc.message}")
+    arrays = []
+    for name, ds in datasets:
+        try:
+            arrays.append(np.asarray(ds.pixel_array))
+        except Exception as exc:
+            return unreadable(f"{name}: pixel data cannot be decoded: {type(exc).__name__}: {exc}")
+    stack = stack_pixels(volume, arrays)
+    brain = place_brain(stack, volume, template())
+    spacing = (volume.slice_spacing, volume.first.spacing[0], volume.first.spacing[1])
+    result = check_image(stack, spacing, brain, policy)
+    metrics: dict[str, float | str | None] = dict(result.metrics)
+    return StageOutcome(
+        IMAGE,
+        verdict(result.findings),
+        result.findings,
+        metrics,
+        round(time.perf_counter() - start, 3),
+    )
+
+
+def _internal_error(
+    study_uid: str,
+    uid: str,
+    entries: list[FolderFile],
+    protocol: Protocol,
+    role: str,
+    exc: Exception,
+) -> SeriesQc:
+    finding = Finding(
+        "qc.internal_error",
+        protocol.qc.severity_of("qc.internal_error"),
+        f"QC could not run: {type(exc).__name__}: {exc}",
+    )
+    first = first_header(entries)
+    return SeriesQc(
+        study_uid,
+        uid,
+        str(entries[0].relative.parent),
+        header_text(first, "SeriesDescription"),
+        protocol.name,
+        role,
+        header_text(first, "Manufacturer"),
+        header_text(first, "ManufacturerModelName"),
+        header_text(first, "SoftwareVersions"),
+        "",
+        (StageOutcome(HEADER, Verdict.FAIL, (finding,), {}, 0.0),),
+    )
+
+
+def add_outliers(
+    results: list[SeriesQc], protocols: ProtocolSet, history: History | None
+) -> list[SeriesQc]:
+    """Compare each series' image metrics with its protocol and scanner model: the series seen
+    before (``history``) and those of this run."""
+    groups: dict[tuple[str, str, str], list[SeriesQc]] = defaultdict(list)
+    for r in results:
+        if r.stage(IMAGE) is not None:
+            groups[(r.protocol, r.manufacturer, r.model)].append(r)
+    replaced: dict[str, SeriesQc] = {}
+    for (protocol_name, manufacturer, model), members in groups.items():
+        policy = protocols.get(protocol_name).qc
+        here = frozenset(r.series for r in members)
+        earlier = history(protocol_name, manufacturer, model, here) if history else []
+        everything = [*earlier, *(r.stage(IMAGE).metrics for r in members)]  # type: ignore[union-attr]
+        pools = {
+            name: [float(v) for m in everything if isinstance(v := m.get(name), (int, float))]
+            for name in policy.outliers.metrics
+        }
+        group = f"{protocol_name} on {manufacturer} {model}".strip()
+        for r in members:
+            image = r.stage(IMAGE)
+            assert image is not None
+            extra = outlier_findings(image.metrics, pools, policy, group)
+            if not extra:
+                continue
+            findings = (*image.findings, *extra)
+            updated = replace(image, findings=findings, verdict=verdict(findings))
+            stages = tuple(updated if s.stage == IMAGE else s for s in r.stages)
+            replaced[r.series] = replace(r, stages=stages)
+    return [replaced.get(r.series, r) for r in results]
+
+
+def stage_records(result: SeriesQc) -> list[StageRecord]:
+    """The index rows of one series' QC outcomes."""
+    rows = []
+    for stage in result.stages:
+        deciding = stage.reason
+        rows.append(
+            StageRecord(
+                series_uid=result.series,
+                study_uid=result.study,
+                stage=stage.stage,
+                status=stage.verdict.value,
+                method_version=METHOD_VERSION,
+                protocol=result.protocol,
+                role=result.role,
+                manufacturer=result.manufacturer,
+                model=result.model,
+                software_versions=result.software_versions,
+                reason_code=deciding.check if deciding else None,
+                message=deciding.message if deciding else None,
+                findings=[f.as_dict() for f in stage.findings],
+                metrics=dict(stage.metrics),
+                input_sha256=result.input_sha256 or None,
+                seconds=stage.seconds,
+            )
+        )
+    return rows
+
+
+def qc_configured(
+    settings: Settings,
+    source: Path,
+    index: IndexDB | None,
+    protocol: str | None = None,
+    protocols_file: Path | None = None,
+    record: bool = True,
+    progress: Callable[[SeriesQc | NotChecked], None] | None = None,
+) -> QcReport:
+    """QC with the project's settings: its protocols, known scanners and cached brain template;
+    compared with the series in the archive index (when given) and recorded there (when
+    ``record``)."""
+    from functools import cache
+
+    from models.scanners import load_known_scanners
+    from pipelines.deface.template import load_brain_template
+    from pipelines.select.protocols import load_protocols
+
+    protocols = load_protocols(protocols_file or settings.protocols_file)
+    if protocol is not None:
+        protocols.get(protocol)  # an unknown name is a usage error before any work
+    scanners = load_known_scanners(settings.known_scanners_file)
+    template = cache(lambda: load_brain_template(settings.cache))
+    history: History | None = None
+    if index is not None:
+        db = index
+
+        def history(
+            protocol: str, manufacturer: str, model: str, here: frozenset[str]
+        ) -> list[Mapping[str, object]]:
+            with db.session() as session:
+                return cohort_metrics(session, IMAGE, protocol, manufacturer, model, here)
+
+    report = qc_folder(source, protocols, scanners, template, protocol, history, progress)
+    if index is not None and record:
+        with index.session() as session:
+            record_stages(session, [row for r in report.series for row in stage_records(r)])
+    return report
