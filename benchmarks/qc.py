@@ -103,6 +103,8 @@ def main() -> None:
     protocols = load_protocols()
     scanners = load_known_scanners()
     brain_template = load_brain_template(args.cache)
+    import ants  # noqa: F401 - imported by the first registration: a per-process cost
+
     place_brain  # noqa: B018 - imported with the rest: the start-up cost below is all of it
     startup = time.perf_counter() - start
 

@@ -73,6 +73,7 @@ CHECKS: Mapping[str, Check] = _checks(
     ("image.empty", _F, "the image holds a head (signal above the noise)"),
     ("image.clipped", _F, "intensities not saturated at the top of the stored range"),
     ("image.brain_mask", _F, "the brain template can be placed on the head"),
+    ("image.no_noise_estimate", _W, "the air carries signal to measure the noise in"),
     ("image.coverage", _F, "the whole brain lies inside the field of view"),
     ("image.motion", _F, "no motion or ghosting artefacts in the background (QI1)"),
     ("image.snr", _F, "signal-to-noise ratio (Dietrich) in the protocol's range"),

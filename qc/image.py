@@ -35,10 +35,11 @@ BoolArray = npt.NDArray[np.bool_]
 METRIC_CHECKS: Mapping[str, str] = {
     "icv_ml": "image.brain_mask",
     "coverage_outside": "image.coverage",
-    "clipped_fraction": "image.clipped",
     "qi1": "image.motion",
     "snrd_wm": "image.snr",
     "snr_wm": "image.snr",
+    # heavy noise also drives some voxels to the top of the stored range: noise comes first
+    "clipped_fraction": "image.clipped",
     "cnr": "image.cnr",
     "cjv": "image.cjv",
     "efc": "image.efc",
@@ -124,6 +125,16 @@ def check_image(
     values["fber"] = m.fber(head_values, air_values)
     values["noise_sigma"] = sigma
     values["coverage_outside"] = brain.outside
+    if sigma is None:
+        # never a silent pass: without noise in the air, SNR, QI1 and FBER say nothing
+        add(
+            "image.no_noise_estimate",
+            f"only {lit.size} voxels of the air carry signal (zero-filled or cropped "
+            "background): the noise, and with it SNR, motion artefacts (QI1) and FBER, cannot be "
+            "measured",
+            float(lit.size),
+            ">= 1000 voxels",
+        )
 
     if brain.mask is None:
         add(

@@ -318,3 +318,44 @@ def test_accounting_order_same_on_postgres_and_sqlite(tmp_path: Path, pg_index: 
     }
     assert len(pg_report.unexpected_studies) == 3
     assert _comparable(pg_report) == _comparable(lite_report)
+
+
+def test_stage_results_replace_on_rerun_and_feed_outliers_on_postgres(pg_index: IndexDB) -> None:
+    from models.stages import (
+        StageRecord,
+        cohort_metrics,
+        record_stages,
+        stage_records,
+        status_counts,
+    )
+
+    def record(uid: str, status: str, snr: float) -> StageRecord:
+        return StageRecord(
+            series_uid=uid,
+            study_uid="2.25.1",
+            stage="image_qc",
+            status=status,
+            method_version="qc-1",
+            protocol="dementia",
+            manufacturer="SIEMENS",
+            model="Skyra",
+            reason_code=None if status == "pass" else "image.snr",
+            findings=[] if status == "pass" else [{"check": "image.snr", "value": snr}],
+            metrics={"snrd_wm": snr},
+        )
+
+    with pg_index.session() as session:
+        record_stages(session, [record("2.25.10", "pass", 30.0), record("2.25.11", "fail", 4.0)])
+    with pg_index.session() as session:
+        record_stages(session, [record("2.25.11", "pass", 31.0)])  # the same key: replaced
+    with pg_index.session() as session:
+        rows = stage_records(session, "image_qc")
+        assert [(r.series_uid, r.status) for r in rows] == [
+            ("2.25.10", "pass"),
+            ("2.25.11", "pass"),
+        ]
+        assert rows[1].metrics == {"snrd_wm": 31.0} and rows[1].findings == []
+        assert cohort_metrics(session, "image_qc", "dementia", "SIEMENS", "Skyra", ["2.25.10"]) == [
+            {"snrd_wm": 31.0}
+        ]
+        assert status_counts(session, "image_qc", "dementia") == {"pass": 2}

@@ -221,3 +221,30 @@ def test_qc_flow_runs_in_prefect_and_returns_counts_only(
             assert len({r.series_uid for r in stage_records(session, HEADER)}) == summary.checked
     finally:
         index.dispose()
+
+
+@pytest.mark.slow
+def test_a_study_without_its_t1_fails_but_one_series_folder_is_judged_alone(
+    cohort: CohortResult, tmp_path: Path
+) -> None:
+    study = next(
+        st
+        for p in cohort.truth.patients
+        for st in p.studies
+        if st.volumes is not None
+        and any(se.kind == "flair_2d" and not se.faults for se in st.series)
+    )
+    flair = next(se for se in study.series if se.kind == "flair_2d" and not se.faults)
+    without_t1 = tmp_path / "study"
+    for se in study.series:
+        if se.kind not in ("t1_3d", "t1_post"):
+            shutil.copytree(cohort.out_dir / se.folder, without_t1 / Path(se.folder).name)
+    protocols, never = load_protocols(), lambda: pytest.fail("no T1: no template needed")
+    report = qc_folder(without_t1, protocols, None, never)  # type: ignore[arg-type,return-value]
+    checked = [s for s in report.series if s.series == flair.series_instance_uid]
+    assert checked and checked[0].reason is not None
+    assert checked[0].reason.check == "header.missing_required_series"
+    assert checked[0].reason.value == "t1_3d"
+    alone = qc_folder(cohort.out_dir / flair.folder, protocols, None, never)  # type: ignore[arg-type,return-value]
+    (series,) = alone.series
+    assert series.role == "flair" and series.verdict.value == "pass", series.stages

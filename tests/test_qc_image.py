@@ -124,7 +124,7 @@ def test_an_empty_or_saturated_image_fails_with_its_reason() -> None:
     saturated = np.minimum(head + rng.normal(0, 300, head.shape).astype(np.float32), 2200)
     result = check_image(saturated, (2.0, 2.0, 2.0), Brain(None, None, "not placed"), POLICY)
     checks = [f.check for f in result.findings]
-    assert checks[:2] == ["image.brain_mask", "image.clipped"]
+    assert checks[:2] == ["image.brain_mask", "image.clipped"]  # SNR is fine here
     clipped = next(f for f in result.findings if f.check == "image.clipped")
     assert (
         isinstance(clipped.value, float) and clipped.value > 0.2 and clipped.threshold == "<= 0.02"
@@ -177,3 +177,13 @@ def test_rician_moments_match_the_definition() -> None:
         assert mean == pytest.approx(samples.mean(), rel=0.01)
         assert sd == pytest.approx(samples.std(), rel=0.01)
     assert rician_moments(0.0, 1.0)[1] == pytest.approx(math.sqrt((4 - math.pi) / 2))
+
+
+def test_a_zero_filled_background_is_reported_not_passed_silently() -> None:
+    rng = np.random.default_rng(8)
+    image = np.zeros((60, 80, 80), np.float32)
+    image[10:50, 15:65, 15:65] = 2000 + rng.normal(0, 50, (40, 50, 50))
+    result = check_image(image, (2.0, 2.0, 2.0), Brain(None, None, "not placed"), POLICY)
+    finding = next(f for f in result.findings if f.check == "image.no_noise_estimate")
+    assert finding.severity is Severity.WARN and finding.value == 0.0
+    assert result.metrics["noise_sigma"] is None

@@ -144,8 +144,17 @@ def qc_folder(
     series as it is done (before the outlier comparison, which needs them all)."""
     report = QcReport()
     studies = index_folder(source, report.skipped, keep_damaged=True)
+    # a folder holding one series' files is that series, not its study: the study-level check
+    # (are the required series there?) cannot be made
+    single_series = len(studies) == 1 and all(
+        len(series) == 1 and all(e.relative.parent == Path() for s in series.values() for e in s)
+        for series in studies.values()
+    )
     for study_uid, series in studies.items():
-        for item in qc_study(study_uid, series, protocols, scanners, template, protocol):
+        items = qc_study(
+            study_uid, series, protocols, scanners, template, protocol, not single_series
+        )
+        for item in items:
             if isinstance(item, SeriesQc):
                 report.series.append(item)
             else:
@@ -163,8 +172,10 @@ def qc_study(
     scanners: KnownScanners | None,
     template: Callable[[], Template],
     protocol_name: str | None = None,
+    whole_study: bool = True,
 ) -> list[SeriesQc | NotChecked]:
-    """QC of one study's series (never raises for a series)."""
+    """QC of one study's series (never raises for a series). ``whole_study``: the series given
+    are all the study has, so a missing required series is a finding."""
     ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
     readable = [(uid, e) for uid, e in ordered if has_header(e)]
     out: list[SeriesQc | NotChecked] = []
@@ -218,7 +229,11 @@ def qc_study(
         checked.append((uid, entries, decision.rule))
     if protocol is None or not checked:
         return out
-    study_findings = check_study((role for _, _, role in checked), protocol.require, protocol.qc)
+    study_findings = (
+        check_study((role for _, _, role in checked), protocol.require, protocol.qc)
+        if whole_study
+        else []
+    )
     for uid, entries, role in checked:
         try:
             result = qc_series(
