@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.prefect_env import configure_itk
+from flows.report import counts_markdown
 from models.database import open_index
 from models.settings import Settings, load_settings
 from pipelines.anonymize.files import anonymize_configured
@@ -90,10 +91,7 @@ def publish(name: str, anonymized: AnonymizeSummary, defaced: DefaceSummary) -> 
         *((f"series failed: {k}", v) for k, v in defaced.failed.items()),
     ]
     create_markdown_artifact(
-        "\n".join(
-            [f"# de-identification of {name}", "| what | count |", "|---|---:|"]
-            + [f"| {k} | {v} |" for k, v in rows]
-        ),
+        counts_markdown(f"de-identification of {name}", rows),
         key=f"deidentify-{name}".lower().replace("_", "-")[:100],
         description="Header anonymization and defacing",
     )

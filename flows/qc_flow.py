@@ -14,6 +14,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.prefect_env import configure_itk
+from flows.report import counts_markdown
 from models.database import open_index
 from models.settings import load_settings
 from pipelines.quality.folder import qc_configured
@@ -67,10 +68,7 @@ def publish(name: str, summary: QcSummary) -> None:
         *((f"not checked: {k}", v) for k, v in summary.not_checked.items()),
     ]
     create_markdown_artifact(
-        "\n".join(
-            [f"# QC of {name}", "| what | series |", "|---|---:|"]
-            + [f"| {k} | {v} |" for k, v in rows]
-        ),
+        counts_markdown(f"QC of {name}", rows, "series"),
         key=key,
         description="Header and image QC",
     )

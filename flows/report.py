@@ -56,6 +56,12 @@ def rows_markdown(rows: Rows) -> list[str]:
     return ["| what | | count |", "|---|---|---:|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
 
 
+def counts_markdown(title: str, rows: Sequence[tuple[str, int]], unit: str = "count") -> str:
+    """A titled two-column markdown table of counts (Prefect artifacts: counts, no identifiers)."""
+    lines = [f"# {title}", f"| what | {unit} |", "|---|---:|"]
+    return "\n".join([*lines, *(f"| {k} | {v} |" for k, v in rows)])
+
+
 def print_summary(summary: CohortSummary, console: Console, title: str) -> None:
     console.print(rows_table(summary_rows(summary), title))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sqlalchemy import func, select
@@ -83,25 +83,10 @@ def record_stages(session: Session, records: Sequence[StageRecord]) -> None:
 
 
 def _record(row: StageResult) -> StageRecord:
-    return StageRecord(
-        series_uid=row.series_uid,
-        study_uid=row.study_uid,
-        stage=row.stage,
-        status=row.status,
-        method_version=row.method_version,
-        protocol=row.protocol,
-        role=row.role,
-        manufacturer=row.manufacturer,
-        model=row.model,
-        software_versions=row.software_versions,
-        reason_code=row.reason_code,
-        message=row.message,
-        findings=list(row.findings or []),
-        metrics=dict(row.metrics or {}),
-        input_sha256=row.input_sha256,
-        seconds=row.seconds,
-        recorded_at=row.recorded_at,
-    )
+    values = {f.name: getattr(row, f.name) for f in fields(StageRecord)}
+    values["findings"] = list(row.findings or [])
+    values["metrics"] = dict(row.metrics or {})
+    return StageRecord(**values)
 
 
 def stage_records(

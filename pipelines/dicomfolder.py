@@ -47,7 +47,7 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
     from pipelines.ingest.reader import classify
 
     studies: Studies = defaultdict(lambda: defaultdict(list))
-    with_header: set[str] = set()
+    with_header: set[tuple[str, str]] = set()
     for candidate in walk([source], stat=False):
         path = Path(candidate.path)
         shown = printable_path(candidate.path)
@@ -70,9 +70,10 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
             skipped.append(SkippedFile(shown, "no_uids", "no StudyInstanceUID / SeriesInstanceUID"))
             continue
         entries = studies[str(study)][str(series)]
-        keep = damage is None and str(series) not in with_header
+        key = (str(study), str(series))  # one series UID may recur in another study (a copy)
+        keep = damage is None and key not in with_header
         if keep:
-            with_header.add(str(series))
+            with_header.add(key)
             entries.insert(0, FolderFile(path, path.relative_to(source), header))
         else:
             entries.append(FolderFile(path, path.relative_to(source), None, damage))

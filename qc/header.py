@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -296,24 +296,16 @@ def _geometry(
         )
     if not planes:
         return _Derived()
-    matrices = Counter((p.rows, p.columns) for p in planes)
-    if len(matrices) > 1:
-        out.add(
-            "header.matrix",
-            "images differ in matrix: "
-            + ", ".join(f"{r}x{c} ({n})" for (r, c), n in matrices.most_common()),
-            len(matrices),
-            "one matrix",
-        )
-    spacings = Counter((round(p.spacing[0], 4), round(p.spacing[1], 4)) for p in planes)
-    if len(spacings) > 1:
-        out.add(
-            "header.pixel_spacing",
-            "images differ in pixel spacing: "
-            + ", ".join(f"{a:g}x{b:g} mm ({n})" for (a, b), n in spacings.most_common()),
-            len(spacings),
-            "one pixel spacing",
-        )
+    matrices = _one_of(
+        out, "header.matrix", "matrix", [(p.rows, p.columns) for p in planes], "{}x{}"
+    )
+    spacings = _one_of(
+        out,
+        "header.pixel_spacing",
+        "pixel spacing",
+        [(round(p.spacing[0], 4), round(p.spacing[1], 4)) for p in planes],
+        "{:g}x{:g} mm",
+    )
     normals: list[np.ndarray] = []
     groups: dict[int, list[Plane]] = {}
     for p in planes:
@@ -340,6 +332,22 @@ def _geometry(
         )
         return _Derived()
     return _stack(planes, files, policy, out, metrics, max(pr, pc))
+
+
+def _one_of(
+    out: _Collector, check: str, what: str, values: list[tuple[Any, Any]], shown: str
+) -> Counter[tuple[Any, Any]]:
+    """Count ``values`` (one per plane); more than one distinct value is a finding."""
+    counts = Counter(values)
+    if len(counts) > 1:
+        out.add(
+            check,
+            f"images differ in {what}: "
+            + ", ".join(f"{shown.format(*v)} ({n})" for v, n in counts.most_common()),
+            len(counts),
+            f"one {what}",
+        )
+    return counts
 
 
 def _stack(

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from flows.cli import main
 from models.errors import GeometryError
-from models.geometry import Plane, planes_of, reference_volume
+from models.geometry import Plane, planes_of, reference_volume, stack_pixels
 from models.settings import DefaceSettings
 from pipelines.deface import folder as deface_module
 from pipelines.deface.folder import (
@@ -256,7 +256,7 @@ def test_placement_check_passes_the_fit_and_flags_its_neighbours(
     t1 = next(p for p in sorted(series.iterdir()) if "3D" in p.name)
     datasets = [read_instance(p) for p in sorted(t1.iterdir())]
     volume = reference_volume([p for i, ds in enumerate(datasets) for p in planes_of(ds, i)])
-    stack = deface_module._stack(volume, [ds.pixel_array for ds in datasets])
+    stack = stack_pixels(volume, [ds.pixel_array for ds in datasets])
     fit = deface_module.fit_affine(
         np.transpose(stack, (2, 1, 0)),
         volume.first.origin,

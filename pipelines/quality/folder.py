@@ -198,33 +198,23 @@ def qc_study(
     checked: list[tuple[str, list[FolderFile], str]] = []
     for uid, entries in readable:
         header = first_header(entries)
-        folder = str(entries[0].relative.parent)
-        what = header_text(header, "SeriesDescription")
+
+        def skip(code: str, why: str, uid: str = uid, entries: list[FolderFile] = entries) -> None:
+            what = header_text(first_header(entries), "SeriesDescription")
+            folder = str(entries[0].relative.parent)
+            out.append(NotChecked(study_uid, uid, folder, what, code, why))
+
         if protocol is None:
-            out.append(
-                NotChecked(
-                    study_uid,
-                    uid,
-                    folder,
-                    what,
-                    "no_protocol",
-                    f"no protocol's study descriptions match {description!r}: pass --protocol "
-                    "to name one",
-                )
+            skip(
+                "no_protocol",
+                f"no protocol's study descriptions match {description!r}: pass --protocol to "
+                "name one",
             )
             continue
         decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
         if not decision.selected:
-            out.append(
-                NotChecked(
-                    study_uid,
-                    uid,
-                    folder,
-                    what,
-                    "not_selected",
-                    f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})",
-                )
-            )
+            why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
+            skip("not_selected", why)
             continue
         checked.append((uid, entries, decision.rule))
     if protocol is None or not checked:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -254,15 +254,17 @@ def _protocol_set(data: object, source: str) -> ProtocolSet:
         raise ProtocolError("protocols: define at least one protocol")
     parsed = {name: _protocol(name, p, shared, top.get("qc")) for name, p in protocols.items()}
     roles = {rule for p in parsed.values() for rule, _ in p.include}
-    shared_qc = top.get("qc")
-    shared_roles = shared_qc.get("roles") if isinstance(shared_qc, dict) else None
-    for role in shared_roles or {}:
-        if role not in roles:
-            raise ProtocolError(
-                f"qc.roles.{role}: no protocol has an include rule called {role!r}"
-                f"{did_you_mean(str(role), roles)}"
-            )
+    _check_roles(top.get("qc"), roles, "qc", "no protocol has an include rule called it")
     return ProtocolSet(VERSION, source, MappingProxyType(parsed))
+
+
+def _check_roles(section: object, rules: Iterable[str], where: str, problem: str) -> None:
+    """Each role a QC section names must be an include rule (a typo would check nothing)."""
+    known = list(rules)
+    roles = section.get("roles") if isinstance(section, dict) else None
+    for role in roles or {}:
+        if role not in known:
+            raise ProtocolError(f"{where}.roles.{role}: {problem}{did_you_mean(str(role), known)}")
 
 
 def _protocol(
@@ -312,13 +314,9 @@ def _protocol(
         policy = parse_policy(shared_qc, own_qc, f"{where}.qc")
     except PolicyError as exc:
         raise ProtocolError(str(exc)) from None
-    own_roles = own_qc.get("roles") if isinstance(own_qc, dict) else None
-    for role in own_roles or {}:
-        if role not in include:
-            raise ProtocolError(
-                f"{where}.qc.roles.{role}: not one of the include rules ({', '.join(include)})"
-                f"{did_you_mean(str(role), include)}"
-            )
+    _check_roles(
+        own_qc, include, f"{where}.qc", f"not one of the include rules ({', '.join(include)})"
+    )
     return Protocol(
         name,
         title.strip(),
