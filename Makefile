@@ -19,8 +19,11 @@ lint: setup
 	$(BIN)/ruff check flows pipelines qc models tests benchmarks
 	$(BIN)/mypy
 
+# Two pytest-xdist workers (the machine has two cores; most tests use one), tests distributed by
+# file; the head model and the shared cohort are made once for both (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/pytest -m "" --timeout=1800
+	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --timeout=1800
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" --timeout=300

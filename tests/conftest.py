@@ -1,12 +1,24 @@
+"""Shared fixtures. The suite runs in two pytest-xdist workers (``make test``, tests distributed
+by file). What is expensive to make is made once per run for both workers: the head model (a file
+lock in :func:`load_or_build`) and the 12-study cohort (made by the first worker that needs it,
+under a file lock; tests only read it). Figures a test reports (:func:`figures`) are printed at
+the end of the run, from the workers too.
+
+(``--dist loadgroup`` would send the cohort's tests to one worker, but with pytest 9.2 it groups
+nothing: pytest-xdist issue #1386.)"""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
-from flows.prefect_env import configure_itk
-from models.synth import SynthConfig
+from flows.prefect_env import configure_itk, configure_prefect
+from models.synth import CohortTruth, SynthConfig
 from pipelines.synth.cohort import CohortResult, generate
 from pipelines.synth.headmodel import HeadModel, load_or_build
 
@@ -14,12 +26,54 @@ from pipelines.synth.headmodel import HeadModel, load_or_build
 # happen before the first registration in the test process).
 configure_itk(1)
 
+_FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect reported figures (in the controller, from the workers' reports too)."""
+    if report.when == "call":
+        _FIGURES.extend(str(v) for k, v in report.user_properties if k == "figures")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for text in _FIGURES:
+            terminalreporter.write_line(text)
+
+
+@pytest.fixture
+def figures(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """Report measured figures: printed in the summary of every run, not only on failure."""
+    return lambda text: record_property("figures", text.strip("\n"))
+
+
+@pytest.fixture
+def prefect_harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], AbstractContextManager[None]]:
+    """A temporary Prefect server with its own home, for ``with prefect_harness():``. It waits
+    for the server as long as the command line does (configure_prefect's start-up timeout): next
+    to the other test worker, start-up took longer than the harness' default of 30 s."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    configure_prefect(tmp_path)
+    from prefect.testing.utilities import prefect_test_harness
+
+    return lambda: prefect_test_harness(server_startup_timeout=None)
+
+
+def _run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's temporary folder, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the head model is cached: $COHORTFLOW_TEST_CACHE (kept between runs) or a temp dir."""
+    """Where the head model is cached: $COHORTFLOW_TEST_CACHE (kept between runs), else a
+    folder of this run."""
     env = os.environ.get("COHORTFLOW_TEST_CACHE")
-    return Path(env) if env else tmp_path_factory.mktemp("cache")
+    return Path(env) if env else _run_folder(tmp_path_factory) / "model-cache"
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +85,15 @@ def head_model(model_cache: Path) -> HeadModel:
 def cohort(
     tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
 ) -> CohortResult:
-    """A 12-study cohort with every fault class planted at least once."""
+    """A 12-study cohort with every fault class planted at least once (read-only: copy what a
+    test changes)."""
     _ = head_model
-    out = tmp_path_factory.mktemp("cohort")
-    return generate(SynthConfig(studies=12, seed=7), out, model_cache, workers=2)
+    out = _run_folder(tmp_path_factory) / "cohort"
+    done = out.with_name("cohort.complete")
+    with FileLock(f"{out}.lock"):
+        if not done.is_file():
+            generate(SynthConfig(studies=12, seed=7), out, model_cache, workers=2, overwrite=True)
+            done.touch()
+    truth_file = out / "ground_truth.json"
+    truth = CohortTruth.model_validate_json(truth_file.read_text())
+    return CohortResult(truth=truth, out_dir=out, truth_file=truth_file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def defaced(
 
 @pytest.mark.slow
 def test_face_removed_and_no_intracranial_voxel_touched_on_the_cohort(
-    cohort: CohortResult, defaced: Defaced, capsys: pytest.CaptureFixture[str]
+    cohort: CohortResult, defaced: Defaced, figures: Callable[[str], None]
 ) -> None:
     scores = score_deface(cohort.out_dir, cohort.truth, defaced.out)
     t1_truth = [
@@ -141,14 +142,13 @@ def test_face_removed_and_no_intracranial_voxel_touched_on_the_cohort(
     ]
     t1 = [s for s in scores if s.kind == "t1_3d"]
     seconds = [o.metrics["seconds"] for o in defaced.report.with_status("defaced")]
-    with capsys.disabled():
-        print(
-            f"\ndeface: {len(scores)} series scored against truth ({len(t1)} 3D T1): face removed "
-            f"min {min(s.face_removed_fraction for s in scores):.1%}, intracranial voxels "
-            f"checked {sum(s.intracranial_voxels for s in scores):,}, changed "
-            f"{sum(s.intracranial_changed for s in scores)}; median "
-            f"{statistics.median(seconds):.1f} s per series, max {max(seconds):.1f} s"
-        )
+    figures(
+        f"deface: {len(scores)} series scored against truth ({len(t1)} 3D T1): face removed "
+        f"min {min(s.face_removed_fraction for s in scores):.1%}, intracranial voxels "
+        f"checked {sum(s.intracranial_voxels for s in scores):,}, changed "
+        f"{sum(s.intracranial_changed for s in scores)}; median "
+        f"{statistics.median(seconds):.1f} s per series, max {max(seconds):.1f} s"
+    )
     assert len(t1) == len(t1_truth) >= 10, "every study's 3D T1 is defaced"
     assert all(s.intracranial_changed == 0 for s in scores), [
         s for s in scores if s.intracranial_changed

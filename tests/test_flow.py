@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pydicom
@@ -15,18 +17,17 @@ from tests.ingest_helpers import free_port
 @pytest.mark.integration
 @pytest.mark.slow
 def test_demo_flow_runs_in_prefect(
-    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_harness: Callable[[], AbstractContextManager[None]],
 ) -> None:
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     for name in ("ORTHANC__HTTP_PORT", "ORTHANC__DICOM_PORT", "RETRIEVE__SCP_PORT"):
         monkeypatch.setenv(f"COHORTFLOW_{name}", str(free_port()))
-    configure_prefect(tmp_path)
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.synth_flow import demo_flow
 
-    with prefect_test_harness():
+    with prefect_harness():
         # seed 6: an ms, a dementia, an open and a knee study
         summary, runs = demo_flow(
             out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=4, seed=6, workers=1
@@ -49,14 +50,13 @@ def test_demo_flow_runs_in_prefect(
 
 @pytest.mark.slow
 def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
-    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_harness: Callable[[], AbstractContextManager[None]],
 ) -> None:
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
-    configure_prefect(tmp_path)
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.deidentify_flow import deidentify_flow
     from models.synth import SynthConfig
     from pipelines.synth.cohort import generate
@@ -64,7 +64,7 @@ def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
 
     cohort = generate(SynthConfig(studies=3, seed=11), tmp_path / "cohort", model_cache, workers=2)
     out = tmp_path / "deliver"
-    with prefect_test_harness():
+    with prefect_harness():
         anonymized, defaced = deidentify_flow(source=tmp_path / "cohort" / "dicom", out_dir=out)
     assert anonymized.written > 100 and anonymized.failed == 0 and anonymized.patients >= 1
     assert defaced.defaced >= 6 and not defaced.failed

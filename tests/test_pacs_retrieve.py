@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -174,7 +174,7 @@ def _assert_archive_matches_pacs(pacs: Pacs, index: IndexDB, selection_ids: list
 
 
 def test_selection_matches_ground_truth_for_every_protocol(
-    pacs: Pacs, capsys: pytest.CaptureFixture[str]
+    pacs: Pacs, figures: Callable[[str], None]
 ) -> None:
     protocols = load_protocols()
     lines = []
@@ -195,8 +195,7 @@ def test_selection_matches_ground_truth_for_every_protocol(
             f"{studies} / {len(truth)}; precision {precision:.1%}, recall {recall:.1%}"
         )
         assert truth and got == truth, name
-    with capsys.disabled():  # the figures belong in every test log, not only on failure
-        print("\nselection vs ground truth\n" + "\n".join(lines))
+    figures("selection vs ground truth\n" + "\n".join(lines))
 
 
 def test_dry_run_explains_every_series(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import cache
 from pathlib import Path
 
@@ -30,15 +32,17 @@ def cohort_qc(cohort: CohortResult, model_cache: Path) -> QcReport:
 
 @pytest.mark.slow
 def test_every_planted_fault_is_caught_by_its_check_and_clean_series_pass(
-    cohort: CohortResult, cohort_qc: QcReport
+    cohort: CohortResult, cohort_qc: QcReport, figures: Callable[[str], None]
 ) -> None:
     score = score_qc(cohort.truth, cohort_qc.series)
-    print()
-    for cls in score.classes:
-        print(
+    figures(
+        "QC confusion table (test cohort)\n"
+        + "\n".join(
             f"{cls.name:20s} series {cls.series:3d} caught {cls.caught:3d} reason {cls.decided:3d} "
             f"rejected {cls.rejected:3d} checks {dict(sorted(cls.checks.items()))}"
+            for cls in score.classes
         )
+    )
     assert score.unmatched == 0
     planted = {
         f for p in cohort.truth.patients for st in p.studies for se in st.series for f in se.faults
@@ -192,22 +196,20 @@ def test_a_failure_in_one_series_never_stops_the_others(
 
 @pytest.mark.slow
 def test_qc_flow_runs_in_prefect_and_returns_counts_only(
-    cohort: CohortResult, tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+    cohort: CohortResult,
+    tmp_path: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_harness: Callable[[], AbstractContextManager[None]],
 ) -> None:
-    from flows.prefect_env import configure_prefect
-
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
-    configure_prefect(tmp_path)
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.qc_flow import qc_flow
 
     study = next(st for p in cohort.truth.patients for st in p.studies if st.protocol == "ms")
     source = tmp_path / "delivery"
     shutil.copytree(cohort.out_dir / study.folder, source / Path(study.folder).name)
-    with prefect_test_harness():
+    with prefect_harness():
         summary = qc_flow(source=source)
     assert summary.checked == len(
         [se for se in study.series if se.kind not in ("localizer", "burned_in_sc")]

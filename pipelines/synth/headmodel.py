@@ -33,6 +33,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
+from filelock import FileLock
 
 from pipelines.synth.errors import HeadModelError
 
@@ -122,8 +123,13 @@ def load_or_build(cache_dir: Path) -> HeadModel:
     digest = _source_digest(paths)
     folder = cache_dir / f"headmodel-{digest}"
     if not (folder / "model.json").is_file():
-        log.info("building the head model once into %s (about a minute)", folder)
-        build(paths, folder)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Several processes may ask at once (test workers, flow workers): one builds, the others
+        # wait for it and load what it wrote (model.json is written last).
+        with FileLock(f"{folder}.lock"):
+            if not (folder / "model.json").is_file():
+                log.info("building the head model once into %s (a few minutes)", folder)
+                build(paths, folder)
     return _load(folder, digest)
 
 
