@@ -171,6 +171,9 @@ def _planted(truth: CohortTruth) -> set[str]:
     return {v for v in values if len(v) >= 3}
 
 
+_DIGIT_RUN = re.compile(rb"[0-9]+")
+
+
 def _found(values: set[str], data: bytes) -> list[str]:
     """Values present in ``data``, case-insensitively. A number counts only where it stands as
     a number: a 4-digit StudyID appears by chance inside any 39-digit ``2.25.`` UID. So numbers
@@ -189,9 +192,6 @@ def _found(values: set[str], data: bytes) -> list[str]:
         elif needle in lower:
             hits.append(value)
     return hits
-
-
-_DIGIT_RUN = re.compile(rb"[0-9]+")
 
 
 @pytest.mark.integration

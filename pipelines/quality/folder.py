@@ -198,25 +198,23 @@ def qc_study(
     checked: list[tuple[str, list[FolderFile], str]] = []
     for uid, entries in readable:
         header = first_header(entries)
-
-        def skip(code: str, why: str, uid: str = uid, entries: list[FolderFile] = entries) -> None:
-            what = header_text(first_header(entries), "SeriesDescription")
-            folder = str(entries[0].relative.parent)
-            out.append(NotChecked(study_uid, uid, folder, what, code, why))
-
         if protocol is None:
-            skip(
-                "no_protocol",
+            code = "no_protocol"
+            why = (
                 f"no protocol's study descriptions match {description!r}: pass --protocol to "
-                "name one",
+                "name one"
             )
-            continue
-        decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
-        if not decision.selected:
+        else:
+            decision = protocol.classify_series(
+                attributes(header, sorted(protocol.series_fields()))
+            )
+            if decision.selected:
+                checked.append((uid, entries, decision.rule))
+                continue
+            code = "not_selected"
             why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
-            skip("not_selected", why)
-            continue
-        checked.append((uid, entries, decision.rule))
+        what = header_text(header, "SeriesDescription")
+        out.append(NotChecked(study_uid, uid, str(entries[0].relative.parent), what, code, why))
     if protocol is None or not checked:
         return out
     study_findings = (
