@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from models.synth import Fault, SynthConfig
+from pipelines.atlas.headmodel import load_or_build
 from pipelines.synth.cohort import generate
-from pipelines.synth.headmodel import load_or_build
 
 
 def _mid_planes(arr: np.ndarray) -> Image.Image:

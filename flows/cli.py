@@ -278,6 +278,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qc.add_argument("--json", action="store_true", help="print the findings as JSON")
 
+    convert = sub.add_parser(
+        "convert",
+        help="convert DICOM series to NIfTI with an anonymized sidecar (BIDS layout)",
+        description="Convert the series the protocol selects (its include rules: 3D T1 as T1w, "
+        "FLAIR, T2 as T2w) with dcm2niix, SimpleITK's series reader as the fallback; every "
+        "image is checked against the DICOM geometry and pixels. Writes OUT_DIR/sub-*/ses-*/"
+        "anat/*.nii.gz with a JSON sidecar of allowlisted acquisition keys only. Rerunning "
+        "overwrites the same files. Results are recorded in the archive index (stage_results, "
+        "stage 'convert') unless --no-record.",
+    )
+    convert.add_argument(
+        "source", type=Path, metavar="SOURCE", help="a series or studies folder (pseudonymized)"
+    )
+    convert.add_argument("out", type=Path, metavar="OUT_DIR", help="the BIDS-style output folder")
+    convert.add_argument(
+        "--protocol",
+        help="protocol whose rules select the series (default: the one whose study "
+        "description patterns match each study)",
+    )
+    convert.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    convert.add_argument(
+        "--all",
+        dest="every_series",
+        action="store_true",
+        help="convert every MR image series, not only the protocol's (suffix guessed, acq-guessed)",
+    )
+    convert.add_argument(
+        "--no-record", action="store_true", help="do not record results in the index"
+    )
+    convert.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    volumetry = sub.add_parser(
+        "volumetry",
+        help="intracranial, grey, white matter, CSF and brain volume of T1 images",
+        description="Measure ICV, GM, WM, CSF, brain volume (GM + WM) and BPF of each T1: a "
+        "NIfTI file, a folder of *_T1w.nii.gz (BIDS-style), or a folder of DICOM, whose 3D T1 "
+        "series (the protocol's t1_3d rule) are converted first into OUT_DIR/nifti. The atlas "
+        "(installed templates) is registered with antspyx, bias corrected by N4, tissue "
+        "classified with template priors; every result gets its own QC verdict and an overlay "
+        "PNG in OUT_DIR/overlays. Series converted here are recorded in the archive index "
+        "(stage 'volumetry' and the biomarkers table) unless --no-record.",
+    )
+    volumetry.add_argument("source", type=Path, metavar="IMAGE", help="NIfTI file or folder")
+    volumetry.add_argument(
+        "--out",
+        type=Path,
+        metavar="OUT_DIR",
+        help="where overlays (and converted images) go "
+        "(default: $COHORTFLOW_HOME/outputs/volumetry)",
+    )
+    volumetry.add_argument("--protocol", help="protocol whose rules select DICOM series")
+    volumetry.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    volumetry.add_argument(
+        "--no-record", action="store_true", help="do not record results in the index"
+    )
+    volumetry.add_argument("--json", action="store_true", help="print the volumes as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -323,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "anonymize": _anonymize,
             "deface": _deface,
             "qc": _qc,
+            "convert": _convert,
+            "volumetry": _volumetry,
         }
         if args.command in commands:
             return commands[args.command](args, settings, err)
@@ -806,6 +865,124 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     else:
         print_qc_report(report, Console())
     return EXIT_FAILURES if report.with_verdict(Verdict.FAIL) else EXIT_OK
+
+
+def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from contextlib import nullcontext
+
+    from rich.table import Table
+
+    from pipelines.convert.folder import convert_configured, report_json
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside SOURCE")
+        return EXIT_USAGE
+    index_context = nullcontext(None) if args.no_record else _open_index(settings)
+    with index_context as index, _progress(err, f"converting {args.source}") as bar:
+        task = bar.add_task("convert", total=None)
+        report = convert_configured(
+            settings,
+            args.source,
+            args.out,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            every_series=args.every_series,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        _emit(args, report_json(report))
+    else:
+        console = Console()
+        table = Table(title=f"convert: {args.source} -> {args.out}")
+        for column in ("series", "image", "converter", "verdict", "reason"):
+            table.add_column(column)
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+        for s in report.series:
+            deciding = s.reason
+            table.add_row(
+                f"{s.folder} ({s.description})" if s.description else s.folder,
+                s.name if s.converted else "",
+                s.converter or "",
+                f"[{colour[s.verdict.value]}]{s.verdict.value}[/]",
+                f"{deciding.check}: {deciding.message}" if deciding else "",
+            )
+        console.print(table)
+        for n in report.not_converted:
+            console.print(f"not converted: {n.folder}: {n.reason_code}: {n.reason}")
+        for skipped in report.skipped:
+            console.print(f"skipped: {skipped.source}: {skipped.reason}")
+        if report.dcm2niix_problem:
+            err.print(f"[yellow]{report.dcm2niix_problem}[/yellow]")
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from contextlib import nullcontext
+
+    from rich.table import Table
+
+    from pipelines.volumetry.run import report_json, volumetry_configured
+    from qc.findings import Verdict
+
+    if not args.source.exists():
+        err.print(f"[red]usage error:[/red] {args.source} does not exist")
+        return EXIT_USAGE
+    out = args.out or settings.outputs / "volumetry"
+    index_context = nullcontext(None) if args.no_record else _open_index(settings)
+    with index_context as index, _progress(err, f"measuring {args.source}") as bar:
+        task = bar.add_task("volumetry", total=None)
+        report = volumetry_configured(
+            settings,
+            args.source,
+            out,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        _emit(args, report_json(report))
+    else:
+        table = Table(title=f"volumetry: {args.source}")
+        for column in ("image", "ICV ml", "GM ml", "WM ml", "CSF ml", "brain ml", "BPF", "QC"):
+            table.add_column(column)
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+        for r in report.results:
+            v = r.volumes
+            deciding = r.reason
+            qc = f"[{colour[r.verdict.value]}]{r.verdict.value}[/]"
+            if deciding is not None:
+                qc += f" {deciding.check}"
+            numbers = (
+                [
+                    f"{v.icv_ml:.0f}",
+                    f"{v.gm_ml:.0f}",
+                    f"{v.wm_ml:.0f}",
+                    f"{v.csf_ml:.0f}",
+                    f"{v.brain_ml:.0f}",
+                    f"{v.bpf:.3f}",
+                ]
+                if v is not None
+                else [""] * 6
+            )
+            table.add_row(r.source.name, *numbers, qc)
+        console = Console()
+        console.print(table)
+        for name, code, message in report.not_measured:
+            console.print(f"not measured: {name}: {code}: {message}")
+        if report.results:
+            console.print(f"overlays in {out / 'overlays'}")
+    failed = report.with_verdict(Verdict.FAIL) or report.not_measured
+    if not report.results and not report.not_measured:
+        err.print(f"[yellow]no T1 image found in {args.source}[/yellow]")
+        return EXIT_FAILURES
+    return EXIT_FAILURES if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -338,3 +338,36 @@ class StageResult(Base):
     method_version: Mapped[str] = mapped_column(String(40))
     seconds: Mapped[float | None] = mapped_column(Float)
     recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Biomarker(Base):
+    """The brain volumes of one T1 series (the latest measurement; a rerun replaces it).
+
+    Keyed by the pseudonymized SeriesInstanceUID, like ``stage_results``; the method, its
+    version and the parameters say how the numbers were made, the QC verdict whether to trust
+    them, ``confidence`` is "low" for thick-slice 2D T1s.
+    """
+
+    __tablename__ = "biomarkers"
+    __table_args__ = (UniqueConstraint("series_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    protocol: Mapped[str | None] = mapped_column(Text, index=True)
+    icv_ml: Mapped[float] = mapped_column(Float)
+    gm_ml: Mapped[float] = mapped_column(Float)
+    wm_ml: Mapped[float] = mapped_column(Float)
+    csf_ml: Mapped[float] = mapped_column(Float)
+    brain_ml: Mapped[float] = mapped_column(Float)
+    bpf: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(String(60))
+    method_version: Mapped[str] = mapped_column(String(40))
+    parameters: Mapped[dict[str, object]] = mapped_column(JSON)
+    #: pass, warn or fail: volumetry's own QC verdict, and its deciding check
+    qc_status: Mapped[str] = mapped_column(String(10), index=True)
+    qc_reason: Mapped[str | None] = mapped_column(String(80))
+    confidence: Mapped[str] = mapped_column(String(10))
+    converter: Mapped[str | None] = mapped_column(Text)
+    input_sha256: Mapped[str | None] = mapped_column(SHA256)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.repository import _insert, now
-from models.schema import StageResult
+from models.schema import Biomarker, StageResult
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,55 @@ def status_counts(session: Session, stage: str, protocol: str | None = None) -> 
     if protocol is not None:
         query = query.where(StageResult.protocol == protocol)
     return {status: int(n) for status, n in session.execute(query.group_by(StageResult.status))}
+
+
+@dataclass(frozen=True)
+class BiomarkerRecord:
+    """The volumes of one T1 series (``Biomarker`` as a plain record)."""
+
+    series_uid: str
+    study_uid: str
+    icv_ml: float
+    gm_ml: float
+    wm_ml: float
+    csf_ml: float
+    brain_ml: float
+    bpf: float
+    method: str
+    method_version: str
+    qc_status: str
+    confidence: str
+    protocol: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    qc_reason: str | None = None
+    converter: str | None = None
+    input_sha256: str | None = None
+    recorded_at: dt.datetime | None = None
+
+
+def record_biomarkers(session: Session, records: Sequence[BiomarkerRecord]) -> None:
+    """Insert or replace the biomarkers of ``records`` (one row per series)."""
+    if not records:
+        return
+    stamp = now()
+    columns = [f.name for f in fields(BiomarkerRecord) if f.name != "series_uid"]
+    rows = [{"series_uid": r.series_uid, **{c: getattr(r, c) for c in columns}} for r in records]
+    for row in rows:
+        row["recorded_at"] = row["recorded_at"] or stamp
+    statement = _insert(session, Biomarker)
+    statement = statement.on_conflict_do_update(
+        index_elements=["series_uid"],
+        set_={c: getattr(statement.excluded, c) for c in columns},
+    )
+    session.execute(statement, rows)
+
+
+def biomarker_records(session: Session, protocol: str | None = None) -> list[BiomarkerRecord]:
+    """Stored biomarkers (of one protocol), ordered by study and series."""
+    query = select(Biomarker).order_by(Biomarker.study_uid, Biomarker.series_uid)
+    if protocol is not None:
+        query = query.where(Biomarker.protocol == protocol)
+    return [
+        BiomarkerRecord(**{f.name: getattr(row, f.name) for f in fields(BiomarkerRecord)})
+        for row in session.scalars(query)
+    ]

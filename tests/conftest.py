@@ -19,8 +19,8 @@ from filelock import FileLock
 
 from flows.prefect_env import configure_itk, configure_prefect
 from models.synth import CohortTruth, SynthConfig
+from pipelines.atlas.headmodel import HeadModel, load_or_build
 from pipelines.synth.cohort import CohortResult, generate
-from pipelines.synth.headmodel import HeadModel, load_or_build
 
 # As the command line does: ITK single-threaded, so registrations are reproducible (this must
 # happen before the first registration in the test process).

@@ -23,6 +23,7 @@ from models import retrieval as repo
 from models.database import IndexDB, open_index
 from models.scanners import KnownScanners, load_known_scanners
 from models.synth import CohortTruth, Fault, SynthConfig
+from pipelines.atlas.headmodel import HeadModel
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.verify import verify
 from pipelines.pacs import orthanc
@@ -34,7 +35,6 @@ from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 from pipelines.select.protocols import load_protocols
 from pipelines.select.query import record_selection, select_studies
 from pipelines.synth.cohort import CohortResult, generate
-from pipelines.synth.headmodel import HeadModel
 from tests.ingest_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.atlas.headmodel import HeadModel
 from pipelines.select.protocols import load_protocols
-from pipelines.synth.headmodel import HeadModel
 from pipelines.synth.phantom import qc_phantom, rician_moments
 from qc import metrics as m
 from qc.findings import Severity

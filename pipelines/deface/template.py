@@ -3,7 +3,7 @@
 - ``mean_reg2mean.nii.gz`` and ``facemask.nii.gz`` are package data of ``pydeface`` (MIT); its
   command needs FSL, which cohortflow does not use: the template is registered with antspyx.
 - The intracranial mask on the same grid is the whole-head atlas built once from nilearn's MNI152
-  brain mask registered to that head (``pipelines.synth.headmodel``, cached in the data folder,
+  brain mask registered to that head (``pipelines.atlas.headmodel``, cached in the data folder,
   about a minute on first use). It is what defacing must never touch.
 """
 
@@ -77,7 +77,7 @@ def _data(name: str) -> Path:
 
 def _parts(cache_dir: Path) -> tuple[Any, npt.NDArray[np.bool_], str]:
     """pydeface's head image, the cached intracranial mask on its grid, the model's digest."""
-    from pipelines.synth.headmodel import CSF, GM, WM, load_or_build
+    from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build
 
     head_img = nib.load(_data("mean_reg2mean.nii.gz"))
     model = load_or_build(cache_dir)

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from models.geometry import LPS_FROM_RAS
 from models.synth import Volumes
-from pipelines.synth.headmodel import (
+from pipelines.atlas.headmodel import (
     BACKGROUND,
     CSF,
     GM,
@@ -109,16 +109,21 @@ class Placement:
 
 
 def sample_shape(
-    model: HeadModel, rng: np.random.Generator, target_icv_ml: float, warp_sd_mm: float = 2.0
+    model: HeadModel,
+    rng: np.random.Generator,
+    target_icv_ml: float,
+    warp_sd_mm: float = 2.0,
+    warp_nodes: int = _WARP_NODES,
 ) -> SubjectShape:
-    """Draw a subject: isotropic size for ``target_icv_ml``, a little anisotropy, a smooth warp."""
+    """Draw a subject: isotropic size for ``target_icv_ml``, a little anisotropy, a smooth warp
+    (``warp_nodes`` control points per axis, displacements of ``warp_sd_mm``)."""
     model_icv = len(model.icv_voxels) * model.voxel_ml
     iso = (target_icv_ml / model_icv) ** (1.0 / 3.0)
     aniso = rng.normal(0.0, 0.025, size=3)
     aniso -= aniso.mean()  # anisotropy changes shape, not size
     sx, sy, sz = (float(iso * np.exp(a)) for a in aniso)
     scale = (sx, sy, sz)
-    warp = rng.normal(0.0, warp_sd_mm, size=(3, _WARP_NODES, _WARP_NODES, _WARP_NODES))
+    warp = rng.normal(0.0, warp_sd_mm, size=(3, warp_nodes, warp_nodes, warp_nodes))
     warp[:, [0, -1], :, :] = 0  # no displacement at the border of the warp grid
     warp[:, :, [0, -1], :] = 0
     warp[:, :, :, [0, -1]] = 0
@@ -192,7 +197,7 @@ def warp_coordinates(model: HeadModel, shape: SubjectShape, coarse: int = 4) -> 
     ii, jj, kk = np.meshgrid(*axes, indexing="ij")
     pts = np.stack([ii, jj, kk, np.ones_like(ii)]).reshape(4, -1)
     rel = (to_lps @ pts)[:3] - shape.centre[:, None]
-    node = (rel + _WARP_EXTENT_MM) / (2 * _WARP_EXTENT_MM) * (_WARP_NODES - 1)
+    node = (rel + _WARP_EXTENT_MM) / (2 * _WARP_EXTENT_MM) * (shape.warp.shape[1] - 1)
     disp_lps = np.stack(
         [ndimage.map_coordinates(shape.warp[i], node, order=3, mode="nearest") for i in range(3)]
     )

@@ -38,6 +38,7 @@ from models.synth import (
     StudyTruth,
     SynthConfig,
 )
+from pipelines.atlas.headmodel import CSF, GM, WM, HeadModel, load_or_build
 from pipelines.synth import anatomy
 from pipelines.synth.dicomio import (
     Planter,
@@ -49,7 +50,6 @@ from pipelines.synth.dicomio import (
     write,
 )
 from pipelines.synth.errors import SynthError
-from pipelines.synth.headmodel import CSF, GM, WM, HeadModel, load_or_build
 from pipelines.synth.identities import INSTITUTIONS, Identity, make_identity, staff_name
 from pipelines.synth.scanners import (
     CONTRASTS,

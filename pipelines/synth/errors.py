@@ -5,7 +5,3 @@ from models.errors import CohortflowError
 
 class SynthError(CohortflowError):
     """The synthetic cohort could not be generated; the message says why and what to do."""
-
-
-class HeadModelError(SynthError):
-    """The head model could not be built or loaded."""

@@ -18,8 +18,8 @@ import numpy.typing as npt
 from scipy import special
 
 from models.geometry import Plane, Volume
+from pipelines.atlas.headmodel import HeadModel
 from pipelines.synth import anatomy
-from pipelines.synth.headmodel import HeadModel
 from pipelines.synth.scanners import CONTRASTS
 
 #: Intensity scale of the stored image (the generator writes 12-bit values the same way).

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from filelock import FileLock
 
-from pipelines.synth.errors import HeadModelError
+from pipelines.atlas.errors import HeadModelError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,321 @@
+"""Volumetry: accuracy against ground truth, scan-rescan precision, a group difference, a real
+head, and the time and memory of conversion plus volumetry per 3D T1.
+
+Synthetic subjects (``pipelines.synth.subjects``) differ from the atlas the method registers:
+strong smooth warps (5 mm SD at 8 x 8 x 8 control points, structures move by up to a
+centimetre), sizes from 1,050 to 1,850 ml, random atrophy; each is scanned with a random head
+placement, a bias field and Rician noise. Then:
+
+1. accuracy: 40 subjects (20 control, 20 "dementia" with 3 % more of the brain turned into CSF),
+   each scanned once, 3D sagittal 1 mm and 3D axial 1 x 1 x 1.2 mm in turn; errors of ICV,
+   brain, GM, WM, CSF against the truth; the same subjects in a thick-slice 2D T1 (6 of them);
+2. group difference: brain volume and BPF of the dementia group against the controls (Welch);
+3. scan-rescan: 5 subjects scanned 4 times (sagittal 1 mm twice, axial 1.2 mm twice, each with
+   its own placement and noise): coefficient of variation of ICV and brain volume;
+4. a real head: Colin27 (``ch2.nii.gz`` of Debian's ``mricron-data``), against its brain mask
+   made by FSL BET (``ch2bet``) and its skull-stripped tissue image (``ch2better``);
+5. time and peak memory of ``cohortflow volumetry`` on DICOM (conversion included), per step,
+   on the 3D T1s of a small synthetic cohort, one process, ITK single-threaded.
+
+Prints its figures last, one ``name: value`` a line. ``--quick``: 8 subjects, 2 re-scanned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COLIN = Path("/usr/share/mricron/templates")
+GRIDS_3D = ("sagittal_1mm", "axial_1.2mm")
+_CACHE: Path | None = None
+
+
+def _init(cache: str) -> None:
+    global _CACHE  # noqa: PLW0603 - one cache folder per worker process
+    _CACHE = Path(cache)
+
+
+def _subject_job(job: tuple[int, int, str, float, tuple[str, ...], str]) -> list[dict[str, Any]]:
+    """Make subject ``i`` of ``seed``, scan it on each grid, measure each scan."""
+    import nibabel as nib
+    import numpy as np
+
+    from pipelines.atlas.headmodel import load_or_build
+    from pipelines.synth import subjects
+    from pipelines.volumetry.atlas import load_atlas
+    from pipelines.volumetry.method import Parameters
+    from pipelines.volumetry.run import Source, measure_source
+
+    i, seed, group, atrophy, grids, tmp = job
+    assert _CACHE is not None
+    model = load_or_build(_CACHE)
+    atlas = load_atlas(_CACHE)
+    rng = np.random.default_rng([seed, i])
+    icv = float(np.clip(rng.normal(1450, 130), 1050, 1850))
+    base = float(rng.uniform(0.0, 0.10))
+    subj = subjects.make_subject(
+        model, rng, target_icv_ml=icv, atrophy=base + atrophy, warp_sd_mm=5.0, warp_nodes=8
+    )
+    rows = []
+    for n, grid in enumerate(grids):
+        img, _ = subjects.scan(model, subj, rng, grid)
+        path = Path(tmp) / f"s{i:03d}_{n}_{grid}.nii.gz"
+        nib.save(img, path)
+        t0 = time.perf_counter()
+        result = measure_source(Source(path, path.name), lambda: atlas, Parameters(), None)
+        seconds = time.perf_counter() - t0
+        path.unlink()
+        v = result.volumes
+        assert v is not None
+        rows.append(
+            {
+                "subject": i,
+                "group": group,
+                "grid": grid,
+                "truth": subj.volumes.model_dump(),
+                "measured": {
+                    "icv_ml": v.icv_ml,
+                    "gm_ml": v.gm_ml,
+                    "wm_ml": v.wm_ml,
+                    "csf_ml": v.csf_ml,
+                    "brain_ml": v.brain_ml,
+                    "bpf": v.bpf,
+                },
+                "verdict": result.verdict.value,
+                "reason": result.reason.check if result.reason else None,
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def _errors(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [100.0 * (r["measured"][key] / r["truth"][key] - 1.0) for r in rows]
+
+
+def _pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.abs(values), q))
+
+
+def _colin(cache: Path) -> list[tuple[str, str]]:
+    import nibabel as nib
+    import numpy as np
+
+    from pipelines.volumetry.atlas import load_atlas
+    from pipelines.volumetry.method import Parameters, measure
+    from pipelines.volumetry.run import read_t1
+
+    head = COLIN / "ch2.nii.gz"
+    if not head.is_file():
+        print(f"\nreal head: {head} not found (Debian package mricron-data)")
+        return [("colin27", "not available")]
+    image = read_t1(head)
+    m = measure(image, load_atlas(cache), Parameters())
+    bet: Any = nib.as_closest_canonical(nib.load(COLIN / "ch2bet.nii.gz"))
+    bet_mask = np.asarray(bet.dataobj) > 0
+    better: Any = nib.load(COLIN / "ch2better.nii.gz")
+    tissue_ml = (
+        float((np.asarray(better.dataobj) > 0).sum())
+        * float(np.prod(better.header.get_zooms()[:3]))
+        / 1000.0
+    )
+    full = np.zeros(bet_mask.shape, dtype=bool)
+    full[tuple(slice(a, b) for a, b in m.crop)] = m.mask
+    voxel_ml = float(np.prod(bet.header.get_zooms()[:3])) / 1000.0
+    bet_ml = float(bet_mask.sum()) * voxel_ml
+    dice = 2.0 * float((full & bet_mask).sum()) / float(full.sum() + bet_mask.sum())
+    inside_bet = float((bet_mask & ~full).sum()) * voxel_ml
+    v = m.volumes
+    print("\nreal head: Colin27 (mricron-data ch2), a single subject's T1 in MNI space")
+    print(
+        f"  ICV {v.icv_ml:.0f} ml, GM {v.gm_ml:.0f}, WM {v.wm_ml:.0f}, CSF {v.csf_ml:.0f}, "
+        f"brain {v.brain_ml:.0f} ml, BPF {v.bpf:.3f}"
+    )
+    print(
+        f"  BET brain mask (ch2bet) {bet_ml:.0f} ml; Dice with our intracranial mask "
+        f"{dice:.3f}; BET mask outside ours {inside_bet:.0f} ml"
+    )
+    print(
+        f"  skull-stripped tissue (ch2better, GM + WM) {tissue_ml:.0f} ml; ours "
+        f"{v.brain_ml:.0f} ml ({100 * (v.brain_ml / tissue_ml - 1):+.1f} %)"
+    )
+    return [
+        ("colin27_icv_ml", f"{v.icv_ml:.0f}"),
+        ("colin27_dice_vs_bet_mask", f"{dice:.3f}"),
+        ("colin27_bet_mask_ml", f"{bet_ml:.0f}"),
+        ("colin27_brain_ml", f"{v.brain_ml:.0f}"),
+        ("colin27_brain_vs_ch2better_pct", f"{100 * (v.brain_ml / tissue_ml - 1):+.1f}"),
+    ]
+
+
+def _timing(cache: Path, studies: int) -> list[tuple[str, str]]:
+    """``cohortflow volumetry`` on DICOM, conversion included, in this process."""
+    from models.settings import Settings
+    from models.synth import Fault, SynthConfig
+    from pipelines.synth.cohort import generate
+    from pipelines.volumetry.run import volumetry_configured
+
+    with tempfile.TemporaryDirectory(prefix="cohortflow-bench-vol-") as tmp:
+        base = Path(tmp)
+        config = SynthConfig(studies=studies, seed=41, fault_rates={f: 0.0 for f in Fault})
+        generate(config, base / "cohort", cache, workers=2)
+        settings = Settings(home=base / "home", cache_dir=cache)
+        times: list[float] = []
+        steps: dict[str, list[float]] = {}
+        for study in sorted((base / "cohort" / "dicom").iterdir()):
+            t0 = time.perf_counter()
+            report = volumetry_configured(settings, study, base / "out" / study.name, None)
+            elapsed = time.perf_counter() - t0
+            for r in report.results:
+                times.append(elapsed / max(1, len(report.results)))
+                for k, s in r.seconds.items():
+                    steps.setdefault(k, []).append(s)
+            convert = elapsed - sum(sum(r.seconds.values()) for r in report.results)
+            steps.setdefault("convert (+ index and read)", []).append(convert)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    if not times:
+        return [("time_per_t1_s", "no 3D T1 in the cohort")]
+    print(f"\ntime per 3D T1 (DICOM in, conversion included; {len(times)} T1s, ITK 1 thread)")
+    for k, values in steps.items():
+        print(f"  {k:28s} median {statistics.median(values):6.2f} s")
+    return [
+        ("time_per_t1_median_s", f"{statistics.median(times):.1f}"),
+        ("time_per_t1_max_s", f"{max(times):.1f}"),
+        ("peak_memory_gb", f"{peak_gb:.2f}"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 subjects, 2 re-scanned")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "test")
+    args = parser.parse_args()
+    import numpy as np
+    from scipy import stats
+
+    from pipelines.atlas.headmodel import load_or_build
+
+    load_or_build(args.cache)
+    n = 8 if args.quick else 40
+    rescans = 2 if args.quick else 5
+    thick = 2 if args.quick else 6
+    figures: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="cohortflow-bench-vol-") as tmp:
+        jobs = []
+        for i in range(n):
+            group = "dementia" if i % 2 else "control"
+            grids: tuple[str, ...] = (GRIDS_3D[(i // 2) % 2],)
+            if i < rescans:
+                grids = ("sagittal_1mm", "sagittal_1mm", "axial_1.2mm", "axial_1.2mm")
+            elif i < rescans + thick:
+                grids = (*grids, "axial_2d_5mm")
+            jobs.append((i, args.seed, group, 0.03 if group == "dementia" else 0.0, grids, tmp))
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(
+            args.workers, initializer=_init, initargs=(str(args.cache),)
+        ) as pool:
+            rows = [r for batch in pool.map(_subject_job, jobs) for r in batch]
+        wall = time.perf_counter() - t0
+
+    # one 3D scan per subject for accuracy and the group test (the first of the re-scanned)
+    first: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r["grid"] in GRIDS_3D and r["subject"] not in first:
+            first[r["subject"]] = r
+    acc = list(first.values())
+    print(f"\naccuracy: {len(acc)} subjects, one 3D T1 each ({wall:.0f} s for all scans)")
+    head = ("median |err| %", "p95 |err| %", "max |err| %", "mean err %")
+    print(f"  {'':8s} {head[0]:>15s} {head[1]:>12s} {head[2]:>12s} {head[3]:>11s}")
+    for key in ("icv_ml", "brain_ml", "gm_ml", "wm_ml", "csf_ml", "bpf"):
+        e = _errors(acc, key)
+        print(
+            f"  {key:8s} {_pct(e, 50):15.2f} {_pct(e, 95):12.2f} {_pct(e, 100):12.2f} "
+            f"{statistics.mean(e):11.2f}"
+        )
+    verdicts = [r["verdict"] for r in acc]
+    print(f"  QC verdicts: {', '.join(f'{v} {verdicts.count(v)}' for v in sorted(set(verdicts)))}")
+    figures += [
+        ("accuracy_subjects", str(len(acc))),
+        ("icv_median_abs_error_pct", f"{_pct(_errors(acc, 'icv_ml'), 50):.2f}"),
+        ("icv_p95_abs_error_pct", f"{_pct(_errors(acc, 'icv_ml'), 95):.2f}"),
+        ("brain_median_abs_error_pct", f"{_pct(_errors(acc, 'brain_ml'), 50):.2f}"),
+        ("brain_p95_abs_error_pct", f"{_pct(_errors(acc, 'brain_ml'), 95):.2f}"),
+    ]
+    two_d = [r for r in rows if r["grid"] == "axial_2d_5mm"]
+    if two_d:
+        flagged = sum(r["reason"] == "volumetry.thick_slices" for r in two_d)
+        print(
+            f"\nthick-slice 2D T1 (5 mm): {len(two_d)} scans, flagged lower confidence: {flagged}"
+        )
+        for key in ("icv_ml", "brain_ml"):
+            e = _errors(two_d, key)
+            print(f"  {key:8s} median |err| {_pct(e, 50):.2f} %, max {_pct(e, 100):.2f} %")
+        figures += [
+            ("thick_2d_icv_median_abs_error_pct", f"{_pct(_errors(two_d, 'icv_ml'), 50):.2f}"),
+            ("thick_2d_brain_median_abs_error_pct", f"{_pct(_errors(two_d, 'brain_ml'), 50):.2f}"),
+            ("thick_2d_flagged", f"{flagged}/{len(two_d)}"),
+        ]
+
+    groups = {g: [r for r in acc if r["group"] == g] for g in ("control", "dementia")}
+    print(
+        f"\ngroup difference: {len(groups['control'])} controls, {len(groups['dementia'])} "
+        "with 3 % more atrophy"
+    )
+    for key in ("brain_ml", "bpf"):
+        a = [r["measured"][key] for r in groups["dementia"]]
+        b = [r["measured"][key] for r in groups["control"]]
+        ta = [r["truth"][key] for r in groups["dementia"]]
+        tb = [r["truth"][key] for r in groups["control"]]
+        test = stats.ttest_ind(a, b, equal_var=False)
+        true_test = stats.ttest_ind(ta, tb, equal_var=False)
+        print(
+            f"  {key:8s} dementia {np.mean(a):8.3f} +- {np.std(a, ddof=1):.3f}, control "
+            f"{np.mean(b):8.3f} +- {np.std(b, ddof=1):.3f}: Welch p = {test.pvalue:.2e} "
+            f"(truth: p = {true_test.pvalue:.2e})"
+        )
+        figures.append((f"group_{key}_p", f"{test.pvalue:.2e}"))
+
+    print(f"\nscan-rescan: {rescans} subjects x 4 scans (sagittal 1 mm x 2, axial 1.2 mm x 2)")
+    cvs: dict[str, list[float]] = {"icv_ml": [], "brain_ml": []}
+    for i in range(rescans):
+        scans = [r for r in rows if r["subject"] == i and r["grid"] in GRIDS_3D]
+        for key, per_subject in cvs.items():
+            values = [r["measured"][key] for r in scans]
+            per_subject.append(100.0 * statistics.stdev(values) / statistics.mean(values))
+    for key, values in cvs.items():
+        print(
+            f"  {key:8s} CV per subject: {', '.join(f'{v:.2f}' for v in values)} %; "
+            f"mean {statistics.mean(values):.2f} %"
+        )
+        figures.append(
+            (f"rescan_cv_{key.removesuffix('_ml')}_pct", f"{statistics.mean(values):.2f}")
+        )
+
+    figures += _colin(args.cache)
+    figures += _timing(args.cache, 3 if args.quick else 6)
+    times = [r["seconds"] for r in rows if r["grid"] in GRIDS_3D]
+    figures.append(("volumetry_only_median_s_2_processes", f"{statistics.median(times):.1f}"))
+
+    print()
+    for name, value in figures:
+        print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Errors of the anatomical atlas (the whole-head model composed from installed templates)."""
+
+from models.errors import CohortflowError
+
+
+class HeadModelError(CohortflowError):
+    """The head model could not be built or loaded; the message says why and what to do."""

@@ -1,0 +1,273 @@
+"""The JSON sidecar of a converted image: an allowlist of BIDS acquisition keys, nothing else.
+
+dcm2niix's own anonymization is not enough: even with ``-ba y`` its sidecar keeps
+InstitutionName, InstitutionAddress, StationName, DeviceSerialNumber and ImageComments (free text
+that may hold a name). So every key not listed in :data:`ALLOWED` is dropped, whatever wrote
+the sidecar; dates and times are never listed. SeriesDescription and ProtocolName are kept (a
+reader needs them) but they are free text: a kept text value that contains an identifying value
+of the series' own header (names, IDs, dates, institution, station, serial number) is dropped
+as well and reported.
+
+The same sidecar is built from the DICOM headers (pydicom) when SimpleITK converted the series;
+times become seconds as BIDS asks. cohortflow adds its own keys, all prefixed ``Cohortflow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+#: The acquisition keys a sidecar may hold (BIDS names, in BIDS' order of topics). Changing this
+#: list changes what leaves the identified side: review it like the de-identification profile.
+ALLOWED: tuple[str, ...] = (
+    # scanner
+    "Modality",
+    "Manufacturer",
+    "ManufacturersModelName",
+    "MagneticFieldStrength",
+    "ImagingFrequency",
+    "SoftwareVersions",
+    # sequence
+    "SeriesDescription",
+    "ProtocolName",
+    "SeriesNumber",
+    "AcquisitionNumber",
+    "ImageType",
+    "MRAcquisitionType",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "SequenceName",
+    "PulseSequenceType",
+    "NonlinearGradientCorrection",
+    "SpoilingState",
+    "MTState",
+    # timing and contrast
+    "EchoTime",
+    "RepetitionTime",
+    "InversionTime",
+    "FlipAngle",
+    "EchoTrainLength",
+    "PixelBandwidth",
+    "SliceTiming",
+    # spatial encoding
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "PhaseEncodingDirection",
+    "PhaseEncodingAxis",
+    "AcquisitionMatrixPE",
+    "ReconMatrixPE",
+    "PercentPhaseFOV",
+    "PartialFourier",
+    "ParallelReductionFactorInPlane",
+    "ImageOrientationPatientDICOM",
+    "BodyPart",
+    "PatientPosition",
+    # provenance
+    "ConversionSoftware",
+    "ConversionSoftwareVersion",
+)
+
+#: Header attributes whose values must never reach a sidecar (looked for inside kept text).
+IDENTIFYING: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StationName",
+    "DeviceSerialNumber",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+)
+
+
+def from_dcm2niix(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """dcm2niix's sidecar, allowlisted (key order of :data:`ALLOWED`)."""
+    return {key: raw[key] for key in ALLOWED if key in raw}
+
+
+def _first(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` at the top level, else in the shared or first per-frame functional groups
+    (Enhanced MR keeps TR, TE, flip angle and thickness there)."""
+    if keyword in ds and ds[keyword].value not in (None, ""):
+        return ds[keyword].value
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if groups not in ds or not ds[groups].value:
+            continue
+        group = ds[groups].value[0]
+        for element in group:
+            if element.VR != "SQ" or not element.value:
+                continue
+            item = element.value[0]
+            if keyword in item and item[keyword].value not in (None, ""):
+                return item[keyword].value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _text(value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value]
+    text = str(value).strip()
+    return text or None
+
+
+def from_headers(ds: Dataset) -> dict[str, Any]:
+    """The allowlisted sidecar built from a DICOM header (BIDS units: seconds, Tesla)."""
+    out: dict[str, Any] = {}
+    for key, keyword in (
+        ("Modality", "Modality"),
+        ("Manufacturer", "Manufacturer"),
+        ("ManufacturersModelName", "ManufacturerModelName"),
+        ("SoftwareVersions", "SoftwareVersions"),
+        ("SeriesDescription", "SeriesDescription"),
+        ("ProtocolName", "ProtocolName"),
+        ("ImageType", "ImageType"),
+        ("MRAcquisitionType", "MRAcquisitionType"),
+        ("ScanningSequence", "ScanningSequence"),
+        ("SequenceVariant", "SequenceVariant"),
+        ("ScanOptions", "ScanOptions"),
+        ("SequenceName", "SequenceName"),
+        ("BodyPart", "BodyPartExamined"),
+        ("PatientPosition", "PatientPosition"),
+    ):
+        value = _text(_first(ds, keyword))
+        if isinstance(value, list) and key not in ("ImageType",):
+            value = "\\".join(value)
+        if value:
+            out[key] = value
+    for key, keyword, scale in (
+        ("MagneticFieldStrength", "MagneticFieldStrength", 1.0),
+        ("ImagingFrequency", "ImagingFrequency", 1.0),
+        ("SeriesNumber", "SeriesNumber", 1.0),
+        ("AcquisitionNumber", "AcquisitionNumber", 1.0),
+        ("EchoTime", "EchoTime", 1e-3),
+        ("EchoTime", "EffectiveEchoTime", 1e-3),
+        ("RepetitionTime", "RepetitionTime", 1e-3),
+        ("InversionTime", "InversionTime", 1e-3),
+        ("InversionTime", "InversionTimes", 1e-3),
+        ("FlipAngle", "FlipAngle", 1.0),
+        ("EchoTrainLength", "EchoTrainLength", 1.0),
+        ("PixelBandwidth", "PixelBandwidth", 1.0),
+        ("SliceThickness", "SliceThickness", 1.0),
+        ("SpacingBetweenSlices", "SpacingBetweenSlices", 1.0),
+    ):
+        if key in out:
+            continue
+        number = _number(_first(ds, keyword))
+        if number is not None:
+            scaled = round(number * scale, 9)  # 2300 ms is 2.3 s, not 2.3000000000000003
+            out[key] = int(scaled) if key in _INTEGERS else scaled
+    axis = _text(_first(ds, "InPlanePhaseEncodingDirection"))
+    if axis in ("ROW", "COL"):
+        out["PhaseEncodingAxis"] = "i" if axis == "ROW" else "j"
+    orientation = _first(ds, "ImageOrientationPatient")
+    if orientation is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            out["ImageOrientationPatientDICOM"] = [float(v) for v in orientation]
+    return {key: out[key] for key in ALLOWED if key in out}
+
+
+_INTEGERS = ("SeriesNumber", "AcquisitionNumber", "EchoTrainLength")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def identifying_values(ds: Dataset) -> set[str]:
+    """The identifying values of a header (a person's name also by its components), to look
+    for in kept text. Values shorter than three characters are not looked for."""
+    values: set[str] = set()
+    for keyword in IDENTIFYING:
+        if keyword not in ds:
+            continue
+        element = ds[keyword]
+        value = element.value
+        if value is None:
+            continue
+        items = list(value) if element.VM > 1 else [value]
+        for item in items:
+            text = str(item).strip()
+            values.add(text)
+            if element.VR == "PN":
+                values.update(part.strip() for part in text.split("^"))
+    for item in ds.get("OtherPatientIDsSequence") or []:
+        if "PatientID" in item:
+            values.add(str(item.PatientID).strip())
+    return {v for v in values if len(v) >= 3}
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def drop_identifiers(
+    sidecar: Mapping[str, Any], identifying: set[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The sidecar without any text value that holds one of ``identifying`` (case-insensitive;
+    a number only where it stands as a whole number), and the keys dropped."""
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    words = {v.lower() for v in identifying if not v.isdigit()}
+    numbers = {v for v in identifying if v.isdigit()}
+    for key, value in sidecar.items():
+        hit = False
+        for text in _strings(value):
+            lower = text.lower()
+            if any(w in lower for w in words) or numbers & set(_DIGITS.findall(text)):
+                hit = True
+                break
+        if hit:
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def with_provenance(
+    sidecar: Mapping[str, Any],
+    converter: str,
+    version: str,
+    method_version: str,
+    series_key: str,
+    fallback_reason: str | None,
+) -> dict[str, Any]:
+    """The sidecar with the converter that made the image and cohortflow's own keys (the series
+    key is a hash of its SeriesInstanceUID, so reruns find the files of a series again)."""
+    out = dict(sidecar)
+    out["ConversionSoftware"] = converter
+    out["ConversionSoftwareVersion"] = version
+    out["CohortflowConverter"] = f"{converter} {version}"
+    out["CohortflowMethodVersion"] = method_version
+    out["CohortflowSeriesKey"] = series_key
+    if fallback_reason is not None:
+        out["CohortflowFallbackReason"] = fallback_reason
+    return out

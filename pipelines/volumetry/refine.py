@@ -1,0 +1,85 @@
+"""The intracranial mask refined in subject space, at the inner table of the skull.
+
+Pure compute. A template mask brought in by registration is right to within a few millimetres;
+1 mm all round is already 4 % of the intracranial volume, so the edge is then moved to where the
+image puts it. In a T1 the intracranial space ends where the CSF (dark grey) meets the inner
+table of the skull (black): inside a band around the registered edge, a voxel belongs to the
+intracranial space when it is brighter than halfway between the skull and the CSF and connected
+to the mask's deep core through such voxels. The scalp and the marrow beyond the skull are bright
+too: inside the registered mask they are cut off by the dark inner table (thin bridges opened
+first); outside it the mask grows one voxel at a time, at most the band's width, so a gap in the
+skull lets in a few voxels, never a shell of scalp (a global fill of holes did: ICV 5 % high).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Refinement:
+    mask: BoolArray
+    threshold: float  # intensity between skull and CSF
+    skull_level: float
+    csf_level: float
+    added_fraction: float  # of the registered mask's volume
+    removed_fraction: float
+
+
+def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> BoolArray:
+    r = [max(1, int(np.floor(radius_mm / s))) for s in spacing]
+    grid = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    dist = sum((g * s) ** 2 for g, s in zip(grid, spacing, strict=True))
+    return np.asarray(dist <= radius_mm**2 + 1e-6)
+
+
+def refine_icv(
+    image: npt.NDArray[np.floating],
+    registered: BoolArray,
+    spacing: tuple[float, float, float],
+    csf_level: float,
+    band_in_mm: float = 12.0,
+    band_out_mm: float = 4.0,
+    opening_mm: float = 1.0,
+) -> Refinement:
+    """Move the edge of ``registered`` (a bool mask on ``image``'s grid, voxel sizes
+    ``spacing`` in mm) to the CSF / skull border within the band."""
+    inside_depth = ndimage.distance_transform_edt(registered, sampling=spacing)
+    outside_dist = ndimage.distance_transform_edt(~registered, sampling=spacing)
+    deep = inside_depth > band_in_mm
+    outer = (outside_dist > 0) & (outside_dist <= band_out_mm)
+    values = np.asarray(image, dtype=np.float64)
+    # the skull is the darkest tissue just outside the mask: a low percentile of the outer band
+    skull = float(np.percentile(values[outer], 10)) if outer.any() else 0.0
+    threshold = skull + 0.5 * (csf_level - skull)
+    bright = values > threshold
+    # inside: what the registration placed beyond the skull (the scalp, bright again past the
+    # dark inner table) is cut off from the deep core; thin bridges are opened first
+    near = registered & ~deep & bright
+    near = ndimage.binary_opening(near, structure=_ball(opening_mm, spacing))
+    labels, _ = ndimage.label(near | deep)
+    keep = np.unique(labels[deep])
+    inside = np.isin(labels, keep[keep > 0])
+    inside = np.asarray(ndimage.binary_fill_holes(inside), dtype=bool) & registered
+    # outside: grow into bright voxels of the outer band one voxel at a time, at most the
+    # band's width, so that a gap in the skull lets in a few voxels, never a shell of scalp
+    steps = max(1, int(np.ceil(band_out_mm / min(spacing))))
+    mask = np.asarray(
+        ndimage.binary_dilation(inside, iterations=steps, mask=inside | (outer & bright)),
+        dtype=bool,
+    )
+    n0 = max(int(registered.sum()), 1)
+    return Refinement(
+        mask=mask,
+        threshold=threshold,
+        skull_level=skull,
+        csf_level=float(csf_level),
+        added_fraction=float((mask & ~registered).sum()) / n0,
+        removed_fraction=float((registered & ~mask).sum()) / n0,
+    )

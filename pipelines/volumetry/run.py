@@ -1,0 +1,396 @@
+"""Volumetry of the T1s in a source: a NIfTI file, a BIDS-style folder, or a folder of DICOM.
+
+DICOM is converted first (``pipelines.convert``, into ``OUT/nifti``) and the series the protocol
+takes as its volumetry input (role ``t1_3d``; a thick-slice 2D T1 when asked) are measured; a
+NIfTI file or a BIDS folder's ``*_T1w.nii.gz`` files are measured as they are. Per image: read,
+measure (``method``), judge (``verdict``), draw the overlay (``overlay``). One image's failure
+never stops the others. Results are recorded in the index (a ``volumetry`` stage result and a
+``biomarkers`` row) for images whose series is known, that is, those converted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from models.database import IndexDB
+from models.settings import Settings
+from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from pipelines.volumetry.atlas import Atlas, load_atlas
+from pipelines.volumetry.errors import VolumetryError
+from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volumes, measure
+from pipelines.volumetry.overlay import write_overlay
+from pipelines.volumetry.verdict import finding, judge
+from qc.findings import Finding, Verdict, reason, verdict
+
+log = logging.getLogger(__name__)
+
+STAGE = "volumetry"
+#: Roles of the protocol rules whose series are measured.
+ROLES = ("t1_3d",)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to measure and what is known of its series."""
+
+    image: Path
+    name: str
+    series: str | None = None
+    study: str | None = None
+    protocol: str | None = None
+    role: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    software_versions: str | None = None
+    converter: str | None = None
+
+
+@dataclass(frozen=True)
+class VolumetryResult:
+    source: Source
+    findings: tuple[Finding, ...]
+    volumes: Volumes | None = None
+    registered_icv_ml: float | None = None
+    correlation: float | None = None
+    slice_mm: float | None = None
+    overlay: Path | None = None
+    input_sha256: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict(self.findings)
+
+    @property
+    def reason(self) -> Finding | None:
+        return reason(self.findings)
+
+    @property
+    def confidence(self) -> str:
+        return (
+            "low" if any(f.check == "volumetry.thick_slices" for f in self.findings) else "normal"
+        )
+
+
+@dataclass(frozen=True)
+class VolumetryReport:
+    results: tuple[VolumetryResult, ...]
+    parameters: Parameters
+    #: sources that could not be measured before volumetry started (conversion failures...)
+    not_measured: tuple[tuple[str, str, str], ...] = ()  # (name, reason code, message)
+
+    def with_verdict(self, wanted: Verdict) -> list[VolumetryResult]:
+        return [r for r in self.results if r.verdict is wanted]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_t1(path: Path) -> Any:
+    """The image as an ANTs image in RAS+ voxel order (so that overlays come out upright)."""
+    import ants
+
+    try:
+        img: Any = nib.load(path)
+    except Exception as exc:  # nibabel raises several types for damaged files
+        raise VolumetryError(f"{path}: not a readable NIfTI image ({exc})") from exc
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise VolumetryError(f"{path}: a 3D image is needed, this one has shape {img.shape}")
+    canonical = nib.as_closest_canonical(img)
+    return ants.from_nibabel_nifti(canonical)
+
+
+def measure_source(
+    source: Source, atlas: Callable[[], Atlas], params: Parameters, overlay_dir: Path | None
+) -> VolumetryResult:
+    """Measure one image (raises VolumetryError when it cannot be read); ``atlas`` loads the
+    atlas when the image is readable."""
+    t0 = time.perf_counter()
+    image = read_t1(source.image)
+    read_s = time.perf_counter() - t0
+    m = measure(image, atlas(), params)
+    spacing = tuple(float(s) for s in image.spacing)
+    slice_mm = max(spacing)
+    mask = m.mask
+    border = _border_fraction(mask, m.crop, tuple(int(n) for n in image.shape))
+    edge = m.refinement.added_fraction + m.refinement.removed_fraction if m.refinement else 0.0
+    findings = judge(
+        icv_ml=m.volumes.icv_ml,
+        bpf=m.volumes.bpf,
+        correlation=m.correlation,
+        means=m.mixture.means,
+        converged=m.mixture.converged,
+        edge_change=edge,
+        on_border=border,
+        slice_mm=slice_mm,
+    )
+    overlay = None
+    if overlay_dir is not None:
+        t1 = time.perf_counter()
+        overlay = write_overlay(
+            overlay_dir / f"{source.name}_volumetry.png", m.image, m.labels, mask, m.spacing
+        )
+        m.seconds["overlay"] = time.perf_counter() - t1
+    return VolumetryResult(
+        source=source,
+        findings=tuple(findings),
+        volumes=m.volumes,
+        registered_icv_ml=m.registered_icv_ml,
+        correlation=m.correlation,
+        slice_mm=slice_mm,
+        overlay=overlay,
+        input_sha256=_sha256(source.image),
+        seconds={"read": read_s, **m.seconds},
+    )
+
+
+def _border_fraction(
+    mask: np.ndarray[Any, Any], crop: tuple[tuple[int, int], ...], shape: tuple[int, ...]
+) -> float:
+    """Fraction of the mask's voxels on a face of the whole image (the crop's faces that are
+    the image's own)."""
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    on = np.zeros(mask.shape, dtype=bool)
+    for axis, ((start, stop), n) in enumerate(zip(crop, shape, strict=True)):
+        index = [slice(None)] * 3
+        if start == 0:
+            index[axis] = slice(0, 1)
+            on[tuple(index)] = True
+        if stop == n:
+            index[axis] = slice(mask.shape[axis] - 1, mask.shape[axis])
+            on[tuple(index)] = True
+    return float((mask & on).sum()) / total
+
+
+def measure_all(
+    sources: Sequence[Source],
+    atlas: Callable[[], Atlas],
+    params: Parameters,
+    overlay_dir: Path | None,
+    progress: Callable[[VolumetryResult], None] | None = None,
+) -> list[VolumetryResult]:
+    results = []
+    for source in sources:
+        try:
+            result = measure_source(source, atlas, params, overlay_dir)
+        except VolumetryError as exc:
+            result = VolumetryResult(source, (finding("volumetry.unreadable", str(exc)),))
+        except Exception as exc:  # one image must never stop the others
+            log.exception("volumetry: %s failed", source.image)
+            result = VolumetryResult(
+                source,
+                (finding("volumetry.internal_error", f"{type(exc).__name__}: {exc}"),),
+            )
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return results
+
+
+def nifti_sources(source: Path) -> list[Source]:
+    """The images of a NIfTI file or of a folder's ``*_T1w.nii[.gz]`` files."""
+    if source.is_file():
+        return [Source(source, _stem(source))]
+    found = sorted(p for p in source.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
+    return [Source(p, _stem(p)) for p in found]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def volumetry_configured(
+    settings: Settings,
+    source: Path,
+    out: Path,
+    index: IndexDB | None,
+    protocol: str | None = None,
+    protocols_file: Path | None = None,
+    *,
+    record: bool = True,
+    params: Parameters | None = None,
+    progress: Callable[[VolumetryResult], None] | None = None,
+) -> VolumetryReport:
+    """Measure every T1 of ``source`` (converting DICOM first) and record the results."""
+    p = params or Parameters()
+    sources = nifti_sources(source)
+    not_measured: list[tuple[str, str, str]] = []
+    if not sources and source.is_dir():
+        sources, not_measured = _convert_first(
+            settings, source, out, index, protocol, protocols_file, record
+        )
+    elif not sources:
+        raise VolumetryError(f"{source}: no such file or folder")
+    results = measure_all(
+        sources, lambda: load_atlas(settings.cache), p, out / "overlays", progress
+    )
+    report = VolumetryReport(tuple(results), p, tuple(not_measured))
+    if index is not None and record:
+        with index.session() as session:
+            known = [r for r in results if r.source.series and r.source.study]
+            record_stages(session, [stage_record(r) for r in known])
+            record_biomarkers(
+                session, [biomarker_record(r, p) for r in known if r.volumes is not None]
+            )
+    return report
+
+
+def _convert_first(
+    settings: Settings,
+    source: Path,
+    out: Path,
+    index: IndexDB | None,
+    protocol: str | None,
+    protocols_file: Path | None,
+    record: bool,
+) -> tuple[list[Source], list[tuple[str, str, str]]]:
+    from pipelines.convert.folder import convert_configured
+
+    report = convert_configured(
+        settings, source, out / "nifti", index, protocol, protocols_file, record=record
+    )
+    sources: list[Source] = []
+    failed: list[tuple[str, str, str]] = []
+    for series in report.series:
+        if series.role not in ROLES:
+            continue
+        if series.nifti is None:
+            deciding = series.reason
+            failed.append(
+                (
+                    series.name or series.folder,
+                    deciding.check if deciding else "convert.failed",
+                    deciding.message if deciding else "not converted",
+                )
+            )
+            continue
+        sources.append(
+            Source(
+                image=series.nifti,
+                name=series.name,
+                series=series.series,
+                study=series.study,
+                protocol=series.protocol or None,
+                role=series.role,
+                manufacturer=series.manufacturer or None,
+                model=series.model or None,
+                software_versions=series.software_versions or None,
+                converter=f"{series.converter} {series.converter_version}",
+            )
+        )
+    return sources, failed
+
+
+def metrics(result: VolumetryResult) -> dict[str, Any]:
+    v = result.volumes
+    out: dict[str, Any] = asdict(v) if v is not None else {}
+    out.update(
+        registered_icv_ml=result.registered_icv_ml,
+        correlation=result.correlation,
+        slice_mm=result.slice_mm,
+        confidence=result.confidence,
+        seconds={k: round(s, 2) for k, s in result.seconds.items()},
+    )
+    return out
+
+
+def stage_record(result: VolumetryResult) -> StageRecord:
+    s = result.source
+    deciding = result.reason
+    assert s.series is not None and s.study is not None
+    return StageRecord(
+        series_uid=s.series,
+        study_uid=s.study,
+        stage=STAGE,
+        status=result.verdict.value,
+        method_version=f"{METHOD}-{METHOD_VERSION}",
+        protocol=s.protocol,
+        role=s.role,
+        manufacturer=s.manufacturer,
+        model=s.model,
+        software_versions=s.software_versions,
+        reason_code=deciding.check if deciding else None,
+        message=deciding.message if deciding else None,
+        findings=[f.as_dict() for f in result.findings],
+        metrics=metrics(result),
+        input_sha256=result.input_sha256 or None,
+        seconds=round(sum(result.seconds.values()), 3),
+    )
+
+
+def biomarker_record(result: VolumetryResult, params: Parameters) -> BiomarkerRecord:
+    s, v = result.source, result.volumes
+    assert s.series is not None and s.study is not None and v is not None
+    deciding = result.reason
+    return BiomarkerRecord(
+        series_uid=s.series,
+        study_uid=s.study,
+        protocol=s.protocol,
+        icv_ml=round(v.icv_ml, 3),
+        gm_ml=round(v.gm_ml, 3),
+        wm_ml=round(v.wm_ml, 3),
+        csf_ml=round(v.csf_ml, 3),
+        brain_ml=round(v.brain_ml, 3),
+        bpf=round(v.bpf, 5),
+        method=METHOD,
+        method_version=METHOD_VERSION,
+        parameters=params.as_dict(),
+        qc_status=result.verdict.value,
+        qc_reason=deciding.check if deciding else None,
+        confidence=result.confidence,
+        converter=s.converter,
+        input_sha256=result.input_sha256 or None,
+    )
+
+
+def report_json(report: VolumetryReport) -> dict[str, Any]:
+    """The volumetry of a source as one JSON document (``cohortflow volumetry --json``)."""
+    return {
+        "method": METHOD,
+        "method_version": METHOD_VERSION,
+        "parameters": report.parameters.as_dict(),
+        "counts": {v.value: len(report.with_verdict(v)) for v in Verdict},
+        "results": [
+            {
+                "image": str(r.source.image),
+                "name": r.source.name,
+                "series": r.source.series,
+                "study": r.source.study,
+                "protocol": r.source.protocol,
+                "converter": r.source.converter,
+                "volumes": asdict(r.volumes) if r.volumes is not None else None,
+                "verdict": r.verdict.value,
+                "reason": r.reason.check if r.reason else None,
+                "confidence": r.confidence,
+                "findings": [f.as_dict() for f in r.findings],
+                "overlay": str(r.overlay) if r.overlay else None,
+                "metrics": metrics(r),
+            }
+            for r in report.results
+        ],
+        "not_measured": [
+            {"name": n, "reason": code, "message": msg} for n, code, msg in report.not_measured
+        ],
+    }

@@ -1,0 +1,192 @@
+"""Tissue classification inside the intracranial mask: a Gaussian mixture with template priors.
+
+Pure compute: intensities and prior probabilities in, posteriors and class parameters out.
+
+The model is the one of SPM's unified segmentation and of ANTs Atropos with prior probability
+images: each voxel's intensity comes from class k (CSF, GM, WM) with probability proportional to
+``gamma_k * prior_k(x)``, and given the class it is Gaussian. EM estimates the class means,
+variances and the weights ``gamma`` (so that a subject with wider sulci than the template gets
+more CSF than the priors say: atrophy must not be pulled back to the template). Volumes are the
+sums of the posteriors, which splits partial-volume voxels between their classes.
+
+Why not Atropos itself: on this 2-core machine Atropos with priors took 14 to 33 s per 1 mm head
+(cropped or not, with or without its MRF), a third to a half of the whole per-series budget; this
+EM takes about a second and gave the same volumes within 1 % on the test heads
+(benchmarks/volumetry.py compares the two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+CLASSES = ("csf", "gm", "wm")
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Fitted class parameters, in the order of :data:`CLASSES`."""
+
+    means: tuple[float, float, float]
+    sds: tuple[float, float, float]
+    weights: tuple[float, ...]  # gamma: multiplies the priors (CSF, GM, WM, CSF/GM, GM/WM)
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    posteriors: npt.NDArray[np.float32]  # (n, 3): per voxel of the mask, CSF / GM / WM fractions
+    mixture: Mixture
+
+
+def _normal(y: FloatArray, mean: FloatArray, sd: FloatArray) -> FloatArray:
+    z = (y[:, None] - mean[None, :]) / sd[None, :]
+    return np.asarray(np.exp(-0.5 * z * z) / (sd[None, :] * np.sqrt(2 * np.pi)))
+
+
+#: The mixed (partial-volume) classes: voxels part one tissue, part its neighbour in intensity.
+MIXED = ((0, 1), (1, 2))
+
+
+def _class_priors(priors: FloatArray, prior_weight: float) -> FloatArray:
+    """(n, 5) priors of CSF, GM, WM, CSF/GM, GM/WM: a mixed class is likely where both of its
+    tissues are, flattened towards uniform by ``prior_weight``."""
+    p = np.clip(np.asarray(priors, dtype=np.float64), 0.0, None)
+    total = p.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / 3.0)
+    mixed = [2.0 * np.minimum(p[:, a], p[:, b]) for a, b in MIXED]
+    q = np.column_stack([p, *mixed])
+    q = q / q.sum(axis=1, keepdims=True)
+    return np.asarray(prior_weight * q + (1.0 - prior_weight) / q.shape[1])
+
+
+def _likelihoods(y: FloatArray, mean: FloatArray, sd: FloatArray) -> FloatArray:
+    """(n, 5): Gaussian for the pure classes; for a mixed class, a uniform mixing fraction
+    blurred by the noise: (Phi((y - m_a) / s) - Phi((y - m_b) / s)) / (m_b - m_a)."""
+    from scipy.special import ndtr
+
+    pure = _normal(y, mean, sd)
+    cols = [pure]
+    for a, b in MIXED:
+        s = 0.5 * (sd[a] + sd[b])
+        width = max(mean[b] - mean[a], 1e-6)
+        cols.append(((ndtr((y - mean[a]) / s) - ndtr((y - mean[b]) / s)) / width)[:, None])
+    return np.concatenate(cols, axis=1)
+
+
+def fit_mixture(
+    intensities: npt.NDArray[np.floating],
+    priors: npt.NDArray[np.floating],
+    prior_weight: float = 0.5,
+    iterations: int = 40,
+    tolerance: float = 1e-6,
+    max_samples: int = 250_000,
+) -> Segmentation:
+    """EM for CSF, GM and WM Gaussians plus the two partial-volume classes between them, with
+    spatial priors.
+
+    ``intensities`` (n,) are the (bias-corrected) voxel values inside the mask, ``priors`` (n, 3)
+    the template's CSF / GM / WM probabilities there. The priors are mixed with a flat prior
+    (``prior_weight``) so that intensity, not the registration, decides at tissue borders. The
+    partial-volume classes keep border voxels out of the pure classes' estimates: without them
+    the CSF Gaussian widened over the CSF / GM border and swallowed grey matter on one head in
+    ten (brain volume 21 % low).
+    """
+    y_all = np.asarray(intensities, dtype=np.float64)
+    priors_all = np.asarray(priors, dtype=np.float64)
+    # the parameters are fitted on every k-th voxel (the same ones every run); the fractions
+    # are computed for all
+    stride = max(1, y_all.size // max_samples)
+    y = y_all[::stride]
+    q = _class_priors(priors_all[::stride], prior_weight)
+    mean, sd = _start(y, priors_all[::stride])
+    scale = float(np.percentile(y, 99)) or 1.0
+    floor = 1e-3 * scale
+    sd = np.maximum(sd, floor)
+    gamma = np.ones(q.shape[1])
+    previous = -np.inf
+    converged = False
+    it = 0
+    resp = q
+    for it in range(1, iterations + 1):  # noqa: B007 - reported below
+        lik = gamma[None, :] * q * _likelihoods(y, mean, sd)
+        norm = lik.sum(axis=1, keepdims=True)
+        norm = np.where(norm > 0, norm, 1e-300)
+        resp = lik / norm
+        loglik = float(np.log(norm).mean())
+        pure = resp[:, :3]
+        n_k = pure.sum(axis=0)
+        mean = (pure * y[:, None]).sum(axis=0) / np.maximum(n_k, 1e-9)
+        sd = np.sqrt((pure * (y[:, None] - mean) ** 2).sum(axis=0) / np.maximum(n_k, 1e-9))
+        sd = np.maximum(sd, floor)
+        # ML update of the prior weights (Ashburner & Friston 2005, eq. 27)
+        mix = q @ gamma
+        gamma = resp.sum(axis=0) / np.maximum((q / mix[:, None]).sum(axis=0), 1e-9)
+        gamma = gamma / gamma.sum() * q.shape[1]
+        if abs(loglik - previous) < tolerance * max(1.0, abs(loglik)):
+            converged = True
+            break
+        previous = loglik
+    mixture = Mixture(
+        means=(float(mean[0]), float(mean[1]), float(mean[2])),
+        sds=(float(sd[0]), float(sd[1]), float(sd[2])),
+        weights=tuple(float(g) for g in gamma),
+        iterations=it,
+        converged=converged,
+    )
+    return Segmentation(
+        posteriors=posteriors_for(y_all, priors_all, mixture, prior_weight), mixture=mixture
+    )
+
+
+def _fractions(y: FloatArray, resp: FloatArray, mixture: Mixture) -> npt.NDArray[np.float32]:
+    """(n, 3) expected CSF / GM / WM fractions: pure classes count whole, a mixed class splits
+    by where the intensity lies between its two tissues' means."""
+    mean = np.asarray(mixture.means)
+    out = resp[:, :3].copy()
+    for j, (a, b) in enumerate(MIXED):
+        f_b = np.clip((y - mean[a]) / max(mean[b] - mean[a], 1e-6), 0.0, 1.0)
+        out[:, a] += resp[:, 3 + j] * (1.0 - f_b)
+        out[:, b] += resp[:, 3 + j] * f_b
+    return out.astype(np.float32)
+
+
+def _start(
+    y: FloatArray, priors: FloatArray, sure: float = 0.8, least: int = 200
+) -> tuple[FloatArray, FloatArray]:
+    """Initial class means and SDs from the voxels with a prior of at least ``sure`` (the
+    ``least`` most probable voxels when fewer are that sure)."""
+    mean = np.empty(3)
+    sd = np.empty(3)
+    for k in range(3):
+        chosen = priors[:, k] >= sure
+        if chosen.sum() < least:
+            chosen = np.zeros(y.shape, dtype=bool)
+            chosen[np.argsort(priors[:, k])[-least:]] = True
+        values = y[chosen]
+        mean[k] = np.median(values)
+        sd[k] = 1.4826 * np.median(np.abs(values - mean[k]))
+    return mean, sd
+
+
+def posteriors_for(
+    intensities: npt.NDArray[np.floating],
+    priors: npt.NDArray[np.floating],
+    mixture: Mixture,
+    prior_weight: float = 0.5,
+) -> npt.NDArray[np.float32]:
+    """Tissue fractions of more voxels under an already fitted mixture (no refit)."""
+    y = np.asarray(intensities, dtype=np.float64)
+    q = _class_priors(np.asarray(priors, dtype=np.float64), prior_weight)
+    lik = (
+        np.asarray(mixture.weights)[None, :]
+        * q
+        * _likelihoods(y, np.asarray(mixture.means), np.asarray(mixture.sds))
+    )
+    norm = lik.sum(axis=1, keepdims=True)
+    resp = lik / np.where(norm > 0, norm, 1e-300)
+    return _fractions(y, resp, mixture)

@@ -1,0 +1,145 @@
+"""Volumetry's own QC verdict: is the registration good, is the mask plausible, can the numbers
+be trusted? Pure: a measurement's figures in, findings out (``qc.findings``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from qc.findings import Check, Finding, Severity, reason, verdict
+
+_F, _W = Severity.FAIL, Severity.WARN
+
+CHECKS: Mapping[str, Check] = {
+    c.id: c
+    for c in (
+        Check(
+            "volumetry.registration", _F, "the atlas fits the head (correlation after registration)"
+        ),
+        Check("volumetry.icv_range", _F, "intracranial volume in a plausible adult range"),
+        Check("volumetry.bpf_range", _F, "brain parenchymal fraction in a plausible range"),
+        Check(
+            "volumetry.tissue_contrast", _F, "CSF darker than grey matter darker than white matter"
+        ),
+        Check("volumetry.mask_edge", _W, "the image moved the registered intracranial edge little"),
+        Check("volumetry.coverage", _W, "the intracranial space lies inside the image"),
+        Check("volumetry.thick_slices", _W, "3D resolution (thick 2D slices: lower confidence)"),
+        Check("volumetry.not_converged", _W, "the tissue classification converged"),
+        Check("volumetry.unreadable", _F, "the image can be read as a 3D volume"),
+        Check("volumetry.internal_error", _F, "volumetry ran to the end"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Thresholds of the verdict (adult heads; the ICV range covers heads in MNI space too)."""
+
+    min_correlation: float = 0.6
+    icv_ml: tuple[float, float] = (950.0, 2200.0)
+    bpf: tuple[float, float] = (0.55, 0.97)
+    max_edge_change: float = 0.10  # of the registered volume, added plus removed
+    max_slice_mm: float = 2.0
+    max_outside: float = 0.01  # of the intracranial mask on the image border
+
+
+def finding(
+    code: str, message: str, value: float | str | None = None, threshold: str | None = None
+) -> Finding:
+    return Finding(code, CHECKS[code].default, message, value, threshold)
+
+
+def judge(
+    *,
+    icv_ml: float,
+    bpf: float,
+    correlation: float,
+    means: tuple[float, float, float],
+    converged: bool,
+    edge_change: float,
+    on_border: float,
+    slice_mm: float,
+    limits: Limits | None = None,
+) -> list[Finding]:
+    """Findings on one measurement (empty: nothing to say)."""
+    lim = limits or Limits()
+    out: list[Finding] = []
+    if correlation < lim.min_correlation:
+        out.append(
+            finding(
+                "volumetry.registration",
+                f"the atlas head correlates {correlation:.2f} with the image after registration "
+                f"(minimum {lim.min_correlation}): the registration failed or this is not a "
+                "T1 head",
+                round(correlation, 3),
+                f">= {lim.min_correlation}",
+            )
+        )
+    lo, hi = lim.icv_ml
+    if not lo <= icv_ml <= hi:
+        out.append(
+            finding(
+                "volumetry.icv_range",
+                f"intracranial volume {icv_ml:.0f} ml is outside the adult range "
+                f"{lo:.0f}-{hi:.0f} ml",
+                round(icv_ml, 1),
+                f"{lo:.0f}-{hi:.0f}",
+            )
+        )
+    lo, hi = lim.bpf
+    if not lo <= bpf <= hi:
+        out.append(
+            finding(
+                "volumetry.bpf_range",
+                f"brain parenchymal fraction {bpf:.3f} is outside {lo}-{hi}",
+                round(bpf, 4),
+                f"{lo}-{hi}",
+            )
+        )
+    csf, gm, wm = means
+    if not csf < gm < wm:
+        out.append(
+            finding(
+                "volumetry.tissue_contrast",
+                f"class means CSF {csf:.0f}, GM {gm:.0f}, WM {wm:.0f} are not in T1 order: not a "
+                "T1-weighted image, or the classification failed",
+                f"{csf:.0f} / {gm:.0f} / {wm:.0f}",
+                "CSF < GM < WM",
+            )
+        )
+    if edge_change > lim.max_edge_change:
+        out.append(
+            finding(
+                "volumetry.mask_edge",
+                f"refining the intracranial edge changed {edge_change:.1%} of the registered mask "
+                f"(limit {lim.max_edge_change:.0%}): registration and image disagree",
+                round(edge_change, 4),
+                f"<= {lim.max_edge_change}",
+            )
+        )
+    if on_border > lim.max_outside:
+        out.append(
+            finding(
+                "volumetry.coverage",
+                f"{on_border:.1%} of the intracranial mask lies on the image border: the field of "
+                "view cuts the head, the volumes are too small",
+                round(on_border, 4),
+                f"<= {lim.max_outside}",
+            )
+        )
+    if slice_mm > lim.max_slice_mm:
+        out.append(
+            finding(
+                "volumetry.thick_slices",
+                f"slices {slice_mm:.1f} mm apart: partial volume across thick slices makes these "
+                "volumes less precise (lower confidence)",
+                round(slice_mm, 2),
+                f"<= {lim.max_slice_mm}",
+            )
+        )
+    if not converged:
+        out.append(finding("volumetry.not_converged", "the tissue classification did not converge"))
+    return out
+
+
+__all__ = ["CHECKS", "Limits", "judge", "reason", "verdict"]

@@ -1,0 +1,278 @@
+"""Volumetry: the tissue mixture, the intracranial edge, the verdict and overlays on phantoms with
+known answers; the whole method on synthetic heads whose anatomy differs from the atlas (slow);
+the command on DICOM, recorded in the index (slow)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from flows.cli import main
+from models.database import open_index
+from models.stages import BiomarkerRecord, biomarker_records, record_biomarkers, stage_records
+from pipelines.synth.cohort import CohortResult
+from pipelines.volumetry.overlay import overlay, write_overlay
+from pipelines.volumetry.refine import refine_icv
+from pipelines.volumetry.segment import fit_mixture
+from pipelines.volumetry.verdict import judge
+
+CSF, GM, WM = 0.25, 0.62, 1.0
+
+
+def _phantom_tissue(
+    rng: np.random.Generator, n: int, fractions: tuple[float, float, float], pv: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel intensities of pure CSF / GM / WM in ``fractions`` plus a share ``pv`` of
+    partial-volume voxels (CSF/GM and GM/WM, uniform mixing), with noise; the true tissue
+    amounts and noisy, imperfect priors."""
+    n_pv = int(n * pv)
+    n_pure = n - n_pv
+    counts = rng.multinomial(n_pure, fractions)
+    levels = np.array([CSF, GM, WM])
+    true = np.zeros((n, 3))
+    labels = np.repeat([0, 1, 2], counts)
+    true[np.arange(n_pure), labels] = 1.0
+    y = levels[labels]
+    f = rng.uniform(0, 1, n_pv)
+    pair = rng.integers(0, 2, n_pv)  # 0: CSF/GM, 1: GM/WM
+    a, b = pair, pair + 1
+    true[n_pure + np.arange(n_pv), a] = 1 - f
+    true[n_pure + np.arange(n_pv), b] += f
+    y = np.concatenate([y, (1 - f) * levels[a] + f * levels[b]])
+    y = y + rng.normal(0, 0.03, n)
+    priors = np.clip(true + rng.normal(0, 0.25, true.shape), 0, None) + 0.05
+    return y, true, priors
+
+
+def test_mixture_recovers_tissue_amounts_with_partial_volume() -> None:
+    rng = np.random.default_rng(3)
+    y, true, priors = _phantom_tissue(rng, 300_000, (0.15, 0.5, 0.35), pv=0.2)
+    seg = fit_mixture(y, priors)
+    got = seg.posteriors.sum(axis=0)
+    want = true.sum(axis=0)
+    assert np.allclose(got.sum(), len(y), rtol=1e-4)  # fractions sum to one per voxel
+    assert np.all(np.abs(got / want - 1) < 0.02), (got, want)
+    brain = got[1] + got[2]
+    assert abs(brain / (want[1] + want[2]) - 1) < 0.01
+    means = seg.mixture.means
+    assert means[0] < means[1] < means[2]
+    assert seg.mixture.converged
+
+
+def test_mixture_follows_the_image_when_the_priors_understate_csf() -> None:
+    """Atrophy: the subject has far more CSF than the template says. The weights adapt."""
+    rng = np.random.default_rng(4)
+    y, true, _ = _phantom_tissue(rng, 200_000, (0.35, 0.40, 0.25), pv=0.1)
+    template_like = np.tile([0.05, 0.55, 0.40], (len(y), 1))
+    priors = 0.6 * template_like + 0.4 * true
+    got = fit_mixture(y, priors).posteriors.sum(axis=0)
+    assert abs(got[0] / true.sum(axis=0)[0] - 1) < 0.05
+
+
+def _skull_phantom(gap: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A sphere of CSF-like brightness (radius 40 mm) in a dark skull 4 mm thick in a bright
+    scalp, 1 mm voxels; optionally a 6 mm hole through the skull."""
+    n = 120
+    zz, yy, xx = np.mgrid[:n, :n, :n].astype(float)
+    r = np.sqrt((zz - 60) ** 2 + (yy - 60) ** 2 + (xx - 60) ** 2)
+    image = np.where(r <= 40, 0.6, 0.0)
+    image = np.where((r > 40) & (r <= 44), 0.05, image)
+    image = np.where((r > 44) & (r <= 52), 0.9, image)
+    if gap:
+        hole = (np.abs(yy - 60) <= 3) & (np.abs(xx - 60) <= 3) & (zz < 60)
+        image = np.where(hole & (r > 40) & (r <= 44), 0.6, image)
+    image = image + np.random.default_rng(1).normal(0, 0.03, image.shape)
+    return image, r, (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("offset_mm", [-3.0, 3.0])
+def test_refinement_moves_the_edge_to_the_inner_table(offset_mm: float) -> None:
+    image, r, spacing = _skull_phantom()
+    registered = r <= 40 + offset_mm
+    out = refine_icv(image, registered, spacing, csf_level=0.6)
+    true = float((r <= 40).sum())
+    assert abs(out.mask.sum() / true - 1) < 0.02, (out.mask.sum(), true)
+    assert 0.0 < out.skull_level < 0.1 < 0.2 < out.threshold < 0.6
+
+
+def test_a_hole_in_the_skull_lets_in_a_few_voxels_not_the_scalp() -> None:
+    image, r, spacing = _skull_phantom(gap=True)
+    out = refine_icv(image, r <= 41, spacing, csf_level=0.6)
+    true = float((r <= 40).sum())
+    scalp = float(((r > 44) & (r <= 52)).sum())
+    leaked = float((out.mask & (r > 44)).sum())
+    assert leaked < 0.01 * scalp
+    assert abs(out.mask.sum() / true - 1) < 0.02
+
+
+def _judge(**changes: object) -> list[str]:
+    values: dict[str, object] = dict(
+        icv_ml=1450.0,
+        bpf=0.8,
+        correlation=0.9,
+        means=(300.0, 700.0, 1000.0),
+        converged=True,
+        edge_change=0.04,
+        on_border=0.0,
+        slice_mm=1.0,
+    )
+    values.update(changes)
+    return [f.check for f in judge(**values)]  # type: ignore[arg-type]
+
+
+def test_verdict_names_each_implausible_result() -> None:
+    assert _judge() == []
+    assert _judge(correlation=0.3) == ["volumetry.registration"]
+    assert _judge(icv_ml=700.0) == ["volumetry.icv_range"]
+    assert _judge(icv_ml=2600.0) == ["volumetry.icv_range"]
+    assert _judge(bpf=0.4) == ["volumetry.bpf_range"]
+    assert _judge(means=(700.0, 300.0, 1000.0)) == ["volumetry.tissue_contrast"]
+    assert _judge(edge_change=0.3) == ["volumetry.mask_edge"]
+    assert _judge(on_border=0.05) == ["volumetry.coverage"]
+    assert _judge(slice_mm=5.5) == ["volumetry.thick_slices"]
+    assert _judge(converged=False) == ["volumetry.not_converged"]
+
+
+def test_overlay_shows_three_planes(tmp_path: Path) -> None:
+    image, r, spacing = _skull_phantom()
+    mask = r <= 40
+    labels = np.where(mask, 2, 0).astype(np.uint8)
+    rgb = overlay(image.astype(np.float32), labels, mask, spacing)
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
+    assert rgb.shape[0] == 120 and rgb.shape[1] == 3 * 120 + 3 * 4
+    green = (rgb[..., 1] == 230) & (rgb[..., 0] == 0)
+    assert green.sum() > 3 * 200  # the intracranial edge is drawn on each plane
+    path = write_overlay(tmp_path / "o.png", image.astype(np.float32), labels, mask, spacing)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
+    index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    row = BiomarkerRecord(
+        series_uid="2.25.1",
+        study_uid="2.25.2",
+        icv_ml=1400.0,
+        gm_ml=600.0,
+        wm_ml=500.0,
+        csf_ml=300.0,
+        brain_ml=1100.0,
+        bpf=0.7857,
+        method="m",
+        method_version="1",
+        qc_status="pass",
+        confidence="normal",
+        parameters={"a": 1},
+    )
+    with index.session() as session:
+        record_biomarkers(session, [row])
+    with index.session() as session:
+        record_biomarkers(session, [BiomarkerRecord(**{**row.__dict__, "icv_ml": 1410.0})])
+    with index.session() as session:
+        rows = biomarker_records(session)
+    assert len(rows) == 1 and rows[0].icv_ml == 1410.0 and rows[0].parameters == {"a": 1}
+    index.dispose()
+
+
+# --- the whole method on synthetic heads (antspyx) -------------------------------------------
+
+
+@pytest.mark.slow
+def test_volumes_of_a_warped_atrophied_head_and_the_same_numbers_again(
+    head_model: object, model_cache: Path, tmp_path: Path, figures: Callable[[str], None]
+) -> None:
+    from pipelines.atlas.headmodel import HeadModel
+    from pipelines.synth import subjects
+    from pipelines.volumetry.atlas import load_atlas
+    from pipelines.volumetry.method import measure
+    from pipelines.volumetry.run import read_t1
+
+    assert isinstance(head_model, HeadModel)
+    rng = np.random.default_rng([11, 0])
+    subj = subjects.make_subject(
+        head_model, rng, target_icv_ml=1550.0, atrophy=0.12, warp_sd_mm=5.0, warp_nodes=8
+    )
+    img, truth_img = subjects.scan(head_model, subj, rng, "sagittal_1mm")
+    nib.save(img, tmp_path / "t1.nii.gz")
+    atlas = load_atlas(model_cache)
+    first = measure(read_t1(tmp_path / "t1.nii.gz"), atlas)
+    again = measure(read_t1(tmp_path / "t1.nii.gz"), atlas)
+    assert first.volumes == again.volumes  # deterministic: fixed seeds, one ITK thread
+    v, t = first.volumes, subj.volumes
+    icv_err = v.icv_ml / t.icv_ml - 1
+    brain_err = v.brain_ml / t.brain_ml - 1
+    figures(
+        f"volumetry, one warped atrophied head: ICV {v.icv_ml:.0f} ml (truth {t.icv_ml:.0f}, "
+        f"{icv_err:+.1%}), brain {v.brain_ml:.0f} ml (truth {t.brain_ml:.0f}, {brain_err:+.1%}), "
+        f"{sum(first.seconds.values()):.0f} s"
+    )
+    assert abs(icv_err) < 0.04
+    assert abs(brain_err) < 0.04
+    assert abs(v.bpf - t.bpf) < 0.03
+    # the mask agrees with the true intracranial space voxel by voxel
+    truth = np.asarray(nib.as_closest_canonical(truth_img).dataobj)
+    truth = truth[tuple(slice(a, b) for a, b in first.crop)]
+    icv = np.isin(truth, (1, 2, 3))
+    dice = 2 * (icv & first.mask).sum() / (icv.sum() + first.mask.sum())
+    assert dice > 0.95
+
+
+@pytest.mark.slow
+def test_cli_measures_the_t1_of_a_dicom_study_and_records_it(
+    cohort: CohortResult,
+    model_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    study = next(
+        st
+        for p in cohort.truth.patients
+        for st in p.studies
+        if st.volumes is not None
+        and not st.faults
+        and any(se.kind == "t1_3d" and not se.faults for se in st.series)
+    )
+    assert study.volumes is not None
+    home = tmp_path / "home"
+    monkeypatch.setenv("COHORTFLOW_HOME", str(home))
+    monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
+    source = cohort.out_dir / study.folder
+    code = main(["volumetry", str(source), "--out", str(tmp_path / "out"), "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0, payload
+    (result,) = payload["results"]
+    assert result["converter"].startswith(("dcm2niix", "SimpleITK"))
+    assert result["verdict"] in ("pass", "warn")
+    assert Path(result["overlay"]).is_file()
+    v, t = result["volumes"], study.volumes
+    assert abs(v["icv_ml"] / t.icv_ml - 1) < 0.05
+    assert abs(v["brain_ml"] / t.brain_ml - 1) < 0.05
+    index = open_index(f"sqlite:///{home / 'index.sqlite'}")
+    with index.session() as session:
+        rows = biomarker_records(session)
+        stages = stage_records(session, "volumetry")
+    index.dispose()
+    assert [r.series_uid for r in rows] == [result["series"]]
+    assert rows[0].brain_ml == pytest.approx(v["brain_ml"], abs=1e-3)
+    assert rows[0].method_version and rows[0].parameters["affine_mm"] > 0
+    assert [s.series_uid for s in stages] == [result["series"]]
+
+
+def test_cli_names_an_unreadable_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "broken_T1w.nii.gz"
+    bad.write_bytes(b"not an image")
+    code = main(["volumetry", str(bad), "--json", "--no-record"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 1
+    (result,) = payload["results"]
+    assert result["reason"] == "volumetry.unreadable"
+    assert str(bad) in result["findings"][0]["message"]
+    assert main(["volumetry", str(tmp_path / "missing.nii.gz")]) == 2
