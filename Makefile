@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/anonymize.py
 	$(BIN)/python benchmarks/deface.py
 	$(BIN)/python benchmarks/qc.py
+	$(BIN)/python benchmarks/volumetry.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,8 @@ head, and the time and memory of conversion plus volumetry per 3D T1.
 Synthetic subjects (``pipelines.synth.subjects``) differ from the atlas the method registers:
 strong smooth warps (5 mm SD at 8 x 8 x 8 control points, structures move by up to a
 centimetre), sizes from 1,050 to 1,850 ml, random atrophy; each is scanned with a random head
-placement, a bias field and Rician noise. Then:
+placement, a bias field and Rician noise; a third of them defaced (face set to background, as
+the defacing step leaves it). Then:
 
 1. accuracy: 40 subjects (20 control, 20 "dementia" with 3 % more of the brain turned into CSF),
    each scanned once, 3D sagittal 1 mm and 3D axial 1 x 1 x 1.2 mm in turn; errors of ICV,
@@ -47,7 +48,9 @@ def _init(cache: str) -> None:
     _CACHE = Path(cache)
 
 
-def _subject_job(job: tuple[int, int, str, float, tuple[str, ...], str]) -> list[dict[str, Any]]:
+def _subject_job(
+    job: tuple[int, int, str, float, tuple[str, ...], str],
+) -> list[dict[str, Any]]:
     """Make subject ``i`` of ``seed``, scan it on each grid, measure each scan."""
     import nibabel as nib
     import numpy as np
@@ -69,8 +72,9 @@ def _subject_job(job: tuple[int, int, str, float, tuple[str, ...], str]) -> list
         model, rng, target_icv_ml=icv, atrophy=base + atrophy, warp_sd_mm=5.0, warp_nodes=8
     )
     rows = []
+    defaced = i % 3 == 2  # a third of the subjects as the defacing step leaves them
     for n, grid in enumerate(grids):
-        img, _ = subjects.scan(model, subj, rng, grid)
+        img, _ = subjects.scan(model, subj, rng, grid, defaced=defaced)
         path = Path(tmp) / f"s{i:03d}_{n}_{grid}.nii.gz"
         nib.save(img, path)
         t0 = time.perf_counter()
@@ -84,6 +88,7 @@ def _subject_job(job: tuple[int, int, str, float, tuple[str, ...], str]) -> list
                 "subject": i,
                 "group": group,
                 "grid": grid,
+                "defaced": defaced,
                 "truth": subj.volumes.model_dump(),
                 "measured": {
                     "icv_ml": v.icv_ml,
@@ -248,6 +253,16 @@ def main() -> None:
             f"  {key:8s} {_pct(e, 50):15.2f} {_pct(e, 95):12.2f} {_pct(e, 100):12.2f} "
             f"{statistics.mean(e):11.2f}"
         )
+    for label, subset in (
+        ("defaced", [r for r in acc if r["defaced"]]),
+        ("with face", [r for r in acc if not r["defaced"]]),
+    ):
+        if subset:
+            print(
+                f"  {label}: {len(subset)} subjects, ICV median |err| "
+                f"{_pct(_errors(subset, 'icv_ml'), 50):.2f} %, brain median |err| "
+                f"{_pct(_errors(subset, 'brain_ml'), 50):.2f} %"
+            )
     verdicts = [r["verdict"] for r in acc]
     print(f"  QC verdicts: {', '.join(f'{v} {verdicts.count(v)}' for v in sorted(set(verdicts)))}")
     figures += [

@@ -242,6 +242,31 @@ def compose_labels(
     return labels, tissue
 
 
+def tissue_image(
+    head: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], contrast: dict[str, float]
+) -> npt.NDArray[np.float32]:
+    """Model-space intensity image of one contrast from the (atrophied) labels: the synthetic
+    subjects' images and the volumetry atlas' registration template.
+
+    ``contrast`` gives the mean intensity of csf, gm, wm (0..1) and ``head`` (a factor applied to
+    the template's own intensities outside the skull) and ``skull`` (the inner table).
+    """
+    lut = np.zeros(5, np.float32)
+    lut[CSF], lut[GM], lut[WM] = contrast["csf"], contrast["gm"], contrast["wm"]
+    img = lut[labels]
+    outside = labels == OTHER_HEAD
+    img[outside] = head[outside] * contrast["head"]
+    from scipy import ndimage
+
+    # The template's own brain can peek out between our intracranial mask and its skull: the
+    # inner table of the skull is dark in every sequence, so draw it so.
+    intracranial = np.isin(labels, (CSF, GM, WM))
+    ring = ndimage.binary_dilation(intracranial, iterations=3) & ~intracranial
+    img[ring] = contrast["skull"]
+    img[labels == BACKGROUND] = 0
+    return img
+
+
 def _save(path: Path, data: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)

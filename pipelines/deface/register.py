@@ -32,7 +32,8 @@ class Fit:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
+    """ANTs' metric sampling seeded with ``seed`` inside the block."""
     import ants
 
     saved = ants.config._random_seed
@@ -76,7 +77,7 @@ def fit_affine(
     )
     fixed = ants.resample_image(subject, (resolution_mm,) * 3, False, 1)
     moving = _template(template_path, resolution_mm)
-    with tempfile.TemporaryDirectory(prefix="cohortflow-deface-") as tmp, _seeded(SEED):
+    with tempfile.TemporaryDirectory(prefix="cohortflow-deface-") as tmp, seeded(SEED):
         reg = ants.registration(
             fixed=fixed,
             moving=moving,

@@ -19,16 +19,15 @@ from scipy import ndimage
 from models.geometry import LPS_FROM_RAS
 from models.synth import Volumes
 from pipelines.atlas.headmodel import (
-    BACKGROUND,
     CSF,
-    GM,
-    OTHER_HEAD,
-    WM,
     HeadModel,
+    tissue_image,
     tissue_volumes_ml,
 )
 
 FloatArray = npt.NDArray[np.float32]
+
+__all__ = ["tissue_image"]  # rendering labels as an image lives with the atlas
 
 _WARP_NODES = 6  # control points per axis of the smooth warp
 _WARP_EXTENT_MM = 130.0  # the warp grid spans +-130 mm around the head centre
@@ -259,28 +258,6 @@ def sample_grid(
             cval=0,
         )
     )
-
-
-def tissue_image(
-    head: FloatArray, labels: npt.NDArray[np.uint8], contrast: dict[str, float]
-) -> FloatArray:
-    """Model-space intensity image of one contrast from the (atrophied) labels.
-
-    ``contrast`` gives the mean intensity of csf, gm, wm (0..1) and ``head`` (a factor applied to
-    the template's own intensities outside the skull) and ``skull`` (the inner table).
-    """
-    lut = np.zeros(5, np.float32)
-    lut[CSF], lut[GM], lut[WM] = contrast["csf"], contrast["gm"], contrast["wm"]
-    img = lut[labels]
-    outside = labels == OTHER_HEAD
-    img[outside] = head[outside] * contrast["head"]
-    # The template's own brain can peek out between our intracranial mask and its skull: the
-    # inner table of the skull is dark in every sequence, so draw it so.
-    intracranial = np.isin(labels, (CSF, GM, WM))
-    ring = ndimage.binary_dilation(intracranial, iterations=3) & ~intracranial
-    img[ring] = contrast["skull"]
-    img[labels == BACKGROUND] = 0
-    return img
 
 
 def bias_field(

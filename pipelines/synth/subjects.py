@@ -56,6 +56,7 @@ class Subject:
     shape: anatomy.SubjectShape
     labels: npt.NDArray[np.uint8]  # warped model-grid labels
     head: npt.NDArray[np.float32]  # warped model-grid template intensities
+    face: npt.NDArray[np.uint8]  # warped model-grid face (what defacing removes)
     volumes: Volumes
 
 
@@ -77,9 +78,10 @@ def make_subject(
         anatomy.atrophied_labels(model, shape, atrophy), coords, order=0
     ).astype(np.uint8)
     head = anatomy.warp_volume(model.head, coords, order=1).astype(np.float32)
+    face = anatomy.warp_volume(model.face, coords, order=0).astype(np.uint8)
     tgrid = anatomy.truth_grid(shape)
     truth = anatomy.sample_grid(labels, model, shape, anatomy.IDENTITY_PLACEMENT, tgrid, order=0)
-    return Subject(shape, labels, head, anatomy.truth_volumes(truth.astype(np.uint8), 0.001))
+    return Subject(shape, labels, head, face, anatomy.truth_volumes(truth.astype(np.uint8), 0.001))
 
 
 def with_atrophy(model: HeadModel, subject: Subject, atrophy: float) -> Subject:
@@ -106,10 +108,12 @@ def scan(
     bias: float = 0.12,
     max_deg: float = 6.0,
     max_mm: float = 8.0,
+    defaced: bool = False,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """One T1 acquisition of ``subject``: a random head placement, the named grid, a bias field
     and Rician noise; returned as NIfTI images (RAS affine, as a converter would write it): the
-    T1 and the true labels on its grid (at slice centres)."""
+    T1 and the true labels on its grid (at slice centres). ``defaced``: the face set to
+    background, as the defacing step leaves it."""
     spec = T1_GRIDS[grid_name]
     placement = anatomy.sample_placement(rng, max_deg=max_deg, max_mm=max_mm)
     grid = anatomy.centred_grid(
@@ -120,6 +124,8 @@ def scan(
         centre=placement.translation + rng.uniform(-3, 3, size=3),
     )
     model_img = anatomy.tissue_image(subject.head, subject.labels, CONTRASTS["t1"])
+    if defaced:
+        model_img[subject.face > 0] = 0.0
     acc = np.zeros(grid.shape, np.float32)
     offsets = np.linspace(-1 / 3, 1 / 3, spec.samples) if spec.samples > 1 else [0.0]
     for off in offsets:
@@ -146,6 +152,7 @@ def to_nifti(stack: npt.NDArray[np.generic], grid: anatomy.Grid) -> nib.Nifti1Im
     aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = m[:3, 2], m[:3, 1], m[:3, 0], m[:3, 3]
     aff = LPS_FROM_RAS @ aff
     img = nib.Nifti1Image(data, aff)
+    img.header.set_xyzt_units("mm", "sec")
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
     return img

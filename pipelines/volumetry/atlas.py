@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipelines.atlas.headmodel import CSF, GM, OTHER_HEAD, WM, load_or_build
+from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
 
 PRIOR_SIGMA_MM = 1.0
 
@@ -67,12 +67,4 @@ def template_t1(
     low). Drawing the inner table at the mask's edge makes the template's image and its mask
     agree.
     """
-    lut = np.zeros(5, np.float32)
-    lut[CSF], lut[GM], lut[WM] = T1_LEVELS["csf"], T1_LEVELS["gm"], T1_LEVELS["wm"]
-    out = lut[labels]
-    outside = labels == OTHER_HEAD
-    out[outside] = head[outside] * T1_LEVELS["head"]
-    icv = np.isin(labels, (CSF, GM, WM))
-    ring = ndimage.binary_dilation(icv, iterations=3) & ~icv
-    out[ring] = T1_LEVELS["skull"]
-    return out.astype(np.float32)
+    return tissue_image(head, labels, T1_LEVELS)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipelines.deface.register import seeded
 from pipelines.volumetry.atlas import Atlas
 
 SEED = 20261
@@ -42,18 +41,6 @@ class Placed:
     crop: tuple[tuple[int, int], ...]  # (start, stop) per voxel axis of the subject image
     correlation: float  # template vs subject after registration, at the registration resolution
     seconds: dict[str, float]
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    import ants
-
-    saved = ants.config._random_seed
-    ants.config._random_seed = seed
-    try:
-        yield
-    finally:
-        ants.config._random_seed = saved
 
 
 @lru_cache(maxsize=4)
@@ -100,7 +87,7 @@ def place_atlas(
     head, small, icv_img = _template_images(atlas, affine_mm)
     fixed = ants.resample_image(subject, (affine_mm,) * 3, False, 1)
     seconds["resample"] = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, _seeded(SEED):
+    with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, seeded(SEED):
         t0 = time.perf_counter()
         aff = ants.registration(
             fixed=fixed,

@@ -113,7 +113,12 @@ def read_t1(path: Path) -> Any:
     if len(img.shape) != 3:
         raise VolumetryError(f"{path}: a 3D image is needed, this one has shape {img.shape}")
     canonical = nib.as_closest_canonical(img)
-    return ants.from_nibabel_nifti(canonical)
+    if canonical.header.get_xyzt_units()[0] == "unknown":
+        canonical.header.set_xyzt_units("mm", "sec")  # NIfTI's default; ITK warns otherwise
+    try:
+        return ants.from_nibabel_nifti(canonical, pixeltype="float")
+    except ValueError as exc:  # a sheared grid ANTs cannot represent
+        raise VolumetryError(f"{path}: the voxel grid cannot be used ({exc})") from exc
 
 
 def measure_source(
@@ -209,7 +214,14 @@ def nifti_sources(source: Path) -> list[Source]:
     """The images of a NIfTI file or of a folder's ``*_T1w.nii[.gz]`` files."""
     if source.is_file():
         return [Source(source, _stem(source))]
-    found = sorted(p for p in source.rglob("*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
+    found = sorted(
+        p
+        for p in source.rglob("*_T1w.nii*")
+        # post-contrast and guessed T1s are not volumetry inputs (the protocol's rules say so)
+        if p.name.endswith((".nii", ".nii.gz"))
+        and "_ce-" not in p.name
+        and "_acq-guessed" not in p.name
+    )
     return [Source(p, _stem(p)) for p in found]
 
 
