@@ -82,8 +82,8 @@ def fit_mixture(
     intensities: npt.NDArray[np.floating],
     priors: npt.NDArray[np.floating],
     prior_weight: float = 0.5,
-    iterations: int = 40,
-    tolerance: float = 1e-6,
+    iterations: int = 100,
+    tolerance: float = 1e-5,
     max_samples: int = 250_000,
 ) -> Segmentation:
     """EM for CSF, GM and WM Gaussians plus the two partial-volume classes between them, with
