@@ -2,11 +2,12 @@
 
 1. The atlas head is registered to the T1 (affine, then SyN on the skull shell; ``register``).
 2. N4 removes the intensity non-uniformity inside the registered mask grown by 5 mm.
-3. A mixture of three Gaussians with the atlas' tissue priors classifies the intracranial
-   voxels (``segment``); its CSF level tells where the skull begins.
+3. A mixture of CSF, GM and WM Gaussians and the two partial-volume classes between them, with
+   the atlas' tissue priors, gives each intracranial voxel its tissue fractions (``segment``);
+   its CSF level tells where the skull begins.
 4. The intracranial edge is moved to the CSF / skull border (``refine``), and the new voxels
-   get posteriors under the same mixture.
-5. Volumes: ICV = voxels of the refined mask; CSF, GM, WM = sums of the posteriors;
+   get fractions under the same mixture.
+5. Volumes: ICV = voxels of the refined mask; CSF, GM, WM = sums of the fractions;
    brain = GM + WM; BPF = brain / ICV.
 
 Compute only: an ANTs image comes in, a :class:`Measurement` (volumes, maps, diagnostics) goes
