@@ -10,7 +10,6 @@ never stops the others. Results are recorded in the index (a ``volumetry`` stage
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from pipelines.ingest.archive import hash_file
 from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
 from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volumes, measure
@@ -92,14 +92,6 @@ class VolumetryReport:
         return [r for r in self.results if r.verdict is wanted]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_t1(path: Path) -> Any:
     """The image as an ANTs image in RAS+ voxel order (so that overlays come out upright)."""
     import ants
@@ -160,7 +152,7 @@ def measure_source(
         correlation=m.correlation,
         slice_mm=slice_mm,
         overlay=overlay,
-        input_sha256=_sha256(source.image),
+        input_sha256=hash_file(source.image),
         seconds={"read": read_s, **m.seconds},
     )
 
