@@ -23,7 +23,7 @@ lint: setup
 # file; the head model and the shared cohort are made once for both (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --timeout=1800
+	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --timeout=1800 --durations=25
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" --timeout=300
@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/deface.py
 	$(BIN)/python benchmarks/qc.py
 	$(BIN)/python benchmarks/volumetry.py
+	$(BIN)/python benchmarks/end_to_end.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

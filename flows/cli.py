@@ -30,6 +30,7 @@ from pipelines.pacs.errors import PacsError
 if TYPE_CHECKING:
     from models.database import IndexDB
     from pipelines.pacs.dimse import StoreResult
+    from pipelines.run.outcome import RunSummary
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("cohortflow")
@@ -335,6 +336,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     volumetry.add_argument("--json", action="store_true", help="print the volumes as JSON")
 
+    run = sub.add_parser(
+        "run",
+        help="the whole flow for a protocol: PACS query to biomarkers",
+        description="Select the protocol's studies in the PACS over a date range, retrieve "
+        "them, then anonymize, deface, check, convert and measure each study on a Dask "
+        "cluster (local by default); store and print the success rates. Rerunning skips "
+        "what is done for the same input and redoes what failed.",
+    )
+    run.add_argument("protocol", help="protocol name, e.g. dementia, ms, open")
+    run.add_argument("--from", dest="date_from", type=_date, metavar="DATE")
+    run.add_argument("--to", dest="date_to", type=_date, metavar="DATE")
+    run.add_argument(
+        "--max-studies", type=int, metavar="N", help="process at most N studies (UID order)"
+    )
+    run.add_argument(
+        "--no-retrieve",
+        action="store_true",
+        help="do not query the PACS: process what the archive holds of the latest selection",
+    )
+    run.add_argument("--method", choices=("move", "get", "dicomweb"), help="retrieval method")
+    run.add_argument(
+        "--dask-address", metavar="ADDR", help="an existing Dask scheduler (tcp://host:8786)"
+    )
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="local Dask cluster size (default: settings)"
+    )
+    run.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    status = sub.add_parser(
+        "status",
+        help="success rates per protocol, stage and scanner, and the reasons for the rest",
+        description="What became of every series the latest selection of each protocol chose: "
+        "per stage, per scanner, the share that yielded biomarkers and why the rest did not.",
+    )
+    status.add_argument("protocol", nargs="?", help="one protocol (default: every selected one)")
+    status.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo flow on embedded defaults",
@@ -343,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--studies", type=int, default=12, help="number of studies (default 12)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--protocol", default="dementia", help="protocol to run (default dementia)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -382,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "qc": _qc,
             "convert": _convert,
             "volumetry": _volumetry,
+            "run": _run,
+            "status": _status,
         }
         if args.command in commands:
             return commands[args.command](args, settings, err)
@@ -580,40 +621,64 @@ def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.prefect_env import configure_prefect
+    from flows.prefect_env import configure_prefect, prefect_api
 
     configure_prefect(settings.home)
-    from flows.report import print_protocol_runs, print_summary, summary_json
+    from flows.report import print_comparison, print_run_summary, print_summary, summary_json
     from flows.synth_flow import demo_flow
+    from models.synth import CohortTruth
+    from pipelines.run.outcome import compare_groups
 
     out = settings.home / "demo" / "cohort"
     err.print(
         f"demo: generating {args.studies} studies into {out} (head model cached in "
         f"{settings.cache}; the first run builds it, about a minute), loading them into the "
-        "project's own Orthanc, then selecting and retrieving each brain protocol"
+        f"project's own Orthanc, then running the {args.protocol} flow end to end"
     )
-    summary, runs = demo_flow(
-        out_dir=out,
-        cache_dir=settings.cache,
-        studies=args.studies,
-        seed=args.seed,
-        workers=min(2, settings.worker_count),
-        config=args.config,
-    )
+    with prefect_api(settings.home) as started:
+        if started:
+            err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
+        summary, run = demo_flow(
+            out_dir=out,
+            cache_dir=settings.cache,
+            studies=args.studies,
+            seed=args.seed,
+            workers=min(2, settings.worker_count),
+            protocol=args.protocol,
+            config=args.config,
+        )
+    truth = CohortTruth.model_validate_json((out / "ground_truth.json").read_text())
+    group_of = {
+        series.series_instance_uid: patient.group
+        for patient in truth.patients
+        for study in patient.studies
+        for series in study.series
+        if patient.group in ("dementia", "control")
+    }
+    with _open_index(settings) as index:
+        comparison = compare_groups(index, args.protocol, group_of)
     if args.json:
         _emit(
             args,
             {
                 "out": str(out),
                 **summary_json(summary),
-                "protocols": [{**asdict(sel), **asdict(ret)} for sel, ret in runs],
+                "run": run_json(run),
+                "groups": asdict(comparison),
             },
         )
     else:
         console = Console()
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
-        print_protocol_runs(runs, console)
-    return EXIT_OK if all(ret.state == "complete" for _, ret in runs) else EXIT_FAILURES
+        print_run_summary(run, console)
+        print_comparison(comparison, console, f"{args.protocol}: dementia vs control")
+        err.print(
+            f"outputs: {settings.outputs / args.protocol} (DICOM, NIfTI, volumetry overlays); "
+            f"index: {settings.index}; `cohortflow status {args.protocol}` shows the rates "
+            "again; the Prefect UI: `prefect server start` (see the README)"
+        )
+    rates = run.rates
+    return EXIT_OK if run.state == "completed" and rates.t1_with_biomarkers else EXIT_FAILURES
 
 
 def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
@@ -987,3 +1052,89 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.prefect_env import configure_prefect, prefect_api
+
+    configure_prefect(settings.home)
+    from flows.report import print_run_summary
+
+    if args.no_retrieve:
+        date_from, date_to = args.date_from or dt.date.min, args.date_to or dt.date.max
+    elif args.date_from is None or args.date_to is None:
+        err.print("[red]usage error:[/red] --from and --to are needed to query the PACS")
+        return EXIT_USAGE
+    else:
+        date_from, date_to = args.date_from, args.date_to
+    if date_to < date_from:
+        err.print("[red]usage error:[/red] --to is before --from")
+        return EXIT_USAGE
+    if args.workers is not None and args.workers < 1:
+        err.print("[red]usage error:[/red] --workers must be at least 1")
+        return EXIT_USAGE
+    from pipelines.select.protocols import load_protocols
+
+    load_protocols(settings.protocols_file).get(args.protocol)  # unknown name: usage error
+    with prefect_api(settings.home) as started:
+        if started:
+            err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
+        from flows.protocol_flow import protocol_flow
+
+        summary = protocol_flow(
+            args.protocol,
+            date_from,
+            date_to,
+            max_studies=args.max_studies,
+            method=args.method,
+            retrieve=not args.no_retrieve,
+            dask_address=args.dask_address,
+            workers=args.workers,
+            config=args.config,
+        )
+    if args.json:
+        _emit(args, run_json(summary))
+    else:
+        print_run_summary(summary, Console())
+        err.print(f"outputs under {settings.outputs / args.protocol}")
+    rates = summary.rates
+    return EXIT_OK if rates.t1_with_biomarkers == rates.t1_series else EXIT_FAILURES
+
+
+def run_json(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "run_id": summary.run_id,
+        "protocol": summary.protocol,
+        "state": summary.state,
+        **summary.outcome,
+        "biomarkers": asdict(summary.biomarkers),
+    }
+
+
+def _status(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from sqlalchemy import select
+
+    from flows.report import print_outcome
+    from models.outcomes import protocol_outcome
+    from models.schema import Selection
+
+    with _open_index(settings) as index, index.session() as session:
+        if args.protocol:
+            names = [args.protocol]
+        else:
+            names = sorted(set(session.scalars(select(Selection.protocol))))
+        outcomes = [protocol_outcome(session, name) for name in names]
+    if args.protocol and outcomes[0].selection_id is None:
+        err.print(f"[red]error:[/red] protocol {args.protocol} has no selection in the index")
+        return EXIT_USAGE
+    if args.json:
+        _emit(args, {"protocols": [o.as_dict() for o in outcomes]})
+    else:
+        console = Console()
+        if not outcomes:
+            err.print("no protocol has been selected yet: `cohortflow run PROTOCOL` starts one")
+        for outcome in outcomes:
+            print_outcome(
+                outcome, console, f"protocol {outcome.protocol} (selection {outcome.selection_id})"
+            )
+    return EXIT_OK

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -18,6 +25,8 @@ def configure_prefect(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Dask's scheduler and workers log every connection at INFO; the run's own report is enough
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def configure_itk(threads: int) -> None:
@@ -25,3 +34,73 @@ def configure_itk(threads: int) -> None:
     filter in the process, so this must come before any registration; later calls change nothing.
     """
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+
+
+@contextmanager
+def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
+    """Make sure every process of a run reaches one Prefect API.
+
+    With ``PREFECT_API_URL`` set (a ``prefect server start`` the user runs, or Prefect Cloud)
+    nothing is started. Otherwise a private ``prefect server start`` on a free loopback port
+    runs for the duration, with its database under ``PREFECT_HOME``, so the run's history stays
+    browsable there. Prefect's own ephemeral mode would start one temporary server per Dask
+    worker process, all on one SQLite file (slow, and they contend for it). Yields the URL of
+    the server started, or None.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    configure_prefect(home)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    log_file = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    with log_file.open("ab") as log:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("prefect")),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"the private Prefect server stopped at start-up (exit {server.returncode}); "
+                    f"see {log_file}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the private Prefect server did not answer in {timeout:.0f} s")
+            time.sleep(0.3)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # the environment for worker processes started from here, the settings for this one
+        os.environ["PREFECT_API_URL"] = url
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if os.environ.get("PREFECT_API_URL") == url:
+            del os.environ["PREFECT_API_URL"]
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

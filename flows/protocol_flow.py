@@ -1,9 +1,18 @@
-"""The protocol flow: select a protocol's studies in the PACS, retrieve them into the archive.
+"""The protocol flow: from a PACS query to the biomarker table, resumable, on Dask.
 
-Thin: each task calls one pipeline function. PACS tasks carry the ``pacs`` tag, so a Prefect
-tag concurrency limit (``prefect concurrency-limit create pacs 1``) caps them across flow runs;
-within a run the retrieval throttle (settings ``retrieve``) does. Tasks return counts, never
-patient identifiers (Prefect stores parameters and results).
+``protocol_flow`` selects a protocol's studies in the PACS, retrieves them into the archive,
+then hands the studies to ``process_studies``, a subflow whose tasks run on a Dask cluster (a
+local one by default, an existing scheduler by ``dask_address``). Each study goes through five
+tasks, one pipeline call each: anonymize -> deface -> qc -> convert -> volumetry; studies run
+concurrently, as many at once as the cluster has worker slots. Then image QC outliers are judged
+over the whole run, and the success rates are stored with the run and published as artifacts.
+
+Thin: every task calls one function of ``pipelines``. PACS tasks carry the tag ``pacs`` and the
+CPU-heavy ones ``cohortflow-cpu``: ``prefect concurrency-limit create pacs 1`` caps them across
+runs on a server; within a run the retrieval throttle and the cluster's size do. Tasks pass the
+study's row number in the index and pseudonymized outputs, never an identifier. A rerun skips
+every step the index holds for the same input (``pipelines.run.steps``), so tasks need no
+Prefect cache.
 """
 
 from __future__ import annotations
@@ -11,12 +20,18 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from pydantic import Field
 
-from models.database import open_index
-from models.settings import load_settings
+from flows.prefect_env import configure_itk
+from models.database import IndexDB, open_index
+from models.settings import Settings, load_settings
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import store_files
 from pipelines.retrieve.config import (
@@ -26,6 +41,8 @@ from pipelines.retrieve.config import (
     select_configured,
 )
 from pipelines.retrieve.engine import RetrieveSummary
+from pipelines.run import steps
+from pipelines.run.outcome import RunSummary, finish, start
 from pipelines.select.query import record_selection
 
 
@@ -60,13 +77,17 @@ def load_into_pacs(folder: Path, config: Path | None) -> int:
     return store_files(pacs_node(settings), files, settings.local_aet).sent
 
 
+def _index(settings: Settings) -> IndexDB:
+    return open_index(settings.index)
+
+
 @task(name="select-studies", tags=["pacs"], retries=2, retry_delay_seconds=30)
 def select_task(
     protocol: str, date_from: dt.date, date_to: dt.date, config: Path | None
 ) -> SelectionSummary:
     settings = load_settings(config)
     result, protocols_file = select_configured(settings, protocol, date_from, date_to)
-    index = open_index(settings.index)
+    index = _index(settings)
     try:
         selection_id = record_selection(index, result, protocols_file)
     finally:
@@ -83,7 +104,7 @@ def select_task(
 @task(name="retrieve-selection", tags=["pacs"])  # retries: the throttle's, per study
 def retrieve_task(selection_id: int, method: str | None, config: Path | None) -> RetrieveSummary:
     settings = load_settings(config)
-    index = open_index(settings.index)
+    index = _index(settings)
     try:
         outcome = retrieve_configured(settings, index, selection_id, method=method)
     finally:
@@ -110,16 +131,211 @@ def publish_retrieval(selection: SelectionSummary, summary: RetrieveSummary) -> 
     )
 
 
+# --- the studies, on Dask --------------------------------------------------------------------
+
+
+#: CPU-heavy study steps (registrations): ``prefect concurrency-limit create cohortflow-cpu N``
+#: caps them across runs; within a run the cluster's worker slots do. No Prefect cache: the index
+#: decides what is done (input content and method version).
+CPU = ["cohortflow-cpu"]
+
+
+@task(name="plan-run", cache_policy=NO_CACHE)
+def plan_task(ctx: steps.RunContext, max_studies: int | None) -> list[int]:
+    index = _index(ctx.settings)
+    try:
+        return steps.study_keys(ctx, index, max_studies)
+    finally:
+        index.dispose()
+
+
+@task(name="anonymize-study", cache_policy=NO_CACHE)
+def anonymize_task(ctx: steps.RunContext, study_pk: int) -> steps.StepResult:
+    index = _index(ctx.settings)
+    try:
+        return steps.anonymize_step(ctx, index, study_pk)
+    finally:
+        index.dispose()
+
+
+@task(name="deface-study", tags=CPU, cache_policy=NO_CACHE)
+def deface_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
+    configure_itk(ctx.settings.itk_threads)  # before the first registration in this worker
+    index = _index(ctx.settings)
+    try:
+        return steps.deface_step(ctx, index, previous)
+    finally:
+        index.dispose()
+
+
+@task(name="qc-study", tags=CPU, cache_policy=NO_CACHE)
+def qc_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
+    configure_itk(ctx.settings.itk_threads)
+    index = _index(ctx.settings)
+    try:
+        return steps.qc_step(ctx, index, previous)
+    finally:
+        index.dispose()
+
+
+@task(name="convert-study", cache_policy=NO_CACHE)
+def convert_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
+    index = _index(ctx.settings)
+    try:
+        return steps.convert_step(ctx, index, previous)
+    finally:
+        index.dispose()
+
+
+@task(name="volumetry-study", tags=CPU, cache_policy=NO_CACHE)
+def volumetry_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
+    configure_itk(ctx.settings.itk_threads)
+    index = _index(ctx.settings)
+    try:
+        return steps.volumetry_step(ctx, index, previous)
+    finally:
+        index.dispose()
+
+
+@task(name="cohort-qc", cache_policy=NO_CACHE)
+def cohort_qc_task(ctx: steps.RunContext) -> int:
+    index = _index(ctx.settings)
+    try:
+        return steps.cohort_qc(ctx, index)
+    finally:
+        index.dispose()
+
+
+def dask_runner(settings: Settings, dask_address: str | None, workers: int | None) -> Any:
+    """The Dask task runner: the scheduler at ``dask_address`` (else the settings'), else a
+    local cluster of ``workers`` single-threaded processes (else the settings', else one per
+    core)."""
+    from prefect_dask.task_runners import DaskTaskRunner
+
+    address = dask_address or settings.flow.dask_address
+    if address:
+        return DaskTaskRunner(address=address)
+    count = workers or settings.flow.workers or settings.worker_count
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": count,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": ":0",  # any free port: several runs may share a machine
+        }
+    )
+
+
+@flow(name="cohortflow-process-studies")
+def process_studies(
+    protocol: str,
+    selection_id: int,
+    run_id: int,
+    max_studies: int | None = None,
+    profile: Path | None = None,
+    config: Path | None = None,
+) -> list[steps.StepResult]:
+    """Anonymize, deface, check, convert and measure each study of a selection (concurrently on
+    the flow's task runner), then judge QC outliers over the run."""
+    ctx = steps.RunContext(load_settings(config), protocol, selection_id, run_id, profile)
+    keys = plan_task(ctx, max_studies)
+    last: list[PrefectFuture[steps.StepResult]] = []
+    for key in keys:
+        # a future as an argument: Prefect waits for it and passes its result (untyped there)
+        anonymized = anonymize_task.submit(ctx, key)
+        defaced = deface_task.submit(ctx, anonymized)  # type: ignore[call-overload]
+        checked = qc_task.submit(ctx, defaced)
+        converted = convert_task.submit(ctx, checked)  # type: ignore[call-overload]
+        last.append(volumetry_task.submit(ctx, converted))
+    results = [future.result() for future in last]
+    cohort_qc_task(ctx)
+    return results
+
+
+@task(name="start-run", cache_policy=NO_CACHE)
+def start_task(protocol: str, parameters: dict[str, Any], config: Path | None) -> int:
+    settings = load_settings(config)
+    index = _index(settings)
+    try:
+        return start(index, protocol, parameters, str(flow_run.get_id() or "") or None)
+    finally:
+        index.dispose()
+
+
+@task(name="store-outcome", cache_policy=NO_CACHE)
+def finish_task(run_id: int, protocol: str, failed: bool, config: Path | None) -> RunSummary:
+    settings = load_settings(config)
+    index = _index(settings)
+    try:
+        return finish(index, run_id, protocol, failed)
+    finally:
+        index.dispose()
+
+
+@task(name="publish-outcome")
+def publish_outcome(summary: RunSummary) -> None:
+    from flows.report import outcome_markdown, outcome_table
+
+    key = f"outcome-{summary.protocol}".lower().replace("_", "-")[:100]
+    create_table_artifact(
+        outcome_table(summary),
+        key=f"{key}-stages",
+        description=f"Protocol {summary.protocol}: outcome per stage",
+    )
+    create_markdown_artifact(
+        outcome_markdown(summary),
+        key=key,
+        description=f"Protocol {summary.protocol}: success rates, reasons, biomarkers",
+    )
+
+
 @flow(name="cohortflow-protocol")
 def protocol_flow(
     protocol: str,
-    date_from: dt.date,
-    date_to: dt.date,
-    method: str | None = None,
+    date_from: dt.date | None = None,
+    date_to: dt.date | None = None,
+    lookback_days: Annotated[int, Field(ge=1, le=36500)] = 7,
+    max_studies: Annotated[int | None, Field(ge=1)] = None,
+    profile: Path | None = None,
+    method: Literal["move", "get", "dicomweb"] | None = None,
+    retrieve: bool = True,
+    dask_address: str | None = None,
+    workers: Annotated[int | None, Field(ge=1, le=256)] = None,
     config: Path | None = None,
-) -> tuple[SelectionSummary, RetrieveSummary]:
-    """Select a protocol's studies in the PACS over a date range and retrieve them."""
-    selection = select_task(protocol, date_from, date_to, config)
-    summary = retrieve_task(selection.selection_id, method, config)
-    publish_retrieval(selection, summary)
-    return selection, summary
+) -> RunSummary:
+    """Select ``protocol``'s studies in the PACS over a date range (default: the last
+    ``lookback_days`` up to today, what a nightly schedule wants), retrieve them, and take each
+    (at most ``max_studies``) to biomarkers with the de-identification ``profile`` (default:
+    the shipped one); store and publish the success rates. ``retrieve=False`` processes what
+    the archive already holds of the latest selection."""
+    settings = load_settings(config)
+    date_to = date_to or dt.date.today()
+    date_from = date_from or date_to - dt.timedelta(days=lookback_days)
+    parameters = {
+        "date_from": date_from.isoformat(),
+        "date_to": date_to.isoformat(),
+        "max_studies": max_studies,
+        "profile": str(profile) if profile else None,
+        "method": method,
+        "retrieve": retrieve,
+        "dask_address": dask_address or settings.flow.dask_address,
+    }
+    run_id = start_task(protocol, parameters, config)
+    failed = True
+    try:
+        if retrieve:
+            selection = select_task(protocol, date_from, date_to, config)
+            summary = retrieve_task(selection.selection_id, method, config)
+            publish_retrieval(selection, summary)
+            selection_id = selection.selection_id
+        else:
+            selection_id = steps.require_selection(settings, protocol)
+        runner = dask_runner(settings, dask_address, workers)
+        process_studies.with_options(task_runner=runner)(
+            protocol, selection_id, run_id, max_studies, profile, config
+        )
+        failed = False
+    finally:
+        outcome = finish_task(run_id, protocol, failed, config)
+    publish_outcome(outcome)
+    return outcome

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.ingest import BatchReport, VerifyReport
+from models.outcomes import ProtocolOutcome
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
 from pipelines.select.query import SelectionResult
 from pipelines.synth.summary import CohortSummary
@@ -18,6 +19,7 @@ from pipelines.synth.summary import CohortSummary
 if TYPE_CHECKING:
     from flows.protocol_flow import SelectionSummary
     from pipelines.quality.folder import QcReport
+    from pipelines.run.outcome import BiomarkerSummary, GroupComparison, RunSummary
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
@@ -377,3 +379,128 @@ def print_qc_report(report: QcReport, console: Console) -> None:
         f"{counts.get('warn', 0)} with warnings, {counts.get('fail', 0)} failed; "
         f"{len(report.not_checked)} not checked"
     )
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f} %"
+
+
+def outcome_rows(outcome: ProtocolOutcome) -> Rows:
+    """A protocol's success rates as rows: overall, per stage, per scanner, reasons."""
+    rows: Rows = [
+        ("selected", "studies", str(outcome.studies_selected)),
+        ("selected", "series", str(outcome.series_selected)),
+        ("selected", "T1 series (biomarker role)", str(outcome.t1_series)),
+        (
+            "with biomarkers",
+            "studies",
+            f"{outcome.studies_with_biomarkers} ({_percent(outcome.study_rate)})",
+        ),
+        (
+            "with biomarkers",
+            "T1 series",
+            f"{outcome.t1_with_biomarkers} ({_percent(outcome.t1_rate)})",
+        ),
+    ]
+    for stage in outcome.stages:
+        rows.append(
+            (
+                "stage: pass+warn / reached",
+                stage.stage,
+                f"{stage.passed + stage.warned} / {stage.reached} ({_percent(stage.rate)})",
+            )
+        )
+    for scanner in outcome.scanners:
+        rows.append(
+            (
+                "T1s with biomarkers by scanner",
+                scanner.group,
+                f"{scanner.with_biomarkers} / {scanner.t1_series} ({_percent(scanner.rate)})",
+            )
+        )
+    for code, n in outcome.t1_reasons.items():
+        rows.append(
+            (
+                "T1s without biomarkers: why",
+                f"{code} (at {outcome.reason_stage.get(code, '?')})",
+                str(n),
+            )
+        )
+    other = {k: v - outcome.t1_reasons.get(k, 0) for k, v in outcome.series_reasons.items()}
+    for code, n in other.items():
+        if n > 0:
+            rows.append(
+                (
+                    "other series stopped: why",
+                    f"{code} (at {outcome.reason_stage.get(code, '?')})",
+                    str(n),
+                )
+            )
+    return rows
+
+
+def biomarker_rows(summary: BiomarkerSummary) -> Rows:
+    rows: Rows = [("biomarkers", "T1s measured (QC not failed)", str(summary.n))]
+    for name, mean in summary.means.items():
+        sd = summary.sds.get(name, 0.0)
+        shown = f"{mean:.3f} ± {sd:.3f}" if name == "bpf" else f"{mean:.0f} ± {sd:.0f}"
+        rows.append(("biomarkers: mean ± SD", name, shown))
+    return rows
+
+
+def outcome_table(summary: RunSummary) -> list[dict[str, Any]]:
+    """The per-stage table artifact."""
+    return [
+        {
+            "stage": s.stage,
+            "reached": s.reached,
+            "passed": s.passed,
+            "warned": s.warned,
+            "failed": s.failed,
+            "success": _percent(s.rate),
+        }
+        for s in summary.rates.stages
+    ]
+
+
+def outcome_markdown(summary: RunSummary) -> str:
+    lines = [
+        f"# protocol {summary.protocol}: run {summary.run_id} ({summary.state})",
+        "",
+        *rows_markdown(outcome_rows(summary.rates) + biomarker_rows(summary.biomarkers)),
+    ]
+    return "\n".join(lines)
+
+
+def print_outcome(outcome: ProtocolOutcome, console: Console, title: str) -> None:
+    console.print(rows_table(outcome_rows(outcome), title))
+
+
+def print_run_summary(summary: RunSummary, console: Console) -> None:
+    title = f"protocol {summary.protocol}: run {summary.run_id} ({summary.state})"
+    console.print(
+        rows_table(outcome_rows(summary.rates) + biomarker_rows(summary.biomarkers), title)
+    )
+
+
+def print_comparison(comparison: GroupComparison, console: Console, title: str) -> None:
+    table = Table(title=title)
+    labels = list(comparison.groups)
+    table.add_column("biomarker")
+    for label in labels:
+        table.add_column(f"{label} (n={comparison.groups[label].n})", justify="right")
+    table.add_column("Welch p", justify="right")
+    for name in ("icv_ml", "brain_ml", "gm_ml", "wm_ml", "csf_ml", "bpf"):
+        cells = []
+        for label in labels:
+            group = comparison.groups[label]
+            mean, sd = group.means.get(name), group.sds.get(name, 0.0)
+            if mean is None:
+                cells.append("-")
+            elif name == "bpf":
+                cells.append(f"{mean:.3f} ± {sd:.3f}")
+            else:
+                cells.append(f"{mean:.0f} ± {sd:.0f}")
+        p = comparison.welch_p.get(name)
+        table.add_row(name, *cells, "-" if p is None else f"{p:.2g}")
+    console.print(table)

@@ -9,15 +9,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.protocol_flow import (
-    SelectionSummary,
     load_into_pacs,
     protocol_flow,
     start_own_pacs,
     stop_own_pacs,
 )
 from models.synth import SynthConfig
-from pipelines.retrieve.engine import RetrieveSummary
-from pipelines.synth.cohort import BRAIN_PROTOCOLS, generate
+from pipelines.run.outcome import RunSummary
+from pipelines.synth.cohort import generate
 from pipelines.synth.summary import CohortSummary, summarize
 
 #: The synthetic cohort's studies all lie in this range.
@@ -50,22 +49,19 @@ def demo_flow(
     studies: int = 12,
     seed: int = 0,
     workers: int = 2,
+    protocol: str = "dementia",
     config: Path | None = None,
-) -> tuple[CohortSummary, list[tuple[SelectionSummary, RetrieveSummary]]]:
+) -> tuple[CohortSummary, RunSummary]:
     """Generate a synthetic clinical cohort, load it into the project's own PACS (Orthanc), then
-    select and retrieve each brain protocol from it into the archive, as a hospital run would.
-
-    Later capabilities extend this flow until it runs the whole mission on the cohort.
-    """
+    run one protocol's flow on it end to end, as a hospital run would: selection, retrieval,
+    de-identification, QC, conversion, volumetry, success rates."""
     summary = generate_cohort(SynthConfig(studies=studies, seed=seed), out_dir, cache_dir, workers)
     publish_summary(summary)
     started = start_own_pacs(config)
     try:
         load_into_pacs(out_dir / "dicom", config)
-        runs = []
-        for protocol in BRAIN_PROTOCOLS:
-            runs.append(protocol_flow(protocol, *EVERY_DATE, config=config))
+        run = protocol_flow(protocol, *EVERY_DATE, workers=workers, config=config)
     finally:
         if started:
             stop_own_pacs(config)
-    return summary, runs
+    return summary, run

@@ -371,3 +371,53 @@ class Biomarker(Base):
     converter: Mapped[str | None] = mapped_column(Text)
     input_sha256: Mapped[str | None] = mapped_column(SHA256)
     recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Run(Base):
+    """One run of a protocol flow: who launched what, with which code and tools, and how it
+    ended (the success rates at its end, as counts)."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Prefect's flow run id (None when run without Prefect)
+    flow_run_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    protocol: Mapped[str] = mapped_column(Text, index=True)
+    parameters: Mapped[dict[str, object]] = mapped_column(JSON)
+    #: cohortflow and tool versions (dcm2niix, antspyx, pydicom ...)
+    versions: Mapped[dict[str, object]] = mapped_column(JSON)
+    #: running, completed, failed
+    state: Mapped[str] = mapped_column(String(20))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the protocol's outcome counts when the run ended
+    summary: Mapped[dict[str, object]] = mapped_column(JSON)
+
+
+class StudyStep(Base):
+    """Where one selected study stands in its protocol's flow, step by step (identified side:
+    keyed by the StudyInstanceUID as received).
+
+    ``input_key`` hashes the study's archived content and every setting and method version the
+    step depends on; a rerun skips a step whose row has the same key and status ``done`` and
+    whose outputs still exist, and redoes it otherwise.
+    """
+
+    __tablename__ = "study_steps"
+    __table_args__ = (UniqueConstraint("protocol", "study_uid", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    protocol: Mapped[str] = mapped_column(Text)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    step: Mapped[str] = mapped_column(String(40))
+    input_key: Mapped[str] = mapped_column(SHA256)
+    method_version: Mapped[str] = mapped_column(String(80))
+    #: done (it ran; its series' own outcomes are in stage_results), error (it could not run)
+    status: Mapped[str] = mapped_column(String(10), index=True)
+    reason_code: Mapped[str | None] = mapped_column(String(80))
+    message: Mapped[str | None] = mapped_column(Text)
+    #: what later steps need: folders, the pseudonymized UIDs, converted images
+    outputs: Mapped[dict[str, object]] = mapped_column(JSON)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -95,6 +95,18 @@ class DefaceSettings(BaseModel):
     min_brain_on_tissue: float = Field(0.9, ge=0, le=1)
 
 
+class FlowSettings(BaseModel):
+    """How protocol flows run their studies (``cohortflow run``, the deployments)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: an existing Dask scheduler (``tcp://host:8786``); unset: a local cluster per run. Its
+    #: workers need the same archive path and a PostgreSQL index.
+    dask_address: str | None = None
+    #: worker processes of the local cluster (one study step at a time each); 0: one per core
+    workers: int = Field(0, ge=0, le=256)
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -119,6 +131,7 @@ class Settings(BaseSettings):
     pacs: PacsSettings | None = None
     retrieve: RetrieveSettings = RetrieveSettings()
     deface: DefaceSettings = DefaceSettings()
+    flow: FlowSettings = FlowSettings()
     #: Protocol definitions; default: the file shipped in pipelines/select/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.

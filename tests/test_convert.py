@@ -755,8 +755,11 @@ def test_both_converters_failing_fails_the_series_with_both_reasons(
 
 
 def _tree(root: Path) -> dict[str, bytes]:
+    """The BIDS files under ``root`` (not the hidden lock folder, which BIDS tools skip)."""
     return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.relative_to(root).parts[0].startswith(".")
     }
 
 

@@ -23,25 +23,27 @@ def test_demo_flow_runs_in_prefect(
     prefect_harness: Callable[[], AbstractContextManager[None]],
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
     for name in ("ORTHANC__HTTP_PORT", "ORTHANC__DICOM_PORT", "RETRIEVE__SCP_PORT"):
         monkeypatch.setenv(f"COHORTFLOW_{name}", str(free_port()))
     from flows.synth_flow import demo_flow
 
     with prefect_harness():
         # seed 6: an ms, a dementia, an open and a knee study
-        summary, runs = demo_flow(
+        summary, run = demo_flow(
             out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=4, seed=6, workers=1
         )
     assert summary.studies == 4
-    assert (tmp_path / "cohort" / "ground_truth.json").is_file()
     truth = CohortTruth.model_validate_json((tmp_path / "cohort" / "ground_truth.json").read_text())
     by_protocol = Counter(st.protocol for p in truth.patients for st in p.studies)
-    assert [sel.protocol for sel, _ in runs] == ["dementia", "ms", "open"]
-    for selection, retrieval in runs:
-        # each protocol's studies were selected from the PACS and retrieved completely
-        assert selection.studies_selected == by_protocol[selection.protocol]
-        assert retrieval.state == "complete"
-        assert retrieval.by_status.get("complete", 0) == by_protocol[selection.protocol]
+    # the dementia flow ran end to end: selected from the PACS, retrieved, processed, explained
+    rates = run.rates
+    assert run.state == "completed" and rates.protocol == "dementia"
+    assert rates.studies_selected == by_protocol["dementia"]
+    assert rates.series_retrieved == rates.series_selected > 0
+    assert rates.t1_series >= 1
+    assert rates.t1_with_biomarkers + sum(rates.t1_reasons.values()) == rates.t1_series
+    assert "not_processed" not in rates.series_reasons
     assert (tmp_path / "home" / "index.sqlite").is_file()
     assert any((tmp_path / "home" / "archive" / "blobs").rglob("*"))
     # the demo stopped the PACS it started
@@ -109,3 +111,88 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
         )
         flow.validate_parameters(deployment.get("parameters", {}))
         assert deployment["enforce_parameter_schema"] is True, name
+
+
+@pytest.mark.integration
+def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Path) -> None:
+    """`prefect deploy --all` from the repository against a local `prefect server start`: one
+    deployment per protocol, nightly, with the parameter schema enforced."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=api,
+    )
+    (tmp_path / "prefect").mkdir()
+    repo = Path(__file__).parent.parent
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [
+                str(bin_dir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.3)
+
+        def prefect(*args: str) -> str:
+            done = subprocess.run(
+                [str(bin_dir / "prefect"), *args],
+                env=env,
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout
+
+        prefect("work-pool", "create", "cohortflow-local", "--type", "process")
+        prefect("--no-prompt", "deploy", "--all")
+        request = urllib.request.Request(
+            f"{api}/deployments/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            deployments = {d["name"]: d for d in json.load(answer)}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert {"dementia", "ms", "open"} <= set(deployments)
+    for name in ("dementia", "ms", "open"):
+        deployment = deployments[name]
+        assert deployment["enforce_parameter_schema"] is True
+        assert deployment["parameters"]["protocol"] == name
+        schedules = [s["schedule"] for s in deployment["schedules"]]
+        assert schedules and schedules[0]["cron"] == "30 20 * * *"
+        assert "lookback_days" in deployment["parameter_openapi_schema"]["properties"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from filelock import FileLock
 from pydicom.dataset import Dataset
 
 from models.database import IndexDB
@@ -377,9 +378,14 @@ def _name_plans(plans: Sequence[_Plan], out: Path) -> dict[tuple[str, str], tupl
             by_subject[plan.subject][plan.study] = plan.study_date
     sessions: dict[str, bids.Sessions] = {}
     for subject, studies in by_subject.items():
-        known = bids.Sessions.load(out, subject)
-        known.assign(studies.items())
-        known.save()
+        # two studies of one subject converted at once (flow workers) must not both number
+        # themselves from the same file
+        locks = out / ".locks"  # hidden: BIDS tools skip dot files
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(locks / f"sub-{subject}.lock"):
+            known = bids.Sessions.load(out, subject)
+            known.assign(studies.items())
+            known.save()
         sessions[subject] = known
     groups: dict[tuple[str, str], list[_Plan]] = defaultdict(list)
     for plan in plans:

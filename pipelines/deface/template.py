@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ class Template:
         return np.asarray(np.linalg.inv(self.index_to_lps), dtype=np.float64)
 
 
+@lru_cache(maxsize=2)
 def load_template(cache_dir: Path, margin_mm: float, face_margin_mm: float) -> Template:
     """Load pydeface's template and the cached brain mask (building it on first use); grow the
-    face region by ``face_margin_mm`` and the protected intracranial mask by ``margin_mm``."""
+    face region by ``face_margin_mm`` and the protected intracranial mask by ``margin_mm``.
+    Kept per process (a flow worker defaces many studies); its arrays are read-only."""
     head_img, brain, digest = _parts(cache_dir)
     face_img: Any = nib.load(_data("facemask.nii.gz"))
     keep = np.asarray(face_img.dataobj, dtype=np.float32)
@@ -61,6 +64,7 @@ def load_template(cache_dir: Path, margin_mm: float, face_margin_mm: float) -> T
     return _template(head_img, labels, digest)
 
 
+@lru_cache(maxsize=2)
 def load_brain_template(cache_dir: Path) -> Template:
     """The template with its intracranial mask only (BRAIN): what QC and volumetry place on a
     head. Skips the face and margin dilations, which take most of :func:`load_template`'s time."""
@@ -86,9 +90,12 @@ def _parts(cache_dir: Path) -> tuple[Any, npt.NDArray[np.bool_], str]:
 
 def _template(head_img: Any, labels: npt.NDArray[np.uint8], digest: str) -> Template:
     affine = np.asarray(head_img.affine, dtype=np.float64)
+    head = np.asarray(head_img.dataobj, dtype=np.float32)
+    head.flags.writeable = False  # shared by every caller in the process (cached)
+    labels.flags.writeable = False
     return Template(
         head_path=Path(head_img.get_filename()),
-        head=np.asarray(head_img.dataobj, dtype=np.float32),
+        head=head,
         labels=labels,
         index_to_lps=LPS_FROM_RAS @ affine,
         digest=digest,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +30,9 @@ from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volum
 from pipelines.volumetry.overlay import write_overlay
 from pipelines.volumetry.verdict import finding, judge
 from qc.findings import Finding, Verdict, reason, verdict
+
+if TYPE_CHECKING:
+    from pipelines.convert.folder import ConvertedSeries
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +278,17 @@ def _convert_first(
     report = convert_configured(
         settings, source, out / "nifti", index, protocol, protocols_file, record=record
     )
+    return sources_from_conversion(report.series)
+
+
+def sources_from_conversion(
+    converted: Sequence[ConvertedSeries],
+) -> tuple[list[Source], list[tuple[str, str, str]]]:
+    """The T1s a conversion made, as volumetry sources, and the T1s it failed on (name, reason
+    code, message)."""
     sources: list[Source] = []
     failed: list[tuple[str, str, str]] = []
-    for series in report.series:
+    for series in converted:
         if series.role not in ROLES:
             continue
         if series.nifti is None:

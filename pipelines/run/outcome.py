@@ -1,0 +1,160 @@
+"""A run's row in the index: started with the code and tool versions, finished with the
+protocol's success rates and a biomarker summary (counts and means only, no identifier)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from models.database import IndexDB
+from models.outcomes import ProtocolOutcome, protocol_outcome
+from models.runs import finish_run, start_run
+from models.stages import biomarker_records
+
+#: the distributions whose versions a run records
+TOOLS = (
+    "cohortflow",
+    "prefect",
+    "pydicom",
+    "pynetdicom",
+    "SimpleITK",
+    "antspyx",
+    "dcm2niix",
+    "nibabel",
+    "dask",
+    "distributed",
+)
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in TOOLS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class BiomarkerSummary:
+    """Mean and SD of the volumes of a protocol's measured T1s (QC verdict not failed)."""
+
+    n: int
+    means: dict[str, float] = field(default_factory=dict)
+    sds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: int
+    protocol: str
+    state: str
+    outcome: dict[str, Any]
+    biomarkers: BiomarkerSummary
+
+    @property
+    def rates(self) -> ProtocolOutcome:
+        return outcome_from_dict(self.outcome)
+
+
+def outcome_from_dict(data: Mapping[str, Any]) -> ProtocolOutcome:
+    from models.outcomes import GroupRate, StageCount
+
+    def strip(d: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k != "rate"}
+
+    values = {k: v for k, v in data.items() if k not in ("study_rate", "t1_rate")}
+    values["stages"] = [StageCount(**strip(s)) for s in data.get("stages", [])]
+    values["scanners"] = [GroupRate(**strip(s)) for s in data.get("scanners", [])]
+    return ProtocolOutcome(**values)
+
+
+VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
+
+
+def biomarker_summary(index: IndexDB, protocol: str) -> BiomarkerSummary:
+    with index.session() as session:
+        rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
+    if not rows:
+        return BiomarkerSummary(0)
+    means = {v: statistics.fmean(getattr(r, v) for r in rows) for v in VOLUMES}
+    sds = {
+        v: statistics.stdev(getattr(r, v) for r in rows) if len(rows) > 1 else 0.0 for v in VOLUMES
+    }
+    return BiomarkerSummary(len(rows), means, sds)
+
+
+def start(
+    index: IndexDB, protocol: str, parameters: Mapping[str, Any], flow_run_id: str | None
+) -> int:
+    with index.session() as session:
+        return start_run(session, protocol, parameters, versions(), flow_run_id)
+
+
+def finish(index: IndexDB, run_id: int, protocol: str, failed: bool) -> RunSummary:
+    """Compute the protocol's outcome now, store it with the run, return it."""
+    from dataclasses import asdict
+
+    with index.session() as session:
+        outcome = protocol_outcome(session, protocol).as_dict()
+    summary = biomarker_summary(index, protocol)
+    state = "failed" if failed else "completed"
+    with index.session() as session:
+        finish_run(session, run_id, state, {"outcome": outcome, "biomarkers": asdict(summary)})
+    return RunSummary(run_id, protocol, state, outcome, summary)
+
+
+@dataclass(frozen=True)
+class GroupComparison:
+    """Volumes of two groups of a protocol's measured T1s, with Welch's t-test."""
+
+    groups: dict[str, BiomarkerSummary]
+    #: biomarker -> two-sided p of Welch's t-test between the first two groups
+    welch_p: dict[str, float]
+
+
+def compare_groups(
+    index: IndexDB, protocol: str, group_of_series: Mapping[str, str]
+) -> GroupComparison:
+    """Group the protocol's biomarkers by a label of their series as received
+    (``group_of_series``: identified SeriesInstanceUID -> label, e.g. from the radiology
+    report), linked through the run's anonymize steps. Identified side; the result holds
+    counts and statistics only."""
+    from scipy import stats
+
+    from models.runs import step_records
+
+    with index.session() as session:
+        linked: dict[str, str] = {}
+        for row in step_records(session, protocol):
+            if row.step == "anonymize":
+                linked.update(dict(row.outputs.get("_linked_series", {})))
+        rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
+    label_of = {linked[s]: g for s, g in group_of_series.items() if s in linked}
+    members: dict[str, list[Any]] = {}
+    for r in rows:
+        label = label_of.get(r.series_uid)
+        if label is not None:
+            members.setdefault(label, []).append(r)
+    groups = {}
+    for label, found in sorted(members.items()):
+        means = {v: statistics.fmean(getattr(r, v) for r in found) for v in VOLUMES}
+        sds = {
+            v: statistics.stdev(getattr(r, v) for r in found) if len(found) > 1 else 0.0
+            for v in VOLUMES
+        }
+        groups[label] = BiomarkerSummary(len(found), means, sds)
+    p: dict[str, float] = {}
+    labels = list(members)
+    if len(labels) >= 2 and all(len(members[g]) > 1 for g in labels[:2]):
+        a, b = members[labels[0]], members[labels[1]]
+        for v in VOLUMES:
+            test = stats.ttest_ind(
+                [getattr(r, v) for r in a], [getattr(r, v) for r in b], equal_var=False
+            )
+            p[v] = float(test.pvalue)
+    return GroupComparison(groups, p)

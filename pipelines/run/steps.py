@@ -1,0 +1,603 @@
+"""The steps of a protocol run for one study, each resumable.
+
+Order: anonymize -> deface -> qc (header and image) -> convert -> volumetry. Each step:
+
+- derives its ``input_key`` from the previous step's key, its own method version and the
+  settings it depends on (the first key hashes the study's archived content and the project
+  key's fingerprint), so equal keys mean equal outputs;
+- returns the stored outcome when the index holds a ``done`` row with that key whose outputs
+  still exist, and otherwise runs, records its series' stage results and then its own row;
+- never raises for the study: an exception becomes an ``error`` row (redone by the next run)
+  and the later steps of that study are not started.
+
+What a step returns (:class:`StepResult`) travels through Prefect: it holds the study's index
+row number and pseudonymized UIDs and paths only. The link from the identified series to the
+pseudonymized ones stays in the index (``study_steps.outputs``, identified side).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from models.database import IndexDB
+from models.errors import CohortflowError
+from models.outcomes import SERIES_STAGES
+from models.runs import DONE, ERROR, StepRecord, record_step, step_record, step_records
+from models.schema import SelectedSeries
+from models.settings import Settings
+from models.stages import StageRecord, record_stages, stage_records
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.run.plan import StudyPlan, latest_selection, plan_studies, plan_study
+
+log = logging.getLogger(__name__)
+
+ANONYMIZE, DEFACE, QC, CONVERT, VOLUMETRY = "anonymize", "deface", "qc", "convert", "volumetry"
+STEPS = (ANONYMIZE, DEFACE, QC, CONVERT, VOLUMETRY)
+#: a study whose earlier step did not finish: this step was not started
+BLOCKED = "blocked"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's outcome for one study: no identifier, only the pseudonymized outputs."""
+
+    study_pk: int
+    step: str
+    status: str  # done, error, blocked
+    input_key: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False  # done by an earlier run with the same input: skipped
+    seconds: float = 0.0
+    reason_code: str | None = None
+    message: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == DONE
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one run needs: settings, protocol, the selection, the run's row."""
+
+    settings: Settings
+    protocol: str
+    selection_id: int
+    run_id: int | None = None
+    #: the de-identification profile file (None: the shipped one)
+    profile: Path | None = None
+
+    def study_folder(self, plan: StudyPlan) -> Path:
+        """The restricted working folder of one study (named by a hash, not its UID)."""
+        name = hashlib.sha256(plan.study_uid.encode()).hexdigest()[:20]
+        return self.settings.home / "restricted" / "runs" / self.protocol / name
+
+    @property
+    def dicom_out(self) -> Path:
+        return self.settings.outputs / self.protocol / "dicom"
+
+    @property
+    def nifti_out(self) -> Path:
+        return self.settings.outputs / self.protocol / "nifti"
+
+    @property
+    def volumetry_out(self) -> Path:
+        return self.settings.outputs / self.protocol / "volumetry"
+
+
+def chain(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_step(
+    ctx: RunContext,
+    index: IndexDB,
+    plan: StudyPlan,
+    step: str,
+    input_key: str,
+    method_version: str,
+    work: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+    still_valid: Callable[[Mapping[str, Any]], bool] = lambda _: True,
+) -> StepResult:
+    """Skip, or run ``work`` (returning the public outputs and the identified-side extras) and
+    record the step's row."""
+    with index.session() as session:
+        known = step_record(session, ctx.protocol, plan.study_uid, step)
+    if (
+        known is not None
+        and known.status == DONE
+        and known.input_key == input_key
+        and known.method_version == method_version
+        and still_valid(known.outputs)
+    ):
+        stored = {k: v for k, v in known.outputs.items() if not k.startswith("_")}
+        return StepResult(plan.pk, step, DONE, input_key, stored, reused=True)
+    start = time.perf_counter()
+    status, code, message = DONE, None, None
+    public: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    try:
+        public, extra = work()
+    except CohortflowError as exc:
+        status, code, message = ERROR, f"{step}.error", str(exc)
+    except Exception as exc:  # one study must never stop the others
+        log.exception("%s of study %d failed", step, plan.pk)
+        status, code, message = ERROR, f"{step}.internal_error", f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - start
+    with index.session() as session:
+        record_step(
+            session,
+            StepRecord(
+                ctx.protocol,
+                plan.study_uid,
+                step,
+                input_key,
+                method_version,
+                status,
+                code,
+                message,
+                {**public, **{f"_{k}": v for k, v in extra.items()}},
+                round(seconds, 3),
+                ctx.run_id,
+            ),
+        )
+    return StepResult(plan.pk, step, status, input_key, public, False, seconds, code, message)
+
+
+def _blocked(previous: StepResult, step: str) -> StepResult:
+    return StepResult(
+        previous.study_pk,
+        step,
+        BLOCKED,
+        reason_code=previous.reason_code,
+        message=f"not started: {previous.step} did not finish",
+    )
+
+
+def _plan(ctx: RunContext, index: IndexDB, study_pk: int) -> StudyPlan | None:
+    return plan_study(
+        index, ArchiveStore(ctx.settings.archive), ctx.protocol, ctx.selection_id, study_pk
+    )
+
+
+def _not_archived(study_pk: int, step: str) -> StepResult:
+    return StepResult(
+        study_pk,
+        step,
+        ERROR,
+        reason_code="run.not_archived",
+        message="the study has no archived series of this selection (any more)",
+    )
+
+
+def study_keys(ctx: RunContext, index: IndexDB, max_studies: int | None = None) -> list[int]:
+    """The index row numbers of the selection's archived studies (the first ``max_studies``
+    in StudyInstanceUID order): what the flow's tasks are given instead of UIDs."""
+    plans = plan_studies(index, ArchiveStore(ctx.settings.archive), ctx.protocol, ctx.selection_id)
+    return [p.pk for p in (plans if max_studies is None else plans[:max_studies])]
+
+
+def require_selection(settings: Settings, protocol: str) -> int:
+    """The latest selection of ``protocol``; CohortflowError if it has none."""
+    from models.database import open_index
+
+    index = open_index(settings.index)
+    try:
+        found = latest_selection(index, protocol)
+    finally:
+        index.dispose()
+    if found is None:
+        raise CohortflowError(
+            f"protocol {protocol} has no selection in the index {settings.index}: run "
+            f"`cohortflow select {protocol}` (or the flow with retrieval) first"
+        )
+    return found
+
+
+def pseudonymized_series(ctx: RunContext, index: IndexDB) -> list[str]:
+    """The pseudonymized UIDs of the selection's series that the run anonymized."""
+    with index.session() as session:
+        chosen = {
+            uid
+            for (uid,) in session.execute(
+                select(SelectedSeries.series_instance_uid).where(
+                    SelectedSeries.selection_id == ctx.selection_id
+                )
+            )
+        }
+        studies = {
+            uid
+            for (uid,) in session.execute(
+                select(SelectedSeries.study_instance_uid).where(
+                    SelectedSeries.selection_id == ctx.selection_id
+                )
+            )
+        }
+        rows = step_records(session, ctx.protocol, studies)
+    linked: set[str] = set()
+    for row in rows:
+        if row.step == ANONYMIZE:
+            mapping = dict(row.outputs.get("_linked_series", {}))
+            linked.update(p for s, p in mapping.items() if s in chosen)
+    return sorted(linked)
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _series_info(extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pseudonymized series UID -> role and scanner (what stage rows carry)."""
+    return dict(extra.get("series", {}))
+
+
+# --- anonymize -------------------------------------------------------------------------------
+
+
+def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult:
+    """De-identify the study's archived files (PS3.15 profile, project key) into its restricted
+    working folder; record the linkage and one ``anonymize`` stage row per series."""
+    from pipelines.anonymize.deidentify import Deidentifier
+    from pipelines.anonymize.files import anonymize_folder
+    from pipelines.anonymize.keys import ProjectKey
+    from pipelines.anonymize.profile import load_profile
+
+    plan = _plan(ctx, index, study_pk)
+    if plan is None:
+        return _not_archived(study_pk, ANONYMIZE)
+    assert ctx.settings.pseudonym_key_source is not None
+    key = ProjectKey.load(ctx.settings.pseudonym_key_source)
+    profile = load_profile(ctx.profile)
+    deidentifier = Deidentifier(profile, key)
+    version = f"anonymize-1 {profile.name} {profile.sha256[:12]}"
+    # the key's fingerprint: another key gives other pseudonyms (and reveals nothing of it)
+    input_key = chain(plan.content_key, version, key.uid("2.25.0"))
+    folder = ctx.study_folder(plan)
+    out = folder / "anonymized"
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        from models.linkage import record_linkage
+
+        source = _fresh(folder / "archive")
+        by_source: dict[str, int] = {}
+        for number, series in enumerate(plan.series):
+            target = source / str(number)
+            target.mkdir()
+            for path in series.files:
+                link = target / Path(path).name
+                os.symlink(path, link)
+                by_source[str(link)] = number
+        _fresh(out)
+        report = anonymize_folder(source, out, deidentifier, workers=1)
+        with index.session() as session:
+            record_linkage(session, list(report.linkage.values()), key.source)
+        outcomes: dict[int, Counter[str]] = {n: Counter() for n in range(len(plan.series))}
+        first_problem: dict[int, tuple[str, str]] = {}
+        for outcome in (*report.excluded, *report.skipped, *report.failed):
+            found = by_source.get(outcome.source)
+            if found is None:
+                continue
+            outcomes[found][outcome.status] += 1
+            first_problem.setdefault(
+                found, (f"anonymize.{outcome.reason_code}", outcome.reason or outcome.status)
+            )
+        series_info = {}
+        rows = []
+        for number, series in enumerate(plan.series):
+            pseudo = deidentifier.uid(series.series_uid)
+            info = {
+                "role": series.role,
+                "manufacturer": series.manufacturer,
+                "model": series.model,
+                "software_versions": series.software_versions,
+            }
+            series_info[pseudo] = info
+            problems = sum(outcomes[number].values())
+            written = len(series.files) - problems
+            status = "pass" if problems == 0 else ("warn" if written > 0 else "fail")
+            code, message = first_problem.get(number, (None, None))
+            rows.append(
+                StageRecord(
+                    series_uid=pseudo,
+                    study_uid=deidentifier.uid(plan.study_uid),
+                    stage=ANONYMIZE,
+                    status=status,
+                    method_version=version,
+                    protocol=ctx.protocol,
+                    role=series.role,
+                    manufacturer=series.manufacturer,
+                    model=series.model,
+                    software_versions=series.software_versions,
+                    reason_code=code,
+                    message=message,
+                    metrics={
+                        "files": len(series.files),
+                        "written": written,
+                        **dict(outcomes[number]),
+                    },
+                )
+            )
+        with index.session() as session:
+            record_stages(session, rows)
+        public = {
+            "staging": str(out),
+            "study": deidentifier.uid(plan.study_uid),
+            "series": series_info,
+            "written": report.written,
+        }
+        linked = {s.series_uid: deidentifier.uid(s.series_uid) for s in plan.series}
+        return public, {"linked_series": linked}
+
+    return _run_step(
+        ctx,
+        index,
+        plan,
+        ANONYMIZE,
+        input_key,
+        version,
+        work,
+        lambda outputs: Path(str(outputs.get("staging", ""))).is_dir(),
+    )
+
+
+# --- deface ----------------------------------------------------------------------------------
+
+
+def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
+    """Deface the anonymized study into the protocol's deliverable DICOM folder; one ``deface``
+    stage row per series."""
+    if not previous.done:
+        return _blocked(previous, DEFACE)
+    from pipelines.deface.folder import deface_folder, reference_rule
+    from pipelines.deface.template import load_template
+    from pipelines.select.protocols import load_protocols
+
+    plan = _plan(ctx, index, previous.study_pk)
+    if plan is None:
+        return _not_archived(previous.study_pk, DEFACE)
+    policy = ctx.settings.deface
+    version = "deface-1"
+    input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
+    series_info = _series_info(previous.outputs)
+    staging = Path(previous.outputs["staging"])
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        is_reference = reference_rule(
+            load_protocols(ctx.settings.protocols_file), policy.reference_rule
+        )
+        template = load_template(ctx.settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+        studies = sorted({p.relative_to(staging).parts[:2] for p in staging.glob("*/*")})
+        for parts in studies:  # a rerun starts from an empty study folder
+            target = ctx.dicom_out.joinpath(*parts)
+            if target.exists():
+                shutil.rmtree(target)
+        previews = ctx.study_folder(plan) / "deface-previews"
+        report = deface_folder(staging, ctx.dicom_out, template, policy, is_reference, previews)
+        rows = []
+        for outcome in report.series:
+            info = series_info.get(outcome.series, {})
+            status = "pass" if outcome.status == "defaced" else "fail"
+            rows.append(
+                StageRecord(
+                    series_uid=outcome.series,
+                    study_uid=outcome.study,
+                    stage=DEFACE,
+                    status=status,
+                    method_version=version,
+                    protocol=ctx.protocol,
+                    role=info.get("role"),
+                    manufacturer=info.get("manufacturer"),
+                    model=info.get("model"),
+                    software_versions=info.get("software_versions"),
+                    reason_code=None if status == "pass" else f"deface.{outcome.reason_code}",
+                    message=outcome.reason,
+                    metrics=dict(outcome.metrics),
+                    seconds=outcome.metrics.get("seconds"),
+                )
+            )
+        with index.session() as session:
+            record_stages(session, rows)
+        folders = [str(ctx.dicom_out.joinpath(*parts)) for parts in studies]
+        return {**previous.outputs, "folders": folders}, {}
+
+    return _run_step(
+        ctx,
+        index,
+        plan,
+        DEFACE,
+        input_key,
+        version,
+        work,
+        lambda outputs: all(Path(f).is_dir() for f in outputs.get("folders", [])),
+    )
+
+
+# --- header and image QC ---------------------------------------------------------------------
+
+
+def _protocols_digest(settings: Settings) -> str:
+    from importlib import resources
+
+    path = settings.protocols_file
+    data = (
+        path.read_bytes()
+        if path is not None
+        else resources.files("pipelines.select").joinpath("data/protocols.yaml").read_bytes()
+    )
+    return hashlib.sha256(data).hexdigest()
+
+
+def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
+    """Header and image QC of the defaced study, recorded per series. Outliers against the
+    protocol's other series are judged once for the whole run (:func:`cohort_qc`)."""
+    if not previous.done:
+        return _blocked(previous, QC)
+    from functools import cache
+
+    from models.scanners import load_known_scanners
+    from pipelines.deface.template import load_brain_template
+    from pipelines.quality.folder import METHOD_VERSION, qc_folder
+    from pipelines.quality.folder import stage_records as qc_rows
+    from pipelines.select.protocols import load_protocols
+
+    plan = _plan(ctx, index, previous.study_pk)
+    if plan is None:
+        return _not_archived(previous.study_pk, QC)
+    input_key = chain(previous.input_key, METHOD_VERSION, _protocols_digest(ctx.settings))
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        protocols = load_protocols(ctx.settings.protocols_file)
+        scanners = load_known_scanners(ctx.settings.known_scanners_file)
+        template = cache(lambda: load_brain_template(ctx.settings.cache))
+        rows: list[StageRecord] = []
+        for folder in previous.outputs.get("folders", []):
+            report = qc_folder(Path(folder), protocols, scanners, template, ctx.protocol, None)
+            rows.extend(row for r in report.series for row in qc_rows(r))
+        with index.session() as session:
+            record_stages(session, rows)
+        return dict(previous.outputs), {}
+
+    return _run_step(ctx, index, plan, QC, input_key, METHOD_VERSION, work)
+
+
+def cohort_qc(ctx: RunContext, index: IndexDB) -> int:
+    """Judge image QC outliers over every series of the run's selection at once (the same
+    answer in any order and on any number of workers); returns how many verdicts changed."""
+    from models.stages import cohort_metrics
+    from pipelines.quality.cohort import recheck_outliers
+    from pipelines.quality.folder import IMAGE
+    from pipelines.select.protocols import load_protocols
+
+    protocols = load_protocols(ctx.settings.protocols_file)
+    series_uids = pseudonymized_series(ctx, index)
+    with index.session() as session:
+        records = stage_records(session, IMAGE, series_uids)
+
+    def history(
+        name: str, manufacturer: str, model: str, here: frozenset[str]
+    ) -> list[Mapping[str, object]]:
+        with index.session() as session:
+            return cohort_metrics(session, IMAGE, name, manufacturer, model, here)
+
+    changed = recheck_outliers(records, protocols, history)
+    with index.session() as session:
+        record_stages(session, changed)
+    return len(changed)
+
+
+# --- convert ---------------------------------------------------------------------------------
+
+
+def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
+    """Convert the defaced study's selected series to NIfTI (BIDS layout under the protocol's
+    outputs); one ``convert`` stage row per series; the T1s for volumetry as outputs."""
+    if not previous.done:
+        return _blocked(previous, CONVERT)
+    from pipelines.convert.dcm2niix import find_dcm2niix
+    from pipelines.convert.folder import convert_folder, method_version
+    from pipelines.convert.folder import stage_record as convert_row
+    from pipelines.select.protocols import load_protocols
+    from pipelines.volumetry.run import sources_from_conversion
+
+    plan = _plan(ctx, index, previous.study_pk)
+    if plan is None:
+        return _not_archived(previous.study_pk, CONVERT)
+    try:
+        tool_version: str | None = find_dcm2niix(None).version
+    except CohortflowError:
+        tool_version = None
+    version = method_version(tool_version)
+    input_key = chain(previous.input_key, version, _protocols_digest(ctx.settings))
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        protocols = load_protocols(ctx.settings.protocols_file)
+        rows: list[StageRecord] = []
+        images: list[dict[str, Any]] = []
+        for folder in previous.outputs.get("folders", []):
+            report = convert_folder(Path(folder), ctx.nifti_out, protocols, ctx.protocol)
+            rows.extend(convert_row(r, report.method_version) for r in report.series)
+            sources, _ = sources_from_conversion(report.series)
+            images.extend({**asdict(s), "image": str(s.image)} for s in sources)
+        with index.session() as session:
+            record_stages(session, rows)
+        return {**previous.outputs, "images": images}, {}
+
+    return _run_step(
+        ctx,
+        index,
+        plan,
+        CONVERT,
+        input_key,
+        version,
+        work,
+        lambda outputs: all(Path(i["image"]).is_file() for i in outputs.get("images", [])),
+    )
+
+
+# --- volumetry -------------------------------------------------------------------------------
+
+
+def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
+    """The first stage (in flow order, volumetry excluded) that failed the series, if any."""
+    with index.session() as session:
+        rows = {r.stage: r for r in stage_records(session, series_uids=[series_uid])}
+    for stage in SERIES_STAGES[:-1]:
+        row = rows.get(stage)
+        if row is not None and row.status == "fail":
+            return row
+    return None
+
+
+def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
+    """Measure the study's converted T1s that no earlier stage failed; record the volumes and
+    a ``volumetry`` stage row per T1."""
+    if not previous.done:
+        return _blocked(previous, VOLUMETRY)
+    from models.stages import record_biomarkers
+    from pipelines.volumetry.atlas import load_atlas
+    from pipelines.volumetry.method import METHOD_VERSION, Parameters
+    from pipelines.volumetry.run import Source, biomarker_record, measure_all
+    from pipelines.volumetry.run import stage_record as volumetry_row
+
+    plan = _plan(ctx, index, previous.study_pk)
+    if plan is None:
+        return _not_archived(previous.study_pk, VOLUMETRY)
+    params = Parameters()
+    version = f"volumetry-{METHOD_VERSION}"
+    input_key = chain(previous.input_key, version, asdict(params))
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        sources = [
+            Source(**{**image, "image": Path(image["image"])})
+            for image in previous.outputs.get("images", [])
+        ]
+        wanted = [s for s in sources if s.series and failed_earlier(index, s.series) is None]
+        results = measure_all(
+            wanted, lambda: load_atlas(ctx.settings.cache), params, ctx.volumetry_out / "overlays"
+        )
+        with index.session() as session:
+            known = [r for r in results if r.source.series and r.source.study]
+            record_stages(session, [volumetry_row(r) for r in known])
+            record_biomarkers(
+                session, [biomarker_record(r, params) for r in known if r.volumes is not None]
+            )
+        measured = {r.source.series: r.verdict.value for r in results}
+        return {"measured": measured, "not_measured": len(sources) - len(wanted)}, {}
+
+    return _run_step(ctx, index, plan, VOLUMETRY, input_key, version, work)
