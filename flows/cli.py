@@ -345,8 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
         "what is done for the same input and redoes what failed.",
     )
     run.add_argument("protocol", help="protocol name, e.g. dementia, ms, open")
-    run.add_argument("--from", dest="date_from", type=_date, metavar="DATE")
-    run.add_argument("--to", dest="date_to", type=_date, metavar="DATE")
+    run.add_argument(
+        "--from", dest="date_from", type=_date, metavar="DATE", help="default: --to minus lookback"
+    )
+    run.add_argument("--to", dest="date_to", type=_date, metavar="DATE", help="default: today")
+    run.add_argument(
+        "--lookback-days",
+        type=int,
+        default=7,
+        metavar="N",
+        help="without --from: query the N days up to --to (default 7, as the nightly schedule)",
+    )
     run.add_argument(
         "--max-studies", type=int, metavar="N", help="process at most N studies (UID order)"
     )
@@ -1060,15 +1069,12 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     configure_prefect(settings.home)
     from flows.report import print_run_summary
 
-    if args.no_retrieve:
-        date_from, date_to = args.date_from or dt.date.min, args.date_to or dt.date.max
-    elif args.date_from is None or args.date_to is None:
-        err.print("[red]usage error:[/red] --from and --to are needed to query the PACS")
-        return EXIT_USAGE
-    else:
-        date_from, date_to = args.date_from, args.date_to
-    if date_to < date_from:
+    date_from, date_to = args.date_from, args.date_to
+    if date_from and date_to and date_to < date_from:
         err.print("[red]usage error:[/red] --to is before --from")
+        return EXIT_USAGE
+    if args.lookback_days < 1:
+        err.print("[red]usage error:[/red] --lookback-days must be at least 1")
         return EXIT_USAGE
     if args.workers is not None and args.workers < 1:
         err.print("[red]usage error:[/red] --workers must be at least 1")
@@ -1085,6 +1091,7 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             args.protocol,
             date_from,
             date_to,
+            lookback_days=args.lookback_days,
             max_studies=args.max_studies,
             method=args.method,
             retrieve=not args.no_retrieve,

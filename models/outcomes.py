@@ -197,9 +197,14 @@ def protocol_outcome(
                 else:
                     count.failed += 1
         # measured, and no stage failed it (image QC outliers are judged after volumetry)
-        produced = is_t1 and reason is None and measured.get(pseudo.get(series, "")) in (
-            "pass",
-            "warn",
+        produced = (
+            is_t1
+            and reason is None
+            and measured.get(pseudo.get(series, ""))
+            in (
+                "pass",
+                "warn",
+            )
         )
         if not is_t1:
             if reason:

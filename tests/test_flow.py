@@ -33,6 +33,15 @@ def test_demo_flow_runs_in_prefect(
         summary, run = demo_flow(
             out_dir=tmp_path / "cohort", cache_dir=model_cache, studies=4, seed=6, workers=1
         )
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            artifacts = {a.key: a for a in client.read_artifacts()}
+    # the run published its outcome for the Prefect UI: a table per stage and a summary
+    assert artifacts["outcome-dementia-stages"].type == "table"
+    assert artifacts["outcome-dementia"].type == "markdown"
+    assert "header_qc" in str(artifacts["outcome-dementia-stages"].data)
+    assert "T1 series" in str(artifacts["outcome-dementia"].data)
     assert summary.studies == 4
     truth = CohortTruth.model_validate_json((tmp_path / "cohort" / "ground_truth.json").read_text())
     by_protocol = Counter(st.protocol for p in truth.patients for st in p.studies)

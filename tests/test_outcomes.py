@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,3 +243,20 @@ def test_a_t1_failed_by_the_run_wide_outlier_check_yields_no_biomarkers(index: I
         outcome = protocol_outcome(session, "dementia")
     assert (outcome.t1_series, outcome.t1_with_biomarkers) == (1, 0)
     assert outcome.t1_reasons == {"image.outlier.cjv": 1}
+
+
+def test_run_and_status_usage_errors_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
+    assert main(["run", "nosuch"]) == 2
+    assert "protocol 'nosuch'" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["run", "dementia", "--from", "2020-02-01", "--to", "2020-01-01"]) == 2
+    assert main(["run", "dementia", "--workers", "0"]) == 2
+    assert main(["status", "dementia"]) == 2  # never selected
+    assert "no selection" in capsys.readouterr().err
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"protocols": []}
