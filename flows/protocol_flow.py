@@ -252,7 +252,7 @@ def process_studies(
     return results
 
 
-@task(name="start-run", cache_policy=NO_CACHE)
+@task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def start_task(protocol: str, parameters: dict[str, Any], config: Path | None) -> int:
     settings = load_settings(config)
     index = _index(settings)
@@ -262,7 +262,7 @@ def start_task(protocol: str, parameters: dict[str, Any], config: Path | None) -
         index.dispose()
 
 
-@task(name="store-outcome", cache_policy=NO_CACHE)
+@task(name="store-outcome", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def finish_task(run_id: int, protocol: str, failed: bool, config: Path | None) -> RunSummary:
     settings = load_settings(config)
     index = _index(settings)

@@ -42,6 +42,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(text)
 
 
+#: The longest test files, started first: with ``--dist loadfile`` a file handed out last runs
+#: alone at the end while the other worker idles (the protocol runs take about 20 minutes).
+FIRST = ("test_protocol_run.py", "test_pacs_retrieve.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
+
+
 @pytest.fixture
 def figures(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
     """Report measured figures: printed in the summary of every run, not only on failure."""

@@ -260,3 +260,41 @@ def test_run_and_status_usage_errors_exit_2(
     assert "no selection" in capsys.readouterr().err
     assert main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"protocols": []}
+
+
+def test_a_step_that_crashed_is_redone_and_a_done_one_is_skipped(
+    index: IndexDB, tmp_path: Path
+) -> None:
+    """The resume rule of every flow step: an error row is redone by the next run, a done row
+    with the same input key and method version is skipped, a changed key is redone."""
+    from models.settings import load_settings
+    from pipelines.run.plan import StudyPlan
+    from pipelines.run.steps import RunContext, _run_step
+
+    ctx = RunContext(load_settings(None, home=tmp_path), "dementia", 1)
+    plan = StudyPlan(7, "dementia", "S1", "", "content", ())
+    calls: list[str] = []
+
+    def crash() -> tuple[dict[str, object], dict[str, object]]:
+        calls.append("crash")
+        raise OSError("disk full")
+
+    def work() -> tuple[dict[str, object], dict[str, object]]:
+        calls.append("work")
+        return {"folder": "out"}, {"linked_series": {"a": "b"}}
+
+    first = _run_step(ctx, index, plan, "deface", "k1", "v1", crash)
+    assert (first.status, first.reason_code) == (ERROR, "deface.internal_error")
+    assert "disk full" in (first.message or "")
+    second = _run_step(ctx, index, plan, "deface", "k1", "v1", work)
+    assert second.done and not second.reused and second.outputs == {"folder": "out"}
+    third = _run_step(ctx, index, plan, "deface", "k1", "v1", work)
+    assert third.reused and third.outputs == {"folder": "out"}  # identified extras stay out
+    fourth = _run_step(ctx, index, plan, "deface", "k2", "v1", work)  # new input: redone
+    assert not fourth.reused
+    gone = _run_step(ctx, index, plan, "deface", "k2", "v1", work, lambda _: False)
+    assert not gone.reused  # its outputs were removed: redone
+    assert calls == ["crash", "work", "work", "work"]
+    with index.session() as session:
+        rows = step_records(session, "dementia")
+    assert len(rows) == 1 and rows[0].outputs["_linked_series"] == {"a": "b"}

@@ -265,7 +265,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
     key = ProjectKey.load(ctx.settings.pseudonym_key_source)
     profile = load_profile(ctx.profile)
     deidentifier = Deidentifier(profile, key)
-    version = f"anonymize-1 {profile.name} {profile.sha256[:12]}"
+    version = f"anonymize-1 {profile.sha256[:16]}"  # stage_results.method_version: 40 chars
     # the key's fingerprint: another key gives other pseudonyms (and reveals nothing of it)
     input_key = chain(plan.content_key, version, key.uid("2.25.0"))
     folder = ctx.study_folder(plan)
