@@ -23,7 +23,7 @@ lint: setup
 # file; the head model and the shared cohort are made once for both (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --timeout=1800 --durations=25
+	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=1800 --durations=25
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" --timeout=300

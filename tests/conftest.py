@@ -44,6 +44,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 #: The longest test files, started first: with ``--dist loadfile`` a file handed out last runs
 #: alone at the end while the other worker idles (the protocol runs take about 20 minutes).
+#: ``make test`` passes ``--no-loadscope-reorder``, else xdist orders files by their number of
+#: tests and this order is lost.
 FIRST = ("test_protocol_run.py", "test_pacs_retrieve.py")
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -56,11 +57,21 @@ def load_template(cache_dir: Path, margin_mm: float, face_margin_mm: float) -> T
             f"the head model in {cache_dir} has shape {brain.shape}, pydeface's face "
             f"mask {keep.shape}: delete the cached head model to rebuild it"
         )
-    affine = np.asarray(head_img.affine, dtype=np.float64)
-    voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    labels = np.where(_grow(keep < 0.5, face_margin_mm, voxel), FACE, 0).astype(np.uint8)
-    labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
-    labels |= np.where(_grow(brain, margin_mm, voxel), PROTECT, 0).astype(np.uint8)
+    # the dilations take about 14 s: kept beside the head model, per model and margins
+    stored = cache_dir / f"deface-labels-{digest[:16]}-{margin_mm:g}-{face_margin_mm:g}.npy"
+    try:
+        labels = np.load(stored)
+        if labels.shape != brain.shape or labels.dtype != np.uint8:
+            raise ValueError(f"{stored} does not match the head model")
+    except (OSError, ValueError):
+        affine = np.asarray(head_img.affine, dtype=np.float64)
+        voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        labels = np.where(_grow(keep < 0.5, face_margin_mm, voxel), FACE, 0).astype(np.uint8)
+        labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
+        labels |= np.where(_grow(brain, margin_mm, voxel), PROTECT, 0).astype(np.uint8)
+        temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp.npy")
+        np.save(temporary, labels)
+        os.replace(temporary, stored)  # whole or absent: processes may race to write it
     return _template(head_img, labels, digest)
 
 
