@@ -18,6 +18,8 @@ Prefect cache.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -81,6 +83,16 @@ def _index(settings: Settings) -> IndexDB:
     return open_index(settings.index)
 
 
+@contextmanager
+def _opened(settings: Settings) -> Iterator[IndexDB]:
+    """The index for one task (a worker process may serve many runs: closed after each)."""
+    index = open_index(settings.index)
+    try:
+        yield index
+    finally:
+        index.dispose()
+
+
 @task(name="select-studies", tags=["pacs"], retries=2, retry_delay_seconds=30)
 def select_task(
     protocol: str, date_from: dt.date, date_to: dt.date, config: Path | None
@@ -142,68 +154,47 @@ CPU = ["cohortflow-cpu"]
 
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_task(ctx: steps.RunContext, max_studies: int | None) -> list[int]:
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.study_keys(ctx, index, max_studies)
-    finally:
-        index.dispose()
 
 
 @task(name="anonymize-study", cache_policy=NO_CACHE)
 def anonymize_task(ctx: steps.RunContext, study_pk: int) -> steps.StepResult:
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.anonymize_step(ctx, index, study_pk)
-    finally:
-        index.dispose()
 
 
 @task(name="deface-study", tags=CPU, cache_policy=NO_CACHE)
 def deface_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)  # before the first registration in this worker
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.deface_step(ctx, index, previous)
-    finally:
-        index.dispose()
 
 
 @task(name="qc-study", tags=CPU, cache_policy=NO_CACHE)
 def qc_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.qc_step(ctx, index, previous)
-    finally:
-        index.dispose()
 
 
 @task(name="convert-study", cache_policy=NO_CACHE)
 def convert_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.convert_step(ctx, index, previous)
-    finally:
-        index.dispose()
 
 
 @task(name="volumetry-study", tags=CPU, cache_policy=NO_CACHE)
 def volumetry_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.volumetry_step(ctx, index, previous)
-    finally:
-        index.dispose()
 
 
 @task(name="cohort-qc", cache_policy=NO_CACHE)
 def cohort_qc_task(ctx: steps.RunContext) -> int:
-    index = _index(ctx.settings)
-    try:
+    with _opened(ctx.settings) as index:
         return steps.cohort_qc(ctx, index)
-    finally:
-        index.dispose()
 
 
 def dask_runner(settings: Settings, dask_address: str | None, workers: int | None) -> Any:

@@ -101,17 +101,22 @@ class ProtocolOutcome:
         return out
 
 
+def latest_selection(session: Session, protocol: str) -> int | None:
+    """The id of the protocol's newest selection (None: never selected)."""
+    return session.scalars(
+        select(Selection.id)
+        .where(Selection.protocol == protocol)
+        .order_by(Selection.id.desc())
+        .limit(1)
+    ).first()
+
+
 def protocol_outcome(
     session: Session, protocol: str, selection_id: int | None = None
 ) -> ProtocolOutcome:
     """The outcome of ``protocol``'s selection (default: its latest)."""
     if selection_id is None:
-        selection_id = session.scalars(
-            select(Selection.id)
-            .where(Selection.protocol == protocol)
-            .order_by(Selection.id.desc())
-            .limit(1)
-        ).first()
+        selection_id = latest_selection(session, protocol)
     outcome = ProtocolOutcome(protocol, selection_id)
     if selection_id is None:
         return outcome

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, true
 
 from models.database import IndexDB
-from models.schema import Instance, SelectedSeries, Selection, Series, Study
+from models.schema import Instance, SelectedSeries, Series, Study
 from pipelines.ingest.archive import ArchiveStore
 
 
@@ -34,16 +34,6 @@ class StudyPlan:
     #: SHA-256 over the series' UIDs, roles and instance hashes: the same content, the same key
     content_key: str
     series: tuple[SeriesPlan, ...]
-
-
-def latest_selection(index: IndexDB, protocol: str) -> int | None:
-    with index.session() as session:
-        return session.scalars(
-            select(Selection.id)
-            .where(Selection.protocol == protocol)
-            .order_by(Selection.id.desc())
-            .limit(1)
-        ).first()
 
 
 def plan_studies(

@@ -33,13 +33,13 @@ from sqlalchemy import select
 
 from models.database import IndexDB
 from models.errors import CohortflowError
-from models.outcomes import SERIES_STAGES
+from models.outcomes import SERIES_STAGES, latest_selection
 from models.runs import DONE, ERROR, StepRecord, record_step, step_record, step_records
 from models.schema import SelectedSeries
 from models.settings import Settings
 from models.stages import StageRecord, record_stages, stage_records
 from pipelines.ingest.archive import ArchiveStore
-from pipelines.run.plan import StudyPlan, latest_selection, plan_studies, plan_study
+from pipelines.run.plan import StudyPlan, plan_studies, plan_study
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,8 @@ def require_selection(settings: Settings, protocol: str) -> int:
 
     index = open_index(settings.index)
     try:
-        found = latest_selection(index, protocol)
+        with index.session() as session:
+            found = latest_selection(session, protocol)
     finally:
         index.dispose()
     if found is None:
