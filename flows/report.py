@@ -440,7 +440,7 @@ def outcome_rows(outcome: ProtocolOutcome) -> Rows:
 
 
 def biomarker_rows(summary: BiomarkerSummary) -> Rows:
-    rows: Rows = [("biomarkers", "T1s measured (QC not failed)", str(summary.n))]
+    rows: Rows = [("biomarkers", "T1s measured, no stage failed", str(summary.n))]
     for name, mean in summary.means.items():
         sd = summary.sds.get(name, 0.0)
         shown = f"{mean:.3f} ± {sd:.3f}" if name == "bpf" else f"{mean:.0f} ± {sd:.0f}"

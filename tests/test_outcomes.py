@@ -243,6 +243,11 @@ def test_a_t1_failed_by_the_run_wide_outlier_check_yields_no_biomarkers(index: I
         outcome = protocol_outcome(session, "dementia")
     assert (outcome.t1_series, outcome.t1_with_biomarkers) == (1, 0)
     assert outcome.t1_reasons == {"image.outlier.cjv": 1}
+    # nor do its volumes enter the run's biomarker summary
+    from pipelines.run.outcome import usable_biomarkers
+
+    with index.session() as session:
+        assert usable_biomarkers(session, "dementia") == []
 
 
 def test_run_and_status_usage_errors_exit_2(

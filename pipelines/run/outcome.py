@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from models.database import IndexDB
 from models.outcomes import ProtocolOutcome, protocol_outcome
 from models.runs import finish_run, start_run
-from models.stages import biomarker_records
+from models.schema import StageResult
+from models.stages import BiomarkerRecord, biomarker_records
 
 #: the distributions whose versions a run records
 TOOLS = (
@@ -41,7 +45,7 @@ def versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class BiomarkerSummary:
-    """Mean and SD of the volumes of a protocol's measured T1s (QC verdict not failed)."""
+    """Mean and SD of the volumes of a protocol's measured T1s that no stage failed."""
 
     n: int
     means: dict[str, float] = field(default_factory=dict)
@@ -76,9 +80,24 @@ def outcome_from_dict(data: Mapping[str, Any]) -> ProtocolOutcome:
 VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
+def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
+    """The protocol's biomarkers that no stage failed: volumetry's own verdict, and every other
+    stage of the series (image QC outliers are judged after volumetry)."""
+    rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
+    failed = set(
+        session.scalars(
+            select(StageResult.series_uid).where(
+                StageResult.status == "fail",
+                StageResult.series_uid.in_([r.series_uid for r in rows]),
+            )
+        )
+    )
+    return [r for r in rows if r.series_uid not in failed]
+
+
 def biomarker_summary(index: IndexDB, protocol: str) -> BiomarkerSummary:
     with index.session() as session:
-        rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
+        rows = usable_biomarkers(session, protocol)
     if not rows:
         return BiomarkerSummary(0)
     means = {v: statistics.fmean(getattr(r, v) for r in rows) for v in VOLUMES}
@@ -133,7 +152,7 @@ def compare_groups(
         for row in step_records(session, protocol):
             if row.step == "anonymize":
                 linked.update(dict(row.outputs.get("_linked_series", {})))
-        rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
+        rows = usable_biomarkers(session, protocol)
     label_of = {linked[s]: g for s, g in group_of_series.items() if s in linked}
     members: dict[str, list[Any]] = {}
     for r in rows:
