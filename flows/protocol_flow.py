@@ -79,10 +79,6 @@ def load_into_pacs(folder: Path, config: Path | None) -> int:
     return store_files(pacs_node(settings), files, settings.local_aet).sent
 
 
-def _index(settings: Settings) -> IndexDB:
-    return open_index(settings.index)
-
-
 @contextmanager
 def _opened(settings: Settings) -> Iterator[IndexDB]:
     """The index for one task (a worker process may serve many runs: closed after each)."""
@@ -99,11 +95,8 @@ def select_task(
 ) -> SelectionSummary:
     settings = load_settings(config)
     result, protocols_file = select_configured(settings, protocol, date_from, date_to)
-    index = _index(settings)
-    try:
+    with _opened(settings) as index:
         selection_id = record_selection(index, result, protocols_file)
-    finally:
-        index.dispose()
     return SelectionSummary(
         selection_id,
         protocol,
@@ -116,11 +109,8 @@ def select_task(
 @task(name="retrieve-selection", tags=["pacs"])  # retries: the throttle's, per study
 def retrieve_task(selection_id: int, method: str | None, config: Path | None) -> RetrieveSummary:
     settings = load_settings(config)
-    index = _index(settings)
-    try:
+    with _opened(settings) as index:
         outcome = retrieve_configured(settings, index, selection_id, method=method)
-    finally:
-        index.dispose()
     return RetrieveSummary.of(outcome)
 
 
@@ -246,21 +236,15 @@ def process_studies(
 @task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def start_task(protocol: str, parameters: dict[str, Any], config: Path | None) -> int:
     settings = load_settings(config)
-    index = _index(settings)
-    try:
+    with _opened(settings) as index:
         return start(index, protocol, parameters, str(flow_run.get_id() or "") or None)
-    finally:
-        index.dispose()
 
 
 @task(name="store-outcome", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def finish_task(run_id: int, protocol: str, failed: bool, config: Path | None) -> RunSummary:
     settings = load_settings(config)
-    index = _index(settings)
-    try:
+    with _opened(settings) as index:
         return finish(index, run_id, protocol, failed)
-    finally:
-        index.dispose()
 
 
 @task(name="publish-outcome")

@@ -4,7 +4,7 @@ protocol's success rates and a biomarker summary (counts and means only, no iden
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -80,6 +80,17 @@ def outcome_from_dict(data: Mapping[str, Any]) -> ProtocolOutcome:
 VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
+def summarize(rows: Sequence[BiomarkerRecord]) -> BiomarkerSummary:
+    """Mean and SD of each volume over ``rows``."""
+    if not rows:
+        return BiomarkerSummary(0)
+    means = {v: statistics.fmean(getattr(r, v) for r in rows) for v in VOLUMES}
+    sds = {
+        v: statistics.stdev(getattr(r, v) for r in rows) if len(rows) > 1 else 0.0 for v in VOLUMES
+    }
+    return BiomarkerSummary(len(rows), means, sds)
+
+
 def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
     """The protocol's biomarkers that no stage failed: volumetry's own verdict, and every other
     stage of the series (image QC outliers are judged after volumetry)."""
@@ -98,13 +109,7 @@ def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
 def biomarker_summary(index: IndexDB, protocol: str) -> BiomarkerSummary:
     with index.session() as session:
         rows = usable_biomarkers(session, protocol)
-    if not rows:
-        return BiomarkerSummary(0)
-    means = {v: statistics.fmean(getattr(r, v) for r in rows) for v in VOLUMES}
-    sds = {
-        v: statistics.stdev(getattr(r, v) for r in rows) if len(rows) > 1 else 0.0 for v in VOLUMES
-    }
-    return BiomarkerSummary(len(rows), means, sds)
+    return summarize(rows)
 
 
 def start(
@@ -161,12 +166,7 @@ def compare_groups(
             members.setdefault(label, []).append(r)
     groups = {}
     for label, found in sorted(members.items()):
-        means = {v: statistics.fmean(getattr(r, v) for r in found) for v in VOLUMES}
-        sds = {
-            v: statistics.stdev(getattr(r, v) for r in found) if len(found) > 1 else 0.0
-            for v in VOLUMES
-        }
-        groups[label] = BiomarkerSummary(len(found), means, sds)
+        groups[label] = summarize(found)
     p: dict[str, float] = {}
     labels = list(members)
     if len(labels) >= 2 and all(len(members[g]) > 1 for g in labels[:2]):
