@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
@@ -112,11 +113,35 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+#: Key of the PostgreSQL advisory lock held while migrating ("cohortflow" in ASCII, truncated).
+_PG_MIGRATION_LOCK = 0x636F686F7274
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One migration at a time per index, across processes: a run, its workers and the
+    dashboard may open a new index at the same moment. Alembic reads the current revision
+    inside the lock, so whoever comes second finds the schema done and changes nothing.
+    SQLite takes a lock file beside the database; PostgreSQL an advisory lock (see migrate)."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        with FileLock(f"{database}.migrate.lock"):
+            yield
+    else:
+        yield
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (default: the newest)."""
+    """Bring the schema to ``revision`` (default: the newest); safe to call from several
+    processes at once."""
     from alembic import command
 
-    with engine.begin() as connection:
+    with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # released at the end of the transaction, also when the process dies
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
         command.upgrade(_alembic_config(connection), revision)
 
 

@@ -80,3 +80,23 @@ def dciodvfy_errors(path: Path) -> set[str]:
     # private attributes are named by value, which de-identification removes, so key on text
     lines = (run.stdout + run.stderr).splitlines()
     return {line for line in lines if line.startswith("Error")}
+
+
+def open_at_once(url: str, processes: int = 4) -> list[subprocess.CompletedProcess[str]]:
+    """Open a new index from several processes started together (a run, its workers, the
+    dashboard): each must find or make the newest schema, none may trip over another."""
+    code = "import sys; from models.database import open_index; open_index(sys.argv[1]).dispose()"
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    finished = []
+    for process in started:
+        out, err = process.communicate(timeout=120)
+        finished.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return finished

@@ -28,7 +28,7 @@ from models.scanners import load_known_scanners
 from models.schema import Base, File, Instance, Patient, Series, Study
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.manifest import read_manifest
-from tests.ingest_helpers import Archive, free_port, make_archive, pydicom_file
+from tests.ingest_helpers import Archive, free_port, make_archive, open_at_once, pydicom_file
 
 pytestmark = pytest.mark.integration
 
@@ -359,3 +359,14 @@ def test_stage_results_replace_on_rerun_and_feed_outliers_on_postgres(pg_index: 
             {"snrd_wm": 31.0}
         ]
         assert status_counts(session, "image_qc", "dementia") == {"pass": 2}
+
+
+def test_processes_opening_a_new_index_together_migrate_it_once_on_postgres(
+    postgres: PostgresServer,
+) -> None:
+    url = postgres.create_database()
+    for done in open_at_once(url):
+        assert done.returncode == 0, done.stderr[-2000:]
+    index = open_index(url, upgrade=False)
+    assert current_revision(index.engine) == head_revision()
+    index.dispose()

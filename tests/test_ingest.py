@@ -22,7 +22,7 @@ from models.schema import Base, Blob, File, Instance, Scanner
 from pipelines.ingest.engine import ingest_chunk
 from pipelines.ingest.manifest import read_manifest
 from pipelines.ingest.reader import read_path
-from tests.ingest_helpers import PYDICOM_FILES, Archive, make_archive, pydicom_file
+from tests.ingest_helpers import PYDICOM_FILES, Archive, make_archive, open_at_once, pydicom_file
 
 
 @pytest.fixture
@@ -477,3 +477,15 @@ def test_an_index_failure_mid_ingest_is_reported_not_raised(
         connection.exec_driver_sql("ALTER TABLE files_away RENAME TO files")
     index.dispose()
     assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 0
+
+
+def test_processes_opening_a_new_index_together_migrate_it_once(tmp_path: Path) -> None:
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'i{attempt}.sqlite'}"
+        for done in open_at_once(url):
+            assert done.returncode == 0, done.stderr[-2000:]
+        index = open_index(url, upgrade=False)
+        with index.engine.connect() as connection:
+            versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+            assert [row[0] for row in versions] == [SCHEMA_REVISION]
+        index.dispose()
