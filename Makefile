@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/qc.py
 	$(BIN)/python benchmarks/volumetry.py
 	$(BIN)/python benchmarks/end_to_end.py
+	$(BIN)/python benchmarks/stats.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.cli_data import add_commands as add_data_commands
+from flows.cli_data import run_command as run_data_command
 from flows.prefect_env import configure_itk
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
@@ -29,6 +31,7 @@ from pipelines.pacs.errors import PacsError
 
 if TYPE_CHECKING:
     from models.database import IndexDB
+    from pipelines.export.stats import Comparison
     from pipelines.pacs.dimse import StoreResult
     from pipelines.run.outcome import RunSummary
 
@@ -392,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--protocol", default="dementia", help="protocol to run (default dementia)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_data_commands(sub)
     return parser
 
 
@@ -435,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if args.command in commands:
             return commands[args.command](args, settings, err)
+        done = run_data_command(args, settings, err)
+        if done is not None:
+            return done
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         return EXIT_USAGE
@@ -633,10 +640,9 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.prefect_env import configure_prefect, prefect_api
 
     configure_prefect(settings.home)
-    from flows.report import print_comparison, print_run_summary, print_summary, summary_json
+    from flows.cli_data import print_comparison
+    from flows.report import print_run_summary, print_summary, summary_json
     from flows.synth_flow import demo_flow
-    from models.synth import CohortTruth
-    from pipelines.run.outcome import compare_groups
 
     out = settings.home / "demo" / "cohort"
     err.print(
@@ -656,16 +662,7 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             protocol=args.protocol,
             config=args.config,
         )
-    truth = CohortTruth.model_validate_json((out / "ground_truth.json").read_text())
-    group_of = {
-        series.series_instance_uid: patient.group
-        for patient in truth.patients
-        for study in patient.studies
-        for series in study.series
-        if patient.group in ("dementia", "control")
-    }
-    with _open_index(settings) as index:
-        comparison = compare_groups(index, args.protocol, group_of)
+    comparison = _demo_comparison(settings, args.protocol, out / "ground_truth.json")
     if args.json:
         _emit(
             args,
@@ -673,21 +670,51 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 "out": str(out),
                 **summary_json(summary),
                 "run": run_json(run),
-                "groups": asdict(comparison),
+                "groups": comparison.as_dict() if comparison else None,
             },
         )
     else:
         console = Console()
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
         print_run_summary(run, console)
-        print_comparison(comparison, console, f"{args.protocol}: dementia vs control")
+        if comparison is not None:
+            print_comparison(comparison, console)
+        else:
+            err.print("dementia vs control: fewer than two usable T1s in a group (more --studies)")
         err.print(
             f"outputs: {settings.outputs / args.protocol} (DICOM, NIfTI, volumetry overlays); "
             f"index: {settings.index}; `cohortflow status {args.protocol}` shows the rates "
-            "again; the Prefect UI: `prefect server start` (see the README)"
+            "again; the QC dashboard: `cohortflow users add NAME --role reviewer`, then "
+            f"`cohortflow dashboard` (port {settings.dashboard.port}); "
+            "the biomarker table: `cohortflow export biomarkers`; the Prefect UI: "
+            "`prefect server start` (see the README)"
         )
     rates = run.rates
     return EXIT_OK if run.state == "completed" and rates.t1_with_biomarkers else EXIT_FAILURES
+
+
+def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Comparison | None:
+    """Dementia against controls, as a statistician would compare them: the generator's
+    diagnosis given by accession number (as a radiology report would), joined on the
+    identified side by the biomarker table."""
+    from models.synth import CohortTruth
+    from pipelines.export.biomarkers import Labels, biomarker_table
+    from pipelines.export.errors import StatsError
+    from pipelines.export.stats import compare
+
+    truth = CohortTruth.model_validate_json(truth_file.read_text())
+    diagnosis: dict[str, dict[str, str]] = {}
+    for patient in truth.patients:
+        if patient.group in ("dementia", "control"):
+            for study in patient.studies:
+                diagnosis.setdefault(study.accession_number, {"diagnosis": patient.group})
+    labels = Labels(str(truth_file), ("diagnosis",), diagnosis)
+    with _open_index(settings) as index, index.session() as session:
+        rows = biomarker_table(session, protocol, labels).records()
+    try:
+        return compare(rows, "diagnosis")
+    except StatsError:
+        return None
 
 
 def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:

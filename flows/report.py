@@ -19,7 +19,7 @@ from pipelines.synth.summary import CohortSummary
 if TYPE_CHECKING:
     from flows.protocol_flow import SelectionSummary
     from pipelines.quality.folder import QcReport
-    from pipelines.run.outcome import BiomarkerSummary, GroupComparison, RunSummary
+    from pipelines.run.outcome import BiomarkerSummary, RunSummary
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
@@ -481,26 +481,3 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
     console.print(
         rows_table(outcome_rows(summary.rates) + biomarker_rows(summary.biomarkers), title)
     )
-
-
-def print_comparison(comparison: GroupComparison, console: Console, title: str) -> None:
-    table = Table(title=title)
-    labels = list(comparison.groups)
-    table.add_column("biomarker")
-    for label in labels:
-        table.add_column(f"{label} (n={comparison.groups[label].n})", justify="right")
-    table.add_column("Welch p", justify="right")
-    for name in ("icv_ml", "brain_ml", "gm_ml", "wm_ml", "csf_ml", "bpf"):
-        cells = []
-        for label in labels:
-            group = comparison.groups[label]
-            mean, sd = group.means.get(name), group.sds.get(name, 0.0)
-            if mean is None:
-                cells.append("-")
-            elif name == "bpf":
-                cells.append(f"{mean:.3f} ± {sd:.3f}")
-            else:
-                cells.append(f"{mean:.0f} ± {sd:.0f}")
-        p = comparison.welch_p.get(name)
-        table.add_row(name, *cells, "-" if p is None else f"{p:.2g}")
-    console.print(table)

@@ -30,3 +30,11 @@ class ReasonError(CohortflowError):
 class GeometryError(ReasonError):
     """A series does not say where its pixels lie, or its planes do not form the volume asked for
     (codes ``no_geometry``, ``not_a_volume``)."""
+
+
+class ReviewError(CohortflowError):
+    """A review that cannot be recorded (unknown decision, no comment, nothing to override)."""
+
+
+class AccountError(CohortflowError):
+    """A dashboard account that cannot be made or used (bad name, role or password)."""

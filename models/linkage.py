@@ -20,15 +20,16 @@ class LinkageRecord:
     date_offset_days: int
 
 
-def actor() -> str:
+def _os_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
 
 
-def audit(session: Session, action: str, detail: str) -> None:
-    session.add(AuditEntry(at=now(), actor=actor(), action=action, detail=detail))
+def audit(session: Session, action: str, detail: str, actor: str | None = None) -> None:
+    """Append to the audit log; ``actor`` defaults to the user running the process."""
+    session.add(AuditEntry(at=now(), actor=actor or _os_user(), action=action, detail=detail))
 
 
 def record_linkage(session: Session, records: Sequence[LinkageRecord], key_source: str) -> int:

@@ -9,6 +9,10 @@ A selected series travels: retrieve -> anonymize -> deface -> header_qc -> image
 study step that could not run, or where the flow has not (yet) taken it ("not_processed").
 A T1 succeeds when it has biomarkers whose volumetry verdict is not a failure; a study
 succeeds when one of its T1s does.
+
+A reviewer's newest decision counts: ``reject`` stops the series (``review.rejected``),
+``override`` sets aside the QC failures (deface, header and image QC, volumetry's verdict), so
+the T1 counts once it is measured (the next run measures it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
 from models.schema import (
     Biomarker,
     Retrieval,
@@ -169,6 +174,8 @@ def protocol_outcome(
         )
     }
 
+    decisions = latest_reviews(session, pseudo.values())
+
     counts = {stage: StageCount(stage) for stage in ("retrieve", *SERIES_STAGES)}
     by_scanner: dict[str, GroupRate] = {}
     t1_reasons: Counter[str] = Counter()
@@ -188,8 +195,13 @@ def protocol_outcome(
             outcome.series_retrieved += 1
         else:
             counts["retrieve"].failed += 1
+        decision = decisions.get(pseudo.get(series, ""))
         reason, stage = _stopped(
-            status, steps.get(study, {}), stage_rows.get(pseudo.get(series, ""), {}), is_t1
+            status,
+            steps.get(study, {}),
+            stage_rows.get(pseudo.get(series, ""), {}),
+            is_t1,
+            decision,
         )
         for name, result in stage_rows.get(pseudo.get(series, ""), {}).items():
             if name in counts:
@@ -201,15 +213,13 @@ def protocol_outcome(
                     count.warned += 1
                 else:
                     count.failed += 1
-        # measured, and no stage failed it (image QC outliers are judged after volumetry)
+        # measured, and no stage failed it (image QC outliers are judged after volumetry),
+        # or a reviewer overrode the failure
+        verdict = measured.get(pseudo.get(series, ""))
         produced = (
             is_t1
             and reason is None
-            and measured.get(pseudo.get(series, ""))
-            in (
-                "pass",
-                "warn",
-            )
+            and (verdict in ("pass", "warn") or (decision == OVERRIDE and verdict is not None))
         )
         if not is_t1:
             if reason:
@@ -245,18 +255,26 @@ def _stopped(
     steps: dict[str, StudyStep],
     stages: dict[str, StageResult],
     is_t1: bool,
+    decision: str | None = None,
 ) -> tuple[str | None, str | None]:
     """Why and where a series stopped: (reason code, stage), or (None, None) if it did not.
 
     Image QC and volumetry concern T1s only; a stage without a row is one the series did not
-    reach, unless a later stage has a row (a stage that does not apply to it)."""
+    reach, unless a later stage has a row (a stage that does not apply to it). A reviewer's
+    rejection stops it; an override sets aside the failures of the QC stages."""
+    if decision == REJECT:
+        return "review.rejected", "review"
     for stage in SERIES_STAGES:
         row = stages.get(stage)
+        if decision == OVERRIDE and stage in QC_STAGES:
+            continue
         if row is not None and row.status == "fail":
             return row.reason_code or f"{stage}.failed", stage
     expected = SERIES_STAGES if is_t1 else ("anonymize", "deface", "header_qc", "convert")
     if expected[-1] in stages:
         return None, None
+    if decision == OVERRIDE and is_t1 and "convert" in stages:
+        return "review.override_not_yet_measured", "volumetry"  # the next run measures it
     if not stages and retrieval not in ("complete", "incomplete"):
         return f"retrieve.{retrieval}", "retrieve"
     for step in ("anonymize", "deface", "qc", "convert", "volumetry"):

@@ -421,3 +421,54 @@ class StudyStep(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StageHistory(Base):
+    """Every stage result as it was recorded (``stage_results`` keeps only the latest): the
+    history a reviewer reads on the series page. Appended, never changed."""
+
+    __tablename__ = "stage_history"
+    __table_args__ = (Index("ix_stage_history_series", "series_uid", "stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    stage: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(10))
+    reason_code: Mapped[str | None] = mapped_column(String(80))
+    message: Mapped[str | None] = mapped_column(Text)
+    method_version: Mapped[str] = mapped_column(String(40))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Review(Base):
+    """A reviewer's decision on the automatic QC verdict of one (pseudonymized) series. Kept
+    in full; the newest decision per series is the one that counts."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: accept (the verdict stands), reject (unusable whatever QC said), override (usable
+    #: although QC failed it)
+    decision: Mapped[str] = mapped_column(String(10))
+    #: the automatic verdict the reviewer saw (pass, warn, fail) and its reason
+    verdict: Mapped[str] = mapped_column(String(10))
+    reason_code: Mapped[str | None] = mapped_column(String(80))
+    comment: Mapped[str] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class User(Base):
+    """A dashboard account. Passwords are stored as scrypt hashes only."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(80), unique=True)
+    #: reviewer, researcher or admin
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -107,6 +107,23 @@ class FlowSettings(BaseModel):
     workers: int = Field(0, ge=0, le=256)
 
 
+class DashboardSettings(BaseModel):
+    """The QC dashboard's web server (``cohortflow dashboard``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: the address to listen on; 127.0.0.1 keeps it on this machine (put a TLS proxy in front
+    #: to serve a network)
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    #: how long a login lasts
+    session_hours: float = Field(8.0, gt=0, le=24 * 7)
+    #: rows per page of the failure list
+    page_size: int = Field(50, ge=5, le=1000)
+    #: set when the dashboard is served over HTTPS (the session cookie is then sent over HTTPS only)
+    https: bool = False
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -132,6 +149,7 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = RetrieveSettings()
     deface: DefaceSettings = DefaceSettings()
     flow: FlowSettings = FlowSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     #: Protocol definitions; default: the file shipped in pipelines/select/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.

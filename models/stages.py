@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from models.repository import _insert, now
-from models.schema import Biomarker, StageResult
+from models.schema import Biomarker, StageHistory, StageResult
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ _COLUMNS = (
 
 
 def record_stages(session: Session, records: Sequence[StageRecord]) -> None:
-    """Insert or replace the rows of ``records`` (keyed by series and stage)."""
+    """Insert or replace the rows of ``records`` (keyed by series and stage), and append them
+    to the stage history."""
     if not records:
         return
     stamp = now()
@@ -80,6 +81,18 @@ def record_stages(session: Session, records: Sequence[StageRecord]) -> None:
         set_={c: getattr(statement.excluded, c) for c in _COLUMNS},
     )
     session.execute(statement, rows)
+    kept = ("series_uid", "stage", "status", "reason_code", "message", "method_version")
+    session.execute(
+        insert(StageHistory),
+        [
+            {
+                **{c: row[c] for c in kept},
+                "seconds": row["seconds"],
+                "recorded_at": row["recorded_at"],
+            }
+            for row in rows
+        ],
+    )
 
 
 def _record(row: StageResult) -> StageRecord:
@@ -181,4 +194,32 @@ def biomarker_records(session: Session, protocol: str | None = None) -> list[Bio
     return [
         BiomarkerRecord(**{f.name: getattr(row, f.name) for f in fields(BiomarkerRecord)})
         for row in session.scalars(query)
+    ]
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One stage result as it was recorded at the time (``StageHistory``)."""
+
+    stage: str
+    status: str
+    reason_code: str | None
+    message: str | None
+    method_version: str
+    seconds: float | None
+    recorded_at: dt.datetime
+
+
+def stage_history(session: Session, series_uid: str) -> list[HistoryRecord]:
+    """Every result recorded for a series, oldest first."""
+    query = (
+        select(StageHistory)
+        .where(StageHistory.series_uid == series_uid)
+        .order_by(StageHistory.recorded_at, StageHistory.id)
+    )
+    return [
+        HistoryRecord(
+            r.stage, r.status, r.reason_code, r.message, r.method_version, r.seconds, r.recorded_at
+        )
+        for r in session.scalars(query)
     ]

@@ -209,7 +209,7 @@ def test_before_and_after_previews_are_written(defaced: Defaced) -> None:
     t1 = [o for o in defaced.report.with_status("defaced") if o.metrics["face_voxels"] > 100_000]
     assert t1
     for outcome in t1:
-        before_png, after_png = (Path(p) for p in outcome.previews)
+        before_png, after_png, planes_png = (Path(p) for p in outcome.previews)
         assert before_png.parent.is_relative_to(defaced.previews)
         before = np.asarray(Image.open(before_png)).astype(int)
         after = np.asarray(Image.open(after_png)).astype(int)
@@ -219,6 +219,17 @@ def test_before_and_after_previews_are_written(defaced: Defaced) -> None:
         # and is dark afterwards (its edge blends with its neighbours when reformatted)
         inner = ndimage.binary_erosion(red, iterations=2)
         assert inner.sum() > 200 and after[inner].max() < 40
+        # the dashboard's picture: the defaced image on three planes, the removed region
+        # tinted over emptied voxels only (no face shows through), the brain outlined
+        planes = np.asarray(Image.open(planes_png)).astype(int)
+        assert planes.shape[1] > 2.5 * planes.shape[0] and planes.shape[2] == 3
+        r, g, b = planes[..., 0], planes[..., 1], planes[..., 2]
+        tinted = (r - g > 80) & (g == b)  # the tint adds red to the gray value only
+        assert tinted.sum() > 1000
+        inner = ndimage.binary_erosion(tinted, iterations=2)
+        assert np.percentile(g[inner], 99) < 20, "no face intensity under the tint"
+        green = (planes[..., 1] == 255) & (planes[..., 0] == 0) & (planes[..., 2] == 0)
+        assert green.sum() > 300, "the intracranial outline"
 
 
 @pytest.mark.slow

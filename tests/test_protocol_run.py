@@ -11,12 +11,14 @@ in a child process (as users run it).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ import pytest
 from sqlalchemy import func, select
 
 from models.database import open_index
-from models.schema import Biomarker, Linkage, StageResult, StudyStep
+from models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
 from models.synth import CohortTruth, SynthConfig
 from pipelines.atlas.headmodel import HeadModel
 from pipelines.pacs import orthanc
@@ -347,4 +349,217 @@ def test_dask_cluster_and_postgres_give_the_single_process_results(
     figures(
         f"protocol run on Dask (scheduler + 2 worker processes) and PostgreSQL: {STUDIES} "
         f"studies in {seconds:.0f} s, results identical to the single-process run"
+    )
+
+
+# --- the QC dashboard in a real browser, and the biomarker export, over the run --------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+PASSWORD = "a long test password"
+#: screenshots of the browser test (CI keeps this folder as the test's artefacts)
+ARTIFACTS = Path(
+    os.environ.get("COHORTFLOW_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")
+)
+
+
+def _labels(truth: CohortTruth, path: Path) -> dict[str, str]:
+    """The clinical labels a radiology report would give: diagnosis by accession number (a
+    reused accession number keeps its first study's label)."""
+    by_accession: dict[str, str] = {}
+    for patient in truth.patients:
+        for study in patient.studies:
+            by_accession.setdefault(study.accession_number, patient.group)
+    path.write_text(
+        "accession_number,diagnosis\n" + "".join(f"{a},{d}\n" for a, d in by_accession.items())
+    )
+    return by_accession
+
+
+def _status(url: str) -> tuple[int, str]:
+    """Status and Location of a GET that follows no redirect."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=10) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location", "")
+
+
+def test_the_dashboard_in_chromium_and_the_export_over_the_run(
+    killed_and_resumed: dict[str, Any], tmp_path: Path, figures: Any
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_anonymize import _found, _planted
+
+    home, url, truth = (killed_and_resumed[k] for k in ("home", "url", "truth"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COHORTFLOW_", "PREFECT_"))}
+    env["COHORTFLOW_HOME"] = str(home)
+    for name, role in (("rita", "reviewer"), ("sam", "researcher")):
+        subprocess.run(
+            [str(BIN / "cohortflow"), "users", "add", name, "--role", role, "--password-stdin"],
+            input=PASSWORD.encode(),
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    # the export from the command line: the index's volumes, exactly
+    labels = _labels(truth, tmp_path / "clinical.csv")
+    exported = tmp_path / "biomarkers.csv"
+    done = subprocess.run(
+        [
+            str(BIN / "cohortflow"),
+            *("export", "biomarkers", "--protocol", "dementia", "--json"),
+            *("--labels", str(tmp_path / "clinical.csv"), "--out", str(exported)),
+        ],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    assert json.loads(done.stdout)["rows"] == _count(url, Biomarker)
+    index = open_index(url)
+    try:
+        with index.session() as session:
+            stored = {b.series_uid: b for b in session.scalars(select(Biomarker))}
+            t1_failed = session.scalars(
+                select(StageResult.series_uid).where(
+                    StageResult.stage.in_(("header_qc", "image_qc")), StageResult.status == "fail"
+                )
+            ).first()
+    finally:
+        index.dispose()
+    rows = list(csv.DictReader(exported.open()))
+    assert {r["series"] for r in rows} == set(stored)
+    for row in rows:
+        b = stored[row["series"]]
+        volumes = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
+        assert [float(row[k]) for k in volumes] == [getattr(b, k) for k in volumes]
+        assert row["diagnosis"] in set(labels.values()) and row["pseudonym"]
+    planted = _planted(truth)
+    assert not _found(planted, exported.read_bytes())
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "dashboard.log"
+    with log.open("ab") as out:
+        server = subprocess.Popen(
+            [str(BIN / "cohortflow"), "dashboard", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    shots = ARTIFACTS / "dashboard"
+    shots.mkdir(parents=True, exist_ok=True)
+    seen: list[bytes] = []
+    try:
+        _wait_http(f"{base}/login", 60)
+        # without a session: the API answers 401, pages send to the login
+        assert _status(f"{base}/api/overview")[0] == 401
+        assert _status(f"{base}/api/export/biomarkers")[0] == 401
+        code, location = _status(f"{base}/failures?stage=image_qc")
+        assert code == 303 and location.startswith("/login?next=")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+            )
+            context = browser.new_context(
+                accept_downloads=True, viewport={"width": 1400, "height": 1000}
+            )
+            page = context.new_page()
+
+            def login(name: str) -> None:
+                page.goto(f"{base}/")
+                assert "/login" in page.url
+                page.fill("input[name=username]", name)
+                page.fill("input[name=password]", PASSWORD)
+                page.click("form.login button[type=submit]")
+                page.wait_for_selector("[data-testid=who]")
+
+            def shown(img: str) -> int:
+                """The natural width of a loaded picture (0: not loaded)."""
+                locator = page.locator(img)
+                locator.scroll_into_view_if_needed()
+                page.wait_for_function(
+                    "(el) => el.complete", arg=locator.element_handle(), timeout=30_000
+                )
+                return int(locator.evaluate("(el) => el.naturalWidth"))
+
+            login("rita")
+            assert page.locator("[data-testid=protocol-dementia]").is_visible()
+            assert "T1s with biomarkers" in page.content()
+            page.screenshot(path=str(shots / "1-overview.png"), full_page=True)
+            seen.append(page.content().encode())
+            # the failure list, filtered in the URL by a choice of the form
+            page.click("header nav >> text=Failures")
+            page.select_option("[data-testid=filter-stage]", "image_qc")
+            page.click("[data-testid=apply]")
+            page.wait_for_url("**/failures?*stage=image_qc*")
+            listed = page.locator("[data-testid=failures] a.uid")
+            assert listed.count() >= 1
+            assert set(
+                page.locator("[data-testid=failures] tbody td:nth-child(3)").all_inner_texts()
+            ) == {"image_qc"}
+            page.screenshot(path=str(shots / "2-failures.png"), full_page=True)
+            seen.append(page.content().encode())
+            # a failed series: its pictures, findings, history; record a review
+            target = t1_failed or listed.first.inner_text()
+            page.goto(f"{base}/series/{target}")
+            assert shown("[data-testid=picture-deface]") > 500
+            assert shown("[data-testid=metrics-plot]") > 200
+            assert page.locator("[data-testid=findings] tbody tr").count() >= 1
+            assert page.locator("[data-testid=history] tbody tr").count() >= 5
+            page.check("input[name=decision][value=override]")
+            page.fill("textarea[name=comment]", "artefact outside the brain; usable")
+            page.click("[data-testid=review-form] button[type=submit]")
+            page.wait_for_selector("[data-testid=current-review]")
+            assert page.inner_text("[data-testid=current-review]") == "override"
+            assert "artefact outside the brain; usable" in page.inner_text("[data-testid=reviews]")
+            page.screenshot(path=str(shots / "3-series-reviewed.png"), full_page=True)
+            seen.append(page.content().encode())
+            # a measured T1: the defaced planes and the tissue overlay
+            measured = next(iter(stored))
+            page.goto(f"{base}/series/{measured}")
+            assert shown("[data-testid=picture-deface]") > 500
+            assert shown("[data-testid=picture-volumetry]") > 300
+            assert "ICV" in page.inner_text("[data-testid=biomarkers]")
+            page.screenshot(path=str(shots / "4-series-measured.png"), full_page=True)
+            seen.append(page.content().encode())
+            # reviewers cannot export; a researcher downloads the table with labels
+            assert page.locator("header nav >> text=Export").count() == 0
+            page.click("header form.who button")
+            login("sam")
+            page.click("header nav >> text=Export")
+            page.set_input_files("input[name=labels]", str(tmp_path / "clinical.csv"))
+            page.select_option("select[name=protocol]", "dementia")
+            page.screenshot(path=str(shots / "5-export.png"), full_page=True)
+            with page.expect_download() as download:
+                page.click("[data-testid=export-form] button[type=submit]")
+            saved = tmp_path / "download.csv"
+            download.value.save_as(saved)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    downloaded = list(csv.DictReader(saved.open()))
+    assert [(r["series"], r["brain_ml"], r["diagnosis"]) for r in downloaded] == [
+        (r["series"], r["brain_ml"], r["diagnosis"]) for r in rows
+    ]
+    for content in seen:
+        assert not _found(planted, content), _found(planted, content)
+    index = open_index(url)
+    try:
+        with index.session() as session:
+            actions = [a.action for a in session.scalars(select(AuditEntry))]
+    finally:
+        index.dispose()
+    assert actions.count("review") == 1 and actions.count("export.biomarkers") == 2
+    figures(
+        f"dashboard in Chromium over the run: overview, failures (image_qc), a failed series "
+        f"reviewed, a measured series with its pictures, an export of {len(rows)} rows with "
+        f"labels; screenshots in {shots}"
     )

@@ -404,9 +404,16 @@ def _previews(
     img_before, labels = preview.midsagittal(stack_pixels(volume, before), to_lps, matrix, template)
     img_after, _ = preview.midsagittal(stack_pixels(volume, after), to_lps, matrix, template)
     rgb_before, rgb_after = preview.render(img_before, img_after, labels)
-    paths = (root / study_uid / f"{uid}_before.png", root / study_uid / f"{uid}_after.png")
+    paths = (
+        root / study_uid / f"{uid}_before.png",
+        root / study_uid / f"{uid}_after.png",
+        root / study_uid / f"{uid}_planes.png",
+    )
     preview.write_png(paths[0], rgb_before)
     preview.write_png(paths[1], rgb_after)
+    preview.write_png(
+        paths[2], preview.planes(stack_pixels(volume, after), to_lps, matrix, template)
+    )
     return tuple(str(p) for p in paths)
 
 

@@ -93,17 +93,34 @@ def summarize(rows: Sequence[BiomarkerRecord]) -> BiomarkerSummary:
 
 def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
     """The protocol's biomarkers that no stage failed: volumetry's own verdict, and every other
-    stage of the series (image QC outliers are judged after volumetry)."""
-    rows = [r for r in biomarker_records(session, protocol) if r.qc_status != "fail"]
-    failed = set(
-        session.scalars(
-            select(StageResult.series_uid).where(
-                StageResult.status == "fail",
-                StageResult.series_uid.in_([r.series_uid for r in rows]),
-            )
+    stage of the series (image QC outliers are judged after volumetry). A reviewer's newest
+    decision counts: rejected series are left out, overridden ones kept."""
+    from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
+
+    every = biomarker_records(session, protocol)
+    decisions = latest_reviews(session, [r.series_uid for r in every])
+    failed: dict[str, set[str]] = {}
+    for uid, stage in session.execute(
+        select(StageResult.series_uid, StageResult.stage).where(
+            StageResult.status == "fail",
+            StageResult.series_uid.in_([r.series_uid for r in every]),
         )
-    )
-    return [r for r in rows if r.series_uid not in failed]
+    ):
+        failed.setdefault(uid, set()).add(stage)
+    for r in every:
+        if r.qc_status == "fail":
+            failed.setdefault(r.series_uid, set()).add("volumetry")
+    kept = []
+    for r in every:
+        decision = decisions.get(r.series_uid)
+        stages = failed.get(r.series_uid, set())
+        if decision == REJECT:
+            continue
+        if decision == OVERRIDE:
+            stages = stages - set(QC_STAGES)
+        if not stages:
+            kept.append(r)
+    return kept
 
 
 def biomarker_summary(index: IndexDB, protocol: str) -> BiomarkerSummary:
@@ -130,50 +147,3 @@ def finish(index: IndexDB, run_id: int, protocol: str, failed: bool) -> RunSumma
     with index.session() as session:
         finish_run(session, run_id, state, {"outcome": outcome, "biomarkers": asdict(summary)})
     return RunSummary(run_id, protocol, state, outcome, summary)
-
-
-@dataclass(frozen=True)
-class GroupComparison:
-    """Volumes of two groups of a protocol's measured T1s, with Welch's t-test."""
-
-    groups: dict[str, BiomarkerSummary]
-    #: biomarker -> two-sided p of Welch's t-test between the first two groups
-    welch_p: dict[str, float]
-
-
-def compare_groups(
-    index: IndexDB, protocol: str, group_of_series: Mapping[str, str]
-) -> GroupComparison:
-    """Group the protocol's biomarkers by a label of their series as received
-    (``group_of_series``: identified SeriesInstanceUID -> label, e.g. from the radiology
-    report), linked through the run's anonymize steps. Identified side; the result holds
-    counts and statistics only."""
-    from scipy import stats
-
-    from models.runs import step_records
-
-    with index.session() as session:
-        linked: dict[str, str] = {}
-        for row in step_records(session, protocol):
-            if row.step == "anonymize":
-                linked.update(dict(row.outputs.get("_linked_series", {})))
-        rows = usable_biomarkers(session, protocol)
-    label_of = {linked[s]: g for s, g in group_of_series.items() if s in linked}
-    members: dict[str, list[Any]] = {}
-    for r in rows:
-        label = label_of.get(r.series_uid)
-        if label is not None:
-            members.setdefault(label, []).append(r)
-    groups = {}
-    for label, found in sorted(members.items()):
-        groups[label] = summarize(found)
-    p: dict[str, float] = {}
-    labels = list(members)
-    if len(labels) >= 2 and all(len(members[g]) > 1 for g in labels[:2]):
-        a, b = members[labels[0]], members[labels[1]]
-        for v in VOLUMES:
-            test = stats.ttest_ind(
-                [getattr(r, v) for r in a], [getattr(r, v) for r in b], equal_var=False
-            )
-            p[v] = float(test.pvalue)
-    return GroupComparison(groups, p)

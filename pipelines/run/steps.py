@@ -96,6 +96,15 @@ class RunContext:
     def volumetry_out(self) -> Path:
         return self.settings.outputs / self.protocol / "volumetry"
 
+    @property
+    def qc_images_out(self) -> Path:
+        """Pictures for the QC dashboard (pseudonymized: defaced images only)."""
+        return qc_images(self.settings, self.protocol)
+
+
+def qc_images(settings: Settings, protocol: str) -> Path:
+    return settings.outputs / protocol / "qc-images"
+
 
 def chain(*parts: object) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -373,7 +382,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     if plan is None:
         return _not_archived(previous.study_pk, DEFACE)
     policy = ctx.settings.deface
-    version = "deface-1"
+    version = "deface-2"  # 2: a three-plane picture of the defaced series for the dashboard
     input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
     series_info = _series_info(previous.outputs)
     staging = Path(previous.outputs["staging"])
@@ -394,6 +403,12 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         for outcome in report.series:
             info = series_info.get(outcome.series, {})
             status = "pass" if outcome.status == "defaced" else "fail"
+            extra = {}
+            if len(outcome.previews) > 2:  # the picture the dashboard may show
+                shown = ctx.qc_images_out / outcome.study / f"{outcome.series}_deface.png"
+                shown.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(outcome.previews[2], shown)
+                extra["picture"] = str(shown)
             rows.append(
                 StageRecord(
                     series_uid=outcome.series,
@@ -408,7 +423,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
                     software_versions=info.get("software_versions"),
                     reason_code=None if status == "pass" else f"deface.{outcome.reason_code}",
                     message=outcome.reason,
-                    metrics=dict(outcome.metrics),
+                    metrics={**outcome.metrics, **extra},
                     seconds=outcome.metrics.get("seconds"),
                 )
             )
@@ -555,14 +570,30 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
 
 
 def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
-    """The first stage (in flow order, volumetry excluded) that failed the series, if any."""
+    """The first stage (in flow order, volumetry excluded) that failed the series, if any: a
+    reviewer's override sets aside the QC stages' failures."""
+    from models.reviews import OVERRIDE, QC_STAGES, latest_reviews
+
     with index.session() as session:
         rows = {r.stage: r for r in stage_records(session, series_uids=[series_uid])}
+        decision = latest_reviews(session, [series_uid]).get(series_uid)
     for stage in SERIES_STAGES[:-1]:
         row = rows.get(stage)
+        if decision == OVERRIDE and stage in QC_STAGES:
+            continue
         if row is not None and row.status == "fail":
             return row
     return None
+
+
+def _decisions(index: IndexDB, converted: Mapping[str, Any]) -> dict[str, str]:
+    """The newest review decision on each converted series of a study (they decide what
+    volumetry measures, so they are part of its input)."""
+    from models.reviews import latest_reviews
+
+    uids = [str(s.get("series")) for s in converted.get("images", []) if s.get("series")]
+    with index.session() as session:
+        return dict(sorted(latest_reviews(session, uids).items()))
 
 
 def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
@@ -581,7 +612,10 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
         return _not_archived(previous.study_pk, VOLUMETRY)
     params = Parameters()
     version = f"volumetry-{METHOD_VERSION}"
-    input_key = chain(previous.input_key, version, asdict(params))
+    decisions = _decisions(index, previous.outputs)  # none: the key it had before reviews
+    input_key = chain(
+        previous.input_key, version, asdict(params), *([decisions] if decisions else [])
+    )
 
     def work() -> tuple[dict[str, Any], dict[str, Any]]:
         sources = [

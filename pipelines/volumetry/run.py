@@ -328,6 +328,8 @@ def metrics(result: VolumetryResult) -> dict[str, Any]:
         confidence=result.confidence,
         seconds={k: round(s, 2) for k, s in result.seconds.items()},
     )
+    if result.overlay is not None:
+        out["picture"] = str(result.overlay)  # the tissue overlay the dashboard shows
     return out
 
 

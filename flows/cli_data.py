@@ -1,0 +1,303 @@
+"""The ``cohortflow`` commands for statisticians and reviewers: ``export``, ``stats``,
+``users`` and ``dashboard`` (registered by ``flows.cli``; same exit codes and ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from models.settings import Settings
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+def add_commands(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write the biomarker table (CSV or Parquet)",
+        description="Tables for statisticians. Pseudonyms only: clinical labels given by "
+        "accession number are joined on the identified side.",
+    )
+    export_sub = export.add_subparsers(dest="what", metavar="WHAT", required=True)
+    biomarkers = export_sub.add_parser(
+        "biomarkers",
+        help="one row per measured T1",
+        description="One row per measured T1: pseudonym, pseudonymized study and series, age "
+        "(whole years, 90 and over as 90), sex, scanner, field strength, ICV, GM, WM, CSF, "
+        "brain volume, BPF, the QC verdict, the newest review, whether it is usable, the "
+        "method version, then the label columns. Every export is audited.",
+    )
+    biomarkers.add_argument("--protocol", help="one protocol (default: every one)")
+    biomarkers.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    biomarkers.add_argument(
+        "--labels",
+        type=Path,
+        metavar="CSV",
+        help="clinical labels: a CSV with an accession_number column and label columns",
+    )
+    biomarkers.add_argument(
+        "--out",
+        metavar="PATH",
+        help="file to write (default: $COHORTFLOW_HOME/exports/biomarkers-...; '-': CSV on "
+        "standard output)",
+    )
+    biomarkers.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+    stats = sub.add_parser(
+        "stats",
+        help="compare biomarkers between groups",
+        description="Statistics over the biomarker table.",
+    )
+    stats_sub = stats.add_subparsers(dest="what", metavar="WHAT", required=True)
+    compare = stats_sub.add_parser(
+        "compare",
+        help="n, mean, SD per group; Welch's t-test, p and Cohen's d against a reference",
+        description="Group the usable rows of the biomarker table by a column (a label such as "
+        "diagnosis, or sex, scanner...) and compare each biomarker: per group n, mean and SD; "
+        "each group against the reference group: difference, Welch's t-test, p, Cohen's d. "
+        "Writes a box plot PNG.",
+    )
+    compare.add_argument("--by", required=True, metavar="COLUMN", help="the column to group by")
+    compare.add_argument("--protocol", help="one protocol (default: every one)")
+    compare.add_argument("--labels", type=Path, metavar="CSV", help="clinical labels (as export)")
+    compare.add_argument(
+        "--table", type=Path, metavar="FILE", help="an exported table (CSV or Parquet) instead"
+    )
+    compare.add_argument(
+        "--adjust", choices=("icv",), help="adjust GM, WM, CSF and brain volume for ICV"
+    )
+    compare.add_argument("--reference", metavar="GROUP", help="default: the first group by name")
+    compare.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="box plot (default: $COHORTFLOW_HOME/exports/compare-<by>.png)",
+    )
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+    users = sub.add_parser(
+        "users",
+        help="dashboard accounts",
+        description="Accounts of the QC dashboard. Roles: reviewer (read, review), researcher "
+        "(read, export), admin (everything, the audit log).",
+    )
+    users_sub = users.add_subparsers(dest="what", metavar="WHAT", required=True)
+    add = users_sub.add_parser("add", help="make an account or change its role and password")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=("reviewer", "researcher", "admin"))
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (else: asked for)",
+    )
+    users_sub.add_parser("list", help="the accounts").add_argument("--json", action="store_true")
+    users_sub.add_parser("disable", help="stop an account logging in").add_argument("name")
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="serve the QC dashboard",
+        description="Serve the QC dashboard (overview, failures, series pages, reviews, "
+        "export) over HTTP. Make an account first: cohortflow users add NAME --role reviewer.",
+    )
+    dashboard.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, help="port (default: settings, 8765)")
+
+
+def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
+    """Run one of these commands, or None when ``args`` is another command."""
+    if args.command == "export":
+        return _export(args, settings, err)
+    if args.command == "stats":
+        return _compare(args, settings, err)
+    if args.command == "users":
+        return _users(args, settings, err)
+    if args.command == "dashboard":
+        return _dashboard(args, settings, err)
+    return None
+
+
+def _exports(settings: Settings) -> Path:
+    folder = settings.home / "exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any:
+    from models.database import open_index
+    from pipelines.export.biomarkers import biomarker_table, read_labels
+
+    parsed = read_labels(labels) if labels is not None else None
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            return biomarker_table(session, protocol, parsed)
+    finally:
+        index.dispose()
+
+
+def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.database import open_index
+    from models.linkage import audit
+    from pipelines.export.biomarkers import biomarker_table, read_labels, write_table
+
+    if args.out == "-" and (args.format != "csv" or args.json):
+        err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
+        return EXIT_USAGE
+    labels = read_labels(args.labels) if args.labels is not None else None
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            table = biomarker_table(session, args.protocol, labels)
+            detail = {
+                "protocol": args.protocol,
+                "format": args.format,
+                "rows": len(table.rows),
+                "label_columns": list(table.label_columns),
+                "out": args.out,
+            }
+            audit(session, "export.biomarkers", json.dumps(detail))
+    finally:
+        index.dispose()
+    if args.out == "-":
+        write_table(table, sys.stdout, "csv")  # type: ignore[arg-type]
+        out = None
+    else:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
+        out = Path(args.out) if args.out else _exports(settings) / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_table(table, out, args.format)
+    report = {
+        "out": str(out) if out else "-",
+        "format": args.format,
+        "rows": len(table.rows),
+        "usable": sum(1 for r in table.rows if r.usable),
+        "columns": list(table.columns),
+        "labels_matched": table.labels_matched,
+        "labels_unmatched": table.labels_unmatched,
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+    elif out is not None:
+        err.print(f"{len(table.rows)} rows ({report['usable']} usable) written to {out}")
+    if labels is not None and table.labels_unmatched:
+        err.print(
+            f"[yellow]{table.labels_unmatched} of {len(labels.by_accession)} labelled accession "
+            "numbers match no measured T1[/yellow]"
+        )
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from pipelines.export.biomarkers import read_table
+    from pipelines.export.stats import box_plot, compare
+
+    if args.table is not None:
+        if args.labels is not None or args.protocol is not None:
+            err.print("[red]usage error:[/red] --table already holds its rows and labels")
+            return EXIT_USAGE
+        rows = read_table(args.table)
+    else:
+        rows = _table(settings, args.protocol, args.labels).records()
+    result = compare(rows, args.by, args.adjust, args.reference)
+    plot = args.plot or _exports(settings) / f"compare-{args.by}.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    box_plot(result, plot)
+    if args.json:
+        sys.stdout.write(json.dumps(result.as_dict() | {"plot": str(plot)}, indent=1) + "\n")
+    else:
+        print_comparison(result, Console())
+        err.print(f"box plot: {plot}")
+    return EXIT_OK
+
+
+def print_comparison(result: Any, console: Console) -> None:
+    from pipelines.export.stats import LABELS
+
+    groups = [g.group for g in result.biomarkers[0].groups]
+    title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")
+    table = Table(title=title)
+    table.add_column("biomarker")
+    for g in groups:
+        n = next(x.n for x in result.biomarkers[0].groups if x.group == g)
+        table.add_column(f"{g} (n={n})\nmean ± SD", justify="right")
+    table.add_column(f"vs {result.reference}\ndifference", justify="right")
+    table.add_column("p (Welch)", justify="right")
+    table.add_column("Cohen's d", justify="right")
+    for b in result.biomarkers:
+        digits = 4 if b.biomarker == "bpf" else 1
+        cells = [f"{g.mean:.{digits}f} ± {g.sd:.{digits}f}" for g in b.groups]
+        for c in b.contrasts or [None]:
+            diff = f"{c.difference:+.{digits}f} ({c.percent:+.1f} %)" if c else ""
+            p = ("< 0.001" if c.p < 0.001 else f"{c.p:.3f}") if c else ""
+            d = f"{c.cohens_d:+.2f}" if c else ""
+            name = LABELS.get(b.biomarker, b.biomarker) + (" adj." if b.adjusted else "")
+            table.add_row(name + (f" ({c.group})" if c and len(b.contrasts) > 1 else ""),
+                          *cells, diff, p, d)  # fmt: skip
+    console.print(table)
+    if result.excluded:
+        console.print(f"{result.excluded} rows left out (not usable, or no {result.by})")
+
+
+def _users(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.database import open_index
+    from models.users import accounts, disable_account, set_account
+
+    index = open_index(settings.index)
+    try:
+        if args.what == "add":
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            elif sys.stdin.isatty():
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    err.print("[red]usage error:[/red] the passwords differ")
+                    return EXIT_USAGE
+            else:
+                err.print(
+                    "[red]usage error:[/red] no terminal to ask for a password: "
+                    "use --password-stdin"
+                )
+                return EXIT_USAGE
+            with index.session() as session:
+                made = set_account(session, args.name, args.role, password)
+            err.print(f"account {made.username} ({made.role}) ready")
+        elif args.what == "disable":
+            with index.session() as session:
+                disable_account(session, args.name)
+            err.print(f"account {args.name} disabled")
+        else:
+            with index.session() as session:
+                found = accounts(session)
+            if args.json:
+                payload = [{"name": a.username, "role": a.role, "active": a.active} for a in found]
+                sys.stdout.write(json.dumps({"users": payload}, indent=1) + "\n")
+            else:
+                for a in found:
+                    Console().print(
+                        f"{a.username}\t{a.role}\t{'active' if a.active else 'disabled'}"
+                    )
+    finally:
+        index.dispose()
+    return EXIT_OK
+
+
+def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    import uvicorn
+
+    from qc.dashboard.app import create_app
+
+    host = args.host or settings.dashboard.host
+    port = args.port or settings.dashboard.port
+    app = create_app(settings)
+    err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""Biomarker tables for statisticians, and group comparisons."""

@@ -1,0 +1,380 @@
+"""The biomarker table: one row per measured T1, pseudonymized, with clinical labels.
+
+The rows come from the index's biomarkers (keyed by the pseudonymized series UID). Who the
+series belongs to is found on the identified side, through the run's anonymize steps (identified
+series -> pseudonymized series): the patient's pseudonym, age at the scan (whole years, 90 and
+over given as 90, as HIPAA's Safe Harbor asks), sex, the scanner and its field strength.
+Clinical labels supplied by accession number join there too. The table itself holds no
+identifier and no real date: accession numbers, patient ids and dates stay in the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.linkage import audit
+from models.outcomes import SERIES_STAGES
+from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
+from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
+from models.stages import BiomarkerRecord, biomarker_records
+from pipelines.export.errors import ExportError
+from pipelines.run.outcome import VOLUMES
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "parquet")
+#: the label file's column that names the study (first match, case and spaces ignored)
+ACCESSION_COLUMNS = ("accession_number", "accessionnumber", "accession")
+#: ages from 90 up are reported as 90 (HIPAA Safe Harbor)
+AGE_CAP = 90
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Clinical labels by accession number (identified: never written out as such)."""
+
+    source: str
+    columns: tuple[str, ...]
+    by_accession: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class BiomarkerRow:
+    pseudonym: str | None
+    study: str
+    series: str
+    protocol: str | None
+    age: int | None
+    sex: str | None
+    scanner: str | None
+    field_strength: float | None
+    icv_ml: float
+    gm_ml: float
+    wm_ml: float
+    csf_ml: float
+    brain_ml: float
+    bpf: float
+    #: the automatic verdict over every stage (pass, warn, fail) and its deciding reason
+    qc_verdict: str
+    qc_reason: str | None
+    #: the newest reviewer decision (accept, reject, override) or None
+    review: str | None
+    #: what a statistician keeps: not failed (or overridden), not rejected
+    usable: bool
+    method: str
+    method_version: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+#: the table's columns, in order (label columns follow)
+COLUMNS = tuple(f.name for f in fields(BiomarkerRow) if f.name != "labels")
+
+
+@dataclass(frozen=True)
+class BiomarkerTable:
+    rows: list[BiomarkerRow]
+    label_columns: tuple[str, ...] = ()
+    #: label lines whose accession number matched no measured study (count only)
+    labels_unmatched: int = 0
+    labels_matched: int = 0
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*COLUMNS, *self.label_columns)
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.rows:
+            values = asdict(row)
+            labels = values.pop("labels")
+            out.append(values | {c: labels.get(c) for c in self.label_columns})
+        return out
+
+
+def read_labels(path: Path) -> Labels:
+    """Read a CSV of clinical labels with an accession number column (any other columns are
+    labels). ExportError names the file and line of anything wrong."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ExportError(f"cannot read the labels file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"the labels file {path} is not UTF-8 text") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    keyed = {h.lower().replace(" ", "").replace("_", ""): h for h in header}
+    accession = next(
+        (keyed[c.replace("_", "")] for c in ACCESSION_COLUMNS if c.replace("_", "") in keyed),
+        None,
+    )
+    if accession is None:
+        raise ExportError(
+            f"the labels file {path} has no accession number column "
+            f"(one of {', '.join(ACCESSION_COLUMNS)}); its columns are {', '.join(header)}"
+        )
+    columns = tuple(h for h in header if h != accession)
+    if not columns:
+        raise ExportError(f"the labels file {path} has no label column beside {accession}")
+    clash = set(columns) & set(COLUMNS)
+    if clash:
+        raise ExportError(
+            f"the labels file {path} has columns named like the table's own: "
+            f"{', '.join(sorted(clash))}; rename them"
+        )
+    by_accession: dict[str, dict[str, str]] = {}
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        key = row.get(accession, "")
+        if not key:
+            raise ExportError(f"{path}, line {line}: no accession number")
+        values = {c: row.get(c, "") for c in columns}
+        if key in by_accession and by_accession[key] != values:
+            raise ExportError(
+                f"{path}, line {line}: the accession number of line "
+                f"{_line_of(by_accession, key)} again, with other labels"
+            )
+        by_accession[key] = values
+    return Labels(str(path), columns, by_accession)
+
+
+def _line_of(found: Mapping[str, Any], key: str) -> int:
+    return list(found).index(key) + 2
+
+
+@dataclass(frozen=True)
+class _Identity:
+    pseudonym: str | None
+    accession: str | None
+    age: int | None
+    sex: str | None
+    scanner: str | None
+    field_strength: float | None
+
+
+def _age(birth: str | None, on: dt.date | None) -> int | None:
+    if not birth or on is None:
+        return None
+    try:
+        born = dt.datetime.strptime(birth.strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    return min(years, AGE_CAP) if years >= 0 else None
+
+
+def _identities(session: Session, pseudo_series: Iterable[str]) -> dict[str, _Identity]:
+    """Pseudonymized series UID -> who and what it is (identified side)."""
+    wanted = set(pseudo_series)
+    identified: dict[str, str] = {}
+    for outputs in session.scalars(select(StudyStep.outputs).where(StudyStep.step == "anonymize")):
+        linked = (outputs or {}).get("_linked_series")
+        if isinstance(linked, dict):
+            for source, pseudo in linked.items():
+                if pseudo in wanted:
+                    identified[str(source)] = str(pseudo)
+    if not identified:
+        return {}
+    query = (
+        select(
+            Series.series_instance_uid,
+            Series.manufacturer,
+            Series.manufacturer_model_name,
+            Series.magnetic_field_strength,
+            Study.accession_number,
+            Study.study_date,
+            Patient.patient_birth_date,
+            Patient.patient_sex,
+            Linkage.pseudonym,
+        )
+        .join(Study, Series.study_pk == Study.id, isouter=True)
+        .join(Patient, Study.patient_pk == Patient.id, isouter=True)
+        .join(Linkage, Linkage.patient_key == Patient.patient_key, isouter=True)
+        .where(Series.series_instance_uid.in_(list(identified)))
+    )
+    found = {}
+    for uid, maker, model, tesla, accession, date, birth, sex, pseudonym in session.execute(query):
+        scanner = " ".join(x for x in (maker, model) if x) or None
+        found[identified[uid]] = _Identity(
+            pseudonym, accession, _age(birth, date), sex or None, scanner, tesla
+        )
+    return found
+
+
+def _verdicts(
+    session: Session, rows: Sequence[BiomarkerRecord]
+) -> dict[str, tuple[str, str | None]]:
+    """Series -> the worst status over its stages and volumetry's own verdict, with the
+    deciding reason (the first failure in flow order, else the first warning)."""
+    order = {stage: i for i, stage in enumerate(SERIES_STAGES)}
+    by_series: dict[str, list[tuple[int, str, str | None]]] = {}
+    for uid, stage, status, reason in session.execute(
+        select(
+            StageResult.series_uid, StageResult.stage, StageResult.status, StageResult.reason_code
+        ).where(StageResult.series_uid.in_([r.series_uid for r in rows]))
+    ):
+        by_series.setdefault(uid, []).append((order.get(stage, len(order)), status, reason))
+    out = {}
+    for r in rows:
+        found = by_series.get(r.series_uid, [])
+        found.append((order["volumetry"], r.qc_status, r.qc_reason))
+        worst = max(_RANK.get(status, 0) for _, status, _ in found)
+        deciding = sorted(
+            (stage, reason) for stage, status, reason in found if _RANK.get(status, 0) == worst
+        )
+        verdict = {v: k for k, v in _RANK.items()}[worst]
+        out[r.series_uid] = (verdict, deciding[0][1] if worst else None)
+    return out
+
+
+def _usable(session: Session, row: BiomarkerRecord, verdict: str, decision: str | None) -> bool:
+    if decision == REJECT:
+        return False
+    if verdict != "fail":
+        return True
+    if decision != OVERRIDE:
+        return False
+    # an override sets aside QC failures only (a defacing failure stays)
+    failing = set(
+        session.scalars(
+            select(StageResult.stage).where(
+                StageResult.series_uid == row.series_uid, StageResult.status == "fail"
+            )
+        )
+    )
+    return failing <= set(QC_STAGES)
+
+
+def biomarker_table(
+    session: Session, protocol: str | None = None, labels: Labels | None = None
+) -> BiomarkerTable:
+    """One row per measured T1 (of ``protocol``), labels joined by accession number."""
+    measured = biomarker_records(session, protocol)
+    who = _identities(session, (r.series_uid for r in measured))
+    verdicts = _verdicts(session, measured)
+    decisions = latest_reviews(session, [r.series_uid for r in measured])
+    matched: set[str] = set()
+    rows = []
+    for r in measured:
+        identity = who.get(r.series_uid)
+        verdict, reason = verdicts[r.series_uid]
+        decision = decisions.get(r.series_uid)
+        values: dict[str, str] = {}
+        if labels is not None and identity is not None and identity.accession:
+            values = labels.by_accession.get(identity.accession, {})
+            if values:
+                matched.add(identity.accession)
+        rows.append(
+            BiomarkerRow(
+                pseudonym=identity.pseudonym if identity else None,
+                study=r.study_uid,
+                series=r.series_uid,
+                protocol=r.protocol,
+                age=identity.age if identity else None,
+                sex=identity.sex if identity else None,
+                scanner=identity.scanner if identity else None,
+                field_strength=identity.field_strength if identity else None,
+                icv_ml=r.icv_ml,
+                gm_ml=r.gm_ml,
+                wm_ml=r.wm_ml,
+                csf_ml=r.csf_ml,
+                brain_ml=r.brain_ml,
+                bpf=r.bpf,
+                qc_verdict=verdict,
+                qc_reason=reason,
+                review=decision,
+                usable=_usable(session, r, verdict, decision),
+                method=r.method,
+                method_version=r.method_version,
+                labels=dict(values),
+            )
+        )
+    unmatched = len(labels.by_accession) - len(matched) if labels is not None else 0
+    return BiomarkerTable(
+        rows,
+        labels.columns if labels is not None else (),
+        labels_unmatched=unmatched,
+        labels_matched=len(matched),
+    )
+
+
+def write_table(table: BiomarkerTable, target: Path | io.TextIOBase, fmt: str) -> None:
+    """Write the table as CSV (to a path or a text stream) or Parquet (to a path)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    records = table.records()
+    if fmt == "csv":
+        if isinstance(target, Path):
+            with target.open("w", newline="", encoding="utf-8") as out:
+                _write_csv(table, records, out)
+        else:
+            _write_csv(table, records, target)
+        return
+    if not isinstance(target, Path):
+        raise ExportError("Parquet is written to a file: give --out PATH")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"age": pa.int32(), "field_strength": pa.float64(), "usable": pa.bool_()}
+    types.update({name: pa.float64() for name in VOLUMES})
+    schema = pa.schema(
+        [(name, types.get(name, pa.string())) for name in COLUMNS]
+        + [(name, pa.string()) for name in table.label_columns]
+    )
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), target)
+
+
+def _write_csv(table: BiomarkerTable, records: list[dict[str, Any]], out: Any) -> None:
+    writer = csv.DictWriter(out, fieldnames=list(table.columns), lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        # repr of a float round-trips exactly: the file holds the index's values
+        writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Read back an exported table (CSV or Parquet) as records: statistics on a file."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_table(path).to_pylist())
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read the table {path}: {exc}") from exc
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise ExportError(f"cannot read the table {path}: {exc.strerror}") from exc
+    for row in rows:
+        for name in VOLUMES:
+            try:
+                row[name] = float(row[name])
+            except (KeyError, ValueError) as exc:
+                raise ExportError(f"{path}: column {name} missing or not a number") from exc
+        row["usable"] = str(row.get("usable", "")).lower() == "true"
+    return rows
+
+
+def audit_export(
+    session: Session, table: BiomarkerTable, protocol: str | None, fmt: str, actor: str | None
+) -> None:
+    """Every export lands in the audit log: what, how many rows, which labels."""
+    detail = {
+        "protocol": protocol,
+        "format": fmt,
+        "rows": len(table.rows),
+        "label_columns": list(table.label_columns),
+    }
+    audit(session, "export.biomarkers", json.dumps(detail), actor=actor)

@@ -1,0 +1,504 @@
+"""The QC dashboard web application (FastAPI, server-rendered with Jinja2).
+
+Pages: overview (success rates per protocol, stage, scanner and over time; failures by reason),
+the failure list (filters and sort order in the URL, paginated), the series page (pictures,
+findings, metrics beside the protocol's distribution, biomarkers, history, reviews), the
+export page and the audit log. JSON under ``/api``. Every asset is served by the app itself.
+
+Access: a login (``cohortflow users add``) opens a signed session cookie (``SameSite=strict``,
+HttpOnly). Without one, pages redirect to ``/login`` and the API answers 401. Roles:
+reviewer (read, review), researcher (read, export), admin (everything, the audit log). Forms
+carry a per-session token against cross-site requests. Logins, reviews and exports land in the
+audit log.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the dependencies in the route
+# signatures (``Depends(role(...))``, made inside create_app) at definition time.
+import datetime as dt
+import hmac
+import json
+import logging
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+from starlette.middleware.sessions import SessionMiddleware
+
+from models.database import IndexDB, open_index
+from models.errors import CohortflowError
+from models.reviews import DECISIONS, record_review
+from models.settings import Settings
+from models.users import ADMIN, RESEARCHER, REVIEWER, Account, account, authenticate
+from qc.dashboard import plots, queries
+
+log = logging.getLogger(__name__)
+
+_HERE = resources.files("qc.dashboard")
+#: who may do what
+READ = (REVIEWER, RESEARCHER, ADMIN)
+REVIEW = (REVIEWER, ADMIN)
+EXPORT = (RESEARCHER, ADMIN)
+AUDIT = (ADMIN,)
+
+
+class NotLoggedInError(Exception):
+    """No valid session: pages redirect to the login, the API answers 401."""
+
+
+def session_secret(settings: Settings) -> str:
+    """The key that signs session cookies: made once, kept with the project's secrets."""
+    path = settings.home / "secrets" / "dashboard.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = path.with_name(path.name + ".part")
+        temp.write_text(secrets.token_hex(32))
+        temp.chmod(0o600)
+        temp.replace(path)
+    return path.read_text().strip()
+
+
+def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
+    """The dashboard over ``settings``' index (or ``index``, left open for the caller)."""
+    state: dict[str, IndexDB] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state["index"] = index or open_index(settings.index)
+        try:
+            yield
+        finally:
+            if index is None:
+                state["index"].dispose()
+
+    app = FastAPI(
+        title="cohortflow QC dashboard",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI would load scripts from a CDN
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(settings),
+        session_cookie="cohortflow_session",
+        max_age=int(settings.dashboard.session_hours * 3600),
+        same_site="strict",
+        https_only=settings.dashboard.https,
+    )
+    static = Path(str(_HERE.joinpath("static")))
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    templates = Jinja2Templates(directory=str(_HERE.joinpath("templates")))
+    templates.env.filters["pct"] = _pct
+    templates.env.filters["num"] = _num
+    templates.env.filters["when"] = _when
+    templates.env.globals["reason_title"] = queries.reason_title
+    page_size = settings.dashboard.page_size
+    outputs = settings.outputs.resolve()
+
+    @contextmanager
+    def db() -> Iterator[Session]:
+        with state["index"].session() as session:
+            yield session
+
+    def user(request: Request) -> Account:
+        name = request.session.get("user")
+        if not name:
+            raise NotLoggedInError
+        with db() as session:
+            found = account(session, str(name))
+        if found is None or not found.active:
+            request.session.clear()
+            raise NotLoggedInError
+        return found
+
+    def role(*allowed: str) -> Callable[[Request], Account]:
+        def check(request: Request) -> Account:
+            found = user(request)
+            if found.role not in allowed:
+                raise HTTPException(403, f"the {found.role} role cannot do this")
+            return found
+
+        return check
+
+    def check_token(request: Request, token: str | None) -> None:
+        expected = str(request.session.get("csrf", ""))
+        if not token or not expected or not hmac.compare_digest(token, expected):
+            raise HTTPException(403, "the form is stale or came from elsewhere: reload the page")
+
+    def render(
+        request: Request, name: str, who: Account | None, status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        context.update(user=who, csrf=request.session.get("csrf", ""), path=request.url.path)
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @app.exception_handler(NotLoggedInError)
+    async def _login_first(request: Request, _: NotLoggedInError) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": "log in first"}, status_code=401)
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return render(request, "error.html", None, exc.status_code, message=exc.detail)
+
+    # --- login ------------------------------------------------------------------------------
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/") -> HTMLResponse:
+        return render(request, "login.html", None, next=_local(next), failed=False)
+
+    @app.post("/login", response_model=None)
+    def login(
+        request: Request,
+        username: Annotated[str, Form()],
+        password: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/",
+    ) -> Response:
+        with db() as session:
+            found = authenticate(session, username.strip(), password)
+        if found is None:
+            return render(request, "login.html", None, 401, next=_local(next), failed=True)
+        _open_session(request, found)
+        return RedirectResponse(_local(next), status_code=303)
+
+    @app.post("/logout")
+    def logout(request: Request, csrf: Annotated[str, Form()] = "") -> RedirectResponse:
+        check_token(request, csrf)
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    @app.post("/api/login")
+    def api_login(request: Request, body: dict[str, str]) -> dict[str, str]:
+        with db() as session:
+            found = authenticate(session, body.get("username", ""), body.get("password", ""))
+        if found is None:
+            raise HTTPException(401, "wrong user name or password")
+        _open_session(request, found)
+        return {"user": found.username, "role": found.role, "csrf": request.session["csrf"]}
+
+    # --- overview ---------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse)
+    def overview_page(
+        request: Request, who: Annotated[Account, Depends(role(*READ))]
+    ) -> HTMLResponse:
+        with db() as session:
+            data = queries.overview(session)
+        return render(request, "overview.html", who, data=data)
+
+    @app.get("/overview/rates.png")
+    def rates_png(who: Annotated[Account, Depends(role(*READ))]) -> Response:
+        with db() as session:
+            runs = queries.overview(session).runs
+        return Response(plots.rates_over_time(runs), media_type="image/png")
+
+    @app.get("/api/overview")
+    def overview_api(who: Annotated[Account, Depends(role(*READ))]) -> dict[str, Any]:
+        with db() as session:
+            data = queries.overview(session)
+        return {
+            "protocols": [o.as_dict() for o in data.outcomes],
+            "runs": [asdict(r) for r in data.runs],
+            "failures_by_reason": [
+                {"stage": s, "reason": r, "series": n} for s, r, n in data.reasons
+            ],
+            "reviewed": data.reviewed,
+            "to_review": data.to_review,
+        }
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def failure_filter(
+        protocol: str | None = None,
+        stage: str | None = None,
+        reason: str | None = None,
+        scanner: str | None = None,
+        status: str = "fail",
+        date_from: str | None = Query(None, alias="from"),
+        date_to: str | None = Query(None, alias="to"),
+        sort: str = "recorded_at",
+        order: str = "desc",
+        page: int = 1,
+    ) -> queries.FailureFilter:
+        if status not in queries.STATUSES:
+            raise HTTPException(400, f"status must be one of {', '.join(queries.STATUSES)}")
+        if sort not in queries.SORTS:
+            raise HTTPException(400, f"sort must be one of {', '.join(queries.SORTS)}")
+        if order not in ("asc", "desc"):
+            raise HTTPException(400, "order must be asc or desc")
+        return queries.FailureFilter(
+            protocol=protocol or None,
+            stage=stage or None,
+            reason=reason or None,
+            scanner=scanner or None,
+            status=status,
+            date_from=_day(date_from, "from"),
+            date_to=_day(date_to, "to"),
+            sort=sort,
+            descending=order == "desc",
+            page=max(1, page),
+        )
+
+    @app.get("/failures", response_class=HTMLResponse)
+    def failures_page(
+        request: Request,
+        who: Annotated[Account, Depends(role(*READ))],
+        f: Annotated[queries.FailureFilter, Depends(failure_filter)],
+    ) -> HTMLResponse:
+        with db() as session:
+            data = queries.failures(session, f, page_size)
+        params = {k: v for k, v in request.query_params.items() if v}
+
+        def link(**changes: Any) -> str:
+            merged = {**params, **{k: str(v) for k, v in changes.items() if v is not None}}
+            return "/failures?" + urlencode(merged)
+
+        return render(request, "failures.html", who, data=data, f=f, params=params, link=link)
+
+    @app.get("/api/failures")
+    def failures_api(
+        who: Annotated[Account, Depends(role(*READ))],
+        f: Annotated[queries.FailureFilter, Depends(failure_filter)],
+    ) -> dict[str, Any]:
+        with db() as session:
+            data = queries.failures(session, f, page_size)
+        return {
+            "total": data.total,
+            "page": data.page,
+            "pages": data.pages,
+            "rows": [asdict(r) for r in data.rows],
+        }
+
+    # --- series -----------------------------------------------------------------------------
+
+    def series_or_404(session: Session, uid: str) -> queries.SeriesView:
+        view = queries.series_view(session, uid)
+        if view is None:
+            raise HTTPException(404, f"no series {uid} has stage results")
+        return view
+
+    @app.get("/series/{uid}", response_class=HTMLResponse)
+    def series_page(
+        request: Request, uid: str, who: Annotated[Account, Depends(role(*READ))]
+    ) -> HTMLResponse:
+        with db() as session:
+            view = series_or_404(session, uid)
+        return render(
+            request,
+            "series.html",
+            who,
+            view=view,
+            decisions=DECISIONS,
+            can_review=who.role in REVIEW,
+        )
+
+    @app.get("/api/series/{uid}")
+    def series_api(uid: str, who: Annotated[Account, Depends(role(*READ))]) -> dict[str, Any]:
+        with db() as session:
+            view = series_or_404(session, uid)
+        data = asdict(view)
+        data.pop("pictures")
+        return dict(json.loads(json.dumps(data, default=str)))
+
+    @app.get("/series/{uid}/picture/{stage}.png")
+    def picture(uid: str, stage: str, who: Annotated[Account, Depends(role(*READ))]) -> Response:
+        with db() as session:
+            view = series_or_404(session, uid)
+        found = view.pictures.get(stage)
+        if found is None:
+            raise HTTPException(404, f"no {stage} picture of series {uid}")
+        path = Path(found).resolve()
+        # only pictures written under the outputs (the pseudonymized side) are served
+        if not path.is_relative_to(outputs) or not path.is_file():
+            raise HTTPException(404, f"the {stage} picture of series {uid} is not available")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/series/{uid}/metrics.png")
+    def metrics_png(uid: str, who: Annotated[Account, Depends(role(*READ))]) -> Response:
+        with db() as session:
+            view = series_or_404(session, uid)
+        return Response(plots.metric_distributions(view.metrics), media_type="image/png")
+
+    def review(request: Request, uid: str, who: Account, decision: str, comment: str) -> None:
+        with db() as session:
+            view = series_or_404(session, uid)
+            try:
+                record_review(
+                    session,
+                    uid,
+                    decision,
+                    comment,
+                    who.username,
+                    view.verdict,
+                    view.verdict_reason,
+                )
+            except CohortflowError as exc:
+                raise HTTPException(400, str(exc)) from exc
+
+    @app.post("/series/{uid}/review")
+    def review_form(
+        request: Request,
+        uid: str,
+        who: Annotated[Account, Depends(role(*REVIEW))],
+        decision: Annotated[str, Form()],
+        comment: Annotated[str, Form()] = "",
+        csrf: Annotated[str, Form()] = "",
+    ) -> RedirectResponse:
+        check_token(request, csrf)
+        review(request, uid, who, decision, comment)
+        return RedirectResponse(f"/series/{uid}#reviews", status_code=303)
+
+    @app.post("/api/series/{uid}/review")
+    def review_api(
+        request: Request,
+        uid: str,
+        body: dict[str, str],
+        who: Annotated[Account, Depends(role(*REVIEW))],
+    ) -> dict[str, str]:
+        check_token(request, request.headers.get("x-csrf-token"))
+        review(request, uid, who, body.get("decision", ""), body.get("comment", ""))
+        return {"series": uid, "decision": body.get("decision", "")}
+
+    # --- export -----------------------------------------------------------------------------
+
+    @app.get("/export", response_class=HTMLResponse)
+    def export_page(
+        request: Request, who: Annotated[Account, Depends(role(*EXPORT))]
+    ) -> HTMLResponse:
+        with db() as session:
+            names = queries.protocols(session)
+        return render(request, "export.html", who, protocols=names)
+
+    def export(who: Account, protocol: str | None, fmt: str, labels: bytes | None) -> Response:
+        from pipelines.export.biomarkers import (
+            FORMATS,
+            audit_export,
+            biomarker_table,
+            read_labels,
+            write_table,
+        )
+        from pipelines.export.errors import ExportError
+
+        if fmt not in FORMATS:
+            raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}")
+        with tempfile.TemporaryDirectory(prefix="cohortflow-export-") as tmp:
+            try:
+                parsed = None
+                if labels:
+                    path = Path(tmp) / "labels.csv"
+                    path.write_bytes(labels)
+                    parsed = read_labels(path)
+                with db() as session:
+                    table = biomarker_table(session, protocol or None, parsed)
+                    audit_export(session, table, protocol or None, fmt, who.username)
+                out = Path(tmp) / f"biomarkers.{fmt}"
+                write_table(table, out, fmt)
+            except ExportError as exc:
+                raise HTTPException(400, str(exc).replace(tmp, "(uploaded)")) from exc
+            data = out.read_bytes()
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        name = f"biomarkers-{protocol or 'all'}-{stamp}.{fmt}"
+        media = "text/csv" if fmt == "csv" else "application/vnd.apache.parquet"
+        return Response(
+            data,
+            media_type=media,
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @app.post("/export")
+    def export_form(
+        request: Request,
+        who: Annotated[Account, Depends(role(*EXPORT))],
+        protocol: Annotated[str, Form()] = "",
+        format: Annotated[str, Form()] = "csv",
+        csrf: Annotated[str, Form()] = "",
+        labels: Annotated[UploadFile | None, File()] = None,
+    ) -> Response:
+        check_token(request, csrf)
+        content = labels.file.read() if labels is not None and labels.filename else None
+        return export(who, protocol, format, content)
+
+    @app.get("/api/export/biomarkers")
+    def export_api(
+        who: Annotated[Account, Depends(role(*EXPORT))],
+        protocol: str | None = None,
+        format: str = "csv",
+    ) -> Response:
+        return export(who, protocol, format, None)
+
+    # --- audit ------------------------------------------------------------------------------
+
+    @app.get("/audit", response_class=HTMLResponse)
+    def audit_page(
+        request: Request, who: Annotated[Account, Depends(role(*AUDIT))]
+    ) -> HTMLResponse:
+        with db() as session:
+            rows = queries.audit_log(session)
+        return render(request, "audit.html", who, rows=rows)
+
+    @app.get("/api/audit")
+    def audit_api(who: Annotated[Account, Depends(role(*AUDIT))]) -> list[dict[str, Any]]:
+        with db() as session:
+            rows = queries.audit_log(session)
+        return [json.loads(json.dumps(asdict(r), default=str)) for r in rows]
+
+    return app
+
+
+def _open_session(request: Request, who: Account) -> None:
+    request.session.clear()  # a fresh session at each login
+    request.session.update(
+        user=who.username,
+        csrf=secrets.token_urlsafe(24),
+        at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _local(target: str) -> str:
+    """Only redirect within the dashboard (never to another site after login)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+def _day(text: str | None, name: str) -> dt.date | None:
+    if not text:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise HTTPException(400, f"{name} must be a date (YYYY-MM-DD), not {text!r}") from exc
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "–" if value is None else value.strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,361 @@
+"""What the dashboard shows, read from the index's pseudonymized side only: stage results,
+their history, biomarkers, reviews, runs. Nothing here touches patients, studies, series or
+linkage (the identified tables), so no page can show an identifier."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome
+from models.reviews import ReviewRecord, latest_reviews, reviews_of
+from models.schema import AuditEntry, Biomarker, Review, Run, Selection, StageResult
+from models.stages import HistoryRecord, StageRecord, stage_history, stage_records
+from qc.findings import CHECKS
+
+#: the failure list's sortable columns
+SORTS = ("recorded_at", "protocol", "stage", "reason_code", "scanner", "series_uid")
+STATUSES = ("fail", "warn")
+
+
+def reason_title(code: str | None) -> str:
+    """The check's title for a reason code (families: the longest known prefix)."""
+    if not code:
+        return ""
+    parts = code.split(".")
+    for n in range(len(parts), 0, -1):
+        check = CHECKS.get(".".join(parts[:n]))
+        if check is not None:
+            return check.title
+    return ""
+
+
+@dataclass(frozen=True)
+class RunPoint:
+    """One finished run of a protocol: when, and its rates at the end."""
+
+    run_id: int
+    protocol: str
+    finished_at: dt.datetime
+    state: str
+    t1_rate: float | None
+    stage_rates: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class Overview:
+    outcomes: list[ProtocolOutcome]
+    runs: list[RunPoint]
+    #: reason code -> failing series (every protocol, the latest results)
+    reasons: list[tuple[str, str, int]]
+    reviewed: int
+    to_review: int
+
+
+def protocols(session: Session) -> list[str]:
+    found = set(session.scalars(select(Selection.protocol)))
+    found |= {p for p in session.scalars(select(StageResult.protocol).distinct()) if p}
+    return sorted(found)
+
+
+def overview(session: Session) -> Overview:
+    names = sorted(set(session.scalars(select(Selection.protocol))))
+    outcomes = [protocol_outcome(session, name) for name in names]
+    runs = []
+    for run in session.scalars(
+        select(Run).where(Run.finished_at.is_not(None)).order_by(Run.finished_at)
+    ):
+        summary: dict[str, Any] = dict(dict(run.summary or {}).get("outcome") or {})  # type: ignore[call-overload]
+        assert run.finished_at is not None
+        runs.append(
+            RunPoint(
+                run.id,
+                run.protocol,
+                run.finished_at,
+                run.state,
+                summary.get("t1_rate"),
+                {s["stage"]: s.get("rate") for s in summary.get("stages", [])},
+            )
+        )
+    failing = session.execute(
+        select(StageResult.stage, StageResult.reason_code, func.count())
+        .where(StageResult.status == "fail")
+        .group_by(StageResult.stage, StageResult.reason_code)
+    ).all()
+    reasons = sorted(
+        ((stage, code or f"{stage}.failed", int(n)) for stage, code, n in failing),
+        key=lambda r: (-r[2], r[1]),
+    )
+    failed_uids = set(
+        session.scalars(select(StageResult.series_uid).where(StageResult.status == "fail"))
+    )
+    reviewed = set(session.scalars(select(Review.series_uid).distinct()))
+    return Overview(outcomes, runs, reasons, len(reviewed), len(failed_uids - reviewed))
+
+
+@dataclass(frozen=True)
+class FailureFilter:
+    protocol: str | None = None
+    stage: str | None = None
+    reason: str | None = None
+    scanner: str | None = None
+    status: str = "fail"
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    sort: str = "recorded_at"
+    descending: bool = True
+    page: int = 1
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    series_uid: str
+    study_uid: str
+    protocol: str | None
+    role: str | None
+    stage: str
+    status: str
+    reason_code: str | None
+    reason_title: str
+    message: str | None
+    scanner: str
+    recorded_at: dt.datetime
+    review: str | None
+
+
+@dataclass(frozen=True)
+class FailurePage:
+    rows: list[FailureRow]
+    total: int
+    page: int
+    pages: int
+    #: what the filters can be set to
+    choices: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _scanner_expr() -> Any:
+    return (
+        func.coalesce(StageResult.manufacturer, "?") + " " + func.coalesce(StageResult.model, "?")
+    )
+
+
+def _failure_query(f: FailureFilter) -> Select[Any]:
+    """The deciding row of each series: its first stage (in flow order) with the status."""
+    order = {stage: i for i, stage in enumerate(SERIES_STAGES)}
+    query = select(StageResult).where(StageResult.status == f.status)
+    if f.protocol:
+        query = query.where(StageResult.protocol == f.protocol)
+    if f.stage:
+        query = query.where(StageResult.stage == f.stage)
+    if f.reason:
+        query = query.where(
+            or_(StageResult.reason_code == f.reason, StageResult.reason_code.like(f"{f.reason}.%"))
+        )
+    if f.scanner:
+        query = query.where(_scanner_expr() == f.scanner)
+    if f.date_from:
+        start = dt.datetime.combine(f.date_from, dt.time(), tzinfo=dt.UTC)
+        query = query.where(StageResult.recorded_at >= start)
+    if f.date_to:
+        end = dt.datetime.combine(f.date_to + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+        query = query.where(StageResult.recorded_at < end)
+    if not f.stage:
+        # one row per series: no row of an earlier stage with the same status
+        earlier = StageResult.__table__.alias("earlier")
+        rank = {s: i for s, i in order.items()}
+        conditions = [
+            and_(StageResult.stage == later, earlier.c.stage.in_(list(SERIES_STAGES[:i])))
+            for later, i in rank.items()
+            if i > 0
+        ]
+        query = query.where(
+            ~select(earlier.c.id)
+            .where(
+                earlier.c.series_uid == StageResult.series_uid,
+                earlier.c.status == f.status,
+                or_(*conditions),
+            )
+            .exists()
+        )
+    return query
+
+
+def failures(session: Session, f: FailureFilter, page_size: int) -> FailurePage:
+    """One page of failing (or warned) series, filtered and sorted."""
+    query = _failure_query(f)
+    total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+    column = {
+        "recorded_at": StageResult.recorded_at,
+        "protocol": StageResult.protocol,
+        "stage": StageResult.stage,
+        "reason_code": StageResult.reason_code,
+        "scanner": _scanner_expr(),
+        "series_uid": StageResult.series_uid,
+    }[f.sort if f.sort in SORTS else "recorded_at"]
+    ordered = query.order_by(
+        column.desc() if f.descending else column.asc(), StageResult.series_uid
+    )
+    pages = max(1, -(-total // page_size))
+    page = min(max(1, f.page), pages)
+    rows = list(session.scalars(ordered.offset((page - 1) * page_size).limit(page_size)))
+    decisions = latest_reviews(session, [r.series_uid for r in rows])
+    out = [
+        FailureRow(
+            r.series_uid,
+            r.study_uid,
+            r.protocol,
+            r.role,
+            r.stage,
+            r.status,
+            r.reason_code,
+            reason_title(r.reason_code),
+            r.message,
+            f"{r.manufacturer or '?'} {r.model or '?'}",
+            r.recorded_at,
+            decisions.get(r.series_uid),
+        )
+        for r in rows
+    ]
+    return FailurePage(out, total, page, pages, _choices(session))
+
+
+def _choices(session: Session) -> dict[str, list[str]]:
+    failing = select(StageResult).where(StageResult.status.in_(STATUSES)).subquery()
+    reasons = {c for c in session.scalars(select(failing.c.reason_code).distinct()) if c}
+    families = {".".join(c.split(".")[:2]) for c in reasons}
+    scanners = {
+        f"{m or '?'} {n or '?'}"
+        for m, n in session.execute(select(failing.c.manufacturer, failing.c.model).distinct())
+    }
+    return {
+        "protocol": sorted(
+            {p for p in session.scalars(select(failing.c.protocol).distinct()) if p}
+        ),
+        "stage": [s for s in SERIES_STAGES],
+        "reason": sorted(reasons | families),
+        "scanner": sorted(scanners),
+        "status": list(STATUSES),
+    }
+
+
+@dataclass(frozen=True)
+class MetricView:
+    """One image quality metric of the series beside its protocol's distribution."""
+
+    name: str
+    value: float
+    cohort: list[float]
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    series_uid: str
+    study_uid: str
+    protocol: str | None
+    role: str | None
+    scanner: str
+    stages: list[StageRecord]
+    history: list[HistoryRecord]
+    biomarkers: dict[str, Any] | None
+    reviews: list[ReviewRecord]
+    metrics: list[MetricView]
+    #: the automatic verdict over every stage, and its deciding stage and reason
+    verdict: str
+    verdict_stage: str | None
+    verdict_reason: str | None
+    pictures: dict[str, str]
+
+    @property
+    def findings(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(s.stage, f) for s in self.stages for f in s.findings]
+
+
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+#: the image QC metrics plotted (mriqc names), in this order
+PLOTTED = ("snr", "snrd_wm", "cnr", "cjv", "efc", "fber", "wm2max", "qi1")
+
+
+def series_view(session: Session, series_uid: str) -> SeriesView | None:
+    stages = stage_records(session, series_uids=[series_uid])
+    if not stages:
+        return None
+    order = {s: i for i, s in enumerate(SERIES_STAGES)}
+    stages.sort(key=lambda s: order.get(s.stage, len(order)))
+    first = stages[0]
+    marker = session.scalars(select(Biomarker).where(Biomarker.series_uid == series_uid)).first()
+    biomarkers = None
+    if marker is not None:
+        biomarkers = {
+            k: getattr(marker, k)
+            for k in (
+                "icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf", "method",
+                "method_version", "qc_status", "qc_reason", "confidence", "recorded_at",
+            )
+        }  # fmt: skip
+    worst = max(_RANK.get(s.status, 0) for s in stages)
+    deciding = next((s for s in stages if _RANK.get(s.status, 0) == worst), None)
+    metrics = []
+    image = next((s for s in stages if s.stage == "image_qc"), None)
+    if image is not None:
+        pool = session.execute(
+            select(StageResult.metrics).where(
+                StageResult.stage == "image_qc",
+                StageResult.protocol == image.protocol,
+                StageResult.role == image.role,
+                StageResult.series_uid != series_uid,
+            )
+        ).all()
+        for name in PLOTTED:
+            value = image.metrics.get(name)
+            if isinstance(value, int | float):
+                found = (m.get(name) for (m,) in pool if isinstance(m, dict))
+                cohort = [float(v) for v in found if isinstance(v, int | float)]
+                metrics.append(MetricView(name, float(value), cohort))
+    pictures = {
+        s.stage: str(s.metrics["picture"])
+        for s in stages
+        if isinstance(s.metrics.get("picture"), str)
+    }
+    return SeriesView(
+        series_uid=series_uid,
+        study_uid=first.study_uid,
+        protocol=first.protocol,
+        role=first.role,
+        scanner=f"{first.manufacturer or '?'} {first.model or '?'}",
+        stages=stages,
+        history=stage_history(session, series_uid),
+        biomarkers=biomarkers,
+        reviews=reviews_of(session, series_uid),
+        metrics=metrics,
+        verdict={v: k for k, v in _RANK.items()}[worst],
+        verdict_stage=deciding.stage if deciding and worst else None,
+        verdict_reason=deciding.reason_code if deciding and worst else None,
+        pictures=pictures,
+    )
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    at: dt.datetime
+    actor: str
+    action: str
+    detail: str
+
+
+def audit_log(session: Session, limit: int = 500, actions: Sequence[str] = ()) -> list[AuditRow]:
+    query = select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
+    if actions:
+        query = query.where(AuditEntry.action.in_(list(actions)))
+    return [AuditRow(a.at, a.actor, a.action, a.detail) for a in session.scalars(query)]
+
+
+def reason_counts(outcome: ProtocolOutcome) -> list[tuple[str, str, int]]:
+    """(stage, reason, series) of a protocol's selected series that yielded nothing."""
+    counts = Counter(outcome.series_reasons)
+    return [(outcome.reason_stage.get(r, "?"), r, n) for r, n in counts.most_common()]

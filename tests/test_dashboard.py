@@ -1,0 +1,206 @@
+"""The QC dashboard over HTTP (FastAPI's test client; the browser tests drive real Chromium in
+tests/test_protocol_run.py): access, pages, filters in the URL, reviews, exports, the audit
+log, and no identifier anywhere."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.database import IndexDB, open_index
+from models.schema import AuditEntry, Review
+from models.settings import load_settings
+from models.users import authenticate, set_account
+from qc.dashboard.app import create_app
+from tests.review_helpers import Cohort, build
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, IndexDB, Cohort]]:
+    home = tmp_path / "home"
+    monkeypatch.setenv("COHORTFLOW_HOME", str(home))
+    monkeypatch.setenv("COHORTFLOW_DASHBOARD__PAGE_SIZE", "5")
+    settings = load_settings(None)
+    index = open_index(settings.index)
+    cohort = build(index)
+    with index.session() as session:
+        for name, role in (("rita", "reviewer"), ("sam", "researcher"), ("ada", "admin")):
+            set_account(session, name, role, PASSWORD)
+    with TestClient(create_app(settings, index)) as client:
+        yield client, index, cohort
+    index.dispose()
+
+
+def login(client: TestClient, name: str) -> str:
+    """Log in through the form; returns the page's form token."""
+    page = client.post(
+        "/login", data={"username": name, "password": PASSWORD, "next": "/"}, follow_redirects=True
+    )
+    assert page.status_code == 200 and f"{name} (" in page.text
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found
+    return found.group(1)
+
+
+def test_nothing_answers_without_a_session(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    client, _, cohort = site
+    uid = cohort.subjects[0].pseudo_series
+    for path in ("/", "/failures?stage=image_qc", f"/series/{uid}", "/export", "/audit"):
+        answer = client.get(path, follow_redirects=False)
+        assert answer.status_code == 303, path
+        assert answer.headers["location"].startswith("/login?next=")
+    for path in ("/api/overview", "/api/failures", f"/api/series/{uid}", "/api/export/biomarkers"):
+        assert client.get(path).status_code == 401, path
+    assert (
+        client.get(f"/series/{uid}/picture/deface.png", follow_redirects=False).status_code == 303
+    )
+    answer = client.post(f"/api/series/{uid}/review", json={"decision": "accept", "comment": "x"})
+    assert answer.status_code == 401
+    assert client.get("/static/style.css").status_code == 200  # the login page needs it
+    wrong = client.post("/login", data={"username": "rita", "password": "nope", "next": "/"})
+    assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text
+    # after login, the page asked for first
+    answer = client.post(
+        "/login",
+        data={"username": "rita", "password": PASSWORD, "next": "/failures?stage=header_qc"},
+        follow_redirects=False,
+    )
+    assert answer.headers["location"] == "/failures?stage=header_qc"
+    evil = client.post(
+        "/login",
+        data={"username": "rita", "password": PASSWORD, "next": "//evil.example/"},
+        follow_redirects=False,
+    )
+    assert evil.headers["location"] == "/"
+
+
+def test_overview_failures_and_series_pages(site: tuple[TestClient, IndexDB, Cohort]) -> None:
+    client, _, cohort = site
+    login(client, "rita")
+    page = client.get("/")
+    assert "T1s with biomarkers (32 of 40)" in page.text
+    assert "image.snr" in page.text and "header.missing_slices" in page.text
+    assert client.get("/overview/rates.png").headers["content-type"] == "image/png"
+    api = client.get("/api/overview").json()
+    assert api["protocols"][0]["t1_with_biomarkers"] == 32 and api["to_review"] == 8
+    # filters and order in the URL; five rows a page
+    page = client.get("/failures?stage=image_qc&sort=series_uid&order=asc")
+    failing = sorted(s.pseudo_series for s in cohort.subjects if s.failed == "image.snr")
+    assert re.findall(r'class="uid" href="/series/([^"]+)"', page.text) == failing[:4]
+    assert ">4 series<" in page.text
+    everything = client.get("/api/failures?sort=series_uid&order=desc&page=2").json()
+    assert (everything["total"], everything["pages"], len(everything["rows"])) == (8, 2, 3)
+    siemens = client.get("/api/failures?scanner=SIEMENS+Skyra").json()
+    assert {r["scanner"] for r in siemens["rows"]} == {"SIEMENS Skyra"}
+    assert client.get("/api/failures?from=2020-13-01").status_code == 400
+    assert client.get("/api/failures?from=2999-01-01").json()["total"] == 0
+    subject = next(s for s in cohort.subjects if s.failed == "header.missing_slices")
+    page = client.get(f"/series/{subject.pseudo_series}")
+    assert page.status_code == 200
+    assert "header.missing_slices" in page.text and "History of stage results" in page.text
+    assert page.text.count('class="tag pass"') >= 3  # the history rows
+    assert client.get(f"/series/{subject.pseudo_series}/metrics.png").status_code == 200
+    assert client.get("/series/2.25.999999").status_code == 404
+
+
+def test_a_review_is_stored_shown_counted_and_audited(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    client, index, cohort = site
+    token = login(client, "rita")
+    subject = next(s for s in cohort.subjects if s.failed == "image.snr")
+    uid = subject.pseudo_series
+    stale = client.post(
+        f"/series/{uid}/review", data={"decision": "override", "comment": "ok", "csrf": "x"}
+    )
+    assert stale.status_code == 403
+    page = client.post(
+        f"/series/{uid}/review",
+        data={"decision": "override", "comment": "SNR fine by eye", "csrf": token},
+        follow_redirects=True,
+    )
+    assert 'data-testid="current-review">override' in page.text
+    assert "SNR fine by eye" in page.text
+    rows = client.get("/api/failures?stage=image_qc").json()["rows"]
+    assert next(r for r in rows if r["series_uid"] == uid)["review"] == "override"
+    reasons = client.get("/api/overview").json()["protocols"][0]["t1_reasons"]
+    assert reasons["review.override_not_yet_measured"] == 1
+    bad = client.post(
+        f"/series/{uid}/review", data={"decision": "maybe", "comment": "x", "csrf": token}
+    )
+    assert bad.status_code == 400 and "decision must be one of" in bad.text
+    with index.session() as session:
+        assert session.query(Review).count() == 1
+        audit = session.query(AuditEntry).filter(AuditEntry.action == "review").one()
+        assert audit.actor == "rita" and uid in audit.detail
+
+
+def test_roles_export_and_the_audit_log(site: tuple[TestClient, IndexDB, Cohort]) -> None:
+    client, _, cohort = site
+    login(client, "rita")
+    assert client.get("/export").status_code == 403
+    assert client.get("/api/export/biomarkers").status_code == 403
+    assert client.get("/audit").status_code == 403
+    client.cookies.clear()
+    token = login(client, "sam")
+    uid = cohort.subjects[0].pseudo_series
+    answer = client.post(
+        f"/series/{uid}/review", data={"decision": "accept", "comment": "x", "csrf": token}
+    )
+    assert answer.status_code == 403  # researchers do not review
+    answer = client.post(
+        "/export",
+        data={"protocol": "dementia", "format": "csv", "csrf": token},
+        files={"labels": ("clinical.csv", cohort.labels_csv().encode(), "text/csv")},
+    )
+    assert answer.status_code == 200
+    assert answer.headers["content-disposition"].startswith('attachment; filename="biomarkers-')
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    truth = {s.pseudo_series: s for s in cohort.subjects}
+    assert len(rows) == 32
+    for row in rows:
+        s = truth[row["series"]]
+        assert float(row["brain_ml"]) == s.brain and row["diagnosis"] == s.diagnosis
+    parquet = client.get("/api/export/biomarkers?format=parquet")
+    assert parquet.status_code == 200 and parquet.content[:4] == b"PAR1"
+    client.cookies.clear()
+    login(client, "ada")
+    page = client.get("/audit")
+    assert page.text.count("export.biomarkers") == 2 and "login.failed" not in page.text
+    assert [a["action"] for a in client.get("/api/audit").json()].count("login") == 3
+
+
+def test_no_identifier_on_any_page_or_answer(site: tuple[TestClient, IndexDB, Cohort]) -> None:
+    client, _, cohort = site
+    login(client, "ada")
+    uids = [s.pseudo_series for s in cohort.subjects]
+    paths = ["/", "/failures", "/failures?status=warn", "/api/overview", "/api/failures", "/audit"]
+    paths += [f"/series/{u}" for u in uids[:10]] + [f"/api/series/{u}" for u in uids[:10]]
+    paths += ["/api/export/biomarkers", "/export"]
+    for path in paths:
+        text = client.get(path).text
+        for value in cohort.planted:
+            assert value not in text, (path, value)
+
+
+def test_disabled_accounts_lose_their_session(site: tuple[TestClient, IndexDB, Cohort]) -> None:
+    client, index, _ = site
+    login(client, "rita")
+    from models.users import disable_account
+
+    with index.session() as session:
+        disable_account(session, "rita")
+        assert authenticate(session, "rita", PASSWORD) is None
+    assert client.get("/", follow_redirects=False).status_code == 303

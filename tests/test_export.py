@@ -1,0 +1,207 @@
+"""Biomarker tables, group statistics and reviews, on an index written directly (no images)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from scipy import stats as scipy_stats
+
+from flows.cli import main
+from models.database import IndexDB, open_index
+from models.errors import ReviewError
+from models.outcomes import protocol_outcome
+from models.reviews import OVERRIDE, REJECT, record_review
+from models.schema import AuditEntry
+from pipelines.export.biomarkers import biomarker_table, read_labels, read_table, write_table
+from pipelines.export.errors import ExportError, StatsError
+from pipelines.export.stats import compare
+from pipelines.run.outcome import usable_biomarkers
+from tests.review_helpers import Cohort, build
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def index(home: Path) -> Iterator[IndexDB]:
+    db = open_index(f"sqlite:///{home / 'index.sqlite'}")
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def cohort(index: IndexDB) -> Cohort:
+    return build(index)
+
+
+def _labels(tmp_path: Path, cohort: Cohort) -> Path:
+    path = tmp_path / "clinical.csv"
+    path.write_text(cohort.labels_csv())
+    return path
+
+
+def test_the_table_has_one_row_per_measured_t1_with_labels_and_no_identifier(
+    tmp_path: Path, index: IndexDB, cohort: Cohort
+) -> None:
+    labels = read_labels(_labels(tmp_path, cohort))
+    with index.session() as session:
+        table = biomarker_table(session, "dementia", labels)
+    measured = [s for s in cohort.subjects if s.failed is None]
+    assert len(table.rows) == len(measured) == 32
+    assert table.labels_matched == 32 and table.labels_unmatched == 8  # the failed ones
+    by_series = {r.series: r for r in table.rows}
+    for s in measured:
+        row = by_series[s.pseudo_series]
+        assert (row.pseudonym, row.study, row.age, row.sex) == (
+            s.pseudonym,
+            s.pseudo_study,
+            s.age,
+            s.sex,
+        )
+        assert (row.scanner, row.field_strength) == (s.scanner, s.tesla)
+        assert (row.icv_ml, row.brain_ml) == (s.icv, s.brain)  # exactly the index's values
+        assert row.labels == {"diagnosis": s.diagnosis}
+        assert (row.qc_verdict, row.usable, row.review) == ("pass", True, None)
+    assert max(r.age or 0 for r in table.rows) <= 90  # the oldest were born in the 1930s
+    out = tmp_path / "table.csv"
+    write_table(table, out, "csv")
+    text = out.read_text()
+    for value in cohort.planted:
+        assert value not in text, value
+    assert text.splitlines()[0].endswith(",diagnosis")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_written_tables_read_back_with_the_index_values_exactly(
+    tmp_path: Path, index: IndexDB, cohort: Cohort, fmt: str
+) -> None:
+    with index.session() as session:
+        table = biomarker_table(session, None, read_labels(_labels(tmp_path, cohort)))
+    path = tmp_path / f"t.{fmt}"
+    write_table(table, path, fmt)
+    back = read_table(path)
+    assert [r["series"] for r in back] == [r.series for r in table.rows]
+    for row, again in zip(table.rows, back, strict=True):
+        for name in ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf"):
+            assert again[name] == getattr(row, name)
+        assert again["diagnosis"] == row.labels["diagnosis"]
+        assert again["usable"] is True
+
+
+def test_bad_label_files_are_refused_naming_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("patient,diagnosis\nA,dementia\n")
+    with pytest.raises(ExportError, match=r"labels.csv has no accession number column"):
+        read_labels(path)
+    path.write_text("AccessionNumber,diagnosis\nA1,dementia\nA1,control\n")
+    with pytest.raises(ExportError, match=r"labels.csv, line 3: the accession number of line 2"):
+        read_labels(path)
+    path.write_text("accession,diagnosis\n,dementia\n")
+    with pytest.raises(ExportError, match=r"line 2: no accession number"):
+        read_labels(path)
+    path.write_text("accession,icv_ml\nA1,3\n")
+    with pytest.raises(ExportError, match="rename them"):
+        read_labels(path)
+    with pytest.raises(ExportError, match="cannot read the labels file"):
+        read_labels(tmp_path / "missing.csv")
+
+
+def test_compare_finds_three_percent_atrophy_with_welch_and_cohens_d(
+    tmp_path: Path, index: IndexDB, cohort: Cohort
+) -> None:
+    with index.session() as session:
+        rows = biomarker_table(session, None, read_labels(_labels(tmp_path, cohort))).records()
+    result = compare(rows, "diagnosis")
+    assert result.reference == "control"
+    bpf = next(b for b in result.biomarkers if b.biomarker == "bpf")
+    groups = {g.group: g for g in bpf.groups}
+    assert (groups["control"].n, groups["dementia"].n) == (16, 16)
+    contrast = bpf.contrasts[0]
+    a = [r["bpf"] for r in rows if r["diagnosis"] == "dementia"]
+    b = [r["bpf"] for r in rows if r["diagnosis"] == "control"]
+    expected = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert contrast.p == pytest.approx(expected.pvalue, rel=1e-12)
+    assert contrast.p < 0.001 and contrast.percent == pytest.approx(-3, abs=1.0)
+    assert contrast.cohens_d < -1.5
+    # ICV adjustment removes head size from brain volume: a clearer difference
+    raw = next(b for b in result.biomarkers if b.biomarker == "brain_ml").contrasts[0].p
+    adjusted = compare(rows, "diagnosis", adjust="icv")
+    brain = next(b for b in adjusted.biomarkers if b.biomarker == "brain_ml")
+    assert brain.adjusted and brain.contrasts[0].p < min(raw, 0.001)
+    assert adjusted.slopes["brain_ml"] == pytest.approx(0.78, abs=0.05)
+    with pytest.raises(StatsError, match="no column 'sex2'"):
+        compare(rows, "sex2")
+    with pytest.raises(StatsError, match="at least two groups of two"):
+        compare(rows[:1], "diagnosis")
+
+
+def test_reviews_count_in_rates_tables_and_biomarker_summaries(
+    index: IndexDB, cohort: Cohort
+) -> None:
+    failed = next(s for s in cohort.subjects if s.failed == "image.snr")
+    good = next(s for s in cohort.subjects if s.failed is None)
+    with index.session() as session:
+        before = protocol_outcome(session, "dementia")
+        usable_before = len(usable_biomarkers(session, "dementia"))
+        with pytest.raises(ReviewError, match="only a failed verdict can be overridden"):
+            record_review(session, good.pseudo_series, OVERRIDE, "why", "rita", "pass", None)
+        with pytest.raises(ReviewError, match="needs a comment"):
+            record_review(session, good.pseudo_series, REJECT, "  ", "rita", "pass", None)
+        record_review(session, good.pseudo_series, REJECT, "motion on review", "rita", "pass", None)
+        record_review(
+            session, failed.pseudo_series, OVERRIDE, "SNR fine by eye", "rita", "fail", "image.snr"
+        )
+    with index.session() as session:
+        after = protocol_outcome(session, "dementia")
+        usable_after = len(usable_biomarkers(session, "dementia"))
+        table = {r.series: r for r in biomarker_table(session).rows}
+        actions = [a.action for a in session.query(AuditEntry).all()]
+    assert after.t1_with_biomarkers == before.t1_with_biomarkers - 1
+    assert after.t1_reasons["review.rejected"] == 1
+    # overridden but not measured yet: the next run measures it
+    assert after.t1_reasons["review.override_not_yet_measured"] == 1
+    assert after.t1_reasons["image.snr"] == before.t1_reasons["image.snr"] - 1
+    assert usable_after == usable_before - 1
+    assert (table[good.pseudo_series].review, table[good.pseudo_series].usable) == (REJECT, False)
+    assert actions.count("review") == 2
+
+
+def test_cli_export_and_compare_write_files_and_audit(
+    tmp_path: Path, home: Path, index: IndexDB, cohort: Cohort, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = _labels(tmp_path, cohort)
+    out = tmp_path / "b.parquet"
+    argv = ["export", "biomarkers", "--format", "parquet", "--labels", str(labels)]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows"], report["usable"], report["labels_unmatched"]) == (32, 32, 8)
+    assert len(read_table(out)) == 32
+    plot = tmp_path / "box.png"
+    argv = ["stats", "compare", "--by", "diagnosis", "--labels", str(labels), "--adjust", "icv"]
+    assert main([*argv, "--plot", str(plot), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    brain = next(b for b in result["biomarkers"] if b["biomarker"] == "brain_ml")
+    assert brain["adjusted"] and brain["contrasts"][0]["p"] < 0.001
+    assert Image.open(plot).size[0] > 800
+    # the same comparison from the exported file
+    assert main(["stats", "compare", "--by", "diagnosis", "--table", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    bpf_p = [next(b for b in r["biomarkers"] if b["biomarker"] == "bpf") for r in (result, again)]
+    assert math.isclose(bpf_p[0]["contrasts"][0]["p"], bpf_p[1]["contrasts"][0]["p"])
+    # human output and usage errors
+    assert main(["stats", "compare", "--by", "diagnosis", "--labels", str(labels)]) == 0
+    assert "p (Welch)" in capsys.readouterr().out
+    assert main(["stats", "compare", "--by", "nothing", "--labels", str(labels)]) == 2
+    assert main(["export", "biomarkers", "--format", "parquet", "--out", "-"]) == 2
+    assert main(["export", "biomarkers", "--labels", str(tmp_path / "none.csv")]) == 2
+    with index.session() as session:
+        exports = session.query(AuditEntry).filter(AuditEntry.action == "export.biomarkers")
+        assert exports.count() == 1
