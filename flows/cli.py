@@ -697,8 +697,8 @@ def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Com
     """Dementia against controls, as a statistician would compare them: the generator's
     diagnosis given by accession number (as a radiology report would), joined on the
     identified side by the biomarker table."""
+    from models.export import Labels, biomarker_table
     from models.synth import CohortTruth
-    from pipelines.export.biomarkers import Labels, biomarker_table
     from pipelines.export.errors import StatsError
     from pipelines.export.stats import compare
 

@@ -132,7 +132,7 @@ def _exports(settings: Settings) -> Path:
 
 def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any:
     from models.database import open_index
-    from pipelines.export.biomarkers import biomarker_table, read_labels
+    from models.export import biomarker_table, read_labels
 
     parsed = read_labels(labels) if labels is not None else None
     index = open_index(settings.index)
@@ -145,8 +145,8 @@ def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
+    from models.export import biomarker_table, read_labels, write_table
     from models.linkage import audit
-    from pipelines.export.biomarkers import biomarker_table, read_labels, write_table
 
     if args.out == "-" and (args.format != "csv" or args.json):
         err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
@@ -197,7 +197,7 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from pipelines.export.biomarkers import read_table
+    from models.export import read_table
     from pipelines.export.stats import box_plot, compare
 
     if args.table is not None:

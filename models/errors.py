@@ -38,3 +38,7 @@ class ReviewError(CohortflowError):
 
 class AccountError(CohortflowError):
     """A dashboard account that cannot be made or used (bad name, role or password)."""
+
+
+class ExportError(CohortflowError):
+    """An export that cannot be made (bad labels file, unknown format, unreadable table)."""

@@ -112,3 +112,25 @@ def cohort(
     truth_file = out / "ground_truth.json"
     truth = CohortTruth.model_validate_json(truth_file.read_text())
     return CohortResult(truth=truth, out_dir=out, truth_file=truth_file)
+
+
+#: the dementia-protocol cohort of the protocol runs (tests/test_protocol_run.py)
+DEMENTIA10 = SynthConfig(studies=10, seed=11, protocol_weights={"dementia": 1.0})
+
+
+@pytest.fixture(scope="session")
+def dementia10(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
+) -> CohortResult:
+    """Ten dementia-protocol studies, half of them with dementia, faults planted at the default
+    rates (made once per run for both workers, as ``cohort``; read-only)."""
+    _ = head_model
+    out = _run_folder(tmp_path_factory) / "dementia10"
+    done = out.with_name("dementia10.complete")
+    with FileLock(f"{out}.lock"):
+        if not done.is_file():
+            generate(DEMENTIA10, out, model_cache, workers=2, overwrite=True)
+            done.touch()
+    truth_file = out / "ground_truth.json"
+    truth = CohortTruth.model_validate_json(truth_file.read_text())
+    return CohortResult(truth=truth, out_dir=out, truth_file=truth_file)

@@ -13,12 +13,12 @@ from scipy import stats as scipy_stats
 
 from flows.cli import main
 from models.database import IndexDB, open_index
-from models.errors import ReviewError
+from models.errors import ExportError, ReviewError
+from models.export import biomarker_table, read_labels, read_table, write_table
 from models.outcomes import protocol_outcome
 from models.reviews import OVERRIDE, REJECT, record_review
 from models.schema import AuditEntry
-from pipelines.export.biomarkers import biomarker_table, read_labels, read_table, write_table
-from pipelines.export.errors import ExportError, StatsError
+from pipelines.export.errors import StatsError
 from pipelines.export.stats import compare
 from pipelines.run.outcome import usable_biomarkers
 from tests.review_helpers import Cohort, build

@@ -30,11 +30,10 @@ from sqlalchemy import func, select
 
 from models.database import open_index
 from models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
-from models.synth import CohortTruth, SynthConfig
-from pipelines.atlas.headmodel import HeadModel
+from models.synth import CohortTruth
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import PacsNode, store_files
-from pipelines.synth.cohort import CohortResult, generate
+from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 from tests.test_index_postgres import PostgresServer, postgres  # noqa: F401  (fixture)
 
@@ -49,15 +48,6 @@ RUN = ["run", "dementia", "--from", "1990-01-01", "--to", "2030-12-31", "--json"
 class Pacs:
     server: orthanc.OrthancServer
     scp_port: int
-
-
-@pytest.fixture(scope="module")
-def dementia10(
-    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
-) -> CohortResult:
-    _ = head_model
-    config = SynthConfig(studies=STUDIES, seed=11, protocol_weights={"dementia": 1.0})
-    return generate(config, tmp_path_factory.mktemp("dementia10"), model_cache, workers=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,8 @@
-"""Errors of the biomarker export and the group statistics."""
+"""Errors of the group statistics."""
 
 from __future__ import annotations
 
 from models.errors import CohortflowError
-
-
-class ExportError(CohortflowError):
-    """An export that cannot be made (bad labels file, unknown format, unreadable table)."""
 
 
 class StatsError(CohortflowError):

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.database import IndexDB
+from models.export import VOLUMES
 from models.outcomes import ProtocolOutcome, protocol_outcome
 from models.runs import finish_run, start_run
 from models.schema import StageResult
@@ -75,9 +76,6 @@ def outcome_from_dict(data: Mapping[str, Any]) -> ProtocolOutcome:
     values["stages"] = [StageCount(**strip(s)) for s in data.get("stages", [])]
     values["scanners"] = [GroupRate(**strip(s)) for s in data.get("scanners", [])]
     return ProtocolOutcome(**values)
-
-
-VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
 def summarize(rows: Sequence[BiomarkerRecord]) -> BiomarkerSummary:

@@ -445,6 +445,7 @@ def _render_study(
         volumes = anatomy.truth_volumes(tl, 0.001)
         labels_file = f"truth/{st.folder}_labels.nii.gz"
         _save_truth_labels(out_dir / labels_file, tl, tgrid)
+    codes = _deface_codes(labels, warp) if labels is not None and warp is not None else None
     series_truth: list[SeriesTruth] = []
     contrast_cache: dict[str, npt.NDArray[np.float32]] = {}
     hour = int(ctx.study_time[:2])
@@ -458,6 +459,7 @@ def _render_study(
                 placement,
                 labels,
                 warp,
+                codes,
                 contrast_cache,
                 ctx,
                 planter,
@@ -521,22 +523,25 @@ def _save_truth_labels(
 DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL = 1, 2
 
 
+def _deface_codes(labels: npt.NDArray[np.uint8], warp: _Warped) -> npt.NDArray[np.uint8]:
+    """What defacing must remove and keep, on the model grid (one study): 1 = the subject's
+    face (head tissue in front of pydeface's face plane), 2 = intracranial (CSF, GM, WM)."""
+    inside = np.isin(labels, (CSF, GM, WM))
+    codes = np.where(warp.face > 0, DEFACE_TRUTH_FACE, 0)
+    return np.where(inside, DEFACE_TRUTH_INTRACRANIAL, codes).astype(np.uint8)
+
+
 def _save_deface_truth(
     path: Path,
     model: HeadModel,
     shape: anatomy.SubjectShape,
     placement: anatomy.Placement,
-    labels: npt.NDArray[np.uint8],
-    warp: _Warped,
+    codes: npt.NDArray[np.uint8],
     grid: anatomy.Grid,
 ) -> None:
-    """What defacing must remove and keep, on the series' own grid: 1 = the subject's face
-    (head tissue in front of pydeface's face plane), 2 = intracranial (CSF, GM, WM)."""
-    face = np.asarray(anatomy.sample_grid(warp.face, model, shape, placement, grid, order=0))
-    icv = np.isin(labels, (CSF, GM, WM)).astype(np.uint8)
-    inside = np.asarray(anatomy.sample_grid(icv, model, shape, placement, grid, order=0))
-    truth = np.where(face > 0, DEFACE_TRUTH_FACE, 0)
-    truth = np.where(inside > 0, DEFACE_TRUTH_INTRACRANIAL, truth)
+    """The study's deface codes (``_deface_codes``) on the series' own grid: one nearest-
+    neighbour resampling (the same voxels as resampling face and intracranial masks apart)."""
+    truth = np.asarray(anatomy.sample_grid(codes, model, shape, placement, grid, order=0))
     _save_truth_labels(path, truth.astype(np.uint8), grid, b"cohortflow deface truth 1face 2icv")
 
 
@@ -562,6 +567,7 @@ def _render_series(
     placement: anatomy.Placement,
     labels: npt.NDArray[np.uint8] | None,
     warp: _Warped | None,
+    codes: npt.NDArray[np.uint8] | None,
     contrast_cache: dict[str, npt.NDArray[np.float32]],
     ctx: StudyContext,
     planter: Planter,
@@ -608,7 +614,8 @@ def _render_series(
     deface_truth = None
     if labels is not None and warp is not None and len(grids) == 1:
         deface_truth = f"truth/{se.folder}_deface.nii.gz"
-        _save_deface_truth(out_dir / deface_truth, model, shape, placement, labels, warp, grids[0])
+        assert codes is not None
+        _save_deface_truth(out_dir / deface_truth, model, shape, placement, codes, grids[0])
 
     if Fault.ENHANCED_MULTIFRAME in se.faults:
         ds = enhanced_mr(

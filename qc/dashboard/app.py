@@ -390,14 +390,14 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
         return render(request, "export.html", who, protocols=names)
 
     def export(who: Account, protocol: str | None, fmt: str, labels: bytes | None) -> Response:
-        from pipelines.export.biomarkers import (
+        from models.errors import ExportError
+        from models.export import (
             FORMATS,
             audit_export,
             biomarker_table,
             read_labels,
             write_table,
         )
-        from pipelines.export.errors import ExportError
 
         if fmt not in FORMATS:
             raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}")

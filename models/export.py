@@ -1,4 +1,5 @@
-"""The biomarker table: one row per measured T1, pseudonymized, with clinical labels.
+"""The biomarker table: one row per measured T1, pseudonymized, with clinical labels (a
+repository function: the dashboard, in ``qc``, and the command line both read it here).
 
 The rows come from the index's biomarkers (keyed by the pseudonymized series UID). Who the
 series belongs to is found on the identified side, through the run's anonymize steps (identified
@@ -23,13 +24,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.errors import ExportError
 from models.linkage import audit
 from models.outcomes import SERIES_STAGES
 from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
 from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
 from models.stages import BiomarkerRecord, biomarker_records
-from pipelines.export.errors import ExportError
-from pipelines.run.outcome import VOLUMES
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ ACCESSION_COLUMNS = ("accession_number", "accessionnumber", "accession")
 #: ages from 90 up are reported as 90 (HIPAA Safe Harbor)
 AGE_CAP = 90
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
+VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
 @dataclass(frozen=True)
