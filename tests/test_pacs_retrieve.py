@@ -1,4 +1,6 @@
-"""Selection and retrieval against a real Orthanc loaded with a synthetic cohort (24 studies).
+"""Selection and retrieval against a real Orthanc loaded with synthetic cohorts: the shared
+12-study cohort (every fault class) and the protocol runs' ten dementia-protocol studies, both
+made once for the whole test run (22 brain studies, 20 patients).
 
 Scored against the generator's ground truth: which studies and series each protocol must select,
 and how many instances each series has in the PACS.
@@ -22,8 +24,7 @@ from flows.cli import main
 from models import retrieval as repo
 from models.database import IndexDB, open_index
 from models.scanners import KnownScanners, load_known_scanners
-from models.synth import CohortTruth, Fault, SynthConfig
-from pipelines.atlas.headmodel import HeadModel
+from models.synth import CohortTruth, Fault
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.verify import verify
 from pipelines.pacs import orthanc
@@ -34,7 +35,7 @@ from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
 from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 from pipelines.select.protocols import load_protocols
 from pipelines.select.query import record_selection, select_studies
-from pipelines.synth.cohort import CohortResult, generate
+from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -74,16 +75,12 @@ class Pacs:
 
 
 @pytest.fixture(scope="module")
-def cohort24(
-    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
-) -> CohortResult:
-    _ = head_model
-    out = tmp_path_factory.mktemp("cohort24")
-    return generate(SynthConfig(studies=24, seed=1), out, model_cache, workers=2)
+def cohorts(cohort: CohortResult, dementia10: CohortResult) -> list[CohortResult]:
+    return [cohort, dementia10]
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory, cohort24: CohortResult) -> Iterator[Pacs]:
+def pacs(tmp_path_factory: pytest.TempPathFactory, cohorts: list[CohortResult]) -> Iterator[Pacs]:
     if not orthanc.available():
         pytest.fail("Orthanc is required (CI installs it): run `make setup` as root")
     scp_port = free_port()
@@ -95,10 +92,14 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, cohort24: CohortResult) -> It
     )
     with orthanc.OrthancServer(config) as server:
         node = PacsNode(config.aet, "127.0.0.1", config.dicom_port)
-        files = sorted(p for p in (cohort24.out_dir / "dicom").rglob("*") if p.is_file())
+        files = [
+            p for c in cohorts for p in sorted((c.out_dir / "dicom").rglob("*")) if p.is_file()
+        ]
         loaded = store_files(node, files, AET)
         assert not loaded.failed
-        yield Pacs(server, node, scp_port, cohort24.truth)
+        patients = [p for c in cohorts for p in c.truth.patients]
+        truth = cohorts[0].truth.model_copy(update={"patients": patients})
+        yield Pacs(server, node, scp_port, truth)
 
 
 @pytest.fixture
@@ -389,12 +390,12 @@ def test_outside_the_window_with_stop_fetches_nothing_and_resumes_later(
 
 
 def test_listen_ingests_a_pushed_study(
-    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path, cohort24: CohortResult
+    pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path, cohort: CohortResult
 ) -> None:
     from pipelines.retrieve.listen import listen
 
-    study = next(p for p in cohort24.truth.patients if p.studies).studies[0]
-    files = sorted(p for p in (cohort24.out_dir / study.folder).rglob("*") if p.is_file())
+    study = next(p for p in cohort.truth.patients if p.studies).studies[0]
+    files = sorted(p for p in (cohort.out_dir / study.folder).rglob("*") if p.is_file())
     port = free_port()
     stop = threading.Event()
     outcomes = []
