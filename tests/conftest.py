@@ -43,10 +43,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 #: The longest test files, started first: with ``--dist loadfile`` a file handed out last runs
-#: alone at the end while the other worker idles (the protocol runs take about 20 minutes).
-#: ``make test`` passes ``--no-loadscope-reorder``, else xdist orders files by their number of
-#: tests and this order is lost.
-FIRST = ("test_protocol_run.py", "test_pacs_retrieve.py")
+#: alone at the end while the other worker idles. xdist hands each worker one file, then a
+#: second one each, in this order: worker 1 gets the single-process protocol run (about 15
+#: minutes) and a short file, worker 2 the Dask run (about 6 minutes) and the retrieval tests;
+#: the two protocol-run files meet at the end of the first. ``make test`` passes
+#: ``--no-loadscope-reorder``, else xdist orders files by their number of tests.
+FIRST = (
+    "test_protocol_run.py",
+    "test_protocol_dask.py",
+    "test_settings.py",
+    "test_pacs_retrieve.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

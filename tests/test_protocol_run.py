@@ -5,8 +5,9 @@ in a child process (as users run it).
 1. SQLite, a local one-worker Dask cluster, killed (SIGKILL, the whole process group) once four
    studies are measured, then rerun: it finishes, with no duplicate and no lost series, and a
    third run redoes nothing.
-2. PostgreSQL and a real multi-process Dask cluster (a scheduler and two workers started as
-   their own processes, one Prefect server for all): the same results as run 1.
+2. The run of tests/test_protocol_dask.py (PostgreSQL, a multi-process Dask cluster; it runs in
+   the other test worker at the same time) gave the same results as run 1.
+3. The QC dashboard in Chromium and the biomarker export, over run 1.
 """
 
 from __future__ import annotations
@@ -16,139 +17,47 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from models.database import open_index
 from models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
 from models.synth import CohortTruth
-from pipelines.pacs import orthanc
-from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
-from tests.test_index_postgres import PostgresServer, postgres  # noqa: F401  (fixture)
+from tests.protocol_helpers import (
+    BIN,
+    RUN,
+    STUDIES,
+    Pacs,
+    _assert_complete,
+    _cohortflow,
+    _count,
+    _env,
+    _finish,
+    _results,
+    _wait_http,
+    comparable,
+    hand_over,
+    handed_over,
+    loaded_pacs,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-STUDIES = 10
-BIN = Path(sys.executable).parent
-RUN = ["run", "dementia", "--from", "1990-01-01", "--to", "2030-12-31", "--json"]
-
-
-@dataclass(frozen=True)
-class Pacs:
-    server: orthanc.OrthancServer
-    scp_port: int
 
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory, dementia10: CohortResult) -> Iterator[Pacs]:
-    scp_port = free_port()
-    config = orthanc.OrthancConfig(
-        folder=tmp_path_factory.mktemp("orthanc"),
-        http_port=free_port(),
-        dicom_port=free_port(),
-        modalities=(orthanc.Modality("cohortflow", "COHORTFLOW", "127.0.0.1", scp_port),),
-    )
-    with orthanc.OrthancServer(config) as server:
-        files = sorted(p for p in (dementia10.out_dir / "dicom").rglob("*") if p.is_file())
-        node = PacsNode(config.aet, "127.0.0.1", config.dicom_port)
-        assert not store_files(node, files, "COHORTFLOW").failed
-        yield Pacs(server, scp_port)
-
-
-def _env(home: Path, pacs: Pacs, model_cache: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COHORTFLOW_", "PREFECT_"))}
-    env.update(
-        COHORTFLOW_HOME=str(home),
-        COHORTFLOW_CACHE_DIR=str(model_cache),
-        COHORTFLOW_ORTHANC__DICOM_PORT=str(pacs.server.config.dicom_port),
-        COHORTFLOW_ORTHANC__HTTP_PORT=str(pacs.server.config.http_port),
-        COHORTFLOW_ORTHANC__PASSWORD=pacs.server.config.password,
-        COHORTFLOW_RETRIEVE__SCP_PORT=str(pacs.scp_port),
-        COHORTFLOW_RETRIEVE__BACKOFF_SECONDS="0.05",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        # one project key for every run: the same pseudonyms, so runs can be compared
-        COHORTFLOW_PSEUDONYM_KEY_SOURCE="env:CF_TEST_PROJECT_KEY",
-        CF_TEST_PROJECT_KEY="0123456789abcdef" * 4,
-        **extra,
-    )
-    return env
-
-
-def _cohortflow(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [str(BIN / "cohortflow"), *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,  # killable as a group, Dask workers and Prefect server too
-        )
-
-
-def _finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 1500) -> dict[str, Any]:
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode in (0, 1), log.read_text(errors="replace")[-4000:]
-    return dict(json.loads(out))
-
-
-def _count(url: str, table: Any, *where: Any) -> int:
-    index = open_index(url)
-    try:
-        with index.session() as session:
-            return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
-    finally:
-        index.dispose()
-
-
-def _results(url: str) -> dict[str, Any]:
-    """What a run produced, comparable across runs and databases."""
-    index = open_index(url)
-    try:
-        with index.session() as session:
-            stages = sorted(
-                (r.series_uid, r.stage, r.status, r.reason_code)
-                for r in session.scalars(select(StageResult))
-            )
-            volumes = sorted(
-                (
-                    b.series_uid,
-                    round(b.icv_ml, 3),
-                    round(b.brain_ml, 3),
-                    round(b.bpf, 5),
-                    b.qc_status,
-                )
-                for b in session.scalars(select(Biomarker))
-            )
-            steps = sorted(
-                (s.study_uid, s.step, s.status) for s in session.scalars(select(StudyStep))
-            )
-    finally:
-        index.dispose()
-    return {"stages": stages, "volumes": volumes, "steps": steps}
-
-
-def _assert_complete(outcome: dict[str, Any], truth: CohortTruth) -> None:
-    """Every selected series reached its end or stopped with a reason; none was lost; every T1
-    the generator left clean yielded biomarkers (the others may be stopped by their fault)."""
-    t1s = [se for p in truth.patients for st in p.studies for se in st.series if se.kind == "t1_3d"]
-    assert outcome["studies_selected"] == STUDIES
-    assert outcome["series_retrieved"] == outcome["series_selected"]
-    assert "not_processed" not in outcome["series_reasons"]
-    assert outcome["t1_series"] == len(t1s)
-    explained = sum(outcome["t1_reasons"].values())
-    assert outcome["t1_with_biomarkers"] + explained == outcome["t1_series"]
-    assert outcome["t1_with_biomarkers"] >= sum(1 for se in t1s if not se.faults) > 0
+    with loaded_pacs(tmp_path_factory.mktemp("orthanc"), dementia10) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +96,10 @@ def killed_and_resumed(
     started = time.monotonic()
     again = _finish(_cohortflow(args, env, log), log)
     seconds_again = time.monotonic() - started
+    hand_over(
+        handed_over(tmp_path_factory, "single"),
+        {"outcome": outcome, "results": _results(url)},
+    )
     return {
         "url": url,
         "home": home,
@@ -228,117 +141,6 @@ def test_killed_run_resumes_without_duplicates_or_lost_series(
         f"finished in {rerun:.0f} s, a third run (nothing to do) {again:.0f} s; "
         f"T1s with biomarkers {outcome['t1_with_biomarkers']}/{outcome['t1_series']}, "
         f"reasons {outcome['t1_reasons']}"
-    )
-
-
-def _wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer in {timeout} s")
-
-
-def test_dask_cluster_and_postgres_give_the_single_process_results(
-    tmp_path: Path,
-    pacs: Pacs,
-    model_cache: Path,
-    postgres: PostgresServer,  # noqa: F811
-    killed_and_resumed: dict[str, Any],
-    figures: Any,
-) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    url = postgres.create_database()
-    env = _env(home, pacs, model_cache, COHORTFLOW_INDEX_URL=url)
-    prefect_port, scheduler_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{prefect_port}/api"
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api)
-    (tmp_path / "prefect").mkdir()
-    log = tmp_path / "cluster.log"
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str]) -> None:
-        with log.open("ab") as out:
-            processes.append(
-                subprocess.Popen(
-                    args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            )
-
-    try:
-        start(
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-            ]
-        )
-        scheduler = f"tcp://127.0.0.1:{scheduler_port}"
-        start(
-            [
-                str(BIN / "dask"),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(scheduler_port),
-                "--no-dashboard",
-            ]
-        )
-        for _ in range(2):
-            start(
-                [
-                    str(BIN / "dask"),
-                    "worker",
-                    scheduler,
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--memory-limit",
-                    "0",
-                ]
-            )
-        _wait_http(f"{api}/health")
-        from distributed import Client
-
-        with Client(scheduler, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-            pids = set(client.run(os.getpid).values())  # one process per worker
-        assert len(pids) == 2 and os.getpid() not in pids
-        started = time.monotonic()
-        outcome = _finish(
-            _cohortflow([*RUN, "--dask-address", scheduler], env, tmp_path / "cli.log"),
-            tmp_path / "cli.log",
-        )
-        seconds = time.monotonic() - started
-    finally:
-        for process in reversed(processes):
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-    _assert_complete(outcome, killed_and_resumed["truth"])
-    single = killed_and_resumed["outcome"]
-    own = ("run_id", "selection_id")  # each run stores its own run and selection rows
-    assert {k: v for k, v in outcome.items() if k not in own} == {
-        k: v for k, v in single.items() if k not in own
-    }
-    assert _results(url) == _results(killed_and_resumed["url"])
-    figures(
-        f"protocol run on Dask (scheduler + 2 worker processes) and PostgreSQL: {STUDIES} "
-        f"studies in {seconds:.0f} s, results identical to the single-process run"
     )
 
 
@@ -553,3 +355,21 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
         f"reviewed, a measured series with its pictures, an export of {len(rows)} rows with "
         f"labels; screenshots in {shots}"
     )
+
+
+def test_dask_and_postgres_gave_the_single_process_results(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    killed_and_resumed: dict[str, Any],
+) -> None:
+    """What tests/test_protocol_dask.py's run left (it ran in the other worker meanwhile)."""
+    if not any(item.path.name == "test_protocol_dask.py" for item in request.session.items):
+        pytest.skip("the Dask + PostgreSQL run is not part of this test session")
+    dask = wait_for(handed_over(tmp_path_factory, "dask"), timeout=1800)
+    assert "error" not in dask, dask.get("error")
+    single = killed_and_resumed["outcome"]
+    own = ("run_id", "selection_id")  # each run stores its own run and selection rows
+    assert {k: v for k, v in dask["outcome"].items() if k not in own} == {
+        k: v for k, v in single.items() if k not in own
+    }
+    assert dask["results"] == comparable(_results(killed_and_resumed["url"]))

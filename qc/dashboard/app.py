@@ -209,7 +209,7 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
     @app.get("/overview/rates.png")
     def rates_png(who: Annotated[Account, Depends(role(*READ))]) -> Response:
         with db() as session:
-            runs = queries.overview(session).runs
+            runs = queries.run_points(session)
         return Response(plots.rates_over_time(runs), media_type="image/png")
 
     @app.get("/api/overview")

@@ -64,9 +64,8 @@ def protocols(session: Session) -> list[str]:
     return sorted(found)
 
 
-def overview(session: Session) -> Overview:
-    names = sorted(set(session.scalars(select(Selection.protocol))))
-    outcomes = [protocol_outcome(session, name) for name in names]
+def run_points(session: Session) -> list[RunPoint]:
+    """Every finished run with its rates at the end, oldest first."""
     runs = []
     for run in session.scalars(
         select(Run).where(Run.finished_at.is_not(None)).order_by(Run.finished_at)
@@ -83,6 +82,13 @@ def overview(session: Session) -> Overview:
                 {s["stage"]: s.get("rate") for s in summary.get("stages", [])},
             )
         )
+    return runs
+
+
+def overview(session: Session) -> Overview:
+    names = sorted(set(session.scalars(select(Selection.protocol))))
+    outcomes = [protocol_outcome(session, name) for name in names]
+    runs = run_points(session)
     failing = session.execute(
         select(StageResult.stage, StageResult.reason_code, func.count())
         .where(StageResult.status == "fail")
