@@ -284,6 +284,7 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
             login("rita")
             assert page.locator("[data-testid=protocol-dementia]").is_visible()
             assert "T1s with biomarkers" in page.content()
+            assert shown("img[src='/overview/rates.png']") > 300  # drawn by the server
             page.screenshot(path=str(shots / "1-overview.png"), full_page=True)
             seen.append(page.content().encode())
             # the failure list, filtered in the URL by a choice of the form
