@@ -339,7 +339,7 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
             view = series_or_404(session, uid)
         return Response(plots.metric_distributions(view.metrics), media_type="image/png")
 
-    def review(request: Request, uid: str, who: Account, decision: str, comment: str) -> None:
+    def review(uid: str, who: Account, decision: str, comment: str) -> None:
         with db() as session:
             view = series_or_404(session, uid)
             try:
@@ -365,7 +365,7 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
         csrf: Annotated[str, Form()] = "",
     ) -> RedirectResponse:
         check_token(request, csrf)
-        review(request, uid, who, decision, comment)
+        review(uid, who, decision, comment)
         return RedirectResponse(f"/series/{uid}#reviews", status_code=303)
 
     @app.post("/api/series/{uid}/review")
@@ -376,7 +376,7 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
         who: Annotated[Account, Depends(role(*REVIEW))],
     ) -> dict[str, str]:
         check_token(request, request.headers.get("x-csrf-token"))
-        review(request, uid, who, body.get("decision", ""), body.get("comment", ""))
+        review(uid, who, body.get("decision", ""), body.get("comment", ""))
         return {"series": uid, "decision": body.get("decision", "")}
 
     # --- export -----------------------------------------------------------------------------
