@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.database import IndexDB
+from models.outcomes import SERIES_STAGES
 from models.repository import now
 from models.retrieval import ChosenSeries, save_selection, update_retrieval
 from models.runs import DONE, StepRecord, finish_run, record_step, start_run
 from models.schema import Linkage, Patient, Series, Study
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 
-SERIES_STAGES = ("anonymize", "deface", "header_qc", "image_qc", "convert", "volumetry")
 SCANNERS = (("SIEMENS", "Skyra", 3.0), ("GE MEDICAL SYSTEMS", "SIGNA Premier", 1.5))
 
 
