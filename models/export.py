@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from models.errors import ExportError
 from models.linkage import audit
-from models.outcomes import SERIES_STAGES
-from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
+from models.outcomes import worst_verdict
+from models.reviews import latest_reviews, still_failing
 from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
 from models.stages import BiomarkerRecord, biomarker_records
 
@@ -38,7 +38,6 @@ FORMATS = ("csv", "parquet")
 ACCESSION_COLUMNS = ("accession_number", "accessionnumber", "accession")
 #: ages from 90 up are reported as 90 (HIPAA Safe Harbor)
 AGE_CAP = 90
-_RANK = {"pass": 0, "warn": 1, "fail": 2}
 VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
@@ -213,48 +212,28 @@ def _identities(session: Session, pseudo_series: Iterable[str]) -> dict[str, _Id
     return found
 
 
-def _verdicts(
-    session: Session, rows: Sequence[BiomarkerRecord]
-) -> dict[str, tuple[str, str | None]]:
-    """Series -> the worst status over its stages and volumetry's own verdict, with the
-    deciding reason (the first failure in flow order, else the first warning)."""
-    order = {stage: i for i, stage in enumerate(SERIES_STAGES)}
-    by_series: dict[str, list[tuple[int, str, str | None]]] = {}
+@dataclass(frozen=True)
+class _Verdict:
+    status: str  # the worst over every stage and volumetry's own verdict
+    reason: str | None  # the deciding reason (the first failure in flow order, else warning)
+    failed: frozenset[str]  # the stages that failed the series
+
+
+def _verdicts(session: Session, rows: Sequence[BiomarkerRecord]) -> dict[str, _Verdict]:
+    by_series: dict[str, list[tuple[str, str, str | None]]] = {}
     for uid, stage, status, reason in session.execute(
         select(
             StageResult.series_uid, StageResult.stage, StageResult.status, StageResult.reason_code
         ).where(StageResult.series_uid.in_([r.series_uid for r in rows]))
     ):
-        by_series.setdefault(uid, []).append((order.get(stage, len(order)), status, reason))
+        by_series.setdefault(uid, []).append((stage, status, reason))
     out = {}
     for r in rows:
-        found = by_series.get(r.series_uid, [])
-        found.append((order["volumetry"], r.qc_status, r.qc_reason))
-        worst = max(_RANK.get(status, 0) for _, status, _ in found)
-        deciding = sorted(
-            (stage, reason) for stage, status, reason in found if _RANK.get(status, 0) == worst
-        )
-        verdict = {v: k for k, v in _RANK.items()}[worst]
-        out[r.series_uid] = (verdict, deciding[0][1] if worst else None)
+        found = [*by_series.get(r.series_uid, []), ("volumetry", r.qc_status, r.qc_reason)]
+        status, _, reason = worst_verdict(found)
+        failed = frozenset(stage for stage, s, _ in found if s == "fail")
+        out[r.series_uid] = _Verdict(status, reason, failed)
     return out
-
-
-def _usable(session: Session, row: BiomarkerRecord, verdict: str, decision: str | None) -> bool:
-    if decision == REJECT:
-        return False
-    if verdict != "fail":
-        return True
-    if decision != OVERRIDE:
-        return False
-    # an override sets aside QC failures only (a defacing failure stays)
-    failing = set(
-        session.scalars(
-            select(StageResult.stage).where(
-                StageResult.series_uid == row.series_uid, StageResult.status == "fail"
-            )
-        )
-    )
-    return failing <= set(QC_STAGES)
 
 
 def biomarker_table(
@@ -269,7 +248,7 @@ def biomarker_table(
     rows = []
     for r in measured:
         identity = who.get(r.series_uid)
-        verdict, reason = verdicts[r.series_uid]
+        verdict = verdicts[r.series_uid]
         decision = decisions.get(r.series_uid)
         values: dict[str, str] = {}
         if labels is not None and identity is not None and identity.accession:
@@ -292,10 +271,10 @@ def biomarker_table(
                 csf_ml=r.csf_ml,
                 brain_ml=r.brain_ml,
                 bpf=r.bpf,
-                qc_verdict=verdict,
-                qc_reason=reason,
+                qc_verdict=verdict.status,
+                qc_reason=verdict.reason,
                 review=decision,
-                usable=_usable(session, r, verdict, decision),
+                usable=not still_failing(verdict.failed, decision),
                 method=r.method,
                 method_version=r.method_version,
                 labels=dict(values),

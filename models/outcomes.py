@@ -18,13 +18,14 @@ the T1 counts once it is measured (the next run measures it).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
+from models.reviews import OVERRIDE, REJECT, latest_reviews, set_aside
 from models.schema import (
     Biomarker,
     Retrieval,
@@ -104,6 +105,25 @@ class ProtocolOutcome:
         for scanner, data in zip(self.scanners, out["scanners"], strict=True):
             data["rate"] = scanner.rate
         return out
+
+
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+
+
+def worst_verdict(
+    results: Iterable[tuple[str, str, str | None]],
+) -> tuple[str, str | None, str | None]:
+    """Of (stage, status, reason) results of one series: the worst status, and the stage and
+    reason that decide it (the first in flow order; none when everything passed)."""
+    order = {stage: i for i, stage in enumerate(SERIES_STAGES)}
+    ranked = sorted(
+        ((-_RANK.get(status, 0), order.get(stage, len(order)), stage, status, reason)
+         for stage, status, reason in results),
+    )  # fmt: skip
+    if not ranked or ranked[0][3] == "pass":
+        return "pass", None, None
+    _, _, stage, status, reason = ranked[0]
+    return status, stage, reason
 
 
 def latest_selection(session: Session, protocol: str) -> int | None:
@@ -266,7 +286,7 @@ def _stopped(
         return "review.rejected", "review"
     for stage in SERIES_STAGES:
         row = stages.get(stage)
-        if decision == OVERRIDE and stage in QC_STAGES:
+        if set_aside(stage, decision):
             continue
         if row is not None and row.status == "fail":
             return row.reason_code or f"{stage}.failed", stage

@@ -24,6 +24,19 @@ DECISIONS = (ACCEPT, REJECT, OVERRIDE)
 QC_STAGES = ("header_qc", "image_qc", "volumetry")
 
 
+def set_aside(stage: str, decision: str | None) -> bool:
+    """Whether a reviewer's ``decision`` sets aside a failure of ``stage`` (an override does,
+    for the QC stages)."""
+    return decision == OVERRIDE and stage in QC_STAGES
+
+
+def still_failing(failed_stages: Iterable[str], decision: str | None) -> set[str]:
+    """The stages that still stop a series after its newest review (``review`` for a
+    rejection): the series is usable when none is left."""
+    left = {stage for stage in failed_stages if not set_aside(stage, decision)}
+    return left | {"review"} if decision == REJECT else left
+
+
 @dataclass(frozen=True)
 class ReviewRecord:
     series_uid: str

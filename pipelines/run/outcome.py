@@ -93,7 +93,7 @@ def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
     """The protocol's biomarkers that no stage failed: volumetry's own verdict, and every other
     stage of the series (image QC outliers are judged after volumetry). A reviewer's newest
     decision counts: rejected series are left out, overridden ones kept."""
-    from models.reviews import OVERRIDE, QC_STAGES, REJECT, latest_reviews
+    from models.reviews import latest_reviews, still_failing
 
     every = biomarker_records(session, protocol)
     decisions = latest_reviews(session, [r.series_uid for r in every])
@@ -108,17 +108,11 @@ def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
     for r in every:
         if r.qc_status == "fail":
             failed.setdefault(r.series_uid, set()).add("volumetry")
-    kept = []
-    for r in every:
-        decision = decisions.get(r.series_uid)
-        stages = failed.get(r.series_uid, set())
-        if decision == REJECT:
-            continue
-        if decision == OVERRIDE:
-            stages = stages - set(QC_STAGES)
-        if not stages:
-            kept.append(r)
-    return kept
+    return [
+        r
+        for r in every
+        if not still_failing(failed.get(r.series_uid, set()), decisions.get(r.series_uid))
+    ]
 
 
 def biomarker_summary(index: IndexDB, protocol: str) -> BiomarkerSummary:

@@ -572,14 +572,14 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
 def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
     """The first stage (in flow order, volumetry excluded) that failed the series, if any: a
     reviewer's override sets aside the QC stages' failures."""
-    from models.reviews import OVERRIDE, QC_STAGES, latest_reviews
+    from models.reviews import latest_reviews, set_aside
 
     with index.session() as session:
         rows = {r.stage: r for r in stage_records(session, series_uids=[series_uid])}
         decision = latest_reviews(session, [series_uid]).get(series_uid)
     for stage in SERIES_STAGES[:-1]:
         row = rows.get(stage)
-        if decision == OVERRIDE and stage in QC_STAGES:
+        if set_aside(stage, decision):
             continue
         if row is not None and row.status == "fail":
             return row

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome
+from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome, worst_verdict
 from models.reviews import ReviewRecord, latest_reviews, reviews_of
 from models.schema import AuditEntry, Biomarker, Review, Run, Selection, StageResult
 from models.stages import HistoryRecord, StageRecord, stage_history, stage_records
@@ -282,7 +282,6 @@ class SeriesView:
         return [(s.stage, f) for s in self.stages for f in s.findings]
 
 
-_RANK = {"pass": 0, "warn": 1, "fail": 2}
 #: the image QC metrics plotted (mriqc names), in this order
 PLOTTED = ("snr", "snrd_wm", "cnr", "cjv", "efc", "fber", "wm2max", "qi1")
 
@@ -304,8 +303,9 @@ def series_view(session: Session, series_uid: str) -> SeriesView | None:
                 "method_version", "qc_status", "qc_reason", "confidence", "recorded_at",
             )
         }  # fmt: skip
-    worst = max(_RANK.get(s.status, 0) for s in stages)
-    deciding = next((s for s in stages if _RANK.get(s.status, 0) == worst), None)
+    verdict, verdict_stage, verdict_reason = worst_verdict(
+        (s.stage, s.status, s.reason_code) for s in stages
+    )
     metrics = []
     image = next((s for s in stages if s.stage == "image_qc"), None)
     if image is not None:
@@ -339,9 +339,9 @@ def series_view(session: Session, series_uid: str) -> SeriesView | None:
         biomarkers=biomarkers,
         reviews=reviews_of(session, series_uid),
         metrics=metrics,
-        verdict={v: k for k, v in _RANK.items()}[worst],
-        verdict_stage=deciding.stage if deciding and worst else None,
-        verdict_reason=deciding.reason_code if deciding and worst else None,
+        verdict=verdict,
+        verdict_stage=verdict_stage,
+        verdict_reason=verdict_reason,
         pictures=pictures,
     )
 
