@@ -21,6 +21,7 @@ from flows.prefect_env import configure_itk, configure_prefect
 from models.synth import CohortTruth, SynthConfig
 from pipelines.atlas.headmodel import HeadModel, load_or_build
 from pipelines.synth.cohort import CohortResult, generate
+from tests.ingest_helpers import run_folder
 
 # As the command line does: ITK single-threaded, so registrations are reproducible (this must
 # happen before the first registration in the test process).
@@ -84,18 +85,12 @@ def prefect_harness(
     return lambda: prefect_test_harness(server_startup_timeout=None)
 
 
-def _run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This run's temporary folder, the same for every xdist worker."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the head model is cached: $COHORTFLOW_TEST_CACHE (kept between runs), else a
     folder of this run."""
     env = os.environ.get("COHORTFLOW_TEST_CACHE")
-    return Path(env) if env else _run_folder(tmp_path_factory) / "model-cache"
+    return Path(env) if env else run_folder(tmp_path_factory) / "model-cache"
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +105,7 @@ def cohort(
     """A 12-study cohort with every fault class planted at least once (read-only: copy what a
     test changes)."""
     _ = head_model
-    out = _run_folder(tmp_path_factory) / "cohort"
+    out = run_folder(tmp_path_factory) / "cohort"
     done = out.with_name("cohort.complete")
     with FileLock(f"{out}.lock"):
         if not done.is_file():
@@ -132,7 +127,7 @@ def dementia10(
     """Ten dementia-protocol studies, half of them with dementia, faults planted at the default
     rates (made once per run for both workers, as ``cohort``; read-only)."""
     _ = head_model
-    out = _run_folder(tmp_path_factory) / "dementia10"
+    out = run_folder(tmp_path_factory) / "dementia10"
     done = out.with_name("dementia10.complete")
     with FileLock(f"{out}.lock"):
         if not done.is_file():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -100,3 +101,9 @@ def open_at_once(url: str, processes: int = 4) -> list[subprocess.CompletedProce
         out, err = process.communicate(timeout=120)
         finished.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     return finished
+
+
+def run_folder(tmp_path_factory: Any) -> Path:
+    """This test run's temporary folder, the same for every xdist worker."""
+    base = Path(tmp_path_factory.getbasetemp())
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base

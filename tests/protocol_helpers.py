@@ -26,7 +26,7 @@ from models.synth import CohortTruth
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.synth.cohort import CohortResult
-from tests.ingest_helpers import free_port
+from tests.ingest_helpers import free_port, run_folder
 
 STUDIES = 10
 BIN = Path(sys.executable).parent
@@ -155,9 +155,7 @@ def _wait_http(url: str, timeout: float = 120) -> None:
 def handed_over(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """Where a protocol-run test leaves its results for the other file (this test run's
     folder, the same for both workers)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    return root / f"protocol-{name}.json"
+    return run_folder(tmp_path_factory) / f"protocol-{name}.json"
 
 
 def hand_over(path: Path, payload: dict[str, Any]) -> None:
