@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/volumetry.py
 	$(BIN)/python benchmarks/end_to_end.py
 	$(BIN)/python benchmarks/stats.py
+	$(BIN)/python benchmarks/cohort.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache test-artifacts

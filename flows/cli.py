@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.cli_cohort import add_commands as add_cohort_commands
+from flows.cli_cohort import run_command as run_cohort_command
 from flows.cli_data import add_commands as add_data_commands
 from flows.cli_data import run_command as run_data_command
 from flows.prefect_env import configure_itk
@@ -178,8 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run the selection is stored for `cohortflow retrieve`.",
     )
     select.add_argument("protocol", help="protocol name, e.g. dementia, ms, open")
-    select.add_argument("--from", dest="date_from", type=_date, required=True, metavar="DATE")
-    select.add_argument("--to", dest="date_to", type=_date, required=True, metavar="DATE")
+    select.add_argument("--from", dest="date_from", type=_date, metavar="DATE")
+    select.add_argument("--to", dest="date_to", type=_date, metavar="DATE")
+    select.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="CSV",
+        help="instead of a date range: the studies of a manifest (cohortflow cohort manifest, or "
+        "a CSV with a StudyInstanceUID or AccessionNumber column); archived ones are decided "
+        "from the index, the PACS is queried for the others",
+    )
     select.add_argument(
         "--dry-run",
         action="store_true",
@@ -367,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not query the PACS: process what the archive holds of the latest selection",
     )
+    run.add_argument(
+        "--cohort",
+        metavar="NAME",
+        help="process exactly the studies of this saved cohort (cohortflow cohort save) instead "
+        "of a PACS query over dates: archived ones from the index, the others from the PACS",
+    )
     run.add_argument("--method", choices=("move", "get", "dicomweb"), help="retrieval method")
     run.add_argument(
         "--dask-address", metavar="ADDR", help="an existing Dask scheduler (tcp://host:8786)"
@@ -396,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol", default="dementia", help="protocol to run (default dementia)")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_data_commands(sub)
+    add_cohort_commands(sub)
     return parser
 
 
@@ -440,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in commands:
             return commands[args.command](args, settings, err)
         done = run_data_command(args, settings, err)
+        if done is None:
+            done = run_cohort_command(args, settings, err)
         if done is not None:
             return done
     except ConfigurationError as exc:
@@ -754,16 +773,28 @@ def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from pipelines.retrieve.config import pacs_node, select_configured
     from pipelines.select.query import record_selection
 
-    if args.date_to < args.date_from:
-        err.print("[red]usage error:[/red] --to is before --from")
-        return EXIT_USAGE
-    err.print(
-        f"querying {pacs_node(settings)} for protocol {args.protocol}, "
-        f"{args.date_from} to {args.date_to}"
-    )
-    result, protocols_file = select_configured(
-        settings, args.protocol, args.date_from, args.date_to, args.protocols
-    )
+    if args.manifest is not None:
+        if args.date_from or args.date_to or args.protocols:
+            err.print("[red]usage error:[/red] --manifest lists the studies: no --from, --to")
+            return EXIT_USAGE
+        from pipelines.cohort.configured import select_manifest
+
+        with _open_index(settings) as index:
+            result, protocols_file = select_manifest(settings, index, args.protocol, args.manifest)
+    else:
+        if args.date_from is None or args.date_to is None:
+            err.print("[red]usage error:[/red] give --from and --to, or --manifest")
+            return EXIT_USAGE
+        if args.date_to < args.date_from:
+            err.print("[red]usage error:[/red] --to is before --from")
+            return EXIT_USAGE
+        err.print(
+            f"querying {pacs_node(settings)} for protocol {args.protocol}, "
+            f"{args.date_from} to {args.date_to}"
+        )
+        result, protocols_file = select_configured(
+            settings, args.protocol, args.date_from, args.date_to, args.protocols
+        )
     selection_id = None
     if not args.dry_run:
         with _open_index(settings) as index:
@@ -1109,6 +1140,14 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from pipelines.select.protocols import load_protocols
 
     load_protocols(settings.protocols_file).get(args.protocol)  # unknown name: usage error
+    if args.cohort is not None:
+        if date_from or date_to:
+            err.print("[red]usage error:[/red] --cohort names the studies: no --from / --to")
+            return EXIT_USAGE
+        from models.cohort import saved_cohort
+
+        with _open_index(settings) as index, index.session() as session:
+            saved_cohort(session, args.cohort)  # unknown name: usage error
     with prefect_api(settings.home) as started:
         if started:
             err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
@@ -1125,6 +1164,7 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             dask_address=args.dask_address,
             workers=args.workers,
             config=args.config,
+            cohort=args.cohort,
         )
     if args.json:
         _emit(args, run_json(summary))

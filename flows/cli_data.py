@@ -86,13 +86,16 @@ def add_commands(sub: Any) -> None:
     users = sub.add_parser(
         "users",
         help="dashboard accounts",
-        description="Accounts of the QC dashboard. Roles: reviewer (read, review), researcher "
-        "(read, export), admin (everything, the audit log).",
+        description="Accounts of the QC dashboard and cohort discovery. Roles: reviewer (read, "
+        "review), researcher (read, export), steward (read, the identified layer of cohort "
+        "discovery, the audit log), admin (everything but the identified layer).",
     )
     users_sub = users.add_subparsers(dest="what", metavar="WHAT", required=True)
     add = users_sub.add_parser("add", help="make an account or change its role and password")
     add.add_argument("name")
-    add.add_argument("--role", required=True, choices=("reviewer", "researcher", "admin"))
+    add.add_argument(
+        "--role", required=True, choices=("reviewer", "researcher", "steward", "admin")
+    )
     add.add_argument(
         "--password-stdin",
         action="store_true",
@@ -297,7 +300,13 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
 
     host = args.host or settings.dashboard.host
     port = args.port or settings.dashboard.port
-    app = create_app(settings)
+    from pipelines.cohort.configured import protocol_roles, refresh_configured
+
+    app = create_app(
+        settings,
+        refresh=lambda index: refresh_configured(settings, index),
+        protocols=protocol_roles(settings),
+    )
     err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return EXIT_OK

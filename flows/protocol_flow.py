@@ -106,6 +106,25 @@ def select_task(
     )
 
 
+@task(name="select-cohort", tags=["pacs"], retries=2, retry_delay_seconds=30)
+def select_cohort_task(
+    protocol: str, cohort: str, use_pacs: bool, config: Path | None
+) -> SelectionSummary:
+    from pipelines.cohort.configured import select_cohort
+
+    settings = load_settings(config)
+    with _opened(settings) as index:
+        result, protocols_file = select_cohort(settings, index, protocol, cohort, use_pacs=use_pacs)
+        selection_id = record_selection(index, result, protocols_file)
+    return SelectionSummary(
+        selection_id,
+        protocol,
+        len(result.studies),
+        len(result.selected),
+        sum(len(s.chosen) for s in result.selected),
+    )
+
+
 @task(name="retrieve-selection", tags=["pacs"])  # retries: the throttle's, per study
 def retrieve_task(selection_id: int, method: str | None, config: Path | None) -> RetrieveSummary:
     settings = load_settings(config)
@@ -277,12 +296,17 @@ def protocol_flow(
     dask_address: str | None = None,
     workers: Annotated[int | None, Field(ge=1, le=256)] = None,
     config: Path | None = None,
+    cohort: str | None = None,
 ) -> RunSummary:
     """Select ``protocol``'s studies in the PACS over a date range (default: the last
     ``lookback_days`` up to today, what a nightly schedule wants), retrieve them, and take each
     (at most ``max_studies``) to biomarkers with the de-identification ``profile`` (default:
     the shipped one); store and publish the success rates. ``retrieve=False`` processes what
-    the archive already holds of the latest selection."""
+    the archive already holds of the latest selection.
+
+    With ``cohort`` (a saved cohort's name), the studies are exactly the cohort's: the
+    protocol's series rules decide on the archived ones from the index, the PACS is asked for
+    the others (not with ``retrieve=False``), and the date range is not used."""
     settings = load_settings(config)
     date_to = date_to or dt.date.today()
     date_from = date_from or date_to - dt.timedelta(days=lookback_days)
@@ -294,11 +318,18 @@ def protocol_flow(
         "method": method,
         "retrieve": retrieve,
         "dask_address": dask_address or settings.flow.dask_address,
+        "cohort": cohort,
     }
     run_id = start_task(protocol, parameters, config)
     failed = True
     try:
-        if retrieve:
+        if cohort is not None:
+            selection = select_cohort_task(protocol, cohort, retrieve, config)
+            if retrieve:
+                summary = retrieve_task(selection.selection_id, method, config)
+                publish_retrieval(selection, summary)
+            selection_id = selection.selection_id
+        elif retrieve:
             selection = select_task(protocol, date_from, date_to, config)
             summary = retrieve_task(selection.selection_id, method, config)
             publish_retrieval(selection, summary)

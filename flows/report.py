@@ -183,6 +183,7 @@ def selection_json(
         "from": str(result.date_from),
         "to": str(result.date_to),
         "pacs": result.pacs,
+        "listed_from": result.listed_from,
         "notes": list(result.notes),
         "unanswered_fields": list(result.unanswered),
         "studies_found": len(result.studies),

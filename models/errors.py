@@ -42,3 +42,7 @@ class AccountError(CohortflowError):
 
 class ExportError(CohortflowError):
     """An export that cannot be made (bad labels file, unknown format, unreadable table)."""
+
+
+class CohortQueryError(CohortflowError):
+    """A cohort filter, grouping or name that cannot be used; the message names the filter."""

@@ -20,7 +20,7 @@ class LinkageRecord:
     date_offset_days: int
 
 
-def _os_user() -> str:
+def os_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -29,7 +29,7 @@ def _os_user() -> str:
 
 def audit(session: Session, action: str, detail: str, actor: str | None = None) -> None:
     """Append to the audit log; ``actor`` defaults to the user running the process."""
-    session.add(AuditEntry(at=now(), actor=actor or _os_user(), action=action, detail=detail))
+    session.add(AuditEntry(at=now(), actor=actor or os_user(), action=action, detail=detail))
 
 
 def record_linkage(session: Session, records: Sequence[LinkageRecord], key_source: str) -> int:

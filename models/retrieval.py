@@ -69,6 +69,7 @@ def save_selection(
     protocols_sha256: str,
     studies: int,
     series: Sequence[ChosenSeries],
+    listed_from: str | None = None,
 ) -> int:
     row = Selection(
         protocol=protocol,
@@ -80,6 +81,7 @@ def save_selection(
         created_at=now(),
         studies=studies,
         series=len(series),
+        listed_from=listed_from,
     )
     session.add(row)
     session.flush()

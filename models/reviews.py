@@ -113,3 +113,16 @@ def latest_reviews(session: Session, series_uids: Iterable[str] | None = None) -
             return {}
         query = query.where(Review.series_uid.in_(wanted))
     return {uid: decision for uid, decision in session.execute(query)}
+
+
+def reviewed_verdict(statuses: Iterable[tuple[str, str]], decision: str | None) -> str | None:
+    """The verdict on a series after its newest review, from its (stage, status) results:
+    ``fail`` while a failure still stops it (or it was rejected), ``warn`` when it warned or a
+    failure was overridden, else ``pass``; None when no stage has judged it."""
+    results = list(statuses)
+    if not results and decision != REJECT:
+        return None
+    failed = {stage for stage, status in results if status == "fail"}
+    if still_failing(failed, decision):
+        return "fail"
+    return "warn" if failed or any(status == "warn" for _, status in results) else "pass"

@@ -237,6 +237,9 @@ class Selection(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     studies: Mapped[int] = mapped_column(Integer)
     series: Mapped[int] = mapped_column(Integer)
+    #: where a listed selection's studies came from (``cohort NAME``, ``manifest FILE``); None
+    #: for a query of the PACS over the date range
+    listed_from: Mapped[str | None] = mapped_column(Text)
 
 
 class SelectedSeries(Base):
@@ -472,3 +475,116 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CohortSeries(Base):
+    """Cohort discovery's row for one archived series: the header fields researchers filter and
+    group on, in one table so that a grouped count over millions of instances reads no join.
+
+    Both layers live here, apart by column: the de-identified layer reads ``pseudonym``, the
+    pseudonymized UIDs (what the anonymizer writes: the stages' keys), ``shifted_date`` and
+    ``age``; the identified layer adds ``study_date`` and, through ``series_pk`` / ``study_pk``
+    / ``patient_pk``, the identifiers. Kept up to date by ``pipelines.cohort.refresh``.
+    """
+
+    __tablename__ = "cohort_series"
+    __table_args__ = (
+        Index("ix_cohort_series_scan", "modality", "field_strength", "sex", "age"),
+        Index("ix_cohort_series_scanner", "scanner", "shifted_year"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), unique=True)
+    study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), index=True)
+    pseudonym: Mapped[str | None] = mapped_column(String(32), index=True)
+    pseudo_study_uid: Mapped[str] = mapped_column(UID)
+    pseudo_series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    #: the real study date and its year (identified layer only)
+    study_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
+    study_year: Mapped[int | None] = mapped_column(Integer)
+    #: the date the pseudonymized data carries (the patient's offset applied), and its year
+    shifted_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
+    shifted_year: Mapped[int | None] = mapped_column(Integer)
+    #: whole years at the scan; 90 and over stored as 90 (HIPAA Safe Harbor)
+    age: Mapped[int | None] = mapped_column(Integer, index=True)
+    sex: Mapped[str | None] = mapped_column(String(1))
+    modality: Mapped[str | None] = mapped_column(Text)
+    body_part: Mapped[str | None] = mapped_column(Text, index=True)
+    manufacturer: Mapped[str | None] = mapped_column(Text, index=True)
+    model: Mapped[str | None] = mapped_column(Text, index=True)
+    #: manufacturer and model, the "scanner" researchers group by
+    scanner: Mapped[str | None] = mapped_column(Text)
+    #: the nominal field strength: the reported one to the nearest 0.5 T (2.89 -> 3.0)
+    field_strength: Mapped[float | None] = mapped_column(Float)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    #: 3D or 2D (MRAcquisitionType)
+    acquisition: Mapped[str | None] = mapped_column(String(2))
+    protocol_name: Mapped[str | None] = mapped_column(Text, index=True)
+    series_description: Mapped[str | None] = mapped_column(Text, index=True)
+    study_description: Mapped[str | None] = mapped_column(Text, index=True)
+    #: distinct SOP instances archived
+    instances: Mapped[int] = mapped_column(Integer)
+    #: pass, warn, fail after the newest review; None: no stage has judged it yet
+    qc_verdict: Mapped[str | None] = mapped_column(String(10), index=True)
+    #: measured by volumetry and usable (what the biomarker export marks usable)
+    biomarkers: Mapped[bool] = mapped_column(Boolean)
+
+
+class CohortProtocol(Base):
+    """Which protocols of ``protocols.yaml`` would select a series, and by which include rule
+    (its role): the study matches the protocol's study query and the series its rules."""
+
+    __tablename__ = "cohort_protocols"
+    __table_args__ = (Index("ix_cohort_protocols_protocol", "protocol", "role", "series_pk"),)
+
+    series_pk: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    protocol: Mapped[str] = mapped_column(String(80), primary_key=True)
+    role: Mapped[str] = mapped_column(String(80))
+
+
+class CohortState(Base):
+    """How far ``cohort_series`` has followed the index (one row): the last ids seen and the
+    protocol rules and key it was built with (a change rebuilds it)."""
+
+    __tablename__ = "cohort_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_mark: Mapped[int] = mapped_column(Integer)
+    instance_mark: Mapped[int] = mapped_column(Integer)
+    history_mark: Mapped[int] = mapped_column(Integer)
+    review_mark: Mapped[int] = mapped_column(Integer)
+    protocols_sha256: Mapped[str] = mapped_column(SHA256)
+    #: an HMAC of a constant under the project key (never the key): pseudonyms changed with it
+    key_fingerprint: Mapped[str] = mapped_column(SHA256)
+    refreshed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SavedCohort(Base):
+    """A cohort list saved by name: the filters that made it and its series as they were then.
+    The input of ``cohortflow run PROTOCOL --cohort NAME``."""
+
+    __tablename__ = "cohorts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    description: Mapped[str] = mapped_column(Text)
+    #: the filters as given (field -> text), re-parsed by ``models.cohort.CohortFilter``
+    filters: Mapped[dict[str, object]] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    patients: Mapped[int] = mapped_column(Integer)
+    studies: Mapped[int] = mapped_column(Integer)
+    series: Mapped[int] = mapped_column(Integer)
+
+
+class CohortMember(Base):
+    __tablename__ = "cohort_members"
+
+    cohort_id: Mapped[int] = mapped_column(
+        ForeignKey("cohorts.id", ondelete="CASCADE"), primary_key=True
+    )
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)

@@ -124,6 +124,17 @@ class DashboardSettings(BaseModel):
     https: bool = False
 
 
+class CohortSettings(BaseModel):
+    """Cohort discovery (``cohortflow cohort``, the dashboard's Cohorts page)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: in the de-identified layer, a count of fewer patients than this is suppressed
+    min_cell_patients: int = Field(5, ge=1, le=1000)
+    #: width of the age bands counts are grouped by
+    age_band_years: int = Field(10, ge=1, le=50)
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -150,6 +161,7 @@ class Settings(BaseSettings):
     deface: DefaceSettings = DefaceSettings()
     flow: FlowSettings = FlowSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    cohort: CohortSettings = CohortSettings()
     #: Protocol definitions; default: the file shipped in pipelines/select/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.

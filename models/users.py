@@ -1,7 +1,9 @@
 """Dashboard accounts: a name, a role, a scrypt password hash (``hashlib.scrypt``, RFC 7914).
 
 Roles: ``reviewer`` (read, record reviews), ``researcher`` (read, export, statistics),
-``admin`` (everything, and the audit log). Making, changing and disabling accounts is audited.
+``steward`` (read, the identified layer of cohort discovery, the audit log), ``admin``
+(everything but the identified layer, and the audit log). Making, changing and disabling
+accounts is audited.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from models.linkage import audit
 from models.repository import now
 from models.schema import User
 
-REVIEWER, RESEARCHER, ADMIN = "reviewer", "researcher", "admin"
-ROLES = (REVIEWER, RESEARCHER, ADMIN)
+REVIEWER, RESEARCHER, STEWARD, ADMIN = "reviewer", "researcher", "steward", "admin"
+ROLES = (REVIEWER, RESEARCHER, STEWARD, ADMIN)
 #: scrypt cost: 2**15 x 8 x 1 takes about 0.1 s and 32 MiB (OWASP's minimum is 2**17 x 8 x 1
 #: with 128 MiB; a login is rare, a stolen index should cost an attacker more)
 _N, _R, _P = 2**15, 8, 1

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from models.database import IndexDB, open_index
 from models.schema import AuditEntry, Review
 from models.settings import load_settings
 from models.users import authenticate, set_account
+from pipelines.cohort.configured import protocol_roles, refresh_configured
 from qc.dashboard.app import create_app
 from tests.review_helpers import Cohort, build
 
@@ -34,9 +36,20 @@ def site(
     index = open_index(settings.index)
     cohort = build(index)
     with index.session() as session:
-        for name, role in (("rita", "reviewer"), ("sam", "researcher"), ("ada", "admin")):
+        for name, role in (
+            ("rita", "reviewer"),
+            ("sam", "researcher"),
+            ("ada", "admin"),
+            ("stella", "steward"),
+        ):
             set_account(session, name, role, PASSWORD)
-    with TestClient(create_app(settings, index)) as client:
+    app = create_app(
+        settings,
+        index,
+        refresh=lambda db: refresh_configured(settings, db),
+        protocols=protocol_roles(settings),
+    )
+    with TestClient(app) as client:
         yield client, index, cohort
     index.dispose()
 
@@ -61,7 +74,10 @@ def test_nothing_answers_without_a_session(
         answer = client.get(path, follow_redirects=False)
         assert answer.status_code == 303, path
         assert answer.headers["location"].startswith("/login?next=")
-    for path in ("/api/overview", "/api/failures", f"/api/series/{uid}", "/api/export/biomarkers"):
+    for path in ("/cohorts", "/cohorts/chart.png?by=sex"):
+        assert client.get(path, follow_redirects=False).status_code == 303, path
+    for path in ("/api/overview", "/api/failures", f"/api/series/{uid}", "/api/export/biomarkers",
+                 "/api/cohorts/count", "/api/cohorts/list"):  # fmt: skip
         assert client.get(path).status_code == 401, path
     assert (
         client.get(f"/series/{uid}/picture/deface.png", follow_redirects=False).status_code == 303
@@ -188,7 +204,8 @@ def test_no_identifier_on_any_page_or_answer(site: tuple[TestClient, IndexDB, Co
     uids = [s.pseudo_series for s in cohort.subjects]
     paths = ["/", "/failures", "/failures?status=warn", "/api/overview", "/api/failures", "/audit"]
     paths += [f"/series/{u}" for u in uids[:10]] + [f"/api/series/{u}" for u in uids[:10]]
-    paths += ["/api/export/biomarkers", "/export"]
+    paths += ["/api/export/biomarkers", "/export", "/cohorts?by=year&by=sex"]
+    paths += ["/api/cohorts/list?limit=1000", "/api/cohorts/count?by=year&by=age_band"]
     for path in paths:
         text = client.get(path).text
         for value in cohort.planted:
@@ -204,3 +221,59 @@ def test_disabled_accounts_lose_their_session(site: tuple[TestClient, IndexDB, C
         disable_account(session, "rita")
         assert authenticate(session, "rita", PASSWORD) is None
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_cohorts_page_counts_saves_and_keeps_the_identified_layer_to_stewards(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    client, index, cohort = site
+    token = login(client, "rita")
+    women = [s for s in cohort.subjects if s.sex == "F"]
+    page = client.get("/cohorts?sex=F&by=scanner")
+    assert page.status_code == 200 and 'data-testid="cohort-chart"' in page.text
+    counted = client.get("/api/cohorts/count?sex=F&by=scanner").json()
+    assert counted["layer"] == "deidentified" and counted["total"]["patients"] == len(women)
+    by_scanner = {c["scanner"]: c["patients"] for c in counted["cells"]}
+    for scanner in {s.scanner for s in women}:
+        n = sum(1 for s in women if s.scanner == scanner)
+        assert by_scanner[scanner] == (n if n >= 5 else None)
+    chart = client.get("/cohorts/chart.png?sex=F&by=scanner")
+    assert chart.headers["content-type"] == "image/png" and chart.content[:4] == b"\x89PNG"
+    # bad input: 400 naming the filter; the identified layer: stewards only
+    bad = client.get("/api/cohorts/count?age=old")
+    assert bad.status_code == 400 and "filter age" in bad.json()["detail"]
+    assert client.get("/api/cohorts/count?sexx=F").status_code == 400
+    assert client.get("/api/cohorts/count?identified=1").status_code == 403
+    assert 'name="identified"' not in client.get("/cohorts").text  # no such box for them
+    # saving: a form with its token (a forged one is refused), then the saved list shows it
+    form = {"name": "women", "sex": "F", "description": "feasibility", "csrf": "forged"}
+    assert client.post("/cohorts/save", data=form).status_code == 403
+    saved = client.post("/cohorts/save", data={**form, "csrf": token}, follow_redirects=True)
+    assert saved.status_code == 200 and "feasibility" in saved.text
+    inside = client.get("/api/cohorts/count?cohort=women").json()["total"]
+    assert inside["patients"] == len(women)
+    answer = client.post(
+        "/api/cohorts/save",
+        json={"name": "men", "filters": {"sex": "M"}},
+        headers={"X-CSRF-Token": token},
+    )
+    assert answer.status_code == 200 and answer.json()["patients"] == len(cohort.subjects) - len(
+        women
+    )
+    # a steward sees real identifiers and years, and each use is audited
+    client.post("/logout", data={"csrf": token})
+    login(client, "stella")
+    rows = client.get("/api/cohorts/list?identified=1&cohort=women&limit=1000").json()["rows"]
+    assert {r["accession_number"] for r in rows} == {s.accession for s in women}
+    years = client.get("/api/cohorts/count?identified=1&by=year").json()["cells"]
+    assert [c["year"] for c in years] == ["2024"]
+    with index.session() as session:
+        uses = session.scalars(
+            select(AuditEntry).where(AuditEntry.action.startswith("cohort.identified"))
+        ).all()
+        saves = session.scalars(select(AuditEntry).where(AuditEntry.action == "cohort.save")).all()
+    assert [(u.action, u.actor) for u in uses] == [
+        ("cohort.identified.list", "stella"),
+        ("cohort.identified.count", "stella"),
+    ]
+    assert [s.actor for s in saves] == ["rita", "rita"]

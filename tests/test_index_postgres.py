@@ -370,3 +370,46 @@ def test_processes_opening_a_new_index_together_migrate_it_once_on_postgres(
     index = open_index(url, upgrade=False)
     assert current_revision(index.engine) == head_revision()
     index.dispose()
+
+
+def test_cohort_discovery_answers_the_same_on_postgres_and_sqlite(
+    tmp_path: Path, pg_index: IndexDB
+) -> None:
+    """The cohort table built and queried on both backends: the same counts, cells and lists."""
+    from models.cohort import IDENTIFIED, CohortFilter, count, list_series, save_cohort
+    from pipelines.anonymize.keys import ProjectKey
+    from pipelines.cohort.refresh import refresh
+    from pipelines.select.protocols import load_protocols
+    from tests.review_helpers import build
+
+    sqlite_index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    key, protocols = ProjectKey(b"k" * 32, "test"), load_protocols()
+    answers = []
+    try:
+        for index in (sqlite_index, pg_index):
+            build(index)
+            first = refresh(index, key, protocols)
+            assert first.rebuilt and first.series == 40
+            assert refresh(index, key, protocols).series == 0  # nothing to do
+            got = []
+            with index.session() as session:
+                for where, by in (
+                    ({}, ("year", "scanner")),
+                    ({"sex": "F", "age": "80.."}, ("age_band", "field_strength")),
+                    ({"manufacturer": "siemens", "date": "1870..1880"}, ("sex",)),
+                    ({"study_description": "dementia"}, ("protocol", "qc", "biomarkers")),
+                ):
+                    flt = CohortFilter.parse(where)
+                    got.append(count(session, flt, by, min_cell=3).as_dict())
+                    got.append(count(session, flt, by, layer=IDENTIFIED, actor="t").as_dict())
+                got.append(list_series(session, CohortFilter.parse({"sex": "M"})).as_dict())
+                saved = save_cohort(session, "men", CohortFilter.parse({"sex": "M"}), actor="t")
+                got.append((saved.patients, saved.studies, saved.series))
+            for answer in got:
+                if isinstance(answer, dict):
+                    answer.pop("seconds", None)
+            answers.append(got)
+    finally:
+        sqlite_index.dispose()
+    assert answers[0] == answers[1]
+    assert answers[0][-1] == (20, 20, 20)

@@ -522,3 +522,51 @@ def test_a_pacs_that_stops_answering_mid_transfer_times_out_and_resumes(
     second = _retrieve(pacs, index, scanners, tmp_path, ids[2])
     assert second.state == "complete"
     _assert_archive_matches_pacs(pacs, index, ids[2:3])
+
+
+def test_a_manifest_selects_archived_studies_from_the_index_and_queries_the_pacs_for_the_rest(
+    pacs: Pacs,
+    cohorts: list[CohortResult],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``cohortflow select --manifest``: what a saved cohort's manifest (or any list of
+    studies) becomes; then ``cohortflow retrieve`` fetches only what the archive lacks."""
+    _use_pacs(monkeypatch, tmp_path, pacs)
+    dementia = cohorts[1]
+    studies = [st for p in dementia.truth.patients for st in p.studies]
+    accessions = [st.accession_number for st in studies]
+    archived, by_accession, by_uid = (
+        studies[0],
+        next(st for st in studies[1:] if accessions.count(st.accession_number) == 1),
+        studies[-1],
+    )
+    assert main(["ingest", str(dementia.out_dir / archived.folder)]) in (0, 1)
+    capsys.readouterr()
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "study_instance_uid,accession_number\n"
+        f"{archived.study_instance_uid},\n,{by_accession.accession_number}\n"
+        f"{by_uid.study_instance_uid},\n2.25.1234567890,\n"
+    )
+    assert main(["select", "dementia", "--manifest", str(manifest), "--json"]) == 0
+    selection = json.loads(capsys.readouterr().out)
+    assert selection["listed_from"] == f"manifest {manifest}"
+    assert selection["studies_found"] == 4 and selection["studies_selected"] == 3
+    found = {s["study_instance_uid"]: s for s in selection["studies"]}
+    assert "2.25.1234567890 is not in the archive or the PACS" in found[""]["why"]
+    for study in (archived, by_accession, by_uid):
+        chosen = {se["series_instance_uid"] for se in found[study.study_instance_uid]["series"]
+                  if se["selected"]}  # fmt: skip
+        assert chosen == {se.series_instance_uid for se in study.series
+                          if se.kind in EXPECTED_KINDS["dementia"]}  # fmt: skip
+    assert main(["retrieve", "--json"]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    status = {s["study_instance_uid"]: s["status"] for s in outcome["studies"]}
+    assert outcome["state"] == "complete"
+    assert status == {
+        archived.study_instance_uid: "already",
+        by_accession.study_instance_uid: "complete",
+        by_uid.study_instance_uid: "complete",
+    }

@@ -334,6 +334,17 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
                 page.click("[data-testid=export-form] button[type=submit]")
             saved = tmp_path / "download.csv"
             download.value.save_as(saved)
+            # cohort discovery: count the dementia T1s by sex, with the server's bar chart
+            page.click("header nav >> text=Cohorts")
+            page.fill("[data-testid=filter-protocol]", "dementia:t1_3d")
+            page.select_option("[data-testid=by-0]", "sex")
+            page.click("[data-testid=count]")
+            page.wait_for_url("**/cohorts?*protocol=dementia%3At1_3d*")
+            assert shown("[data-testid=cohort-chart]") > 300
+            total = page.inner_text("[data-testid=cohort-total]").split()
+            assert total[2:4] == [str(STUDIES), str(STUDIES)]  # studies and series
+            page.screenshot(path=str(shots / "6-cohorts.png"), full_page=True)
+            seen.append(page.content().encode())
             browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -374,3 +385,49 @@ def test_dask_and_postgres_gave_the_single_process_results(
         k: v for k, v in single.items() if k not in own
     }
     assert dask["results"] == comparable(_results(killed_and_resumed["url"]))
+
+
+# --- a saved cohort drives a run (last: the reviews above change what a new run does) --------
+
+
+def test_a_saved_cohort_drives_a_run_over_exactly_its_studies(
+    killed_and_resumed: dict[str, Any], pacs: Pacs, model_cache: Path, figures: Any
+) -> None:
+    from models.schema import SelectedSeries, Selection
+
+    home, url = killed_and_resumed["home"], killed_and_resumed["url"]
+    truth: CohortTruth = killed_and_resumed["truth"]
+    env = _env(home, pacs, model_cache)
+    log = home / "cohort.log"
+    save = ["cohort", "save", "women", "--sex", "F", "--protocol", "dementia:t1_3d", "--json"]
+    saved = _finish(_cohortflow(save, env, log), log)
+    women = [st for p in truth.patients if p.sex == "F" for st in p.studies]
+    assert 0 < saved["studies"] == len(women) < STUDIES
+    started = time.monotonic()
+    outcome = _finish(_cohortflow([*RUN[:2], "--cohort", "women", "--json"], env, log), log)
+    seconds = time.monotonic() - started
+    index = open_index(url)
+    try:
+        with index.session() as session:
+            selection = session.get(Selection, outcome["selection_id"])
+            assert selection is not None and selection.listed_from == "cohort women"
+            chosen = set(
+                session.scalars(
+                    select(SelectedSeries.study_instance_uid).where(
+                        SelectedSeries.selection_id == selection.id
+                    )
+                )
+            )
+    finally:
+        index.dispose()
+    # exactly the cohort's studies, each with the series the protocol's rules choose
+    assert chosen == {st.study_instance_uid for st in women}
+    assert outcome["studies_selected"] == len(women)
+    assert outcome["t1_series"] == sum(1 for st in women for se in st.series if se.kind == "t1_3d")
+    assert outcome["series_retrieved"] == outcome["series_selected"]  # all already archived
+    figures(
+        f"a saved cohort of {len(women)} studies (women, dementia T1s) ran in {seconds:.0f} s "
+        f"(everything already done but what the review changed): selection {selection.id} "
+        f"listed from 'cohort women', T1s with biomarkers {outcome['t1_with_biomarkers']}/"
+        f"{outcome['t1_series']}"
+    )

@@ -80,6 +80,10 @@ class ProjectKey:
         jitter = int.from_bytes(self._mac("dates", patient_key)[:4], "big") % DATE_JITTER_DAYS
         return -(DATE_OFFSET_BASE_DAYS + jitter)
 
+    def fingerprint(self) -> str:
+        """A keyed hash of a constant: tells whether two keys are the same, reveals nothing."""
+        return self._mac("fingerprint", "cohortflow").hex()
+
     def uid(self, uid: str) -> str:
         """The project's UID for ``uid`` (``2.25.`` + a 128-bit keyed hash, PS3.5 B.2)."""
         return "2.25." + str(int.from_bytes(self._mac("uid", uid)[:16], "big"))

@@ -82,6 +82,8 @@ class SelectionResult:
     notes: tuple[str, ...] = NOTES
     #: Rule fields the PACS returned for no series at all (it may not support them).
     unanswered: tuple[str, ...] = field(default=())
+    #: a listed selection's source (``cohort NAME``, ``manifest FILE``; see select/listed.py)
+    listed_from: str | None = None
 
     @property
     def selected(self) -> tuple[StudyCandidate, ...]:
@@ -231,4 +233,5 @@ def record_selection(index: IndexDB, result: SelectionResult, protocols_file: Pa
             protocols_sha256=digest,
             studies=len(result.selected),
             series=chosen,
+            listed_from=result.listed_from,
         )

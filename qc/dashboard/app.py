@@ -20,7 +20,7 @@ import json
 import logging
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from importlib import resources
@@ -45,17 +45,19 @@ from models.database import IndexDB, open_index
 from models.errors import CohortflowError
 from models.reviews import DECISIONS, record_review
 from models.settings import Settings
-from models.users import ADMIN, RESEARCHER, REVIEWER, Account, account, authenticate
+from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, account, authenticate
 from qc.dashboard import plots, queries
 
 log = logging.getLogger(__name__)
 
 _HERE = resources.files("qc.dashboard")
 #: who may do what
-READ = (REVIEWER, RESEARCHER, ADMIN)
+READ = (REVIEWER, RESEARCHER, STEWARD, ADMIN)
 REVIEW = (REVIEWER, ADMIN)
 EXPORT = (RESEARCHER, ADMIN)
-AUDIT = (ADMIN,)
+AUDIT = (STEWARD, ADMIN)
+#: the identified layer of cohort discovery: the data steward only
+IDENTIFIED_ROLES = (STEWARD,)
 
 
 class NotLoggedInError(Exception):
@@ -74,8 +76,18 @@ def session_secret(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
-    """The dashboard over ``settings``' index (or ``index``, left open for the caller)."""
+def create_app(
+    settings: Settings,
+    index: IndexDB | None = None,
+    *,
+    refresh: Callable[[IndexDB], object] | None = None,
+    protocols: Mapping[str, Sequence[str]] | None = None,
+) -> FastAPI:
+    """The dashboard over ``settings``' index (or ``index``, left open for the caller).
+
+    ``refresh`` brings cohort discovery's table up to date before a cohort query, and
+    ``protocols`` (name -> include rules) checks protocol filters; the command line passes
+    both (they live in ``pipelines``, which the dashboard does not import)."""
     state: dict[str, IndexDB] = {}
 
     @asynccontextmanager
@@ -445,6 +457,145 @@ def create_app(settings: Settings, index: IndexDB | None = None) -> FastAPI:
         format: str = "csv",
     ) -> Response:
         return export(who, protocol, format, None)
+
+    # --- cohorts ----------------------------------------------------------------------------
+
+    def cohort_query(
+        request: Request, who: Account
+    ) -> tuple[Any, tuple[str, ...], str, dict[str, str]]:
+        """The filters, grouping and layer of a cohort request (its URL query)."""
+        from models.cohort import DEIDENTIFIED, FILTER_NAMES, IDENTIFIED, CohortFilter
+        from models.cohort import parse_groups as groups_of
+
+        params = {k: v for k, v in request.query_params.items() if v and k != "by"}
+        unknown = sorted(set(params) - set(FILTER_NAMES) - {"identified", "limit", "offset"})
+        try:
+            if unknown:
+                CohortFilter.parse({unknown[0]: params[unknown[0]]})  # names the filter
+            flt = CohortFilter.parse({k: params.get(k) for k in FILTER_NAMES}, protocols)
+            by = groups_of([b for b in request.query_params.getlist("by") if b][:3])
+        except CohortflowError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        layer = DEIDENTIFIED
+        if params.get("identified"):
+            if who.role not in IDENTIFIED_ROLES:
+                raise HTTPException(403, "the identified layer is for steward accounts only")
+            layer = IDENTIFIED
+        return flt, by, layer, params
+
+    def cohort_count(who: Account, flt: Any, by: tuple[str, ...], layer: str) -> Any:
+        from models.cohort import count
+
+        with db() as session:
+            return count(
+                session,
+                flt,
+                by,
+                layer=layer,
+                min_cell=settings.cohort.min_cell_patients,
+                age_band=settings.cohort.age_band_years,
+                actor=who.username,
+            )
+
+    def fresh() -> None:
+        if refresh is not None:
+            refresh(state["index"])
+
+    @app.get("/cohorts", response_class=HTMLResponse)
+    def cohorts_page(
+        request: Request, who: Annotated[Account, Depends(role(*READ))]
+    ) -> HTMLResponse:
+        from models.cohort import FILTERS, GROUPS, saved_cohorts
+
+        fresh()
+        flt, by, layer, params = cohort_query(request, who)
+        result = cohort_count(who, flt, by, layer)
+        with db() as session:
+            saved = saved_cohorts(session)
+        chart = urlencode([*params.items(), *(("by", b) for b in by)])
+        return render(
+            request,
+            "cohorts.html",
+            who,
+            filters=FILTERS,
+            groups=GROUPS,
+            params=params,
+            by=by,
+            result=result,
+            saved=saved,
+            chart=chart,
+            steward=who.role in IDENTIFIED_ROLES,
+        )
+
+    @app.get("/cohorts/chart.png")
+    def cohorts_chart(request: Request, who: Annotated[Account, Depends(role(*READ))]) -> Response:
+        flt, by, layer, _ = cohort_query(request, who)
+        result = cohort_count(who, flt, by, layer)
+        labels = [" / ".join(c.key) for c in result.cells]
+        png = plots.cohort_bars(labels, [c.patients for c in result.cells], result.min_cell)
+        return Response(png, media_type="image/png")
+
+    @app.get("/api/cohorts/count")
+    def cohorts_count_api(
+        request: Request, who: Annotated[Account, Depends(role(*READ))]
+    ) -> dict[str, Any]:
+        fresh()
+        flt, by, layer, _ = cohort_query(request, who)
+        return dict(cohort_count(who, flt, by, layer).as_dict())
+
+    @app.get("/api/cohorts/list")
+    def cohorts_list_api(
+        request: Request,
+        who: Annotated[Account, Depends(role(*READ))],
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        from models.cohort import list_series
+
+        fresh()
+        flt, _, layer, _ = cohort_query(request, who)
+        with db() as session:
+            found = list_series(
+                session,
+                flt,
+                layer=layer,
+                limit=min(max(limit, 1), 1000),
+                offset=max(offset, 0),
+                actor=who.username,
+            )
+        return dict(json.loads(json.dumps(found.as_dict(), default=str)))
+
+    def save(who: Account, name: str, description: str, values: dict[str, str]) -> Any:
+        from models.cohort import FILTER_NAMES, CohortFilter, save_cohort
+
+        fresh()
+        try:
+            flt = CohortFilter.parse({k: values.get(k) for k in FILTER_NAMES}, protocols)
+            with db() as session:
+                return save_cohort(
+                    session, name.strip(), flt, actor=who.username, description=description
+                )
+        except CohortflowError as exc:
+            raise HTTPException(400, str(exc)) from exc
+
+    @app.post("/cohorts/save")
+    async def cohorts_save(
+        request: Request, who: Annotated[Account, Depends(role(*READ))]
+    ) -> RedirectResponse:
+        form = await request.form()
+        check_token(request, str(form.get("csrf", "")))
+        values = {str(k): str(v) for k, v in form.items() if isinstance(v, str)}
+        saved = save(who, values.pop("name", ""), values.pop("description", ""), values)
+        return RedirectResponse(f"/cohorts?cohort={saved.name}", status_code=303)
+
+    @app.post("/api/cohorts/save")
+    def cohorts_save_api(
+        request: Request, body: dict[str, Any], who: Annotated[Account, Depends(role(*READ))]
+    ) -> dict[str, Any]:
+        check_token(request, request.headers.get("x-csrf-token"))
+        filters = {str(k): str(v) for k, v in dict(body.get("filters") or {}).items()}
+        saved = save(who, str(body.get("name", "")), str(body.get("description", "")), filters)
+        return dict(saved.as_dict())
 
     # --- audit ------------------------------------------------------------------------------
 

@@ -73,3 +73,25 @@ def metric_distributions(metrics: Sequence[MetricView]) -> bytes:
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     return _png(plt, fig)
+
+
+def cohort_bars(labels: Sequence[str], patients: Sequence[int | None], min_cell: int) -> bytes:
+    """Patients per group of a cohort count; a suppressed cell is a hatched stub marked <k."""
+    plt, fig, ax = _figure(7.5, max(1.6, 0.28 * len(labels) + 0.8))
+    shown = [p or 0 for p in patients]
+    top = max(shown, default=0) or 1
+    ys = list(range(len(labels)))[::-1]
+    for y, value, count in zip(ys, shown, patients, strict=True):
+        if count is None:
+            ax.barh(y, top * 0.02, color="white", edgecolor="#888", hatch="///")
+            ax.text(top * 0.03, y, f"<{min_cell}", va="center", fontsize=8, color="#555")
+        else:
+            ax.barh(y, value, color="#3b6ea5")
+            ax.text(value + top * 0.01, y, f"{value:,}", va="center", fontsize=8)
+    ax.set_yticks(ys, [label[:48] for label in labels], fontsize=8)
+    ax.set_xlabel("patients")
+    ax.set_xlim(0, top * 1.12)
+    ax.grid(axis="x", alpha=0.3)
+    if not labels:
+        ax.text(0.5, 0.5, "no group", ha="center", va="center", transform=ax.transAxes)
+    return _png(plt, fig)

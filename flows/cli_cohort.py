@@ -1,0 +1,421 @@
+"""``cohortflow cohort``: feasibility counts and cohort lists from the archive index
+(registered by ``flows.cli``; same exit codes and ``--json``).
+
+The de-identified layer is the default. ``--identified`` asks for a steward account
+(``--user``, the password from the terminal or ``--password-stdin``) and every use is audited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from models.database import IndexDB
+from models.settings import Settings
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    from models.cohort import FILTERS
+
+    group = parser.add_argument_group("filters (all must hold)")
+    for spec in FILTERS:
+        group.add_argument(
+            f"--{spec.name.replace('_', '-')}",
+            dest=f"where_{spec.name}",
+            metavar="VALUE" if spec.kind != "choice" else "|".join(spec.choices),
+            help=spec.help,
+        )
+
+
+def _add_layer(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the identified layer (steward accounts only; audited)")
+    group.add_argument(
+        "--identified",
+        action="store_true",
+        help="patient IDs, accession numbers, real dates and UIDs; no small-cell suppression",
+    )
+    _add_user(group)
+
+
+def _add_user(group: Any) -> None:
+    group.add_argument("--user", metavar="NAME", help="your steward account (cohortflow users)")
+    group.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (else: asked for)",
+    )
+
+
+def add_commands(sub: Any) -> None:
+    cohort = sub.add_parser(
+        "cohort",
+        help="feasibility counts and cohort lists from the archive index",
+        description="How many series, studies and patients match, grouped; lists of them; "
+        "saved cohorts for `cohortflow run PROTOCOL --cohort NAME`. De-identified by default: "
+        "pseudonyms, shifted dates and ages only, counts of fewer than "
+        "cohort.min_cell_patients patients suppressed.",
+    )
+    cohort_sub = cohort.add_subparsers(dest="what", metavar="WHAT", required=True)
+    count = cohort_sub.add_parser(
+        "count",
+        help="patients, studies, series and instances matching the filters, grouped",
+        description="Counts of the series matching every filter, in total and per group.",
+    )
+    _add_filters(count)
+    count.add_argument(
+        "--by",
+        metavar="GROUPS",
+        help="comma-separated: year, scanner, protocol, role, sex, age_band, modality, "
+        "field_strength, manufacturer, body_part, acquisition, qc, biomarkers",
+    )
+    count.add_argument("--age-band", type=int, metavar="YEARS", help="default: settings (10)")
+    _add_layer(count)
+    count.add_argument("--json", action="store_true", help="print the counts as JSON")
+
+    listing = cohort_sub.add_parser(
+        "list", help="the matching series, one a line", description="The matching series."
+    )
+    _add_filters(listing)
+    listing.add_argument("--limit", type=int, default=100, metavar="N", help="0: all (100)")
+    listing.add_argument("--offset", type=int, default=0, metavar="N")
+    listing.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV too")
+    _add_layer(listing)
+    listing.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    save = cohort_sub.add_parser(
+        "save",
+        help="save the matching series as a named cohort",
+        description="Save the series matching the filters now as cohort NAME: the input of "
+        "`cohortflow run PROTOCOL --cohort NAME`. Audited.",
+    )
+    save.add_argument("name")
+    _add_filters(save)
+    save.add_argument("--description", default="", help="what the cohort is for")
+    save.add_argument("--replace", action="store_true", help="renew a cohort of that name")
+    save.add_argument("--json", action="store_true", help="print the saved cohort as JSON")
+
+    saved = cohort_sub.add_parser("saved", help="the saved cohorts")
+    saved.add_argument("--json", action="store_true")
+    drop = cohort_sub.add_parser("delete", help="delete a saved cohort (audited)")
+    drop.add_argument("name")
+
+    manifest = cohort_sub.add_parser(
+        "manifest",
+        help="a saved cohort's studies as a retrieval manifest (steward; audited)",
+        description="Write the saved cohort's studies (accession number, instances, "
+        "StudyInstanceUID, study date, series) as CSV: `cohortflow select PROTOCOL --manifest "
+        "FILE` queries the PACS for the studies not yet archived, `cohortflow ingest "
+        "--manifest FILE` accounts for a delivery of them. Identifiers: steward accounts only.",
+    )
+    manifest.add_argument("name")
+    manifest.add_argument("--out", metavar="PATH", help="file to write (default: standard output)")
+    _add_user(manifest)
+
+    refresh = cohort_sub.add_parser(
+        "refresh",
+        help="bring the cohort table up to date (every query does it first)",
+    )
+    refresh.add_argument("--json", action="store_true")
+
+
+def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
+    if args.command != "cohort":
+        return None
+    handlers = {
+        "count": _count,
+        "list": _list,
+        "save": _save,
+        "saved": _saved,
+        "delete": _delete,
+        "manifest": _manifest,
+        "refresh": _refresh,
+    }
+    return handlers[args.what](args, settings, err)
+
+
+@contextmanager
+def _index(settings: Settings, refresh: bool = True) -> Iterator[IndexDB]:
+    from models.database import open_index
+    from pipelines.cohort.configured import refresh_configured
+
+    index = open_index(settings.index)
+    try:
+        if refresh:
+            refresh_configured(settings, index)
+        yield index
+    finally:
+        index.dispose()
+
+
+def _filter(args: argparse.Namespace, settings: Settings) -> Any:
+    from models.cohort import FILTER_NAMES, CohortFilter
+    from pipelines.cohort.configured import protocol_roles
+
+    values = {name: getattr(args, f"where_{name}", None) for name in FILTER_NAMES}
+    return CohortFilter.parse(values, protocol_roles(settings))
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if sys.stdin.isatty():
+        return getpass.getpass(f"password for {args.user}: ")
+    return None
+
+
+def _steward(args: argparse.Namespace, index: IndexDB, err: Console) -> str | None:
+    """The steward's name when ``--user`` and the password are right; None (said) otherwise."""
+    from models.users import STEWARD, authenticate
+
+    if not args.user:
+        err.print("[red]usage error:[/red] the identified layer needs --user (a steward account)")
+        return None
+    password = _password(args)
+    if password is None:
+        err.print("[red]usage error:[/red] no terminal to ask for a password: --password-stdin")
+        return None
+    with index.session() as session:
+        found = authenticate(session, args.user, password)
+    if found is None:
+        err.print(f"[red]error:[/red] wrong user name or password for {args.user}")
+        return None
+    if found.role != STEWARD:
+        err.print(
+            f"[red]error:[/red] {args.user} is a {found.role}: the identified layer is for "
+            "steward accounts only"
+        )
+        return None
+    return found.username
+
+
+def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str, str | None]:
+    from models.cohort import DEIDENTIFIED, IDENTIFIED
+
+    if not args.identified:
+        if args.user or args.password_stdin:
+            err.print("[yellow]--user is only used with --identified[/yellow]")
+        return DEIDENTIFIED, None
+    steward = _steward(args, index, err)
+    return (IDENTIFIED, steward) if steward else ("", None)
+
+
+def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import count, parse_groups
+
+    flt = _filter(args, settings)
+    by = parse_groups(args.by)
+    with _index(settings) as index:
+        layer, actor = _layer(args, index, err)
+        if not layer:
+            return EXIT_USAGE
+        with index.session() as session:
+            result = count(
+                session,
+                flt,
+                by,
+                layer=layer,
+                min_cell=settings.cohort.min_cell_patients,
+                age_band=args.age_band or settings.cohort.age_band_years,
+                actor=actor,
+            )
+    if args.json:
+        sys.stdout.write(json.dumps(result.as_dict(), indent=1) + "\n")
+        return EXIT_OK
+    print_counts(result, Console())
+    return EXIT_OK
+
+
+def _shown(value: int | None, suppressed: str | None, min_cell: int) -> str:
+    if suppressed is not None:
+        return f"<{min_cell}" if suppressed == "small" else "*"
+    return "" if value is None else f"{value:,}"
+
+
+def print_counts(result: Any, console: Console) -> None:
+    layer = "identified layer" if result.layer == "identified" else "de-identified layer"
+    where = ", ".join(f"{k}={v}" for k, v in result.filters.items()) or "no filter"
+    table = Table(title=f"cohort count ({layer}): {where}")
+    for group in result.by:
+        table.add_column(group)
+    for name in ("patients", "studies", "series", "instances"):
+        table.add_column(name, justify="right")
+    k = result.min_cell
+    for cell in result.cells:
+        counts = (cell.patients, cell.studies, cell.series, cell.instances)
+        table.add_row(*cell.key, *(_shown(v, cell.suppressed, k) for v in counts))
+    total = result.total
+    counts = (total.patients, total.studies, total.series, total.instances)
+    table.add_row(
+        *(["total"] + [""] * (len(result.by) - 1) if result.by else []),
+        *(_shown(v, total.suppressed, k) for v in counts),
+        style="bold",
+    )
+    if not result.by:
+        table.title = f"{table.title} (total)"
+    console.print(table)
+    if any(c.suppressed for c in (*result.cells, total)):
+        console.print(
+            f"<{k}: fewer than {k} patients, suppressed; *: suppressed so that it cannot be "
+            "worked out from the total"
+        )
+    if result.layer == "deidentified" and "year" in result.by:
+        console.print("years are those of the shifted dates the pseudonymized data carry")
+
+
+def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import list_series
+
+    if args.limit < 0 or args.offset < 0:
+        err.print("[red]usage error:[/red] --limit and --offset must not be negative")
+        return EXIT_USAGE
+    flt = _filter(args, settings)
+    with _index(settings) as index:
+        layer, actor = _layer(args, index, err)
+        if not layer:
+            return EXIT_USAGE
+        with index.session() as session:
+            found = list_series(
+                session, flt, layer=layer, limit=args.limit or None, offset=args.offset,
+                actor=actor,
+            )  # fmt: skip
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(found.columns))
+            writer.writeheader()
+            writer.writerows(found.rows)
+    if args.json:
+        sys.stdout.write(json.dumps(found.as_dict(), indent=1, default=str) + "\n")
+        return EXIT_OK
+    shown: tuple[str, ...] = (
+        "pseudonym",
+        "date",
+        "age",
+        "sex",
+        "protocols",
+        "series_description",
+        "field_strength",
+        "instances",
+        "qc",
+    )
+    if layer == "identified":
+        shown = ("patient_id", "accession_number", "study_date", *shown)
+    table = Table(title=f"{found.total} series ({layer} layer)")
+    for name in shown:
+        table.add_column(name)
+    for row in found.rows:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in shown))
+    Console().print(table)
+    if found.total > found.offset + len(found.rows):
+        err.print(
+            f"rows {found.offset + 1}-{found.offset + len(found.rows)} of {found.total}: "
+            "--offset / --limit for more (--limit 0: all), --json or --csv for every column"
+        )
+    return EXIT_OK
+
+
+def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import save_cohort
+    from models.linkage import os_user
+
+    flt = _filter(args, settings)
+    with _index(settings) as index, index.session() as session:
+        info = save_cohort(
+            session,
+            args.name,
+            flt,
+            actor=os_user(),
+            description=args.description,
+            replace=args.replace,
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(info.as_dict(), indent=1) + "\n")
+    else:
+        err.print(
+            f"cohort {info.name} saved: {info.patients} patients, {info.studies} studies, "
+            f"{info.series} series; `cohortflow run PROTOCOL --cohort {info.name}` processes it"
+        )
+    return EXIT_OK
+
+
+def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import saved_cohorts
+
+    with _index(settings, refresh=False) as index, index.session() as session:
+        found = saved_cohorts(session)
+    if args.json:
+        sys.stdout.write(json.dumps({"cohorts": [c.as_dict() for c in found]}, indent=1) + "\n")
+        return EXIT_OK
+    table = Table(title="saved cohorts")
+    for name in ("name", "patients", "studies", "series", "filters", "by", "at"):
+        table.add_column(name)
+    for c in found:
+        where = ", ".join(f"{k}={v}" for k, v in c.filters.items())
+        table.add_row(c.name, str(c.patients), str(c.studies), str(c.series), where,
+                      c.created_by, f"{c.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
+    Console().print(table)
+    return EXIT_OK
+
+
+def _delete(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import delete_cohort
+    from models.linkage import os_user
+
+    with _index(settings, refresh=False) as index, index.session() as session:
+        delete_cohort(session, args.name, actor=os_user())
+    err.print(f"cohort {args.name} deleted")
+    return EXIT_OK
+
+
+def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.cohort import manifest
+    from pipelines.cohort.configured import write_manifest
+
+    with _index(settings, refresh=False) as index:
+        steward = _steward(args, index, err)
+        if steward is None:
+            return EXIT_USAGE
+        with index.session() as session:
+            rows = manifest(session, args.name, actor=steward)
+    if args.out and args.out != "-":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(rows, out)
+        err.print(f"{len(rows)} studies written to {out}")
+    else:
+        write_manifest(rows, sys.stdout)  # type: ignore[arg-type]
+    return EXIT_OK
+
+
+def _refresh(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from dataclasses import asdict
+
+    from models.database import open_index
+    from pipelines.cohort.configured import refresh_configured
+
+    index = open_index(settings.index)
+    try:
+        summary = refresh_configured(settings, index)
+    finally:
+        index.dispose()
+    if args.json:
+        sys.stdout.write(json.dumps(asdict(summary), indent=1) + "\n")
+    else:
+        what = "rebuilt" if summary.rebuilt else "brought up to date"
+        err.print(
+            f"cohort table {what}: {summary.series} series of {summary.studies} studies "
+            f"written, {summary.verdicts} QC verdicts, {summary.seconds:.1f} s"
+        )
+    return EXIT_OK
