@@ -82,8 +82,8 @@ SERIES = {
 }
 #: instances per series of each kind: 3D series as one enhanced multi-frame object or a few
 #: classic slices, so that 50,000 studies hold just over 1,000,000 instances
-INSTANCES = {"loc": 3, "t1": 2, "t1post": 2, "dwi": 6}
-DEFAULT_INSTANCES = 5
+INSTANCES = {"loc": 3, "t1": 3, "t1post": 2, "dwi": 6}
+DEFAULT_INSTANCES = 6
 
 
 def fill(url: str, studies: int, patients: int, seed: int = 5) -> dict[str, int]:
