@@ -130,6 +130,25 @@ def fill(url: str, studies: int, patients: int, seed: int = 5) -> dict[str, int]
     made = {"instances": 0, "series": 0}
 
     def flush() -> None:
+        """Write what was made so far: studies, series, then their blobs and instances."""
+        cursor.executemany(
+            sql(
+                "INSERT INTO studies (id, study_instance_uid, patient_pk, accession_number, "
+                "study_date, study_description) VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            study_rows,
+        )
+        cursor.executemany(
+            sql(
+                "INSERT INTO series (id, series_instance_uid, study_pk, modality, "
+                "series_number, series_description, protocol_name, body_part_examined, "
+                "manufacturer, manufacturer_model_name, magnetic_field_strength, "
+                "repetition_time, echo_time, inversion_time, flip_angle, slice_thickness, "
+                "mr_acquisition_type, image_type, scanning_sequence, sequence_variant) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            series_rows,
+        )
         cursor.executemany(
             sql(
                 "INSERT INTO blobs (sha256, size, first_batch_id, archived_at) VALUES (?, 1, 1, ?)"
@@ -143,8 +162,8 @@ def fill(url: str, studies: int, patients: int, seed: int = 5) -> dict[str, int]
             ),
             instance_rows,
         )
-        blob_rows.clear()
-        instance_rows.clear()
+        for rows in (study_rows, series_rows, blob_rows, instance_rows):
+            rows.clear()
 
     for s in range(studies):
         study = s + 1
@@ -173,46 +192,7 @@ def fill(url: str, studies: int, patients: int, seed: int = 5) -> dict[str, int]
                      series_pk, i + 1, False)
                 )  # fmt: skip
         if len(instance_rows) > 50_000:
-            cursor.executemany(
-                sql(
-                    "INSERT INTO studies (id, study_instance_uid, patient_pk, accession_number, "
-                    "study_date, study_description) VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                study_rows,
-            )
-            cursor.executemany(
-                sql(
-                    "INSERT INTO series (id, series_instance_uid, study_pk, modality, "
-                    "series_number, series_description, protocol_name, body_part_examined, "
-                    "manufacturer, manufacturer_model_name, magnetic_field_strength, "
-                    "repetition_time, echo_time, inversion_time, flip_angle, slice_thickness, "
-                    "mr_acquisition_type, image_type, scanning_sequence, sequence_variant) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                series_rows,
-            )
-            study_rows.clear()
-            series_rows.clear()
             flush()
-    if study_rows:
-        cursor.executemany(
-            sql(
-                "INSERT INTO studies (id, study_instance_uid, patient_pk, accession_number, "
-                "study_date, study_description) VALUES (?, ?, ?, ?, ?, ?)"
-            ),
-            study_rows,
-        )
-        cursor.executemany(
-            sql(
-                "INSERT INTO series (id, series_instance_uid, study_pk, modality, "
-                "series_number, series_description, protocol_name, body_part_examined, "
-                "manufacturer, manufacturer_model_name, magnetic_field_strength, "
-                "repetition_time, echo_time, inversion_time, flip_angle, slice_thickness, "
-                "mr_acquisition_type, image_type, scanning_sequence, sequence_variant) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            series_rows,
-        )
     flush()
     raw.commit()
     raw.close()

@@ -45,7 +45,7 @@ from pipelines.retrieve.config import (
 from pipelines.retrieve.engine import RetrieveSummary
 from pipelines.run import steps
 from pipelines.run.outcome import RunSummary, finish, start
-from pipelines.select.query import record_selection
+from pipelines.select.query import SelectionResult, record_selection
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,14 @@ def select_task(
     settings = load_settings(config)
     result, protocols_file = select_configured(settings, protocol, date_from, date_to)
     with _opened(settings) as index:
-        selection_id = record_selection(index, result, protocols_file)
+        return _recorded(index, result, protocols_file)
+
+
+def _recorded(index: IndexDB, result: SelectionResult, protocols_file: Path) -> SelectionSummary:
+    """Store the selection; what it holds, by count."""
     return SelectionSummary(
-        selection_id,
-        protocol,
+        record_selection(index, result, protocols_file),
+        result.protocol,
         len(result.studies),
         len(result.selected),
         sum(len(s.chosen) for s in result.selected),
@@ -115,14 +119,7 @@ def select_cohort_task(
     settings = load_settings(config)
     with _opened(settings) as index:
         result, protocols_file = select_cohort(settings, index, protocol, cohort, use_pacs=use_pacs)
-        selection_id = record_selection(index, result, protocols_file)
-    return SelectionSummary(
-        selection_id,
-        protocol,
-        len(result.studies),
-        len(result.selected),
-        sum(len(s.chosen) for s in result.selected),
-    )
+        return _recorded(index, result, protocols_file)
 
 
 @task(name="retrieve-selection", tags=["pacs"])  # retries: the throttle's, per study
@@ -311,8 +308,8 @@ def protocol_flow(
     date_to = date_to or dt.date.today()
     date_from = date_from or date_to - dt.timedelta(days=lookback_days)
     parameters = {
-        "date_from": date_from.isoformat(),
-        "date_to": date_to.isoformat(),
+        "date_from": None if cohort else date_from.isoformat(),
+        "date_to": None if cohort else date_to.isoformat(),
         "max_studies": max_studies,
         "profile": str(profile) if profile else None,
         "method": method,

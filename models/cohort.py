@@ -394,14 +394,10 @@ def _conditions(session: Session, flt: CohortFilter, layer: str) -> list[ColumnE
         # protocol joins)
         chosen = aliased(CohortProtocol)
         where.append(
-            cs.series_pk.in_(
-                select(chosen.series_pk).where(_protocol_match(flt.protocol, chosen))
-            )
+            cs.series_pk.in_(select(chosen.series_pk).where(_protocol_match(flt.protocol, chosen)))
         )
     for name, pattern in flt.patterns.items():
-        column = _PATTERN_COLUMNS[name]
-        seen = session.scalars(select(column).where(column.is_not(None)).distinct()).all()
-        where.append(column.in_([v for v in seen if v is not None and pattern.search(v)]))
+        where.append(_pattern_condition(session, _PATTERN_COLUMNS[name], pattern))
     if flt.date is not None:
         day = cs.shifted_date if layer == DEIDENTIFIED else cs.study_date
         if flt.date.first is not None:
@@ -429,6 +425,29 @@ def _conditions(session: Session, flt: CohortFilter, layer: str) -> list[ColumnE
     return where
 
 
+#: the most values a pattern's condition lists (database parameter limits lie above)
+MAX_LISTED_VALUES = 5000
+
+
+def _pattern_condition(
+    session: Session, column: Any, pattern: re.Pattern[str]
+) -> ColumnElement[bool]:
+    """The rows whose ``column`` the pattern finds something in: the matching distinct values
+    as a list (or the others, when fewer), so every backend gives Python's regular expression
+    the same meaning; with too many of both, the database matches (SQLite through Python's
+    ``re``, PostgreSQL with its own, nearly identical, ``~*``)."""
+    seen = session.scalars(select(column).where(column.is_not(None)).distinct()).all()
+    hits = [v for v in seen if v is not None and pattern.search(v)]
+    if len(hits) <= MAX_LISTED_VALUES:
+        return column.in_(hits)  # type: ignore[no-any-return]
+    misses = [v for v in seen if v is not None and not pattern.search(v)]
+    if len(misses) <= MAX_LISTED_VALUES:
+        return and_(column.is_not(None), column.not_in(misses))
+    if session.get_bind().dialect.name == "sqlite":  # Python's re: the flag goes inline
+        return column.regexp_match(f"(?i){pattern.pattern}")  # type: ignore[no-any-return]
+    return column.regexp_match(pattern.pattern, flags="i")  # type: ignore[no-any-return]
+
+
 def _group_column(group: str, layer: str, age_band: int) -> Any:
     cs = CohortSeries
     return {
@@ -450,6 +469,8 @@ def _group_column(group: str, layer: str, age_band: int) -> Any:
 
 def _label(group: str, value: object, age_band: int) -> str:
     if value is None:
+        if group == "qc":
+            return "none"  # not judged yet: the qc filter's word
         return "(none)" if group in ("protocol", "role") else "(unknown)"
     if group == "age_band":
         low = int(value)  # type: ignore[call-overload]

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.retrieval import archived_counts
 from models.reviews import OVERRIDE, REJECT, latest_reviews, set_aside
 from models.schema import (
     Biomarker,
@@ -160,6 +161,8 @@ def protocol_outcome(
             )
         ).all()
     )
+    never = [u for u in uids if retrieval.get(u, "pending") == "pending"]
+    retrieval.update(_delivered(session, selection_id, never))
     scanners = {
         uid: f"{manufacturer or '?'} {model or '?'}"
         for uid, manufacturer, model in session.execute(
@@ -268,6 +271,29 @@ def protocol_outcome(
     outcome.t1_reasons = dict(t1_reasons.most_common())
     outcome.series_reasons = dict(series_reasons.most_common())
     return outcome
+
+
+def _delivered(session: Session, selection_id: int, uids: list[str]) -> dict[str, str]:
+    """Series of the selection that no retrieval fetched (still pending) but that the archive
+    holds all the same (ingested from a delivery, then chosen by a cohort or run with
+    ``--no-retrieve``): complete when the archive holds the instances the selection expects,
+    else incomplete."""
+    held = {uid: n for uid, n in archived_counts(session, uids).items() if n}
+    if not held:
+        return {}
+    expected = dict(
+        session.execute(
+            select(SelectedSeries.series_instance_uid, SelectedSeries.expected_instances).where(
+                SelectedSeries.selection_id == selection_id,
+                SelectedSeries.series_instance_uid.in_(list(held)),
+            )
+        ).all()
+    )
+    out = {}
+    for uid, n in held.items():
+        wanted = expected.get(uid)
+        out[uid] = "complete" if wanted is None or n >= wanted else "incomplete"
+    return out
 
 
 def _stopped(

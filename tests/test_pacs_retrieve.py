@@ -555,7 +555,9 @@ def test_a_manifest_selects_archived_studies_from_the_index_and_queries_the_pacs
     assert selection["listed_from"] == f"manifest {manifest}"
     assert selection["studies_found"] == 4 and selection["studies_selected"] == 3
     found = {s["study_instance_uid"]: s for s in selection["studies"]}
-    assert "2.25.1234567890 is not in the archive or the PACS" in found[""]["why"]
+    assert found["2.25.1234567890"]["why"] == (
+        "study 2.25.1234567890 is not in the archive or the PACS"
+    )
     for study in (archived, by_accession, by_uid):
         chosen = {se["series_instance_uid"] for se in found[study.study_instance_uid]["series"]
                   if se["selected"]}  # fmt: skip

@@ -23,9 +23,8 @@ from pipelines.select.protocols import Protocol
 from pipelines.select.query import (
     STUDY_KEYS,
     SelectionResult,
-    SeriesCandidate,
     StudyCandidate,
-    _date,
+    decide_candidate,
 )
 
 
@@ -160,7 +159,7 @@ def select_listed(
                 pairs = [
                     (str(r["SeriesInstanceUID"]), r) for r in rows if r.get("SeriesInstanceUID")
                 ]
-                asked[position] = _decided(protocol, uid, answer, pairs)
+                asked[position] = decide_candidate(protocol, uid, answer, pairs)
     for position, item in enumerate(listed):
         if position in archived:
             study, pairs = archived[position]
@@ -169,7 +168,7 @@ def select_listed(
                 "StudyDate": f"{study.study_date:%Y%m%d}" if study.study_date else None,
                 "StudyDescription": study.study_description,
             }
-            studies.append(_decided(protocol, study.study_instance_uid, header, pairs))
+            studies.append(decide_candidate(protocol, study.study_instance_uid, header, pairs))
         elif position in asked:
             studies.append(asked[position])
         else:
@@ -199,25 +198,4 @@ def select_listed(
             "looked up in the PACS; the protocol's series rules decide, its study query does "
             "not.",
         ),
-    )
-
-
-def _decided(
-    protocol: Protocol, uid: str, answer: Attributes, pairs: list[tuple[str, Attributes]]
-) -> StudyCandidate:
-    decision = protocol.decide_study(pairs)
-    series = tuple(
-        SeriesCandidate(s_uid, attrs, d)
-        for (s_uid, attrs), (_, d) in zip(pairs, decision.series, strict=True)
-    )
-    description = answer.get("StudyDescription")
-    accession = answer.get("AccessionNumber")
-    return StudyCandidate(
-        uid,
-        str(accession) if accession else None,
-        _date(answer.get("StudyDate")),
-        description if isinstance(description, str) else None,
-        decision.selected,
-        decision.why,
-        series,
     )

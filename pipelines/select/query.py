@@ -152,12 +152,7 @@ def select_studies(
                 continue
             rows = pacs.find("SERIES", {"StudyInstanceUID": uid}, series_keys)
             pairs = [(str(r["SeriesInstanceUID"]), r) for r in rows if r.get("SeriesInstanceUID")]
-            decision = protocol.decide_study(pairs)
-            series = tuple(
-                SeriesCandidate(s_uid, attrs, d)
-                for (s_uid, attrs), (_, d) in zip(pairs, decision.series, strict=True)
-            )
-            studies.append(_candidate(uid, answer, decision.selected, decision.why, series))
+            studies.append(decide_candidate(protocol, uid, answer, pairs))
     answered = {k for s in studies for se in s.series for k, v in se.attributes.items() if v}
     unanswered = tuple(sorted(asked - answered)) if any(s.series for s in studies) else ()
     for keyword in unanswered:
@@ -165,6 +160,19 @@ def select_studies(
     return SelectionResult(
         protocol.name, date_from, date_to, str(node), tuple(studies), unanswered=unanswered
     )
+
+
+def decide_candidate(
+    protocol: Protocol, uid: str, answer: Attributes, pairs: list[tuple[str, Attributes]]
+) -> StudyCandidate:
+    """The study ``uid`` (its study-level ``answer``) with its series (``pairs`` of
+    SeriesInstanceUID and attributes) decided by ``protocol``'s series rules."""
+    decision = protocol.decide_study(pairs)
+    series = tuple(
+        SeriesCandidate(s_uid, attrs, d)
+        for (s_uid, attrs), (_, d) in zip(pairs, decision.series, strict=True)
+    )
+    return _candidate(uid, answer, decision.selected, decision.why, series)
 
 
 def _candidate(
