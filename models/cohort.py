@@ -532,7 +532,9 @@ def _needs_protocol_join(by: Sequence[str]) -> bool:
     return "protocol" in by or "role" in by
 
 
-def _counting(flt: CohortFilter, by: Sequence[str], joined: bool) -> list[Any]:
+def _counting(joined: bool) -> list[Any]:
+    """Patients, studies, series and instances (a series counted once when a grouping by
+    protocol joined it to several rows)."""
     cs = CohortSeries
     series = func.count(distinct(cs.id)) if joined else func.count(cs.id)
     return [
@@ -564,13 +566,13 @@ def count(
         raise CohortQueryError(f"age band width {age_band}: use 1 year or more")
     started = time.perf_counter()
     where = _conditions(session, flt, layer)
-    total_row = session.execute(select(*_counting(flt, (), False)).where(*where)).one()
+    total_row = session.execute(select(*_counting(False)).where(*where)).one()
     total = _cell((), total_row)
     cells: list[Cell] = []
     if by:
         joined = _needs_protocol_join(by)
         columns = [_group_column(g, layer, age_band) for g in by]
-        query: Select[Any] = select(*columns, *_counting(flt, by, joined)).where(*where)
+        query: Select[Any] = select(*columns, *_counting(joined)).where(*where)
         if joined:
             on = CohortProtocol.series_pk == CohortSeries.series_pk
             if flt.protocol:
