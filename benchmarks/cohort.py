@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from models.cohort import IDENTIFIED, CohortFilter, count, list_series  # noqa: E402
 from models.database import open_index  # noqa: E402
 from pipelines.anonymize.keys import ProjectKey  # noqa: E402
+from pipelines.cohort.configured import roles_of  # noqa: E402
 from pipelines.cohort.refresh import refresh  # noqa: E402
 from pipelines.select.protocols import load_protocols  # noqa: E402
 
@@ -239,7 +240,7 @@ def main() -> None:
     figures["cohort_table_series"] = f"{built.series:,}"
     median, worst, _ = timed(lambda: refresh(index, key, protocols), args.repeats)
     figures["refresh_nothing_to_do_ms"] = f"{median:.1f} (worst {worst:.1f})"
-    roles = {n: [r for r, _ in p.include] for n, p in protocols.protocols.items()}
+    roles = roles_of(protocols)
     question = CohortFilter.parse(
         {"protocol": "dementia:t1_3d", "field_strength": "3", "sex": "F", "age": "65.."}, roles
     )

@@ -146,25 +146,30 @@ def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> i
 
 
 @contextmanager
-def _index(settings: Settings, refresh: bool = True) -> Iterator[IndexDB]:
+def _index(settings: Settings, setup: Any = None) -> Iterator[IndexDB]:
+    """The index, brought up to date by ``setup`` (a ``CohortSetup``) when given."""
     from models.database import open_index
-    from pipelines.cohort.configured import refresh_configured
 
     index = open_index(settings.index)
     try:
-        if refresh:
-            refresh_configured(settings, index)
+        if setup is not None:
+            setup.refresh(index)
         yield index
     finally:
         index.dispose()
 
 
-def _filter(args: argparse.Namespace, settings: Settings) -> Any:
+def _setup(settings: Settings) -> Any:
+    from pipelines.cohort.configured import CohortSetup
+
+    return CohortSetup.load(settings)
+
+
+def _filter(args: argparse.Namespace, setup: Any) -> Any:
     from models.cohort import FILTER_NAMES, CohortFilter
-    from pipelines.cohort.configured import protocol_roles
 
     values = {name: getattr(args, f"where_{name}", None) for name in FILTER_NAMES}
-    return CohortFilter.parse(values, protocol_roles(settings))
+    return CohortFilter.parse(values, setup.roles())
 
 
 def _password(args: argparse.Namespace) -> str | None:
@@ -214,9 +219,10 @@ def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str,
 def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.cohort import count, parse_groups
 
-    flt = _filter(args, settings)
+    setup = _setup(settings)
+    flt = _filter(args, setup)
     by = parse_groups(args.by)
-    with _index(settings) as index:
+    with _index(settings, setup) as index:
         layer, actor = _layer(args, index, err)
         if not layer:
             return EXIT_USAGE
@@ -280,8 +286,9 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.limit < 0 or args.offset < 0:
         err.print("[red]usage error:[/red] --limit and --offset must not be negative")
         return EXIT_USAGE
-    flt = _filter(args, settings)
-    with _index(settings) as index:
+    setup = _setup(settings)
+    flt = _filter(args, setup)
+    with _index(settings, setup) as index:
         layer, actor = _layer(args, index, err)
         if not layer:
             return EXIT_USAGE
@@ -330,8 +337,9 @@ def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.cohort import save_cohort
     from models.linkage import os_user
 
-    flt = _filter(args, settings)
-    with _index(settings) as index, index.session() as session:
+    setup = _setup(settings)
+    flt = _filter(args, setup)
+    with _index(settings, setup) as index, index.session() as session:
         info = save_cohort(
             session,
             args.name,
@@ -353,7 +361,7 @@ def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.cohort import saved_cohorts
 
-    with _index(settings, refresh=False) as index, index.session() as session:
+    with _index(settings) as index, index.session() as session:
         found = saved_cohorts(session)
     if args.json:
         sys.stdout.write(json.dumps({"cohorts": [c.as_dict() for c in found]}, indent=1) + "\n")
@@ -373,7 +381,7 @@ def _delete(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.cohort import delete_cohort
     from models.linkage import os_user
 
-    with _index(settings, refresh=False) as index, index.session() as session:
+    with _index(settings) as index, index.session() as session:
         delete_cohort(session, args.name, actor=os_user())
     err.print(f"cohort {args.name} deleted")
     return EXIT_OK
@@ -383,7 +391,7 @@ def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int
     from models.cohort import manifest
     from pipelines.cohort.configured import write_manifest
 
-    with _index(settings, refresh=False) as index:
+    with _index(settings) as index:
         steward = _steward(args, index, err)
         if steward is None:
             return EXIT_USAGE

@@ -300,13 +300,10 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
 
     host = args.host or settings.dashboard.host
     port = args.port or settings.dashboard.port
-    from pipelines.cohort.configured import protocol_roles, refresh_configured
+    from pipelines.cohort.configured import CohortSetup
 
-    app = create_app(
-        settings,
-        refresh=lambda index: refresh_configured(settings, index),
-        protocols=protocol_roles(settings),
-    )
+    cohorts = CohortSetup.load(settings)  # once: not a key and YAML read per page
+    app = create_app(settings, refresh=cohorts.refresh, protocols=cohorts.roles())
     err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return EXIT_OK

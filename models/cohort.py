@@ -40,9 +40,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
-from models.errors import CohortQueryError
+from models.errors import CohortQueryError, did_you_mean
 from models.linkage import audit
-from models.repository import now
+from models.repository import chunks, now
 from models.schema import (
     CohortMember,
     CohortProtocol,
@@ -131,13 +131,6 @@ GROUPS = (
     "qc",
     "biomarkers",
 )
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -258,7 +251,7 @@ class CohortFilter:
             spec = _SPECS.get(name)
             if spec is None:
                 raise CohortQueryError(
-                    f"unknown filter {name!r}{_did_you_mean(name, FILTER_NAMES)}; filters: "
+                    f"unknown filter {name!r}{did_you_mean(name, FILTER_NAMES)}; filters: "
                     + ", ".join(FILTER_NAMES)
                 )
             if spec.kind == "pattern":
@@ -313,13 +306,13 @@ def _parse_protocols(
         if protocols is not None:
             if name not in protocols:
                 raise CohortQueryError(
-                    f"filter protocol: no protocol {name!r}{_did_you_mean(name, list(protocols))}"
+                    f"filter protocol: no protocol {name!r}{did_you_mean(name, list(protocols))}"
                     f"; protocols: {', '.join(sorted(protocols))}"
                 )
             if role and role not in protocols[name]:
                 raise CohortQueryError(
                     f"filter protocol: protocol {name} has no include rule {role!r}"
-                    f"{_did_you_mean(role, list(protocols[name]))}; rules: "
+                    f"{did_you_mean(role, list(protocols[name]))}; rules: "
                     + ", ".join(protocols[name])
                 )
         chosen.append((name, role or None))
@@ -336,7 +329,7 @@ def parse_groups(text: str | Sequence[str] | None) -> tuple[str, ...]:
     for item in items:
         if item not in GROUPS:
             raise CohortQueryError(
-                f"cannot group by {item!r}{_did_you_mean(item, GROUPS)}; groups: "
+                f"cannot group by {item!r}{did_you_mean(item, GROUPS)}; groups: "
                 + ", ".join(GROUPS)
             )
     if len(set(items)) != len(items):
@@ -714,8 +707,7 @@ def list_series(
     found = session.execute(query).all()
     roles: dict[int, list[str]] = {}
     pks = [row[0].series_pk for row in found]
-    for start in range(0, len(pks), 5000):
-        chunk = pks[start : start + 5000]
+    for chunk in chunks(pks):
         for pk, protocol, role in session.execute(
             select(CohortProtocol.series_pk, CohortProtocol.protocol, CohortProtocol.role)
             .where(CohortProtocol.series_pk.in_(chunk))
@@ -862,7 +854,7 @@ def saved_cohort(session: Session, name: str) -> SavedInfo:
     if row is None:
         known = [r for r in session.scalars(select(SavedCohort.name))]
         raise CohortQueryError(
-            f"no saved cohort {name!r}{_did_you_mean(name, known)}"
+            f"no saved cohort {name!r}{did_you_mean(name, known)}"
             + (f"; saved: {', '.join(sorted(known))}" if known else "; none is saved yet")
         )
     return _info(row)

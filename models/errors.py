@@ -1,5 +1,16 @@
 """Errors of the models package."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest choice, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class CohortflowError(Exception):
     """Base of every error cohortflow raises on purpose; its message is meant for the user."""

@@ -49,7 +49,8 @@ def _insert(session: Session, table: Table | Any) -> Any:
     raise NotImplementedError(f"index backend {dialect} is not supported (SQLite, PostgreSQL)")
 
 
-def _chunks(values: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
+def chunks(values: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
+    """``values`` in slices of ``size``: one IN (...) list each."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -158,7 +159,7 @@ def known_files(session: Session, paths: Sequence[str]) -> dict[str, list[KnownF
         File.instance_pk,
         File.new_content,
     )
-    for part in _chunks(list(paths)):
+    for part in chunks(list(paths)):
         for row in session.execute(select(*columns).where(File.path.in_(part))):
             found.setdefault(row.path, []).append(KnownFile(**row._asdict()))
     return found
@@ -198,7 +199,7 @@ def _scanner_key(h: InstanceHeader) -> tuple[str, str, str] | None:
 
 def _ids(session: Session, column: Any, key_column: Any, keys: Sequence[Any]) -> dict[Any, int]:
     result: dict[Any, int] = {}
-    for part in _chunks(list(keys)):
+    for part in chunks(list(keys)):
         for key, pk in session.execute(select(key_column, column).where(key_column.in_(part))):
             result[key] = pk
     return result
@@ -219,7 +220,7 @@ def record_files(
     with_content = [r for r in records if r.sha256 is not None]
     hashes = list(dict.fromkeys(r.sha256 for r in with_content if r.sha256))
     existing: set[str] = set()
-    for part in _chunks(hashes):
+    for part in chunks(hashes):
         existing.update(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(part))))
     sizes = {r.sha256: r.size for r in with_content}
     insert_ignore(
@@ -384,7 +385,7 @@ def record_files(
     sop_uids = list(dict.fromkeys(uid for uid, _ in instance_rows))
     instance_ids: dict[tuple[str, str], int] = {}
     conflicted: list[str] = []
-    for part in _chunks(sop_uids):
+    for part in chunks(sop_uids):
         seen: dict[str, int] = {}
         for pk, uid, sha in session.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.sha256).where(
@@ -394,7 +395,7 @@ def record_files(
             instance_ids[(uid, sha)] = pk
             seen[uid] = seen.get(uid, 0) + 1
         conflicted.extend(uid for uid, n in seen.items() if n > 1)
-    for part in _chunks(conflicted):
+    for part in chunks(conflicted):
         session.execute(
             update(Instance).where(Instance.sop_instance_uid.in_(part)).values(sop_conflict=True)
         )
@@ -639,7 +640,7 @@ def blob_page(session: Session, after: str, limit: int) -> list[tuple[str, int]]
 
 def blob_known(session: Session, hashes: Sequence[str]) -> set[str]:
     found: set[str] = set()
-    for part in _chunks(list(hashes)):
+    for part in chunks(list(hashes)):
         found.update(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(part))))
     return found
 
@@ -650,7 +651,7 @@ def mark_verified(session: Session, states: dict[str, str]) -> None:
     for sha, state in states.items():
         by_state.setdefault(state, []).append(sha)
     for state, hashes in by_state.items():
-        for part in _chunks(hashes):
+        for part in chunks(hashes):
             session.execute(
                 update(Blob)
                 .where(Blob.sha256.in_(part))

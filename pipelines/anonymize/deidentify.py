@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pydicom._uid_dict import UID_dictionary
@@ -77,6 +77,17 @@ _IDENTIFYING_TAGS = tuple((k, BaseTag(tag_for_keyword(k) or 0)) for k in _IDENTI
 #: Character sets whose raw bytes decode with one Python codec (no code extensions).
 _RAW_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _LONG_NUMBER = re.compile(r"\d{6,}")
+
+
+def identifying_words(split: Iterable[str], whole: Iterable[str] = ()) -> tuple[str, ...]:
+    """The words a description must lose (clean descriptors): each value of ``split`` and its
+    parts (split at ``^``, spaces, ``,``, ``/``, ``=``, ``\\``), each of ``whole`` as it is;
+    three characters or more, longest first."""
+    found = set(whole)
+    for value in split:
+        found.add(value)
+        found.update(re.split(r"[\^\s,/=\\]+", value))
+    return tuple(sorted((v for v in found if len(v.strip()) >= 3), key=lambda w: (-len(w), w)))
 
 
 @dataclass(frozen=True)
@@ -191,7 +202,7 @@ class Deidentifier:
         return item
 
     def _cleaner(self, ds: Dataset) -> Callable[[str], str]:
-        values: set[str] = set()
+        values: list[str] = []
         codec = _RAW_CODECS.get(str(ds.get("SpecificCharacterSet") or ""))
         for keyword, tag in _IDENTIFYING_TAGS:
             element = ds.get_item(tag)
@@ -202,13 +213,11 @@ class Deidentifier:
                 raw = (element.value or b"").decode(codec, "replace").strip("\x00 ")
             else:
                 raw = str(ds.get(keyword, "") or "")
-            values.add(raw)
-            values.update(re.split(r"[\^\s,/=\\]+", raw))
-        for item in ds.get("OtherPatientIDsSequence") or []:
-            values.add(str(item.get("PatientID", "")))
-        words = tuple(
-            sorted((v for v in values if len(v.strip()) >= 3), key=lambda w: (-len(w), w))
-        )
+            values.append(raw)
+        others = [
+            str(item.get("PatientID", "")) for item in ds.get("OtherPatientIDsSequence") or []
+        ]
+        words = identifying_words(values, others)
         cached = self._cleaners.get(words)
         if cached is not None:
             return cached

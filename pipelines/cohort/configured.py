@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.cohort import ManifestRow, cohort_studies
@@ -18,7 +19,7 @@ from pipelines.cohort.refresh import RefreshSummary, refresh
 from pipelines.retrieve.config import pacs_node, retrieve_policy
 from pipelines.retrieve.throttle import Throttle
 from pipelines.select.listed import ListedStudy, select_listed
-from pipelines.select.protocols import load_protocols
+from pipelines.select.protocols import ProtocolSet, load_protocols
 from pipelines.select.query import SelectionResult
 
 #: the columns of a cohort manifest; ``accession_number`` and ``instances`` are also what a
@@ -28,19 +29,43 @@ _UID_COLUMNS = {"studyinstanceuid", "study_instance_uid", "study_uid"}
 _ACCESSION_COLUMNS = {"accessionnumber", "accession", "accession_number", "accessionno", "acc"}
 
 
+@dataclass(frozen=True)
+class CohortSetup:
+    """What cohort discovery needs beside the index, read once per command or dashboard: the
+    project key (pseudonyms, dates, UIDs as the anonymizer makes them) and the protocol rules."""
+
+    key: ProjectKey
+    protocols: ProtocolSet
+
+    @classmethod
+    def load(cls, settings: Settings) -> CohortSetup:
+        return cls(
+            ProjectKey.load(str(settings.pseudonym_key_source)),
+            load_protocols(settings.protocols_file),
+        )
+
+    def refresh(self, index: IndexDB) -> RefreshSummary:
+        """Bring the cohort table up to date with the index."""
+        return refresh(index, self.key, self.protocols)
+
+    def roles(self) -> dict[str, list[str]]:
+        """Protocol name -> its include rules, for checking cohort filters."""
+        return roles_of(self.protocols)
+
+
 def refresh_configured(settings: Settings, index: IndexDB) -> RefreshSummary:
-    """Bring the cohort table up to date with the project key and protocol file in use."""
-    return refresh(
-        index,
-        ProjectKey.load(str(settings.pseudonym_key_source)),
-        load_protocols(settings.protocols_file),
-    )
+    """``CohortSetup.refresh`` for one call."""
+    return CohortSetup.load(settings).refresh(index)
+
+
+def roles_of(protocols: ProtocolSet) -> dict[str, list[str]]:
+    """Protocol name -> its include rules (what a cohort's protocol filter may name)."""
+    return {name: [rule for rule, _ in p.include] for name, p in protocols.protocols.items()}
 
 
 def protocol_roles(settings: Settings) -> dict[str, list[str]]:
-    """Protocol name -> its include rules, for validating cohort filters."""
-    protocols = load_protocols(settings.protocols_file)
-    return {name: [rule for rule, _ in p.include] for name, p in protocols.protocols.items()}
+    """``roles_of`` the configured protocol file."""
+    return roles_of(load_protocols(settings.protocols_file))
 
 
 def _select(

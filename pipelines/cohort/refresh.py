@@ -14,20 +14,18 @@ accession number) as the anonymizer's clean-descriptors option does.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from models.database import IndexDB
-from models.repository import insert_ignore, now
+from models.repository import chunks, insert_ignore, now
 from models.reviews import latest_reviews, reviewed_verdict
 from models.schema import (
     Biomarker,
@@ -42,6 +40,7 @@ from models.schema import (
     StageResult,
     Study,
 )
+from pipelines.anonymize.deidentify import identifying_words
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.select.listed import index_attributes
 from pipelines.select.protocols import Protocol, ProtocolSet
@@ -65,13 +64,6 @@ class RefreshSummary:
     seconds: float
 
 
-def protocols_digest(protocols: ProtocolSet) -> str:
-    """SHA-256 of the protocol file the set was loaded from."""
-    path = Path(protocols.source)
-    data = path.read_bytes() if path.is_file() else protocols.source.encode()
-    return hashlib.sha256(data).hexdigest()
-
-
 def _marks(session: Session) -> tuple[int, int, int, int]:
     return (
         session.scalar(select(func.max(Series.id))) or 0,
@@ -84,7 +76,7 @@ def _marks(session: Session) -> tuple[int, int, int, int]:
 def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshSummary:
     """Bring the cohort table up to date with the index (safe from several processes)."""
     started = time.perf_counter()
-    digest, fingerprint = protocols_digest(protocols), key.fingerprint()
+    digest, fingerprint = protocols.sha256, key.fingerprint()
     with index.session() as session:
         state = session.get(CohortState, 1)
         if (
@@ -142,7 +134,7 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
             studies = sorted(
                 {
                     pk
-                    for chunk in _chunks(sorted(series_pks))
+                    for chunk in chunks(sorted(series_pks), CHUNK)
                     for pk in session.scalars(
                         select(Series.study_pk).where(Series.id.in_(chunk)).distinct()
                     )
@@ -151,10 +143,10 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
             )
         builder = _Builder(key, protocols)
         written = 0
-        for chunk in _chunks(studies):
+        for chunk in chunks(studies, CHUNK):
             written += builder.write(session, chunk)
         orphans = sorted(pk for pk in series_pks if pk not in builder.done)
-        for chunk in _chunks(orphans):  # series without a study: rows of their own
+        for chunk in chunks(orphans, CHUNK):  # series without a study: rows of their own
             written += builder.write_series(session, chunk)
         judged: set[str] = set()
         if not rebuilt:
@@ -173,7 +165,7 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
                 )
             )
             judged -= builder.judged
-            for chunk in _chunks(sorted(judged)):
+            for chunk in chunks(sorted(judged), CHUNK):
                 for uid, (verdict, measured) in _verdicts(session, chunk).items():
                     session.execute(
                         update(CohortSeries)
@@ -193,12 +185,6 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
         )  # fmt: skip
     log.info("cohort index refreshed: %s", summary)
     return summary
-
-
-def _chunks(values: Sequence[object], size: int = CHUNK) -> Iterable[list[object]]:
-    items = list(values)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _verdicts(session: Session, uids: Sequence[object]) -> dict[str, tuple[str | None, bool]]:
@@ -250,17 +236,12 @@ def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
     return min(years, MAX_AGE) if years >= 0 else None
 
 
-def _scrubber(words: Iterable[str | None]) -> Callable[[str | None], str | None]:
-    """Removes the patient's own identifying words (3 characters or more) from a description.
+def _scrubber(values: Iterable[str | None]) -> Callable[[str | None], str | None]:
+    """Removes the patient's own identifying words (the anonymizer's) from a description.
 
     Descriptions rarely hold one, so a plain search comes first and a pattern is made only
     for a description that does."""
-    found = set()
-    for word in words:
-        if word:
-            found.add(word.strip())
-            found.update(re.split(r"[\^\s,/=\\]+", word))
-    chosen = sorted((w for w in found if len(w) >= 3), key=lambda w: (-len(w), w))
+    chosen = identifying_words(v for v in values if v)
     lowered = [w.lower() for w in chosen]
 
     def scrub(text: str | None) -> str | None:

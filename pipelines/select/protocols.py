@@ -7,10 +7,11 @@ location, never a rule that silently matches nothing.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -130,6 +131,8 @@ class ProtocolSet:
     version: int
     source: str  # the file it was loaded from
     protocols: Mapping[str, Protocol]
+    #: SHA-256 of the file's text: tells whether the rules changed
+    sha256: str = ""
 
     def get(self, name: str) -> Protocol:
         """The protocol called ``name``; ProtocolError listing the known ones otherwise."""
@@ -160,7 +163,8 @@ def load_protocols(path: Path | None = None) -> ProtocolSet:
         except (OSError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"{source}: cannot read the protocol file ({exc})") from exc
     try:
-        return _protocol_set(yaml.load(text, Loader=_StrictLoader), source)
+        loaded = _protocol_set(yaml.load(text, Loader=_StrictLoader), source)
+        return replace(loaded, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f" line {mark.line + 1}:" if mark else ""
