@@ -428,6 +428,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     err = Console(stderr=True)
+    with _json_stdout(bool(getattr(args, "json", False))):
+        return _dispatch(args, parser, err)
+
+
+@contextmanager
+def _json_stdout(enabled: bool) -> Iterator[None]:
+    """With ``--json`` stdout carries the JSON document alone: whatever a library writes on the
+    process's standard output while the command runs (ITK's and ANTs' warnings, a converter's
+    chatter) goes to stderr instead. Python's ``sys.stdout`` keeps the real stdout."""
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    python_stdout = sys.stdout
+    try:
+        own_fd = python_stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        own_fd = False  # already redirected in Python (a test's capture): leave it
+    os.dup2(2, 1)
+    if own_fd:
+        sys.stdout = open(  # noqa: SIM115 - closed below, the descriptor stays ours
+            saved, "w", encoding=python_stdout.encoding, closefd=False
+        )
+    try:
+        yield
+    finally:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)  # C stdio's buffer still holds library output
+        except (OSError, AttributeError):
+            pass
+        if own_fd:
+            sys.stdout.close()
+            sys.stdout = python_stdout
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console) -> int:
     try:
         settings = load_settings(args.config)
         configure_itk(settings.itk_threads)
@@ -1112,13 +1157,11 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
             console.print(f"overlays in {out / 'overlays'}")
     failed = report.with_verdict(Verdict.FAIL) or report.not_measured
     if not report.results and not report.not_measured:
-        err.print(f"[yellow]no T1 image found in {args.source}[/yellow]")
+        err.print(f"[yellow]no 3D T1 to measure in {args.source}[/yellow]")
+        for folder, description, why in report.not_inputs:
+            err.print(f"  {folder} {description!r}: {why}", markup=False, highlight=False)
         return EXIT_FAILURES
     return EXIT_FAILURES if failed else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
@@ -1212,3 +1255,7 @@ def _status(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 outcome, console, f"protocol {outcome.protocol} (selection {outcome.selection_id})"
             )
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

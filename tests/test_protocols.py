@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigurationError
+from pipelines.dicom.rules import Attributes, Rule, Verdict, parse_rule
 from pipelines.select.errors import ProtocolError
 from pipelines.select.protocols import (
     NO_INCLUDE_RULE,
@@ -17,7 +18,6 @@ from pipelines.select.protocols import (
     StudyQuery,
     load_protocols,
 )
-from pipelines.select.rules import Attributes, Rule, Verdict, parse_rule
 from pipelines.synth.scanners import (
     SC_SERIES,
     SCANNERS,
@@ -404,9 +404,11 @@ def test_decisions_explain_themselves(tmp_path: Path) -> None:
     dwi = {"SeriesDescription": "DWI", "ImageType": ["ORIGINAL"]}
     assert mini.classify_series(mpr).rule == "derived"
     assert mini.classify_series(mpr).why == "ImageType contains DERIVED"
-    assert (mini.classify_series(dwi).rule, mini.classify_series(dwi).why) == (
-        NO_INCLUDE_RULE,
-        "no include rule matched",
+    assert mini.classify_series(dwi).rule == NO_INCLUDE_RULE
+    assert mini.classify_series(dwi).why == (
+        "no include rule matched; role dwi by names: SeriesDescription 'DWI' matches "
+        "/(?i)dwi|dti|diff|(^|[^a-z])(trace|b\\d{3,4})/ (physics unknown: ScanningSequence "
+        "not in the header)"
     )
     study = mini.decide_study([("1", t1), ("2", mpr), ("3", dwi), ("4", t1)])
     assert (study.selected, study.why) == (True, "t1: 2 series")

@@ -42,9 +42,9 @@ from models.schema import (
 )
 from pipelines.anonymize.deidentify import identifying_words
 from pipelines.anonymize.keys import ProjectKey
+from pipelines.dicom.rules import Attributes
 from pipelines.select.listed import index_attributes
 from pipelines.select.protocols import Protocol, ProtocolSet
-from pipelines.select.rules import Attributes
 
 log = logging.getLogger(__name__)
 

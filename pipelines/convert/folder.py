@@ -57,6 +57,7 @@ from pipelines.convert.dcm2niix import (
 from pipelines.convert.errors import ConvertError
 from pipelines.convert.sitk import NAME as SITK
 from pipelines.convert.sitk import convert_with_sitk, sitk_version
+from pipelines.dicom.header import attributes
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -66,7 +67,6 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
-from pipelines.pacs.dimse import attributes
 from pipelines.quality.folder import choose_protocol
 from pipelines.select.protocols import ProtocolSet
 from qc.findings import Finding, Severity, Verdict, reason, verdict
@@ -300,25 +300,16 @@ def _plan_study(
         folder = str(entries[0].relative.parent)
         what = header_text(header, "SeriesDescription")
         role: str | None = None
-        if protocol is None:
-            code = "no_protocol"
+        decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
+        code = "not_selected"
+        if decision.selected:
+            role = decision.rule
             why = (
-                f"no protocol's study descriptions match {study_description!r}: pass "
-                "--protocol to name one"
+                f"protocol {protocol.name} takes it as {role}, which is not converted by default "
+                f"(--all converts every image series); {decision.why}"
             )
         else:
-            decision = protocol.classify_series(
-                attributes(header, sorted(protocol.series_fields()))
-            )
-            code = "not_selected"
-            if decision.selected:
-                role = decision.rule
-                why = (
-                    f"role {role} of protocol {protocol.name} is not converted by default "
-                    "(--all converts every image series)"
-                )
-            else:
-                why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
+            why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
         name = bids.name_for(role, header, every_series)
         if name is None:
             left.append(NotConverted(study_uid, uid, folder, what, code, why))

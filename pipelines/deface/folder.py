@@ -35,6 +35,7 @@ from pipelines.deface import masks, preview
 from pipelines.deface.errors import DefaceError
 from pipelines.deface.register import Fit, fit_affine
 from pipelines.deface.template import BRAIN, Template
+from pipelines.dicom.header import attributes
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -44,7 +45,6 @@ from pipelines.dicomfolder import (
     series_number,
 )
 from pipelines.ingest.paths import printable_path
-from pipelines.pacs.dimse import attributes
 from pipelines.select.protocols import ProtocolSet
 
 log = logging.getLogger(__name__)

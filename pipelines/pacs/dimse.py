@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
+from pipelines.dicom.header import Attributes, attributes
 from pipelines.pacs.errors import PacsError, PacsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -221,45 +222,10 @@ def _guard_reactor(assoc: Any) -> Any:
 PENDING = (0xFF00, 0xFF01)
 #: Warning: some sub-operations failed (C-MOVE / C-GET), the others succeeded.
 SUB_OPERATIONS_FAILED = 0xB000
-QueryValue = str | float | int | list[str] | list[float] | None
-Attributes = dict[str, QueryValue]
 # Study Root Query/Retrieve Information Model SOP classes
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
 MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
-
-
-def _plain(value: Any) -> QueryValue:
-    """A pydicom element value as plain Python (multi-valued -> list, numbers -> float)."""
-    from pydicom.multival import MultiValue
-    from pydicom.valuerep import IS, DSfloat
-
-    if value is None:
-        return None
-    if isinstance(value, (MultiValue, list, tuple)):
-        items = [_plain(v) for v in value]
-        if all(isinstance(v, (int, float)) for v in items):
-            return [float(v) for v in items]  # type: ignore[arg-type]
-        return [str(v) for v in items]
-    if isinstance(value, (DSfloat, float)):
-        return float(value)
-    if isinstance(value, (IS, int)):
-        return int(value)
-    if isinstance(value, bytes):
-        return value.decode("latin-1").strip("\x00 ")
-    return str(value).strip()
-
-
-def attributes(ds: Any, keywords: Sequence[str]) -> Attributes:
-    """The asked keywords of a response data set; None for what the PACS did not return."""
-    out: Attributes = {}
-    for keyword in keywords:
-        try:
-            value = ds.get(keyword)
-        except Exception:  # an invalid value in one element must not lose the response
-            value = None
-        out[keyword] = _plain(value) if value not in ("", None) else None
-    return out
 
 
 def _query(level: str, keys: dict[str, Any], keywords: Sequence[str]) -> Any:

@@ -26,6 +26,7 @@ from models.scanners import KnownScanners
 from models.settings import Settings
 from models.stages import StageRecord, cohort_metrics, record_stages
 from pipelines.deface.template import Template
+from pipelines.dicom.header import attributes
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -35,7 +36,6 @@ from pipelines.dicomfolder import (
     series_number,
     with_transfer_syntax,
 )
-from pipelines.pacs.dimse import attributes
 from pipelines.quality.brain import place_brain
 from pipelines.select.protocols import Protocol, ProtocolSet
 from qc.findings import Finding, Verdict, reason, verdict
@@ -118,16 +118,15 @@ class QcReport:
         return [s for s in self.series if s.verdict is wanted]
 
 
-def choose_protocol(
-    protocols: ProtocolSet, name: str | None, study_description: str
-) -> Protocol | None:
-    """``name``'s protocol, or the first whose study-description patterns match."""
+def choose_protocol(protocols: ProtocolSet, name: str | None, study_description: str) -> Protocol:
+    """``name``'s protocol, else the first whose study-description patterns match, else the
+    automatic one (every series by its role from the acquisition physics)."""
     if name is not None:
         return protocols.get(name)
     for protocol in protocols.protocols.values():
         if protocol.study.description and protocol.study.matches_description(study_description):
             return protocol
-    return None
+    return protocols.auto()
 
 
 def qc_folder(
@@ -198,24 +197,15 @@ def qc_study(
     checked: list[tuple[str, list[FolderFile], str]] = []
     for uid, entries in readable:
         header = first_header(entries)
-        if protocol is None:
-            code = "no_protocol"
-            why = (
-                f"no protocol's study descriptions match {description!r}: pass --protocol to "
-                "name one"
-            )
-        else:
-            decision = protocol.classify_series(
-                attributes(header, sorted(protocol.series_fields()))
-            )
-            if decision.selected:
-                checked.append((uid, entries, decision.rule))
-                continue
-            code = "not_selected"
-            why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
+        decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
+        if decision.selected:
+            checked.append((uid, entries, decision.rule))
+            continue
+        code = "not_selected"
+        why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
         what = header_text(header, "SeriesDescription")
         out.append(NotChecked(study_uid, uid, str(entries[0].relative.parent), what, code, why))
-    if protocol is None or not checked:
+    if not checked:
         return out
     study_findings = (
         check_study((role for _, _, role in checked), protocol.require, protocol.qc)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from models.errors import ConfigurationError, did_you_mean
+from pipelines.dicom.errors import ProtocolError, did_you_mean
 
 __all__ = ["ProtocolError", "did_you_mean"]
-
-
-class ProtocolError(ConfigurationError):
-    """The protocol file is invalid or names something unknown; the message says where."""

@@ -19,12 +19,15 @@ from types import MappingProxyType
 
 import yaml
 
+from pipelines.dicom.roles import RoleSet, parse_roles
+from pipelines.dicom.rules import Attributes, Rule, parse_rule
 from pipelines.select.errors import ProtocolError, did_you_mean
-from pipelines.select.rules import Attributes, Rule, parse_rule
 from qc.policy import PolicyError, QcPolicy, parse_policy
 
 VERSION = 1
 NO_INCLUDE_RULE = "no_include_rule"
+#: The protocol of a folder whose study matches no protocol: every role, the shared QC policy.
+AUTO = "auto"
 #: Series attributes every selection reports, whatever its rules read.
 BASE_SERIES_FIELDS = frozenset(
     {
@@ -92,6 +95,8 @@ class Protocol:
     #: how header and image QC judge the protocol's series (the shared ``qc`` section with the
     #: protocol's own changes merged over it)
     qc: QcPolicy = field(default_factory=QcPolicy)
+    #: the series roles, to say what a series no include rule took is
+    roles: RoleSet | None = None
 
     def classify_series(self, attrs: Attributes) -> SeriesDecision:
         """Exclusions first (the first match rejects), then the include rules in order."""
@@ -103,7 +108,10 @@ class Protocol:
             verdict = rule.evaluate(attrs)
             if verdict.matched:
                 return SeriesDecision(True, name, verdict.why)
-        return SeriesDecision(False, NO_INCLUDE_RULE, "no include rule matched")
+        why = "no include rule matched"
+        if self.roles is not None:
+            why += f"; {self.roles.classify(attrs).explain()}"
+        return SeriesDecision(False, NO_INCLUDE_RULE, why)
 
     def decide_study(self, series: Sequence[tuple[str, Attributes]]) -> StudyDecision:
         """Classify each series (keyed by SeriesInstanceUID); select the study when every
@@ -133,6 +141,29 @@ class ProtocolSet:
     protocols: Mapping[str, Protocol]
     #: SHA-256 of the file's text: tells whether the rules changed
     sha256: str = ""
+    #: the series roles (the file's roles section, else the shipped one)
+    roles: RoleSet | None = None
+    #: the shared exclusions and QC policy, for the protocol of studies no protocol matches
+    exclude: tuple[tuple[str, Rule], ...] = ()
+    qc: QcPolicy = field(default_factory=QcPolicy)
+
+    def auto(self) -> Protocol:
+        """The protocol of a study no protocol's description matches (a folder given on the
+        command line): every series gets its role from its acquisition physics, the shared
+        exclusions and QC policy apply, and no role is required (the folder is what the user
+        gave; a study without a 3D T1 is still checked and converted)."""
+        assert self.roles is not None, "a loaded protocol set has roles"
+        include = tuple((name, self.roles.rule(name, "auto")) for name in self.roles.names())
+        return Protocol(
+            AUTO,
+            "No protocol: series roles from their acquisition physics",
+            StudyQuery("MR", ()),
+            include,
+            self.exclude,
+            (),
+            self.qc,
+            self.roles,
+        )
 
     def get(self, name: str) -> Protocol:
         """The protocol called ``name``; ProtocolError listing the known ones otherwise."""
@@ -163,7 +194,7 @@ def load_protocols(path: Path | None = None) -> ProtocolSet:
         except (OSError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"{source}: cannot read the protocol file ({exc})") from exc
     try:
-        loaded = _protocol_set(yaml.load(text, Loader=_StrictLoader), source)
+        loaded = _protocol_set(yaml.load(text, Loader=_StrictLoader), source, path is None)
         return replace(loaded, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -233,33 +264,55 @@ def _names(data: object, where: str, what: str) -> Mapping[str, object]:
     return data
 
 
-def _rules(data: object, where: str) -> dict[str, Rule]:
+def _rules(data: object, where: str, roles: RoleSet) -> dict[str, Rule]:
     return {
-        name: parse_rule(rule, f"{where}.{name}")
+        name: parse_rule(rule, f"{where}.{name}", roles.rule)
         for name, rule in _names(data, where, "rule").items()
     }
 
 
-def _protocol_set(data: object, source: str) -> ProtocolSet:
-    top = _fields(data, "", ("version", "protocols"), ("exclude", "qc"))
+@cache
+def _shipped_roles() -> RoleSet:
+    """The roles of the shipped protocol file, for files without a roles section."""
+    shipped = load_protocols()
+    assert shipped.roles is not None
+    return shipped.roles
+
+
+def _protocol_set(data: object, source: str, shipped: bool = False) -> ProtocolSet:
+    top = _fields(data, "", ("version", "protocols"), ("exclude", "qc", "roles"))
     version = top["version"]
     if version != VERSION or isinstance(version, bool):
         raise ProtocolError(
             f"version: {version!r} is not supported; this cohortflow reads version {VERSION}"
         )
-    shared = _rules(top.get("exclude"), "exclude")
-    if top.get("qc") is not None:
-        try:
-            parse_policy(top["qc"], None, "qc")  # the shared section alone names its own errors
-        except PolicyError as exc:
-            raise ProtocolError(str(exc)) from None
+    if top.get("roles") is not None:
+        roles = parse_roles(top["roles"], source)
+    elif shipped:
+        raise ProtocolError("roles: the shipped protocol file must define the series roles")
+    else:
+        roles = _shipped_roles()
+    shared = _rules(top.get("exclude"), "exclude", roles)
+    try:
+        shared_qc = parse_policy(top.get("qc"), None, "qc")  # alone, it names its own errors
+    except PolicyError as exc:
+        raise ProtocolError(str(exc)) from None
     protocols = _names(top["protocols"], "protocols", "protocol")
     if not protocols:
         raise ProtocolError("protocols: define at least one protocol")
-    parsed = {name: _protocol(name, p, shared, top.get("qc")) for name, p in protocols.items()}
-    roles = {rule for p in parsed.values() for rule, _ in p.include}
-    _check_roles(top.get("qc"), roles, "qc", "no protocol has an include rule called it")
-    return ProtocolSet(VERSION, source, MappingProxyType(parsed))
+    parsed = {
+        name: _protocol(name, p, shared, top.get("qc"), roles) for name, p in protocols.items()
+    }
+    rules = {rule for p in parsed.values() for rule, _ in p.include}
+    _check_roles(
+        top.get("qc"),
+        rules | set(roles.names()),
+        "qc",
+        "no protocol has an include rule called it, and it is not a series role",
+    )
+    return ProtocolSet(
+        VERSION, source, MappingProxyType(parsed), "", roles, tuple(shared.items()), shared_qc
+    )
 
 
 def _check_roles(section: object, rules: Iterable[str], where: str, problem: str) -> None:
@@ -272,7 +325,7 @@ def _check_roles(section: object, rules: Iterable[str], where: str, problem: str
 
 
 def _protocol(
-    name: str, data: object, shared: dict[str, Rule], shared_qc: object = None
+    name: str, data: object, shared: dict[str, Rule], shared_qc: object, roles: RoleSet
 ) -> Protocol:
     where = f"protocols.{name}"
     fields = _fields(data, where, ("title", "study", "series"), ("qc",))
@@ -296,10 +349,10 @@ def _protocol(
                 "text of at most 64 characters without backslash (* and ? are wildcards)"
             )
     series = _fields(fields["series"], f"{where}.series", ("include", "require"), ("exclude",))
-    include = _rules(series["include"], f"{where}.series.include")
+    include = _rules(series["include"], f"{where}.series.include", roles)
     if not include:
         raise ProtocolError(f"{where}.series.include: define at least one include rule")
-    exclude = shared | _rules(series.get("exclude"), f"{where}.series.exclude")
+    exclude = shared | _rules(series.get("exclude"), f"{where}.series.exclude", roles)
     for clash in include.keys() & exclude.keys():
         raise ProtocolError(f"{where}.series.include.{clash}: also an exclusion's name; rename one")
     require = series["require"]
@@ -329,4 +382,5 @@ def _protocol(
         tuple(exclude.items()),
         tuple(dict.fromkeys(require)),
         policy,
+        roles,
     )

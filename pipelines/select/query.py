@@ -19,7 +19,8 @@ from pathlib import Path
 
 from models.database import IndexDB
 from models.retrieval import ChosenSeries, save_selection
-from pipelines.pacs.dimse import Attributes, PacsNode, Session, query_contexts
+from pipelines.dicom.header import Attributes
+from pipelines.pacs.dimse import PacsNode, Session, query_contexts
 from pipelines.select.protocols import Protocol, SeriesDecision
 
 log = logging.getLogger(__name__)

@@ -90,6 +90,9 @@ class VolumetryReport:
     parameters: Parameters
     #: sources that could not be measured before volumetry started (conversion failures...)
     not_measured: tuple[tuple[str, str, str], ...] = ()  # (name, reason code, message)
+    #: the series of a DICOM folder that are no volumetry input, and why (their role and its
+    #: evidence): (folder, description, why)
+    not_inputs: tuple[tuple[str, str, str], ...] = ()
 
     def with_verdict(self, wanted: Verdict) -> list[VolumetryResult]:
         return [r for r in self.results if r.verdict is wanted]
@@ -244,8 +247,9 @@ def volumetry_configured(
     p = params or Parameters()
     sources = nifti_sources(source)
     not_measured: list[tuple[str, str, str]] = []
+    not_inputs: list[tuple[str, str, str]] = []
     if not sources and source.is_dir():
-        sources, not_measured = _convert_first(
+        sources, not_measured, not_inputs = _convert_first(
             settings, source, out, index, protocol, protocols_file, record
         )
     elif not sources:
@@ -253,7 +257,7 @@ def volumetry_configured(
     results = measure_all(
         sources, lambda: load_atlas(settings.cache), p, out / "overlays", progress
     )
-    report = VolumetryReport(tuple(results), p, tuple(not_measured))
+    report = VolumetryReport(tuple(results), p, tuple(not_measured), tuple(not_inputs))
     if index is not None and record:
         with index.session() as session:
             known = [r for r in results if r.source.series and r.source.study]
@@ -272,13 +276,19 @@ def _convert_first(
     protocol: str | None,
     protocols_file: Path | None,
     record: bool,
-) -> tuple[list[Source], list[tuple[str, str, str]]]:
+) -> tuple[list[Source], list[tuple[str, str, str]], list[tuple[str, str, str]]]:
     from pipelines.convert.folder import convert_configured
 
     report = convert_configured(
         settings, source, out / "nifti", index, protocol, protocols_file, record=record
     )
-    return sources_from_conversion(report.series)
+    sources, failed = sources_from_conversion(report.series)
+    not_inputs = [(s.folder, s.description, s.reason) for s in report.not_converted] + [
+        (s.folder, s.description, f"converted as {s.role}, which is not measured")
+        for s in report.series
+        if s.role not in ROLES
+    ]
+    return sources, failed, not_inputs
 
 
 def sources_from_conversion(
@@ -409,5 +419,8 @@ def report_json(report: VolumetryReport) -> dict[str, Any]:
         ],
         "not_measured": [
             {"name": n, "reason": code, "message": msg} for n, code, msg in report.not_measured
+        ],
+        "not_inputs": [
+            {"folder": f, "description": d, "why": why} for f, d, why in report.not_inputs
         ],
     }

@@ -11,18 +11,24 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pydicom.datadict import keyword_dict, tag_for_keyword
 
-from pipelines.select.errors import ProtocolError, did_you_mean
+from pipelines.dicom.errors import ProtocolError, did_you_mean
 
 #: DICOM keyword -> C-FIND value as plain Python; None, "" or [] when the PACS returned nothing.
 Attributes = Mapping[str, object]
 
-_KINDS = ("regex", "equals", "in", "contains", "min/max", "present", "all", "any", "not")
-_KEYS = ("field", "regex", "equals", "in", "contains", "min", "max", "present", "all", "any", "not")
+_KINDS = ("regex", "equals", "in", "contains", "min/max", "present", "all", "any", "not", "role")
+_KEYS = (
+    "field", "regex", "equals", "in", "contains", "min", "max", "present", "all", "any", "not",
+    "role",
+)  # fmt: skip
+#: ``{role: NAME}`` -> its rule (the protocol file's roles section); None where roles are not
+#: known (inside the roles section itself)
+RoleLookup = Callable[[str, str], "Rule"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _components(value: object) -> tuple[str, ...]:
+def components(value: object) -> tuple[str, ...]:
     """The stripped components of a value; a string is split on the DICOM separator ``\\``."""
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split("\\"))
@@ -61,11 +67,11 @@ def _components(value: object) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class _Leaf(Rule):
+class Leaf(Rule):
     field: str
 
     def evaluate(self, attrs: Attributes) -> Verdict:
-        parts = _components(attrs.get(self.field))
+        parts = components(attrs.get(self.field))
         if not any(parts):
             return Verdict(False, f"{self.field} not returned by the PACS")
         return self._test(parts, "\\".join(parts))
@@ -78,7 +84,7 @@ class _Leaf(Rule):
 
 
 @dataclass(frozen=True)
-class Regex(_Leaf):
+class Regex(Leaf):
     """``re.search`` on the value; multi-valued values joined with ``\\``."""
 
     pattern: re.Pattern[str]
@@ -90,7 +96,7 @@ class Regex(_Leaf):
 
 
 @dataclass(frozen=True)
-class Equals(_Leaf):
+class Equals(Leaf):
     """The stripped value (joined when multi-valued) equals ``value``, case-sensitive."""
 
     value: str
@@ -102,7 +108,7 @@ class Equals(_Leaf):
 
 
 @dataclass(frozen=True)
-class OneOf(_Leaf):
+class OneOf(Leaf):
     """The stripped value (joined when multi-valued) is one of ``values``, case-sensitive."""
 
     values: tuple[str, ...]
@@ -114,7 +120,7 @@ class OneOf(_Leaf):
 
 
 @dataclass(frozen=True)
-class Contains(_Leaf):
+class Contains(Leaf):
     """``value`` is one of the components of a multi-valued value (ImageType, ScanningSequence)."""
 
     value: str
@@ -126,7 +132,7 @@ class Contains(_Leaf):
 
 
 @dataclass(frozen=True)
-class Range(_Leaf):
+class Range(Leaf):
     """A single numeric value (numbers or numeric strings) within the inclusive bounds."""
 
     minimum: float | None
@@ -151,13 +157,13 @@ class Range(_Leaf):
 
 
 @dataclass(frozen=True)
-class Present(_Leaf):
+class Present(Leaf):
     """Whether the PACS returned a non-empty value (``present: false`` matches a missing one)."""
 
     present: bool
 
     def evaluate(self, attrs: Attributes) -> Verdict:
-        found = _Leaf.evaluate(self, attrs)
+        found = Leaf.evaluate(self, attrs)
         return Verdict(found.matched == self.present, found.why)
 
     def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
@@ -212,8 +218,9 @@ class Not(Rule):
         return self.rule.fields()
 
 
-def parse_rule(data: object, where: str) -> Rule:
-    """Build a rule from its YAML data; ``where`` is its dotted location for error messages."""
+def parse_rule(data: object, where: str, roles: RoleLookup | None = None) -> Rule:
+    """Build a rule from its YAML data; ``where`` is its dotted location for error messages;
+    ``roles`` resolves ``{role: NAME}`` leaves."""
     if not isinstance(data, Mapping):
         raise ProtocolError(
             f"{where}: a rule must be a mapping such as {{field: Modality, equals: MR}}, "
@@ -235,15 +242,26 @@ def parse_rule(data: object, where: str) -> Rule:
             "(combine several with all: [...])"
         )
     kind = kinds[0]
+    if kind == "role":
+        if "field" in data:
+            raise ProtocolError(f"{where}: 'role' takes no field")
+        if roles is None:
+            raise ProtocolError(
+                f"{where}: a role rule belongs in a protocol's series rules, not in the roles "
+                "section"
+            )
+        return roles(_value(data["role"], f"{where}.role"), where)
     if kind in ("all", "any", "not"):
         if "field" in data:
             raise ProtocolError(f"{where}: '{kind}' takes no field; put it in the inner rules")
         if kind == "not":
-            return Not(parse_rule(data["not"], f"{where}.not"))
+            return Not(parse_rule(data["not"], f"{where}.not", roles))
         items = data[kind]
         if not isinstance(items, list) or not items:
             raise ProtocolError(f"{where}.{kind}: give a non-empty list of rules")
-        rules = tuple(parse_rule(item, f"{where}.{kind}[{i}]") for i, item in enumerate(items))
+        rules = tuple(
+            parse_rule(item, f"{where}.{kind}[{i}]", roles) for i, item in enumerate(items)
+        )
         return AllOf(rules) if kind == "all" else AnyOf(rules)
     field = _keyword(data.get("field"), f"{where}.field")
     at = f"{where}.{kind}"
