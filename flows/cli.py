@@ -473,6 +473,13 @@ def _json_stdout(enabled: bool) -> Iterator[None]:
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console) -> int:
+    # Paths as users type them: relative folders are made absolute once, here (os.path.abspath
+    # keeps symbolic links as given, unlike Path.resolve)
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, Path(os.path.abspath(value)))
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(args, name, [Path(os.path.abspath(v)) for v in value])
     try:
         settings = load_settings(args.config)
         configure_itk(settings.itk_threads)

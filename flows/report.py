@@ -323,6 +323,7 @@ def qc_json(report: QcReport) -> dict[str, Any]:
                 "description": s.description,
                 "protocol": s.protocol,
                 "role": s.role,
+                "evidence": s.evidence,
                 "scanner": {
                     "manufacturer": s.manufacturer,
                     "model": s.model,

@@ -7,6 +7,7 @@ memory: a large folder's headers would not fit.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
     kept in that series (marked with its damage), so that the series is known to miss it."""
     from pipelines.ingest.reader import classify
 
+    source = Path(os.path.abspath(source))  # the walk gives absolute paths
     studies: Studies = defaultdict(lambda: defaultdict(list))
     with_header: set[tuple[str, str]] = set()
     for candidate in walk([source], stat=False):

@@ -136,3 +136,12 @@ def dementia10(
     truth_file = out / "ground_truth.json"
     truth = CohortTruth.model_validate_json(truth_file.read_text())
     return CohortResult(truth=truth, out_dir=out, truth_file=truth_file)
+
+
+@pytest.fixture(scope="session")
+def realdata(model_cache: Path) -> Path:
+    """The real corpora, unpacked once into the test cache (tests/realdata.py); the test skips
+    with a message saying how to get them where they are absent."""
+    from tests.realdata import unpacked
+
+    return unpacked(model_cache)

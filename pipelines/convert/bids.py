@@ -16,7 +16,8 @@ one run would be stable for reruns of the same folder, but converting one follow
 own would name it ``ses-1`` and overwrite the baseline's files; the shifted StudyDate as label
 would put a date into every path (the sidecar has none on purpose).
 
-Suffix: from the series' role in the protocol (its include rule): ``t1_3d`` T1w, ``flair`` FLAIR,
+Suffix: from the series' role in the protocol (its include rule): ``t1_3d`` T1w, ``t1_2d``
+(a folder without protocol: every role is an include rule) T1w with ``acq-2d``, ``flair`` FLAIR,
 ``t2`` T2w, ``hippocampus_t2`` T2w with ``acq-hippocampus`` (another acquisition than the axial
 T2, not a second run of it). Other roles and unselected series are converted only when every
 image series is asked for: ``t1_post`` becomes ``ce-gadolinium_T1w``; the others get a suffix
@@ -60,6 +61,8 @@ class BidsName:
 #: The protocol roles converted by default, and their names.
 ROLE_NAMES: Mapping[str, BidsName] = {
     "t1_3d": BidsName("T1w"),
+    # a thick-slice 2D T1, measured by volumetry with lower confidence
+    "t1_2d": BidsName("T1w", (("acq", "2d"),)),
     "flair": BidsName("FLAIR"),
     "t2": BidsName("T2w"),
     "hippocampus_t2": BidsName("T2w", (("acq", "hippocampus"),)),

@@ -31,9 +31,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.errors import GeometryError, ReasonError
 from models.geometry import Plane, plane_pixels, planes_of, reference_volume, stack_pixels
 from models.settings import DefaceSettings, Settings
-from pipelines.deface import masks, preview
+from pipelines.deface import masks, preview, surface
 from pipelines.deface.errors import DefaceError
-from pipelines.deface.register import Fit, fit_affine
 from pipelines.deface.template import BRAIN, Template
 from pipelines.dicom.header import attributes
 from pipelines.dicomfolder import (
@@ -44,6 +43,7 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
+from pipelines.imaging.register import Fit, fit_affine
 from pipelines.ingest.paths import printable_path
 from pipelines.select.protocols import ProtocolSet
 
@@ -261,7 +261,11 @@ def _fit_reference(
         str(template.head_path),
     )
     to_lps = volume.index_to_lps()
-    placement = masks.check_placement(stack, to_lps, fit.subject_to_template, template)
+    polished, moves = masks.polish(stack, to_lps, fit.subject_to_template, template)
+    fit = replace(fit, subject_to_template=polished)
+    placement = replace(
+        masks.check_placement(stack, to_lps, fit.subject_to_template, template), polished=moves
+    )
     if placement.correlation < settings.min_correlation:
         raise DefaceError(
             "registration_failed",
@@ -297,6 +301,7 @@ def _fit_reference(
         fit=fit,
         metrics={
             "correlation": round(placement.correlation, 4),
+            "polish_moves": len(placement.polished),
             "neighbour_gain": round(placement.neighbour_gain, 4),
             "brain_on_tissue": round(on_tissue, 4),
             "registration_seconds": round(fit.seconds, 2),
@@ -367,11 +372,28 @@ def _deface_series(
             f"only {tally.face_removed_fraction:.1%} of the face region removed (minimum "
             f"{settings.min_face_removed:.0%}): the intracranial margin overlaps the face",
         )
+    skin = _skin_surfaces(planes, before, after) if uid == reference.series else None
+    if skin is not None:
+        for name, value in (
+            ("nose_before_mm", skin.nose_before),
+            ("nose_after_mm", skin.nose_after),
+        ):
+            if value is not None:
+                metrics[name] = value
+        if skin.nose_after is not None and skin.nose_after > settings.max_nose_mm:
+            return failed(
+                "face_features_left",
+                f"the defaced skin surface still shows a nose: it stands out "
+                f"{skin.nose_after:.0f} mm from the face profile and the cheeks (maximum "
+                f"{settings.max_nose_mm:g} mm; measured on the surface, not with the template)",
+            )
     for ds, arr, entry in zip(datasets, after, entries, strict=True):
         _write(ds, arr, out_root / entry.relative)
     shown: tuple[str, ...] = ()
     if previews is not None:
         shown = _previews(previews, study_uid, uid, planes, before, after, matrix, template)
+        if skin is not None:
+            shown += skin.write(previews / study_uid, uid)
     return SeriesOutcome(
         study_uid,
         uid,
@@ -384,6 +406,47 @@ def _deface_series(
         metrics,
         shown,
     )
+
+
+@dataclass(frozen=True)
+class _Skin:
+    """The reference T1's skin surface before and after defacing: renders and the nose."""
+
+    before: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]  # front, left
+    after: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
+    nose_before: float | None
+    nose_after: float | None
+
+    def write(self, folder: Path, uid: str) -> tuple[str, ...]:
+        """Two PNGs, each front and left side by side: before (a face: the restricted side's)
+        and after (what the defaced series shows: the dashboard's)."""
+        paths = (folder / f"{uid}_surface_before.png", folder / f"{uid}_surface_after.png")
+        for path, pictures in zip(paths, (self.before, self.after), strict=True):
+            height = max(p.shape[0] for p in pictures)
+            padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4))) for p in pictures]
+            grey = np.hstack(padded)
+            preview.write_png(path, np.repeat(grey[..., None], 3, axis=2))
+        return tuple(str(p) for p in paths)
+
+
+def _skin_surfaces(
+    planes: list[Plane],
+    before: list[npt.NDArray[np.generic]],
+    after: list[npt.NDArray[np.generic]],
+) -> _Skin | None:
+    """Render the skin and measure the nose on both volumes (None for an irregular stack)."""
+    try:
+        volume = reference_volume(planes)
+    except GeometryError:
+        return None
+    to_lps = volume.index_to_lps()
+    views, noses = [], []
+    for pixels in (before, after):
+        grid, _ = surface.to_lps_grid(stack_pixels(volume, pixels), to_lps)
+        head = surface.head_mask(grid)
+        views.append((surface.render(head, "front"), surface.render(head, "left")))
+        noses.append(surface.nose_protrusion(head))
+    return _Skin(views[0], views[1], noses[0], noses[1])
 
 
 def _previews(

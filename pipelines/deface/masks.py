@@ -91,6 +91,53 @@ class Placement:
     #: the best correlation gain of a neighbouring placement (5 mm or 5 degrees away)
     neighbour_gain: float
     neighbour: str  # which neighbour, e.g. "rotate x +5 deg"
+    #: the moves the fit was polished by (see ``polish``), e.g. ("shift z +5 mm",)
+    polished: tuple[str, ...] = ()
+
+
+class _Scorer:
+    """The subject on ``step_mm`` blocks (block means: noise averages out, as it does for the
+    registration) inside its head (Otsu's threshold) and a 2-block rim of air around it, since
+    the outline, the face profile above all, is what a misplaced template gets wrong."""
+
+    def __init__(
+        self,
+        volume: npt.NDArray[np.generic],
+        index_to_lps: npt.NDArray[np.float64],
+        template: Template,
+        step_mm: float,
+    ) -> None:
+        from skimage.filters import threshold_otsu
+
+        values = np.asarray(volume, dtype=np.float32)
+        spacing = np.sqrt((index_to_lps[:3, :3] ** 2).sum(axis=0))
+        block = [max(1, round(float(step_mm / s))) for s in spacing]
+        dims = [n // b for n, b in zip(values.shape, block, strict=True)]
+        cut = values[: dims[0] * block[0], : dims[1] * block[1], : dims[2] * block[2]]
+        sub = cut.reshape(dims[0], block[0], dims[1], block[1], dims[2], block[2]).mean(
+            axis=(1, 3, 5)
+        )
+        inside = sub > float(threshold_otsu(sub))
+        region = ndimage.binary_dilation(inside, iterations=2)
+        self.found = int(inside.sum()) >= 100
+        centres = (np.argwhere(region).T + 0.5) * np.asarray(block, dtype=np.float64)[:, None]
+        self.points = index_to_lps[:3, :3] @ (centres - 0.5) + index_to_lps[:3, 3:4]
+        self.values = sub[region]
+        head = inside[region]
+        self.centre = self.points[:, head].mean(axis=1) if self.found else np.zeros(3)
+        self.template = template
+
+    def _moved(self, matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        to_index = self.template.lps_to_index @ matrix
+        coords = to_index[:3, :3] @ self.points + to_index[:3, 3:4]
+        return np.asarray(
+            ndimage.map_coordinates(self.template.head, coords, order=1, mode="constant", cval=0),
+            dtype=np.float64,
+        )
+
+    def correlation(self, matrix: npt.NDArray[np.float64]) -> float:
+        moved = self._moved(matrix)
+        return float(np.corrcoef(self.values, moved)[0, 1]) if moved.std() > 0 else 0.0
 
 
 def check_placement(
@@ -104,44 +151,62 @@ def check_placement(
 ) -> Placement:
     """Does the template sit where the registration says, and is that the best place nearby?
 
-    The subject is compared on ``step_mm`` blocks (block means: noise averages out, as it does
-    for the registration) inside its head (Otsu's threshold) and a 2-block rim of air around it,
-    since the outline, the face profile above all, is what a misplaced template gets wrong.
     The correlation of a good fit depends on the image (0.6 to 0.8 on the synthetic cohort,
-    lower with heavy noise), so an absolute threshold only catches gross failures; a fit that
-    stopped short shows as a neighbouring placement (``shift_mm`` along, or ``turn_deg`` about,
-    each axis) that correlates better.
+    0.50 to 0.63 on real heads), so an absolute threshold only catches gross failures; a fit
+    that stopped short shows as a neighbouring placement (``shift_mm`` along, or ``turn_deg``
+    about, each axis) that correlates better.
     """
-    from skimage.filters import threshold_otsu
-
-    values = np.asarray(volume, dtype=np.float32)
-    spacing = np.sqrt((index_to_lps[:3, :3] ** 2).sum(axis=0))
-    block = [max(1, round(float(step_mm / s))) for s in spacing]
-    dims = [n // b for n, b in zip(values.shape, block, strict=True)]
-    cut = values[: dims[0] * block[0], : dims[1] * block[1], : dims[2] * block[2]]
-    sub = cut.reshape(dims[0], block[0], dims[1], block[1], dims[2], block[2]).mean(axis=(1, 3, 5))
-    inside = sub > float(threshold_otsu(sub))
-    region = ndimage.binary_dilation(inside, iterations=2)
-    if inside.sum() < 100:
+    scorer = _Scorer(volume, index_to_lps, template, step_mm)
+    if not scorer.found:
         return Placement(0.0, 0.0, "no head found")
-    centres = (np.argwhere(region).T + 0.5) * np.asarray(block, dtype=np.float64)[:, None] - 0.5
-    points = index_to_lps[:3, :3] @ centres + index_to_lps[:3, 3:4]  # subject LPS
-    values_in = sub[region]
-    head_centre = points[:, inside[region]].mean(axis=1)
+    return _placement(scorer, subject_to_template, shift_mm, turn_deg)
 
-    def correlation(matrix: npt.NDArray[np.float64]) -> float:
-        to_index = template.lps_to_index @ matrix
-        coords = to_index[:3, :3] @ points + to_index[:3, 3:4]
-        moved = ndimage.map_coordinates(template.head, coords, order=1, mode="constant", cval=0)
-        return float(np.corrcoef(values_in, moved)[0, 1]) if moved.std() > 0 else 0.0
 
-    fit = correlation(subject_to_template)
+def _placement(
+    scorer: _Scorer, matrix: npt.NDArray[np.float64], shift_mm: float, turn_deg: float
+) -> Placement:
+    fit = scorer.correlation(matrix)
     best_gain, best_name = -1.0, ""
-    for name, move in _neighbours(head_centre, shift_mm, turn_deg):
-        gain = correlation(subject_to_template @ move) - fit
+    for name, move in _neighbours(scorer.centre, shift_mm, turn_deg):
+        gain = scorer.correlation(matrix @ move) - fit
         if gain > best_gain:
             best_gain, best_name = gain, name
     return Placement(fit, best_gain, best_name)
+
+
+def polish(
+    volume: npt.NDArray[np.generic],
+    index_to_lps: npt.NDArray[np.float64],
+    subject_to_template: npt.NDArray[np.float64],
+    template: Template,
+    steps: tuple[tuple[float, float], ...] = ((3.0, 3.0), (1.5, 1.5)),
+    rounds: int = 6,
+    step_mm: float = 3.0,
+) -> tuple[npt.NDArray[np.float64], tuple[str, ...]]:
+    """Finish an affine fit by the placement check's own measure: while a neighbouring rigid
+    placement (each of ``steps``: shift mm, turn degrees) correlates better, move there (at most
+    ``rounds`` moves per step). ANTs optimises mutual information on the whole resampled
+    volume; on a real head with its neck or a cut-off field of view that optimum can sit a few
+    millimetres from the best fit of the head's outline and face (measured on a 2 mm XA30 MPRAGE:
+    +5 mm in z)."""
+    scorer = _Scorer(volume, index_to_lps, template, step_mm)
+    if not scorer.found:
+        return subject_to_template, ()
+    matrix = subject_to_template
+    moves: list[str] = []
+    for shift, turn in steps:
+        for _ in range(rounds):
+            current = scorer.correlation(matrix)
+            gains = [
+                (scorer.correlation(matrix @ move) - current, name, move)
+                for name, move in _neighbours(scorer.centre, shift, turn)
+            ]
+            gain, name, move = max(gains, key=lambda g: g[0])
+            if gain <= 0:
+                break
+            matrix = matrix @ move
+            moves.append(name)
+    return matrix, tuple(moves)
 
 
 def _neighbours(

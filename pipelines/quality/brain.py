@@ -16,8 +16,8 @@ from scipy import ndimage
 
 from models.geometry import Volume
 from pipelines.deface.masks import brain_on_tissue
-from pipelines.deface.register import fit_affine
 from pipelines.deface.template import BRAIN, Template
+from pipelines.imaging.register import fit_affine
 from qc.image import Brain, outside_fraction
 from qc.masks import block_mean, upsample
 

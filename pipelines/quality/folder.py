@@ -83,6 +83,8 @@ class SeriesQc:
     #: SHA-256 over the SHA-256 of each file, sorted: the same files, the same key
     input_sha256: str
     stages: tuple[StageOutcome, ...]
+    #: why the protocol took the series in its role (the role's evidence from the header)
+    evidence: str = ""
 
     @property
     def verdict(self) -> Verdict:
@@ -194,12 +196,12 @@ def qc_study(
         return out
     description = header_text(first_header(readable[0][1]), "StudyDescription")
     protocol = choose_protocol(protocols, protocol_name, description)
-    checked: list[tuple[str, list[FolderFile], str]] = []
+    checked: list[tuple[str, list[FolderFile], str, str]] = []
     for uid, entries in readable:
         header = first_header(entries)
         decision = protocol.classify_series(attributes(header, sorted(protocol.series_fields())))
         if decision.selected:
-            checked.append((uid, entries, decision.rule))
+            checked.append((uid, entries, decision.rule, decision.why))
             continue
         code = "not_selected"
         why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
@@ -208,11 +210,11 @@ def qc_study(
     if not checked:
         return out
     study_findings = (
-        check_study((role for _, _, role in checked), protocol.require, protocol.qc)
+        check_study((role for _, _, role, _ in checked), protocol.require, protocol.qc)
         if whole_study
         else []
     )
-    for uid, entries, role in checked:
+    for uid, entries, role, evidence in checked:
         try:
             result = qc_series(
                 study_uid, uid, entries, protocol, role, scanners, template, study_findings
@@ -220,7 +222,7 @@ def qc_study(
         except Exception as exc:  # one series must never stop the others
             log.exception("qc: series %s failed", uid)
             result = _internal_error(study_uid, uid, entries, protocol, role, exc)
-        out.append(result)
+        out.append(replace(result, evidence=evidence))
     return out
 
 

@@ -1,12 +1,13 @@
 """antspyx: the atlas brought into a subject's T1 (affine, then deformable, at reduced resolution).
 
 The registration runs on the subject and the atlas head both resampled to a few millimetres:
-the skull and the scalp, which decide the intracranial edge, are centimetre-scale. The affine is
-ANTs' default (centres of mass, then rigid-affine by mutual information). The deformable stage is
-a SyN by cross-correlation restricted to a shell around the intracranial edge: inside the skull
-the subject's brain may be atrophied and the template's is not, and letting the brain surface
-pull the warp drags the intracranial edge inwards (measured: ICV 10 % low on atrophied heads
-with an unmasked SyN). Results are sampled onto the subject's own grid, cropped to the head.
+the skull and the scalp, which decide the intracranial edge, are centimetre-scale. The affine
+is ANTs' (mutual information) from two starts, the better kept (``imaging.register.best_affine``).
+The deformable stage is a SyN by cross-correlation restricted to a shell around the
+intracranial edge: inside the skull the subject's brain may be atrophied and the template's is
+not, and letting the brain surface pull the warp drags the intracranial edge inwards
+(measured: ICV 10 % low on atrophied heads with an unmasked SyN). Results are sampled onto the
+subject's own grid, cropped to the head.
 
 ANTs samples its metrics at random points: a fixed seed, and ITK's thread count fixed by the
 caller (``flows.prefect_env.configure_itk``), give the same numbers on every run.
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.deface.register import seeded
+from pipelines.imaging.register import at_resolution, best_affine, correlation, seeded
 from pipelines.volumetry.atlas import Atlas
 
 SEED = 20261
@@ -85,24 +86,22 @@ def place_atlas(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     head, small, icv_img = _template_images(atlas, affine_mm)
-    fixed = ants.resample_image(subject, (affine_mm,) * 3, False, 1)
+    fixed = at_resolution(subject, affine_mm)
     seconds["resample"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, seeded(SEED):
         t0 = time.perf_counter()
-        aff = ants.registration(
-            fixed=fixed,
-            moving=small,
-            type_of_transform="Affine",
+        transforms, _ = best_affine(
+            fixed,
+            small,
+            tmp,
             aff_shrink_factors=(2, 1),
             aff_smoothing_sigmas=(1, 0),
             aff_iterations=(500, 200),
-            outprefix=os.path.join(tmp, "a_"),
         )
-        transforms = list(aff["fwdtransforms"])
         seconds["affine"] = time.perf_counter() - t0
         if deformable:
             t0 = time.perf_counter()
-            fixed_d = ants.resample_image(subject, (deformable_mm,) * 3, False, 1)
+            fixed_d = at_resolution(subject, deformable_mm)
             moving_d = ants.resample_image(head, (deformable_mm,) * 3, False, 1)
             icv_d = ants.apply_transforms(fixed_d, icv_img, transforms, interpolator="linear")
             inside = ants.threshold_image(icv_d, 0.5, 2.0)
@@ -127,7 +126,7 @@ def place_atlas(
             seconds["deformable"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         warped_small = ants.apply_transforms(fixed, small, transforms, interpolator="linear")
-        correlation = _correlation(fixed.numpy(), warped_small.numpy())
+        fit = correlation(fixed.numpy(), warped_small.numpy())
         icv_small = ants.apply_transforms(fixed, icv_img, transforms, interpolator="linear")
         crop = _crop_box(subject, fixed, icv_small.numpy() >= 0.5, margin_mm)
         reference = ants.crop_indices(subject, [c[0] for c in crop], [c[1] for c in crop])
@@ -147,18 +146,9 @@ def place_atlas(
             float(reference.spacing[2]),
         ),
         crop=crop,
-        correlation=correlation,
+        correlation=fit,
         seconds=seconds,
     )
-
-
-def _correlation(a: npt.NDArray[np.generic], b: npt.NDArray[np.generic]) -> float:
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    keep = (x > 0) | (y > 0)
-    if keep.sum() < 10:
-        return 0.0
-    return float(np.corrcoef(x[keep], y[keep])[0, 1])
 
 
 def _index_to_physical(image: Any) -> npt.NDArray[np.float64]:

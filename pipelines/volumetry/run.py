@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "volumetry"
-#: Roles of the protocol rules whose series are measured.
-ROLES = ("t1_3d",)
+#: Roles of the protocol rules whose series are measured: the 3D T1, and a 2D T1 where a
+#: protocol (or a folder without one) takes it, measured with lower confidence (thick slices)
+ROLES = ("t1_3d", "t1_2d")
 
 
 @dataclass(frozen=True)

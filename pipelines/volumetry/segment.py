@@ -106,6 +106,7 @@ def fit_mixture(
     mean, sd = _start(y, priors_all[::stride])
     scale = float(np.percentile(y, 99)) or 1.0
     floor = 1e-3 * scale
+    low, high = float(y.min()), float(y.max())
     sd = np.maximum(sd, floor)
     gamma = np.ones(q.shape[1])
     previous = -np.inf
@@ -120,12 +121,17 @@ def fit_mixture(
         loglik = float(np.log(norm).mean())
         pure = resp[:, :3]
         n_k = pure.sum(axis=0)
-        mean = (pure * y[:, None]).sum(axis=0) / np.maximum(n_k, 1e-9)
-        sd = np.sqrt((pure * (y[:, None] - mean) ** 2).sum(axis=0) / np.maximum(n_k, 1e-9))
-        sd = np.maximum(sd, floor)
+        if not np.all(np.isfinite(resp)) or n_k.min() < 1e-6 * y.size:
+            # a class lost its voxels (seen on a real head without intensity normalisation):
+            # its mean would follow a few outliers to infinity; keep the last sound estimate
+            break
+        mean = np.clip((pure * y[:, None]).sum(axis=0) / n_k, low, high)
+        sd = np.sqrt((pure * (y[:, None] - mean) ** 2).sum(axis=0) / n_k)
+        sd = np.clip(sd, floor, high - low + floor)
         # ML update of the prior weights (Ashburner & Friston 2005, eq. 27)
         mix = q @ gamma
         gamma = resp.sum(axis=0) / np.maximum((q / mix[:, None]).sum(axis=0), 1e-9)
+        gamma = np.maximum(gamma, 1e-6)  # a weight is a proportion: never below zero
         gamma = gamma / gamma.sum() * q.shape[1]
         if abs(loglik - previous) < tolerance * max(1.0, abs(loglik)):
             converged = True

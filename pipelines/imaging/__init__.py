@@ -1,0 +1,1 @@
+"""One module per external imaging tool the stages share (antspyx registration: ``register``)."""
