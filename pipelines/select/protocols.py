@@ -169,6 +169,8 @@ class ProtocolSet:
         """The protocol called ``name``; ProtocolError listing the known ones otherwise."""
         if name in self.protocols:
             return self.protocols[name]
+        if name == AUTO and self.roles is not None:
+            return self.auto()
         raise ProtocolError(
             f"{self.source}: unknown protocol {name!r}{did_you_mean(name, self.protocols)}; "
             f"known protocols: {', '.join(self.protocols)}"

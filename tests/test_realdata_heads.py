@@ -1,0 +1,154 @@
+"""Defacing and volumetry on real heads we did not make (../shared/realdata through
+$COHORTFLOW_REALDATA): each real 3D T1 with a face is defaced, with no brain voxel changed
+inside brain masks others made (ROBEX, HD-BET) and no nose left on its skin surface; each real
+head is measured within its QC verdict; every reporting command's ``--json`` parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+
+#: the real 3D T1s with a face, by folder of the unpacked real data
+FACES = {
+    "philips_adni_mprage/dicom": 1,
+    "fnndsc_adi_brain/dicom": 1,
+    "dcm_qa_xa30/In/5_anat-T1w_acq-tfl": 1,
+    "dcm_qa_xa30/In/6_anat-T1w_acq-tfl": 1,
+}
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Path:
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
+    return tmp_path
+
+
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)  # stdout holds the JSON document and nothing else
+
+
+@pytest.mark.parametrize("folder", sorted(FACES))
+def test_each_real_head_with_a_face_is_defaced_without_a_nose_left(
+    realdata: Path, home: Path, folder: str, capsys: pytest.CaptureFixture[str], figures
+) -> None:  # type: ignore[no-untyped-def]
+    out, previews = home / "out", home / "previews"
+    code, report = run_json(
+        ["deface", str(realdata / folder), str(out), "--previews", str(previews)], capsys
+    )
+    assert code == 0, report
+    reference = [s for s in report["series"] if "nose_after_mm" in s["metrics"]]
+    assert len(reference) == FACES[folder]
+    for series in report["series"]:
+        assert series["status"] == "defaced", series
+        assert series["metrics"]["brain_changed"] == 0
+    metrics = reference[0]["metrics"]
+    # the face was there (a nose standing out 14 to 20 mm), and is gone
+    assert metrics["nose_before_mm"] >= 10, metrics
+    assert metrics["nose_after_mm"] <= 8, metrics
+    surfaces = [p for s in reference for p in s["previews"] if "surface" in p]
+    assert len(surfaces) == 2 and all(Path(p).stat().st_size > 5000 for p in surfaces)
+    figures(
+        f"deface {folder}: nose {metrics['nose_before_mm']:.0f} -> "
+        f"{metrics['nose_after_mm']:.0f} mm, r {metrics['correlation']:.2f}, "
+        f"{metrics['polish_moves']} polish moves"
+    )
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    labels, count = ndimage.label(mask)
+    sizes = ndimage.sum(mask, labels, range(1, count + 1))
+    return np.asarray(labels == 1 + int(np.argmax(sizes)))
+
+
+def test_defacing_the_philips_head_changes_no_voxel_of_the_brain_masks_others_made(
+    realdata: Path, home: Path, capsys: pytest.CaptureFixture[str], figures
+) -> None:  # type: ignore[no-untyped-def]
+    """ROBEX's mask and HD-BET's brain (its two added spheres left out) are on the dcm2niix
+    grid: voxel (i, j, k) is pixel (row 255 - k, column 255 - j) of file 1301_{i+1:04d}.dcm
+    (../shared/realdata/README.md). Every such pixel keeps its value."""
+    base = realdata / "philips_adni_mprage"
+    out = home / "out"
+    code, _ = run_json(["deface", str(base / "dicom"), str(out)], capsys)
+    assert code == 0
+    robex = np.asarray(nib.load(base / "labels" / "robex_mask.nii.gz").dataobj) > 0
+    hdbet_crop = _largest(
+        np.asarray(nib.load(base / "labels" / "hdbet_brain_plus_spheres.nii.gz").dataobj) > 0
+    )
+    hdbet = np.zeros_like(robex)
+    ci, cj, ck = hdbet_crop.shape
+    hdbet[14 : 14 + ci, 20 : 20 + cj, 87 : 87 + ck] = hdbet_crop
+    changed = {"robex": 0, "hdbet": 0}
+    face_removed = 0
+    for i in range(robex.shape[0]):
+        name = f"1301_{i + 1:04d}.dcm"
+        before = pydicom.dcmread(base / "dicom" / name).pixel_array
+        after = pydicom.dcmread(out / name).pixel_array
+        differ = before != after
+        face_removed += int(differ.sum())
+        for label, mask in (("robex", robex), ("hdbet", hdbet)):
+            j, k = np.nonzero(mask[i])
+            changed[label] += int(differ[255 - k, 255 - j].sum())
+    assert robex.sum() > 1_400_000 and hdbet.sum() > 1_400_000
+    assert changed == {"robex": 0, "hdbet": 0}
+    assert face_removed > 100_000
+    figures(
+        f"deface philips: {face_removed} voxels removed, 0 of {int(robex.sum())} ROBEX and "
+        f"0 of {int(hdbet.sum())} HD-BET brain voxels changed"
+    )
+
+
+#: folder -> (verdicts allowed, ICV range ml): adults' heads
+HEADS = {
+    "philips_adni_mprage/dicom": ({"pass", "warn"}, (1300, 1900)),
+    "fnndsc_adi_brain/dicom": ({"pass", "warn"}, (1300, 1900)),
+    "dcm_qa_xa30/In/6_anat-T1w_acq-tfl": ({"pass", "warn"}, (1250, 1900)),
+    "decubitus_t1_4positions/HFS": ({"warn"}, (1250, 1900)),  # 2D: lower confidence
+}
+
+
+@pytest.mark.parametrize("folder", sorted(HEADS))
+def test_each_real_head_is_measured_within_its_verdict(
+    realdata: Path, home: Path, folder: str, capsys: pytest.CaptureFixture[str], figures
+) -> None:  # type: ignore[no-untyped-def]
+    verdicts, (low, high) = HEADS[folder]
+    code, report = run_json(
+        ["volumetry", str(realdata / folder), "--out", str(home / "vol"), "--no-record"], capsys
+    )
+    assert len(report["results"]) == 1, report
+    result = report["results"][0]
+    assert result["verdict"] in verdicts, result["findings"]
+    volumes = result["volumes"]
+    assert low <= volumes["icv_ml"] <= high
+    assert 0.7 <= volumes["bpf"] <= 0.95
+    assert code == (0 if result["verdict"] != "fail" else 1)
+    figures(
+        f"volumetry {folder}: ICV {volumes['icv_ml']:.0f} ml, brain {volumes['brain_ml']:.0f} "
+        f"ml, BPF {volumes['bpf']:.3f}, {result['verdict']} {result['reason'] or ''}"
+    )
+
+
+def test_the_missing_slice_of_a_real_siemens_t1_is_caught(
+    realdata: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Series 5 of fnndsc_adi_brain lacks InstanceNumber 115 (a 2 mm gap in a 1 mm stack);
+    series 6 lacks InstanceNumber 35."""
+    code, report = run_json(["qc", str(realdata / "fnndsc_adi_brain/dicom"), "--no-record"], capsys)
+    assert code == 1
+    by_role = {s["role"]: s for s in report["series"]}
+    for role in ("t1_3d", "t2"):
+        checks = [f["check"] for st in by_role[role]["stages"] for f in st["findings"]]
+        assert "header.missing_slices" in checks, (role, checks)
+        assert by_role[role]["verdict"] == "fail"
