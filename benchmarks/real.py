@@ -68,7 +68,7 @@ HEADS = (
     *(
         Head(
             f"ms_{pt}_study{s}",
-            f"open_ms_longitudinal/patient{pt}_study{s}_T1W.nii.gz",
+            f"open_ms_longitudinal/raw/patient{pt}/study{s}_T1W.nii.gz",
             False,
             f"ms{pt}",
         )

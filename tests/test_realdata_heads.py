@@ -152,3 +152,52 @@ def test_the_missing_slice_of_a_real_siemens_t1_is_caught(
         checks = [f["check"] for st in by_role[role]["stages"] for f in st["findings"]]
         assert "header.missing_slices" in checks, (role, checks)
         assert by_role[role]["verdict"] == "fail"
+
+
+def test_every_reporting_command_prints_json_alone_on_stdout(
+    realdata: Path, home: Path, model_cache: Path
+) -> None:
+    """Each command runs as its own process, so that what ITK, ANTs or a converter write on the
+    process's standard output (not only Python's) would show; stdout must parse as one JSON
+    document. Volumetry reads a NIfTI whose time units are unknown: ITK's warning about that
+    once came before the JSON."""
+    import os
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("cohortflow"))
+    env = {
+        **os.environ,
+        "COHORTFLOW_HOME": str(home / "home"),
+        "COHORTFLOW_CACHE_DIR": str(model_cache),
+    }
+    xa30 = str(realdata / "dcm_qa_xa30" / "In")
+    ms = str(realdata / "open_ms_longitudinal" / "raw" / "patient12" / "study1_T1W.nii.gz")
+    commands = [
+        ["ingest", xa30, "--batch", "xa30"],
+        ["verify"],
+        ["report", "batch", "xa30"],
+        ["anonymize", xa30, str(home / "anon")],
+        ["qc", str(home / "anon")],
+        ["convert", str(home / "anon"), str(home / "nifti")],
+        ["volumetry", ms, "--out", str(home / "vol"), "--no-record"],
+        ["status"],
+        ["cohort", "count", "--by", "modality"],
+        ["export", "biomarkers", "--out", str(home / "biomarkers.csv")],
+    ]
+    for argv in commands:
+        done = subprocess.run(
+            [cli, *argv, "--json"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode in (0, 1), (argv, done.returncode, done.stderr[-2000:])
+        try:
+            json.loads(done.stdout)
+        except json.JSONDecodeError as exc:
+            raise AssertionError(
+                f"{argv}: stdout is not one JSON document: {done.stdout[:500]!r}"
+            ) from exc
