@@ -128,3 +128,14 @@ def write_png(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
     temp = path.with_name(path.name + ".part")
     Image.fromarray(rgb, mode="RGB").save(temp, format="PNG")
     temp.replace(path)
+
+
+def stack_pngs(paths: list[Path], out: Path) -> None:
+    """The pictures one above the other, left-aligned on black, into one PNG (the dashboard
+    shows one picture per stage: the planes, then the skin surface after defacing)."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    width = max(i.shape[1] for i in images)
+    rows = [np.pad(i, ((0, 4), (0, width - i.shape[1]), (0, 0))) for i in images]
+    write_png(out, np.vstack(rows).astype(np.uint8))

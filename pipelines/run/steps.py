@@ -375,6 +375,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     if not previous.done:
         return _blocked(previous, DEFACE)
     from pipelines.deface.folder import deface_folder, reference_rule
+    from pipelines.deface.preview import stack_pngs
     from pipelines.deface.template import load_template
     from pipelines.select.protocols import load_protocols
 
@@ -404,10 +405,14 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
             info = series_info.get(outcome.series, {})
             status = "pass" if outcome.status == "defaced" else "fail"
             extra = {}
-            if len(outcome.previews) > 2:  # the picture the dashboard may show
+            if len(outcome.previews) > 2:  # the pictures the dashboard may show
                 shown = ctx.qc_images_out / outcome.study / f"{outcome.series}_deface.png"
                 shown.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(outcome.previews[2], shown)
+                # the defaced planes, and the skin surface after defacing (never the one
+                # before: it shows the face)
+                safe = [outcome.previews[2]]
+                safe += [p for p in outcome.previews if p.endswith("_surface_after.png")]
+                stack_pngs([Path(p) for p in safe], shown)
                 extra["picture"] = str(shown)
             rows.append(
                 StageRecord(
