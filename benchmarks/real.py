@@ -109,25 +109,27 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[i
     return done.returncode, time.perf_counter() - start
 
 
-def nifti_of(head: Head, data: Path, work: Path) -> Path:
-    """The head as NIfTI: dcm2niix's conversion of the DICOM series (as cohortflow converts
-    it), the file itself for a NIfTI head."""
+def nifti_of(head: Head, data: Path, row: Row) -> Path | None:
+    """The image every tool measures: the NIfTI head itself, or for a DICOM head the T1 that
+    cohortflow converted and measured (a folder may hold other series: the T1 is the one its
+    role names)."""
     source = data / head.source
     if source.is_file():
         return source
-    out = work / "nifti" / head.name
-    found = sorted(out.glob("*.nii.gz")) if out.is_dir() else []
-    if not found:
-        out.mkdir(parents=True, exist_ok=True)
-        dcm2niix = Path(sys.executable).with_name("dcm2niix")
-        subprocess.run(
-            [str(dcm2niix), "-z", "y", "-b", "n", "-o", str(out), "-f", "t1", str(source)],
-            check=True,
-            capture_output=True,
-        )
-        found = sorted(out.glob("*.nii.gz"))
-    # a folder holding several series: the largest image is the T1
-    return max(found, key=lambda p: p.stat().st_size)
+    image = row.ours.get("image")
+    return Path(image) if image else None
+
+
+def converted_t1(folder: Path, out: Path, env: dict[str, str]) -> Path | None:
+    """``cohortflow convert`` of a DICOM folder: the NIfTI of its 3D or 2D T1."""
+    cli = Path(sys.executable).with_name("cohortflow")
+    done = subprocess.run(
+        [str(cli), "convert", str(folder), str(out), "--no-record", "--json"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    series = json.loads(done.stdout)["series"]
+    found = [s["nifti"] for s in series if s["role"] in ("t1_3d", "t1_2d") and s["nifti"]]
+    return Path(found[0]) if found else None
 
 
 def ours(head: Head, data: Path, work: Path, row: Row) -> None:
@@ -199,16 +201,13 @@ def deface(head: Head, data: Path, work: Path, row: Row, robex_mask: Path | None
         return
     # the brain voxels changed, in a mask cohortflow did not make: the defaced series converted
     # as the original was, compared voxel by voxel inside ROBEX's mask
-    converted = work / "nifti-defaced" / head.name
-    converted.mkdir(parents=True, exist_ok=True)
-    dcm2niix = Path(sys.executable).with_name("dcm2niix")
-    subprocess.run(
-        [str(dcm2niix), "-z", "y", "-b", "n", "-o", str(converted), "-f", "t1", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    after_file = max(converted.glob("*.nii.gz"), key=lambda p: p.stat().st_size)
-    before = np.asarray(nib.load(nifti_of(head, data, work)).dataobj)
+    env = {**os.environ, "COHORTFLOW_HOME": str(work / "home")}
+    after_file = converted_t1(out, work / "nifti-defaced" / head.name, env)
+    original = nifti_of(head, data, row)
+    if after_file is None or original is None:
+        row.problems.append("the defaced T1 could not be converted for the brain-voxel check")
+        return
+    before = np.asarray(nib.load(original).dataobj)
     after = np.asarray(nib.load(after_file).dataobj)
     mask = np.asarray(nib.load(robex_mask).dataobj) > 0
     if before.shape != after.shape or before.shape != mask.shape:
@@ -259,7 +258,10 @@ def peers(head: Head, data: Path, work: Path, row: Row, threads: int) -> Path | 
     import nibabel as nib
     import numpy as np
 
-    nifti = nifti_of(head, data, work)
+    nifti = nifti_of(head, data, row)
+    if nifti is None:
+        row.problems.append("no image to give the peers: cohortflow converted no T1")
+        return None
     folder = work / "samseg" / head.name
     if not (folder / "sbtiv.stats").is_file():
         code, seconds = run(
