@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from flows.cli_cohort import add_commands as add_cohort_commands
 from flows.cli_cohort import run_command as run_cohort_command
 from flows.cli_data import add_commands as add_data_commands
 from flows.cli_data import run_command as run_data_command
+from flows.output import json_only_on_stdout, write_json
 from flows.prefect_env import configure_itk
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
@@ -428,48 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     err = Console(stderr=True)
-    with _json_stdout(bool(getattr(args, "json", False))):
+    with json_only_on_stdout(bool(getattr(args, "json", False))):
         return _dispatch(args, parser, err)
-
-
-@contextmanager
-def _json_stdout(enabled: bool) -> Iterator[None]:
-    """With ``--json`` stdout carries the JSON document alone: whatever a library writes on the
-    process's standard output while the command runs (ITK's and ANTs' warnings, a converter's
-    chatter) goes to stderr instead. Python's ``sys.stdout`` keeps the real stdout."""
-    if not enabled:
-        yield
-        return
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):
-        yield
-        return
-    python_stdout = sys.stdout
-    try:
-        own_fd = python_stdout.fileno() == 1
-    except (AttributeError, OSError, ValueError):
-        own_fd = False  # already redirected in Python (a test's capture): leave it
-    os.dup2(2, 1)
-    if own_fd:
-        sys.stdout = open(  # noqa: SIM115 - closed below, the descriptor stays ours
-            saved, "w", encoding=python_stdout.encoding, closefd=False
-        )
-    try:
-        yield
-    finally:
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).fflush(None)  # C stdio's buffer still holds library output
-        except (OSError, AttributeError):
-            pass
-        if own_fd:
-            sys.stdout.close()
-            sys.stdout = python_stdout
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Console) -> int:
@@ -561,7 +521,7 @@ def _open_index(settings: Settings) -> Iterator[IndexDB]:
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     if args.json:
-        sys.stdout.write(json.dumps(payload, indent=1, default=str) + "\n")
+        write_json(payload)
 
 
 def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.output import document, write_json
 from models.database import IndexDB
 from models.settings import Settings
 
@@ -237,7 +237,7 @@ def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 actor=actor,
             )
     if args.json:
-        sys.stdout.write(json.dumps(result.as_dict(), indent=1) + "\n")
+        write_json(result.as_dict())
         return EXIT_OK
     print_counts(result, Console())
     return EXIT_OK
@@ -304,7 +304,7 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             writer.writeheader()
             writer.writerows(found.rows)
     if args.json:
-        sys.stdout.write(json.dumps(found.as_dict(), indent=1, default=str) + "\n")
+        write_json(found.as_dict())
         return EXIT_OK
     shown: tuple[str, ...] = (
         "pseudonym",
@@ -349,7 +349,7 @@ def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             replace=args.replace,
         )
     if args.json:
-        sys.stdout.write(json.dumps(info.as_dict(), indent=1) + "\n")
+        write_json(info.as_dict())
     else:
         err.print(
             f"cohort {info.name} saved: {info.patients} patients, {info.studies} studies, "
@@ -364,7 +364,7 @@ def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     with _index(settings) as index, index.session() as session:
         found = saved_cohorts(session)
     if args.json:
-        sys.stdout.write(json.dumps({"cohorts": [c.as_dict() for c in found]}, indent=1) + "\n")
+        write_json({"cohorts": [c.as_dict() for c in found]})
         return EXIT_OK
     table = Table(title="saved cohorts")
     for name in ("name", "patients", "studies", "series", "filters", "by", "at"):
@@ -403,7 +403,7 @@ def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int
         write_manifest(rows, out)
         err.print(f"{len(rows)} studies written to {out}")
     else:
-        write_manifest(rows, sys.stdout)  # type: ignore[arg-type]
+        write_manifest(rows, document())  # type: ignore[arg-type]
     return EXIT_OK
 
 
@@ -419,7 +419,7 @@ def _refresh(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     finally:
         index.dispose()
     if args.json:
-        sys.stdout.write(json.dumps(asdict(summary), indent=1) + "\n")
+        write_json(asdict(summary))
     else:
         what = "rebuilt" if summary.rebuilt else "brought up to date"
         err.print(

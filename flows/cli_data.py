@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.output import document, write_json
 from models.settings import Settings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
@@ -170,7 +171,7 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     finally:
         index.dispose()
     if args.out == "-":
-        write_table(table, sys.stdout, "csv")  # type: ignore[arg-type]
+        write_table(table, document(), "csv")  # type: ignore[arg-type]
         out = None
     else:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -188,7 +189,7 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         "labels_unmatched": table.labels_unmatched,
     }
     if args.json:
-        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        write_json(report)
     elif out is not None:
         err.print(f"{len(table.rows)} rows ({report['usable']} usable) written to {out}")
     if labels is not None and table.labels_unmatched:
@@ -215,7 +216,7 @@ def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     plot.parent.mkdir(parents=True, exist_ok=True)
     box_plot(result, plot)
     if args.json:
-        sys.stdout.write(json.dumps(result.as_dict() | {"plot": str(plot)}, indent=1) + "\n")
+        write_json(result.as_dict() | {"plot": str(plot)})
     else:
         print_comparison(result, Console())
         err.print(f"box plot: {plot}")
@@ -282,7 +283,7 @@ def _users(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 found = accounts(session)
             if args.json:
                 payload = [{"name": a.username, "role": a.role, "active": a.active} for a in found]
-                sys.stdout.write(json.dumps({"users": payload}, indent=1) + "\n")
+                write_json({"users": payload})
             else:
                 for a in found:
                     Console().print(

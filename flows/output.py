@@ -1,0 +1,79 @@
+"""Where the command line's documents go.
+
+With ``--json`` a command's stdout carries its JSON document and nothing else. Libraries print:
+antspyx ``print``s "Warning: NIftI time units are 'unknown'" when it reads such a NIfTI, and
+C++ code writes on the process's standard output. While a ``--json`` command runs, both go to
+stderr (``sys.stdout`` and file descriptor 1 point there); the document is written with
+``write_json`` (or to ``document()``) on the real stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+_document: TextIO | None = None
+
+
+def document() -> TextIO:
+    """The stream of the command's document: the real stdout."""
+    return _document if _document is not None else sys.stdout
+
+
+def write_json(payload: Any) -> None:
+    """Write one JSON document on the real stdout."""
+    stream = document()
+    stream.write(json.dumps(payload, indent=1, default=str) + "\n")
+    stream.flush()
+
+
+@contextmanager
+def json_only_on_stdout(enabled: bool) -> Iterator[None]:
+    """Send everything but the document to stderr while the block runs (see the module).
+
+    In a process of its own, file descriptor 1 stays on stderr until the process ends: the C++
+    runtime that the ANTs wheel bundles may write its buffered ``std::cout`` out at exit."""
+    global _document  # noqa: PLW0603 - one document per command
+    if not enabled:
+        yield
+        return
+    python_stdout = sys.stdout
+    try:
+        python_stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        saved = -1
+    try:
+        own_fd = python_stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        own_fd = False  # already redirected in Python (a test's capture): write there
+    if saved >= 0:
+        os.dup2(2, 1)
+    _document = (
+        open(saved, "w", encoding=python_stdout.encoding, closefd=False)  # noqa: SIM115
+        if own_fd and saved >= 0
+        else python_stdout
+    )
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)  # C stdio's buffer still holds library output
+        except (OSError, AttributeError):
+            pass
+        _document.flush()
+        sys.stdout = python_stdout
+        if own_fd and saved >= 0:
+            _document.close()
+            # the document is out; fd 1 stays on stderr until this process ends
+        elif saved >= 0:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _document = None
