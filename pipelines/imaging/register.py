@@ -142,7 +142,15 @@ def correlation(a: npt.NDArray[np.generic], b: npt.NDArray[np.generic]) -> float
     return float(np.corrcoef(x[keep], y[keep])[0, 1])
 
 
-def best_affine(fixed: Any, moving: Any, folder: str, **options: Any) -> tuple[list[str], float]:
+#: ANTs affine settings at a few millimetres: two levels, a few hundred iterations
+AFFINE = {
+    "aff_shrink_factors": (2, 1),
+    "aff_smoothing_sigmas": (1, 0),
+    "aff_iterations": (500, 200),
+}
+
+
+def best_affine(fixed: Any, moving: Any, folder: str) -> tuple[list[str], float]:
     """ANTs' affine of ``moving`` onto ``fixed`` from two starts, the heads' tops
     (``head_start``) and ANTs' centres of mass, keeping the one whose result correlates better
     with ``fixed``: each start fails on some real heads (measured: the centres of mass on a
@@ -159,7 +167,7 @@ def best_affine(fixed: Any, moving: Any, folder: str, **options: Any) -> tuple[l
             type_of_transform="Affine",
             initial_transform=start,
             outprefix=os.path.join(folder, f"affine{n}_"),
-            **options,
+            **AFFINE,
         )
         warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
         r = correlation(fixed.numpy(), warped.numpy())
@@ -192,14 +200,7 @@ def fit_affine(
     fixed = at_resolution(subject, resolution_mm)
     moving = _template(template_path, resolution_mm)
     with tempfile.TemporaryDirectory(prefix="cohortflow-deface-") as tmp, seeded(SEED):
-        transforms, _ = best_affine(
-            fixed,
-            moving,
-            tmp,
-            aff_shrink_factors=(2, 1),
-            aff_smoothing_sigmas=(1, 0),
-            aff_iterations=(500, 200),
-        )
+        transforms, _ = best_affine(fixed, moving, tmp)
         tx = ants.read_transform(transforms[0])
         params = np.asarray(tx.parameters, dtype=np.float64)
         centre = np.asarray(tx.fixed_parameters, dtype=np.float64)

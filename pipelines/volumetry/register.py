@@ -90,14 +90,7 @@ def place_atlas(
     seconds["resample"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, seeded(SEED):
         t0 = time.perf_counter()
-        transforms, _ = best_affine(
-            fixed,
-            small,
-            tmp,
-            aff_shrink_factors=(2, 1),
-            aff_smoothing_sigmas=(1, 0),
-            aff_iterations=(500, 200),
-        )
+        transforms, _ = best_affine(fixed, small, tmp)
         seconds["affine"] = time.perf_counter() - t0
         if deformable:
             t0 = time.perf_counter()
