@@ -88,17 +88,17 @@ class DefaceSettings(BaseModel):
     min_face_removed: float = Field(0.95, gt=0, le=1)
     #: a registration whose template / subject correlation is lower fails the whole study: a
     #: gross failure only, as a good fit's correlation depends on the scanner's contrast.
-    #: Calibrated on real heads (tests/test_realdata_deface.py): good fits 0.50 (a 2 mm Siemens
+    #: Calibrated on real heads (tests/test_realdata_heads.py): good fits 0.50 (a 2 mm Siemens
     #: XA30 MPRAGE) to 0.63; the same fits moved by 30 mm or turned by 20 degrees 0.05 to 0.38
     #: (smaller misplacements are caught by the neighbour test below)
     min_correlation: float = Field(0.4, ge=-1, le=1)
+    #: ... and so does one where the template moved by 5 mm or 5 degrees correlates better by
+    #: more than this (the fit stopped short of the best placement)
+    max_neighbour_gain: float = Field(0.0, ge=-1, le=1)
     #: a defaced T1 whose skin surface still shows a nose standing out more than this from the
     #: face profile and the cheeks (mm) is not written (pipelines/deface/surface.py: 14 to 20
     #: on real heads with their faces, 3 or less after defacing)
     max_nose_mm: float = Field(8.0, ge=0, le=50)
-    #: ... and so does one where the template moved by 5 mm or 5 degrees correlates better by
-    #: more than this (the fit stopped short of the best placement)
-    max_neighbour_gain: float = Field(0.0, ge=-1, le=1)
     #: a registration fails when less of the warped intracranial mask lies on head tissue
     min_brain_on_tissue: float = Field(0.9, ge=0, le=1)
 

@@ -115,7 +115,7 @@ def nose_protrusion(head: npt.NDArray[np.bool_], reach_mm: float = 25.0) -> floa
     two, at its largest over the levels 95 to 180 mm below the top of the head where an adult's
     nose lies. A brow ridge or the edge of a defacing cut stands out of the profile but not of
     the cheeks; a chin, further down, stands out of the neck on any head. Measured on real heads
-    (tests/test_realdata_deface.py): 14 to 20 mm with the face, none after defacing. None when no
+    (tests/test_realdata_heads.py): 14 to 20 mm with the face, none after defacing. None when no
     head is found."""
     if not head.any():
         return None
