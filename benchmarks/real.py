@@ -166,6 +166,8 @@ def ours(head: Head, data: Path, work: Path, row: Row) -> None:
         "verdict": result["verdict"],
         "reason": result["reason"],
         "overlay": result["overlay"],
+        "image": result["image"],  # the converted T1 the peers measure too
+        "checks": [f["check"] for f in result["findings"]],
     }
 
 
@@ -375,7 +377,10 @@ def report(rows: list[Row]) -> None:
         if "samseg" in r.seconds and r.seconds.get("cohortflow")
     ]
     failed = [r.head.name for r in rows if not r.ours or r.ours.get("verdict") == "fail"]
-    positions = [r.ours["icv_ml"] for r in rows if r.head.group == "positions" and r.ours]
+    positions = [r for r in rows if r.head.group == "positions" and r.ours.get("icv_ml")]
+    # a position whose field of view cuts the head off (QC finding volumetry.coverage) has a
+    # smaller ICV in the image: reported, but not part of the scan-rescan figure
+    covered = [r for r in positions if "volumetry.coverage" not in r.ours.get("checks", ())]
     print()
     print(f"heads: {len(rows)}")
     print(
@@ -397,9 +402,18 @@ def report(rows: list[Row]) -> None:
     )
     changed = [r.deface["brain_changed"] for r in defaced if "brain_changed" in r.deface]
     print(f"brain_voxels_changed_in_robex_mask: {sum(changed) if changed else 'n/a'}")
-    if len(positions) >= 2:
-        cv = 100 * statistics.stdev(positions) / statistics.mean(positions)
-        print(f"icv_cv_across_head_positions_pct: {cv:.2f}")
+
+    def cv(values: list[float]) -> str:
+        if len(values) < 2:
+            return "n/a"
+        return f"{100 * statistics.stdev(values) / statistics.mean(values):.2f}"
+
+    cut = [r.head.name for r in positions if r not in covered]
+    print(f"head_positions_with_full_coverage: {len(covered)}/{len(positions)} {' '.join(cut)}")
+    print(f"icv_cv_across_head_positions_pct: {cv([r.ours['icv_ml'] for r in covered])}")
+    print(f"icv_cv_across_head_positions_all_pct: {cv([r.ours['icv_ml'] for r in positions])}")
+    samseg_icv = [r.samseg["icv_ml"] for r in covered if r.samseg.get("icv_ml")]
+    print(f"samseg_icv_cv_across_head_positions_pct: {cv(samseg_icv)}")
     for group in sorted({r.head.group for r in rows if r.head.group.startswith("ms")}):
         pair = [r for r in rows if r.head.group == group and r.ours.get("brain_ml")]
         if len(pair) == 2:

@@ -40,7 +40,9 @@ from pipelines.atlas.errors import HeadModelError
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the recipe changes, so that cached models are rebuilt.
-HEAD_MODEL_VERSION = "2"
+HEAD_MODEL_VERSION = "3"
+#: How far beyond the MNI brain mask the intracranial space may reach (``to_inner_table``).
+INNER_TABLE_REACH_MM = 6.0
 
 # Tissue labels of the model and of every synthetic subject's ground-truth label map.
 BACKGROUND, CSF, GM, WM, OTHER_HEAD = 0, 1, 2, 3, 4
@@ -185,8 +187,14 @@ def build(paths: dict[str, Path], folder: Path) -> None:
     finally:
         ants.config._random_seed = saved_seed
 
+    spacing = tuple(float(v) for v in head_img.header.get_zooms()[:3])  # type: ignore[attr-defined]
     labels, tissue = compose_labels(
-        head_np=head_np, icv_prob=icv, gm_prob=gm_w, wm_prob=wm_w, face_keep=face_keep
+        head_np=head_np,
+        icv_prob=icv,
+        gm_prob=gm_w,
+        wm_prob=wm_w,
+        face_keep=face_keep,
+        spacing=spacing,  # type: ignore[arg-type]
     )
     folder.mkdir(parents=True, exist_ok=True)
     affine = head_img.affine  # type: ignore[attr-defined]
@@ -217,10 +225,13 @@ def compose_labels(
     gm_prob: npt.NDArray[np.float32],
     wm_prob: npt.NDArray[np.float32],
     face_keep: npt.NDArray[np.bool_],
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Hard labels from the registered probability maps (pure; arrays in, arrays out).
 
-    Intracranial = warped brain mask >= 0.5 and never on the face; inside it a voxel is WM or GM
+    Intracranial = warped brain mask >= 0.5, grown through the head's CSF to its inner table
+    (``to_inner_table``; the MNI brain mask alone left 10 % of the intracranial space out and
+    measured real heads 10 % low against SAMSEG), never on the face; inside it a voxel is WM or GM
     where the larger of the two probabilities wins and GM + WM >= 0.5, CSF elsewhere. The head
     is the template above a background threshold, holes filled.
     """
@@ -228,6 +239,7 @@ def compose_labels(
 
     icv = (icv_prob >= 0.5) & face_keep
     icv = ndimage.binary_fill_holes(icv)
+    icv = to_inner_table(icv, head_np, spacing) & face_keep
     tissue = np.clip(gm_prob + wm_prob, 0, 1).astype(np.float32)
     labels = np.zeros(head_np.shape, np.uint8)
     thr = 0.1 * float(np.percentile(head_np, 99))
@@ -240,6 +252,34 @@ def compose_labels(
     labels[is_tissue & (wm_prob <= gm_prob)] = GM
     tissue[~icv] = 0
     return labels, tissue
+
+
+def to_inner_table(
+    brain: npt.NDArray[np.bool_],
+    head_np: npt.NDArray[np.float32],
+    spacing: tuple[float, float, float],
+    reach_mm: float = INNER_TABLE_REACH_MM,
+) -> npt.NDArray[np.bool_]:
+    """The intracranial space of the head: ``brain`` (the MNI brain mask, which stops at the
+    brain's surface and leaves out most CSF over it) grown through the head's CSF to the inner
+    table of its skull.
+
+    Outward from the brain the head's intensity falls through the CSF to the bone and rises
+    again in the scalp. The bone's level is the median of the shell ``reach_mm`` / 2 to
+    ``reach_mm`` outside the brain (the skull's middle in pydeface's mean head); the mask grows,
+    one voxel at a time and at most ``reach_mm``, into voxels brighter than halfway between the
+    brain's outermost millimetre and that level: the CSF, not the bone.
+    """
+    from scipy import ndimage
+
+    outside = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    inside = ndimage.distance_transform_edt(brain, sampling=spacing)
+    edge_level = float(np.median(head_np[(inside > 0) & (inside <= 1.0)]))
+    bone_level = float(np.median(head_np[(outside > reach_mm / 2) & (outside <= reach_mm)]))
+    csf = (head_np > 0.5 * (edge_level + bone_level)) & (outside <= reach_mm)
+    steps = max(1, int(np.ceil(reach_mm / min(spacing))))
+    grown = ndimage.binary_dilation(brain, iterations=steps, mask=brain | csf)
+    return np.asarray(ndimage.binary_fill_holes(grown), dtype=bool)
 
 
 def tissue_image(
