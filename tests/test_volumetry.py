@@ -129,6 +129,9 @@ def _judge(**changes: object) -> list[str]:
 def test_verdict_names_each_implausible_result() -> None:
     assert _judge() == []
     assert _judge(correlation=0.3) == ["volumetry.registration"]
+    # a fit its neighbours beat stopped short, however well it correlates
+    assert _judge(correlation=0.9, neighbour_gain=0.01) == ["volumetry.registration"]
+    assert _judge(correlation=0.5, neighbour_gain=-0.1) == []
     assert _judge(icv_ml=700.0) == ["volumetry.icv_range"]
     assert _judge(icv_ml=2600.0) == ["volumetry.icv_range"]
     assert _judge(bpf=0.4) == ["volumetry.bpf_range"]

@@ -70,6 +70,7 @@ class Measurement:
     volumes: Volumes
     registered_icv_ml: float  # before refinement
     correlation: float
+    neighbour_gain: float
     mixture: Mixture
     refinement: Refinement | None
     #: on the cropped grid: the T1 (bias-corrected), the intracranial mask, labels 0..3
@@ -180,6 +181,7 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
         ),
         registered_icv_ml=float(registered.sum()) * voxel_ml,
         correlation=placed.correlation,
+        neighbour_gain=placed.neighbour_gain,
         mixture=mixture,
         refinement=refinement,
         image=corrected,

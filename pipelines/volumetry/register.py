@@ -41,6 +41,7 @@ class Placed:
     spacing: tuple[float, float, float]
     crop: tuple[tuple[int, int], ...]  # (start, stop) per voxel axis of the subject image
     correlation: float  # template vs subject after registration, at the registration resolution
+    neighbour_gain: float  # the best correlation with the template moved a little, minus that
     seconds: dict[str, float]
 
 
@@ -120,6 +121,7 @@ def place_atlas(
         t0 = time.perf_counter()
         warped_small = ants.apply_transforms(fixed, small, transforms, interpolator="linear")
         fit = correlation(fixed.numpy(), warped_small.numpy())
+        gain = _neighbour_gain(fixed, small, transforms, fit, tmp)
         icv_small = ants.apply_transforms(fixed, icv_img, transforms, interpolator="linear")
         crop = _crop_box(subject, fixed, icv_small.numpy() >= 0.5, margin_mm)
         reference = ants.crop_indices(subject, [c[0] for c in crop], [c[1] for c in crop])
@@ -140,8 +142,40 @@ def place_atlas(
         ),
         crop=crop,
         correlation=fit,
+        neighbour_gain=gain,
         seconds=seconds,
     )
+
+
+#: How far the placed atlas is moved to see whether it sat where it fits best.
+NEIGHBOUR_MM = 8.0
+
+
+def _neighbour_gain(
+    fixed: Any, moving: Any, transforms: list[str], fit: float, folder: str
+) -> float:
+    """How much better the template correlates with ``fixed`` when moved NEIGHBOUR_MM along
+    any axis (negative: the registration found the local best).
+
+    An absolute correlation does not tell a failed fit from a good one across sequences: on
+    real heads good fits scored 0.52 (a 3 mm spin echo) to 0.89 (a 2D gradient echo), the same
+    fits moved 10 to 30 mm 0.05 to 0.70.
+    """
+    import ants
+
+    best = -1.0
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            shift = [0.0, 0.0, 0.0]
+            shift[axis] = sign * NEIGHBOUR_MM
+            move = ants.create_ants_transform(
+                transform_type="AffineTransform", dimension=3, translation=shift
+            )
+            path = os.path.join(folder, "neighbour.mat")
+            ants.write_transform(move, path)
+            moved = ants.apply_transforms(fixed, moving, [*transforms, path])
+            best = max(best, correlation(fixed.numpy(), moved.numpy()))
+    return best - fit
 
 
 def _index_to_physical(image: Any) -> npt.NDArray[np.float64]:

@@ -138,6 +138,7 @@ def measure_source(
         icv_ml=m.volumes.icv_ml,
         bpf=m.volumes.bpf,
         correlation=m.correlation,
+        neighbour_gain=m.neighbour_gain,
         means=m.mixture.means,
         converged=m.mixture.converged,
         edge_change=edge,
