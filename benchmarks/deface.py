@@ -3,7 +3,9 @@
 Generates a cohort with the usual archive faults (default 20 studies; --quick 6), defaces its
 DICOM folder as ``cohortflow deface`` does (one process, ITK single-threaded for reproducible
 registrations) and scores every defaced series against the generator's per-series truth: the
-subject's face (head tissue in front of pydeface's face plane) and its intracranial space.
+subject's face and its intracranial space. The heads come from ``--generator``: ``colin`` (the
+default; Colin27's head, its face a plane in front of its brain, independent of pydeface) or
+``mni`` (the atlas model, pydeface's own head and face region: figures on it flatter defacing).
 A T1's time includes loading it and fitting the template; the other series of its study reuse
 the fit.
 
@@ -30,6 +32,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 studies")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "test")
+    parser.add_argument(
+        "--generator",
+        choices=("colin", "mni"),
+        default="colin",
+        help="the anatomy synthetic heads are drawn from (pipelines.synth.generators)",
+    )
     args = parser.parse_args()
     studies = 6 if args.quick else args.studies
 
@@ -42,14 +50,21 @@ def main() -> None:
     from pipelines.deface.folder import deface_folder, reference_rule
     from pipelines.deface.template import load_template
     from pipelines.select.protocols import load_protocols
+    from pipelines.synth import generators
     from pipelines.synth.cohort import generate
     from pipelines.synth.scoring import score_deface
 
+    gen = generators.get(args.generator)
+    print(f"synthetic heads: generator {gen.name} ({gen.description})")
     settings = DefaceSettings()
     with tempfile.TemporaryDirectory(prefix="cohortflow-bench-deface-") as tmp:
         work = Path(tmp)
         cohort = generate(
-            SynthConfig(studies=studies, seed=args.seed), work / "cohort", args.cache, workers=2
+            SynthConfig(studies=studies, seed=args.seed),
+            work / "cohort",
+            args.cache,
+            workers=2,
+            generator=gen.name,
         )
         template = load_template(args.cache, settings.brain_margin_mm, settings.face_margin_mm)
         is_reference = reference_rule(load_protocols(), settings.reference_rule)
@@ -91,6 +106,7 @@ def main() -> None:
     print(f"seconds_per_t1_median: {statistics.median(t1_seconds):.2f}")
     print(f"seconds_per_t1_max: {max(t1_seconds):.2f}")
     print(f"seconds_per_study_mean: {wall / study_count:.2f}")
+    print(f"generator: {gen.name}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Header and image QC on a synthetic cohort: which check catches which planted fault, how many
 clean series are rejected, how long one 3D T1 takes, and how exact SNR and CNR are on phantoms.
 
-Generates a cohort (default 50 studies; --quick 12) with the content faults raised to 8 % of the
+Generates a cohort (default 50 studies; --quick 12; heads from ``--generator``: ``colin``, the
+default, Colin27's head with tissue texture, or ``mni``, the atlas model with flat tissue
+classes, ``pipelines.synth.generators``) with the content faults raised to 8 % of the
 3D T1s each (motion, noise, missing and duplicated slices, wrong parameters, cut-off coverage)
 and unknown scanners in 8 % of the brain studies, the archive faults at their usual rates. Then:
 
@@ -9,7 +11,9 @@ and unknown scanners in 8 % of the brain studies, the archive faults at their us
    keeps paths and UIDs, so each series is still known to the truth) and QCs the defaced folder,
    one process, ITK single-threaded, recording nothing;
 2. QCs the delivered folder as well (--no-raw skips it);
-3. measures SNR and CNR on head phantoms of known noise and contrast (``pipelines.synth.phantom``).
+3. measures SNR and CNR on head phantoms of known noise and contrast (``pipelines.synth.phantom``;
+   always the atlas model with flat classes, whatever the generator: the true SNR and CNR
+   follow from one intensity per tissue class).
 
 The confusion table has one row per planted fault class (and the clean series), one column per
 check that fired. Prints its figures last, one ``name: value`` a line.
@@ -76,6 +80,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=31)
     parser.add_argument("--no-raw", action="store_true", help="QC the defaced folder only")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "test")
+    parser.add_argument(
+        "--generator",
+        choices=("colin", "mni"),
+        default="colin",
+        help="the anatomy synthetic heads are drawn from (pipelines.synth.generators)",
+    )
     args = parser.parse_args()
     studies = 12 if args.quick else args.studies
 
@@ -95,11 +105,14 @@ def main() -> None:
     from pipelines.quality.brain import place_brain
     from pipelines.quality.folder import HEADER, IMAGE, qc_folder
     from pipelines.select.protocols import load_protocols
+    from pipelines.synth import generators
     from pipelines.synth.cohort import generate
     from pipelines.synth.phantom import qc_phantom
     from pipelines.synth.scoring import score_qc
     from qc.image import check_image
 
+    gen = generators.get(args.generator)
+    print(f"synthetic heads: generator {gen.name} ({gen.description})")
     protocols = load_protocols()
     scanners = load_known_scanners()
     brain_template = load_brain_template(args.cache)
@@ -129,6 +142,7 @@ def main() -> None:
             work / "cohort",
             args.cache,
             workers=2,
+            generator=gen.name,
         )
         figures.append(("generate_seconds", f"{time.perf_counter() - t:.0f}"))
         settings = DefaceSettings()
@@ -169,7 +183,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     policy = protocols.get("dementia").qc
     snr_errors, cnr_errors = [], []
-    print("\nphantoms: true and measured SNRd (white matter) and CNR")
+    print("\nphantoms (atlas model, flat classes): true and measured SNRd (white matter) and CNR")
     for snr, gm in ((40, None), (20, None), (10, None), (5, None), (20, 0.55), (20, 0.35)):
         phantom = qc_phantom(model, rng, snr, gm)
         brain = place_brain(phantom.stack, phantom.volume, brain_template)
@@ -194,6 +208,7 @@ def main() -> None:
         ("t1_qc_count", str(len(t1_seconds))),
         ("phantom_snr_error_max", f"{max(snr_errors):.1%}"),
         ("phantom_cnr_error_max", f"{max(cnr_errors):.1%}"),
+        ("generator", gen.name),
     ]
     for name, value in figures:
         print(f"{name}: {value}")

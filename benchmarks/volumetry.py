@@ -1,11 +1,14 @@
 """Volumetry: accuracy against ground truth, scan-rescan precision, a group difference, a real
 head, and the time and memory of conversion plus volumetry per 3D T1.
 
-Synthetic subjects (``pipelines.synth.subjects``) differ from the atlas the method registers:
-strong smooth warps (5 mm SD at 8 x 8 x 8 control points, structures move by up to a
-centimetre), sizes from 1,050 to 1,850 ml, random atrophy; each is scanned with a random head
-placement, a bias field and Rician noise; a third of them defaced (face set to background, as
-the defacing step leaves it). Then:
+Synthetic subjects (``pipelines.synth.subjects``) are drawn from a head generator
+(``--generator``, ``pipelines.synth.generators``): ``colin`` (the default; Colin27's head with
+Otsu tissue classes in FSL BET's mask and tissue texture) or ``mni`` (the atlas model, made from
+the templates the method registers, flat tissue classes: figures on it flatter the method).
+They differ from the atlas by strong smooth warps (5 mm SD at 8 x 8 x 8 control points,
+structures move by up to a centimetre), sizes from 1,050 to 1,850 ml, random atrophy; each is
+scanned with a random head placement, a bias field and Rician noise; a third of them defaced
+(face set to background, as the defacing step leaves it). Then:
 
 1. accuracy: 40 subjects (20 control, 20 "dementia" with 3 % more of the brain turned into CSF),
    each scanned once, 3D sagittal 1 mm and 3D axial 1 x 1 x 1.2 mm in turn; errors of ICV,
@@ -14,7 +17,9 @@ the defacing step leaves it). Then:
 3. scan-rescan: 5 subjects scanned 4 times (sagittal 1 mm twice, axial 1.2 mm twice, each with
    its own placement and noise): coefficient of variation of ICV and brain volume;
 4. a real head: Colin27 (``ch2.nii.gz`` of Debian's ``mricron-data``), against its brain mask
-   made by FSL BET (``ch2bet``) and its skull-stripped tissue image (``ch2better``);
+   made by FSL BET (``ch2bet``) and its skull-stripped tissue image (``ch2better``); with the
+   ``colin`` generator the synthetic heads are this same person, so this part is not
+   independent of the others there;
 5. time and peak memory of ``cohortflow volumetry`` on DICOM (conversion included), per step,
    on the 3D T1s of a small synthetic cohort, one process, ITK single-threaded.
 
@@ -49,28 +54,34 @@ def _init(cache: str) -> None:
 
 
 def _subject_job(
-    job: tuple[int, int, str, float, tuple[str, ...], str],
+    job: tuple[int, int, str, float, tuple[str, ...], str, str],
 ) -> list[dict[str, Any]]:
     """Make subject ``i`` of ``seed``, scan it on each grid, measure each scan."""
     import nibabel as nib
     import numpy as np
 
-    from pipelines.atlas.headmodel import load_or_build
-    from pipelines.synth import subjects
+    from pipelines.synth import generators, subjects
     from pipelines.volumetry.atlas import load_atlas
     from pipelines.volumetry.method import Parameters
     from pipelines.volumetry.run import Source, measure_source
 
-    i, seed, group, atrophy, grids, tmp = job
+    i, seed, group, atrophy, grids, tmp, generator = job
     assert _CACHE is not None
-    model = load_or_build(_CACHE)
+    gen = generators.get(generator)
+    model = gen.load(_CACHE)
     atlas = load_atlas(_CACHE)
     rng = np.random.default_rng([seed, i])
     icv = float(np.clip(rng.normal(1450, 130), 1050, 1850))
     # age-related atrophy within each group: 2 to 8 % of the brain (SD 1.7 %)
     base = float(rng.uniform(0.02, 0.08))
     subj = subjects.make_subject(
-        model, rng, target_icv_ml=icv, atrophy=base + atrophy, warp_sd_mm=5.0, warp_nodes=8
+        model,
+        rng,
+        target_icv_ml=icv,
+        atrophy=base + atrophy,
+        warp_sd_mm=5.0,
+        warp_nodes=8,
+        texture_sd=gen.texture_sd,
     )
     rows = []
     defaced = i % 3 == 2  # a third of the subjects as the defacing step leaves them
@@ -138,7 +149,7 @@ def _adjusted(rows: list[dict[str, Any]], which: str) -> tuple[float, float]:
     return p, float(beta[1])
 
 
-def _colin(cache: Path) -> list[tuple[str, str]]:
+def _colin(cache: Path, generator: str) -> list[tuple[str, str]]:
     import nibabel as nib
     import numpy as np
 
@@ -168,6 +179,11 @@ def _colin(cache: Path) -> list[tuple[str, str]]:
     inside_bet = float((bet_mask & ~full).sum()) * voxel_ml
     v = m.volumes
     print("\nreal head: Colin27 (mricron-data ch2), a single subject's T1 in MNI space")
+    if generator == "colin":
+        print(
+            "  not independent here: the synthetic heads above (generator colin) are made from "
+            "this same person"
+        )
     print(
         f"  ICV {v.icv_ml:.0f} ml, GM {v.gm_ml:.0f}, WM {v.wm_ml:.0f}, CSF {v.csf_ml:.0f}, "
         f"brain {v.brain_ml:.0f} ml, BPF {v.bpf:.3f}"
@@ -189,7 +205,7 @@ def _colin(cache: Path) -> list[tuple[str, str]]:
     ]
 
 
-def _timing(cache: Path, studies: int) -> list[tuple[str, str]]:
+def _timing(cache: Path, studies: int, generator: str) -> list[tuple[str, str]]:
     """``cohortflow volumetry`` on DICOM, conversion included, in this process."""
     from models.settings import Settings
     from models.synth import Fault, SynthConfig
@@ -199,7 +215,7 @@ def _timing(cache: Path, studies: int) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="cohortflow-bench-vol-") as tmp:
         base = Path(tmp)
         config = SynthConfig(studies=studies, seed=41, fault_rates={f: 0.0 for f in Fault})
-        generate(config, base / "cohort", cache, workers=2)
+        generate(config, base / "cohort", cache, workers=2, generator=generator)
         settings = Settings(home=base / "home", cache_dir=cache)
         times: list[float] = []
         steps: dict[str, list[float]] = {}
@@ -232,13 +248,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "test")
+    parser.add_argument(
+        "--generator",
+        choices=("colin", "mni"),
+        default="colin",
+        help="the anatomy synthetic heads are drawn from (pipelines.synth.generators)",
+    )
     args = parser.parse_args()
     import numpy as np
     from scipy import stats
 
     from pipelines.atlas.headmodel import load_or_build
+    from pipelines.synth import generators
 
-    load_or_build(args.cache)
+    gen = generators.get(args.generator)
+    print(f"synthetic heads: generator {gen.name} ({gen.description})")
+    load_or_build(args.cache)  # the method's atlas is made from it, whichever generator
+    gen.load(args.cache)
     n = 8 if args.quick else 40
     rescans = 2 if args.quick else 5
     thick = 2 if args.quick else 6
@@ -252,7 +278,8 @@ def main() -> None:
                 grids = ("sagittal_1mm", "sagittal_1mm", "axial_1.2mm", "axial_1.2mm")
             elif i < rescans + thick:
                 grids = (*grids, "axial_2d_5mm")
-            jobs.append((i, args.seed, group, 0.03 if group == "dementia" else 0.0, grids, tmp))
+            atrophy = 0.03 if group == "dementia" else 0.0
+            jobs.append((i, args.seed, group, atrophy, grids, tmp, gen.name))
         t0 = time.perf_counter()
         with ProcessPoolExecutor(
             args.workers, initializer=_init, initargs=(str(args.cache),)
@@ -355,10 +382,12 @@ def main() -> None:
             (f"rescan_cv_{key.removesuffix('_ml')}_pct", f"{statistics.mean(values):.2f}")
         )
 
-    figures += _colin(args.cache)
-    figures += _timing(args.cache, 3 if args.quick else 6)
+    figures += _colin(args.cache, gen.name)
+    figures += _timing(args.cache, 3 if args.quick else 6, gen.name)
     times = [r["seconds"] for r in rows if r["grid"] in GRIDS_3D]
     figures.append(("volumetry_only_median_s_2_processes", f"{statistics.median(times):.1f}"))
+
+    figures.append(("generator", gen.name))
 
     print()
     for name, value in figures:

@@ -214,6 +214,8 @@ class CohortTruth(BaseModel):
 
     generator_version: str
     head_model: str
+    #: The anatomy the heads were drawn from (``pipelines.synth.generators``).
+    generator: str = "mni"
     config: SynthConfig
     patients: list[PatientTruth]
     fault_counts: dict[Fault, FaultCount]

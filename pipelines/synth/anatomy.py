@@ -20,6 +20,8 @@ from models.geometry import LPS_FROM_RAS
 from models.synth import Volumes
 from pipelines.atlas.headmodel import (
     CSF,
+    GM,
+    WM,
     HeadModel,
     tissue_image,
     tissue_volumes_ml,
@@ -278,6 +280,41 @@ def bias_field(
                         * np.cos(k * axes[2])[None, None, :]
                     )
     return np.exp(log_field)
+
+
+#: Correlation length (Gaussian sigma) of the tissue texture.
+TEXTURE_SIGMA_MM = 2.0
+
+
+def model_spacing(model: HeadModel) -> tuple[float, float, float]:
+    """Voxel size (mm) of the model grid along its three axes."""
+    sx, sy, sz = (float(v) for v in np.sqrt((model.affine[:3, :3] ** 2).sum(axis=0)))
+    return sx, sy, sz
+
+
+def texture_gain(
+    shape: tuple[int, ...],
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    sd: float,
+    sigma_mm: float = TEXTURE_SIGMA_MM,
+) -> FloatArray:
+    """Tissue texture as a multiplicative gain, ``1 + sd * n``: ``n`` is white noise smoothed by a
+    Gaussian of ``sigma_mm`` and scaled to unit variance, so classes are not flat (real tissue
+    varies within a class: myelination, iron, vessels, partial volume below the voxel size)."""
+    noise = rng.standard_normal(size=shape, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(noise, [sigma_mm / s for s in spacing])
+    smooth /= np.float32(smooth.std())
+    return np.asarray(1.0 + np.float32(sd) * smooth, dtype=np.float32)
+
+
+def textured(image: FloatArray, labels: npt.NDArray[np.uint8], gain: FloatArray) -> FloatArray:
+    """``image`` with its intracranial voxels (CSF, GM, WM of ``labels``) multiplied by ``gain``
+    (``texture_gain``); the head outside keeps the template's own intensities."""
+    out = image.copy()
+    inside = np.isin(labels, (CSF, GM, WM))
+    out[inside] *= gain[inside]
+    return out
 
 
 def rician(image: FloatArray, sigma: float, rng: np.random.Generator) -> FloatArray:

@@ -38,8 +38,8 @@ from models.synth import (
     StudyTruth,
     SynthConfig,
 )
-from pipelines.atlas.headmodel import CSF, GM, WM, HeadModel, load_or_build
-from pipelines.synth import anatomy
+from pipelines.atlas.headmodel import CSF, GM, WM, HeadModel
+from pipelines.synth import anatomy, generators
 from pipelines.synth.dicomio import (
     Planter,
     StudyContext,
@@ -269,8 +269,11 @@ def generate(
     workers: int = 1,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    generator: str = generators.DEFAULT_GENERATOR,
 ) -> CohortResult:
-    """Generate the cohort into ``out_dir`` (DICOM under ``dicom/``, truth beside it)."""
+    """Generate the cohort into ``out_dir`` (DICOM under ``dicom/``, truth beside it); the
+    heads are drawn from ``generator`` (``pipelines.synth.generators``)."""
+    gen = generators.get(generator)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise SynthError(
@@ -283,9 +286,9 @@ def generate(
             elif target.exists():
                 target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_or_build(cache_dir)
+    model = gen.load(cache_dir)
     patients, fault_counts = plan_cohort(config)
-    jobs = [(p, str(out_dir), config.seed) for p in patients]
+    jobs = [(p, str(out_dir), config.seed, gen.texture_sd) for p in patients]
     results: list[tuple[PatientTruth, list[PlantedIdentifier]]] = []
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -294,7 +297,7 @@ def generate(
                 progress(i + 1, len(jobs))
     else:
         with ProcessPoolExecutor(
-            max_workers=workers, initializer=_init_worker, initargs=(str(cache_dir),)
+            max_workers=workers, initializer=_init_worker, initargs=(str(cache_dir), gen.name)
         ) as pool:
             for i, res in enumerate(pool.map(_render_patient, jobs)):
                 results.append(res)
@@ -308,6 +311,7 @@ def generate(
     truth = CohortTruth(
         generator_version=GENERATOR_VERSION,
         head_model=model.digest,
+        generator=gen.name,
         config=config,
         patients=cleaned,
         fault_counts=fault_counts,
@@ -327,20 +331,20 @@ def generate(
 _WORKER_MODEL: HeadModel | None = None
 
 
-def _init_worker(cache_dir: str) -> None:
+def _init_worker(cache_dir: str, generator: str) -> None:
     global _WORKER_MODEL  # noqa: PLW0603 - one read-only model per worker process
-    _WORKER_MODEL = load_or_build(Path(cache_dir))
+    _WORKER_MODEL = generators.get(generator).load(Path(cache_dir))
 
 
 def _render_patient(
-    job: tuple[PatientPlan, str, int],
+    job: tuple[PatientPlan, str, int, float],
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     assert _WORKER_MODEL is not None
     return _render_patient_with(_WORKER_MODEL, *job)
 
 
 def _render_patient_with(
-    model: HeadModel, plan: PatientPlan, out: str, seed: int
+    model: HeadModel, plan: PatientPlan, out: str, seed: int, texture_sd: float = 0.0
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     out_dir = Path(out)
     rng = np.random.default_rng([seed, 2, plan.seed])
@@ -348,10 +352,17 @@ def _render_patient_with(
     warp = None
     if any(st.atrophy is not None for st in plan.studies):
         coords = anatomy.warp_coordinates(model, shape)
+        # One texture per patient, the same in every study and contrast (it is anatomy); drawn
+        # only when asked, so that flat generators keep their random stream.
+        texture = None
+        if texture_sd > 0:
+            spacing = anatomy.model_spacing(model)
+            texture = anatomy.texture_gain(model.labels.shape, spacing, rng, texture_sd)
         warp = _Warped(
             coords,
             anatomy.warp_volume(model.head, coords, order=1).astype(np.float32),
             anatomy.warp_volume(model.face, coords, order=0).astype(np.uint8),
+            texture,
         )
     studies: list[StudyTruth] = []
     planted: list[PlantedIdentifier] = []
@@ -416,6 +427,7 @@ class _Warped:
     coords: npt.NDArray[np.float32]
     head: npt.NDArray[np.float32]
     face: npt.NDArray[np.uint8]
+    texture: npt.NDArray[np.float32] | None = None  # tissue texture gain on the model grid
 
 
 def _render_study(
@@ -525,7 +537,8 @@ DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL = 1, 2
 
 def _deface_codes(labels: npt.NDArray[np.uint8], warp: _Warped) -> npt.NDArray[np.uint8]:
     """What defacing must remove and keep, on the model grid (one study): 1 = the subject's
-    face (head tissue in front of pydeface's face plane), 2 = intracranial (CSF, GM, WM)."""
+    face (the model's face: pydeface's face region in the atlas model, a plane in front of the
+    brain in Colin27's), 2 = intracranial (CSF, GM, WM)."""
     inside = np.isin(labels, (CSF, GM, WM))
     codes = np.where(warp.face > 0, DEFACE_TRUTH_FACE, 0)
     return np.where(inside, DEFACE_TRUTH_INTRACRANIAL, codes).astype(np.uint8)
@@ -600,9 +613,7 @@ def _render_series(
     stacks: list[npt.NDArray[np.uint16]] = []
     for grid in grids:
         if labels is not None and warp is not None:
-            img = _render_head(
-                model, shape, placement, labels, warp.head, contrast_cache, spec, grid
-            )
+            img = _render_head(model, shape, placement, labels, warp, contrast_cache, spec, grid)
         else:
             img = _render_phantom(grid, spec)
         img *= anatomy.bias_field(img.shape, rng, 0.12)
@@ -704,13 +715,16 @@ def _render_head(
     shape: anatomy.SubjectShape,
     placement: anatomy.Placement,
     labels: npt.NDArray[np.uint8],
-    head: npt.NDArray[np.float32],
+    warp: _Warped,
     cache: dict[str, npt.NDArray[np.float32]],
     spec: SeriesSpec,
     grid: anatomy.Grid,
 ) -> npt.NDArray[np.float32]:
     if spec.contrast not in cache:
-        cache[spec.contrast] = anatomy.tissue_image(head, labels, CONTRASTS[spec.contrast])
+        image = anatomy.tissue_image(warp.head, labels, CONTRASTS[spec.contrast])
+        if warp.texture is not None:
+            image = anatomy.textured(image, labels, warp.texture)
+        cache[spec.contrast] = image
     model_img = cache[spec.contrast]
     # A thick 2D slice averages the anatomy across its thickness.
     acc = np.zeros(grid.shape, np.float32)

@@ -8,7 +8,8 @@ and return the image with the true volumes.
 
 Validation subjects should differ from the template a method registers: ``warp_sd_mm`` makes the
 warp strong (the cohort uses 2 mm; 5 to 6 mm moves structures by a centimetre) and
-``warp_nodes`` makes it local (more control points, shorter wavelength).
+``warp_nodes`` makes it local (more control points, shorter wavelength), ``texture_sd`` gives
+the tissue a texture (``anatomy.texture_gain``; the generator's, ``pipelines.synth.generators``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Subject:
     head: npt.NDArray[np.float32]  # warped model-grid template intensities
     face: npt.NDArray[np.uint8]  # warped model-grid face (what defacing removes)
     volumes: Volumes
+    texture: npt.NDArray[np.float32] | None = None  # model-grid tissue texture gain, or flat
 
 
 def make_subject(
@@ -68,8 +70,10 @@ def make_subject(
     atrophy: float,
     warp_sd_mm: float = 5.0,
     warp_nodes: int = 8,
+    texture_sd: float = 0.0,
 ) -> Subject:
-    """Draw a subject and compute its true volumes on a 1 mm grid in its own head frame."""
+    """Draw a subject and compute its true volumes on a 1 mm grid in its own head frame; with
+    ``texture_sd`` > 0 its tissue has a texture of that relative SD, the same in every scan."""
     shape = anatomy.sample_shape(
         model, rng, target_icv_ml, warp_sd_mm=warp_sd_mm, warp_nodes=warp_nodes
     )
@@ -81,7 +85,12 @@ def make_subject(
     face = anatomy.warp_volume(model.face, coords, order=0).astype(np.uint8)
     tgrid = anatomy.truth_grid(shape)
     truth = anatomy.sample_grid(labels, model, shape, anatomy.IDENTITY_PLACEMENT, tgrid, order=0)
-    return Subject(shape, labels, head, face, anatomy.truth_volumes(truth.astype(np.uint8), 0.001))
+    texture = None
+    if texture_sd > 0:  # drawn only when asked: flat subjects keep their random stream
+        spacing = anatomy.model_spacing(model)
+        texture = anatomy.texture_gain(labels.shape, spacing, rng, texture_sd)
+    volumes = anatomy.truth_volumes(truth.astype(np.uint8), 0.001)
+    return Subject(shape, labels, head, face, volumes, texture)
 
 
 def with_atrophy(model: HeadModel, subject: Subject, atrophy: float) -> Subject:
@@ -124,6 +133,8 @@ def scan(
         centre=placement.translation + rng.uniform(-3, 3, size=3),
     )
     model_img = anatomy.tissue_image(subject.head, subject.labels, CONTRASTS["t1"])
+    if subject.texture is not None:
+        model_img = anatomy.textured(model_img, subject.labels, subject.texture)
     if defaced:
         model_img[subject.face > 0] = 0.0
     acc = np.zeros(grid.shape, np.float32)

@@ -1,0 +1,63 @@
+"""Which anatomy synthetic heads are drawn from: the generators a cohort or a benchmark names.
+
+- ``mni``: the atlas model (pydeface's mean head with the MNI152 2009a maps), the very templates
+  defacing and volumetry register, with flat intensities per tissue class. Figures on it flatter
+  those methods; kept as the default so that earlier cohorts and figures are reproduced.
+- ``colin``: Colin27 (one person's head; tissue classes by Otsu inside FSL BET's mask,
+  ``pipelines.atlas.colin``) with tissue texture: anatomy apart from what the methods register.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import did_you_mean
+from pipelines.atlas.colin import load_or_build_colin
+from pipelines.atlas.headmodel import HeadModel, load_or_build
+from pipelines.synth.errors import SynthError
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A head model and how its tissue is rendered.
+
+    ``load`` builds or loads the model in a cache folder; ``texture_sd`` is the relative SD of
+    the smooth tissue texture (``anatomy.texture_gain``), 0 for flat classes.
+    """
+
+    name: str
+    load: Callable[[Path], HeadModel]
+    texture_sd: float
+    description: str
+
+
+GENERATORS: dict[str, Generator] = {
+    "mni": Generator(
+        "mni",
+        load_or_build,
+        0.0,
+        "pydeface's mean head with the MNI152 2009a maps (the templates our methods register), "
+        "flat tissue classes",
+    ),
+    "colin": Generator(
+        "colin",
+        load_or_build_colin,
+        0.06,
+        "Colin27 (one person's head, Debian's mricron-data): Otsu tissue classes inside FSL "
+        "BET's mask, tissue texture of 6 %",
+    ),
+}
+DEFAULT_GENERATOR = "mni"
+
+
+def get(name: str) -> Generator:
+    """The generator called ``name``."""
+    try:
+        return GENERATORS[name]
+    except KeyError:
+        raise SynthError(
+            f"unknown head generator {name!r}{did_you_mean(name, GENERATORS)}: choose one of "
+            f"{', '.join(sorted(GENERATORS))}"
+        ) from None
