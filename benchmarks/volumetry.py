@@ -82,6 +82,7 @@ def _subject_job(
         warp_sd_mm=5.0,
         warp_nodes=8,
         texture_sd=gen.texture_sd,
+        crop_to_model=gen.crop_to_model,
     )
     rows = []
     defaced = i % 3 == 2  # a third of the subjects as the defacing step leaves them

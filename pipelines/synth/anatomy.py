@@ -10,7 +10,7 @@ model, so the ground-truth label map of a study is sampled through exactly the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -259,6 +259,37 @@ def sample_grid(
             mode="constant",
             cval=0,
         )
+    )
+
+
+def within_model(
+    grid: Grid, model: HeadModel, shape: SubjectShape, placement: Placement, keep: float = 0.5
+) -> Grid:
+    """``grid`` cut to where it sees the model: its first and last slices, rows and columns
+    are those at least ``keep`` of whose voxels (relative to the fullest such plane) fall inside
+    the model's box.
+
+    A model whose image ends at the skull base (Colin27: its box stops below the nose) would
+    otherwise be scanned with air where a real head has its jaw and neck; a real scan ends at
+    the edge of its field of view instead.
+    """
+    inside = sample_grid(np.ones(model.labels.shape, np.uint8), model, shape, placement, grid, 0)
+    start, stop = [], []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        fraction = np.asarray(inside, dtype=np.float32).mean(axis=others)
+        planes = np.flatnonzero(fraction >= keep * float(fraction.max()))
+        start.append(int(planes[0]))
+        stop.append(int(planes[-1]) + 1)
+    dz, dr, dc = grid.spacing
+    origin = (
+        grid.origin
+        + start[0] * dz * grid.normal
+        + start[1] * dr * grid.col_dir
+        + start[2] * dc * grid.row_dir
+    )
+    return replace(
+        grid, shape=(stop[0] - start[0], stop[1] - start[1], stop[2] - start[2]), origin=origin
     )
 
 

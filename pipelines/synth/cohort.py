@@ -288,7 +288,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = gen.load(cache_dir)
     patients, fault_counts = plan_cohort(config)
-    jobs = [(p, str(out_dir), config.seed, gen.texture_sd) for p in patients]
+    jobs = [(p, str(out_dir), config.seed, gen.texture_sd, gen.crop_to_model) for p in patients]
     results: list[tuple[PatientTruth, list[PlantedIdentifier]]] = []
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -337,14 +337,19 @@ def _init_worker(cache_dir: str, generator: str) -> None:
 
 
 def _render_patient(
-    job: tuple[PatientPlan, str, int, float],
+    job: tuple[PatientPlan, str, int, float, bool],
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     assert _WORKER_MODEL is not None
     return _render_patient_with(_WORKER_MODEL, *job)
 
 
 def _render_patient_with(
-    model: HeadModel, plan: PatientPlan, out: str, seed: int, texture_sd: float = 0.0
+    model: HeadModel,
+    plan: PatientPlan,
+    out: str,
+    seed: int,
+    texture_sd: float = 0.0,
+    crop_to_model: bool = False,
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     out_dir = Path(out)
     rng = np.random.default_rng([seed, 2, plan.seed])
@@ -363,6 +368,7 @@ def _render_patient_with(
             anatomy.warp_volume(model.head, coords, order=1).astype(np.float32),
             anatomy.warp_volume(model.face, coords, order=0).astype(np.uint8),
             texture,
+            crop_to_model,
         )
     studies: list[StudyTruth] = []
     planted: list[PlantedIdentifier] = []
@@ -428,6 +434,7 @@ class _Warped:
     head: npt.NDArray[np.float32]
     face: npt.NDArray[np.uint8]
     texture: npt.NDArray[np.float32] | None = None  # tissue texture gain on the model grid
+    crop_to_model: bool = False  # series end where the model's image ends (no neck)
 
 
 def _render_study(
@@ -610,6 +617,8 @@ def _render_series(
     if Fault.PARTIAL_COVERAGE in se.faults:
         centre = centre + np.array([0.0, 0.0, -0.3 * _si_extent(spec)])
     grids = _grids(spec, centre)
+    if warp is not None and warp.crop_to_model and len(grids) == 1:  # not the 3-plane scouts
+        grids = [anatomy.within_model(grids[0], model, shape, placement)]
     stacks: list[npt.NDArray[np.uint16]] = []
     for grid in grids:
         if labels is not None and warp is not None:

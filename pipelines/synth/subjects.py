@@ -60,6 +60,7 @@ class Subject:
     face: npt.NDArray[np.uint8]  # warped model-grid face (what defacing removes)
     volumes: Volumes
     texture: npt.NDArray[np.float32] | None = None  # model-grid tissue texture gain, or flat
+    crop_to_model: bool = False  # scans end where the model's image ends (a model without a neck)
 
 
 def make_subject(
@@ -71,6 +72,7 @@ def make_subject(
     warp_sd_mm: float = 5.0,
     warp_nodes: int = 8,
     texture_sd: float = 0.0,
+    crop_to_model: bool = False,
 ) -> Subject:
     """Draw a subject and compute its true volumes on a 1 mm grid in its own head frame; with
     ``texture_sd`` > 0 its tissue has a texture of that relative SD, the same in every scan."""
@@ -90,7 +92,7 @@ def make_subject(
         spacing = anatomy.model_spacing(model)
         texture = anatomy.texture_gain(labels.shape, spacing, rng, texture_sd)
     volumes = anatomy.truth_volumes(truth.astype(np.uint8), 0.001)
-    return Subject(shape, labels, head, face, volumes, texture)
+    return Subject(shape, labels, head, face, volumes, texture, crop_to_model)
 
 
 def with_atrophy(model: HeadModel, subject: Subject, atrophy: float) -> Subject:
@@ -132,6 +134,8 @@ def scan(
         spec.col,
         centre=placement.translation + rng.uniform(-3, 3, size=3),
     )
+    if subject.crop_to_model:
+        grid = anatomy.within_model(grid, model, subject.shape, placement)
     model_img = anatomy.tissue_image(subject.head, subject.labels, CONTRASTS["t1"])
     if subject.texture is not None:
         model_img = anatomy.textured(model_img, subject.labels, subject.texture)
