@@ -651,7 +651,14 @@ def _render_series(
         )
         write(ds, folder / "IM00001.dcm")
         return _series_truth(
-            se, EnhancedMRImageStorage, ExplicitVRLittleEndian, spec.shape[0], 1, 1, deface_truth
+            se,
+            EnhancedMRImageStorage,
+            ExplicitVRLittleEndian,
+            grids[0].shape[0],
+            1,
+            1,
+            deface_truth,
+            grids[0].shape,
         )
 
     syntax = ExplicitVRLittleEndian
@@ -710,6 +717,7 @@ def _render_series(
         len(order),
         n_files,
         deface_truth,
+        grids[0].shape,
     )
 
 
@@ -774,8 +782,10 @@ def _series_truth(
     instances: int,
     files: int,
     deface_truth: str | None = None,
+    shape: tuple[int, int, int] | None = None,  # the grid's, when it differs from the spec's
 ) -> SeriesTruth:
     spec = se.spec
+    rows, columns = (shape or spec.shape)[1:]
     return SeriesTruth(
         folder=f"dicom/{se.folder}",
         series_instance_uid=se.uid,
@@ -786,8 +796,8 @@ def _series_truth(
         sop_class_uid=str(sop_class),
         transfer_syntax_uid=str(syntax),
         orientation=spec.orientation,
-        rows=spec.shape[1],
-        columns=spec.shape[2],
+        rows=rows,
+        columns=columns,
         slices=slices,
         instances=instances,
         files=files,
