@@ -223,8 +223,9 @@ def test_before_and_after_previews_are_written(defaced: Defaced) -> None:
         assert before.shape == after.shape and before.shape[2] == 3
         red = (before[..., 0] > before[..., 1] + 60) & (before[..., 0] > before[..., 2] + 60)
         assert red.sum() > 500, "the removed region is shown in red"
-        # and is dark afterwards (its edge blends with its neighbours when reformatted)
-        inner = ndimage.binary_erosion(red, iterations=2)
+        # and is dark afterwards (its edge blends with its neighbours over two to three pixels
+        # when reformatted: the region carved around the brain's margin has narrow parts)
+        inner = ndimage.binary_erosion(red, iterations=3)
         assert inner.sum() > 200 and after[inner].max() < 40
         # the dashboard's picture: the defaced image on three planes, the removed region
         # tinted over emptied voxels only (no face shows through), the brain outlined
