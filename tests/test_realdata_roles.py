@@ -137,3 +137,11 @@ def test_qc_on_a_folder_without_protocol_says_each_series_role(
         roles[rule] = roles.get(rule, 0) + 1
         assert why
     assert roles == expected
+    if dataset == "fnndsc_adi_brain/dicom":
+        # series 5 lacks InstanceNumber 115 (a 2 mm gap in a 1 mm stack), series 6 lacks 35
+        assert code == 1
+        by_role = {s["role"]: s for s in report["series"]}
+        for role in ("t1_3d", "t2"):
+            checks = [f["check"] for st in by_role[role]["stages"] for f in st["findings"]]
+            assert "header.missing_slices" in checks, (role, checks)
+            assert by_role[role]["verdict"] == "fail"
