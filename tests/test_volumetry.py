@@ -132,6 +132,8 @@ def test_verdict_names_each_implausible_result() -> None:
     # a fit its neighbours beat stopped short, however well it correlates
     assert _judge(correlation=0.9, neighbour_gain=0.01) == ["volumetry.registration"]
     assert _judge(correlation=0.5, neighbour_gain=-0.1) == []
+    assert _judge(gm_ml=480.0, wm_ml=1140.0) == ["volumetry.tissue_ratio"]
+    assert _judge(gm_ml=700.0, wm_ml=460.0) == []
     assert _judge(icv_ml=700.0) == ["volumetry.icv_range"]
     assert _judge(icv_ml=2600.0) == ["volumetry.icv_range"]
     assert _judge(bpf=0.4) == ["volumetry.bpf_range"]

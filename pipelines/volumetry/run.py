@@ -139,6 +139,8 @@ def measure_source(
         bpf=m.volumes.bpf,
         correlation=m.correlation,
         neighbour_gain=m.neighbour_gain,
+        gm_ml=m.volumes.gm_ml,
+        wm_ml=m.volumes.wm_ml,
         means=m.mixture.means,
         converged=m.mixture.converged,
         edge_change=edge,

@@ -21,6 +21,9 @@ CHECKS: Mapping[str, Check] = {
         Check(
             "volumetry.tissue_contrast", _F, "CSF darker than grey matter darker than white matter"
         ),
+        Check(
+            "volumetry.tissue_ratio", _F, "grey to white matter volume in a plausible adult range"
+        ),
         Check("volumetry.mask_edge", _W, "the image moved the registered intracranial edge little"),
         Check("volumetry.coverage", _W, "the intracranial space lies inside the image"),
         Check("volumetry.thick_slices", _W, "3D resolution (thick 2D slices: lower confidence)"),
@@ -43,6 +46,11 @@ class Limits:
     bpf: tuple[float, float] = (0.55, 0.97)
     # of the registered volume, added plus removed; clean real heads (benchmarks/real.py):
     # 0.09 to 0.16, the atlas edge lying inside the subject's CSF over the brain
+    # GM / WM volume: SAMSEG on the real heads of benchmarks/real.py 1.34 to 1.46, cohortflow
+    # 1.44 to 1.84, the synthetic models 1.15 (Colin27) and 1.74 (atlas); a Siemens XA30
+    # reconstruction without intensity normalisation was classified 0.42 with its classes in
+    # T1 order (ROBEX failed on it too)
+    gm_wm_ratio: tuple[float, float] = (0.8, 2.6)
     max_edge_change: float = 0.20
     max_slice_mm: float = 2.0
     max_outside: float = 0.01  # of the intracranial mask on the image border
@@ -61,6 +69,8 @@ def judge(
     correlation: float,
     means: tuple[float, float, float],
     neighbour_gain: float = -1.0,
+    gm_ml: float | None = None,
+    wm_ml: float | None = None,
     converged: bool,
     edge_change: float,
     on_border: float,
@@ -123,6 +133,18 @@ def judge(
                 "CSF < GM < WM",
             )
         )
+    if gm_ml is not None and wm_ml:
+        ratio, (low, high) = gm_ml / wm_ml, lim.gm_wm_ratio
+        if not low <= ratio <= high:
+            out.append(
+                finding(
+                    "volumetry.tissue_ratio",
+                    f"grey / white matter volume {ratio:.2f} is outside {low}-{high}: the "
+                    "classification failed (a strong intensity non-uniformity, or not a T1)",
+                    round(ratio, 3),
+                    f"{low}-{high}",
+                )
+            )
     if edge_change > lim.max_edge_change:
         out.append(
             finding(
