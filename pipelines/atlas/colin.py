@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
-from filelock import FileLock
 
 from pipelines.atlas.errors import HeadModelError
 
@@ -46,11 +44,10 @@ from pipelines.atlas.headmodel import (
     OTHER_HEAD,
     WM,
     HeadModel,
-    _load,
-    _save,
+    cached_model,
+    load_model,
+    save_volume,
 )
-
-log = logging.getLogger(__name__)
 
 #: Bumped whenever the recipe changes, so that cached models are rebuilt.
 COLIN_MODEL_VERSION = "1"
@@ -119,16 +116,7 @@ def _digest(paths: dict[str, Path]) -> str:
 def load_or_build_colin(cache_dir: Path, source_dir: Path = COLIN_DIR) -> HeadModel:
     """Load the Colin27 head model cached in ``cache_dir``, building it first if needed."""
     paths = source_paths(source_dir)
-    digest = _digest(paths)
-    folder = cache_dir / f"colinmodel-{digest}"
-    if not (folder / "model.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # As the atlas model: one process builds, the others wait and load (model.json last).
-        with FileLock(f"{folder}.lock"):
-            if not (folder / "model.json").is_file():
-                log.info("building the Colin27 head model once into %s", folder)
-                build_colin(paths, folder)
-    return _load(folder, digest)
+    return cached_model(cache_dir, "colinmodel", _digest(paths), lambda f: build_colin(paths, f))
 
 
 def build_colin(paths: dict[str, Path], folder: Path) -> None:
@@ -146,11 +134,11 @@ def build_colin(paths: dict[str, Path], folder: Path) -> None:
     face = face_mask(labels, affine)
     folder.mkdir(parents=True, exist_ok=True)
     head_scaled = np.clip(head_np / np.percentile(head_np[labels > 0], 99.5), 0, 1.2)
-    _save(folder / "head.nii", np.round(head_scaled * 1000).astype(np.int16), affine)
-    _save(folder / "labels.nii", labels, affine)
-    _save(folder / "tissue.nii", np.round(tissue * 1000).astype(np.int16), affine)
-    _save(folder / "face.nii", face.astype(np.uint8), affine)
-    model = _load(folder, "")
+    save_volume(folder / "head.nii", np.round(head_scaled * 1000).astype(np.int16), affine)
+    save_volume(folder / "labels.nii", labels, affine)
+    save_volume(folder / "tissue.nii", np.round(tissue * 1000).astype(np.int16), affine)
+    save_volume(folder / "face.nii", face.astype(np.uint8), affine)
+    model = load_model(folder, "")
     plane = face_plane(labels, affine)
     meta: dict[str, Any] = {
         "version": COLIN_MODEL_VERSION,

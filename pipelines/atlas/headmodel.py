@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -122,20 +123,26 @@ def _source_digest(paths: dict[str, Path]) -> str:
 def load_or_build(cache_dir: Path) -> HeadModel:
     """Load the cached head model from ``cache_dir``, building it first if needed."""
     paths = template_paths()
-    digest = _source_digest(paths)
-    folder = cache_dir / f"headmodel-{digest}"
+    return cached_model(cache_dir, "headmodel", _source_digest(paths), lambda f: build(paths, f))
+
+
+def cached_model(
+    cache_dir: Path, name: str, digest: str, build_into: Callable[[Path], None]
+) -> HeadModel:
+    """The model cached in ``cache_dir/NAME-DIGEST``, built there by ``build_into`` first if
+    needed. Several processes may ask at once (test workers, flow workers): one builds, the
+    others wait for it and load what it wrote (model.json is written last)."""
+    folder = cache_dir / f"{name}-{digest}"
     if not (folder / "model.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # Several processes may ask at once (test workers, flow workers): one builds, the others
-        # wait for it and load what it wrote (model.json is written last).
         with FileLock(f"{folder}.lock"):
             if not (folder / "model.json").is_file():
-                log.info("building the head model once into %s (a few minutes)", folder)
-                build(paths, folder)
-    return _load(folder, digest)
+                log.info("building the %s once into %s (about a minute)", name, folder)
+                build_into(folder)
+    return load_model(folder, digest)
 
 
-def _load(folder: Path, digest: str) -> HeadModel:
+def load_model(folder: Path, digest: str) -> HeadModel:
     imgs = {name: nib.load(folder / f"{name}.nii") for name in _FILES}
     affine = np.asarray(imgs["head"].affine, dtype=np.float64)  # type: ignore[attr-defined]
     return HeadModel(
@@ -199,11 +206,11 @@ def build(paths: dict[str, Path], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     affine = head_img.affine  # type: ignore[attr-defined]
     head_scaled = np.clip(head_np / np.percentile(head_np[labels > 0], 99.5), 0, 1.2)
-    _save(folder / "head.nii", np.round(head_scaled * 1000).astype(np.int16), affine)
-    _save(folder / "labels.nii", labels, affine)
-    _save(folder / "tissue.nii", np.round(tissue * 1000).astype(np.int16), affine)
-    _save(folder / "face.nii", (~face_keep & (labels > 0)).astype(np.uint8), affine)
-    model = _load(folder, "")
+    save_volume(folder / "head.nii", np.round(head_scaled * 1000).astype(np.int16), affine)
+    save_volume(folder / "labels.nii", labels, affine)
+    save_volume(folder / "tissue.nii", np.round(tissue * 1000).astype(np.int16), affine)
+    save_volume(folder / "face.nii", (~face_keep & (labels > 0)).astype(np.uint8), affine)
+    model = load_model(folder, "")
     meta: dict[str, Any] = {
         "version": HEAD_MODEL_VERSION,
         "sources": {k: str(v) for k, v in paths.items()},
@@ -307,7 +314,7 @@ def tissue_image(
     return img
 
 
-def _save(path: Path, data: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> None:
+def save_volume(path: Path, data: npt.NDArray[Any], affine: npt.NDArray[np.float64]) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
