@@ -44,13 +44,13 @@ class Limits:
     min_correlation: float = 0.45
     icv_ml: tuple[float, float] = (950.0, 2200.0)
     bpf: tuple[float, float] = (0.55, 0.97)
-    # of the registered volume, added plus removed; clean real heads (benchmarks/real.py):
-    # 0.09 to 0.16, the atlas edge lying inside the subject's CSF over the brain
     # GM / WM volume: SAMSEG on the real heads of benchmarks/real.py 1.34 to 1.46, cohortflow
     # 1.44 to 1.84, the synthetic models 1.15 (Colin27) and 1.74 (atlas); a Siemens XA30
     # reconstruction without intensity normalisation was classified 0.42 with its classes in
     # T1 order (ROBEX failed on it too)
     gm_wm_ratio: tuple[float, float] = (0.8, 2.6)
+    # of the registered volume, added plus removed; clean real heads (benchmarks/real.py):
+    # 0.09 to 0.16, the atlas edge lying inside the subject's CSF over the brain
     max_edge_change: float = 0.20
     max_slice_mm: float = 2.0
     max_outside: float = 0.01  # of the intracranial mask on the image border
