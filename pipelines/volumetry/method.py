@@ -27,7 +27,7 @@ from scipy import ndimage
 from pipelines.volumetry.atlas import Atlas
 from pipelines.volumetry.refine import Refinement, refine_icv
 from pipelines.volumetry.register import Placed, place_atlas
-from pipelines.volumetry.segment import CLASSES, Mixture, fit_mixture, posteriors_for
+from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, posteriors_for
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
@@ -147,7 +147,7 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
     # edge the dark voxels are not all CSF (dura, vessels, bone in part); they widened the CSF
     # class over the CSF / GM border (on a real head: a fifth more grey matter than SAMSEG)
     fit = depth > p.fit_depth_mm
-    mixture = fit_mixture(corrected[fit], priors[fit], p.prior_weight).mixture
+    mixture = fit_parameters(corrected[fit], priors[fit], p.prior_weight)
     refinement = None
     mask = registered
     if p.refine:

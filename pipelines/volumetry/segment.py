@@ -78,14 +78,14 @@ def _likelihoods(y: FloatArray, mean: FloatArray, sd: FloatArray) -> FloatArray:
     return np.concatenate(cols, axis=1)
 
 
-def fit_mixture(
+def fit_parameters(
     intensities: npt.NDArray[np.floating],
     priors: npt.NDArray[np.floating],
     prior_weight: float = 0.5,
     iterations: int = 100,
     tolerance: float = 1e-5,
     max_samples: int = 250_000,
-) -> Segmentation:
+) -> Mixture:
     """EM for CSF, GM and WM Gaussians plus the two partial-volume classes between them, with
     spatial priors.
 
@@ -144,8 +144,21 @@ def fit_mixture(
         iterations=it,
         converged=converged,
     )
+    return mixture
+
+
+def fit_mixture(
+    intensities: npt.NDArray[np.floating],
+    priors: npt.NDArray[np.floating],
+    prior_weight: float = 0.5,
+    iterations: int = 100,
+    tolerance: float = 1e-5,
+    max_samples: int = 250_000,
+) -> Segmentation:
+    """The fitted mixture (``fit_parameters``) and the tissue fractions of every voxel."""
+    mixture = fit_parameters(intensities, priors, prior_weight, iterations, tolerance, max_samples)
     return Segmentation(
-        posteriors=posteriors_for(y_all, priors_all, mixture, prior_weight), mixture=mixture
+        posteriors=posteriors_for(intensities, priors, mixture, prior_weight), mixture=mixture
     )
 
 
