@@ -54,10 +54,16 @@ class Head:
     source: str  # relative to the unpacked real data: a DICOM folder or a NIfTI file
     face: bool  # a face to deface
     group: str = ""  # scan-rescan group (same subject), or longitudinal patient
+    fast: str = ""  # FSL FAST partial-volume maps made by others (GM, WM: ..._1_gm, ..._2_wm)
 
 
 HEADS = (
-    Head("philips_adni_mprage", "philips_adni_mprage/dicom", True),
+    Head(
+        "philips_adni_mprage",
+        "philips_adni_mprage/dicom",
+        True,
+        fast="philips_adni_mprage/labels/fast_pve_{}.nii.gz",
+    ),
     Head("siemens_trio_memprage", "fnndsc_adi_brain/dicom", True),
     Head("siemens_xa30_tfl_normalised", "dcm_qa_xa30/In/6_anat-T1w_acq-tfl", True),
     Head("siemens_xa30_tfl_raw", "dcm_qa_xa30/In/5_anat-T1w_acq-tfl", True),
@@ -85,6 +91,7 @@ class Row:
     ours: dict[str, Any] = field(default_factory=dict)
     samseg: dict[str, float] = field(default_factory=dict)
     robex_ml: float | None = None
+    fast: dict[str, float] = field(default_factory=dict)  # a third opinion, where shipped
     seconds: dict[str, float] = field(default_factory=dict)
     deface: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -255,6 +262,21 @@ def samseg_volumes(folder: Path) -> dict[str, float]:
     }
 
 
+def fast_volumes(head: Head, data: Path, row: Row) -> None:
+    """GM, WM and brain (ml) of the FAST maps shipped with the head (made by others)."""
+    import nibabel as nib
+    import numpy as np
+
+    if not head.fast:
+        return
+    sums = []
+    for part in ("1_gm", "2_wm"):
+        img = nib.load(data / head.fast.format(part))
+        voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
+        sums.append(float(np.asarray(img.dataobj, dtype=np.float64).sum()) * voxel_ml)
+    row.fast = {"gm_ml": sums[0], "wm_ml": sums[1], "brain_ml": sums[0] + sums[1]}
+
+
 def peers(head: Head, data: Path, work: Path, row: Row, threads: int) -> Path | None:
     """SAMSEG and ROBEX on the head's NIfTI; returns ROBEX's mask."""
     import nibabel as nib
@@ -323,6 +345,7 @@ def main() -> int:
         print(f"-- {head.name}", file=sys.stderr, flush=True)
         ours(head, data, work, row)
         mask = peers(head, data, work, row, args.threads)
+        fast_volumes(head, data, row)
         if head.face and not (data / head.source).is_file():
             deface(head, data, work, row, mask)
         rows.append(row)
@@ -360,6 +383,11 @@ def report(rows: list[Row]) -> None:
             )
         if row.robex_ml is not None:
             print(f"{'':<21}ROBEX brain mask {row.robex_ml:.0f} ml in {row.seconds['robex']:.0f} s")
+        if row.fast:
+            print(
+                f"{'':<21}FAST (maps made by others) brain {row.fast['brain_ml']:.0f} ml, "
+                f"GM {row.fast['gm_ml']:.0f}, WM {row.fast['wm_ml']:.0f}"
+            )
         print(f"{'':<21}cohortflow QC {row.ours.get('verdict')} {row.ours.get('reason') or ''}")
         if row.deface:
             print(f"{'':<21}deface {row.deface}")
@@ -414,11 +442,21 @@ def report(rows: list[Row]) -> None:
     print(f"icv_cv_across_head_positions_all_pct: {cv([r.ours['icv_ml'] for r in positions])}")
     samseg_icv = [r.samseg["icv_ml"] for r in covered if r.samseg.get("icv_ml")]
     print(f"samseg_icv_cv_across_head_positions_pct: {cv(samseg_icv)}")
+    print(f"brain_cv_across_head_positions_pct: {cv([r.ours['brain_ml'] for r in covered])}")
+    samseg_brain = [r.samseg["brain_ml"] for r in covered if r.samseg.get("brain_ml")]
+    print(f"samseg_brain_cv_across_head_positions_pct: {cv(samseg_brain)}")
     for group in sorted({r.head.group for r in rows if r.head.group.startswith("ms")}):
-        pair = [r for r in rows if r.head.group == group and r.ours.get("brain_ml")]
-        if len(pair) == 2:
-            change = _pct(pair[1].ours["brain_ml"], pair[0].ours["brain_ml"])
-            print(f"{group}_brain_change_pct: {change:+.2f}")
+        pair = [r for r in rows if r.head.group == group]
+        for tool in ("ours", "samseg"):
+            values = [getattr(r, tool).get("brain_ml") for r in pair]
+            change = _pct(values[1], values[0]) if len(values) == 2 else None
+            name = "" if tool == "ours" else "samseg_"
+            shown = "n/a" if change is None else f"{change:+.2f}"
+            print(f"{group}_{name}brain_change_pct: {shown}")
+    for r in rows:
+        spread = _pct(r.fast.get("brain_ml"), r.samseg.get("brain_ml")) if r.fast else None
+        if spread is not None:
+            print(f"{r.head.name}_fast_brain_diff_to_samseg_pct: {spread:+.1f}")
     print(
         f"time_ratio_samseg_to_cohortflow: {statistics.median(ratio):.1f}"
         if ratio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -34,6 +35,21 @@ def configure_itk(threads: int) -> None:
     filter in the process, so this must come before any registration; later calls change nothing.
     """
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process before it starts: SIGTERM when the process that started it dies
+    (Linux ``PR_SET_PDEATHSIG``). Without it a run killed with SIGKILL (``finally`` never
+    runs) left its private server running, in its own session, for ever."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 @contextmanager
@@ -70,7 +86,9 @@ def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # a Ctrl-C at the terminal reaches the run, not its server
+            # before any thread of this process starts (the run has none yet): ctypes only
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
         )
     try:
         deadline = time.monotonic() + timeout

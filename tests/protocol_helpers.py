@@ -1,5 +1,5 @@
 """Shared by the protocol-run tests (tests/test_protocol_run.py, tests/test_protocol_dask.py):
-the PACS loaded with the ten dementia-protocol studies, the command line in a child process,
+the PACS loaded with the six dementia-protocol studies, the command line in a child process,
 what a run left in the index, and the hand-over of one file's results to the other (the two
 files run side by side in the two test workers)."""
 
@@ -28,7 +28,7 @@ from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port, run_folder
 
-STUDIES = 10
+STUDIES = 6
 BIN = Path(sys.executable).parent
 RUN = ["run", "dementia", "--from", "1990-01-01", "--to", "2030-12-31", "--json"]
 

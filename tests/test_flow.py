@@ -205,3 +205,51 @@ def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Pat
         schedules = [s["schedule"] for s in deployment["schedules"]]
         assert schedules and schedules[0]["cron"] == "30 20 * * *"
         assert "lookback_days" in deployment["parameter_openapi_schema"]["properties"]
+
+
+@pytest.mark.slow
+def test_the_private_prefect_server_dies_with_a_killed_run(tmp_path: Path) -> None:
+    """A run killed with SIGKILL runs no cleanup: its private Prefect server (own session, so
+    a Ctrl-C reaches the run first) must still go, not run on for ever."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from flows.prefect_env import prefect_api\n"
+        "with prefect_api(Path(sys.argv[1])):\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    run = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "prefect")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert run.stdout is not None and run.stdout.readline().strip() == "up"
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        assert len(children) == 1
+        server = int(children[0])
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+            # reap it if it became ours (it was the run's child, re-parented)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(server, os.WNOHANG)
+            time.sleep(0.2)
+        alive = Path(f"/proc/{server}/stat")
+        state = alive.read_text().split()[2] if alive.exists() else "gone"
+        assert state in ("gone", "Z"), f"the server (pid {server}) outlived the run: {state}"
+    finally:
+        if run.poll() is None:
+            run.kill()

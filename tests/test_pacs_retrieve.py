@@ -1,5 +1,5 @@
 """Selection and retrieval against a real Orthanc loaded with synthetic cohorts: the shared
-12-study cohort (every fault class) and the protocol runs' ten dementia-protocol studies, both
+12-study cohort (every fault class) and the protocol runs' six dementia-protocol studies, both
 made once for the whole test run (22 brain studies, 20 patients).
 
 Scored against the generator's ground truth: which studies and series each protocol must select,
@@ -75,8 +75,8 @@ class Pacs:
 
 
 @pytest.fixture(scope="module")
-def cohorts(cohort: CohortResult, dementia10: CohortResult) -> list[CohortResult]:
-    return [cohort, dementia10]
+def cohorts(cohort: CohortResult, dementia6: CohortResult) -> list[CohortResult]:
+    return [cohort, dementia6]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The protocol flow on a real multi-process Dask cluster (a scheduler and two workers, each its
-own process) and PostgreSQL (a throwaway server), over the same ten dementia-protocol studies as
+own process) and PostgreSQL (a throwaway server), over the same six dementia-protocol studies as
 tests/test_protocol_run.py. It runs in the other test worker while that file's single-process
 run goes on; that file compares the two runs' results, which must be identical.
 """
@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory, dementia10: CohortResult) -> Iterator[Pacs]:
-    with loaded_pacs(tmp_path_factory.mktemp("orthanc"), dementia10) as found:
+def pacs(tmp_path_factory: pytest.TempPathFactory, dementia6: CohortResult) -> Iterator[Pacs]:
+    with loaded_pacs(tmp_path_factory.mktemp("orthanc"), dementia6) as found:
         yield found
 
 
@@ -49,7 +49,7 @@ def test_dask_cluster_and_postgres_run_the_protocol(
     tmp_path_factory: pytest.TempPathFactory,
     pacs: Pacs,
     model_cache: Path,
-    dementia10: CohortResult,
+    dementia6: CohortResult,
     postgres: PostgresServer,  # noqa: F811
     figures: Any,
 ) -> None:
@@ -57,7 +57,7 @@ def test_dask_cluster_and_postgres_run_the_protocol(
     them with the single-process run (made there at the same time, in the other worker)."""
     results = handed_over(tmp_path_factory, "dask")
     try:
-        _dask_run(tmp_path, pacs, model_cache, dementia10, postgres, figures, results)
+        _dask_run(tmp_path, pacs, model_cache, dementia6, postgres, figures, results)
     except BaseException as exc:
         hand_over(results, {"error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -67,7 +67,7 @@ def _dask_run(
     tmp_path: Path,
     pacs: Pacs,
     model_cache: Path,
-    dementia10: CohortResult,
+    dementia6: CohortResult,
     postgres: PostgresServer,  # noqa: F811
     figures: Any,
     results: Path,
@@ -151,7 +151,7 @@ def _dask_run(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    _assert_complete(outcome, dementia10.truth)
+    _assert_complete(outcome, dementia6.truth)
     hand_over(results, {"outcome": outcome, "results": _results(url)})
     figures(
         f"protocol run on Dask (scheduler + 2 worker processes) and PostgreSQL: {STUDIES} "

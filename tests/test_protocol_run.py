@@ -1,8 +1,8 @@
 """The protocol flow end to end: Orthanc -> select -> retrieve -> anonymize -> deface -> QC ->
-convert -> volumetry -> success rates, over ten dementia-protocol studies, run by the command line
+convert -> volumetry -> success rates, over six dementia-protocol studies, run by the command line
 in a child process (as users run it).
 
-1. SQLite, a local one-worker Dask cluster, killed (SIGKILL, the whole process group) once four
+1. SQLite, a local one-worker Dask cluster, killed (SIGKILL, the whole process group) once three
    studies are measured, then rerun: it finishes, with no duplicate and no lost series, and a
    third run redoes nothing.
 2. The run of tests/test_protocol_dask.py (PostgreSQL, a multi-process Dask cluster; it runs in
@@ -55,8 +55,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory, dementia10: CohortResult) -> Iterator[Pacs]:
-    with loaded_pacs(tmp_path_factory.mktemp("orthanc"), dementia10) as found:
+def pacs(tmp_path_factory: pytest.TempPathFactory, dementia6: CohortResult) -> Iterator[Pacs]:
+    with loaded_pacs(tmp_path_factory.mktemp("orthanc"), dementia6) as found:
         yield found
 
 
@@ -65,7 +65,7 @@ def killed_and_resumed(
     tmp_path_factory: pytest.TempPathFactory,
     pacs: Pacs,
     model_cache: Path,
-    dementia10: CohortResult,
+    dementia6: CohortResult,
 ) -> dict[str, Any]:
     home = tmp_path_factory.mktemp("single")
     url = f"sqlite:///{home / 'index.sqlite'}"
@@ -74,20 +74,20 @@ def killed_and_resumed(
     args = [*RUN, "--workers", "1"]
     started = time.monotonic()
     first = _cohortflow(args, env, log)
-    # kill it once four studies are measured (mid-run: the rest are on their way)
+    # kill it once three studies are measured (mid-run: the rest are on their way)
     while time.monotonic() - started < 1500:
         time.sleep(2)
         if first.poll() is not None:
             break
         if (home / "index.sqlite").is_file() and _count(
             url, StudyStep, StudyStep.step == "volumetry", StudyStep.status == "done"
-        ) >= 4:
+        ) >= 3:
             break
     assert first.poll() is None, "the run ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = _count(url, StudyStep, StudyStep.step == "volumetry")
-    assert 4 <= done_before < STUDIES
+    assert 3 <= done_before < STUDIES
     seconds_first = time.monotonic() - started
 
     started = time.monotonic()
@@ -106,7 +106,7 @@ def killed_and_resumed(
         "outcome": outcome,
         "again": again,
         "done_before": done_before,
-        "truth": dementia10.truth,
+        "truth": dementia6.truth,
         "seconds": (seconds_first, seconds_rerun, seconds_again),
     }
 

@@ -111,6 +111,20 @@ def test_a_hole_in_the_skull_lets_in_a_few_voxels_not_the_scalp() -> None:
     assert abs(out.mask.sum() / true - 1) < 0.02
 
 
+def test_without_skull_csf_contrast_the_registered_edge_is_kept() -> None:
+    """Bone lit up by coil shading (a reconstruction without intensity normalisation): the
+    edge would grow into it, so the registered mask is kept, and said to be."""
+    image, r, spacing = _skull_phantom()
+    image = np.where((r > 40) & (r <= 44), 0.5, image)  # skull at 0.83 of the CSF level
+    registered = r <= 43
+    out = refine_icv(image, registered, spacing, csf_level=0.6)
+    assert not out.refined
+    assert np.array_equal(out.mask, registered)
+    assert out.added_fraction == out.removed_fraction == 0.0
+    dark_skull, _, _ = _skull_phantom()
+    assert refine_icv(dark_skull, registered, spacing, csf_level=0.6).refined
+
+
 def _judge(**changes: object) -> list[str]:
     values: dict[str, object] = dict(
         icv_ml=1450.0,
@@ -140,6 +154,8 @@ def test_verdict_names_each_implausible_result() -> None:
     assert _judge(means=(700.0, 300.0, 1000.0)) == ["volumetry.tissue_contrast"]
     assert _judge(edge_change=0.3) == ["volumetry.mask_edge"]
     assert _judge(on_border=0.05) == ["volumetry.coverage"]
+    assert _judge(skull_to_csf=0.78) == ["volumetry.edge_not_refined"]
+    assert _judge(skull_to_csf=0.37) == []
     assert _judge(slice_mm=5.5) == ["volumetry.thick_slices"]
     assert _judge(converged=False) == ["volumetry.not_converged"]
 

@@ -31,7 +31,7 @@ from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, poster
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
-METHOD_VERSION = "2"
+METHOD_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,14 @@ class Parameters:
     deformable_mm: float = 5.0
     shell_mm: float = 12.0
     n4_shrink: int = 4
+    n4_levels: int = 4
     prior_weight: float = 0.5
     band_in_mm: float = 12.0
     band_out_mm: float = 4.0
     opening_mm: float = 1.0
     bays_mm: float = 4.0
     fit_depth_mm: float = 3.0
+    max_skull_ratio: float = 0.6
     refine: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,12 +85,23 @@ class Measurement:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def n4(image: Any, mask: Any, shrink: int) -> Any:
-    """ANTs N4 bias-field correction inside ``mask``."""
+def n4(image: Any, mask: Any, shrink: int, levels: int = 4) -> Any:
+    """ANTs N4 bias-field correction inside ``mask``, ``levels`` fitting levels of 50
+    iterations (each level doubles the B-spline mesh).
+
+    Two levels left a real head reconstructed without the scanner's intensity normalisation
+    (Siemens XA30, 32-channel coil) with a residual field that made its white matter GM/WM
+    0.42 and its brain 42 % above SAMSEG's; four levels (ANTs' default) measured GM/WM 1.8 there
+    and moved brain volume towards SAMSEG's on the other 3D heads too (Trio +8.7 -> +5.2 %,
+    XA30 normalised -13.6 -> -10.5 %). A finer mesh (100 mm spline distance) was worse on both.
+    """
     import ants
 
     return ants.n4_bias_field_correction(
-        image, mask=mask, shrink_factor=shrink, convergence={"iters": [50, 50], "tol": 1e-6}
+        image,
+        mask=mask,
+        shrink_factor=shrink,
+        convergence={"iters": [50] * levels, "tol": 1e-6},
     )
 
 
@@ -137,7 +150,7 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
         "MD",
         max(1, round(5.0 / min(placed.spacing))),
     )
-    corrected = n4(reference, grown, p.n4_shrink).numpy().astype(np.float32)
+    corrected = n4(reference, grown, p.n4_shrink, p.n4_levels).numpy().astype(np.float32)
     seconds["n4"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -160,6 +173,7 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
             band_out_mm=p.band_out_mm,
             opening_mm=p.opening_mm,
             bays_mm=p.bays_mm,
+            max_skull_ratio=p.max_skull_ratio,
         )
         mask = refinement.mask
     post = np.zeros((*mask.shape, 3), np.float32)

@@ -145,6 +145,11 @@ def measure_source(
         converged=m.mixture.converged,
         edge_change=edge,
         on_border=border,
+        skull_to_csf=(
+            m.refinement.skull_level / m.refinement.csf_level
+            if m.refinement and m.refinement.csf_level > 0
+            else None
+        ),
         slice_mm=slice_mm,
     )
     overlay = None

@@ -25,6 +25,11 @@ CHECKS: Mapping[str, Check] = {
             "volumetry.tissue_ratio", _F, "grey to white matter volume in a plausible adult range"
         ),
         Check("volumetry.mask_edge", _W, "the image moved the registered intracranial edge little"),
+        Check(
+            "volumetry.edge_not_refined",
+            _W,
+            "the image showed the skull / CSF border (else the registered edge is kept)",
+        ),
         Check("volumetry.coverage", _W, "the intracranial space lies inside the image"),
         Check("volumetry.thick_slices", _W, "3D resolution (thick 2D slices: lower confidence)"),
         Check("volumetry.not_converged", _W, "the tissue classification converged"),
@@ -52,6 +57,9 @@ class Limits:
     # of the registered volume, added plus removed; clean real heads (benchmarks/real.py):
     # 0.09 to 0.16, the atlas edge lying inside the subject's CSF over the brain
     max_edge_change: float = 0.20
+    # skull (10th percentile just outside the mask) / CSF level: real heads 0.16 to 0.37; 0.78
+    # on a reconstruction without intensity normalisation (refine.py keeps the registered edge)
+    max_skull_to_csf: float = 0.6
     max_slice_mm: float = 2.0
     max_outside: float = 0.01  # of the intracranial mask on the image border
 
@@ -74,6 +82,7 @@ def judge(
     converged: bool,
     edge_change: float,
     on_border: float,
+    skull_to_csf: float | None = None,
     slice_mm: float,
     limits: Limits | None = None,
 ) -> list[Finding]:
@@ -153,6 +162,17 @@ def judge(
                 f"(limit {lim.max_edge_change:.0%}): registration and image disagree",
                 round(edge_change, 4),
                 f"<= {lim.max_edge_change}",
+            )
+        )
+    if skull_to_csf is not None and not skull_to_csf < lim.max_skull_to_csf:
+        out.append(
+            finding(
+                "volumetry.edge_not_refined",
+                f"the bone outside the intracranial mask is {skull_to_csf:.0%} as bright as CSF "
+                "(intensity non-uniformity near the coil?): the edge is the registration's, "
+                "not refined on the image (ICV less precise)",
+                round(skull_to_csf, 3),
+                f"< {lim.max_skull_to_csf}",
             )
         )
     if on_border > lim.max_outside:
