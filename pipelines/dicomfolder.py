@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
+from pipelines.safeio import RefusedError, read_regular
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,15 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
         path = Path(candidate.path)
         shown = printable_path(candidate.path)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            skipped.append(SkippedFile(shown, "unreadable", exc.strerror or str(exc)))
+            data, _ = read_regular(path)
+        except RefusedError as refused:
+            skipped.append(SkippedFile(shown, refused.code, refused.reason))
             continue
-        verdict = classify(data)
+        try:
+            verdict = classify(data)
+        except Exception as exc:  # a reader bug must not stop the folder: the file is named
+            skipped.append(SkippedFile(shown, "internal_error", f"{type(exc).__name__}: {exc}"))
+            continue
         header = verdict.dataset  # the header as classify read it (no pixel data)
         damage = None
         if not verdict.readable:

@@ -170,6 +170,7 @@ def test_bad_input_of_every_kind(tmp_path: Path, archive: Archive) -> None:
     (drop / "IM0002.dcm").mkdir()  # a directory named like a file, with a file inside
     (drop / "IM0002.dcm" / "IM0001").write_bytes(data)
     (drop / "dangling.dcm").symlink_to(drop / "nowhere")
+    (drop / "passwd.dcm").symlink_to("/etc/passwd")  # out of the delivery: never archived
     os.mkfifo(drop / "fifo.dcm")  # reading it would block forever
     odd = os.path.join(os.fsencode(drop), b"odd name \xff\n\xc3\xa9.dcm")
     with open(odd, "wb") as handle:
@@ -177,12 +178,13 @@ def test_bad_input_of_every_kind(tmp_path: Path, archive: Archive) -> None:
 
     outcome, report = archive.ingest(drop, batch="bad")
     rows = {Path(r.path).name: r for r in _files(archive.index)}
-    assert outcome.seen == len(rows) == 9
+    assert outcome.seen == len(rows) == 10
     expect = {
         "empty.dcm": ("corrupt", "empty"),
         "garbage.dcm": ("not_dicom", "not_dicom"),
         "tiny.dcm": ("not_dicom", "not_dicom"),
-        "dangling.dcm": ("unreadable", "missing"),
+        "dangling.dcm": ("unreadable", "symlink"),
+        "passwd.dcm": ("unreadable", "symlink"),
         "fifo.dcm": ("unreadable", "not_regular_file"),
         "IM0001": ("modern", "ok"),
     }
@@ -191,6 +193,7 @@ def test_bad_input_of_every_kind(tmp_path: Path, archive: Archive) -> None:
     assert rows["cut.dcm"].status == rows["cut_header.dcm"].status == "corrupt"
     odd_row = next(r for n, r in rows.items() if n.startswith("odd name"))
     assert odd_row.status == "modern" and "\\xff" in odd_row.path
+    assert "/etc/passwd" in rows["passwd.dcm"].reason and rows["passwd.dcm"].sha256 is None
     assert report.failed  # corrupt and unreadable files: exit status 1 at the command line
     assert all(p.reason for p in report.problems)
 

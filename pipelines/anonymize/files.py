@@ -8,8 +8,9 @@ stops the others. The linkage records it returns belong on the identified side o
 
 from __future__ import annotations
 
+import io
 import logging
-import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pipelines.anonymize.profile import load_profile
 from pipelines.anonymize.writer import can_splice, encode_file, snapshot
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
+from pipelines.safeio import RefusedError, printable, publish, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class FileOutcome:
     source: str
     #: written, excluded (may carry burned-in text), skipped (not DICOM / damaged), failed
     status: str
+    #: where it was written (or, failed with output_exists, the output another file holds)
     output: str | None = None
     reason_code: str | None = None
     reason: str | None = None
@@ -58,6 +61,23 @@ class FolderReport:
             getattr(self, outcome.status).append(outcome)
 
 
+#: DICOM UID grammar (PS3.5 9.1): they become folder and file names
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _placement(ds: pydicom.Dataset) -> tuple[str, str, str] | str:
+    """Study, series and instance UID of a de-identified data set, or why it cannot be filed."""
+    uids = []
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(keyword) or "")
+        if not value:
+            return f"no {keyword}: the file cannot be placed in a study and series"
+        if len(value) > 64 or not _UID.match(value):
+            return f"{keyword} {printable(value)!r} is not a valid UID"
+        uids.append(value)
+    return uids[0], uids[1], uids[2]
+
+
 def anonymize_file(
     path: Path, out_root: Path, deidentifier: Deidentifier
 ) -> tuple[FileOutcome, LinkageRecord | None]:
@@ -66,14 +86,14 @@ def anonymize_file(
 
     shown = printable_path(str(path))
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return FileOutcome(shown, "failed", None, "unreadable", exc.strerror or str(exc)), None
-    verdict = classify(data)
-    if not verdict.readable:
-        reason = verdict.reason or verdict.status.value
-        return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
+        data, _ = read_regular(path)
+    except RefusedError as refused:
+        return FileOutcome(shown, "skipped", None, refused.code, refused.reason), None
     try:
+        verdict = classify(data)
+        if not verdict.readable:
+            reason = verdict.reason or verdict.status.value
+            return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
         ds = verdict.full_dataset(data)  # the header is not parsed twice
         originals = snapshot(ds)
         syntax = (ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None) or (
@@ -82,26 +102,36 @@ def anonymize_file(
         result = deidentifier.deidentify(ds)
         if isinstance(result, Excluded):
             return FileOutcome(shown, "excluded", None, result.reason_code, result.reason), None
-        out = (
-            out_root
-            / result.pseudonym
-            / str(ds.StudyInstanceUID)
-            / str(ds.SeriesInstanceUID)
-            / f"{ds.SOPInstanceUID}.dcm"
-        )
+        placed = _placement(ds)
+        if isinstance(placed, str):
+            return FileOutcome(shown, "skipped", None, "no_uids", placed), None
+        study, series, instance = placed
+        out = out_root / result.pseudonym / study / series / f"{instance}.dcm"
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temp = out.with_suffix(".part")
         if can_splice(ds, meta):
-            temp.write_bytes(encode_file(ds, meta, data, originals))
+            encoded = encode_file(ds, meta, data, originals)
         else:
             ds.file_meta = meta
             ds.preamble = b"\x00" * 128  # a preamble may carry application data (a TIFF header)
-            ds.save_as(temp, enforce_file_format=True)
-        os.replace(temp, out)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            encoded = buffer.getvalue()
+        # exclusive: a second file with this instance's UID and other content is reported,
+        # never written over the first (the same content again is a rerun, or a copy)
+        try:
+            publish(out, encoded, out_root, exclusive=True)
+        except RefusedError as refused:
+            if refused.code == "output_exists":  # a file of this SOPInstanceUID came first
+                why = f"another input has SOPInstanceUID {instance} with other content: "
+                return FileOutcome(
+                    shown, "failed", str(out), "conflicting_instance", why + refused.reason
+                ), None
+            return FileOutcome(shown, "failed", None, refused.code, refused.reason), None
+    except RefusedError as refused:
+        return FileOutcome(shown, "failed", None, refused.code, refused.reason), None
     except Exception as exc:  # one bad file must not stop the others
         log.warning("anonymize failed on %s: %s", shown, exc)
         return FileOutcome(
@@ -142,13 +172,13 @@ def anonymize_folder(
     if workers <= 1:
         for chunk in chunks:
             collect(_chunk(chunk, out_root, deidentifier))
-        return report
-    # forkserver: no inherited threads or connections; workers load pydicom once
-    context = get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.anonymize.files"])
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for results in pool.map(_chunk, chunks, repeat(out_root), repeat(deidentifier)):
-            collect(results)
+    else:
+        # forkserver: no inherited threads or connections; workers load pydicom once
+        context = get_context("forkserver")
+        context.set_forkserver_preload(["pipelines.anonymize.files"])
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for results in pool.map(_chunk, chunks, repeat(out_root), repeat(deidentifier)):
+                collect(results)
     return report
 
 

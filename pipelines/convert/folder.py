@@ -68,6 +68,7 @@ from pipelines.dicomfolder import (
     series_number,
 )
 from pipelines.quality.folder import choose_protocol
+from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import ProtocolSet
 from qc.findings import Finding, Severity, Verdict, reason, verdict
 from qc.header import header_text
@@ -417,9 +418,9 @@ def _read_series(entries: Sequence[FolderFile]) -> _Series:
             damaged.append(f"{shown}: {entry.damage}")
             continue
         try:
-            data = entry.path.read_bytes()
-        except OSError as exc:
-            damaged.append(f"{shown}: {exc.strerror or exc}")
+            data, _ = read_regular(entry.path)
+        except RefusedError as refused:
+            damaged.append(f"{shown}: {refused.reason}")
             continue
         digests.append(hashlib.sha256(data).hexdigest())
         result = classify(data)

@@ -20,7 +20,6 @@ import hashlib
 import io
 import math
 import os
-import stat
 import struct
 import warnings
 from dataclasses import dataclass, field, replace
@@ -41,6 +40,7 @@ from pydicom.uid import (
 
 from models.ingest import FileRecord, FileStatus, InstanceHeader
 from pipelines.ingest.paths import printable_path
+from pipelines.safeio import RefusedError, read_regular
 
 PREAMBLE = 128
 _LONG_VRS = {
@@ -126,24 +126,13 @@ def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
         return FileRecord.unreadable(shown, code, reason, st.st_size, st.st_mtime_ns)
 
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        gone = "broken symbolic link" if os.path.islink(path) else "file vanished before reading"
-        return unreadable("missing", gone), None
-    except OSError as exc:
-        return unreadable("stat_failed", f"cannot stat: {exc.strerror or exc}"), None
-    if stat.S_ISDIR(st.st_mode):
-        return unreadable("is_directory", "a directory, not a file", st), None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device"
-        return unreadable("not_regular_file", f"not a regular file ({kind}); not read", st), None
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except PermissionError:
-        return unreadable("permission_denied", "permission denied when reading", st), None
-    except OSError as exc:
-        return unreadable("io_error", f"read failed: {exc.strerror or exc}", st), None
+        data, st = read_regular(os.fsdecode(path))
+    except RefusedError as refused:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return unreadable(refused.code, refused.reason), None
+        return unreadable(refused.code, refused.reason, st), None
     verdict = classify(data)
     record = FileRecord(
         path=shown,
@@ -240,6 +229,16 @@ def _parse(data: bytes, modern: bool) -> Verdict:
             return Verdict(FileStatus.CORRUPT, "parse_error", f"header cannot be read: {exc}")
         position = stream.tell()
         transfer_syntax = _text(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else None
+        if transfer_syntax is not None and not UID(transfer_syntax).is_transfer_syntax:
+            # pydicom's encoders and decoders raise on it (a run once stopped on one file):
+            # every step refuses the file here, with this reason
+            return Verdict(
+                FileStatus.CORRUPT,
+                "unknown_transfer_syntax",
+                f"TransferSyntaxUID {transfer_syntax!r} is not a transfer syntax this reader "
+                "knows (invalid, or a vendor's private one): the data set cannot be decoded",
+                dataset=ds,
+            )
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             problem = _check_deflated(data, modern)
         else:

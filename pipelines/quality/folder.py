@@ -37,6 +37,7 @@ from pipelines.dicomfolder import (
     with_transfer_syntax,
 )
 from pipelines.quality.brain import place_brain
+from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import Protocol, ProtocolSet
 from qc.findings import Finding, Verdict, reason, verdict
 from qc.header import SeriesFile, check_series, check_study, header_text
@@ -250,9 +251,9 @@ def qc_series(
             files.append(SeriesFile(shown, None, entry.damage))
             continue
         try:
-            data = entry.path.read_bytes()
-        except OSError as exc:
-            files.append(SeriesFile(shown, None, exc.strerror or str(exc)))
+            data, _ = read_regular(entry.path)
+        except RefusedError as refused:
+            files.append(SeriesFile(shown, None, refused.reason))
             continue
         digests.append(hashlib.sha256(data).hexdigest())
         verdict_ = classify(data)

@@ -554,7 +554,10 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             report = convert_folder(Path(folder), ctx.nifti_out, protocols, ctx.protocol)
             rows.extend(convert_row(r, report.method_version) for r in report.series)
             sources, _ = sources_from_conversion(report.series)
-            images.extend({**asdict(s), "image": str(s.image)} for s in sources)
+            images.extend(
+                {**asdict(s), "image": str(s.image), "root": str(s.root) if s.root else None}
+                for s in sources
+            )
         with index.session() as session:
             record_stages(session, rows)
         return {**previous.outputs, "images": images}, {}
@@ -624,7 +627,13 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
 
     def work() -> tuple[dict[str, Any], dict[str, Any]]:
         sources = [
-            Source(**{**image, "image": Path(image["image"])})
+            Source(
+                **{
+                    **image,
+                    "image": Path(image["image"]),
+                    "root": Path(image["root"]) if image.get("root") else None,
+                }
+            )
             for image in previous.outputs.get("images", [])
         ]
         wanted = [s for s in sources if s.series and failed_earlier(index, s.series) is None]

@@ -24,6 +24,7 @@ from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from pipelines.ingest.archive import hash_file
+from pipelines.safeio import RefusedError, check_entry, printable
 from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
 from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volumes, measure
@@ -48,6 +49,8 @@ class Source:
 
     image: Path
     name: str
+    #: the folder it was found in (links are followed only inside it); None: named by the user
+    root: Path | None = None
     series: str | None = None
     study: str | None = None
     protocol: str | None = None
@@ -99,14 +102,33 @@ class VolumetryReport:
         return [r for r in self.results if r.verdict is wanted]
 
 
-def read_t1(path: Path) -> Any:
-    """The image as an ANTs image in RAS+ voxel order (so that overlays come out upright)."""
+#: The largest image read, as its header declares it (voxels x bytes per voxel): a 1 mm head is
+#: about 0.03 GB; a gzipped NIfTI of a few kilobytes can declare terabytes.
+MAX_IMAGE_BYTES = 2 << 30
+
+
+def read_t1(path: Path, root: Path | None = None) -> Any:
+    """The image as an ANTs image in RAS+ voxel order (so that overlays come out upright).
+
+    Only a regular file is opened (a FIFO would block for ever); a symbolic link found in the
+    folder ``root`` is followed only to a file inside it. The image's declared size is checked
+    before any voxel is read."""
     import ants
 
+    try:
+        check_entry(path, root, follow=True)
+    except RefusedError as refused:
+        raise VolumetryError(f"{printable(path)}: {refused.reason}") from None
     try:
         img: Any = nib.load(path)
     except Exception as exc:  # nibabel raises several types for damaged files
         raise VolumetryError(f"{path}: not a readable NIfTI image ({exc})") from exc
+    declared = int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+    if declared > MAX_IMAGE_BYTES:
+        raise VolumetryError(
+            f"{printable(path)}: the header declares {img.shape} voxels ({declared} bytes), over "
+            f"the limit of {MAX_IMAGE_BYTES}; not read"
+        )
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
     if len(img.shape) != 3:
@@ -126,7 +148,7 @@ def measure_source(
     """Measure one image (raises VolumetryError when it cannot be read); ``atlas`` loads the
     atlas when the image is readable."""
     t0 = time.perf_counter()
-    image = read_t1(source.image)
+    image = read_t1(source.image, source.root)
     read_s = time.perf_counter() - t0
     m = measure(image, atlas(), params)
     spacing = tuple(float(s) for s in image.spacing)
@@ -229,7 +251,7 @@ def nifti_sources(source: Path) -> list[Source]:
         and "_ce-" not in p.name
         and "_acq-guessed" not in p.name
     )
-    return [Source(p, _stem(p)) for p in found]
+    return [Source(p, _stem(p), root=source) for p in found]
 
 
 def _stem(path: Path) -> str:
