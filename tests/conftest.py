@@ -18,7 +18,7 @@ import pytest
 from filelock import FileLock
 
 from flows.prefect_env import configure_itk, configure_prefect
-from models.synth import CohortTruth, SynthConfig
+from models.synth import DEFAULT_FAULT_RATES, CohortTruth, Fault, SynthConfig
 from pipelines.atlas.headmodel import HeadModel, load_or_build
 from pipelines.synth.cohort import CohortResult, generate
 from tests.ingest_helpers import run_folder
@@ -117,16 +117,37 @@ def cohort(
 
 
 #: the dementia-protocol cohort of the protocol runs (tests/test_protocol_run.py)
-DEMENTIA6 = SynthConfig(studies=6, seed=11, protocol_weights={"dementia": 1.0})
+DEMENTIA6 = SynthConfig(
+    studies=6,
+    seed=13,  # 3 controls, 3 with dementia, men and women, 3 clean T1s
+    protocol_weights={"dementia": 1.0},
+    # the faults a run must get through, at their default rates (the 12-study cohort has every
+    # class): with all of them six T1s were all faulty, and none showed a clean T1 measured
+    fault_rates={
+        f: rate
+        for f, rate in DEFAULT_FAULT_RATES.items()
+        if f
+        not in {
+            Fault.ENHANCED_MULTIFRAME,
+            Fault.DUPLICATE_SLICES,
+            Fault.WRONG_PARAMETERS,
+            Fault.MOTION,
+            Fault.NOISE,
+            Fault.UNKNOWN_SCANNER,
+            Fault.DUPLICATE_ACCESSION,
+        }
+    },
+)
 
 
 @pytest.fixture(scope="session")
 def dementia6(
     tmp_path_factory: pytest.TempPathFactory, model_cache: Path, head_model: HeadModel
 ) -> CohortResult:
-    """Six dementia-protocol studies (men and women, with and without dementia), each fault class
-    planted at least once (made once per run for both workers, as ``cohort``; read-only). Six,
-    not ten: the two protocol runs over it are the longest tests of the suite."""
+    """Six dementia-protocol studies (men and women, with and without dementia), with the file
+    faults, missing slices and a cut-off coverage planted (made once per run for both workers,
+    as ``cohort``; read-only). Six, not ten: the two protocol runs over it are the longest
+    tests of the suite."""
     _ = head_model
     out = run_folder(tmp_path_factory) / "dementia6"
     done = out.with_name("dementia6.complete")
