@@ -865,9 +865,12 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     port = args.port or settings.retrieve.scp_port
     host = args.host or settings.retrieve.scp_host
     batch = args.batch or f"listen-{dt.date.today():%Y-%m-%d}"
+    callers = settings.storage_callers()
     err.print(
-        f"listening as {settings.local_aet} on {host}:{port}; ingesting into batch {batch} "
-        f"after {args.idle:g} s without new instances (Ctrl-C stops)"
+        f"listening as {settings.local_aet} on {host}:{port} for "
+        f"{'any calling AE' if callers is None else 'calling AE ' + ', '.join(callers)}; "
+        f"ingesting into batch {batch} after {args.idle:g} s without new instances "
+        "(Ctrl-C stops)"
     )
     with _open_index(settings) as index:
         outcome = listen(
@@ -879,6 +882,7 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             host=host,
             port=port,
             batch=batch,
+            calling_aets=callers,
             idle_seconds=args.idle,
             seconds=args.seconds,
             on_ingest=lambda n: err.print(f"ingested {n} files into batch {batch}"),
@@ -1014,8 +1018,7 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from contextlib import nullcontext
 
-    from rich.table import Table
-
+    from flows.output import SafeTable, cell
     from pipelines.convert.folder import convert_configured, report_json
 
     if not args.source.is_dir():
@@ -1042,7 +1045,7 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         _emit(args, report_json(report))
     else:
         console = Console()
-        table = Table(title=f"convert: {args.source} -> {args.out}")
+        table = SafeTable(title=f"convert: {args.source} -> {args.out}")
         for column in ("series", "image", "converter", "verdict", "reason"):
             table.add_column(column)
         colour = {"pass": "green", "warn": "yellow", "fail": "red"}
@@ -1052,7 +1055,7 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 f"{s.folder} ({s.description})" if s.description else s.folder,
                 s.name if s.converted else "",
                 s.converter or "",
-                f"[{colour[s.verdict.value]}]{s.verdict.value}[/]",
+                cell(s.verdict.value, colour[s.verdict.value]),
                 f"{deciding.check}: {deciding.message}" if deciding else "",
             )
         console.print(table)
@@ -1068,8 +1071,7 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from contextlib import nullcontext
 
-    from rich.table import Table
-
+    from flows.output import SafeTable
     from pipelines.volumetry.run import report_json, volumetry_configured
     from qc.findings import Verdict
 
@@ -1093,7 +1095,7 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
     if args.json:
         _emit(args, report_json(report))
     else:
-        table = Table(title=f"volumetry: {args.source}")
+        table = SafeTable(title=f"volumetry: {args.source}")
         for column in ("image", "ICV ml", "GM ml", "WM ml", "CSF ml", "brain ml", "BPF", "QC"):
             table.add_column(column)
         colour = {"pass": "green", "warn": "yellow", "fail": "red"}

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from flows.output import document, write_json
+from flows.output import SafeTable, document, write_json
 from models.database import IndexDB
 from models.settings import Settings
 
@@ -252,7 +251,7 @@ def _shown(value: int | None, suppressed: str | None, min_cell: int) -> str:
 def print_counts(result: Any, console: Console) -> None:
     layer = "identified layer" if result.layer == "identified" else "de-identified layer"
     where = ", ".join(f"{k}={v}" for k, v in result.filters.items()) or "no filter"
-    table = Table(title=f"cohort count ({layer}): {where}")
+    table = SafeTable(title=f"cohort count ({layer}): {where}")
     for group in result.by:
         table.add_column(group)
     for name in ("patients", "studies", "series", "instances"):
@@ -319,7 +318,7 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     )
     if layer == "identified":
         shown = ("patient_id", "accession_number", "study_date", *shown)
-    table = Table(title=f"{found.total} series ({layer} layer)")
+    table = SafeTable(title=f"{found.total} series ({layer} layer)")
     for name in shown:
         table.add_column(name)
     for row in found.rows:
@@ -366,7 +365,7 @@ def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         write_json({"cohorts": [c.as_dict() for c in found]})
         return EXIT_OK
-    table = Table(title="saved cohorts")
+    table = SafeTable(title="saved cohorts")
     for name in ("name", "patients", "studies", "series", "filters", "by", "at"):
         table.add_column(name)
     for c in found:

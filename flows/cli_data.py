@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from flows.output import document, write_json
+from flows.output import SafeTable, document, write_json
 from models.settings import Settings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
@@ -228,7 +227,7 @@ def print_comparison(result: Any, console: Console) -> None:
 
     groups = [g.group for g in result.biomarkers[0].groups]
     title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")
-    table = Table(title=title)
+    table = SafeTable(title=title)
     table.add_column("biomarker")
     for g in groups:
         n = next(x.n for x in result.biomarkers[0].groups if x.group == g)

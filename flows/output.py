@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from rich.table import Table
+from rich.text import Text
+
+from pipelines.safeio import printable
+
 _document: TextIO | None = None
 
 
@@ -77,3 +82,18 @@ def json_only_on_stdout(enabled: bool) -> Iterator[None]:
             os.dup2(saved, 1)
             os.close(saved)
         _document = None
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell from data (file names, DICOM values): control characters escaped and
+    square brackets shown, not read as rich markup. A file name holding a newline and escape
+    sequences once forged a report row; ``[red]`` in a SeriesDescription would restyle it."""
+    return Text(printable(str(value)), style=style)
+
+
+class SafeTable(Table):
+    """A rich table whose string cells are data, always: each goes through :func:`cell`.
+    Styled cells are passed as ``Text`` (``cell(value, style)``)."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        super().add_row(*(cell(r) if isinstance(r, str) else r for r in renderables), **kwargs)

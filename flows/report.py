@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from flows.output import SafeTable, cell
 from models.ingest import BatchReport, VerifyReport
 from models.outcomes import ProtocolOutcome
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
@@ -44,7 +45,7 @@ def summary_rows(summary: CohortSummary) -> Rows:
 
 def rows_table(rows: Rows, title: str) -> Table:
     """A (what, detail, count) table for the terminal."""
-    table = Table(title=title)
+    table = SafeTable(title=title)
     table.add_column("what")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -118,7 +119,7 @@ def print_batch_report(report: BatchReport, console: Console) -> None:
     console.print(rows_table(batch_report_rows(report), f"batch {report.batch}: {report.source}"))
     shown = [line for line in report.manifest_lines if line.status != "complete"]
     if shown:
-        lines = Table(title="manifest lines that are not complete")
+        lines = SafeTable(title="manifest lines that are not complete")
         for name in ("accession", "status", "expected", "instances", "detail"):
             lines.add_column(name)
         for line in shown[:SHOWN_PROBLEMS]:
@@ -138,7 +139,7 @@ def print_batch_report(report: BatchReport, console: Console) -> None:
     for alert in report.scanner_alerts:
         console.print(f"[yellow]unknown scanner:[/yellow] {alert.reason}")
     if report.problems:
-        problems = Table(title=f"files that are not clean DICOM ({len(report.problems)})")
+        problems = SafeTable(title=f"files that are not clean DICOM ({len(report.problems)})")
         for name in ("status", "reason", "path"):
             problems.add_column(name)
         for p in report.problems[:SHOWN_PROBLEMS]:
@@ -160,7 +161,7 @@ def batch_report_markdown(report: BatchReport) -> str:
 
 
 def print_verify_report(report: VerifyReport, console: Console) -> None:
-    table = Table(title="archive integrity")
+    table = SafeTable(title="archive integrity")
     table.add_column("what")
     table.add_column("count", justify="right")
     for name in ("checked", "ok", "changed", "missing", "unreadable", "untracked"):
@@ -223,11 +224,11 @@ def print_selection(result: SelectionResult, console: Console, dry_run: bool) ->
         f"{result.date_to}, {result.pacs}: {len(result.selected)} of {len(result.studies)} "
         f"studies selected"
     )
-    table = Table(title=title, show_lines=True)
+    table = SafeTable(title=title, show_lines=True)
     for name in ("study", "series", "rule", "why"):
         table.add_column(name)
     for study in result.studies:
-        mark = "[green]selected[/green]" if study.selected else "[red]rejected[/red]"
+        mark = cell("selected", "green") if study.selected else cell("rejected", "red")
         head = f"{study.study_date} {study.accession_number or '-'}\n{study.study_description}"
         table.add_row(head, mark, "", study.why)
         if not dry_run and not study.selected:
@@ -239,7 +240,7 @@ def print_selection(result: SelectionResult, console: Console, dry_run: bool) ->
             label = f"{number} {se.attributes.get('SeriesDescription') or ''} ({count})"
             table.add_row(
                 "",
-                f"[green]{label}[/green]" if chosen else f"[dim]{label}[/dim]",
+                cell(label, "green" if chosen else "dim"),
                 se.decision.rule,
                 se.decision.why,
             )
@@ -254,7 +255,7 @@ def print_selection(result: SelectionResult, console: Console, dry_run: bool) ->
 
 
 def print_retrieval(outcome: RetrieveOutcome, console: Console) -> None:
-    table = Table(
+    table = SafeTable(
         title=f"retrieval of selection {outcome.selection_id} ({outcome.method}): {outcome.state}"
     )
     for name in ("study", "status", "series", "attempts", "problems"):
@@ -285,7 +286,7 @@ def print_retrieval(outcome: RetrieveOutcome, console: Console) -> None:
 def print_protocol_runs(
     runs: Sequence[tuple[SelectionSummary, RetrieveSummary]], console: Console
 ) -> None:
-    table = Table(title="selection and retrieval per protocol (from the PACS into the archive)")
+    table = SafeTable(title="selection and retrieval per protocol (from the PACS into the archive)")
     for name in (
         "protocol",
         "studies found",
@@ -354,7 +355,7 @@ def qc_json(report: QcReport) -> dict[str, Any]:
 def print_qc_report(report: QcReport, console: Console) -> None:
     """One line per series checked (verdict and deciding finding), then each finding of the
     series that did not pass, then what was not checked and why."""
-    table = Table(title="QC: header and image")
+    table = SafeTable(title="QC: header and image")
     for name in ("series", "role", "verdict", "reason"):
         table.add_column(name)
     colour = {"pass": "green", "warn": "yellow", "fail": "red"}
@@ -363,7 +364,7 @@ def print_qc_report(report: QcReport, console: Console) -> None:
         table.add_row(
             f"{s.folder} ({s.description})" if s.description else s.folder,
             s.role,
-            f"[{colour[s.verdict.value]}]{s.verdict.value}[/]",
+            cell(s.verdict.value, colour[s.verdict.value]),
             f"{deciding.check}: {deciding.message}" if deciding else "",
         )
     console.print(table)

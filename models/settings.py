@@ -60,6 +60,10 @@ class RetrieveSettings(BaseModel):
     #: ``local_aet``. The PACS must know this AE title, host and port.
     scp_host: str = "127.0.0.1"
     scp_port: int = Field(11112, ge=1, le=65535)
+    #: calling AE titles the storage SCP accepts associations from; empty: the configured PACS
+    #: only (``pacs.aet``, else ``orthanc.aet``); ``["*"]``: any caller (an open port on a
+    #: hospital network takes whatever is pushed to it)
+    calling_aets: tuple[str, ...] = ()
     max_associations: int = Field(1, ge=1, le=32)
     studies_per_hour: float | None = Field(None, gt=0)
     #: e.g. ["Mon-Fri 19:00-07:00", "Sat-Sun"]; empty: any time
@@ -207,6 +211,16 @@ class Settings(BaseSettings):
                 f"not {self.pseudonym_key_source!r}"
             )
         return self
+
+    def storage_callers(self) -> tuple[str, ...] | None:
+        """The calling AE titles the storage SCP accepts (None: any, ``retrieve.calling_aets``
+        holds "*")."""
+        listed = self.retrieve.calling_aets
+        if "*" in listed:
+            return None
+        if listed:
+            return tuple(listed)
+        return (self.pacs.aet if self.pacs is not None else self.orthanc.aet,)
 
     @property
     def index(self) -> str:

@@ -107,3 +107,44 @@ def run_folder(tmp_path_factory: Any) -> Path:
     """This test run's temporary folder, the same for every xdist worker."""
     base = Path(tmp_path_factory.getbasetemp())
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def deflate_bomb(inflated_bytes: int = 600 << 20) -> bytes:
+    """A Deflated Explicit VR Little Endian Part 10 file whose data set holds one element of
+    ``inflated_bytes`` zeros: a few hundred kilobytes on disk (made in chunks: the test itself
+    never holds the inflated data)."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    ds = Dataset()
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "DOC"
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(body.getvalue())]
+    # (0042,0011) Encapsulated Document, OB, 4-byte length
+    parts.append(deflater.compress(struct.pack("<HH", 0x0042, 0x0011) + b"OB\0\0"))
+    parts.append(deflater.compress(struct.pack("<I", inflated_bytes)))
+    zeros = b"\0" * (1 << 20)
+    for _ in range(inflated_bytes >> 20):
+        parts.append(deflater.compress(zeros))
+    parts.append(deflater.flush())
+    return head.getvalue() + b"".join(parts)

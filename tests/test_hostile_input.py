@@ -211,3 +211,155 @@ def test_index_folder_names_what_it_cannot_read_and_keeps_the_rest(tmp_path: Pat
         "passwd.dcm": "symlink",
         "bad_ts.dcm": "corrupt",
     }
+
+
+def _storage_scp(tmp_path: Path, allowed: tuple[str, ...] | None) -> tuple[object, int, Path]:
+    from pipelines.pacs.scp import Spool, StorageSCP
+    from tests.ingest_helpers import free_port
+
+    port = free_port()
+    spool = tmp_path / "spool" / "listen"
+    scp = StorageSCP(Spool(spool), "COHORTFLOW", port, "127.0.0.1", allowed).start()
+    return scp, port, spool
+
+
+def _push(port: int, files: list[Path], calling: str) -> object:
+    from pipelines.pacs.dimse import PacsNode, store_files
+
+    return store_files(PacsNode("COHORTFLOW", "127.0.0.1", port), files, calling)
+
+
+@pytest.mark.integration
+def test_the_storage_scp_takes_associations_from_the_allowed_ae_titles_only(
+    tmp_path: Path,
+) -> None:
+    """Once: any calling AE title was accepted (nothing set ``allowed_aets``)."""
+    from pipelines.pacs.errors import PacsError
+
+    good = tmp_path / "good.dcm"
+    good.write_bytes(_mr())
+    scp, port, spool = _storage_scp(tmp_path, ("ORTHANC",))
+    try:
+        with pytest.raises(PacsError):
+            _push(port, [good], "INTRUDER")
+        assert not any(spool.rglob("*.dcm"))
+        sent = _push(port, [good], "ORTHANC")
+        assert sent.sent == 1  # type: ignore[attr-defined]
+        assert len(list(spool.rglob("*.dcm"))) == 1
+    finally:
+        scp.stop()  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_a_study_uid_of_dot_dot_is_refused_and_nothing_leaves_the_spool(tmp_path: Path) -> None:
+    """Once: a study and series UID of ``..`` passed the UID check and wrote outside
+    ``spool/listen``."""
+    files = []
+    for i, (study, series) in enumerate([("..", ".."), ("1..2", "1.2"), ("1.2.3", "1.2./..")]):
+        path = tmp_path / f"evil{i}.dcm"
+        path.write_bytes(_mr(StudyInstanceUID=study, SeriesInstanceUID=series))
+        files.append(path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    scp, port, spool = _storage_scp(tmp_path, None)
+    try:
+        sent = _push(port, files, "ANY")
+    finally:
+        scp.stop()  # type: ignore[attr-defined]
+    assert sent.sent == 0 and len(sent.failed) == 3  # type: ignore[attr-defined]
+    after = sorted(
+        p.relative_to(tmp_path) for p in tmp_path.rglob("*") if not p.is_relative_to(spool.parent)
+    )
+    assert after == before
+    assert not any(p.is_file() for p in spool.parent.rglob("*"))
+
+
+def test_only_the_configured_pacs_may_store_by_default() -> None:
+    from models.settings import PacsSettings, RetrieveSettings, Settings
+
+    assert Settings(home=Path("/tmp/h")).storage_callers() == ("ORTHANC",)
+    pacs = PacsSettings(aet="HOSPITALPACS", host="pacs", port=104)
+    assert Settings(home=Path("/tmp/h"), pacs=pacs).storage_callers() == ("HOSPITALPACS",)
+    anyone = RetrieveSettings(calling_aets=("*",))
+    assert Settings(home=Path("/tmp/h"), retrieve=anyone).storage_callers() is None
+
+
+def test_a_file_name_cannot_forge_a_report_row_or_restyle_it() -> None:
+    """Once: a file name with a newline and escape sequences was printed raw and forged a
+    table row. Tables now escape control characters and show square brackets as text."""
+    from rich.console import Console
+
+    from flows.output import SafeTable
+
+    forged = "a.dcm\n| ok | forged row |\x1b[2J[red]bold claim[/red]"
+    table = SafeTable(title="files")
+    table.add_column("path")
+    table.add_column("status")
+    table.add_row(forged, "unreadable")
+    console = Console(record=True, width=300, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    body = [line for line in text.splitlines() if "a.dcm" in line]
+    assert len(body) == 1  # one row, one line
+    assert "\x1b" not in text and "\\x1b[2J" in text and "\\x0a" in text
+    assert "[red]bold claim[/red]" in text  # shown as typed, not applied
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """Once: a 613 KB deflated file holding a 600 MB element took 7.1 GB in ingest (reported
+    "modern ok") and 3.2 GB in anonymize."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.ingest_helpers import deflate_bomb
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(deflate_bomb())
+    assert bomb.stat().st_size < 1 << 20
+    code = (
+        "import json, resource, sys\n"
+        "from pipelines.ingest.reader import read_path\n"
+        "record, _ = read_path(sys.argv[1])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps([record.status.value, record.reason_code, record.reason, peak]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bomb)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    status, code_, reason, peak = json.loads(done.stdout)
+    assert (status, code_) == ("corrupt", "inflation_limit"), reason
+    assert peak < 400 << 20, f"peak memory {peak / 2**20:.0f} MB"
+    small = tmp_path / "small.dcm"  # a deflated file under the limit is read as before
+    small.write_bytes(deflate_bomb(2 << 20))
+    verdict = classify(small.read_bytes())
+    assert verdict.status.value == "modern", verdict.reason
+
+
+@pytest.mark.integration
+def test_the_storage_scp_refuses_a_deflate_bomb_without_inflating_it(tmp_path: Path) -> None:
+    """Once: ``listen`` accepted Deflated Explicit VR Little Endian from any caller and
+    decoded it whole. The bomb is sent as encoded (pynetdicom reads the file, no re-encoding)."""
+    from pynetdicom import AE
+
+    from tests.ingest_helpers import deflate_bomb
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(deflate_bomb())
+    scp, port, spool = _storage_scp(tmp_path, None)
+    try:
+        ae = AE(ae_title="PUSHER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.1.2.1.99")
+        assoc = ae.associate("127.0.0.1", port, ae_title="COHORTFLOW")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(bomb)
+        finally:
+            assoc.release()
+    finally:
+        scp.stop()  # type: ignore[attr-defined]
+    assert status.Status == 0xC000
+    assert not any(p.is_file() for p in spool.parent.rglob("*"))

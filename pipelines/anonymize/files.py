@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import FileMetaDataset
@@ -68,6 +69,8 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 def _placement(ds: pydicom.Dataset) -> tuple[str, str, str] | str:
     """Study, series and instance UID of a de-identified data set, or why it cannot be filed."""
     uids = []
+    if not ds.get("SOPClassUID"):
+        return "no SOPClassUID: the file's kind is unknown"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         value = str(ds.get(keyword) or "")
         if not value:
@@ -76,6 +79,42 @@ def _placement(ds: pydicom.Dataset) -> tuple[str, str, str] | str:
             return f"{keyword} {printable(value)!r} is not a valid UID"
         uids.append(value)
     return uids[0], uids[1], uids[2]
+
+
+def _undecodable(ds: pydicom.Dataset) -> str | None:
+    """The first element whose value cannot be decoded (a damaged value, an unknown VR), or
+    None. Run only when de-identification raised: it decodes every element."""
+    from pydicom.datadict import dictionary_VR
+
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+            items = elem.value if elem.VR == "SQ" else ()
+        except Exception as exc:
+            return f"element {tag} cannot be decoded: {type(exc).__name__}: {exc}"
+        try:
+            standard = dictionary_VR(tag) if not tag.is_private else None
+        except KeyError:
+            standard = None
+        if standard and elem.VR not in standard.split(" or "):
+            # a damaged VR: the value cannot be replaced (a pseudonym is no decimal string)
+            return f"element {tag} has VR {elem.VR}, the standard's is {standard}"
+        for item in items:
+            found = _undecodable(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _encode(ds: pydicom.Dataset, meta: FileMetaDataset, data: bytes, originals: Any) -> bytes:
+    """The de-identified file's bytes: spliced into the original where only values changed."""
+    if can_splice(ds, meta):
+        return encode_file(ds, meta, data, originals)
+    ds.file_meta = meta
+    ds.preamble = b"\x00" * 128  # a preamble may carry application data (a TIFF header)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def anonymize_file(
@@ -95,11 +134,17 @@ def anonymize_file(
             reason = verdict.reason or verdict.status.value
             return FileOutcome(shown, "skipped", None, verdict.status.value, reason), None
         ds = verdict.full_dataset(data)  # the header is not parsed twice
-        originals = snapshot(ds)
         syntax = (ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None) or (
             verdict.header.transfer_syntax_uid if verdict.header else None
         )
-        result = deidentifier.deidentify(ds)
+        try:
+            originals = snapshot(ds)
+            result = deidentifier.deidentify(ds)
+        except Exception:
+            damaged = _undecodable(ds)
+            if damaged is None:
+                raise  # not the data's fault: an internal error, below
+            return FileOutcome(shown, "skipped", None, "damaged_value", damaged), None
         if isinstance(result, Excluded):
             return FileOutcome(shown, "excluded", None, result.reason_code, result.reason), None
         placed = _placement(ds)
@@ -111,14 +156,13 @@ def anonymize_file(
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
-        if can_splice(ds, meta):
-            encoded = encode_file(ds, meta, data, originals)
-        else:
-            ds.file_meta = meta
-            ds.preamble = b"\x00" * 128  # a preamble may carry application data (a TIFF header)
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            encoded = buffer.getvalue()
+        try:
+            encoded = _encode(ds, meta, data, originals)
+        except Exception:
+            damaged = _undecodable(ds)
+            if damaged is None:
+                raise
+            return FileOutcome(shown, "skipped", None, "damaged_value", damaged), None
         # exclusive: a second file with this instance's UID and other content is reported,
         # never written over the first (the same content again is a rerun, or a copy)
         try:

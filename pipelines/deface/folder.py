@@ -15,6 +15,7 @@ duplicates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -100,10 +101,15 @@ class _Reference:
     datasets: list[Dataset]
 
 
+#: the template, or what loads it when a study first needs it (a folder with no 3D T1 then
+#: never loads it: building the model the first time takes minutes and 1.5 GB)
+TemplateSource = Template | Callable[[], Template]
+
+
 def deface_folder(
     source: Path,
     out_root: Path,
-    template: Template,
+    template: TemplateSource,
     settings: DefaceSettings,
     is_reference: ReferenceRule,
     previews: Path | None = None,
@@ -135,7 +141,9 @@ def deface_configured(
 
     policy = settings.deface
     is_reference = reference_rule(load_protocols(settings.protocols_file), policy.reference_rule)
-    template = load_template(settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+    template = functools.cache(
+        lambda: load_template(settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+    )
     return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
 
 
@@ -143,7 +151,7 @@ def deface_study(
     study_uid: str,
     series: dict[str, list[FolderFile]],
     out_root: Path,
-    template: Template,
+    source: TemplateSource,
     settings: DefaceSettings,
     is_reference: ReferenceRule,
     previews: Path | None,
@@ -165,6 +173,7 @@ def deface_study(
             "no_reference_t1",
             f"no 3D T1 (rule {settings.reference_rule}) in the study to fit the face template to",
         )
+    template = source if isinstance(source, Template) else source()
     reference: _Reference | None = None
     problems: list[tuple[str, str]] = []
     for uid in candidates:

@@ -24,6 +24,7 @@ from pydicom.uid import UID
 
 from pipelines.dicom.header import Attributes, attributes
 from pipelines.pacs.errors import PacsError, PacsUnavailableError
+from pipelines.safeio import RefusedError, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,9 @@ def store_files(
     sendable: list[tuple[Path, str, str]] = []
     for path in paths:
         try:
-            verdict = classify(path.read_bytes())
-        except OSError as exc:
-            result.skipped.append((str(path), f"cannot be read: {exc.strerror or exc}"))
+            verdict = classify(read_regular(path)[0])
+        except RefusedError as refused:
+            result.skipped.append((str(path), refused.reason))
             continue
         header = verdict.header
         if not verdict.status.is_dicom or header is None or not header.sop_class_uid:

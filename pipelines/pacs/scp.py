@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.pacs.dimse import _ae, _handlers
+from pipelines.safeio import printable
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 STORED = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-_SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
+DEFLATED = "1.2.840.10008.1.2.1.99"
+#: UIDs become folder and file names: digits in dot-separated non-empty components (".." and
+#: "1..2" passed the old check, and ".." wrote outside the spool); leading zeros, invalid
+#: in the standard but found in real archives, are accepted
+_SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,21 @@ class Spool:
 
     def handle_store(self, event: Any) -> int:
         """EVT_C_STORE handler: write the instance; a DIMSE status for the sender."""
+        if event.context.transfer_syntax == DEFLATED:
+            # decoding inflates the whole data set: a few hundred kilobytes on the wire can
+            # hold gigabytes (the file reader has the same check)
+            from pipelines.ingest.reader import inflation_limit
+
+            raw = event.request.DataSet
+            size = raw.getbuffer().nbytes if hasattr(raw, "getbuffer") else 0
+            if size and inflation_limit(raw.getbuffer()) is not None:
+                log.warning(
+                    "storage SCP: refused a deflated instance of %d bytes from %s that inflates "
+                    "more than the limit (a decompression bomb?)",
+                    size,
+                    printable(event.assoc.requestor.ae_title),
+                )
+                return CANNOT_UNDERSTAND
         try:
             ds = event.dataset  # pydicom decodes only the elements asked for
             study_uid = str(ds.get("StudyInstanceUID", "")).strip()
@@ -92,7 +112,7 @@ class Spool:
         except Exception as exc:
             log.warning("storage SCP: cannot read the identifiers of an instance: %s", exc)
             return CANNOT_UNDERSTAND
-        if not all(_SAFE_UID.match(u) for u in (study_uid, series_uid, sop_uid)):
+        if not all(len(u) <= 64 and _SAFE_UID.match(u) for u in (study_uid, series_uid, sop_uid)):
             # UIDs become file names: anything else could escape the spool
             log.warning(
                 "storage SCP: refused an instance with invalid UIDs (study %r, series %r, "
@@ -120,13 +140,13 @@ class StorageSCP:
         aet: str,
         port: int,
         host: str = "127.0.0.1",
-        allowed_aets: tuple[str, ...] = (),
+        allowed_aets: tuple[str, ...] | None = None,
     ) -> None:
         self.spool = spool
         self.aet = aet
         self.port = port
         self.host = host
-        self.allowed_aets = allowed_aets  # empty: any calling AE
+        self.allowed_aets = allowed_aets  # None: any calling AE
         self._server: Any = None
 
     def start(self) -> StorageSCP:
@@ -135,7 +155,7 @@ class StorageSCP:
 
         ae = _ae(self.aet)
         ae.require_called_aet = True
-        if self.allowed_aets:
+        if self.allowed_aets is not None:  # an association from any other AE is rejected
             ae.require_calling_aet = list(self.allowed_aets)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)

@@ -78,6 +78,7 @@ def retrieve_target(settings: Settings, method: str | None = None) -> RetrieveTa
         method=method,
         scp_host=r.scp_host,
         scp_port=r.scp_port,
+        calling_aets=settings.storage_callers(),
         dicomweb=dicomweb_node(settings) if method == "dicomweb" else None,
         timeout=r.timeout_seconds,
     )

@@ -49,6 +49,8 @@ class RetrieveTarget:
     #: C-MOVE: where our storage SCP listens (the PACS must know this AE title, host and port).
     scp_host: str = "127.0.0.1"
     scp_port: int = 11112
+    #: calling AE titles our storage SCP accepts (None: any)
+    calling_aets: tuple[str, ...] | None = None
     dicomweb: dicomweb.DicomWebNode | None = None
     timeout: float = 120.0
 
@@ -406,7 +408,9 @@ def retrieve(
     run.ingest_spool()  # what a crashed run received but did not index
     outcomes: list[StudyOutcome] = []
     scp = (
-        StorageSCP(run.spool, target.local_aet, target.scp_port, target.scp_host)
+        StorageSCP(
+            run.spool, target.local_aet, target.scp_port, target.scp_host, target.calling_aets
+        )
         if target.method == "move"
         else None
     )

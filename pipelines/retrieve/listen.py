@@ -42,12 +42,14 @@ def listen(
     host: str,
     port: int,
     batch: str,
+    calling_aets: tuple[str, ...] | None = None,
     idle_seconds: float = 5.0,
     seconds: float | None = None,
     stop: threading.Event | None = None,
     on_ingest: Callable[[int], None] | None = None,
 ) -> ListenOutcome:
-    """Run the storage SCP until ``stop`` is set, a signal arrives, or ``seconds`` pass."""
+    """Run the storage SCP until ``stop`` is set, a signal arrives, or ``seconds`` pass;
+    associations are accepted from ``calling_aets`` only (None: from any caller)."""
     started = time.monotonic()
     stop = stop or threading.Event()
     spool = Spool(spool_root)
@@ -68,7 +70,7 @@ def listen(
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
         flush()  # what the last run left behind
-        with StorageSCP(spool, aet, port, host):
+        with StorageSCP(spool, aet, port, host, calling_aets):
             while not stop.wait(0.2):
                 if seconds is not None and time.monotonic() - started >= seconds:
                     break

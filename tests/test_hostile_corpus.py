@@ -1,0 +1,118 @@
+"""Every reporting command over a corpus of at least 200 hostile entries (tests/hostile_corpus):
+no internal error, no stopped run, no hang, peak memory under 1 GB, and nothing outside the
+test's folders changed (a planted outside tree is hashed and stat-ed before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hostile_corpus import build
+
+pytestmark = [pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+#: each command's wall-clock bound: a hang fails the test instead of stalling the suite
+BOUND_S = 600
+MEMORY_LIMIT = 1 << 30
+
+#: (command, its arguments after the corpus folder)
+COMMANDS = {
+    "ingest": ["ingest", "{corpus}", "--json"],
+    "anonymize": ["anonymize", "{corpus}", "{out}/anonymized", "--json"],
+    "deface": ["deface", "{corpus}", "{out}/defaced", "--json"],
+    "qc": ["qc", "{corpus}", "--no-record", "--json"],
+    "convert": ["convert", "{corpus}", "{out}/nifti", "--all", "--no-record", "--json"],
+    "volumetry": ["volumetry", "{corpus}", "--out", "{out}/volumetry", "--no-record", "--json"],
+}
+
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+    "print(f'PEAK {peak}', file=sys.stderr)\n"
+    "sys.exit(done.returncode)\n"
+)
+
+
+def _snapshot(tree: Path) -> dict[str, tuple[str, int, int]]:
+    """path -> (sha256, mode, size) of every file under ``tree`` (links not followed)."""
+    out = {}
+    for path in sorted(tree.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        out[str(path)] = (digest, st.st_mode, st.st_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("hostile")
+    outside = base / "outside"  # what links point to: must be untouched
+    outside.mkdir()
+    (outside / "project.key").write_bytes(b"secret key material")
+    (outside / "project.key").chmod(0o600)
+    (outside / "notes.dcm").write_bytes(b"not yours")
+    folder = base / "corpus"
+    kinds = build(folder)
+    (folder / "link_key.dcm").symlink_to(outside / "project.key")
+    (folder / "link_outside_dir").symlink_to(outside, target_is_directory=True)
+    kinds["symlink_outside"] += 2
+    return {"base": base, "folder": folder, "outside": outside, "kinds": kinds}
+
+
+def test_the_corpus_covers_every_case(corpus: dict[str, Any]) -> None:
+    kinds = corpus["kinds"]
+    assert sum(kinds.values()) >= 200
+    for kind in ("byte_flip", "truncated", "huge_length", "deep_nesting", "no_delimiter",
+                 "huge_pixels", "bad_charset", "bad_vr", "bad_transfer_syntax", "deflate_bomb",
+                 "symlink_inside", "symlink_outside", "fifo", "empty", "directory_named_dcm",
+                 "odd_name", "pydicom_test_file"):  # fmt: skip
+        assert kinds[kind] >= 1, kind
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_accounts_for_the_corpus_within_bounds(
+    corpus: dict[str, Any], command: str, tmp_path: Path, figures: Any
+) -> None:
+    before = _snapshot(corpus["outside"])
+    corpus_before = {p: v for p, v in _snapshot(corpus["folder"]).items() if "fifo" not in p}
+    home = tmp_path / "home"
+    args = [a.format(corpus=corpus["folder"], out=tmp_path / "out") for a in COMMANDS[command]]
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's code, not another's
+    env = {**os.environ, "COHORTFLOW_HOME": str(home), "PYTHONPATH": root}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(BIN / "cohortflow"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=BOUND_S,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    peak = int(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 2: usage, other: a crash
+    report = json.loads(done.stdout)  # the --json document parses
+    text = json.dumps(report)
+    assert "internal_error" not in text, [
+        line for line in text.split("{") if "internal_error" in line
+    ][:5]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert peak < MEMORY_LIMIT, f"{command}: peak {peak / 2**20:.0f} MB"
+    assert _snapshot(corpus["outside"]) == before  # nothing outside the folders touched
+    corpus_after = {p: v for p, v in _snapshot(corpus["folder"]).items() if "fifo" not in p}
+    assert corpus_after == corpus_before  # the input itself is left as it was
+    figures(
+        f"hostile corpus ({sum(corpus['kinds'].values())} entries), {command}: exit "
+        f"{done.returncode}, {seconds:.1f} s, peak {peak / 2**20:.0f} MB"
+    )
