@@ -148,3 +148,29 @@ def deflate_bomb(inflated_bytes: int = 600 << 20) -> bytes:
         parts.append(deflater.compress(zeros))
     parts.append(deflater.flush())
     return head.getvalue() + b"".join(parts)
+
+
+#: Runs a command and prints its peak memory. A small process of its own in between: on Linux
+#: a child's ``ru_maxrss`` starts from its parent's high-water mark (vfork and exec keep it), so
+#: a command started straight from a test worker of 2 GB reported 2 GB whatever it used.
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+    "print(f'PEAK {peak}', file=sys.stderr)\n"
+    "sys.exit(done.returncode)\n"
+)
+
+
+def run_measured(command: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``command``'s completed process (text, output captured) and its peak memory in bytes
+    (the largest of its process tree)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command],
+        capture_output=True,
+        text=True,
+        check=False,
+        **kwargs,
+    )
+    peak = int(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
+    return done, peak

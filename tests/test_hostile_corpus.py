@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.hostile_corpus import build
+from tests.ingest_helpers import run_measured
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,14 +34,6 @@ COMMANDS = {
     "convert": ["convert", "{corpus}", "{out}/nifti", "--all", "--no-record", "--json"],
     "volumetry": ["volumetry", "{corpus}", "--out", "{out}/volumetry", "--no-record", "--json"],
 }
-
-_MEASURE = (
-    "import resource, subprocess, sys\n"
-    "done = subprocess.run(sys.argv[1:])\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "print(f'PEAK {peak}', file=sys.stderr)\n"
-    "sys.exit(done.returncode)\n"
-)
 
 
 def _snapshot(tree: Path) -> dict[str, tuple[str, int, int]]:
@@ -91,16 +83,8 @@ def test_each_command_accounts_for_the_corpus_within_bounds(
     root = str(Path(__file__).resolve().parent.parent)  # this checkout's code, not another's
     env = {**os.environ, "COHORTFLOW_HOME": str(home), "PYTHONPATH": root}
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(BIN / "cohortflow"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=BOUND_S,
-        check=False,
-    )
+    done, peak = run_measured([str(BIN / "cohortflow"), *args], env=env, timeout=BOUND_S)
     seconds = time.monotonic() - started
-    peak = int(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 2: usage, other: a crash
     report = json.loads(done.stdout)  # the --json document parses
     text = json.dumps(report)

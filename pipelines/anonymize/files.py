@@ -118,14 +118,15 @@ def _encode(ds: pydicom.Dataset, meta: FileMetaDataset, data: bytes, originals: 
 
 
 def anonymize_file(
-    path: Path, out_root: Path, deidentifier: Deidentifier
+    path: Path, out_root: Path, deidentifier: Deidentifier, trusted: Path | None = None
 ) -> tuple[FileOutcome, LinkageRecord | None]:
-    """De-identify one file into ``out_root``; never raises for the file's content."""
+    """De-identify one file into ``out_root``; never raises for the file's content. A symbolic
+    link is read only when it leads into ``trusted`` (the archive a run stages from)."""
     from pipelines.ingest.reader import classify
 
     shown = printable_path(str(path))
     try:
-        data, _ = read_regular(path)
+        data, _ = read_regular(path, trusted, follow=trusted is not None)
     except RefusedError as refused:
         return FileOutcome(shown, "skipped", None, refused.code, refused.reason), None
     try:
@@ -186,9 +187,9 @@ def anonymize_file(
 
 
 def _chunk(
-    paths: list[Path], out_root: Path, deidentifier: Deidentifier
+    paths: list[Path], out_root: Path, deidentifier: Deidentifier, trusted: Path | None = None
 ) -> list[tuple[FileOutcome, LinkageRecord | None]]:
-    return [anonymize_file(path, out_root, deidentifier) for path in paths]
+    return [anonymize_file(path, out_root, deidentifier, trusted) for path in paths]
 
 
 def anonymize_folder(
@@ -198,8 +199,11 @@ def anonymize_folder(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     chunk_size: int = 64,
+    trusted: Path | None = None,
 ) -> FolderReport:
-    """De-identify every file under ``source`` (in ``workers`` processes when more than one)."""
+    """De-identify every file under ``source`` (in ``workers`` processes when more than one).
+    Symbolic links are not followed, except into ``trusted``: a protocol run stages a study
+    from the archive as links (pipelines/run/steps.py)."""
     report = FolderReport()
 
     def collect(results: list[tuple[FileOutcome, LinkageRecord | None]]) -> None:
@@ -215,13 +219,15 @@ def anonymize_folder(
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
         for chunk in chunks:
-            collect(_chunk(chunk, out_root, deidentifier))
+            collect(_chunk(chunk, out_root, deidentifier, trusted))
     else:
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
         context.set_forkserver_preload(["pipelines.anonymize.files"])
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for results in pool.map(_chunk, chunks, repeat(out_root), repeat(deidentifier)):
+            for results in pool.map(
+                _chunk, chunks, repeat(out_root), repeat(deidentifier), repeat(trusted)
+            ):
                 collect(results)
     return report
 

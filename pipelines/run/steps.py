@@ -294,7 +294,10 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
                 os.symlink(path, link)
                 by_source[str(link)] = number
         _fresh(out)
-        report = anonymize_folder(source, out, deidentifier, workers=1)
+        # the links lead into the archive: followed there, and nowhere else
+        report = anonymize_folder(
+            source, out, deidentifier, workers=1, trusted=ctx.settings.archive
+        )
         with index.session() as session:
             record_linkage(session, list(report.linkage.values()), key.source)
         outcomes: dict[int, Counter[str]] = {n: Counter() for n in range(len(plan.series))}
