@@ -358,3 +358,24 @@ def test_the_storage_scp_refuses_a_deflate_bomb_without_inflating_it(tmp_path: P
         scp.stop()  # type: ignore[attr-defined]
     assert status.Status == 0xC000
     assert not any(p.is_file() for p in spool.parent.rglob("*"))
+
+
+def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed(
+    tmp_path: Path,
+) -> None:
+    """A protocol run stages a study as links into the archive (pipelines/run/steps.py): they
+    are read, a link anywhere else is not (the first version refused every staged series)."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "blob").write_bytes(_mr())
+    elsewhere = tmp_path / "elsewhere.dcm"
+    elsewhere.write_bytes(_mr(SOPInstanceUID="1.2.3.4.5.6"))
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "a.dcm").symlink_to(archive / "blob")
+    (staged / "b.dcm").symlink_to(elsewhere)
+    report = anonymize_folder(
+        staged, tmp_path / "out", Deidentifier(load_profile(), KEY), trusted=archive
+    )
+    assert report.written == 1
+    assert _outcomes(report) == {"b.dcm": ("skipped", "symlink")}
