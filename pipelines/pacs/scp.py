@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
 from pipelines.pacs.dimse import _ae, _handlers
-from pipelines.safeio import printable
+from pipelines.safeio import is_inside, printable
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,6 @@ log = logging.getLogger(__name__)
 STORED = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-DEFLATED = "1.2.840.10008.1.2.1.99"
 #: UIDs become folder and file names: digits in dot-separated non-empty components (".." and
 #: "1..2" passed the old check, and ".." wrote outside the spool); leading zeros, invalid
 #: in the standard but found in real archives, are accepted
@@ -69,8 +70,12 @@ class Spool:
         temp = self.partial / f"{sop_uid}.{os.getpid()}.{threading.get_ident()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            temp.write_bytes(data)
-            os.replace(temp, path)
+            if not is_inside(folder, self.root):  # a link planted in the spool
+                raise OSError(f"{folder} leads outside the spool {self.root}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with os.fdopen(os.open(temp, flags, 0o600), "wb") as handle:
+                handle.write(data)
+            os.replace(temp, path)  # replaces a link at the name, never writes through it
         except OSError:
             temp.unlink(missing_ok=True)
             raise
@@ -89,7 +94,7 @@ class Spool:
 
     def handle_store(self, event: Any) -> int:
         """EVT_C_STORE handler: write the instance; a DIMSE status for the sender."""
-        if event.context.transfer_syntax == DEFLATED:
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
             # decoding inflates the whole data set: a few hundred kilobytes on the wire can
             # hold gigabytes (the file reader has the same check)
             from pipelines.ingest.reader import inflation_limit
