@@ -138,31 +138,25 @@ def anonymize_file(
         syntax = (ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None) or (
             verdict.header.transfer_syntax_uid if verdict.header else None
         )
-        try:
+        try:  # a value pydicom cannot decode or re-encode is the data's fault: named below
             originals = snapshot(ds)
             result = deidentifier.deidentify(ds)
-        except Exception:
-            damaged = _undecodable(ds)
-            if damaged is None:
-                raise  # not the data's fault: an internal error, below
-            return FileOutcome(shown, "skipped", None, "damaged_value", damaged), None
-        if isinstance(result, Excluded):
-            return FileOutcome(shown, "excluded", None, result.reason_code, result.reason), None
-        placed = _placement(ds)
-        if isinstance(placed, str):
-            return FileOutcome(shown, "skipped", None, "no_uids", placed), None
-        study, series, instance = placed
-        out = out_root / result.pseudonym / study / series / f"{instance}.dcm"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
-        try:
+            if isinstance(result, Excluded):
+                return FileOutcome(shown, "excluded", None, result.reason_code, result.reason), None
+            placed = _placement(ds)
+            if isinstance(placed, str):
+                return FileOutcome(shown, "skipped", None, "no_uids", placed), None
+            study, series, instance = placed
+            out = out_root / result.pseudonym / study / series / f"{instance}.dcm"
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = pydicom.uid.UID(syntax or pydicom.uid.ExplicitVRLittleEndian)
             encoded = _encode(ds, meta, data, originals)
         except Exception:
             damaged = _undecodable(ds)
             if damaged is None:
-                raise
+                raise  # not the data's fault: an internal error, below
             return FileOutcome(shown, "skipped", None, "damaged_value", damaged), None
         # exclusive: a second file with this instance's UID and other content is reported,
         # never written over the first (the same content again is a rerun, or a copy)

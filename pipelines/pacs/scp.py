@@ -100,8 +100,9 @@ class Spool:
             from pipelines.ingest.reader import inflation_limit
 
             raw = event.request.DataSet
-            size = raw.getbuffer().nbytes if hasattr(raw, "getbuffer") else 0
-            if size and inflation_limit(raw.getbuffer()) is not None:
+            buffer = raw.getbuffer() if hasattr(raw, "getbuffer") else memoryview(b"")
+            size = buffer.nbytes
+            if size and inflation_limit(buffer) is not None:
                 log.warning(
                     "storage SCP: refused a deflated instance of %d bytes from %s that inflates "
                     "more than the limit (a decompression bomb?)",

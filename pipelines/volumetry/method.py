@@ -25,7 +25,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.volumetry.atlas import Atlas
-from pipelines.volumetry.refine import Refinement, refine_icv
+from pipelines.volumetry.refine import MAX_SKULL_TO_CSF, Refinement, refine_icv
 from pipelines.volumetry.register import Placed, place_atlas
 from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, posteriors_for
 
@@ -50,7 +50,7 @@ class Parameters:
     opening_mm: float = 1.0
     bays_mm: float = 4.0
     fit_depth_mm: float = 3.0
-    max_skull_ratio: float = 0.6
+    max_skull_ratio: float = MAX_SKULL_TO_CSF
     refine: bool = True
 
     def as_dict(self) -> dict[str, Any]:

@@ -33,6 +33,10 @@ from scipy import ndimage
 
 BoolArray = npt.NDArray[np.bool_]
 
+#: Skull (10th percentile just outside the mask) over the CSF level above which the edge is
+#: not refined (calibration: the module's docstring); the verdict warns at the same limit
+MAX_SKULL_TO_CSF = 0.6
+
 
 @dataclass(frozen=True)
 class Refinement:
@@ -61,7 +65,7 @@ def refine_icv(
     band_out_mm: float = 4.0,
     opening_mm: float = 1.0,
     bays_mm: float = 4.0,
-    max_skull_ratio: float = 0.6,
+    max_skull_ratio: float = MAX_SKULL_TO_CSF,
 ) -> Refinement:
     """Move the edge of ``registered`` (a bool mask on ``image``'s grid, voxel sizes
     ``spacing`` in mm) to the CSF / skull border within the band."""

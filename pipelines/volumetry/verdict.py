@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pipelines.volumetry.refine import MAX_SKULL_TO_CSF
 from qc.findings import Check, Finding, Severity, reason, verdict
 
 _F, _W = Severity.FAIL, Severity.WARN
@@ -57,9 +58,8 @@ class Limits:
     # of the registered volume, added plus removed; clean real heads (benchmarks/real.py):
     # 0.09 to 0.16, the atlas edge lying inside the subject's CSF over the brain
     max_edge_change: float = 0.20
-    # skull (10th percentile just outside the mask) / CSF level: real heads 0.16 to 0.37; 0.78
-    # on a reconstruction without intensity normalisation (refine.py keeps the registered edge)
-    max_skull_to_csf: float = 0.6
+    # the limit refine.py keeps the registered edge at (calibration there)
+    max_skull_to_csf: float = MAX_SKULL_TO_CSF
     max_slice_mm: float = 2.0
     max_outside: float = 0.01  # of the intracranial mask on the image border
 
