@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from models.linkage import LinkageRecord
 from pipelines.anonymize.deidentify import Deidentifier
 from pipelines.anonymize.files import FolderReport, anonymize_folder
 from pipelines.anonymize.keys import ProjectKey
@@ -25,8 +28,20 @@ from tests.ingest_helpers import PYDICOM_FILES, pydicom_file
 KEY = ProjectKey(b"h" * 32, "hostile")
 
 
-def _anonymize(source: Path, out: Path) -> FolderReport:
-    return anonymize_folder(source, out, Deidentifier(load_profile(), KEY))
+def _anonymize(source: Path, out: Path, **options: Any) -> FolderReport:
+    return anonymize_folder(source, out, Deidentifier(load_profile(), KEY), **options)
+
+
+def _committing(out: Path, linked: set[str]) -> Callable[[list[LinkageRecord]], None]:
+    """A linkage store that checks no file of a patient was published before its commit."""
+
+    def commit(records: list[LinkageRecord]) -> None:
+        for record in records:
+            if record.pseudonym not in linked:  # (a rerun commits the known ones again)
+                assert not (out / record.pseudonym).exists(), "published before its linkage"
+            linked.add(record.pseudonym)
+
+    return commit
 
 
 def _mr(**changes: object) -> bytes:
@@ -87,8 +102,18 @@ def test_symlinks_out_of_the_input_are_not_read_by_anonymize(tmp_path: Path) -> 
     assert _outcomes(report) == {"link.dcm": ("skipped", "symlink")}
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # published directly (no linkage to commit)
+        {"staged": True},  # staged, the linkage committed, then promoted: one chunk
+        {"staged": True, "chunk_size": 1},  # a chunk each: promoted before the next is made
+        {"staged": True, "chunk_size": 1, "workers": 2},
+    ],
+    ids=["direct", "staged", "staged-chunks", "staged-workers"],
+)
 def test_the_same_sop_instance_uid_with_other_content_is_reported_not_overwritten(
-    tmp_path: Path,
+    tmp_path: Path, options: dict[str, Any]
 ) -> None:
     """Once: the last file silently won (60 written, 25 on disk)."""
     src = tmp_path / "in"
@@ -97,13 +122,17 @@ def test_the_same_sop_instance_uid_with_other_content_is_reported_not_overwritte
     (src / "b.dcm").write_bytes(_mr(SeriesDescription="second"))
     (src / "c.dcm").write_bytes(_mr(SeriesDescription="first"))  # a true copy of a.dcm
     out = tmp_path / "out"
-    report = _anonymize(src, out)
-    files = [p for p in out.rglob("*.dcm")]
+    linked: set[str] = set()
+    if options.pop("staged", False):
+        options["commit"] = _committing(out, linked)
+    report = _anonymize(src, out, **options)
+    files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) == 1
     assert report.written == 2  # a.dcm, and its copy c.dcm (the same output, unchanged)
     assert _outcomes(report) == {"b.dcm": ("failed", "conflicting_instance")}
     assert pydicom.dcmread(files[0]).SeriesDescription == "first"
-    again = _anonymize(src, out)  # a rerun: the same outcome, nothing overwritten
+    assert linked == ({files[0].relative_to(out).parts[0]} if "commit" in options else set())
+    again = _anonymize(src, out, **options)  # a rerun: the same outcome, nothing overwritten
     assert (again.written, _outcomes(again)) == (2, _outcomes(report))
 
 
