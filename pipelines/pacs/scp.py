@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import re
+import ssl
+import stat
 import threading
 import time
 from collections import Counter
@@ -137,6 +139,38 @@ class Spool:
         return STORED
 
 
+@dataclass(frozen=True)
+class ScpTls:
+    """DICOM TLS for the storage SCP (PS3.15 B.1): its certificate chain and key (PEM), and
+    the CA bundle callers' certificates must chain to (None: no client certificate asked)."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """TLS 1.2 or later; raises :class:`PacsError` naming the file that is wrong."""
+        from pipelines.pacs.errors import PacsError
+
+        try:
+            mode = self.key.stat().st_mode
+        except OSError as exc:
+            raise PacsError(f"cannot read the TLS key {self.key}: {exc.strerror}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise PacsError(f"the TLS key {self.key} is readable by others: chmod 600 it")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.certificate, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            files = ", ".join(str(f) for f in (self.certificate, self.key, self.client_ca) if f)
+            raise PacsError(f"cannot load the storage SCP's TLS files ({files}): {exc}") from exc
+        return context
+
+
 class StorageSCP:
     """A running storage SCP (a pynetdicom server thread); a context manager."""
 
@@ -147,12 +181,14 @@ class StorageSCP:
         port: int,
         host: str = "127.0.0.1",
         allowed_aets: tuple[str, ...] | None = None,
+        tls: ScpTls | None = None,
     ) -> None:
         self.spool = spool
         self.aet = aet
         self.port = port
         self.host = host
         self.allowed_aets = allowed_aets  # None: any calling AE
+        self.tls = tls  # None: plain DICOM
         self._server: Any = None
 
     def start(self) -> StorageSCP:
@@ -167,9 +203,10 @@ class StorageSCP:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [*_handlers(), (evt.EVT_C_STORE, self.spool.handle_store)]
+        tls = None if self.tls is None else self.tls.context()
         try:
             self._server = ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=handlers
+                (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=tls
             )
         except OSError as exc:
             from pipelines.pacs.errors import PacsError

@@ -19,7 +19,7 @@ from typing import Any
 from models.database import IndexDB
 from models.scanners import KnownScanners
 from pipelines.ingest.archive import ArchiveStore
-from pipelines.pacs.scp import Spool, StorageSCP
+from pipelines.pacs.scp import ScpTls, Spool, StorageSCP
 from pipelines.retrieve.engine import ingest_spool
 
 
@@ -43,13 +43,15 @@ def listen(
     port: int,
     batch: str,
     calling_aets: tuple[str, ...] | None = None,
+    tls: ScpTls | None = None,
     idle_seconds: float = 5.0,
     seconds: float | None = None,
     stop: threading.Event | None = None,
     on_ingest: Callable[[int], None] | None = None,
 ) -> ListenOutcome:
     """Run the storage SCP until ``stop`` is set, a signal arrives, or ``seconds`` pass;
-    associations are accepted from ``calling_aets`` only (None: from any caller)."""
+    associations are accepted from ``calling_aets`` only (None: from any caller), over DICOM
+    TLS when ``tls`` is given."""
     started = time.monotonic()
     stop = stop or threading.Event()
     spool = Spool(spool_root)
@@ -70,7 +72,7 @@ def listen(
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
         flush()  # what the last run left behind
-        with StorageSCP(spool, aet, port, host, calling_aets):
+        with StorageSCP(spool, aet, port, host, calling_aets, tls):
             while not stop.wait(0.2):
                 if seconds is not None and time.monotonic() - started >= seconds:
                     break

@@ -334,9 +334,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
                     number,
                     ("anonymize.not_reached", f"{missing} files of the series were not reached"),
                 )
-            status = (
-                "pass" if written == len(series.files) else ("warn" if written > 0 else "fail")
-            )
+            status = "pass" if written == len(series.files) else ("warn" if written > 0 else "fail")
             code, message = first_problem.get(number, (None, None))
             rows.append(
                 StageRecord(
