@@ -1125,12 +1125,14 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
         console.print(table)
         for name, code, message in report.not_measured:
             console.print(f"not measured: {name}: {code}: {message}")
+        for skipped in report.skipped:
+            console.print(f"skipped: {skipped.source}: {skipped.reason}", markup=False)
         if report.results:
             console.print(f"overlays in {out / 'overlays'}")
     failed = report.with_verdict(Verdict.FAIL) or report.not_measured
     if not report.results and not report.not_measured:
         err.print(f"[yellow]no 3D T1 to measure in {args.source}[/yellow]")
-        for folder, description, why in report.not_inputs:
+        for folder, description, why, _ in report.not_inputs:
             err.print(f"  {folder} {description!r}: {why}", markup=False, highlight=False)
         return EXIT_FAILURES
     return EXIT_FAILURES if failed else EXIT_OK

@@ -95,10 +95,9 @@ def check_entry(
         target = os.path.realpath(name)
         inside = root is None or is_inside(target, root)
         if not (follow and inside):
-            where = "inside" if inside else "outside"
+            where = "" if root is None else f" ({'inside' if inside else 'outside'} the input)"
             raise RefusedError(
-                "symlink",
-                f"a symbolic link to {printable(target)} ({where} the input); not followed",
+                "symlink", f"a symbolic link to {printable(target)}{where}; not followed"
             )
         name = target
         try:

@@ -46,6 +46,32 @@ def _snapshot(tree: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _entries(folder: Path) -> int:
+    """What a command is given: every entry but the folders it walks into (a link to a folder
+    is an entry: it is not followed)."""
+    count = 0
+    for root, dirs, files in os.walk(folder):
+        count += len(files) + sum(1 for d in dirs if os.path.islink(os.path.join(root, d)))
+    return count
+
+
+def _accounted(command: str, report: dict[str, Any]) -> int:
+    """The entries a command's --json report accounts for."""
+    if command == "ingest":
+        return int(report["report"]["files"])
+    if command == "anonymize":
+        return int(report["written"]) + sum(
+            len(report[k]) for k in ("excluded", "skipped", "failed")
+        )
+    if command == "deface":
+        return sum(s["instances"] for s in report["series"]) + len(report["skipped"])
+    if command == "volumetry":
+        return int(report["files"]) + len(report["skipped"])
+    others = {"qc": "not_checked", "convert": "not_converted"}[command]
+    in_series = sum(s["files"] for s in (*report["series"], *report[others]))
+    return int(in_series) + len(report["skipped"])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("hostile")
@@ -96,6 +122,8 @@ def test_each_command_accounts_for_the_corpus_within_bounds(
     assert _snapshot(corpus["outside"]) == before  # nothing outside the folders touched
     corpus_after = {p: v for p, v in _snapshot(corpus["folder"]).items() if "fifo" not in p}
     assert corpus_after == corpus_before  # the input itself is left as it was
+    # every entry is in the report: in a series (counted there) or named with its reason
+    assert _accounted(command, report) == _entries(corpus["folder"]), command
     figures(
         f"hostile corpus ({sum(corpus['kinds'].values())} entries), {command}: exit "
         f"{done.returncode}, {seconds:.1f} s, peak {peak / 2**20:.0f} MB"
