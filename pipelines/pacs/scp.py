@@ -9,6 +9,7 @@ The spool is handed to ingest (``--move``), which archives and removes what it i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipelines.pacs.dimse import _ae, _handlers
-from pipelines.safeio import is_inside, printable
+from pipelines.safeio import RefusedError, holds, is_inside, printable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Spool:
         self.root = root
         self.on_received = on_received
         self.received: Counter[str] = Counter()  # SeriesInstanceUID -> instances written
+        #: files put in the spool (an instance sent again with the same bytes is no new file)
+        self.files = 0
         self.last_received = 0.0
         self._lock = threading.Lock()
         # Files are written beside the spool and renamed in: whoever walks the spool (ingest)
@@ -66,7 +69,10 @@ class Spool:
         return self.root / study_uid / series_uid
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Put one instance in the spool under its final name (atomically)."""
+        """Put one instance in the spool under its final name (atomically, never over another
+        file). The same instance sent again lands on its first copy; an instance whose UID is
+        taken by other bytes is kept beside it (``<SOP>.<digest>.dcm``) for ingest to record
+        both versions: nothing received is lost."""
         folder = self.series_folder(study_uid, series_uid)
         path = folder / f"{sop_uid}.dcm"
         temp = self.partial / f"{sop_uid}.{os.getpid()}.{threading.get_ident()}"
@@ -77,16 +83,35 @@ class Spool:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             with os.fdopen(os.open(temp, flags, 0o600), "wb") as handle:
                 handle.write(data)
-            os.replace(temp, path)  # replaces a link at the name, never writes through it
-        except OSError:
+            placed = self._place(temp, path, data)
+            if placed is None:
+                path = folder / f"{sop_uid}.{hashlib.sha256(data).hexdigest()[:16]}.dcm"
+                placed = self._place(temp, path, data)
+                if placed is None:
+                    raise OSError(f"{path} holds other bytes than its name says")
+        finally:
             temp.unlink(missing_ok=True)
-            raise
         with self._lock:
             self.received[series_uid] += 1
+            self.files += placed
             self.last_received = time.monotonic()
         if self.on_received is not None:
             self.on_received(Received(study_uid, series_uid, sop_uid, path))
         return path
+
+    @staticmethod
+    def _place(temp: Path, path: Path, data: bytes) -> bool | None:
+        """Link the written ``temp`` to ``path`` unless the name is taken (never through a
+        link): True when linked, False when ``path`` held ``data`` already, None when it holds
+        something else."""
+        try:
+            os.link(temp, path, follow_symlinks=False)
+            return True
+        except FileExistsError:
+            try:
+                return False if holds(path, data) else None
+            except RefusedError:
+                return None
 
     def prune(self) -> None:
         """Remove the empty folders ingest left behind."""

@@ -26,7 +26,8 @@ from pipelines.retrieve.engine import ingest_spool
 @dataclass(frozen=True)
 class ListenOutcome:
     batch: str
-    received: int
+    received: int  # instances stored (C-STORE successes)
+    files: int  # distinct files they made (the same instance sent again is one file)
     ingested: int
     ingest_runs: int
     seconds: float
@@ -87,5 +88,10 @@ def listen(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return ListenOutcome(
-        batch, sum(spool.received.values()), ingested, runs, round(time.monotonic() - started, 1)
+        batch,
+        sum(spool.received.values()),
+        spool.files,
+        ingested,
+        runs,
+        round(time.monotonic() - started, 1),
     )
