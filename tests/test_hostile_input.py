@@ -408,3 +408,59 @@ def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed
     )
     assert report.written == 1
     assert _outcomes(report) == {"b.dcm": ("skipped", "symlink")}
+
+
+def test_relative_paths_and_a_relative_home_work_in_every_folder_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once: ``cohortflow deface work/anon work/defaced`` (and qc, convert, volumetry) stopped
+    with "ValueError: ... is not in the subpath of ...", and a relative COHORTFLOW_HOME wrote
+    nothing while reporting success."""
+    import json
+
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COHORTFLOW_HOME", "home")
+    monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
+    monkeypatch.delenv("COHORTFLOW_CACHE_DIR", raising=False)
+    (tmp_path / "in" / "series").mkdir(parents=True)
+    first = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    row, column = (
+        list(map(float, v))
+        for v in (first.ImageOrientationPatient[:3], first.ImageOrientationPatient[3:])
+    )
+    normal = [
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    ]
+    for number in range(3):  # three slices of one volume
+        uid = f"1.2.826.0.1.3680043.8.498.{number + 1}"
+        position = [
+            float(p) + number * float(first.SliceThickness) * n
+            for p, n in zip(first.ImagePositionPatient, normal, strict=True)
+        ]
+        data = _mr(
+            SOPInstanceUID=uid,
+            meta_MediaStorageSOPInstanceUID=uid,
+            ImagePositionPatient=position,
+            InstanceNumber=number + 1,
+        )
+        (tmp_path / "in" / "series" / f"{number}.dcm").write_bytes(data)
+    commands = [
+        ["anonymize", "in", "work/anon"],
+        ["deface", "work/anon", "work/defaced"],
+        ["qc", "work/anon"],
+        ["convert", "work/anon", "work/nifti", "--all"],
+        ["volumetry", "work/anon", "--out", "work/volumetry"],
+    ]
+    for command in commands:
+        code = main([*command, "--json"])
+        out = capsys.readouterr()
+        assert code in (0, 1), (command, out.err[-2000:])
+        json.loads(out.out)  # a report, not a traceback
+        assert "Error" not in out.err, (command, out.err[-2000:])
+    assert len(list((tmp_path / "work" / "anon").rglob("*.dcm"))) == 3
+    assert len(list((tmp_path / "work" / "nifti").rglob("*.nii.gz"))) == 1
+    assert (tmp_path / "home" / "index.sqlite").is_file()  # the home, where it was said to be
