@@ -860,14 +860,16 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
 def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.scanners import load_known_scanners
     from pipelines.ingest.archive import ArchiveStore
+    from pipelines.retrieve.config import scp_tls
     from pipelines.retrieve.listen import listen
 
     port = args.port or settings.retrieve.scp_port
     host = args.host or settings.retrieve.scp_host
     batch = args.batch or f"listen-{dt.date.today():%Y-%m-%d}"
     callers = settings.storage_callers()
+    tls = scp_tls(settings)
     err.print(
-        f"listening as {settings.local_aet} on {host}:{port} for "
+        f"listening as {settings.local_aet} on {host}:{port}{' (DICOM TLS)' if tls else ''} for "
         f"{'any calling AE' if callers is None else 'calling AE ' + ', '.join(callers)}; "
         f"ingesting into batch {batch} after {args.idle:g} s without new instances "
         "(Ctrl-C stops)"
@@ -883,6 +885,7 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             port=port,
             batch=batch,
             calling_aets=callers,
+            tls=tls,
             idle_seconds=args.idle,
             seconds=args.seconds,
             on_ingest=lambda n: err.print(f"ingested {n} files into batch {batch}"),
@@ -1122,12 +1125,14 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
         console.print(table)
         for name, code, message in report.not_measured:
             console.print(f"not measured: {name}: {code}: {message}")
+        for skipped in report.skipped:
+            console.print(f"skipped: {skipped.source}: {skipped.reason}", markup=False)
         if report.results:
             console.print(f"overlays in {out / 'overlays'}")
     failed = report.with_verdict(Verdict.FAIL) or report.not_measured
     if not report.results and not report.not_measured:
         err.print(f"[yellow]no 3D T1 to measure in {args.source}[/yellow]")
-        for folder, description, why in report.not_inputs:
+        for folder, description, why, _ in report.not_inputs:
             err.print(f"  {folder} {description!r}: {why}", markup=False, highlight=False)
         return EXIT_FAILURES
     return EXIT_FAILURES if failed else EXIT_OK

@@ -334,6 +334,7 @@ def qc_json(report: QcReport) -> dict[str, Any]:
                 "reason_code": s.reason.check if s.reason else None,
                 "reason": s.reason.message if s.reason else None,
                 "input_sha256": s.input_sha256,
+                "files": s.files,
                 "stages": [
                     {
                         "stage": st.stage,

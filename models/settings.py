@@ -64,6 +64,13 @@ class RetrieveSettings(BaseModel):
     #: only (``pacs.aet``, else ``orthanc.aet``); ``["*"]``: any caller (an open port on a
     #: hospital network takes whatever is pushed to it)
     calling_aets: tuple[str, ...] = ()
+    #: DICOM TLS on the storage SCP (PS3.15 B.1; TLS 1.2 or later): its certificate chain and
+    #: private key (PEM files; the key must be owner-only). Unset: plain DICOM. With
+    #: ``scp_tls_client_ca`` (PEM bundle) a caller must also present a certificate issued by
+    #: it (mutual TLS); the calling AE title is checked as well.
+    scp_tls_certificate: Path | None = None
+    scp_tls_key: Path | None = None
+    scp_tls_client_ca: Path | None = None
     max_associations: int = Field(1, ge=1, le=32)
     studies_per_hour: float | None = Field(None, gt=0)
     #: e.g. ["Mon-Fri 19:00-07:00", "Sat-Sun"]; empty: any time
@@ -74,6 +81,14 @@ class RetrieveSettings(BaseModel):
     backoff_max_seconds: float = Field(300.0, ge=0)
     #: DIMSE timeout per response (a C-MOVE of a large series answers when it is done)
     timeout_seconds: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> RetrieveSettings:
+        if (self.scp_tls_certificate is None) != (self.scp_tls_key is None):
+            raise ValueError("retrieve.scp_tls_certificate and scp_tls_key are set together")
+        if self.scp_tls_client_ca is not None and self.scp_tls_certificate is None:
+            raise ValueError("retrieve.scp_tls_client_ca needs scp_tls_certificate and key")
+        return self
 
 
 class DefaceSettings(BaseModel):

@@ -55,7 +55,7 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
         path = Path(candidate.path)
         shown = printable_path(candidate.path)
         try:
-            data, _ = read_regular(path)
+            data, _ = read_regular(path, source)
         except RefusedError as refused:
             skipped.append(SkippedFile(shown, refused.code, refused.reason))
             continue

@@ -95,10 +95,9 @@ def check_entry(
         target = os.path.realpath(name)
         inside = root is None or is_inside(target, root)
         if not (follow and inside):
-            where = "inside" if inside else "outside"
+            where = "" if root is None else f" ({'inside' if inside else 'outside'} the input)"
             raise RefusedError(
-                "symlink",
-                f"a symbolic link to {printable(target)} ({where} the input); not followed",
+                "symlink", f"a symbolic link to {printable(target)}{where}; not followed"
             )
         name = target
         try:
@@ -157,6 +156,50 @@ def read_regular(
         os.close(fd)
 
 
+def _output_folder(target: Path, root: str | os.PathLike[str]) -> None:
+    """Create ``target``'s folder; refuse it when it leads outside ``root``."""
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_inside(folder, root):
+        raise RefusedError(
+            "outside_output",
+            f"{printable(folder)} leads outside the output folder {printable(root)}; not written",
+        )
+
+
+def holds(target: str | os.PathLike[str], data: bytes) -> bool:
+    """Whether ``target`` holds exactly ``data`` (a rerun wrote it before): False when nothing
+    is there; :class:`RefusedError` ``output_exists`` when something else is (other bytes, a
+    link, a folder): it is never overwritten."""
+    try:
+        held, _ = read_regular(target, max_bytes=len(data))
+    except RefusedError as refused:
+        if refused.code == "missing":
+            return False
+        held, why = None, refused.reason
+    if held == data:
+        return True
+    raise RefusedError(
+        "output_exists",
+        f"{printable(target)} already holds another file "
+        f"({why if held is None else 'different content'}); not overwritten",
+    )
+
+
+def _link_exclusive(source: Path, target: Path, data: bytes | None = None) -> bool:
+    """Give the finished file ``source`` the name ``target`` unless the name is taken; a taken
+    name holding the same bytes is a rerun (False), anything else ``output_exists``."""
+    try:
+        os.link(source, target, follow_symlinks=False)  # fails if the name is taken
+    except FileExistsError:
+        if not holds(target, source.read_bytes() if data is None else data):
+            raise RefusedError(
+                "output_exists", f"{printable(target)} was taken and vanished; not written"
+            ) from None
+        return False
+    return True
+
+
 def publish(
     dest: str | os.PathLike[str],
     data: bytes,
@@ -175,14 +218,8 @@ def publish(
     disk's own errors.
     """
     target = Path(dest)
-    folder = target.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if not is_inside(folder, root):
-        raise RefusedError(
-            "outside_output",
-            f"{printable(folder)} leads outside the output folder {printable(root)}; not written",
-        )
-    temp = folder / f".{target.name}.{secrets.token_hex(6)}.part"
+    _output_folder(target, root)
+    temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(temp, flags, mode)
     try:
@@ -193,32 +230,35 @@ def publish(
         if not exclusive:
             os.replace(temp, target)  # replaces a link at the name, never writes through it
             return True
-        try:
-            os.link(temp, target, follow_symlinks=False)  # fails if the name is taken
-        except FileExistsError:
-            try:
-                held, _ = read_regular(target, max_bytes=len(data))
-            except RefusedError as refused:
-                held = None
-                why = refused.reason
-            if held == data:
-                return False
-            raise RefusedError(
-                "output_exists",
-                f"{printable(target)} already holds another file "
-                f"({why if held is None else 'different content'}); not overwritten",
-            ) from None
-        return True
+        return _link_exclusive(temp, target, data)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def promote(
+    staged: str | os.PathLike[str], dest: str | os.PathLike[str], root: str | os.PathLike[str]
+) -> bool:
+    """Move a file :func:`publish` wrote into a staging folder to ``dest`` (inside ``root``),
+    exclusively, as :func:`publish` with ``exclusive`` would: False when ``dest`` already holds
+    the same bytes, :class:`RefusedError` ``output_exists`` when it holds others. The staged
+    file is gone afterwards either way. A step stages what it may publish only after something
+    else is committed (anonymize: the linkage of the file's patient)."""
+    source, target = Path(staged), Path(dest)
+    try:
+        _output_folder(target, root)
+        return _link_exclusive(source, target)
+    finally:
+        source.unlink(missing_ok=True)
 
 
 __all__ = [
     "MAX_FILE_BYTES",
     "RefusedError",
     "check_entry",
+    "holds",
     "is_inside",
     "printable",
+    "promote",
     "publish",
     "read_regular",
 ]

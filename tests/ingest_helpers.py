@@ -153,24 +153,47 @@ def deflate_bomb(inflated_bytes: int = 600 << 20) -> bytes:
 #: Runs a command and prints its peak memory. A small process of its own in between: on Linux
 #: a child's ``ru_maxrss`` starts from its parent's high-water mark (vfork and exec keep it), so
 #: a command started straight from a test worker of 2 GB reported 2 GB whatever it used.
+#: SIGTERM and SIGINT are passed on to the command (a server told to stop).
 _MEASURE = (
-    "import resource, subprocess, sys\n"
-    "done = subprocess.run(sys.argv[1:])\n"
+    "import resource, signal, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:])\n"
+    "for signum in (signal.SIGTERM, signal.SIGINT):\n"
+    "    signal.signal(signum, lambda number, _frame: child.send_signal(number))\n"
+    "code = child.wait()\n"
     "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
     "print(f'PEAK {peak}', file=sys.stderr)\n"
-    "sys.exit(done.returncode)\n"
+    "sys.exit(code)\n"
 )
+
+
+def start_measured(command: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``command`` under the peak-memory probe (text, output captured); end it with
+    :func:`finish_measured`."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _MEASURE, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def finish_measured(
+    process: subprocess.Popen[str], timeout: float | None = None
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The completed process and its peak memory in bytes (the largest of its tree)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    peak = int(err.rsplit("PEAK ", 1)[1].split()[0])
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), peak
 
 
 def run_measured(command: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess[str], int]:
     """``command``'s completed process (text, output captured) and its peak memory in bytes
     (the largest of its process tree)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *command],
-        capture_output=True,
-        text=True,
-        check=False,
-        **kwargs,
-    )
-    peak = int(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
-    return done, peak
+    timeout = kwargs.pop("timeout", None)
+    return finish_measured(start_measured(command, **kwargs), timeout)

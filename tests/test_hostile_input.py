@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from models.linkage import LinkageRecord
 from pipelines.anonymize.deidentify import Deidentifier
 from pipelines.anonymize.files import FolderReport, anonymize_folder
 from pipelines.anonymize.keys import ProjectKey
@@ -25,8 +28,20 @@ from tests.ingest_helpers import PYDICOM_FILES, pydicom_file
 KEY = ProjectKey(b"h" * 32, "hostile")
 
 
-def _anonymize(source: Path, out: Path) -> FolderReport:
-    return anonymize_folder(source, out, Deidentifier(load_profile(), KEY))
+def _anonymize(source: Path, out: Path, **options: Any) -> FolderReport:
+    return anonymize_folder(source, out, Deidentifier(load_profile(), KEY), **options)
+
+
+def _committing(out: Path, linked: set[str]) -> Callable[[list[LinkageRecord]], None]:
+    """A linkage store that checks no file of a patient was published before its commit."""
+
+    def commit(records: list[LinkageRecord]) -> None:
+        for record in records:
+            if record.pseudonym not in linked:  # (a rerun commits the known ones again)
+                assert not (out / record.pseudonym).exists(), "published before its linkage"
+            linked.add(record.pseudonym)
+
+    return commit
 
 
 def _mr(**changes: object) -> bytes:
@@ -87,8 +102,18 @@ def test_symlinks_out_of_the_input_are_not_read_by_anonymize(tmp_path: Path) -> 
     assert _outcomes(report) == {"link.dcm": ("skipped", "symlink")}
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # published directly (no linkage to commit)
+        {"staged": True},  # staged, the linkage committed, then promoted: one chunk
+        {"staged": True, "chunk_size": 1},  # a chunk each: promoted before the next is made
+        {"staged": True, "chunk_size": 1, "workers": 2},
+    ],
+    ids=["direct", "staged", "staged-chunks", "staged-workers"],
+)
 def test_the_same_sop_instance_uid_with_other_content_is_reported_not_overwritten(
-    tmp_path: Path,
+    tmp_path: Path, options: dict[str, Any]
 ) -> None:
     """Once: the last file silently won (60 written, 25 on disk)."""
     src = tmp_path / "in"
@@ -97,13 +122,17 @@ def test_the_same_sop_instance_uid_with_other_content_is_reported_not_overwritte
     (src / "b.dcm").write_bytes(_mr(SeriesDescription="second"))
     (src / "c.dcm").write_bytes(_mr(SeriesDescription="first"))  # a true copy of a.dcm
     out = tmp_path / "out"
-    report = _anonymize(src, out)
-    files = [p for p in out.rglob("*.dcm")]
+    linked: set[str] = set()
+    if options.pop("staged", False):
+        options["commit"] = _committing(out, linked)
+    report = _anonymize(src, out, **options)
+    files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) == 1
     assert report.written == 2  # a.dcm, and its copy c.dcm (the same output, unchanged)
     assert _outcomes(report) == {"b.dcm": ("failed", "conflicting_instance")}
     assert pydicom.dcmread(files[0]).SeriesDescription == "first"
-    again = _anonymize(src, out)  # a rerun: the same outcome, nothing overwritten
+    assert linked == ({files[0].relative_to(out).parts[0]} if "commit" in options else set())
+    again = _anonymize(src, out, **options)  # a rerun: the same outcome, nothing overwritten
     assert (again.written, _outcomes(again)) == (2, _outcomes(report))
 
 
@@ -379,3 +408,59 @@ def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed
     )
     assert report.written == 1
     assert _outcomes(report) == {"b.dcm": ("skipped", "symlink")}
+
+
+def test_relative_paths_and_a_relative_home_work_in_every_folder_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once: ``cohortflow deface work/anon work/defaced`` (and qc, convert, volumetry) stopped
+    with "ValueError: ... is not in the subpath of ...", and a relative COHORTFLOW_HOME wrote
+    nothing while reporting success."""
+    import json
+
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COHORTFLOW_HOME", "home")
+    monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
+    monkeypatch.delenv("COHORTFLOW_CACHE_DIR", raising=False)
+    (tmp_path / "in" / "series").mkdir(parents=True)
+    first = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    row, column = (
+        list(map(float, v))
+        for v in (first.ImageOrientationPatient[:3], first.ImageOrientationPatient[3:])
+    )
+    normal = [
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    ]
+    for number in range(3):  # three slices of one volume
+        uid = f"1.2.826.0.1.3680043.8.498.{number + 1}"
+        position = [
+            float(p) + number * float(first.SliceThickness) * n
+            for p, n in zip(first.ImagePositionPatient, normal, strict=True)
+        ]
+        data = _mr(
+            SOPInstanceUID=uid,
+            meta_MediaStorageSOPInstanceUID=uid,
+            ImagePositionPatient=position,
+            InstanceNumber=number + 1,
+        )
+        (tmp_path / "in" / "series" / f"{number}.dcm").write_bytes(data)
+    commands = [
+        ["anonymize", "in", "work/anon"],
+        ["deface", "work/anon", "work/defaced"],
+        ["qc", "work/anon"],
+        ["convert", "work/anon", "work/nifti", "--all"],
+        ["volumetry", "work/anon", "--out", "work/volumetry"],
+    ]
+    for command in commands:
+        code = main([*command, "--json"])
+        out = capsys.readouterr()
+        assert code in (0, 1), (command, out.err[-2000:])
+        json.loads(out.out)  # a report, not a traceback
+        assert "Error" not in out.err, (command, out.err[-2000:])
+    assert len(list((tmp_path / "work" / "anon").rglob("*.dcm"))) == 3
+    assert len(list((tmp_path / "work" / "nifti").rglob("*.nii.gz"))) == 1
+    assert (tmp_path / "home" / "index.sqlite").is_file()  # the home, where it was said to be

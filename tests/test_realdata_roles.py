@@ -116,6 +116,7 @@ def test_enhanced_and_classic_copies_read_the_same_physics(realdata: Path) -> No
 )
 def test_qc_on_a_folder_without_protocol_says_each_series_role(
     realdata: Path,
+    model_cache: Path,
     dataset: str,
     expected: dict[str, int],
     tmp_path: Path,
@@ -123,6 +124,7 @@ def test_qc_on_a_folder_without_protocol_says_each_series_role(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))  # the head model, built once
     code = main(["qc", str(realdata / dataset), "--no-record", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code in (0, 1)

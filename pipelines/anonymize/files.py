@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipelines.anonymize.profile import load_profile
 from pipelines.anonymize.writer import can_splice, encode_file, snapshot
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
-from pipelines.safeio import RefusedError, printable, publish, read_regular
+from pipelines.safeio import RefusedError, holds, printable, promote, publish, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,21 @@ class FileOutcome:
 
 @dataclass
 class FolderReport:
-    written: int = 0
+    #: every file in the output (published by this run, or found there from an earlier run
+    #: with the same bytes): counted as they are, never computed from the input count
+    published: list[FileOutcome] = field(default_factory=list)
     excluded: list[FileOutcome] = field(default_factory=list)
     skipped: list[FileOutcome] = field(default_factory=list)
     failed: list[FileOutcome] = field(default_factory=list)
     linkage: dict[str, LinkageRecord] = field(default_factory=dict)
 
+    @property
+    def written(self) -> int:
+        return len(self.published)
+
     def add(self, outcome: FileOutcome) -> None:
-        if outcome.status == "written":
-            self.written += 1
-        else:
-            getattr(self, outcome.status).append(outcome)
+        kind = "published" if outcome.status == "written" else outcome.status
+        getattr(self, kind).append(outcome)
 
 
 #: DICOM UID grammar (PS3.5 9.1): they become folder and file names
@@ -118,10 +123,16 @@ def _encode(ds: pydicom.Dataset, meta: FileMetaDataset, data: bytes, originals: 
 
 
 def anonymize_file(
-    path: Path, out_root: Path, deidentifier: Deidentifier, trusted: Path | None = None
+    path: Path,
+    out_root: Path,
+    deidentifier: Deidentifier,
+    trusted: Path | None = None,
+    staging: Path | None = None,
 ) -> tuple[FileOutcome, LinkageRecord | None]:
     """De-identify one file into ``out_root``; never raises for the file's content. A symbolic
-    link is read only when it leads into ``trusted`` (the archive a run stages from)."""
+    link is read only when it leads into ``trusted`` (the archive a run stages from). With
+    ``staging``, the file is written there (at its path relative to ``out_root``) for the
+    caller to promote once the patient's linkage is committed (:func:`anonymize_folder`)."""
     from pipelines.ingest.reader import classify
 
     shown = printable_path(str(path))
@@ -161,7 +172,11 @@ def anonymize_file(
         # exclusive: a second file with this instance's UID and other content is reported,
         # never written over the first (the same content again is a rerun, or a copy)
         try:
-            publish(out, encoded, out_root, exclusive=True)
+            if staging is None:
+                publish(out, encoded, out_root, exclusive=True)
+            elif not holds(out, encoded):  # the same bytes there already: a rerun
+                staged = staging / out.relative_to(out_root)
+                publish(staged, encoded, staging, exclusive=True)
         except RefusedError as refused:
             if refused.code == "output_exists":  # a file of this SOPInstanceUID came first
                 why = f"another input has SOPInstanceUID {instance} with other content: "
@@ -181,9 +196,17 @@ def anonymize_file(
 
 
 def _chunk(
-    paths: list[Path], out_root: Path, deidentifier: Deidentifier, trusted: Path | None = None
+    paths: list[Path],
+    out_root: Path,
+    deidentifier: Deidentifier,
+    trusted: Path | None = None,
+    staging: Path | None = None,
 ) -> list[tuple[FileOutcome, LinkageRecord | None]]:
-    return [anonymize_file(path, out_root, deidentifier, trusted) for path in paths]
+    return [anonymize_file(path, out_root, deidentifier, trusted, staging) for path in paths]
+
+
+#: where :func:`anonymize_folder` writes files until their patients' linkage is committed
+STAGING = ".staging"
 
 
 def anonymize_folder(
@@ -194,16 +217,35 @@ def anonymize_folder(
     workers: int = 1,
     chunk_size: int = 64,
     trusted: Path | None = None,
+    commit: Callable[[list[LinkageRecord]], None] | None = None,
 ) -> FolderReport:
     """De-identify every file under ``source`` (in ``workers`` processes when more than one).
     Symbolic links are not followed, except into ``trusted``: a protocol run stages a study
-    from the archive as links (pipelines/run/steps.py)."""
+    from the archive as links (pipelines/run/steps.py).
+
+    With ``commit`` (which stores linkage records on the identified side), no output file is
+    published before its patient's linkage is committed: each chunk of files is written into
+    ``out_root/.staging``, its new linkage committed, and then its files renamed into place. A
+    run killed at any point leaves no published file without its linkage; the rerun clears the
+    staging folder, finds what was published already (the same bytes: not written again) and
+    completes the rest."""
     report = FolderReport()
+    staging = None if commit is None else out_root / STAGING
+    if staging is not None:
+        _clear(staging)
+    committed: set[str] = set()
 
     def collect(results: list[tuple[FileOutcome, LinkageRecord | None]]) -> None:
-        for outcome, link in results:
-            report.add(outcome)
-            if link is not None:
+        fresh = [
+            link for _, link in results if link is not None and link.patient_key not in committed
+        ]
+        if commit is not None and fresh:
+            commit(list({link.patient_key: link for link in fresh}.values()))
+            committed.update(link.patient_key for link in fresh)
+        for made, link in results:
+            ended = made if staging is None else _promote(made, out_root, staging)
+            report.add(ended)
+            if link is not None and ended.status == "written":
                 report.linkage.setdefault(link.patient_key, link)
         if progress is not None:
             progress(len(results))
@@ -213,17 +255,62 @@ def anonymize_folder(
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
         for chunk in chunks:
-            collect(_chunk(chunk, out_root, deidentifier, trusted))
+            collect(_chunk(chunk, out_root, deidentifier, trusted, staging))
     else:
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
         context.set_forkserver_preload(["pipelines.anonymize.files"])
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             for results in pool.map(
-                _chunk, chunks, repeat(out_root), repeat(deidentifier), repeat(trusted)
+                _chunk,
+                chunks,
+                repeat(out_root),
+                repeat(deidentifier),
+                repeat(trusted),
+                repeat(staging),
             ):
                 collect(results)
+    if staging is not None:
+        _clear(staging)
     return report
+
+
+def _clear(staging: Path) -> None:
+    """Remove a staging folder (a killed run's leftovers); a link there is removed, never
+    followed."""
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)
+
+
+def _promote(outcome: FileOutcome, out_root: Path, staging: Path) -> FileOutcome:
+    """Rename a staged file into place (its linkage committed); the outcome as it ends."""
+    if outcome.status != "written" or outcome.output is None:
+        return outcome
+    out = Path(outcome.output)
+    staged = staging / out.relative_to(out_root)
+    if not staged.is_file():
+        return outcome  # published by an earlier run: the same bytes were found there
+    try:
+        promote(staged, out, out_root)
+    except RefusedError as refused:
+        if refused.code == "output_exists":  # an earlier chunk published this instance
+            why = f"another input has SOPInstanceUID {out.stem} with other content: "
+            return replace(
+                outcome,
+                status="failed",
+                reason_code="conflicting_instance",
+                reason=why + refused.reason,
+            )
+        return replace(
+            outcome,
+            status="failed",
+            output=None,
+            reason_code=refused.code,
+            reason=refused.reason,
+        )
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -246,9 +333,19 @@ def anonymize_configured(
     assert settings.pseudonym_key_source is not None
     key = ProjectKey.load(settings.pseudonym_key_source)
     deidentifier = Deidentifier(load_profile(profile), key)
+    new = 0
+
+    def commit(records: list[LinkageRecord]) -> None:
+        nonlocal new
+        with index.session() as session:
+            new += record_linkage(session, records, key.source)
+
     report = anonymize_folder(
-        source, out_root, deidentifier, progress=progress, workers=settings.worker_count
+        source,
+        out_root,
+        deidentifier,
+        progress=progress,
+        workers=settings.worker_count,
+        commit=commit,
     )
-    with index.session() as session:
-        new = record_linkage(session, list(report.linkage.values()), key.source)
     return ConfiguredRun(report, deidentifier, new)

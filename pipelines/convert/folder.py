@@ -118,6 +118,7 @@ class ConvertedSeries:
     input_sha256: str = ""  # SHA-256 over the sorted SHA-256 of its files
     seconds: float = 0.0
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    files: int = 0  # the input files of the series: every file is accounted for
 
     @property
     def verdict(self) -> Verdict:
@@ -142,6 +143,8 @@ class NotConverted:
     description: str
     reason_code: str
     reason: str
+    #: the input files of the series: every file is accounted for
+    files: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ class ConvertReport:
     @property
     def method_version(self) -> str:
         return method_version(self.dcm2niix)
+
+    @property
+    def files(self) -> int:
+        """The input files in its series, converted or not (the rest are ``skipped``)."""
+        return sum(s.files for s in self.series) + sum(n.files for n in self.not_converted)
 
     def with_verdict(self, wanted: Verdict) -> list[ConvertedSeries]:
         return [s for s in self.series if s.verdict is wanted]
@@ -243,6 +251,7 @@ def convert_folder(
                 result.description,
                 "not_a_volume",
                 deciding.message,
+                len(plan.entries),
             )
             not_converted.append(item)
         else:
@@ -358,7 +367,7 @@ def _plan_study(
                 study_date=str(header.get("StudyDate") or ""),
             )
         )
-    return plans, left
+    return plans, [replace(n, files=len(series[n.series])) for n in left]
 
 
 def _name_plans(plans: Sequence[_Plan], out: Path) -> dict[tuple[str, str], tuple[str, str, str]]:
@@ -625,6 +634,7 @@ def _convert_series(
         "nifti": str(nifti.relative_to(out)),
     }
     return ConvertedSeries(
+        files=len(plan.entries),
         study=plan.study,
         series=plan.series,
         folder=str(plan.entries[0].relative.parent),
@@ -863,6 +873,7 @@ def _failed(
 ) -> ConvertedSeries:
     header = first_header(plan.entries)
     return ConvertedSeries(
+        files=len(plan.entries),
         study=plan.study,
         series=plan.series,
         folder=str(plan.entries[0].relative.parent),
@@ -979,6 +990,7 @@ def report_json(report: ConvertReport) -> dict[str, Any]:
                 "shape": list(s.shape) if s.shape else None,
                 "voxel_mm": list(s.voxel_mm) if s.voxel_mm else None,
                 "input_sha256": s.input_sha256,
+                "files": s.files,
                 "seconds": s.seconds,
                 "findings": [f.as_dict() for f in s.findings],
             }

@@ -9,9 +9,12 @@ The spool is handed to ingest (``--move``), which archives and removes what it i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import ssl
+import stat
 import threading
 import time
 from collections import Counter
@@ -23,7 +26,7 @@ from typing import Any
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipelines.pacs.dimse import _ae, _handlers
-from pipelines.safeio import is_inside, printable
+from pipelines.safeio import RefusedError, holds, is_inside, printable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class Spool:
         self.root = root
         self.on_received = on_received
         self.received: Counter[str] = Counter()  # SeriesInstanceUID -> instances written
+        #: files put in the spool (an instance sent again with the same bytes is no new file)
+        self.files = 0
         self.last_received = 0.0
         self._lock = threading.Lock()
         # Files are written beside the spool and renamed in: whoever walks the spool (ingest)
@@ -64,7 +69,10 @@ class Spool:
         return self.root / study_uid / series_uid
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Put one instance in the spool under its final name (atomically)."""
+        """Put one instance in the spool under its final name (atomically, never over another
+        file). The same instance sent again lands on its first copy; an instance whose UID is
+        taken by other bytes is kept beside it (``<SOP>.<digest>.dcm``) for ingest to record
+        both versions: nothing received is lost."""
         folder = self.series_folder(study_uid, series_uid)
         path = folder / f"{sop_uid}.dcm"
         temp = self.partial / f"{sop_uid}.{os.getpid()}.{threading.get_ident()}"
@@ -75,16 +83,35 @@ class Spool:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             with os.fdopen(os.open(temp, flags, 0o600), "wb") as handle:
                 handle.write(data)
-            os.replace(temp, path)  # replaces a link at the name, never writes through it
-        except OSError:
+            placed = self._place(temp, path, data)
+            if placed is None:
+                path = folder / f"{sop_uid}.{hashlib.sha256(data).hexdigest()[:16]}.dcm"
+                placed = self._place(temp, path, data)
+                if placed is None:
+                    raise OSError(f"{path} holds other bytes than its name says")
+        finally:
             temp.unlink(missing_ok=True)
-            raise
         with self._lock:
             self.received[series_uid] += 1
+            self.files += placed
             self.last_received = time.monotonic()
         if self.on_received is not None:
             self.on_received(Received(study_uid, series_uid, sop_uid, path))
         return path
+
+    @staticmethod
+    def _place(temp: Path, path: Path, data: bytes) -> bool | None:
+        """Link the written ``temp`` to ``path`` unless the name is taken (never through a
+        link): True when linked, False when ``path`` held ``data`` already, None when it holds
+        something else."""
+        try:
+            os.link(temp, path, follow_symlinks=False)
+            return True
+        except FileExistsError:
+            try:
+                return False if holds(path, data) else None
+            except RefusedError:
+                return None
 
     def prune(self) -> None:
         """Remove the empty folders ingest left behind."""
@@ -137,6 +164,38 @@ class Spool:
         return STORED
 
 
+@dataclass(frozen=True)
+class ScpTls:
+    """DICOM TLS for the storage SCP (PS3.15 B.1): its certificate chain and key (PEM), and
+    the CA bundle callers' certificates must chain to (None: no client certificate asked)."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """TLS 1.2 or later; raises :class:`PacsError` naming the file that is wrong."""
+        from pipelines.pacs.errors import PacsError
+
+        try:
+            mode = self.key.stat().st_mode
+        except OSError as exc:
+            raise PacsError(f"cannot read the TLS key {self.key}: {exc.strerror}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise PacsError(f"the TLS key {self.key} is readable by others: chmod 600 it")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.certificate, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            files = ", ".join(str(f) for f in (self.certificate, self.key, self.client_ca) if f)
+            raise PacsError(f"cannot load the storage SCP's TLS files ({files}): {exc}") from exc
+        return context
+
+
 class StorageSCP:
     """A running storage SCP (a pynetdicom server thread); a context manager."""
 
@@ -147,12 +206,14 @@ class StorageSCP:
         port: int,
         host: str = "127.0.0.1",
         allowed_aets: tuple[str, ...] | None = None,
+        tls: ScpTls | None = None,
     ) -> None:
         self.spool = spool
         self.aet = aet
         self.port = port
         self.host = host
         self.allowed_aets = allowed_aets  # None: any calling AE
+        self.tls = tls  # None: plain DICOM
         self._server: Any = None
 
     def start(self) -> StorageSCP:
@@ -167,9 +228,10 @@ class StorageSCP:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [*_handlers(), (evt.EVT_C_STORE, self.spool.handle_store)]
+        tls = None if self.tls is None else self.tls.context()
         try:
             self._server = ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=handlers
+                (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=tls
             )
         except OSError as exc:
             from pipelines.pacs.errors import PacsError

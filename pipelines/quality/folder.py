@@ -86,6 +86,8 @@ class SeriesQc:
     stages: tuple[StageOutcome, ...]
     #: why the protocol took the series in its role (the role's evidence from the header)
     evidence: str = ""
+    #: the input files of the series (damaged ones included): every file is accounted for
+    files: int = 0
 
     @property
     def verdict(self) -> Verdict:
@@ -109,6 +111,8 @@ class NotChecked:
     description: str
     reason_code: str
     reason: str
+    #: the input files of the series: every file is accounted for
+    files: int = 0
 
 
 @dataclass
@@ -191,6 +195,7 @@ def qc_study(
                     "",
                     "unreadable",
                     f"none of its {len(entries)} file(s) can be read: {entries[0].damage}",
+                    len(entries),
                 )
             )
     if not readable:
@@ -207,7 +212,8 @@ def qc_study(
         code = "not_selected"
         why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
         what = header_text(header, "SeriesDescription")
-        out.append(NotChecked(study_uid, uid, str(entries[0].relative.parent), what, code, why))
+        folder = str(entries[0].relative.parent)
+        out.append(NotChecked(study_uid, uid, folder, what, code, why, len(entries)))
     if not checked:
         return out
     study_findings = (
@@ -289,6 +295,7 @@ def qc_series(
         software_versions=header_text(first, "SoftwareVersions"),
         input_sha256=hashlib.sha256("".join(sorted(digests)).encode()).hexdigest(),
         stages=tuple(stages),
+        files=len(entries),
     )
 
 
@@ -366,6 +373,7 @@ def _internal_error(
         header_text(first, "SoftwareVersions"),
         "",
         (StageOutcome(HEADER, Verdict.FAIL, (finding,), {}, 0.0),),
+        files=len(entries),
     )
 
 

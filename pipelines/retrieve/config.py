@@ -16,6 +16,7 @@ from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs import orthanc
 from pipelines.pacs.dicomweb import DicomWebNode
 from pipelines.pacs.dimse import PacsNode
+from pipelines.pacs.scp import ScpTls
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, StudyOutcome, retrieve
 from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 from pipelines.select.protocols import load_protocols
@@ -69,6 +70,14 @@ def dicomweb_node(settings: Settings) -> DicomWebNode | None:
     return DicomWebNode(f"http://{o.host}:{o.http_port}/dicom-web", o.username, password)
 
 
+def scp_tls(settings: Settings) -> ScpTls | None:
+    """The storage SCP's DICOM TLS files from settings (None: plain DICOM)."""
+    r = settings.retrieve
+    if r.scp_tls_certificate is None or r.scp_tls_key is None:
+        return None
+    return ScpTls(r.scp_tls_certificate, r.scp_tls_key, r.scp_tls_client_ca)
+
+
 def retrieve_target(settings: Settings, method: str | None = None) -> RetrieveTarget:
     r = settings.retrieve
     method = method or r.method
@@ -79,6 +88,7 @@ def retrieve_target(settings: Settings, method: str | None = None) -> RetrieveTa
         scp_host=r.scp_host,
         scp_port=r.scp_port,
         calling_aets=settings.storage_callers(),
+        scp_tls=scp_tls(settings),
         dicomweb=dicomweb_node(settings) if method == "dicomweb" else None,
         timeout=r.timeout_seconds,
     )

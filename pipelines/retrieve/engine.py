@@ -30,7 +30,7 @@ from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs import dicomweb
 from pipelines.pacs.dimse import PacsNode, RetrieveStatus, Session, query_contexts
 from pipelines.pacs.errors import PacsError, PacsUnavailableError
-from pipelines.pacs.scp import Received, Spool, StorageSCP
+from pipelines.pacs.scp import Received, ScpTls, Spool, StorageSCP
 from pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
 from pipelines.retrieve.throttle import Throttle
 
@@ -51,6 +51,8 @@ class RetrieveTarget:
     scp_port: int = 11112
     #: calling AE titles our storage SCP accepts (None: any)
     calling_aets: tuple[str, ...] | None = None
+    #: DICOM TLS on our storage SCP (None: plain DICOM)
+    scp_tls: ScpTls | None = None
     dicomweb: dicomweb.DicomWebNode | None = None
     timeout: float = 120.0
 
@@ -409,7 +411,12 @@ def retrieve(
     outcomes: list[StudyOutcome] = []
     scp = (
         StorageSCP(
-            run.spool, target.local_aet, target.scp_port, target.scp_host, target.calling_aets
+            run.spool,
+            target.local_aet,
+            target.scp_port,
+            target.scp_host,
+            target.calling_aets,
+            target.scp_tls,
         )
         if target.method == "move"
         else None

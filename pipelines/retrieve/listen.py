@@ -19,14 +19,15 @@ from typing import Any
 from models.database import IndexDB
 from models.scanners import KnownScanners
 from pipelines.ingest.archive import ArchiveStore
-from pipelines.pacs.scp import Spool, StorageSCP
+from pipelines.pacs.scp import ScpTls, Spool, StorageSCP
 from pipelines.retrieve.engine import ingest_spool
 
 
 @dataclass(frozen=True)
 class ListenOutcome:
     batch: str
-    received: int
+    received: int  # instances stored (C-STORE successes)
+    files: int  # distinct files they made (the same instance sent again is one file)
     ingested: int
     ingest_runs: int
     seconds: float
@@ -43,13 +44,15 @@ def listen(
     port: int,
     batch: str,
     calling_aets: tuple[str, ...] | None = None,
+    tls: ScpTls | None = None,
     idle_seconds: float = 5.0,
     seconds: float | None = None,
     stop: threading.Event | None = None,
     on_ingest: Callable[[int], None] | None = None,
 ) -> ListenOutcome:
     """Run the storage SCP until ``stop`` is set, a signal arrives, or ``seconds`` pass;
-    associations are accepted from ``calling_aets`` only (None: from any caller)."""
+    associations are accepted from ``calling_aets`` only (None: from any caller), over DICOM
+    TLS when ``tls`` is given."""
     started = time.monotonic()
     stop = stop or threading.Event()
     spool = Spool(spool_root)
@@ -70,7 +73,7 @@ def listen(
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
         flush()  # what the last run left behind
-        with StorageSCP(spool, aet, port, host, calling_aets):
+        with StorageSCP(spool, aet, port, host, calling_aets, tls):
             while not stop.wait(0.2):
                 if seconds is not None and time.monotonic() - started >= seconds:
                     break
@@ -85,5 +88,10 @@ def listen(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return ListenOutcome(
-        batch, sum(spool.received.values()), ingested, runs, round(time.monotonic() - started, 1)
+        batch,
+        sum(spool.received.values()),
+        spool.files,
+        ingested,
+        runs,
+        round(time.monotonic() - started, 1),
     )

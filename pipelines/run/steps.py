@@ -282,7 +282,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
     out = folder / "anonymized"
 
     def work() -> tuple[dict[str, Any], dict[str, Any]]:
-        from models.linkage import record_linkage
+        from models.linkage import LinkageRecord, record_linkage
 
         source = _fresh(folder / "archive")
         by_source: dict[str, int] = {}
@@ -294,22 +294,27 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
                 os.symlink(path, link)
                 by_source[str(link)] = number
         _fresh(out)
-        # the links lead into the archive: followed there, and nowhere else
+
+        def commit(records: list[LinkageRecord]) -> None:
+            with index.session() as session:
+                record_linkage(session, records, key.source)
+
+        # the links lead into the archive: followed there, and nowhere else; no file is
+        # published before its patient's linkage is committed
         report = anonymize_folder(
-            source, out, deidentifier, workers=1, trusted=ctx.settings.archive
+            source, out, deidentifier, workers=1, trusted=ctx.settings.archive, commit=commit
         )
-        with index.session() as session:
-            record_linkage(session, list(report.linkage.values()), key.source)
         outcomes: dict[int, Counter[str]] = {n: Counter() for n in range(len(plan.series))}
         first_problem: dict[int, tuple[str, str]] = {}
-        for outcome in (*report.excluded, *report.skipped, *report.failed):
+        for outcome in (*report.published, *report.excluded, *report.skipped, *report.failed):
             found = by_source.get(outcome.source)
             if found is None:
                 continue
             outcomes[found][outcome.status] += 1
-            first_problem.setdefault(
-                found, (f"anonymize.{outcome.reason_code}", outcome.reason or outcome.status)
-            )
+            if outcome.status != "written":
+                first_problem.setdefault(
+                    found, (f"anonymize.{outcome.reason_code}", outcome.reason or outcome.status)
+                )
         series_info = {}
         rows = []
         for number, series in enumerate(plan.series):
@@ -321,9 +326,15 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
                 "software_versions": series.software_versions,
             }
             series_info[pseudo] = info
-            problems = sum(outcomes[number].values())
-            written = len(series.files) - problems
-            status = "pass" if problems == 0 else ("warn" if written > 0 else "fail")
+            # counted, not computed: a file no outcome names was not written either
+            written = outcomes[number]["written"]
+            missing = len(series.files) - sum(outcomes[number].values())
+            if missing:
+                first_problem.setdefault(
+                    number,
+                    ("anonymize.not_reached", f"{missing} files of the series were not reached"),
+                )
+            status = "pass" if written == len(series.files) else ("warn" if written > 0 else "fail")
             code, message = first_problem.get(number, (None, None))
             rows.append(
                 StageRecord(
@@ -341,8 +352,8 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
                     message=message,
                     metrics={
                         "files": len(series.files),
-                        "written": written,
                         **dict(outcomes[number]),
+                        "written": written,
                     },
                 )
             )

@@ -23,6 +23,7 @@ import numpy as np
 from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from pipelines.dicomfolder import SkippedFile
 from pipelines.ingest.archive import hash_file
 from pipelines.safeio import RefusedError, check_entry, printable
 from pipelines.volumetry.atlas import Atlas, load_atlas
@@ -33,7 +34,7 @@ from pipelines.volumetry.verdict import finding, judge
 from qc.findings import Finding, Verdict, reason, verdict
 
 if TYPE_CHECKING:
-    from pipelines.convert.folder import ConvertedSeries
+    from pipelines.convert.folder import ConvertedSeries, ConvertReport
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,12 @@ class VolumetryReport:
     #: sources that could not be measured before volumetry started (conversion failures...)
     not_measured: tuple[tuple[str, str, str], ...] = ()  # (name, reason code, message)
     #: the series of a DICOM folder that are no volumetry input, and why (their role and its
-    #: evidence): (folder, description, why)
-    not_inputs: tuple[tuple[str, str, str], ...] = ()
+    #: evidence): (folder, description, why, files)
+    not_inputs: tuple[tuple[str, str, str, int], ...] = ()
+    #: a DICOM folder's accounting: the files in its series (measured or not) and the files
+    #: that are in no series (not DICOM, damaged, refused), each with its reason
+    files: int = 0
+    skipped: tuple[SkippedFile, ...] = ()
 
     def with_verdict(self, wanted: Verdict) -> list[VolumetryResult]:
         return [r for r in self.results if r.verdict is wanted]
@@ -278,17 +283,31 @@ def volumetry_configured(
     p = params or Parameters()
     sources = nifti_sources(source)
     not_measured: list[tuple[str, str, str]] = []
-    not_inputs: list[tuple[str, str, str]] = []
+    not_inputs: list[tuple[str, str, str, int]] = []
+    conversion = None
     if not sources and source.is_dir():
-        sources, not_measured, not_inputs = _convert_first(
-            settings, source, out, index, protocol, protocols_file, record
-        )
+        conversion = _convert_first(settings, source, out, index, protocol, protocols_file, record)
+        sources, not_measured = sources_from_conversion(conversion.series)
+        not_inputs = [
+            (s.folder, s.description, s.reason, s.files) for s in conversion.not_converted
+        ] + [
+            (s.folder, s.description, f"converted as {s.role}, which is not measured", s.files)
+            for s in conversion.series
+            if s.role not in ROLES
+        ]
     elif not sources:
         raise VolumetryError(f"{source}: no such file or folder")
     results = measure_all(
         sources, lambda: load_atlas(settings.cache), p, out / "overlays", progress
     )
-    report = VolumetryReport(tuple(results), p, tuple(not_measured), tuple(not_inputs))
+    report = VolumetryReport(
+        tuple(results),
+        p,
+        tuple(not_measured),
+        tuple(not_inputs),
+        files=0 if conversion is None else conversion.files,
+        skipped=() if conversion is None else conversion.skipped,
+    )
     if index is not None and record:
         with index.session() as session:
             known = [r for r in results if r.source.series and r.source.study]
@@ -307,19 +326,12 @@ def _convert_first(
     protocol: str | None,
     protocols_file: Path | None,
     record: bool,
-) -> tuple[list[Source], list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+) -> ConvertReport:
     from pipelines.convert.folder import convert_configured
 
-    report = convert_configured(
+    return convert_configured(
         settings, source, out / "nifti", index, protocol, protocols_file, record=record
     )
-    sources, failed = sources_from_conversion(report.series)
-    not_inputs = [(s.folder, s.description, s.reason) for s in report.not_converted] + [
-        (s.folder, s.description, f"converted as {s.role}, which is not measured")
-        for s in report.series
-        if s.role not in ROLES
-    ]
-    return sources, failed, not_inputs
 
 
 def sources_from_conversion(
@@ -452,6 +464,9 @@ def report_json(report: VolumetryReport) -> dict[str, Any]:
             {"name": n, "reason": code, "message": msg} for n, code, msg in report.not_measured
         ],
         "not_inputs": [
-            {"folder": f, "description": d, "why": why} for f, d, why in report.not_inputs
+            {"folder": f, "description": d, "why": why, "files": n}
+            for f, d, why, n in report.not_inputs
         ],
+        "files": report.files,
+        "skipped": [asdict(k) for k in report.skipped],
     }
