@@ -31,7 +31,7 @@ from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, poster
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
-METHOD_VERSION = "3"
+METHOD_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class Parameters:
     shell_mm: float = 12.0
     n4_shrink: int = 4
     n4_levels: int = 4
+    #: the bias N4 left, estimated from the tissue model and removed (``residual_bias``):
+    #: smoothing (mm) and rounds; 0 rounds: off
+    bias_mm: float = 30.0
+    bias_rounds: int = 4
     prior_weight: float = 0.5
     band_in_mm: float = 12.0
     band_out_mm: float = 4.0
@@ -105,6 +109,54 @@ def n4(image: Any, mask: Any, shrink: int, levels: int = 4) -> Any:
     )
 
 
+def residual_bias(
+    image: npt.NDArray[np.float32],
+    priors: npt.NDArray[np.float32],
+    fit: npt.NDArray[np.bool_],
+    spacing: tuple[float, float, float],
+    prior_weight: float,
+    sigma_mm: float,
+    rounds: int,
+    tolerance: float = 0.005,
+) -> npt.NDArray[np.float32]:
+    """``image`` divided by the smooth multiplicative bias that N4 left, estimated as unified
+    segmentation does (Van Leemput et al. 1999, Ashburner & Friston 2005): fit the tissue
+    mixture, predict each voxel of ``fit`` from its tissue fractions and the class means, and
+    smooth the log ratio of image to prediction (Gaussian of ``sigma_mm``, each voxel weighted
+    by how sure the model is of it: its classes' inverse variances); repeat until the field
+    changes by less than ``tolerance`` (log units) or after ``rounds``.
+
+    N4 sharpens the intensity histogram and knows nothing of tissues. On a real Siemens XA30
+    reconstruction without intensity normalisation it left a shading that widened the grey
+    matter class over the CSF in the sulci (brain +20 % against SAMSEG, GM/WM 2.6); removing
+    the residual bias brought it to +2 %. The field's weighted mean is zero: the scale of the
+    image is kept.
+    """
+    if rounds <= 0:
+        return image
+    corrected = np.asarray(image, dtype=np.float64)
+    sigma = [sigma_mm / s for s in spacing]
+    for _ in range(rounds):
+        y = corrected[fit]
+        mixture = fit_parameters(y, priors[fit], prior_weight)
+        fractions = posteriors_for(y, priors[fit], mixture, prior_weight).astype(np.float64)
+        predicted = np.maximum(fractions @ np.asarray(mixture.means), 1e-6)
+        # log-domain weights: a voxel's precision, (mean / sd)^2 of its classes
+        weight = (fractions / np.square(np.asarray(mixture.sds))[None, :]).sum(axis=1)
+        weight *= np.square(predicted)
+        ratio = np.log(np.maximum(y, 1e-6) / predicted)
+        numerator, denominator = np.zeros(image.shape), np.zeros(image.shape)
+        numerator[fit], denominator[fit] = weight * ratio, weight
+        numerator = ndimage.gaussian_filter(numerator, sigma)
+        denominator = ndimage.gaussian_filter(denominator, sigma)
+        step = numerator / np.maximum(denominator, 1e-12 * float(denominator.max()))
+        step -= np.average(step[fit], weights=weight)
+        corrected /= np.exp(step)
+        if float(np.abs(step[fit]).max()) < tolerance:
+            break
+    return corrected.astype(np.float32)
+
+
 def csf_level(
     image: npt.NDArray[np.float32],
     csf_prior: npt.NDArray[np.float32],
@@ -160,6 +212,11 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
     # edge the dark voxels are not all CSF (dura, vessels, bone in part); they widened the CSF
     # class over the CSF / GM border (on a real head: a fifth more grey matter than SAMSEG)
     fit = depth > p.fit_depth_mm
+    corrected = residual_bias(
+        corrected, priors, fit, placed.spacing, p.prior_weight, p.bias_mm, p.bias_rounds
+    )
+    seconds["bias"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     mixture = fit_parameters(corrected[fit], priors[fit], p.prior_weight)
     refinement = None
     mask = registered
