@@ -3,7 +3,8 @@
 1. The atlas head is registered to the T1 (affine, then SyN on the skull shell; ``register``).
 2. N4 removes the intensity non-uniformity inside the registered mask grown by 5 mm.
 3. A mixture of CSF, GM and WM Gaussians and the two partial-volume classes between them, with
-   the atlas' tissue priors, is fitted on the mask's voxels away from its edge (``segment``).
+   the atlas' tissue priors, is fitted on the mask's voxels away from its edge (``segment``),
+   after the bias N4 left is estimated from that model and removed (``residual_bias``).
 4. The intracranial edge is moved to the border between the skull and the ventricles' CSF
    level (``refine``); every voxel of the refined mask gets its tissue fractions under the
    mixture.
