@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -11,6 +13,7 @@ import pytest
 from flows.prefect_env import configure_prefect
 from models.synth import CohortTruth
 from pipelines.pacs import orthanc
+from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 
 
@@ -63,20 +66,33 @@ def test_demo_flow_runs_in_prefect(
 def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
     tmp_path: Path,
     model_cache: Path,
+    cohort: CohortResult,
     monkeypatch: pytest.MonkeyPatch,
     prefect_harness: Callable[[], AbstractContextManager[None]],
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
     from flows.deidentify_flow import deidentify_flow
-    from models.synth import SynthConfig
-    from pipelines.synth.cohort import generate
     from tests.test_anonymize import _found, _planted
 
-    cohort = generate(SynthConfig(studies=3, seed=11), tmp_path / "cohort", model_cache, workers=2)
+    # three studies with a 3D T1 from the shared cohort (made once for the session; every
+    # fault class is in it, and anonymize and deface over all of it fail no file)
+    source = tmp_path / "source"
+    studies = [
+        st
+        for p in cohort.truth.patients
+        for st in p.studies
+        if any(se.kind == "t1_3d" for se in st.series)
+    ][:3]
+    for study in studies:
+        shutil.copytree(
+            cohort.out_dir / study.folder,
+            source / Path(study.folder).relative_to("dicom"),
+            copy_function=os.link,
+        )
     out = tmp_path / "deliver"
     with prefect_harness():
-        anonymized, defaced = deidentify_flow(source=tmp_path / "cohort" / "dicom", out_dir=out)
+        anonymized, defaced = deidentify_flow(source=source, out_dir=out)
     assert anonymized.written > 100 and anonymized.failed == 0 and anonymized.patients >= 1
     assert defaced.defaced >= 6 and not defaced.failed
     files = [p for p in out.rglob("*") if p.is_file()]
