@@ -464,3 +464,33 @@ def test_relative_paths_and_a_relative_home_work_in_every_folder_command(
     assert len(list((tmp_path / "work" / "anon").rglob("*.dcm"))) == 3
     assert len(list((tmp_path / "work" / "nifti").rglob("*.nii.gz"))) == 1
     assert (tmp_path / "home" / "index.sqlite").is_file()  # the home, where it was said to be
+
+
+def test_ingest_move_never_changes_or_archives_what_a_link_leads_to(tmp_path: Path) -> None:
+    """Once: a symlink to /etc/passwd was archived as a blob, and ``ingest --move`` on a symlink
+    to a 0600 key file made the key 0444 and archived a symbolic link."""
+    from tests.ingest_helpers import make_archive
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    key = outside / "project.key"
+    key.write_bytes(b"secret key material\n")
+    key.chmod(0o600)
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "key.dcm").symlink_to(key)
+    (source / "passwd.dcm").symlink_to("/etc/passwd")
+    (source / "good.dcm").write_bytes(_mr())
+    archive = make_archive(tmp_path / "home")
+    try:
+        _, report = archive.ingest(source, move=True)
+    finally:
+        archive.index.dispose()
+    assert key.stat().st_mode & 0o777 == 0o600 and key.read_bytes() == b"secret key material\n"
+    problems = {Path(p.path).name: p.reason_code for p in report.problems}
+    assert problems == {"key.dcm": "symlink", "passwd.dcm": "symlink"}
+    assert (source / "key.dcm").is_symlink()  # not ours: left where it was
+    assert not (source / "good.dcm").exists()  # moved into the archive
+    blobs = [p for p in (tmp_path / "home" / "archive").rglob("*") if p.is_file()]
+    assert len(blobs) == 1 and not any(p.is_symlink() for p in blobs)
+    assert b"secret key material" not in blobs[0].read_bytes()
