@@ -110,6 +110,10 @@ def n4(image: Any, mask: Any, shrink: int, levels: int = 4) -> Any:
     )
 
 
+#: the grid the residual bias is smoothed on (mm)
+BIAS_GRID_MM = 4.0
+
+
 def residual_bias(
     image: npt.NDArray[np.float32],
     priors: npt.NDArray[np.float32],
@@ -136,26 +140,58 @@ def residual_bias(
     if rounds <= 0:
         return image
     corrected = np.asarray(image, dtype=np.float64)
-    sigma = [sigma_mm / s for s in spacing]
+    blocks = tuple(max(1, round(BIAS_GRID_MM / s)) for s in spacing)
+    sigma = [sigma_mm / (s * b) for s, b in zip(spacing, blocks, strict=True)]
+    # the field is estimated from every second voxel along each axis (it is smooth at
+    # centimetres); the mixture from all of ``fit``, as the final fit
+    sample = np.zeros(image.shape, dtype=bool)
+    sample[::2, ::2, ::2] = True
+    sample &= fit
     for _ in range(rounds):
-        y = corrected[fit]
-        mixture = fit_parameters(y, priors[fit], prior_weight)
-        fractions = posteriors_for(y, priors[fit], mixture, prior_weight).astype(np.float64)
+        # a coarser fit than the final one (100,000 voxels: 2.5 times as fast)
+        mixture = fit_parameters(corrected[fit], priors[fit], prior_weight, max_samples=100_000)
+        y = corrected[sample]
+        fractions = posteriors_for(y, priors[sample], mixture, prior_weight).astype(np.float64)
         predicted = np.maximum(fractions @ np.asarray(mixture.means), 1e-6)
         # log-domain weights: a voxel's precision, (mean / sd)^2 of its classes
         weight = (fractions / np.square(np.asarray(mixture.sds))[None, :]).sum(axis=1)
         weight *= np.square(predicted)
         ratio = np.log(np.maximum(y, 1e-6) / predicted)
         numerator, denominator = np.zeros(image.shape), np.zeros(image.shape)
-        numerator[fit], denominator[fit] = weight * ratio, weight
-        numerator = ndimage.gaussian_filter(numerator, sigma)
-        denominator = ndimage.gaussian_filter(denominator, sigma)
-        step = numerator / np.maximum(denominator, 1e-12 * float(denominator.max()))
-        step -= np.average(step[fit], weights=weight)
+        numerator[sample], denominator[sample] = weight * ratio, weight
+        step = _smooth_ratio(numerator, denominator, blocks, sigma)
+        step -= np.average(step[sample], weights=weight)
         corrected /= np.exp(step)
         if float(np.abs(step[fit]).max()) < tolerance:
             break
     return corrected.astype(np.float32)
+
+
+def _smooth_ratio(
+    numerator: npt.NDArray[np.float64],
+    denominator: npt.NDArray[np.float64],
+    blocks: tuple[int, ...],
+    sigma: list[float],
+) -> npt.NDArray[np.float64]:
+    """Gaussian-smoothed ``numerator / denominator`` (normalised convolution), computed on
+    blocks of ``blocks`` voxels (a field smooth at centimetres needs no finer grid: on the
+    full 1 mm grid the two filters took 10 s a round) and brought back by linear
+    interpolation."""
+    shape = numerator.shape
+    padded = tuple(-(-n // b) * b for n, b in zip(shape, blocks, strict=True))
+    small = []
+    for volume in (numerator, denominator):
+        full = np.zeros(padded)
+        full[: shape[0], : shape[1], : shape[2]] = volume
+        summed = full.reshape(
+            padded[0] // blocks[0], blocks[0], padded[1] // blocks[1], blocks[1],
+            padded[2] // blocks[2], blocks[2],
+        ).sum(axis=(1, 3, 5))  # fmt: skip
+        small.append(ndimage.gaussian_filter(summed, sigma))
+    top, bottom = small
+    ratio = top / np.maximum(bottom, 1e-12 * float(bottom.max()))
+    big = ndimage.zoom(ratio, blocks, order=1, mode="nearest", grid_mode=True)
+    return np.asarray(big[: shape[0], : shape[1], : shape[2]], dtype=np.float64)
 
 
 def csf_level(
