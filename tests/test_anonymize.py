@@ -259,15 +259,21 @@ def test_no_planted_identifier_survives_in_any_output_file(
             ident = f"{first.patient_id}^{issuer}"
             found = lookup(session, key.pseudonym(ident), "test: audit check")
             assert found is not None and found.patient_key == ident
-            actions = [
-                a
-                for (a,) in session.execute(
-                    __import__("sqlalchemy").text("select action from audit_log order by id")
+            audited = list(
+                session.execute(
+                    __import__("sqlalchemy").text(
+                        "select action, detail from audit_log order by id"
+                    )
                 )
-            ]
+            )
     finally:
         index.dispose()
-    assert actions == ["linkage_write", "linkage_read"]
+    # each commit of new linkage rows (one per chunk of files: no file is published before
+    # its patient's row) is audited in the same transaction; then the one read
+    actions = [a for a, _ in audited]
+    assert actions == ["linkage_write"] * (len(actions) - 1) + ["linkage_read"]
+    linked = sum(int(d.split()[0]) for a, d in audited if a == "linkage_write")
+    assert linked == len(cohort.truth.patients)
     # another key: other pseudonyms
     monkeypatch.setenv("COHORTFLOW_PSEUDONYM_KEY_SOURCE", "env:OTHER_PROJECT_KEY")
     monkeypatch.setenv("OTHER_PROJECT_KEY", "another-secret-key-of-this-project")
