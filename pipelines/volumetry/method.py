@@ -143,12 +143,12 @@ def residual_bias(
     blocks = tuple(max(1, round(BIAS_GRID_MM / s)) for s in spacing)
     sigma = [sigma_mm / (s * b) for s, b in zip(spacing, blocks, strict=True)]
     # the field is estimated from every second voxel along each axis (it is smooth at
-    # centimetres); the mixture from all of ``fit``, as the final fit
+    # centimetres); each round's mixture from the voxels of ``fit``, as the final fit, but on
+    # 100,000 of them (2.5 times as fast; the final fit takes 250,000)
     sample = np.zeros(image.shape, dtype=bool)
     sample[::2, ::2, ::2] = True
     sample &= fit
     for _ in range(rounds):
-        # a coarser fit than the final one (100,000 voxels: 2.5 times as fast)
         mixture = fit_parameters(corrected[fit], priors[fit], prior_weight, max_samples=100_000)
         y = corrected[sample]
         fractions = posteriors_for(y, priors[sample], mixture, prior_weight).astype(np.float64)
