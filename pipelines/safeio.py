@@ -186,9 +186,10 @@ def holds(target: str | os.PathLike[str], data: bytes) -> bool:
     )
 
 
-def _link_exclusive(source: Path, target: Path, data: bytes | None = None) -> bool:
-    """Give the finished file ``source`` the name ``target`` unless the name is taken; a taken
-    name holding the same bytes is a rerun (False), anything else ``output_exists``."""
+def link_exclusive(source: Path, target: Path, data: bytes | None = None) -> bool:
+    """Give the finished file ``source`` (holding ``data``, read from it when None) the name
+    ``target`` unless the name is taken, never through a link: True when linked, False when
+    the name already held the same bytes (a rerun); anything else ``output_exists``."""
     try:
         os.link(source, target, follow_symlinks=False)  # fails if the name is taken
     except FileExistsError:
@@ -230,7 +231,7 @@ def publish(
         if not exclusive:
             os.replace(temp, target)  # replaces a link at the name, never writes through it
             return True
-        return _link_exclusive(temp, target, data)
+        return link_exclusive(temp, target, data)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -246,7 +247,7 @@ def promote(
     source, target = Path(staged), Path(dest)
     try:
         _output_folder(target, root)
-        return _link_exclusive(source, target)
+        return link_exclusive(source, target)
     finally:
         source.unlink(missing_ok=True)
 
@@ -257,6 +258,7 @@ __all__ = [
     "check_entry",
     "holds",
     "is_inside",
+    "link_exclusive",
     "printable",
     "promote",
     "publish",

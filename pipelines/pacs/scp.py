@@ -26,7 +26,7 @@ from typing import Any
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipelines.pacs.dimse import _ae, _handlers
-from pipelines.safeio import RefusedError, holds, is_inside, printable
+from pipelines.safeio import RefusedError, is_inside, link_exclusive, printable
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,14 @@ class Spool:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             with os.fdopen(os.open(temp, flags, 0o600), "wb") as handle:
                 handle.write(data)
-            placed = self._place(temp, path, data)
-            if placed is None:
+            try:
+                placed = link_exclusive(temp, path, data)
+            except RefusedError:  # the UID is taken by other bytes: keep both
                 path = folder / f"{sop_uid}.{hashlib.sha256(data).hexdigest()[:16]}.dcm"
-                placed = self._place(temp, path, data)
-                if placed is None:
-                    raise OSError(f"{path} holds other bytes than its name says")
+                try:
+                    placed = link_exclusive(temp, path, data)
+                except RefusedError as refused:
+                    raise OSError(refused.reason) from None
         finally:
             temp.unlink(missing_ok=True)
         with self._lock:
@@ -98,20 +100,6 @@ class Spool:
         if self.on_received is not None:
             self.on_received(Received(study_uid, series_uid, sop_uid, path))
         return path
-
-    @staticmethod
-    def _place(temp: Path, path: Path, data: bytes) -> bool | None:
-        """Link the written ``temp`` to ``path`` unless the name is taken (never through a
-        link): True when linked, False when ``path`` held ``data`` already, None when it holds
-        something else."""
-        try:
-            os.link(temp, path, follow_symlinks=False)
-            return True
-        except FileExistsError:
-            try:
-                return False if holds(path, data) else None
-            except RefusedError:
-                return None
 
     def prune(self) -> None:
         """Remove the empty folders ingest left behind."""

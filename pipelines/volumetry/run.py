@@ -34,7 +34,7 @@ from pipelines.volumetry.verdict import finding, judge
 from qc.findings import Finding, Verdict, reason, verdict
 
 if TYPE_CHECKING:
-    from pipelines.convert.folder import ConvertedSeries, ConvertReport
+    from pipelines.convert.folder import ConvertedSeries
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,11 @@ def volumetry_configured(
     not_inputs: list[tuple[str, str, str, int]] = []
     conversion = None
     if not sources and source.is_dir():
-        conversion = _convert_first(settings, source, out, index, protocol, protocols_file, record)
+        from pipelines.convert.folder import convert_configured
+
+        conversion = convert_configured(
+            settings, source, out / "nifti", index, protocol, protocols_file, record=record
+        )
         sources, not_measured = sources_from_conversion(conversion.series)
         not_inputs = [
             (s.folder, s.description, s.reason, s.files) for s in conversion.not_converted
@@ -316,22 +320,6 @@ def volumetry_configured(
                 session, [biomarker_record(r, p) for r in known if r.volumes is not None]
             )
     return report
-
-
-def _convert_first(
-    settings: Settings,
-    source: Path,
-    out: Path,
-    index: IndexDB | None,
-    protocol: str | None,
-    protocols_file: Path | None,
-    record: bool,
-) -> ConvertReport:
-    from pipelines.convert.folder import convert_configured
-
-    return convert_configured(
-        settings, source, out / "nifti", index, protocol, protocols_file, record=record
-    )
 
 
 def sources_from_conversion(
