@@ -225,8 +225,10 @@ def anonymize_folder(
 
     With ``commit`` (which stores linkage records on the identified side), no output file is
     published before its patient's linkage is committed: each chunk of files is written into
-    ``out_root/.staging``, its new linkage committed, and then its files renamed into place. A
-    run killed at any point leaves no published file without its linkage; the rerun clears the
+    a folder of its own under ``out_root/.staging``, its new linkage committed, and then its
+    files renamed into place, chunk after chunk in input order (so of two inputs with one
+    SOPInstanceUID and other bytes the first is kept, whichever worker finished first). A run
+    killed at any point leaves no published file without its linkage; the rerun clears the
     staging folder, finds what was published already (the same bytes: not written again) and
     completes the rest."""
     report = FolderReport()
@@ -235,7 +237,10 @@ def anonymize_folder(
         _clear(staging)
     committed: set[str] = set()
 
-    def collect(results: list[tuple[FileOutcome, LinkageRecord | None]]) -> None:
+    def staged(number: int) -> Path | None:
+        return None if staging is None else staging / str(number)
+
+    def collect(number: int, results: list[tuple[FileOutcome, LinkageRecord | None]]) -> None:
         fresh = [
             link for _, link in results if link is not None and link.patient_key not in committed
         ]
@@ -243,7 +248,8 @@ def anonymize_folder(
             commit(list({link.patient_key: link for link in fresh}.values()))
             committed.update(link.patient_key for link in fresh)
         for made, link in results:
-            ended = made if staging is None else _promote(made, out_root, staging)
+            folder = staged(number)
+            ended = made if folder is None else _promote(made, out_root, folder)
             report.add(ended)
             if link is not None and ended.status == "written":
                 report.linkage.setdefault(link.patient_key, link)
@@ -254,22 +260,23 @@ def anonymize_folder(
     paths = [Path(c.path) for c in walk([source], stat=False)]
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
-        for chunk in chunks:
-            collect(_chunk(chunk, out_root, deidentifier, trusted, staging))
+        for number, chunk in enumerate(chunks):
+            collect(number, _chunk(chunk, out_root, deidentifier, trusted, staged(number)))
     else:
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
         context.set_forkserver_preload(["pipelines.anonymize.files"])
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for results in pool.map(
+            batches = pool.map(
                 _chunk,
                 chunks,
                 repeat(out_root),
                 repeat(deidentifier),
                 repeat(trusted),
-                repeat(staging),
-            ):
-                collect(results)
+                [staged(n) for n in range(len(chunks))],
+            )
+            for number, results in enumerate(batches):  # in input order
+                collect(number, results)
     if staging is not None:
         _clear(staging)
     return report
