@@ -36,8 +36,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.cohort import IDENTIFIED, CohortFilter, count, list_series  # noqa: E402
+from models.cohort import (  # noqa: E402
+    IDENTIFIED,
+    MIN_CELL_PATIENTS,
+    CohortFilter,
+    count,
+    list_series,
+)
 from models.database import open_index  # noqa: E402
+from models.disclosure import DISCLOSURE, Disclosure  # noqa: E402
 from pipelines.anonymize.keys import ProjectKey  # noqa: E402
 from pipelines.cohort.configured import roles_of  # noqa: E402
 from pipelines.cohort.refresh import refresh  # noqa: E402
@@ -241,11 +248,14 @@ def main() -> None:
     median, worst, _ = timed(lambda: refresh(index, key, protocols), args.repeats)
     figures["refresh_nothing_to_do_ms"] = f"{median:.1f} (worst {worst:.1f})"
     roles = roles_of(protocols)
+    control = Disclosure(key.derived(DISCLOSURE), MIN_CELL_PATIENTS)
     question = CohortFilter.parse(
         {"protocol": "dementia:t1_3d", "field_strength": "3", "sex": "F", "age": "65.."}, roles
     )
     queries: dict[str, Callable[[Any], Any]] = {
-        "four_filters_by_year_scanner": lambda s: count(s, question, ("year", "scanner")),
+        "four_filters_by_year_scanner": lambda s: count(
+            s, question, ("year", "scanner"), disclosure=control
+        ),
         "four_filters_by_year_scanner_identified": lambda s: count(
             s, question, ("year", "scanner"), layer=IDENTIFIED, actor="benchmark"
         ),
@@ -255,16 +265,23 @@ def main() -> None:
                 {"modality": "MR", "field_strength": "3", "sex": "F", "age": "65.."}
             ),
             ("year", "scanner"),
+            disclosure=control,
         ),
         "pattern_mprage_by_protocol": lambda s: count(
-            s, CohortFilter.parse({"series_description": "mprage"}), ("protocol",)
+            s,
+            CohortFilter.parse({"series_description": "mprage"}),
+            ("protocol",),
+            disclosure=control,
         ),
         "date_range_brain_by_sex_age_band": lambda s: count(
             s,
             CohortFilter.parse({"date": "1860..1865", "body_part": "^BRAIN$"}),
             ("sex", "age_band"),
+            disclosure=control,
         ),
-        "list_first_100_rows": lambda s: list_series(s, question, limit=100),
+        "list_first_100_rows": lambda s: list_series(
+            s, question, disclosure=control, limit=100
+        ),
     }
     for name, query in queries.items():
         with index.session() as session:
@@ -278,7 +295,10 @@ def main() -> None:
             )
     with index.session() as session:
         median, worst, _ = timed(
-            lambda: (refresh(index, key, protocols), count(session, question, ("year", "scanner"))),
+            lambda: (
+                refresh(index, key, protocols),
+                count(session, question, ("year", "scanner"), disclosure=control),
+            ),
             args.repeats,
         )
     figures["refresh_check_plus_four_filter_count_ms"] = f"{median:.1f} (worst {worst:.1f})"

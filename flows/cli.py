@@ -19,17 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
+from flows.cli_audit import add_commands as add_audit_commands
+from flows.cli_audit import run_command as run_audit_command
 from flows.cli_cohort import add_commands as add_cohort_commands
 from flows.cli_cohort import run_command as run_cohort_command
 from flows.cli_data import add_commands as add_data_commands
 from flows.cli_data import run_command as run_data_command
-from flows.output import json_only_on_stdout, write_json
-from flows.prefect_env import configure_itk
+from flows.output import cell, json_only_on_stdout, write_json
+from flows.prefect_env import configure_itk, protect_identified
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
 from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
 from pipelines.pacs.errors import PacsError
+from pipelines.safeio import RefusedError
 
 if TYPE_CHECKING:
     from models.database import IndexDB
@@ -413,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_data_commands(sub)
     add_cohort_commands(sub)
+    add_audit_commands(sub)
     return parser
 
 
@@ -443,6 +448,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     try:
         settings = load_settings(args.config)
         configure_itk(settings.itk_threads)
+        for note in protect_identified(settings):
+            err.print(Text.assemble(("repaired: ", "yellow"), cell(note)))
         if args.command == "synth":
             return _synth(args, settings, err)
         if args.command == "demo":
@@ -471,10 +478,15 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
         done = run_data_command(args, settings, err)
         if done is None:
             done = run_cohort_command(args, settings, err)
+        if done is None:
+            done = run_audit_command(args, settings, err)
         if done is not None:
             return done
     except ConfigurationError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
+        return EXIT_USAGE
+    except RefusedError as exc:  # identified data others can read and this user cannot repair
+        err.print(Text.assemble(("refused: ", "red"), cell(exc.reason)))
         return EXIT_USAGE
     except PacsError as exc:  # the PACS failed us: not the user's mistake
         err.print(f"[red]PACS error:[/red] {exc}")
@@ -654,12 +666,23 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     return EXIT_FAILURES if report.failed else EXIT_OK
 
 
+def _audit_read(index: IndexDB, action: str, detail: dict[str, Any]) -> None:
+    """A command's read of identified data, audited (the user running it is the actor)."""
+    import json
+
+    from models.linkage import audit
+
+    with index.session() as session:
+        audit(session, action, json.dumps(detail, default=str))
+
+
 def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_batch_report
     from pipelines.ingest.accounting import batch_report
 
     with _open_index(settings) as index:
         report = batch_report(index, args.name)
+        _audit_read(index, "read.batch_report", {"batch": args.name})
     if args.json:
         _emit(args, report.model_dump(mode="json"))
     else:
@@ -808,9 +831,13 @@ def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             settings, args.protocol, args.date_from, args.date_to, args.protocols
         )
     selection_id = None
-    if not args.dry_run:
-        with _open_index(settings) as index:
+    with _open_index(settings) as index:
+        if not args.dry_run:
             selection_id = record_selection(index, result, protocols_file)
+        # the studies found (accession numbers, dates) are shown: an identified read
+        detail = {"protocol": args.protocol, "studies": len(result.studies),
+                  "selection": selection_id, "dry_run": args.dry_run}  # fmt: skip
+        _audit_read(index, "read.select", detail)
     if args.json:
         _emit(args, selection_json(result, selection_id, dry_run=args.dry_run))
     else:
@@ -840,6 +867,7 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
             which = f"selection {args.selection}" if args.selection else "a selection"
             err.print(f"[red]usage error:[/red] no {which}: run `cohortflow select` first")
             return EXIT_USAGE
+        _audit_read(index, "retrieve", {"selection": chosen.id, "protocol": chosen.protocol})
         with _progress(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
             task = bar.add_task("retrieve", total=chosen.studies)
             outcome = retrieve_configured(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,7 +172,7 @@ def _filter(args: argparse.Namespace, setup: Any) -> Any:
     return CohortFilter.parse(values, setup.roles())
 
 
-def _password(args: argparse.Namespace) -> str | None:
+def password_of(args: argparse.Namespace) -> str | None:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
     if sys.stdin.isatty():
@@ -179,26 +180,32 @@ def _password(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _steward(args: argparse.Namespace, index: IndexDB, err: Console) -> str | None:
-    """The steward's name when ``--user`` and the password are right; None (said) otherwise."""
+def steward_login(
+    args: argparse.Namespace, index: IndexDB, err: Console, what: str = "the identified layer"
+) -> str | None:
+    """The steward's name when ``--user`` and the password are right; None (said, and a refusal
+    audited) otherwise. ``what`` names what needs the steward."""
+    from models.linkage import audit
     from models.users import STEWARD, authenticate
 
     if not args.user:
-        err.print("[red]usage error:[/red] the identified layer needs --user (a steward account)")
+        err.print(f"[red]usage error:[/red] {what} needs --user (a steward account)")
         return None
-    password = _password(args)
+    password = password_of(args)
     if password is None:
         err.print("[red]usage error:[/red] no terminal to ask for a password: --password-stdin")
         return None
     with index.session() as session:
         found = authenticate(session, args.user, password)
+        if found is not None and found.role != STEWARD:  # a failed login is audited already
+            detail = json.dumps({"user": args.user, "for": what, "why": f"a {found.role}"})
+            audit(session, "refused.steward", detail, actor=args.user)
     if found is None:
         err.print(f"[red]error:[/red] wrong user name or password for {args.user}")
         return None
     if found.role != STEWARD:
         err.print(
-            f"[red]error:[/red] {args.user} is a {found.role}: the identified layer is for "
-            "steward accounts only"
+            f"[red]error:[/red] {args.user} is a {found.role}: {what} is for steward accounts only"
         )
         return None
     return found.username
@@ -211,7 +218,7 @@ def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str,
         if args.user or args.password_stdin:
             err.print("[yellow]--user is only used with --identified[/yellow]")
         return DEIDENTIFIED, None
-    steward = _steward(args, index, err)
+    steward = steward_login(args, index, err)
     return (IDENTIFIED, steward) if steward else ("", None)
 
 
@@ -231,7 +238,7 @@ def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 flt,
                 by,
                 layer=layer,
-                min_cell=settings.cohort.min_cell_patients,
+                disclosure=setup.disclosure,
                 age_band=args.age_band or settings.cohort.age_band_years,
                 actor=actor,
             )
@@ -275,6 +282,12 @@ def print_counts(result: Any, console: Console) -> None:
             f"<{k}: fewer than {k} patients, suppressed; *: suppressed so that it cannot be "
             "worked out from the total"
         )
+    if result.layer == "deidentified":
+        console.print(
+            "counts are perturbed (by up to 3, the same for the same patients every time) and "
+            "rounded (cohort.round_to) so that no subtraction gives a small group away: they need "
+            "not add up"
+        )
     if result.layer == "deidentified" and "year" in result.by:
         console.print("years are those of the shifted dates the pseudonymized data carry")
 
@@ -293,8 +306,8 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             return EXIT_USAGE
         with index.session() as session:
             found = list_series(
-                session, flt, layer=layer, limit=args.limit or None, offset=args.offset,
-                actor=actor,
+                session, flt, layer=layer, disclosure=setup.disclosure,
+                limit=args.limit or None, offset=args.offset, actor=actor,
             )  # fmt: skip
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +357,7 @@ def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             args.name,
             flt,
             actor=os_user(),
+            disclosure=setup.disclosure,
             description=args.description,
             replace=args.replace,
         )
@@ -391,7 +405,7 @@ def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int
     from pipelines.cohort.configured import write_manifest
 
     with _index(settings) as index:
-        steward = _steward(args, index, err)
+        steward = steward_login(args, index, err)
         if steward is None:
             return EXIT_USAGE
         with index.session() as session:

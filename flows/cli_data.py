@@ -303,7 +303,12 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
     from pipelines.cohort.configured import CohortSetup
 
     cohorts = CohortSetup.load(settings)  # once: not a key and YAML read per page
-    app = create_app(settings, refresh=cohorts.refresh, protocols=cohorts.roles())
+    app = create_app(
+        settings,
+        refresh=cohorts.refresh,
+        protocols=cohorts.roles(),
+        disclosure=cohorts.disclosure,
+    )
     err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return EXIT_OK

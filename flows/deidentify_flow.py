@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.prefect_env import configure_itk
+from flows.prefect_env import configure_itk, protect_identified
 from flows.report import counts_markdown
 from models.database import open_index
 from models.settings import Settings, load_settings
@@ -69,6 +69,7 @@ def anonymize_task(source: Path, staging: Path, config: Path | None) -> Anonymiz
 def deface_task(staging: Path, out_dir: Path, previews: Path, config: Path | None) -> DefaceSummary:
     settings = load_settings(config)
     configure_itk(settings.itk_threads)  # before the first registration in this process
+    protect_identified(settings)
     report = deface_configured(settings, staging, out_dir, previews)
     return DefaceSummary(
         len(report.with_status("defaced")),

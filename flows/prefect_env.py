@@ -12,6 +12,12 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.safeio import lock_down
+
+if TYPE_CHECKING:
+    from models.settings import Settings
 
 
 def configure_prefect(home: Path) -> None:
@@ -28,6 +34,16 @@ def configure_prefect(home: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Dask's scheduler and workers log every connection at INFO; the run's own report is enough
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+def protect_identified(settings: Settings) -> list[str]:
+    """Owner-only from here on: the process's umask 077 (every file and folder it and its
+    children create: index, archive, spool, restricted side), and the identified paths that
+    exist made owner-only (``safeio.lock_down``; returns what was repaired, raises
+    ``RefusedError`` for a path another user owns). Called first by the command line and every
+    flow."""
+    os.umask(0o077)
+    return lock_down(settings.identified_paths())
 
 
 def configure_itk(threads: int) -> None:

@@ -31,7 +31,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.prefect_env import configure_itk
+from flows.prefect_env import configure_itk, protect_identified
 from models.database import IndexDB, open_index
 from models.settings import Settings, load_settings
 from pipelines.pacs import orthanc
@@ -173,6 +173,7 @@ def anonymize_task(ctx: steps.RunContext, study_pk: int) -> steps.StepResult:
 @task(name="deface-study", tags=CPU, cache_policy=NO_CACHE)
 def deface_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)  # before the first registration in this worker
+    protect_identified(ctx.settings)
     with _opened(ctx.settings) as index:
         return steps.deface_step(ctx, index, previous)
 
@@ -180,6 +181,7 @@ def deface_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.Step
 @task(name="qc-study", tags=CPU, cache_policy=NO_CACHE)
 def qc_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)
+    protect_identified(ctx.settings)
     with _opened(ctx.settings) as index:
         return steps.qc_step(ctx, index, previous)
 
@@ -193,6 +195,7 @@ def convert_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.Ste
 @task(name="volumetry-study", tags=CPU, cache_policy=NO_CACHE)
 def volumetry_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
     configure_itk(ctx.settings.itk_threads)
+    protect_identified(ctx.settings)
     with _opened(ctx.settings) as index:
         return steps.volumetry_step(ctx, index, previous)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.prefect_env import configure_itk
+from flows.prefect_env import configure_itk, protect_identified
 from flows.report import counts_markdown
 from models.database import open_index
 from models.settings import load_settings
@@ -36,6 +36,7 @@ class QcSummary:
 def qc_task(source: Path, protocol: str | None, config: Path | None) -> QcSummary:
     settings = load_settings(config)
     configure_itk(settings.itk_threads)  # before the first registration in this process
+    protect_identified(settings)
     index = open_index(settings.index)
     try:
         report = qc_configured(settings, source, index, protocol=protocol)

@@ -40,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
+from models.disclosure import Disclosure, cell_key
 from models.errors import CohortQueryError, did_you_mean
 from models.linkage import audit
 from models.repository import chunks, now
@@ -527,7 +528,8 @@ def _needs_protocol_join(by: Sequence[str]) -> bool:
 
 def _counting(joined: bool) -> list[Any]:
     """Patients, studies, series and instances (a series counted once when a grouping by
-    protocol joined it to several rows)."""
+    protocol joined it to several rows), and the sums of the patients', studies' and series'
+    record keys (the cell keys of models/disclosure.py)."""
     cs = CohortSeries
     series = func.count(distinct(cs.id)) if joined else func.count(cs.id)
     return [
@@ -535,7 +537,14 @@ def _counting(joined: bool) -> list[Any]:
         func.count(distinct(cs.study_pk)),
         series,
         func.coalesce(func.sum(cs.instances), 0),
+        func.coalesce(func.sum(distinct(cs.patient_rkey)), 0),
+        func.coalesce(func.sum(distinct(cs.study_rkey)), 0),
+        func.coalesce(func.sum(distinct(cs.series_rkey)), 0),
     ]
+
+
+#: the counts of a cell and the record keys each one's noise is keyed by
+_KINDS = (("patients", 0), ("studies", 1), ("series", 2), ("instances", 2))
 
 
 def count(
@@ -544,23 +553,27 @@ def count(
     by: Sequence[str] = (),
     *,
     layer: str = DEIDENTIFIED,
-    min_cell: int = MIN_CELL_PATIENTS,
+    disclosure: Disclosure | None = None,
     age_band: int = 10,
     actor: str | None = None,
 ) -> CountResult:
     """Patients, studies, series and instances matching ``flt``, in total and per group.
 
-    In the de-identified layer a cell (and the total) with fewer than ``min_cell`` patients is
-    suppressed, and so is the next smallest cell when only one was (or the total would give it
-    away). An identified count is audited with ``actor``.
+    In the de-identified layer (which needs ``disclosure``) a cell (and the total) with fewer
+    than ``disclosure.min_cell`` patients is suppressed, and so is the next smallest cell when
+    only one was (or the total would give it away); every count shown is perturbed and rounded
+    (models/disclosure.py). Every count is audited with ``actor`` and what it showed.
     """
     _check_layer(layer)
     if age_band < 1:
         raise CohortQueryError(f"age band width {age_band}: use 1 year or more")
+    if layer == DEIDENTIFIED and disclosure is None:
+        raise CohortQueryError("de-identified counts need disclosure control (the project key)")
     started = time.perf_counter()
     where = _conditions(session, flt, layer)
     total_row = session.execute(select(*_counting(False)).where(*where)).one()
     total = _cell((), total_row)
+    keys: dict[tuple[str, ...], tuple[int, int, int]] = {(): _keys(total_row)}
     cells: list[Cell] = []
     if by:
         joined = _needs_protocol_join(by)
@@ -574,9 +587,15 @@ def count(
         for row in session.execute(query.group_by(*columns)):
             key = tuple(_label(g, v, age_band) for g, v in zip(by, row[: len(by)], strict=True))
             cells.append(_cell(key, row[len(by) :]))
+            keys[key] = _keys(row[len(by) :])
         cells.sort(key=lambda c: tuple((k.startswith("("), k) for k in c.key))
-    if layer == DEIDENTIFIED:
+    min_cell = 0
+    if disclosure is not None and layer == DEIDENTIFIED:
+        min_cell = disclosure.min_cell
         total, cells = _suppress(total, cells, min_cell)
+        total = _perturbed(total, keys[()], disclosure)
+        cells = [_perturbed(c, keys[c.key], disclosure) for c in cells]
+        _audit_query(session, "count", flt, actor, {"by": list(by), **_answer(total, cells)})
     else:
         _audit_identified(
             session, "count", flt, actor, {"by": list(by), "patients": total.patients}
@@ -588,8 +607,39 @@ def count(
 
 
 def _cell(key: tuple[str, ...], counts: Sequence[Any]) -> Cell:
-    patients, studies, series, instances = (int(v) for v in counts)
+    patients, studies, series, instances = (int(v) for v in counts[:4])
     return Cell(key, patients, studies, series, instances)
+
+
+def _keys(counts: Sequence[Any]) -> tuple[int, int, int]:
+    return (cell_key(counts[4]), cell_key(counts[5]), cell_key(counts[6]))
+
+
+def _perturbed(cell: Cell, keys: tuple[int, int, int], disclosure: Disclosure) -> Cell:
+    """A shown cell's counts perturbed and rounded (a suppressed one stays as it is)."""
+    if cell.suppressed is not None or cell.patients is None:
+        return cell
+    p, st, se, i = (
+        disclosure.shown(int(getattr(cell, kind)), keys[which], kind) for kind, which in _KINDS
+    )
+    return Cell(cell.key, p, st, se, i)
+
+
+def _answer(total: Cell, cells: Sequence[Cell]) -> dict[str, Any]:
+    """What a de-identified count showed, for its audit entry."""
+    return {
+        "patients": total.patients if total.suppressed is None else total.suppressed,
+        "cells": {"/".join(c.key): c.patients if c.suppressed is None else c.suppressed
+                  for c in cells},
+    }  # fmt: skip
+
+
+def _audit_query(
+    session: Session, what: str, flt: CohortFilter, actor: str | None, detail: Mapping[str, Any]
+) -> None:
+    """Every de-identified query is audited: who asked what and what they were shown."""
+    payload = {"what": what, "filters": dict(flt.given), **detail}
+    audit(session, f"cohort.query.{what}", json.dumps(payload, default=str), actor=actor)
 
 
 def _hidden(cell: Cell, why: str) -> Cell:
@@ -671,20 +721,39 @@ class CohortList:
         }
 
 
+def _enough_patients(
+    session: Session, where: Sequence[Any], disclosure: Disclosure | None, what: str
+) -> None:
+    """Refuse a de-identified ``what`` of fewer than the smallest cell's patients."""
+    if disclosure is None:
+        raise CohortQueryError(f"a de-identified {what} needs disclosure control (the project key)")
+    patients = session.scalar(select(func.count(distinct(CohortSeries.patient_pk))).where(*where))
+    if int(patients or 0) < disclosure.min_cell:
+        raise CohortQueryError(
+            f"fewer than {disclosure.min_cell} patients match these filters: the de-identified "
+            f"layer makes no {what} of so few (cohort.min_cell_patients); widen the filters, "
+            "or ask a data steward"
+        )
+
+
 def list_series(
     session: Session,
     flt: CohortFilter,
     *,
     layer: str = DEIDENTIFIED,
+    disclosure: Disclosure | None = None,
     limit: int | None = 100,
     offset: int = 0,
     actor: str | None = None,
 ) -> CohortList:
-    """The series matching ``flt`` in the layer's columns, by date then pseudonym. An
-    identified list is audited with ``actor``."""
+    """The series matching ``flt`` in the layer's columns, by date then pseudonym. A
+    de-identified list (which needs ``disclosure``) of fewer than its smallest cell's patients
+    is refused. Every list is audited with ``actor``."""
     _check_layer(layer)
     cs = CohortSeries
     where = _conditions(session, flt, layer)
+    if layer == DEIDENTIFIED:
+        _enough_patients(session, where, disclosure, "list")
     total = int(session.scalar(select(func.count(cs.id)).where(*where)) or 0)
     day = cs.shifted_date if layer == DEIDENTIFIED else cs.study_date
     columns: list[Any] = [cs]
@@ -749,6 +818,8 @@ def list_series(
         rows.append(out)
     if layer == IDENTIFIED:
         _audit_identified(session, "list", flt, actor, {"rows": len(rows), "total": total})
+    else:
+        _audit_query(session, "list", flt, actor, {"rows": len(rows), "total": total})
     names = IDENTIFIED_COLUMNS if layer == IDENTIFIED else DEIDENTIFIED_COLUMNS
     return CohortList(layer, dict(flt.given), names, tuple(rows), total, offset)
 
@@ -797,11 +868,14 @@ def save_cohort(
     *,
     actor: str,
     layer: str = DEIDENTIFIED,
+    disclosure: Disclosure | None = None,
     description: str = "",
     replace: bool = False,
 ) -> SavedInfo:
     """Save the series matching ``flt`` now as cohort ``name`` (audited). ``replace`` renews a
-    cohort of that name; without it an existing name is an error."""
+    cohort of that name; without it an existing name is an error. In the de-identified layer
+    (which needs ``disclosure``) a cohort of fewer than the smallest cell's patients is refused
+    and the counts kept with it are perturbed as counts are."""
     _check_layer(layer)
     if not _NAME.fullmatch(name):
         raise CohortQueryError(
@@ -816,22 +890,43 @@ def save_cohort(
         session.delete(old)
         session.flush()
     where = _conditions(session, flt, layer)
+    if layer == DEIDENTIFIED:
+        _enough_patients(session, where, disclosure, "saved cohort")
     members = session.execute(
-        select(CohortSeries.series_pk, CohortSeries.study_pk, CohortSeries.patient_pk)
+        select(
+            CohortSeries.series_pk,
+            CohortSeries.study_pk,
+            CohortSeries.patient_pk,
+            CohortSeries.patient_rkey,
+            CohortSeries.study_rkey,
+            CohortSeries.series_rkey,
+        )
         .where(*where, CohortSeries.study_pk.is_not(None))
         .order_by(CohortSeries.series_pk)
     ).all()
     if not members:
         raise CohortQueryError(f"cohort {name}: no series matches the filters; nothing saved")
+    counts = {
+        "patients": len({m.patient_pk for m in members if m.patient_pk is not None}),
+        "studies": len({m.study_pk for m in members}),
+        "series": len(members),
+    }
+    if layer == DEIDENTIFIED and disclosure is not None:
+        # what a count of the same series shows: the same record keys, the same noise
+        keys = (
+            cell_key(sum({m.patient_rkey or 0 for m in members})),
+            cell_key(sum({m.study_rkey or 0 for m in members})),
+            cell_key(sum({m.series_rkey or 0 for m in members})),
+        )
+        counts = {kind: disclosure.shown(counts[kind], keys[which], kind)
+                  for kind, which in _KINDS if kind in counts}  # fmt: skip
     row = SavedCohort(
         name=name,
         description=description,
         filters={"layer": layer, "where": dict(flt.given)},
         created_by=actor,
         created_at=now(),
-        patients=len({m.patient_pk for m in members if m.patient_pk is not None}),
-        studies=len({m.study_pk for m in members}),
-        series=len(members),
+        **counts,
     )
     session.add(row)
     session.flush()

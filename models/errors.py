@@ -20,6 +20,10 @@ class ConfigurationError(CohortflowError):
     """A setting, config file or option is invalid (exit status 2 at the command line)."""
 
 
+class ProjectKeyError(ConfigurationError):
+    """The project key cannot be read or is unsafe."""
+
+
 class IndexDatabaseError(CohortflowError):
     """The archive index cannot be opened, reached or used."""
 

@@ -54,6 +54,8 @@ class InstanceHeader:
     study_description: str | None
     study_id: str | None
     institution_name: str | None
+    institution_address: str | None
+    referring_physician_name: str | None
     # series
     modality: str | None
     series_number: int | None
@@ -64,6 +66,9 @@ class InstanceHeader:
     manufacturer_model_name: str | None
     software_versions: str | None
     station_name: str | None
+    performing_physician_name: str | None
+    operators_name: str | None
+    device_serial_number: str | None
     magnetic_field_strength: float | None
     repetition_time: float | None
     echo_time: float | None

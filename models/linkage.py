@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.audit import append, audit_secret
 from models.repository import insert_ignore, now
-from models.schema import AuditEntry, Linkage
+from models.schema import Linkage
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ def os_user() -> str:
 
 
 def audit(session: Session, action: str, detail: str, actor: str | None = None) -> None:
-    """Append to the audit log; ``actor`` defaults to the user running the process."""
-    session.add(AuditEntry(at=now(), actor=actor or os_user(), action=action, detail=detail))
+    """Append to the audit log, chained (models/audit.py); ``actor`` defaults to the user
+    running the process."""
+    append(session, audit_secret(), now(), actor or os_user(), action, detail)
 
 
 def record_linkage(session: Session, records: Sequence[LinkageRecord], key_source: str) -> int:

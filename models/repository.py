@@ -280,6 +280,8 @@ def record_files(
                 "study_description": h.study_description,
                 "study_id": h.study_id,
                 "institution_name": h.institution_name,
+                "institution_address": h.institution_address,
+                "referring_physician_name": h.referring_physician_name,
             }
             for uid, h in studies.items()
         ],
@@ -332,6 +334,9 @@ def record_files(
                 "manufacturer_model_name": h.manufacturer_model_name,
                 "software_versions": h.software_versions,
                 "station_name": h.station_name,
+                "performing_physician_name": h.performing_physician_name,
+                "operators_name": h.operators_name,
+                "device_serial_number": h.device_serial_number,
                 "magnetic_field_strength": h.magnetic_field_strength,
                 "repetition_time": h.repetition_time,
                 "echo_time": h.echo_time,

@@ -119,6 +119,8 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(Text)
     study_id: Mapped[str | None] = mapped_column(Text)
     institution_name: Mapped[str | None] = mapped_column(Text)
+    institution_address: Mapped[str | None] = mapped_column(Text)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text)
 
 
 class Scanner(Base):
@@ -156,6 +158,10 @@ class Series(Base):
     manufacturer_model_name: Mapped[str | None] = mapped_column(Text)
     software_versions: Mapped[str | None] = mapped_column(Text)
     station_name: Mapped[str | None] = mapped_column(Text)
+    #: the people and the device a description may name (cleaned out of the de-identified side)
+    performing_physician_name: Mapped[str | None] = mapped_column(Text)
+    operators_name: Mapped[str | None] = mapped_column(Text)
+    device_serial_number: Mapped[str | None] = mapped_column(Text)
     magnetic_field_strength: Mapped[float | None] = mapped_column(Float)
     repetition_time: Mapped[float | None] = mapped_column(Float)
     echo_time: Mapped[float | None] = mapped_column(Float)
@@ -294,7 +300,8 @@ class Linkage(Base):
 
 
 class AuditEntry(Base):
-    """Who did what, when: linkage written or read, exports, reviews."""
+    """Who did what, when: linkage written or read, exports, reviews. Chained (models/audit.py):
+    the sequence number, the previous entry's MAC and this entry's MAC over its content."""
 
     __tablename__ = "audit_log"
 
@@ -303,6 +310,24 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(Text)
     action: Mapped[str] = mapped_column(String(40), index=True)
     detail: Mapped[str] = mapped_column(Text)
+    #: None on entries written before the chain (an index migrated from revision 0008)
+    seq: Mapped[int | None] = mapped_column(Integer, unique=True)
+    prev_mac: Mapped[str | None] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))
+    #: which secret chained it (a hash of it; "none" when the writer had no project key)
+    key_id: Mapped[str | None] = mapped_column(String(16))
+
+
+class AuditHead(Base):
+    """The newest entry of the audit chain (one row): updated first by every writer, which
+    serialises them, and compared by ``audit verify`` with the last entry (a deletion at the end
+    shows)."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(64))
 
 
 class StageResult(Base):
@@ -500,6 +525,11 @@ class CohortSeries(Base):
     pseudonym: Mapped[str | None] = mapped_column(String(32), index=True)
     pseudo_study_uid: Mapped[str] = mapped_column(UID)
     pseudo_series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    #: record keys of the patient, study and series (models/disclosure.py): keyed hashes whose
+    #: sums key the noise of de-identified counts; never shown
+    patient_rkey: Mapped[int | None] = mapped_column(Integer)
+    study_rkey: Mapped[int | None] = mapped_column(Integer)
+    series_rkey: Mapped[int | None] = mapped_column(Integer)
     #: the real study date and its year (identified layer only)
     study_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
     study_year: Mapped[int | None] = mapped_column(Integer)
@@ -559,6 +589,8 @@ class CohortState(Base):
     protocols_sha256: Mapped[str] = mapped_column(SHA256)
     #: an HMAC of a constant under the project key (never the key): pseudonyms changed with it
     key_fingerprint: Mapped[str] = mapped_column(SHA256)
+    #: the description cleaner the rows were cleaned with (pipelines/dicom/cleaner.py)
+    cleaner_version: Mapped[str] = mapped_column(Text)
     refreshed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -156,8 +156,12 @@ class CohortSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: in the de-identified layer, a count of fewer patients than this is suppressed
+    #: in the de-identified layer, a count of fewer patients than this is suppressed, and no
+    #: list, saved cohort or export of fewer patients is made
     min_cell_patients: int = Field(5, ge=1, le=1000)
+    #: de-identified counts are perturbed (models/disclosure.py) and rounded to a multiple of
+    #: this
+    round_to: int = Field(5, ge=1, le=100)
     #: width of the age bands counts are grouped by
     age_band_years: int = Field(10, ge=1, le=50)
 
@@ -236,6 +240,21 @@ class Settings(BaseSettings):
         if listed:
             return tuple(listed)
         return (self.pacs.aet if self.pacs is not None else self.orthanc.aet,)
+
+    def identified_paths(self) -> list[Path]:
+        """Everything that holds identified data and must be the owner's only: the archive, the
+        index (SQLite's file, its WAL and shared memory), the restricted side (faces, the
+        anonymized but not yet defaced copy, previews), the retrieval spool, the secrets and
+        the project key's file."""
+        home = self.home
+        paths = [self.archive, home / "restricted", home / "spool", home / "secrets"]
+        if self.index.startswith("sqlite:///"):
+            database = Path(self.index.removeprefix("sqlite:///"))
+            paths += [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+        source = str(self.pseudonym_key_source)
+        if source.startswith("file:"):
+            paths.append(Path(source.removeprefix("file:")))
+        return paths
 
     @property
     def index(self) -> str:

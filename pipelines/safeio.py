@@ -264,3 +264,38 @@ __all__ = [
     "publish",
     "read_regular",
 ]
+
+
+#: Permission bits owner-only data may not have (group and others).
+OTHERS = 0o077
+
+
+def lock_down(paths: list[Path]) -> list[str]:
+    """Make each of ``paths`` that exists owner-only (its group and other bits cleared; a
+    folder's contents are then out of others' reach whatever their own modes), and return a
+    sentence for each one repaired. A path another user owns is refused (:class:`RefusedError`
+    ``not_owner``): its owner must repair it. Symbolic links are followed (a home on another
+    disk); what they point to is what is checked."""
+    repaired = []
+    me = os.geteuid()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & OTHERS:
+            continue
+        if st.st_uid != me:
+            raise RefusedError(
+                "not_owner",
+                f"{printable(path)} holds identified data, is readable by others (mode "
+                f"{mode:04o}) and belongs to user {st.st_uid}, not to this one ({me}): its owner "
+                f"must run `chmod go-rwx {printable(path)}`",
+            )
+        os.chmod(path, mode & ~OTHERS)
+        repaired.append(
+            f"{printable(path)} held identified data readable by others (mode {mode:04o}): "
+            f"now {mode & ~OTHERS:04o}"
+        )
+    return repaired

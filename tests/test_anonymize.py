@@ -105,7 +105,7 @@ def test_basic_profile_and_options_on_a_real_file() -> None:
     assert out.StationName == out.DeviceSerialNumber == out.InstitutionName == "ANONYMIZED"
     assert "OtherPatientIDsSequence" not in out
     # descriptors kept, cleaned of the patient's name and of dates
-    assert out.SeriesDescription == "t1  3D"
+    assert out.SeriesDescription == "t1 3D"
     # UIDs remapped consistently: the reference points at the new SOP instance
     assert out.SOPInstanceUID == KEY.uid(original.SOPInstanceUID) != original.SOPInstanceUID
     assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == out.SOPInstanceUID

@@ -38,13 +38,16 @@ from pydicom.uid import (
 from flows.cli import main
 from models.database import open_index
 from models.geometry import LPS_FROM_RAS, planes_of
+from models.settings import load_settings
 from models.stages import stage_records
 from models.synth import CohortTruth, Fault
+from pipelines.anonymize.keys import ProjectKey
 from pipelines.convert import bids, sidecar
 from pipelines.convert.check import SliceGrid, check_image, grid_findings, slice_grid
 from pipelines.convert.dcm2niix import classify_output, find_dcm2niix
 from pipelines.convert.errors import ConvertError
 from pipelines.convert.folder import ConvertedSeries, ConvertReport, convert_folder
+from pipelines.dicom.cleaner import dataset_cleaner
 from pipelines.select.protocols import ProtocolSet, load_protocols
 from pipelines.synth.cohort import CohortResult
 from qc.findings import Verdict
@@ -503,12 +506,14 @@ def test_sidecar_allowlist_drops_identifying_keys_and_identifying_text() -> None
     header = Dataset()
     header.PatientName = "TESTPERSON^ALICE"
     header.StudyID = "4711"
-    clean, dropped = sidecar.drop_identifiers(
-        {**kept, "SequenceName": "tfl47115", "ScanOptions": "x4711"},
-        sidecar.identifying_values(header),
+    clean, cleaned, dropped = sidecar.clean_identifiers(
+        {**kept, "SequenceName": "tfl47115", "ScanOptions": "x 4711"},
+        dataset_cleaner(header),
     )
-    # a number counts where it stands as a whole number: 47115 is not the StudyID 4711
-    assert dropped == ["SeriesDescription", "ScanOptions"]
+    # the descriptor is cleaned, another text holding an identifier left out; a number counts
+    # where it stands as a whole number: 47115 is not the StudyID 4711
+    assert (cleaned, dropped) == (["SeriesDescription"], ["ScanOptions"])
+    assert clean["SeriesDescription"] == "t1"
     assert clean["ProtocolName"] == "t1_mprage" and clean["SequenceName"] == "tfl47115"
 
 
@@ -872,7 +877,10 @@ def test_cli_json_exit_codes_and_stage_results(
         with index.session() as session:
             rows = stage_records(session, "convert")
         assert len(rows) == 2
-        row = next(r for r in rows if r.series_uid == t1["series"])
+        # the input was not de-identified: the rows are keyed by the anonymizer's UIDs
+        key = ProjectKey.load(str(load_settings().pseudonym_key_source))
+        assert t1["series"] not in {r.series_uid for r in rows}
+        row = next(r for r in rows if r.series_uid == key.uid(t1["series"]))
         assert row.status == "pass" and row.protocol == "ms" and row.role == "t1_3d"
         assert row.method_version == f"convert-1 dcm2niix {document['dcm2niix']}"
         assert row.metrics["converter"] == "dcm2niix" and row.metrics["slices"] == 24

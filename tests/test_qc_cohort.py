@@ -15,8 +15,10 @@ import pytest
 from flows.cli import main
 from models.database import open_index
 from models.scanners import load_known_scanners
+from models.settings import load_settings
 from models.stages import StageRecord, record_stages, stage_records
 from models.synth import Fault
+from pipelines.anonymize.keys import ProjectKey
 from pipelines.deface.template import Template, load_brain_template
 from pipelines.quality.folder import HEADER, IMAGE, QcReport, qc_folder
 from pipelines.select.protocols import load_protocols
@@ -116,11 +118,18 @@ def test_cli_records_results_in_the_index_once_and_compares_with_them(
     assert [st["stage"] for st in t1["stages"]] == [HEADER, IMAGE]
     assert t1["stages"][1]["metrics"]["snrd_wm"] > 8
     index = open_index(f"sqlite:///{home / 'index.sqlite'}")
+    key = ProjectKey.load(str(load_settings().pseudonym_key_source))
     try:
         with index.session() as session:
             first = stage_records(session)
         assert len(first) == sum(len(s["stages"]) for s in out["series"])
-        row = next(r for r in first if r.series_uid == t1["series"] and r.stage == IMAGE)
+        # the folder was not de-identified: its results are kept under the UIDs the anonymizer
+        # gives it, and no real UID reaches the de-identified side (the dashboard reads these)
+        real = {s["series"] for s in out["series"]} | {s["study"] for s in out["series"]}
+        assert not real & ({r.series_uid for r in first} | {r.study_uid for r in first})
+        assert {r.series_uid for r in first} == {key.uid(s["series"]) for s in out["series"]}
+        t1_pseudo = key.uid(t1["series"])
+        row = next(r for r in first if r.series_uid == t1_pseudo and r.stage == IMAGE)
         assert row.status == "pass" and row.protocol == study.protocol and row.input_sha256
         assert row.metrics["snrd_wm"] == t1["stages"][1]["metrics"]["snrd_wm"]
         # a rerun replaces, never duplicates

@@ -236,9 +236,13 @@ def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_volumes_of_a_warped_atrophied_head_and_the_same_numbers_again(
+def test_volumes_of_a_warped_atrophied_head(
     head_model: object, model_cache: Path, tmp_path: Path, figures: Callable[[str], None]
 ) -> None:
+    """Accuracy on one strongly warped, atrophied head. That the numbers are the same on every
+    run (fixed seeds, one ITK thread) is checked across processes by the protocol runs: the
+    Dask run's volumes equal the single-process run's to 0.001 ml (tests/test_protocol_run.py);
+    a second measure here cost 50 s for nothing more."""
     from pipelines.atlas.headmodel import HeadModel
     from pipelines.synth import subjects
     from pipelines.volumetry.atlas import load_atlas
@@ -254,8 +258,6 @@ def test_volumes_of_a_warped_atrophied_head_and_the_same_numbers_again(
     nib.save(img, tmp_path / "t1.nii.gz")
     atlas = load_atlas(model_cache)
     first = measure(read_t1(tmp_path / "t1.nii.gz"), atlas)
-    again = measure(read_t1(tmp_path / "t1.nii.gz"), atlas)
-    assert first.volumes == again.volumes  # deterministic: fixed seeds, one ITK thread
     v, t = first.volumes, subj.volumes
     icv_err = v.icv_ml / t.icv_ml - 1
     brain_err = v.brain_ml / t.brain_ml - 1

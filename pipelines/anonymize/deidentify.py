@@ -16,8 +16,7 @@ Instances that may carry burned-in text are refused with a reason instead.
 from __future__ import annotations
 
 import datetime as dt
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom._uid_dict import UID_dictionary
@@ -31,6 +30,7 @@ from pydicom.tag import BaseTag
 from models.ingest import patient_key
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import Profile
+from pipelines.dicom.cleaner import IDENTIFYING, Cleaner, identifying_words
 
 #: CID 7050 De-identification Method codes (scheme DCM).
 CID_7050 = {
@@ -58,36 +58,10 @@ _DUMMY = {
     "UI": "",
 }
 _MAX = {"SH": 16, "CS": 16, "AE": 16, "LO": 64, "PN": 64}
-#: Identifying values a descriptor is cleaned of, read from the data set before it is changed.
-_IDENTIFYING = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "InstitutionName",
-    "InstitutionAddress",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyID",
-)
-_IDENTIFYING_TAGS = tuple((k, BaseTag(tag_for_keyword(k) or 0)) for k in _IDENTIFYING)
+#: the tags of the values descriptors are cleaned of (pipelines/dicom/cleaner.py)
+_IDENTIFYING_TAGS = tuple((k, BaseTag(tag_for_keyword(k) or 0)) for k in IDENTIFYING)
 #: Character sets whose raw bytes decode with one Python codec (no code extensions).
 _RAW_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
-_LONG_NUMBER = re.compile(r"\d{6,}")
-
-
-def identifying_words(split: Iterable[str], whole: Iterable[str] = ()) -> tuple[str, ...]:
-    """The words a description must lose (clean descriptors): each value of ``split`` and its
-    parts (split at ``^``, spaces, ``,``, ``/``, ``=``, ``\\``), each of ``whole`` as it is;
-    three characters or more, longest first."""
-    found = set(whole)
-    for value in split:
-        found.add(value)
-        found.update(re.split(r"[\^\s,/=\\]+", value))
-    return tuple(sorted((v for v in found if len(v.strip()) >= 3), key=lambda w: (-len(w), w)))
 
 
 @dataclass(frozen=True)
@@ -212,7 +186,9 @@ class Deidentifier:
                 # read as text without building pydicom values (PersonName is slow to make)
                 raw = (element.value or b"").decode(codec, "replace").strip("\x00 ")
             else:
-                raw = str(ds.get(keyword, "") or "")
+                value = ds.get(keyword, "") or ""
+                multi = isinstance(value, (list, tuple, MultiValue))
+                raw = "\\".join(str(v) for v in value) if multi else str(value)
             values.append(raw)
         others = [
             str(item.get("PatientID", "")) for item in ds.get("OtherPatientIDsSequence") or []
@@ -221,15 +197,7 @@ class Deidentifier:
         cached = self._cleaners.get(words)
         if cached is not None:
             return cached
-        pattern = (
-            re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
-        )
-
-        def clean(text: str) -> str:
-            if pattern is not None:
-                text = pattern.sub("", text)
-            return _LONG_NUMBER.sub("", text).strip(" _-^/")
-
+        clean = Cleaner(words)
         if len(self._cleaners) > 4096:  # a long run over many patients: bound the memory
             self._cleaners.clear()
         self._cleaners[words] = clean

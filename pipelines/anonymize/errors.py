@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from models.errors import CohortflowError, ConfigurationError
+from models.errors import CohortflowError, ConfigurationError, ProjectKeyError
+
+__all__ = ["AnonymizeError", "ProfileError", "ProjectKeyError"]
 
 
 class ProfileError(ConfigurationError):
     """The de-identification profile is invalid; the message says where."""
-
-
-class ProjectKeyError(ConfigurationError):
-    """The project key cannot be read or is unsafe."""
 
 
 class AnonymizeError(CohortflowError):

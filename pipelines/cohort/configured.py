@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.cohort import ManifestRow, cohort_studies
 from models.database import IndexDB
+from models.disclosure import DISCLOSURE, Disclosure
 from models.errors import ManifestError
 from models.settings import Settings
 from pipelines.anonymize.keys import ProjectKey
@@ -36,13 +37,12 @@ class CohortSetup:
 
     key: ProjectKey
     protocols: ProtocolSet
+    disclosure: Disclosure
 
     @classmethod
     def load(cls, settings: Settings) -> CohortSetup:
-        return cls(
-            ProjectKey.load(str(settings.pseudonym_key_source)),
-            load_protocols(settings.protocols_file),
-        )
+        key = ProjectKey.load(str(settings.pseudonym_key_source))
+        return cls(key, load_protocols(settings.protocols_file), disclosure_of(key, settings))
 
     def refresh(self, index: IndexDB) -> RefreshSummary:
         """Bring the cohort table up to date with the index."""
@@ -51,6 +51,14 @@ class CohortSetup:
     def roles(self) -> dict[str, list[str]]:
         """Protocol name -> its include rules, for checking cohort filters."""
         return roles_of(self.protocols)
+
+
+def disclosure_of(key: ProjectKey, settings: Settings) -> Disclosure:
+    """The disclosure control of de-identified counts, keyed by a secret derived from the
+    project key (models/disclosure.py)."""
+    return Disclosure(
+        key.derived(DISCLOSURE), settings.cohort.min_cell_patients, settings.cohort.round_to
+    )
 
 
 def refresh_configured(settings: Settings, index: IndexDB) -> RefreshSummary:

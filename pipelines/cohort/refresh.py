@@ -2,22 +2,24 @@
 
 Incremental: a refresh rewrites the rows of the studies that received series or instances since
 the last one, and the QC verdicts of the series that stages or reviewers judged since; it
-rebuilds everything when the protocol rules or the project key changed. Doing nothing costs
-four indexed ``max(id)`` queries, so callers refresh before every query.
+rebuilds everything when the protocol rules, the project key or the cleaner changed. Doing
+nothing costs four indexed ``max(id)`` queries, so callers refresh before every query.
 
 The de-identified columns are made here with the project key, as the anonymizer makes them:
 the pseudonym and date offset of the patient, the pseudonymized UIDs (the stages' keys, so the
-QC verdicts join). Descriptions lose the patient's own identifiers (name, IDs, birth date,
-accession number) as the anonymizer's clean-descriptors option does.
+QC verdicts join). Descriptions are cleaned by the anonymizer's cleaner
+(pipelines/dicom/cleaner.py) of what the index holds for the patient, the study and the series
+(names of the patient, physicians and operators, IDs, accession number, institution, station,
+device serial), of long digit runs and of written dates; a new cleaner version rebuilds the
+table.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +27,7 @@ from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from models.database import IndexDB
+from models.disclosure import DISCLOSURE, record_key
 from models.repository import chunks, insert_ignore, now
 from models.reviews import latest_reviews, reviewed_verdict
 from models.schema import (
@@ -40,8 +43,8 @@ from models.schema import (
     StageResult,
     Study,
 )
-from pipelines.anonymize.deidentify import identifying_words
 from pipelines.anonymize.keys import ProjectKey
+from pipelines.dicom.cleaner import CLEANER_VERSION, cleaner_for
 from pipelines.dicom.rules import Attributes
 from pipelines.select.listed import index_attributes
 from pipelines.select.protocols import Protocol, ProtocolSet
@@ -83,7 +86,8 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
             state is not None
             and (state.series_mark, state.instance_mark, state.history_mark, state.review_mark)
             == _marks(session)
-            and (state.protocols_sha256, state.key_fingerprint) == (digest, fingerprint)
+            and (state.protocols_sha256, state.key_fingerprint, state.cleaner_version)
+            == (digest, fingerprint, CLEANER_VERSION)
         ):
             return RefreshSummary(False, 0, 0, 0, time.perf_counter() - started)
     with index.session() as session:
@@ -99,6 +103,7 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
                     "review_mark": 0,
                     "protocols_sha256": "",
                     "key_fingerprint": "",
+                    "cleaner_version": "",
                     "refreshed_at": now(),
                 }
             ],
@@ -111,7 +116,11 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
         state = session.get(CohortState, 1)
         assert state is not None
         marks = _marks(session)
-        rebuilt = (state.protocols_sha256, state.key_fingerprint) != (digest, fingerprint)
+        rebuilt = (state.protocols_sha256, state.key_fingerprint, state.cleaner_version) != (
+            digest,
+            fingerprint,
+            CLEANER_VERSION,
+        )
         if rebuilt:
             session.execute(delete(CohortProtocol))
             session.execute(delete(CohortSeries))
@@ -179,6 +188,7 @@ def refresh(index: IndexDB, key: ProjectKey, protocols: ProtocolSet) -> RefreshS
             session.execute(text("ANALYZE cohort_protocols"))
         state.series_mark, state.instance_mark, state.history_mark, state.review_mark = marks
         state.protocols_sha256, state.key_fingerprint = digest, fingerprint
+        state.cleaner_version = CLEANER_VERSION
         summary = RefreshSummary(
             rebuilt, len(studies), written, len(judged) + len(builder.judged),
             time.perf_counter() - started,
@@ -236,32 +246,12 @@ def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
     return min(years, MAX_AGE) if years >= 0 else None
 
 
-def _scrubber(values: Iterable[str | None]) -> Callable[[str | None], str | None]:
-    """Removes the patient's own identifying words (the anonymizer's) from a description.
-
-    Descriptions rarely hold one, so a plain search comes first and a pattern is made only
-    for a description that does."""
-    chosen = identifying_words(v for v in values if v)
-    lowered = [w.lower() for w in chosen]
-
-    def scrub(text: str | None) -> str | None:
-        if not text:
-            return text
-        folded = text.lower()
-        hits = [w for w, low in zip(chosen, lowered, strict=True) if low in folded]
-        if not hits:
-            return text
-        pattern = re.compile("|".join(re.escape(w) for w in hits), re.IGNORECASE)
-        return pattern.sub("", text).strip(" _-^/") or None
-
-    return scrub
-
-
 class _Builder:
     """Writes the rows of whole studies (a protocol decides on all the series of a study)."""
 
     def __init__(self, key: ProjectKey, protocols: ProtocolSet) -> None:
         self.key = key
+        self.secret = key.derived(DISCLOSURE)
         self.protocols = protocols
         self.done: set[int] = set()
         self.judged: set[str] = set()
@@ -380,6 +370,11 @@ class _Builder:
     ) -> list[dict[str, Any]]:
         key = self.key
         pseudonym = offset = None
+        patient_rkey = study_rkey = None
+        if patient is not None:
+            patient_rkey = record_key(self.secret, "patient", patient.patient_key)
+        if study is not None:
+            study_rkey = record_key(self.secret, "study", study.study_instance_uid)
         if patient is not None:
             pseudonym = key.pseudonym(patient.patient_key)
             offset = key.date_offset_days(patient.patient_key)
@@ -387,19 +382,35 @@ class _Builder:
         shifted = (
             day + dt.timedelta(days=offset) if day is not None and offset is not None else None
         )
-        scrub = _scrubber(
-            [
-                patient.patient_id if patient else None,
-                patient.patient_name if patient else None,
-                patient.patient_birth_date if patient else None,
-                study.accession_number if study else None,
-                study.study_id if study else None,
-            ]
-        )
+        known = [
+            patient.patient_id if patient else None,
+            patient.patient_name if patient else None,
+            patient.patient_birth_date if patient else None,
+            *(
+                (
+                    study.accession_number,
+                    study.study_id,
+                    study.institution_name,
+                    study.institution_address,
+                    study.referring_physician_name,
+                )
+                if study
+                else ()
+            ),
+        ]
         sex = (patient.patient_sex or "").strip().upper()[:1] if patient else ""
         out = []
         for se, _, _ in members:
             acquisition = (se.mr_acquisition_type or "").strip().upper()
+            scrub = cleaner_for(
+                [
+                    *known,
+                    se.performing_physician_name,
+                    se.operators_name,
+                    se.station_name,
+                    se.device_serial_number,
+                ]
+            ).optional()
             out.append(
                 {
                     "series_pk": se.id,
@@ -408,6 +419,9 @@ class _Builder:
                     "pseudonym": pseudonym,
                     "pseudo_study_uid": key.uid(study.study_instance_uid) if study else "",
                     "pseudo_series_uid": key.uid(se.series_instance_uid),
+                    "patient_rkey": patient_rkey,
+                    "study_rkey": study_rkey,
+                    "series_rkey": record_key(self.secret, "series", se.series_instance_uid),
                     "study_date": day,
                     "study_year": day.year if day else None,
                     "shifted_date": shifted,

@@ -73,7 +73,7 @@ CHECKS: Mapping[str, Check] = _checks(
     ("convert.sitk_failed", _F, "SimpleITK reads the series"),
     ("convert.fallback", _W, "dcm2niix converted the series (else SimpleITK did)"),
     ("convert.extra_outputs", _I, "dcm2niix wrote one image (the others are listed)"),
-    ("convert.sidecar_identifier", _W, "no kept sidecar value holds an identifier of the header"),
+    ("convert.sidecar_identifier", _W, "no sidecar text held an identifier (cleaned or left out)"),
     # the result against the DICOM
     ("convert.not_3d", _F, "the image is one 3D volume"),
     ("convert.orientation", _F, "the image axes are the DICOM row, column and slice axes"),

@@ -37,6 +37,7 @@ from models.errors import GeometryError
 from models.geometry import Plane, planes_of
 from models.settings import Settings
 from models.stages import StageRecord, record_stages
+from pipelines.anonymize.keys import ProjectKey
 from pipelines.convert import bids, sidecar
 from pipelines.convert.check import (
     ImageCheck,
@@ -57,7 +58,9 @@ from pipelines.convert.dcm2niix import (
 from pipelines.convert.errors import ConvertError
 from pipelines.convert.sitk import NAME as SITK
 from pipelines.convert.sitk import convert_with_sitk, sitk_version
+from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
+from pipelines.dicom.identified import is_deidentified, keyed_by_pseudonyms
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -118,6 +121,9 @@ class ConvertedSeries:
     input_sha256: str = ""  # SHA-256 over the sorted SHA-256 of its files
     seconds: float = 0.0
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    #: for a series that was not de-identified, the cleaner of its identifiers: its result is
+    #: recorded under the pseudonymized UIDs, cleaned (pipelines/dicom/identified.py)
+    identified: Cleaner | None = field(default=None, compare=False, repr=False)
     files: int = 0  # the input files of the series: every file is accounted for
 
     @property
@@ -589,16 +595,17 @@ def _convert_series(
                     len(chosen.extra),
                 )
             )
-        content, dropped = sidecar.drop_identifiers(
-            chosen.sidecar, sidecar.identifying_values(header)
+        content, cleaned, dropped = sidecar.clean_identifiers(
+            chosen.sidecar, dataset_cleaner(header)
         )
-        if dropped:
+        if cleaned or dropped:
+            what = [f"{', '.join(cleaned)} cleaned"] if cleaned else []
+            what += [f"{', '.join(dropped)} left out"] if dropped else []
             findings.append(
                 finding(
                     "convert.sidecar_identifier",
-                    f"sidecar keys {', '.join(dropped)} held an identifying value of the header: "
-                    "left out",
-                    len(dropped),
+                    f"sidecar text held an identifying value of the header: {'; '.join(what)}",
+                    len(cleaned) + len(dropped),
                 )
             )
         content = sidecar.with_provenance(
@@ -662,6 +669,7 @@ def _convert_series(
         input_sha256=input_sha,
         seconds=seconds,
         metrics=metrics,
+        identified=None if is_deidentified(header) else dataset_cleaner(header),
     )
 
 
@@ -889,6 +897,7 @@ def _failed(
         software_versions=header_text(header, "SoftwareVersions"),
         input_sha256=input_sha256,
         seconds=round(seconds, 3),
+        identified=None if is_deidentified(header) else dataset_cleaner(header),
     )
 
 
@@ -947,8 +956,16 @@ def convert_configured(
         progress=progress,
     )
     if index is not None and record:
+        rows = []
+        key: ProjectKey | None = None
+        for r in report.series:
+            row = stage_record(r, report.method_version)
+            if r.identified is not None:
+                key = key or ProjectKey.load(str(settings.pseudonym_key_source))
+                row = keyed_by_pseudonyms(row, key.uid, r.identified)
+            rows.append(row)
         with index.session() as session:
-            record_stages(session, [stage_record(r, report.method_version) for r in report.series])
+            record_stages(session, rows)
     return report
 
 

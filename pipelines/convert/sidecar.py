@@ -4,9 +4,10 @@ dcm2niix's own anonymization is not enough: even with ``-ba y`` its sidecar keep
 InstitutionName, InstitutionAddress, StationName, DeviceSerialNumber and ImageComments (free text
 that may hold a name). So every key not listed in :data:`ALLOWED` is dropped, whatever wrote
 the sidecar; dates and times are never listed. SeriesDescription and ProtocolName are kept (a
-reader needs them) but they are free text: a kept text value that contains an identifying value
-of the series' own header (names, IDs, dates, institution, station, serial number) is dropped
-as well and reported.
+reader needs them) but they are free text: they are cleaned by the anonymizer's cleaner built
+from the series' own header (names, IDs, institution, station, serial number, written dates,
+long numbers; pipelines/dicom/cleaner.py), and any other kept text value holding one of those is
+dropped; both are reported.
 
 The same sidecar is built from the DICOM headers (pydicom) when SimpleITK converted the series;
 times become seconds as BIDS asks. cohortflow adds its own keys, all prefixed ``Cohortflow``.
@@ -15,11 +16,12 @@ times become seconds as BIDS asks. cohortflow adds its own keys, all prefixed ``
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydicom.dataset import Dataset
+
+from pipelines.dicom.cleaner import Cleaner
 
 #: The acquisition keys a sidecar may hold (BIDS names, in BIDS' order of topics). Changing this
 #: list changes what leaves the identified side: review it like the de-identification profile.
@@ -72,29 +74,8 @@ ALLOWED: tuple[str, ...] = (
     "ConversionSoftwareVersion",
 )
 
-#: Header attributes whose values must never reach a sidecar (looked for inside kept text).
-IDENTIFYING: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "OtherPatientIDs",
-    "PatientBirthDate",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "InstitutionName",
-    "InstitutionAddress",
-    "StationName",
-    "DeviceSerialNumber",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "OperatorsName",
-)
+#: Free text a reader needs, kept cleaned (pipelines/dicom/cleaner.py) rather than dropped.
+DESCRIPTORS = ("SeriesDescription", "ProtocolName")
 
 
 def from_dcm2niix(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -195,30 +176,6 @@ def from_headers(ds: Dataset) -> dict[str, Any]:
 
 
 _INTEGERS = ("SeriesNumber", "AcquisitionNumber", "EchoTrainLength")
-_DIGITS = re.compile(r"[0-9]+")
-
-
-def identifying_values(ds: Dataset) -> set[str]:
-    """The identifying values of a header (a person's name also by its components), to look
-    for in kept text. Values shorter than three characters are not looked for."""
-    values: set[str] = set()
-    for keyword in IDENTIFYING:
-        if keyword not in ds:
-            continue
-        element = ds[keyword]
-        value = element.value
-        if value is None:
-            continue
-        items = list(value) if element.VM > 1 else [value]
-        for item in items:
-            text = str(item).strip()
-            values.add(text)
-            if element.VR == "PN":
-                values.update(part.strip() for part in text.split("^"))
-    for item in ds.get("OtherPatientIDsSequence") or []:
-        if "PatientID" in item:
-            values.add(str(item.PatientID).strip())
-    return {v for v in values if len(v) >= 3}
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -229,27 +186,28 @@ def _strings(value: Any) -> Iterable[str]:
             yield from _strings(item)
 
 
-def drop_identifiers(
-    sidecar: Mapping[str, Any], identifying: set[str]
-) -> tuple[dict[str, Any], list[str]]:
-    """The sidecar without any text value that holds one of ``identifying`` (case-insensitive;
-    a number only where it stands as a whole number), and the keys dropped."""
+def clean_identifiers(
+    sidecar: Mapping[str, Any], clean: Cleaner
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The sidecar with its descriptors cleaned by ``clean`` (the header's cleaner) and without
+    any other text value that holds one of the header's identifying words (a version number is
+    no date); the keys cleaned and the keys dropped."""
     kept: dict[str, Any] = {}
+    cleaned: list[str] = []
     dropped: list[str] = []
-    words = {v.lower() for v in identifying if not v.isdigit()}
-    numbers = {v for v in identifying if v.isdigit()}
     for key, value in sidecar.items():
-        hit = False
-        for text in _strings(value):
-            lower = text.lower()
-            if any(w in lower for w in words) or numbers & set(_DIGITS.findall(text)):
-                hit = True
-                break
-        if hit:
+        if key in DESCRIPTORS and isinstance(value, str):
+            text = clean(value)
+            if text != value:
+                cleaned.append(key)
+            if text:
+                kept[key] = text
+            continue
+        if any(clean.names(text) for text in _strings(value)):
             dropped.append(key)
         else:
             kept[key] = value
-    return kept, dropped
+    return kept, cleaned, dropped
 
 
 def with_provenance(

@@ -51,7 +51,7 @@ class ArchiveStore:
             return False
         self._make_folder(target)
         temporary = target.with_name(f".{sha256}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
         try:
             view = memoryview(data)
             while view:
@@ -83,7 +83,7 @@ class ArchiveStore:
         if linked.st_size != size or (mtime_ns is not None and linked.st_mtime_ns != mtime_ns):
             target.unlink()
             return self.put(sha256, data)
-        target.chmod(0o444)
+        target.chmod(0o400)
         return True
 
     def iter_blob_files(self) -> Iterator[Path]:

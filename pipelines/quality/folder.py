@@ -25,8 +25,11 @@ from models.geometry import planes_of, reference_volume, stack_pixels
 from models.scanners import KnownScanners
 from models.settings import Settings
 from models.stages import StageRecord, cohort_metrics, record_stages
+from pipelines.anonymize.keys import ProjectKey
 from pipelines.deface.template import Template
+from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
+from pipelines.dicom.identified import is_deidentified, keyed_by_pseudonyms
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -88,6 +91,9 @@ class SeriesQc:
     evidence: str = ""
     #: the input files of the series (damaged ones included): every file is accounted for
     files: int = 0
+    #: for a series that was not de-identified, the cleaner of its identifiers: its results
+    #: are recorded under the pseudonymized UIDs, cleaned (pipelines/dicom/identified.py)
+    identified: Cleaner | None = field(default=None, compare=False, repr=False)
 
     @property
     def verdict(self) -> Verdict:
@@ -296,6 +302,7 @@ def qc_series(
         input_sha256=hashlib.sha256("".join(sorted(digests)).encode()).hexdigest(),
         stages=tuple(stages),
         files=len(entries),
+        identified=None if is_deidentified(first) else dataset_cleaner(first),
     )
 
 
@@ -473,6 +480,14 @@ def qc_configured(
 
     report = qc_folder(source, protocols, scanners, template, protocol, history, progress)
     if index is not None and record:
+        rows = []
+        key: ProjectKey | None = None
+        for r in report.series:
+            if r.identified is None:
+                rows += stage_records(r)
+                continue
+            key = key or ProjectKey.load(str(settings.pseudonym_key_source))
+            rows += [keyed_by_pseudonyms(row, key.uid, r.identified) for row in stage_records(r)]
         with index.session() as session:
-            record_stages(session, [row for r in report.series for row in stage_records(r)])
+            record_stages(session, rows)
     return report

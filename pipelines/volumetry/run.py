@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,8 @@ import numpy as np
 from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from pipelines.anonymize.keys import ProjectKey
+from pipelines.dicom.identified import keyed_by_pseudonyms
 from pipelines.dicomfolder import SkippedFile
 from pipelines.ingest.archive import hash_file
 from pipelines.safeio import RefusedError, check_entry, printable
@@ -313,12 +315,32 @@ def volumetry_configured(
         skipped=() if conversion is None else conversion.skipped,
     )
     if index is not None and record:
+        known = [r for r in results if r.source.series and r.source.study]
+        rows = [stage_record(r) for r in known]
+        measured = [biomarker_record(r, p) for r in known if r.volumes is not None]
+        # series that were not de-identified: kept under the anonymizer's UIDs, cleaned
+        identified = {
+            s.series: s.identified
+            for s in (conversion.series if conversion is not None else ())
+            if s.identified is not None
+        }
+        if identified:
+            key = ProjectKey.load(str(settings.pseudonym_key_source))
+            rows = [
+                keyed_by_pseudonyms(row, key.uid, identified[row.series_uid])
+                if row.series_uid in identified
+                else row
+                for row in rows
+            ]
+            measured = [
+                replace(b, series_uid=key.uid(b.series_uid), study_uid=key.uid(b.study_uid))
+                if b.series_uid in identified
+                else b
+                for b in measured
+            ]
         with index.session() as session:
-            known = [r for r in results if r.source.series and r.source.study]
-            record_stages(session, [stage_record(r) for r in known])
-            record_biomarkers(
-                session, [biomarker_record(r, p) for r in known if r.volumes is not None]
-            )
+            record_stages(session, rows)
+            record_biomarkers(session, measured)
     return report
 
 

@@ -42,7 +42,9 @@ from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 
 from models.database import IndexDB, open_index
+from models.disclosure import Disclosure
 from models.errors import CohortflowError
+from models.linkage import audit
 from models.reviews import DECISIONS, record_review
 from models.settings import Settings
 from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, account, authenticate
@@ -56,6 +58,8 @@ READ = (REVIEWER, RESEARCHER, STEWARD, ADMIN)
 REVIEW = (REVIEWER, ADMIN)
 EXPORT = (RESEARCHER, ADMIN)
 AUDIT = (STEWARD, ADMIN)
+#: entries per page of the audit log
+AUDIT_PAGE = 200
 #: the identified layer of cohort discovery: the data steward only
 IDENTIFIED_ROLES = (STEWARD,)
 
@@ -82,12 +86,15 @@ def create_app(
     *,
     refresh: Callable[[IndexDB], object] | None = None,
     protocols: Mapping[str, Sequence[str]] | None = None,
+    disclosure: Disclosure | None = None,
 ) -> FastAPI:
     """The dashboard over ``settings``' index (or ``index``, left open for the caller).
 
-    ``refresh`` brings cohort discovery's table up to date before a cohort query, and
-    ``protocols`` (name -> include rules) checks protocol filters; the command line passes
-    both (they live in ``pipelines``, which the dashboard does not import)."""
+    ``refresh`` brings cohort discovery's table up to date before a cohort query,
+    ``protocols`` (name -> include rules) checks protocol filters and ``disclosure`` protects
+    the de-identified counts (keyed by the project key); the command line passes all three
+    (they live in ``pipelines``, which the dashboard does not import). Without ``disclosure``
+    the de-identified cohort pages refuse to answer."""
     state: dict[str, IndexDB] = {}
 
     @asynccontextmanager
@@ -167,8 +174,19 @@ def create_app(
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
 
+    def refused(request: Request, action: str, detail: dict[str, Any], actor: str) -> None:
+        """A refusal is audited (who, what they asked, why)."""
+        client = request.client.host if request.client else None
+        payload = {"method": request.method, "path": request.url.path, "client": client, **detail}
+        with db() as session:
+            audit(session, action, json.dumps(payload, default=str), actor=actor or "anonymous")
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (401, 403):
+            who = str(request.session.get("user", "") or "")
+            refused(request, "refused.dashboard", {"status": exc.status_code,
+                                                   "why": str(exc.detail)}, who)  # fmt: skip
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         return render(request, "error.html", None, exc.status_code, message=exc.detail)
@@ -188,7 +206,7 @@ def create_app(
     ) -> Response:
         with db() as session:
             found = authenticate(session, username.strip(), password)
-        if found is None:
+        if found is None:  # audited by authenticate
             return render(request, "login.html", None, 401, next=_local(next), failed=True)
         _open_session(request, found)
         return RedirectResponse(_local(next), status_code=303)
@@ -200,11 +218,12 @@ def create_app(
         return RedirectResponse("/login", status_code=303)
 
     @app.post("/api/login")
-    def api_login(request: Request, body: dict[str, str]) -> dict[str, str]:
+    def api_login(request: Request, body: dict[str, str]) -> Any:
+        name = str(body.get("username", ""))
         with db() as session:
-            found = authenticate(session, body.get("username", ""), body.get("password", ""))
-        if found is None:
-            raise HTTPException(401, "wrong user name or password")
+            found = authenticate(session, name, str(body.get("password", "")))
+        if found is None:  # audited by authenticate
+            return JSONResponse({"detail": "wrong user name or password"}, status_code=401)
         _open_session(request, found)
         return {"user": found.username, "role": found.role, "csrf": request.session["csrf"]}
 
@@ -487,15 +506,18 @@ def create_app(
         from models.cohort import count
 
         with db() as session:
-            return count(
-                session,
-                flt,
-                by,
-                layer=layer,
-                min_cell=settings.cohort.min_cell_patients,
-                age_band=settings.cohort.age_band_years,
-                actor=who.username,
-            )
+            try:
+                return count(
+                    session,
+                    flt,
+                    by,
+                    layer=layer,
+                    disclosure=disclosure,
+                    age_band=settings.cohort.age_band_years,
+                    actor=who.username,
+                )
+            except CohortflowError as exc:
+                raise HTTPException(400, str(exc)) from exc
 
     def fresh() -> None:
         if refresh is not None:
@@ -554,15 +576,19 @@ def create_app(
 
         fresh()
         flt, _, layer, _ = cohort_query(request, who)
-        with db() as session:
-            found = list_series(
-                session,
-                flt,
-                layer=layer,
-                limit=min(max(limit, 1), 1000),
-                offset=max(offset, 0),
-                actor=who.username,
-            )
+        try:
+            with db() as session:
+                found = list_series(
+                    session,
+                    flt,
+                    layer=layer,
+                    disclosure=disclosure,
+                    limit=min(max(limit, 1), 1000),
+                    offset=max(offset, 0),
+                    actor=who.username,
+                )
+        except CohortflowError as exc:
+            raise HTTPException(400, str(exc)) from exc
         return dict(json.loads(json.dumps(found.as_dict(), default=str)))
 
     def save(who: Account, name: str, description: str, values: dict[str, str]) -> Any:
@@ -573,7 +599,12 @@ def create_app(
             flt = CohortFilter.parse({k: values.get(k) for k in FILTER_NAMES}, protocols)
             with db() as session:
                 return save_cohort(
-                    session, name.strip(), flt, actor=who.username, description=description
+                    session,
+                    name.strip(),
+                    flt,
+                    actor=who.username,
+                    disclosure=disclosure,
+                    description=description,
                 )
         except CohortflowError as exc:
             raise HTTPException(400, str(exc)) from exc
@@ -599,21 +630,61 @@ def create_app(
 
     # --- audit ------------------------------------------------------------------------------
 
+    def audit_rows(q: AuditQuery) -> tuple[list[queries.AuditRow], int]:
+        with db() as session:
+            return queries.audit_log(
+                session,
+                AUDIT_PAGE,
+                offset=(q.page - 1) * AUDIT_PAGE,
+                actor=q.actor or None,
+                action=q.action or None,
+                since=_day(q.since, "since"),
+                until=_day(q.until, "until"),
+            )
+
     @app.get("/audit", response_class=HTMLResponse)
     def audit_page(
-        request: Request, who: Annotated[Account, Depends(role(*AUDIT))]
+        request: Request,
+        who: Annotated[Account, Depends(role(*AUDIT))],
+        q: Annotated[AuditQuery, Depends()],
     ) -> HTMLResponse:
-        with db() as session:
-            rows = queries.audit_log(session)
-        return render(request, "audit.html", who, rows=rows)
+        rows, total = audit_rows(q)
+        filters = {"actor": q.actor, "action": q.action, "since": q.since, "until": q.until}
+        return render(
+            request,
+            "audit.html",
+            who,
+            rows=rows,
+            total=total,
+            page=q.page,
+            pages=max(1, -(-total // AUDIT_PAGE)),
+            filters=filters,
+            query=urlencode({k: v for k, v in filters.items() if v}),
+        )
 
     @app.get("/api/audit")
-    def audit_api(who: Annotated[Account, Depends(role(*AUDIT))]) -> list[dict[str, Any]]:
-        with db() as session:
-            rows = queries.audit_log(session)
+    def audit_api(
+        response: Response,
+        who: Annotated[Account, Depends(role(*AUDIT))],
+        q: Annotated[AuditQuery, Depends()],
+    ) -> list[dict[str, Any]]:
+        """A page of AUDIT_PAGE entries, newest first; ``X-Total-Count`` says how many match."""
+        rows, total = audit_rows(q)
+        response.headers["X-Total-Count"] = str(total)
         return [json.loads(json.dumps(asdict(r), default=str)) for r in rows]
 
     return app
+
+
+class AuditQuery:
+    """The audit log's page and filters, from the query string (``?page=2&actor=rita&action=
+    refused.&since=2026-01-01&until=...``)."""
+
+    def __init__(
+        self, page: int = 1, actor: str = "", action: str = "", since: str = "", until: str = ""
+    ) -> None:
+        self.page = max(page, 1)
+        self.actor, self.action, self.since, self.until = actor, action, since, until
 
 
 def _open_session(request: Request, who: Account) -> None:

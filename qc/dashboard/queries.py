@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome, worst_verdict
@@ -354,11 +354,41 @@ class AuditRow:
     detail: str
 
 
-def audit_log(session: Session, limit: int = 500, actions: Sequence[str] = ()) -> list[AuditRow]:
-    query = select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
+def audit_log(
+    session: Session,
+    limit: int = 500,
+    actions: Sequence[str] = (),
+    *,
+    offset: int = 0,
+    actor: str | None = None,
+    action: str | None = None,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+) -> tuple[list[AuditRow], int]:
+    """A page of the audit log, newest first, and how many entries match: ``actions`` exact
+    names, ``action`` a prefix (``cohort.`` for every cohort use), ``actor`` exact, ``since`` and
+    ``until`` days (UTC, inclusive)."""
+    conditions: list[ColumnElement[bool]] = []
     if actions:
-        query = query.where(AuditEntry.action.in_(list(actions)))
-    return [AuditRow(a.at, a.actor, a.action, a.detail) for a in session.scalars(query)]
+        conditions.append(AuditEntry.action.in_(list(actions)))
+    if action:
+        conditions.append(AuditEntry.action.startswith(action, autoescape=True))
+    if actor:
+        conditions.append(AuditEntry.actor == actor)
+    if since:
+        conditions.append(AuditEntry.at >= dt.datetime.combine(since, dt.time(), dt.UTC))
+    if until:
+        end = dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.UTC)
+        conditions.append(AuditEntry.at < end)
+    total = int(session.scalar(select(func.count(AuditEntry.id)).where(*conditions)) or 0)
+    query = (
+        select(AuditEntry)
+        .where(*conditions)
+        .order_by(AuditEntry.at.desc(), AuditEntry.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return [AuditRow(a.at, a.actor, a.action, a.detail) for a in session.scalars(query)], total
 
 
 def reason_counts(outcome: ProtocolOutcome) -> list[tuple[str, str, int]]:

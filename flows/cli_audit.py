@@ -1,0 +1,143 @@
+"""``cohortflow audit verify`` and ``cohortflow reidentify``: the audit chain checked, and the one
+way back from a pseudonym to a patient (a steward's, with a reason, audited)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from flows.cli_cohort import steward_login
+from flows.output import SafeTable, cell, write_json
+from models.settings import Settings
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+def add_commands(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="check the audit log",
+        description="The audit log is a chain: each entry carries a MAC (keyed by the project "
+        "key) over its content and the previous entry's. `verify` walks it and reports every "
+        "edited, deleted or reordered entry; exit status 1 when one is found.",
+    )
+    audit_sub = audit.add_subparsers(dest="what", metavar="WHAT", required=True)
+    audit_sub.add_parser("verify", help="check the chain").add_argument(
+        "--json", action="store_true", help="print the result as JSON"
+    )
+    back = sub.add_parser(
+        "reidentify",
+        help="the patient behind a pseudonym (stewards, audited)",
+        description="The one way from a pseudonym back to the patient: a steward account, a "
+        "reason, and an audit entry with both. Prints the patient ID, issuer, name, birth date "
+        "and the date offset.",
+    )
+    back.add_argument("pseudonym")
+    back.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    back.add_argument("--user", help="a steward account")
+    back.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    back.add_argument("--json", action="store_true", help="print the patient as JSON")
+
+
+def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
+    """Run one of these commands, or None when ``args`` is another command."""
+    if args.command == "audit":
+        return _verify(args, settings, err)
+    if args.command == "reidentify":
+        return _reidentify(args, settings, err)
+    return None
+
+
+def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.audit import audit_secret, verify
+    from models.database import open_index
+
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            report = verify(session, audit_secret(str(settings.pseudonym_key_source)))
+    finally:
+        index.dispose()
+    if args.json:
+        write_json(
+            {
+                "intact": report.intact,
+                "entries": report.entries,
+                "before_chain": report.before_chain,
+                "unkeyed": report.unkeyed,
+                "problems": report.problems,
+            }
+        )
+    else:
+        for problem in report.problems:
+            err.print(Text.assemble(("broken: ", "red"), cell(problem)))
+        state = "intact" if report.intact else f"{len(report.problems)} breaks"
+        err.print(
+            f"audit chain {state}: {report.entries} entries checked"
+            + (f", {report.before_chain} older than the chain" if report.before_chain else "")
+            + (f", {report.unkeyed} written before the project key" if report.unkeyed else "")
+        )
+    return EXIT_OK if report.intact else EXIT_FAILURES
+
+
+def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from sqlalchemy import select
+
+    from models.database import open_index
+    from models.linkage import audit
+    from models.schema import Linkage, Patient
+
+    reason = args.reason.strip()
+    if len(reason) < 10:
+        err.print("[red]usage error:[/red] --reason: say why in a sentence (10 characters or more)")
+        return EXIT_USAGE
+    index = open_index(settings.index)
+    try:
+        steward = steward_login(args, index, err, "re-identification")
+        if steward is None:
+            return EXIT_USAGE
+        with index.session() as session:
+            link = session.scalar(select(Linkage).where(Linkage.pseudonym == args.pseudonym))
+            patient = (
+                session.scalar(select(Patient).where(Patient.patient_key == link.patient_key))
+                if link is not None
+                else None
+            )
+            found = link is not None
+            detail = {"pseudonym": args.pseudonym, "reason": reason, "found": found}
+            audit(session, "reidentify", json.dumps(detail), actor=steward)
+            if link is None:
+                err.print(f"[red]error:[/red] no patient has the pseudonym {args.pseudonym}")
+                return EXIT_USAGE
+            # the key is ``id^issuer`` (models.ingest.patient_key): what anonymized data that
+            # was never ingested leaves to go by
+            key_id, _, key_issuer = link.patient_key.partition("^")
+            result = {
+                "pseudonym": link.pseudonym,
+                "patient_key": link.patient_key,
+                "patient_id": patient.patient_id if patient else key_id or None,
+                "issuer_of_patient_id": (
+                    patient.issuer_of_patient_id if patient else key_issuer or None
+                ),
+                "patient_name": patient.patient_name if patient else None,
+                "patient_birth_date": patient.patient_birth_date if patient else None,
+                "date_offset_days": link.date_offset_days,
+            }
+    finally:
+        index.dispose()
+    if args.json:
+        write_json(result)
+    else:
+        table = SafeTable(title=f"{args.pseudonym} (re-identified by {steward}, audited)")
+        table.add_column("field")
+        table.add_column("value")
+        for name, value in result.items():
+            table.add_row(name, "" if value is None else str(value))
+        Console().print(table)
+    return EXIT_OK

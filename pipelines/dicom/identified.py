@@ -1,0 +1,40 @@
+"""Stage results of input that was not de-identified, made fit for the de-identified side.
+
+``cohortflow qc /raw/identified/folder`` recorded the real SeriesInstanceUIDs, and the
+dashboard showed them to reviewers (``/api/failures``). A stage that reads identified input now
+records its results under the UIDs the anonymizer gives that series and study (the project
+key's ``uid``), so they join the de-identified copy's results and name nobody, and its messages
+are cleaned as descriptions are (pipelines/dicom/cleaner.py). The command's own report, for the
+user who holds the identified folder, keeps the real UIDs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from models.stages import StageRecord
+from pipelines.dicom.cleaner import Cleaner
+
+
+def is_deidentified(ds: Any) -> bool:
+    """Whether a data set says it was de-identified (PatientIdentityRemoved YES, which the
+    anonymizer writes)."""
+    return str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+
+
+def keyed_by_pseudonyms(row: StageRecord, uid: Callable[[str], str], clean: Cleaner) -> StageRecord:
+    """``row`` under the pseudonymized UIDs, its message and findings cleaned."""
+
+    def finding(f: dict[str, Any]) -> dict[str, Any]:
+        message = f.get("message")
+        return {**f, "message": clean(message)} if isinstance(message, str) else dict(f)
+
+    return replace(
+        row,
+        series_uid=uid(row.series_uid),
+        study_uid=uid(row.study_uid) if row.study_uid else row.study_uid,
+        message=clean(row.message) if row.message else row.message,
+        findings=[finding(f) for f in row.findings],
+    )
