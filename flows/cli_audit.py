@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.text import Text
 from flows.cli_cohort import steward_login
 from flows.output import SafeTable, cell, write_json
 from models.settings import Settings
+from pipelines.safeio import printable
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -43,6 +45,18 @@ def add_commands(sub: Any) -> None:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     back.add_argument("--json", action="store_true", help="print the patient as JSON")
+    scan = sub.add_parser(
+        "phi-scan",
+        help="search a folder for the identifiers of the patients it is about",
+        description="The release check. The pseudonyms found in the folder name its patients; "
+        "every file (DICOM headers with sequences and private tags, NIfTI header fields, PNG "
+        "text chunks, Parquet, CSV, JSON and any other text, file names) is searched for what "
+        "the index holds for them: IDs, names in any order and case, birth dates in every "
+        "written form, accession numbers, addresses, physicians and operators. Each hit is "
+        "reported with its file, place and kind (never the value); exit status 1 on any hit.",
+    )
+    scan.add_argument("path", type=Path)
+    scan.add_argument("--json", action="store_true", help="print the hits as JSON")
 
 
 def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
@@ -51,7 +65,56 @@ def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> i
         return _verify(args, settings, err)
     if args.command == "reidentify":
         return _reidentify(args, settings, err)
+    if args.command == "phi-scan":
+        return _phi_scan(args, settings, err)
     return None
+
+
+def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.database import open_index
+    from models.linkage import audit
+    from pipelines.release.scan import Matcher, pseudonyms_in, scan_folder, targets
+
+    root = args.path
+    if not root.is_dir():
+        err.print(f"[red]usage error:[/red] {printable(root)} is not a folder")
+        return EXIT_USAGE
+    found = pseudonyms_in(root)
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            wanted = targets(session, found)
+            detail = {"path": str(root), "pseudonyms": len(found), "identifiers": len(wanted)}
+            audit(session, "release.scan", json.dumps(detail))
+    finally:
+        index.dispose()
+    report = scan_folder(root, Matcher(wanted))
+    report.patients = len(found)
+    if args.json:
+        write_json(
+            {
+                "path": str(root),
+                "files": report.files,
+                "patients": report.patients,
+                "identifiers": len(wanted),
+                "hits": [vars(h) for h in report.hits],
+                "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+            }
+        )
+    else:
+        if report.hits:
+            table = SafeTable(title=f"{len(report.hits)} identifiers found in {printable(root)}")
+            for name in ("file", "place", "kind", "pseudonym"):
+                table.add_column(name)
+            for h in report.hits:
+                table.add_row(h.path, h.place, h.kind, h.pseudonym)
+            Console().print(table)
+        err.print(
+            f"{report.files} files of {report.patients} patients searched for "
+            f"{len(wanted)} identifiers: {len(report.hits)} found"
+            + (f", {len(report.skipped)} entries not read" if report.skipped else "")
+        )
+    return EXIT_FAILURES if report.hits else EXIT_OK
 
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from flows.output import SafeTable, document, write_json
 from models.settings import Settings
+from pipelines.safeio import printable
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -169,15 +170,22 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             audit(session, "export.biomarkers", json.dumps(detail))
     finally:
         index.dispose()
-    if args.out == "-":
-        write_table(table, document(), "csv")  # type: ignore[arg-type]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
+    if args.out == "-":  # written aside first: the release check comes before the terminal
         out = None
+        staged = settings.home / "restricted" / "exports" / name
     else:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
         out = Path(args.out) if args.out else _exports(settings) / name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_table(table, out, args.format)
+        staged = out
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    write_table(table, staged, args.format)
+    hits = _release_check(settings, staged, {r.pseudonym for r in table.rows if r.pseudonym}, err)
+    if hits:
+        return EXIT_FAILURES
+    if out is None:
+        document().write(staged.read_text(encoding="utf-8"))
+        staged.unlink()
     report = {
         "out": str(out) if out else "-",
         "format": args.format,
@@ -197,6 +205,34 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             "numbers match no measured T1[/yellow]"
         )
     return EXIT_OK
+
+
+def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Console) -> int:
+    """The release check of what an export wrote about ``pseudonyms``' patients
+    (pipelines/release/scan.py): a file holding an identifier the index knows for them goes to
+    restricted/quarantine, said on stderr. Returns the hits."""
+    from models.database import open_index
+    from models.linkage import audit
+    from pipelines.release.scan import quarantine, release_check
+
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            report = release_check(session, path, pseudonyms)
+            if report.hits:
+                moved = quarantine(path, settings.home / "restricted")
+                detail = {"file": str(path), "quarantined": str(moved),
+                          "hits": [vars(h) for h in report.hits]}  # fmt: skip
+                audit(session, "release.quarantined", json.dumps(detail))
+    finally:
+        index.dispose()
+    if report.hits:
+        kinds = sorted({h.kind for h in report.hits})
+        err.print(
+            f"[red]release check:[/red] the export holds identifiers ({', '.join(kinds)}) of "
+            f"the patients it is about; not released, moved to {printable(moved)}"
+        )
+    return len(report.hits)
 
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:

@@ -166,4 +166,5 @@ def test_reads_of_the_identified_side_are_audited(
         ).all()
     assert len(reads) == 1 and json.loads(reads[0].detail) == {"batch": "b1"}
     code, report = _verify(capsys)
+    assert report["intact"]
     assert code == 0

@@ -205,3 +205,30 @@ def test_cli_export_and_compare_write_files_and_audit(
     with index.session() as session:
         exports = session.query(AuditEntry).filter(AuditEntry.action == "export.biomarkers")
         assert exports.count() == 1
+
+
+def test_an_export_holding_an_identifier_is_quarantined_not_released(
+    tmp_path: Path, home: Path, index: IndexDB, cohort: Cohort, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The release check (pipelines/release/scan.py) runs on every export: a label column that
+    carries a patient's name (a statistician's note) keeps the file from being released."""
+    subject = cohort.subjects[0]
+    labels = tmp_path / "clinical.csv"
+    rows = [f"{s.accession},{s.diagnosis}," for s in cohort.subjects[1:]]
+    rows.append(f"{subject.accession},{subject.diagnosis},called Mrs Testname back")
+    labels.write_text("accession_number,diagnosis,note\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "b.csv"
+    argv = ["export", "biomarkers", "--labels", str(labels), "--out", str(out)]
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "release check" in err and "patient_name" in err and not out.exists()
+    quarantined = list((home / "restricted" / "quarantine").iterdir())
+    assert [p.name for p in quarantined] == ["b.csv"]
+    assert main(["export", "biomarkers", "--labels", str(labels), "--out", "-"]) == 1
+    assert capsys.readouterr().out == ""  # nothing reached the terminal
+    # without the note the same export is released
+    assert main(["export", "biomarkers", "--labels", str(_labels(tmp_path, cohort)),
+                 "--out", str(out)]) == 0  # fmt: skip
+    with index.session() as session:
+        actions = [a.action for a in session.query(AuditEntry).all()]
+    assert actions.count("release.quarantined") == 2

@@ -103,6 +103,7 @@ def killed_and_resumed(
     return {
         "url": url,
         "home": home,
+        "env": env,
         "outcome": outcome,
         "again": again,
         "done_before": done_before,
@@ -131,9 +132,16 @@ def test_killed_run_resumes_without_duplicates_or_lost_series(
     # a third run finds everything done and changes nothing
     assert killed_and_resumed["again"]["t1_with_biomarkers"] == outcome["t1_with_biomarkers"]
     assert _results(url) == results
-    # every output is pseudonymized: no planted identifier in the deliverable folders' names
+    # every output is pseudonymized: the release check finds none of the identifiers the
+    # index holds for the run's patients in any deliverable (DICOM, NIfTI, sidecars, overlays)
     outputs = killed_and_resumed["home"] / "outputs" / "dementia"
     assert any(outputs.rglob("*_T1w.nii.gz"))
+    log = killed_and_resumed["home"] / "phi-scan.log"
+    scan = _cohortflow(["phi-scan", str(outputs), "--json"], killed_and_resumed["env"], log)
+    released = _finish(scan, log)
+    assert scan.returncode == 0 and released["hits"] == [], released["hits"][:5]
+    assert 1 <= released["patients"] <= patients
+    assert released["identifiers"] > 20 * released["patients"]
     first, rerun, again = killed_and_resumed["seconds"]
     figures(
         f"protocol run, {STUDIES} dementia studies, 1 worker: killed after "
