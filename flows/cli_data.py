@@ -8,6 +8,7 @@ import datetime as dt
 import getpass
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,27 +213,37 @@ def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Co
     (pipelines/release/scan.py): a file holding an identifier the index knows for them goes to
     restricted/quarantine, said on stderr. Returns the hits."""
     from models.database import open_index
-    from models.linkage import audit
-    from pipelines.release.scan import quarantine, release_check
+    from pipelines.release.scan import release_or_quarantine
 
     index = open_index(settings.index)
     try:
         with index.session() as session:
-            report = release_check(session, path, pseudonyms)
-            if report.hits:
-                moved = quarantine(path, settings.home / "restricted")
-                detail = {"file": str(path), "quarantined": str(moved),
-                          "hits": [vars(h) for h in report.hits]}  # fmt: skip
-                audit(session, "release.quarantined", json.dumps(detail))
+            report, moved = release_or_quarantine(
+                session, path, pseudonyms, settings.home / "restricted", None
+            )
     finally:
         index.dispose()
-    if report.hits:
+    if moved is not None:
         kinds = sorted({h.kind for h in report.hits})
         err.print(
             f"[red]release check:[/red] the export holds identifiers ({', '.join(kinds)}) of "
             f"the patients it is about; not released, moved to {printable(moved)}"
         )
     return len(report.hits)
+
+
+def release_check_of(settings: Settings) -> Callable[[Any, Path, set[str], str], bool]:
+    """The dashboard's release check of an export (it does not import pipelines): True when
+    the file may go out; else it was quarantined."""
+    from pipelines.release.scan import release_or_quarantine
+
+    def check(session: Any, path: Path, pseudonyms: set[str], actor: str) -> bool:
+        _, moved = release_or_quarantine(
+            session, path, pseudonyms, settings.home / "restricted", actor
+        )
+        return moved is None
+
+    return check
 
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
@@ -344,6 +355,7 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
         refresh=cohorts.refresh,
         protocols=cohorts.roles(),
         disclosure=cohorts.disclosure,
+        release=release_check_of(settings),
     )
     err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

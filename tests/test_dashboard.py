@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from flows.cli_data import release_check_of
 from models.database import IndexDB, open_index
 from models.disclosure import NOISE_MAX
 from models.schema import AuditEntry, Review
@@ -51,6 +52,7 @@ def site(
         refresh=lambda db: refresh_configured(settings, db),
         protocols=protocol_roles(settings),
         disclosure=CohortSetup.load(settings).disclosure,
+        release=release_check_of(settings),
     )
     with TestClient(app) as client:
         yield client, index, cohort
@@ -303,3 +305,26 @@ def test_cohorts_page_counts_saves_and_keeps_the_identified_layer_to_stewards(
         ("cohort.identified.count", "stella"),
     ]
     assert [s.actor for s in saves] == ["rita", "rita"]
+
+
+def test_an_export_with_an_identifier_is_not_sent(site: tuple[TestClient, IndexDB, Cohort]) -> None:
+    """The release check runs on every export the dashboard makes: a researcher's labels file
+    whose note carries a patient's name gives a refusal, not a download."""
+    client, index, cohort = site
+    token = login(client, "sam")
+    first = cohort.subjects[0]
+    lines = ["accession_number,diagnosis,note"]
+    lines += [f"{s.accession},{s.diagnosis}," for s in cohort.subjects[1:]]
+    lines.append(f"{first.accession},{first.diagnosis},phoned Mrs Testname")
+    answer = client.post(
+        "/export",
+        data={"protocol": "dementia", "format": "csv", "csrf": token},
+        files={"labels": ("clinical.csv", ("\n".join(lines) + "\n").encode(), "text/csv")},
+    )
+    assert answer.status_code == 422 and "identifier" in answer.text
+    assert "Testname" not in answer.text
+    with index.session() as session:
+        held = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "release.quarantined")
+        ).all()
+    assert [h.actor for h in held] == ["sam"]

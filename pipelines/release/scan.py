@@ -405,3 +405,22 @@ def quarantine(path: Path, restricted: Path) -> Path:
         n += 1
     os.replace(path, target)
     return target
+
+
+def release_or_quarantine(
+    session: Session, path: Path, pseudonyms: Iterable[str], restricted: Path, actor: str | None
+) -> tuple[ScanReport, Path | None]:
+    """The release check of a file written about ``pseudonyms``' patients (an export): on a hit
+    the file goes to ``restricted``/quarantine (audited, with the hits); returns the report and
+    where the file went (None: released)."""
+    import json
+
+    from models.linkage import audit
+
+    report = release_check(session, path, pseudonyms)
+    if not report.hits:
+        return report, None
+    moved = quarantine(path, restricted)
+    detail = {"file": str(path), "quarantined": str(moved), "hits": [vars(h) for h in report.hits]}
+    audit(session, "release.quarantined", json.dumps(detail), actor=actor)
+    return report, moved

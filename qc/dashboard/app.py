@@ -87,6 +87,7 @@ def create_app(
     refresh: Callable[[IndexDB], object] | None = None,
     protocols: Mapping[str, Sequence[str]] | None = None,
     disclosure: Disclosure | None = None,
+    release: Callable[[Session, Path, set[str], str], bool] | None = None,
 ) -> FastAPI:
     """The dashboard over ``settings``' index (or ``index``, left open for the caller).
 
@@ -94,7 +95,8 @@ def create_app(
     ``protocols`` (name -> include rules) checks protocol filters and ``disclosure`` protects
     the de-identified counts (keyed by the project key); the command line passes all three
     (they live in ``pipelines``, which the dashboard does not import). Without ``disclosure``
-    the de-identified cohort pages refuse to answer."""
+    the de-identified cohort pages refuse to answer. ``release`` is the release check every
+    export passes before it is sent (without it, exports are refused)."""
     state: dict[str, IndexDB] = {}
 
     @asynccontextmanager
@@ -446,6 +448,19 @@ def create_app(
                 write_table(table, out, fmt)
             except ExportError as exc:
                 raise HTTPException(400, str(exc).replace(tmp, "(uploaded)")) from exc
+            if release is None:
+                raise HTTPException(503, "exports need the release check: serve the dashboard "
+                                         "with `cohortflow dashboard`")  # fmt: skip
+            pseudonyms = {r.pseudonym for r in table.rows if r.pseudonym}
+            with db() as session:
+                released = release(session, out, pseudonyms, who.username)
+            if not released:
+                raise HTTPException(
+                    422,
+                    "the export holds an identifier of the patients it is about (a label "
+                    "column?): not sent; the file is kept on the restricted side for the data "
+                    "steward",
+                )
             data = out.read_bytes()
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         name = f"biomarkers-{protocol or 'all'}-{stamp}.{fmt}"
