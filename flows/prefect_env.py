@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.audit import use_key_source
 from pipelines.safeio import lock_down
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def protect_identified(settings: Settings) -> list[str]:
     ``RefusedError`` for a path another user owns). Called first by the command line and every
     flow."""
     os.umask(0o077)
+    use_key_source(str(settings.pseudonym_key_source))  # the audit chain's key (models/audit.py)
     return lock_down(settings.identified_paths())
 
 

@@ -37,12 +37,22 @@ AUDIT_PURPOSE = "audit-log"
 UNKEYED = "none"
 
 _secrets: dict[tuple[str, float], bytes] = {}
+#: the project key's source this process was started with (``use_key_source``)
+_source: list[str] = []
+
+
+def use_key_source(source: str) -> None:
+    """Key the chain with the project key at ``source`` from now on in this process (the
+    command line and every flow task call it with their settings, ``--config`` included)."""
+    _source[:] = [source]
 
 
 def audit_secret(source: str | None = None) -> bytes:
-    """The chain's secret, derived from the project key the settings name (``source``: the
-    settings' ``pseudonym_key_source`` when None); empty when no key exists yet (the entry is
-    then chained, but unkeyed)."""
+    """The chain's secret, derived from the project key at ``source`` (else the one given to
+    ``use_key_source``, else the one the environment's settings name); empty when no key exists
+    yet (the entry is then chained, but unkeyed)."""
+    if source is None and _source:
+        source = _source[0]
     if source is None:
         from models.settings import load_settings
 
