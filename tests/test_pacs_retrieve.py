@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from flows.cli import main
 from models import retrieval as repo
 from models.database import IndexDB, open_index
 from models.scanners import KnownScanners, load_known_scanners
+from models.schema import AuditEntry, Selection
 from models.synth import CohortTruth, Fault
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.verify import verify
@@ -214,7 +215,18 @@ def test_dry_run_explains_every_series(
     for study in out["studies"]:
         assert study["why"]
         assert all(se["why"] and se["rule"] for se in study["series"])
-    assert not (tmp_path / "home" / "index.sqlite").exists()  # a dry run stores nothing
+    # a dry run stores no selection; what it showed of the PACS (accession numbers, dates) is
+    # an identified read, audited
+    index = open_index(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
+    try:
+        with index.session() as session:
+            assert session.scalar(select(func.count(Selection.id))) == 0
+            reads = session.scalars(
+                select(AuditEntry).where(AuditEntry.action == "read.select")
+            ).all()
+    finally:
+        index.dispose()
+    assert [json.loads(r.detail)["dry_run"] for r in reads] == [True]
 
 
 def _use_pacs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pacs: Pacs) -> None:

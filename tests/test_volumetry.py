@@ -15,7 +15,9 @@ from scipy import ndimage
 
 from flows.cli import main
 from models.database import open_index
+from models.settings import load_settings
 from models.stages import BiomarkerRecord, biomarker_records, record_biomarkers, stage_records
+from pipelines.anonymize.keys import ProjectKey
 from pipelines.synth.cohort import CohortResult
 from pipelines.volumetry.overlay import overlay, write_overlay
 from pipelines.volumetry.refine import refine_icv
@@ -316,10 +318,13 @@ def test_cli_measures_the_defaced_t1_of_a_dicom_study_and_records_it(
         rows = biomarker_records(session)
         stages = stage_records(session, "volumetry")
     index.dispose()
-    assert [r.series_uid for r in rows] == [result["series"]]
+    # defaced but never anonymized (no PatientIdentityRemoved): recorded under the UID the
+    # anonymizer gives the series, so no real UID reaches the de-identified side
+    pseudo = ProjectKey.load(str(load_settings().pseudonym_key_source)).uid(result["series"])
+    assert [r.series_uid for r in rows] == [pseudo]
     assert rows[0].brain_ml == pytest.approx(v["brain_ml"], abs=1e-3)
     assert rows[0].method_version and rows[0].parameters["affine_mm"] > 0
-    assert [s.series_uid for s in stages] == [result["series"]]
+    assert [s.series_uid for s in stages] == [pseudo]
 
 
 def test_cli_names_an_unreadable_image(
