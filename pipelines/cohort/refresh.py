@@ -17,9 +17,10 @@ table.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -246,6 +247,13 @@ def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
     return min(years, MAX_AGE) if years >= 0 else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _scrubber(values: tuple[str | None, ...]) -> Callable[[str | None], str | None]:
+    """The cleaner of descriptions naming ``values``: made once for the series of a study that
+    share them (the same people, station and device), not once per series."""
+    return cleaner_for(values).optional()
+
+
 class _Builder:
     """Writes the rows of whole studies (a protocol decides on all the series of a study)."""
 
@@ -402,15 +410,15 @@ class _Builder:
         out = []
         for se, _, _ in members:
             acquisition = (se.mr_acquisition_type or "").strip().upper()
-            scrub = cleaner_for(
-                [
+            scrub = _scrubber(
+                (
                     *known,
                     se.performing_physician_name,
                     se.operators_name,
                     se.station_name,
                     se.device_serial_number,
-                ]
-            ).optional()
+                )
+            )
             out.append(
                 {
                     "series_pk": se.id,

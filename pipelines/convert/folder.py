@@ -60,7 +60,7 @@ from pipelines.convert.sitk import NAME as SITK
 from pipelines.convert.sitk import convert_with_sitk, sitk_version
 from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
-from pipelines.dicom.identified import is_deidentified, keyed_by_pseudonyms
+from pipelines.dicom.identified import for_deidentified_side, is_deidentified
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -956,14 +956,12 @@ def convert_configured(
         progress=progress,
     )
     if index is not None and record:
-        rows = []
-        key: ProjectKey | None = None
-        for r in report.series:
-            row = stage_record(r, report.method_version)
-            if r.identified is not None:
-                key = key or ProjectKey.load(str(settings.pseudonym_key_source))
-                row = keyed_by_pseudonyms(row, key.uid, r.identified)
-            rows.append(row)
+        cleaners = {r.series: r.identified for r in report.series if r.identified is not None}
+        rows = for_deidentified_side(
+            [stage_record(r, report.method_version) for r in report.series],
+            cleaners,
+            lambda: ProjectKey.load(str(settings.pseudonym_key_source)).uid,
+        )
         with index.session() as session:
             record_stages(session, rows)
     return report

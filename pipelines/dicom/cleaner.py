@@ -53,6 +53,10 @@ IDENTIFYING = (
     "PatientTelephoneNumbers",
     "PatientMotherBirthName",
     "OtherPatientIDs",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
 )
 
 LONG_NUMBER = re.compile(r"\d{6,}")
@@ -141,17 +145,16 @@ def written_forms(day: dt.date) -> tuple[str, ...]:
                 forms.add(f"{y:04d}{sep}{mm}{sep}{dd}")
     name = dt.date(2000, m, 1).strftime("%B")
     for month in (name, name[:3]):
-        for yy in years[:1]:
-            forms.update(
-                {
-                    f"{d} {month} {yy}",
-                    f"{d:02d} {month} {yy}",
-                    f"{month} {d} {yy}",
-                    f"{month} {d}, {yy}",
-                    f"{d:02d}-{month}-{yy}",
-                    f"{d}. {month} {yy}",
-                }
-            )
+        forms.update(
+            {
+                f"{d} {month} {y:04d}",
+                f"{d:02d} {month} {y:04d}",
+                f"{month} {d} {y:04d}",
+                f"{month} {d}, {y:04d}",
+                f"{d:02d}-{month}-{y:04d}",
+                f"{d}. {month} {y:04d}",
+            }
+        )
     return tuple(sorted(forms))
 
 
@@ -183,24 +186,30 @@ class Cleaner:
         self._lowered = tuple(w.lower() for w in self.words)
         self._patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
 
-    def __call__(self, text: str) -> str:
+    def _pattern(self, text: str) -> re.Pattern[str] | None:
+        """The pattern of the words ``text`` may hold (a plain search first), or None."""
         folded = text.lower()
         hits = tuple(w for w, low in zip(self.words, self._lowered, strict=True) if low in folded)
-        if hits:
-            pattern = self._patterns.get(hits)
-            if pattern is None:
-                pattern = re.compile("|".join(_word(w) for w in hits), re.IGNORECASE)
-                self._patterns[hits] = pattern
+        if not hits:
+            return None
+        pattern = self._patterns.get(hits)
+        if pattern is None:
+            pattern = re.compile("|".join(_word(w) for w in hits), re.IGNORECASE)
+            self._patterns[hits] = pattern
+        return pattern
+
+    def __call__(self, text: str) -> str:
+        pattern = self._pattern(text)
+        if pattern is not None:
             text = pattern.sub("", text)
         cleaned = LONG_NUMBER.sub("", WRITTEN_DATE.sub("", text))
-        return _strip(cleaned) if hits or cleaned != text else text
+        return _strip(cleaned) if pattern is not None or cleaned != text else text
 
     def names(self, text: str) -> bool:
         """Whether ``text`` holds one of the identifying words (not counting dates and numbers:
         for values that are not free text, such as a converter's version)."""
-        folded = text.lower()
-        hits = tuple(w for w, low in zip(self.words, self._lowered, strict=True) if low in folded)
-        return bool(hits) and re.search("|".join(_word(w) for w in hits), text, re.I) is not None
+        pattern = self._pattern(text)
+        return pattern is not None and pattern.search(text) is not None
 
     def optional(self) -> Callable[[str | None], str | None]:
         """The cleaner for nullable columns: None and an emptied text are None."""

@@ -10,11 +10,11 @@ user who holds the identified folder, keeps the real UIDs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from models.stages import StageRecord
+from models.stages import BiomarkerRecord, StageRecord
 from pipelines.dicom.cleaner import Cleaner
 
 
@@ -38,3 +38,29 @@ def keyed_by_pseudonyms(row: StageRecord, uid: Callable[[str], str], clean: Clea
         message=clean(row.message) if row.message else row.message,
         findings=[finding(f) for f in row.findings],
     )
+
+
+Row = TypeVar("Row", bound=StageRecord | BiomarkerRecord)
+
+
+def for_deidentified_side(
+    rows: Sequence[Row], cleaners: Mapping[str, Cleaner], uid: Callable[[], Callable[[str], str]]
+) -> list[Row]:
+    """``rows`` as the index may keep them: those of the series in ``cleaners`` (input that was
+    not de-identified) under the pseudonymized UIDs, stage rows' texts cleaned. ``uid`` gives
+    the project key's UID function, asked for only when a row needs it."""
+    if not any(r.series_uid in cleaners for r in rows):
+        return list(rows)
+    to_pseudo = uid()
+
+    def one(row: Row) -> Row:
+        clean = cleaners.get(row.series_uid)
+        if clean is None:
+            return row
+        if isinstance(row, StageRecord):
+            return cast(Row, keyed_by_pseudonyms(row, to_pseudo, clean))
+        return replace(
+            row, series_uid=to_pseudo(row.series_uid), study_uid=to_pseudo(row.study_uid)
+        )
+
+    return [one(row) for row in rows]

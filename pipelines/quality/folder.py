@@ -29,7 +29,7 @@ from pipelines.anonymize.keys import ProjectKey
 from pipelines.deface.template import Template
 from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
-from pipelines.dicom.identified import is_deidentified, keyed_by_pseudonyms
+from pipelines.dicom.identified import for_deidentified_side, is_deidentified
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -480,14 +480,12 @@ def qc_configured(
 
     report = qc_folder(source, protocols, scanners, template, protocol, history, progress)
     if index is not None and record:
-        rows = []
-        key: ProjectKey | None = None
-        for r in report.series:
-            if r.identified is None:
-                rows += stage_records(r)
-                continue
-            key = key or ProjectKey.load(str(settings.pseudonym_key_source))
-            rows += [keyed_by_pseudonyms(row, key.uid, r.identified) for row in stage_records(r)]
+        cleaners = {r.series: r.identified for r in report.series if r.identified is not None}
+        rows = for_deidentified_side(
+            [row for r in report.series for row in stage_records(r)],
+            cleaners,
+            lambda: ProjectKey.load(str(settings.pseudonym_key_source)).uid,
+        )
         with index.session() as session:
             record_stages(session, rows)
     return report

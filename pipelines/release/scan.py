@@ -251,7 +251,7 @@ def _texts(path: Path) -> Iterator[tuple[str, str]]:
             if name.endswith((".nii.gz", ".nii")) and len(start) >= 348:
                 yield from _nifti(start, inflated)
                 return
-            yield from _blocks(_prefixed(start, inflated), "inflated bytes {offset}", MAX_INFLATED)
+            yield from _blocks(_Prefixed(start, inflated), "inflated bytes {offset}", MAX_INFLATED)
         return
     if name.endswith(".nii") and len(head) >= 348:
         with open(path, "rb") as handle:
@@ -271,10 +271,6 @@ class _Prefixed(io.RawIOBase):
             out, self.first = self.first[:size], self.first[size:]
             return out
         return bytes(self.rest.read(size))
-
-
-def _prefixed(first: bytes, rest: Any) -> Any:
-    return _Prefixed(first, rest)
 
 
 def _blocks(handle: Any, place: str, limit: int) -> Iterator[tuple[str, str]]:
@@ -297,26 +293,22 @@ def _dicom(path: Path) -> Iterator[tuple[str, str]]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError):
         return
-    yield from _elements(ds, "")
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        yield from _elements(meta, "")
+    for dataset in (ds, getattr(ds, "file_meta", None)):
+        if dataset is not None:
+            yield from _elements(dataset)
 
 
-def _elements(ds: Any, prefix: str) -> Iterator[tuple[str, str]]:
-    for element in ds.iterall() if not prefix else ds:
-        if element.tag == 0x7FE00010:
+def _elements(ds: Any) -> Iterator[tuple[str, str]]:
+    """Every element's value as text, nested sequences' items included (``iterall``), the
+    pixel data excepted."""
+    for element in ds.iterall():
+        if element.tag == 0x7FE00010 or element.VR == "SQ":
             continue
-        place = f"{prefix}{element.tag} {element.keyword or 'private'}"
-        if element.VR == "SQ":
-            if prefix:  # iterall already walks nested items at the top level
-                for n, item in enumerate(element.value or []):
-                    yield from _elements(item, f"{place}[{n}].")
-            continue
+        place = f"{element.tag} {element.keyword or 'private'}"
         try:
             value = element.value
-        except Exception:  # a value pydicom cannot convert: its raw bytes
-            value = getattr(element, "value", b"")
+        except Exception:  # a value pydicom cannot convert: not text to search
+            continue
         if isinstance(value, bytes | bytearray):
             text = bytes(value[:BLOCK]).decode("latin-1")
         elif isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":

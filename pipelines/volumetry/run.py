@@ -10,10 +10,11 @@ never stops the others. Results are recorded in the index (a ``volumetry`` stage
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from pipelines.anonymize.keys import ProjectKey
-from pipelines.dicom.identified import keyed_by_pseudonyms
+from pipelines.dicom.identified import for_deidentified_side
 from pipelines.dicomfolder import SkippedFile
 from pipelines.ingest.archive import hash_file
 from pipelines.safeio import RefusedError, check_entry, printable
@@ -316,28 +317,17 @@ def volumetry_configured(
     )
     if index is not None and record:
         known = [r for r in results if r.source.series and r.source.study]
-        rows = [stage_record(r) for r in known]
-        measured = [biomarker_record(r, p) for r in known if r.volumes is not None]
         # series that were not de-identified: kept under the anonymizer's UIDs, cleaned
-        identified = {
+        cleaners = {
             s.series: s.identified
             for s in (conversion.series if conversion is not None else ())
             if s.identified is not None
         }
-        if identified:
-            key = ProjectKey.load(str(settings.pseudonym_key_source))
-            rows = [
-                keyed_by_pseudonyms(row, key.uid, identified[row.series_uid])
-                if row.series_uid in identified
-                else row
-                for row in rows
-            ]
-            measured = [
-                replace(b, series_uid=key.uid(b.series_uid), study_uid=key.uid(b.study_uid))
-                if b.series_uid in identified
-                else b
-                for b in measured
-            ]
+        uid = functools.cache(lambda: ProjectKey.load(str(settings.pseudonym_key_source)).uid)
+        rows = for_deidentified_side([stage_record(r) for r in known], cleaners, uid)
+        measured = for_deidentified_side(
+            [biomarker_record(r, p) for r in known if r.volumes is not None], cleaners, uid
+        )
         with index.session() as session:
             record_stages(session, rows)
             record_biomarkers(session, measured)
