@@ -1,6 +1,7 @@
 """End-to-end throughput of a protocol run: PACS query to biomarkers, with 1 and 2 Dask workers.
 
     python benchmarks/end_to_end.py [--quick] [--studies N] [--work DIR] [--cache DIR]
+                                    [--baseline CHECKOUT]
 
 1. Generates N dementia-protocol studies (default 10; --quick 4) and loads them into a
    throwaway Orthanc over C-STORE (not timed).
@@ -8,9 +9,15 @@
    local Dask cluster) into a fresh home, once with ``--workers 1`` and once with
    ``--workers 2``, in that order. Each run's wall time covers everything: Prefect and Dask
    start-up, C-FIND, C-MOVE, ingest, anonymize, deface, QC, convert, volumetry, the outcome.
-3. Reports studies per hour for each, the speed-up of 2 workers over 1, and the share of the
-   work per step (summed step seconds of the 1-worker run, from the index) beside the part of
-   the wall time spent before the first study step (start-up, selection and retrieval).
+3. Reports studies per hour for each, the speed-up of 2 workers over 1, the processor seconds
+   per study (every process the run started, from the kernel's accounting of the child
+   processes), and per step the share of the work and its processor seconds per study (from
+   the index, where each step records its own), beside the part of the wall time spent before
+   the first study step (start-up, selection and retrieval).
+4. ``--baseline CHECKOUT``: the same runs first with the code of another checkout of the
+   repository (``git worktree add /tmp/base <commit>``), on the same cohort and PACS, its
+   figures prefixed ``baseline_``, and the ratios of the two. A baseline too old to record a
+   step's processor seconds shows its wall seconds per step only.
 
 Prints its figures last, one ``name: value`` a line.
 """
@@ -21,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -30,16 +38,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select, text
 
 from models.database import open_index
-from models.schema import Run, StudyStep
+from models.schema import Run
 from models.synth import SynthConfig
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.synth.cohort import generate
 
 AET = "COHORTFLOW"
+ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("anonymize", "deface", "qc", "convert", "volumetry")
 
 
@@ -50,8 +59,14 @@ def free_port() -> int:
 
 
 def run_once(
-    home: Path, server: orthanc.OrthancServer, scp_port: int, cache: Path, workers: int
-) -> tuple[float, dict[str, object]]:
+    home: Path,
+    server: orthanc.OrthancServer,
+    scp_port: int,
+    cache: Path,
+    workers: int,
+    code: Path | None = None,
+) -> tuple[float, float, dict[str, object]]:
+    """Wall seconds, processor seconds (the run's processes, children included) and outcome."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COHORTFLOW_", "PREFECT_"))}
     env.update(
         COHORTFLOW_HOME=str(home),
@@ -61,6 +76,8 @@ def run_once(
         COHORTFLOW_ORTHANC__PASSWORD=server.config.password,
         COHORTFLOW_RETRIEVE__SCP_PORT=str(scp_port),
     )
+    if code is not None:  # the other checkout's packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
     command = [
         str(Path(sys.executable).with_name("cohortflow")),
         "run",
@@ -73,33 +90,89 @@ def run_once(
         str(workers),
         "--json",
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, check=False, cwd=code or ROOT
+    )
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode not in (0, 1):
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"cohortflow run failed ({done.returncode}); see above")
-    return seconds, dict(json.loads(done.stdout))
+    return seconds, cpu, dict(json.loads(done.stdout))
 
 
-def step_seconds(home: Path) -> tuple[dict[str, float], float]:
-    """Summed seconds per step, and the seconds from the run's start to its first step."""
+def step_seconds(home: Path) -> tuple[dict[str, float], dict[str, float], float]:
+    """Summed wall and processor seconds per step (no processor seconds from a baseline whose
+    index does not record them), and the seconds from the run's start to its first step."""
     index = open_index(f"sqlite:///{home / 'index.sqlite'}")
     try:
         with index.session() as session:
-            rows = list(session.scalars(select(StudyStep)))
+            columns = {c["name"] for c in inspect(session.connection()).get_columns("study_steps")}
+            cpu_column = ", cpu_seconds" if "cpu_seconds" in columns else ""
+            rows = session.execute(
+                text(f"SELECT step, seconds, recorded_at{cpu_column} FROM study_steps")
+            ).all()
             run = session.scalars(select(Run).order_by(Run.id)).first()
     finally:
         index.dispose()
-    totals: dict[str, float] = defaultdict(float)
+    wall: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)
     for row in rows:
-        totals[row.step] += row.seconds or 0.0
+        wall[row[0]] += row[1] or 0.0
+        if cpu_column:
+            cpu[row[0]] += row[3] or 0.0
     assert run is not None
-    first = min(r.recorded_at - dt.timedelta(seconds=r.seconds or 0.0) for r in rows)
+    recorded = [
+        (dt.datetime.fromisoformat(str(r[2])) - dt.timedelta(seconds=r[1] or 0.0)) for r in rows
+    ]
+    first = min(recorded)
     started = run.started_at
     if first.tzinfo is None:
         started = started.replace(tzinfo=None)
-    return dict(totals), (first - started).total_seconds()
+    elif started.tzinfo is None:
+        first = first.replace(tzinfo=None)
+    return dict(wall), dict(cpu), (first - started).total_seconds()
+
+
+def measure(
+    label: str,
+    code: Path | None,
+    work: Path,
+    server: orthanc.OrthancServer,
+    scp_port: int,
+    cache: Path,
+    studies: int,
+) -> dict[str, float]:
+    """Runs with 1 and 2 workers: the figures, by name (``label`` prefixes them)."""
+    figures: dict[str, float] = {}
+    homes = {}
+    for workers in (1, 2):
+        home = work / f"home-{label or 'current'}-{workers}"
+        shutil.rmtree(home, ignore_errors=True)
+        seconds, processor, outcome = run_once(home, server, scp_port, cache, workers, code)
+        homes[workers] = home
+        figures[f"workers_{workers}_seconds"] = seconds
+        figures[f"workers_{workers}_studies_per_hour"] = studies / seconds * 3600
+        figures[f"workers_{workers}_cpu_seconds_per_study"] = processor / studies
+        t1 = f"{outcome['t1_with_biomarkers']}/{outcome['t1_series']}"
+        print(f"{label or 'current'}, {workers} worker(s): T1s with biomarkers {t1}", flush=True)
+    figures["speedup_2_over_1"] = figures["workers_1_seconds"] / figures["workers_2_seconds"]
+    wall, cpu, before = step_seconds(homes[1])
+    work_seconds = sum(wall.values())
+    figures["workers_1_before_first_step_seconds"] = before
+    for step in STEPS:
+        figures[f"share_{step}_percent"] = (
+            100 * wall.get(step, 0.0) / work_seconds if work_seconds else 0.0
+        )
+        figures[f"per_study_{step}_seconds"] = wall.get(step, 0.0) / studies
+        if cpu:
+            figures[f"per_study_{step}_cpu_seconds"] = cpu.get(step, 0.0) / studies
+    if cpu:
+        figures["per_study_steps_cpu_seconds"] = sum(cpu.values()) / studies
+    return {f"{label}_{k}" if label else k: v for k, v in figures.items()}
 
 
 def main() -> None:
@@ -108,6 +181,9 @@ def main() -> None:
     parser.add_argument("--studies", type=int)
     parser.add_argument("--work", type=Path, help="keep everything here (default: temporary)")
     parser.add_argument("--cache", type=Path, help="head model cache (default: under --work)")
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout of the code to measure first, for comparison"
+    )
     args = parser.parse_args()
     studies = args.studies or (4 if args.quick else 10)
     work = args.work or Path(tempfile.mkdtemp(prefix="cohortflow-e2e-"))
@@ -121,32 +197,27 @@ def main() -> None:
         dicom_port=free_port(),
         modalities=(orthanc.Modality("cohortflow", AET, "127.0.0.1", scp_port),),
     )
-    figures: dict[str, str] = {"studies": str(studies), "cpus": str(os.cpu_count())}
+    figures: dict[str, float] = {"studies": studies, "cpus": float(os.cpu_count() or 0)}
     with orthanc.OrthancServer(pacs_config) as server:
         files = sorted(p for p in (cohort.out_dir / "dicom").rglob("*") if p.is_file())
         node = PacsNode(pacs_config.aet, "127.0.0.1", pacs_config.dicom_port)
         store_files(node, files, AET)
-        results = {}
-        for workers in (1, 2):
-            home = work / f"home-{workers}"
-            shutil.rmtree(home, ignore_errors=True)
-            seconds, outcome = run_once(home, server, scp_port, cache, workers)
-            results[workers] = (seconds, outcome, home)
-            figures[f"workers_{workers}_seconds"] = f"{seconds:.0f}"
-            figures[f"workers_{workers}_studies_per_hour"] = f"{studies / seconds * 3600:.1f}"
-            figures[f"workers_{workers}_t1_with_biomarkers"] = (
-                f"{outcome['t1_with_biomarkers']}/{outcome['t1_series']}"
+        if args.baseline is not None:
+            figures |= measure(
+                "baseline", args.baseline.resolve(), work, server, scp_port, cache, studies
             )
-    figures["speedup_2_over_1"] = f"{results[1][0] / results[2][0]:.2f}"
-    totals, before = step_seconds(results[1][2])
-    work_seconds = sum(totals.values())
-    figures["workers_1_before_first_step_seconds"] = f"{before:.0f}"
-    for step in STEPS:
-        share = totals.get(step, 0.0) / work_seconds if work_seconds else 0.0
-        figures[f"share_{step}"] = f"{100 * share:.1f} %"
-        figures[f"per_study_{step}_seconds"] = f"{totals.get(step, 0.0) / studies:.1f}"
+        figures |= measure("", None, work, server, scp_port, cache, studies)
+    if args.baseline is not None:
+        for name in (
+            "workers_1_cpu_seconds_per_study",
+            "workers_2_cpu_seconds_per_study",
+            "workers_2_studies_per_hour",
+            "workers_1_studies_per_hour",
+        ):
+            figures[f"{name}_ratio_to_baseline"] = figures[name] / figures[f"baseline_{name}"]
     for name, value in figures.items():
-        print(f"{name}: {value}")
+        shown = f"{value:.0f}" if name in ("studies", "cpus") else f"{value:.2f}"
+        print(f"{name}: {shown}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -38,6 +38,7 @@ class StepRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     run_id: int | None = None
+    cpu_seconds: float | None = None
     recorded_at: dt.datetime | None = None
 
 

@@ -447,6 +447,9 @@ class StudyStep(Base):
     #: what later steps need: folders, the pseudonymized UIDs, converted images
     outputs: Mapped[dict[str, object]] = mapped_column(JSON)
     seconds: Mapped[float | None] = mapped_column(Float)
+    #: processor seconds of the step's process (its threads included; a flow worker runs one
+    #: step at a time): what the step costs, where ``seconds`` also counts waiting
+    cpu_seconds: Mapped[float | None] = mapped_column(Float)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     recorded_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 

@@ -188,3 +188,49 @@ def test_a_zero_filled_background_is_reported_not_passed_silently() -> None:
     finding = next(f for f in result.findings if f.check == "image.no_noise_estimate")
     assert finding.severity is Severity.WARN and finding.value == 0.0
     assert result.metrics["noise_sigma"] is None
+
+
+def test_a_head_fit_handed_over_by_defacing_places_the_brain_without_registering(
+    head_model: HeadModel, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Register once (issue 24): in a protocol run image QC places its brain mask with the fit
+    defacing made (3 mm, on the same template) instead of its own 6 mm affine; the mask agrees
+    with the one QC's own registration places, and a fit to another template is not used."""
+    from dataclasses import replace
+
+    from pipelines.deface.template import load_brain_template
+    from pipelines.imaging import register
+    from pipelines.quality import brain as placement
+
+    rng = np.random.default_rng(31)
+    phantom = qc_phantom(head_model, rng, 20, None, 0.0)
+    template = load_brain_template(model_cache)
+    own = placement.place_brain(phantom.stack, phantom.volume, template)
+    volume = phantom.volume
+    fit = register.fit_affine(  # as defacing fits the study's T1
+        np.transpose(phantom.stack, (2, 1, 0)),
+        volume.first.origin,
+        volume.spacing,
+        volume.direction,
+        str(template.head_path),
+    )
+    handed = register.HeadFit.of("2.25.1", "2.25.2", fit, template.digest)
+    assert register.HeadFit.from_json(handed.to_json()) == handed
+
+    def no_registration(*args: object, **kwargs: object) -> object:
+        raise AssertionError("image QC registered a head whose fit was handed over")
+
+    monkeypatch.setattr(placement, "fit_affine", no_registration)
+    placed = placement.place_brain(phantom.stack, phantom.volume, template, handed)
+    assert own.mask is not None and placed.mask is not None
+    dice = 2 * (own.mask & placed.mask).sum() / (own.mask.sum() + placed.mask.sum())
+    assert dice > 0.95, dice
+    assert placed.outside == 0.0
+    mine = check_image(phantom.stack, (1.0, 1.0, 1.0), own, POLICY).metrics
+    theirs = check_image(phantom.stack, (1.0, 1.0, 1.0), placed, POLICY).metrics
+    assert theirs["snrd_wm"] == pytest.approx(mine["snrd_wm"], rel=0.05)
+    assert theirs["cnr"] == pytest.approx(mine["cnr"], rel=0.05)
+    # a fit to another head model is not this template's: QC registers (here: refused)
+    other = replace(handed, template_digest="other")
+    refused = placement.place_brain(phantom.stack, phantom.volume, template, other)
+    assert refused.mask is None and "registered a head" in (refused.problem or "")

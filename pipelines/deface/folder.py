@@ -44,7 +44,7 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
-from pipelines.imaging.register import Fit, fit_affine
+from pipelines.imaging.register import Fit, HeadFit, fit_affine
 from pipelines.ingest.paths import printable_path
 from pipelines.select.protocols import ProtocolSet
 
@@ -87,6 +87,8 @@ class SeriesOutcome:
 class DefaceReport:
     series: list[SeriesOutcome] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    #: each study's head as fitted, for the stages after defacing (image QC)
+    fits: list[HeadFit] = field(default_factory=list)
 
     def with_status(self, status: str) -> list[SeriesOutcome]:
         return [s for s in self.series if s.status == status]
@@ -119,9 +121,12 @@ def deface_folder(
     report = DefaceReport()
     studies = index_folder(source, report.skipped)
     for study_uid, series in studies.items():
-        for outcome in deface_study(
+        outcomes, fit = deface_study(
             study_uid, series, out_root, template, settings, is_reference, previews
-        ):
+        )
+        if fit is not None:
+            report.fits.append(fit)
+        for outcome in outcomes:
             report.series.append(outcome)
             if progress is not None:
                 progress(outcome)
@@ -155,8 +160,10 @@ def deface_study(
     settings: DefaceSettings,
     is_reference: ReferenceRule,
     previews: Path | None,
-) -> list[SeriesOutcome]:
-    """Fit the template to the study's T1, then deface each series (never raises per series)."""
+) -> tuple[list[SeriesOutcome], HeadFit | None]:
+    """Fit the template to the study's T1, then deface each series (never raises per series).
+    Returns the series' outcomes and the fit (None where none was made, or the T1 has no frame of
+    reference to share it by)."""
     ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
     folder = {uid: str(entries[0].relative.parent) for uid, entries in ordered}
 
@@ -168,11 +175,10 @@ def deface_study(
 
     candidates = [uid for uid, entries in ordered if is_reference(first_header(entries))]
     if not candidates:
-        return every(
-            "excluded",
-            "no_reference_t1",
-            f"no 3D T1 (rule {settings.reference_rule}) in the study to fit the face template to",
+        reason = (
+            f"no 3D T1 (rule {settings.reference_rule}) in the study to fit the face template to"
         )
+        return every("excluded", "no_reference_t1", reason), None
     template = source if isinstance(source, Template) else source()
     reference: _Reference | None = None
     problems: list[tuple[str, str]] = []
@@ -187,7 +193,7 @@ def deface_study(
             log.exception("deface: fitting T1 %s failed", uid)
             problems.append(("internal_error", f"T1 {uid}: {type(exc).__name__}: {exc}"))
     if reference is None:
-        return every("failed", problems[-1][0], "; ".join(text for _, text in problems))
+        return every("failed", problems[-1][0], "; ".join(text for _, text in problems)), None
 
     outcomes = []
     for uid, entries in ordered:
@@ -224,7 +230,12 @@ def deface_study(
             seconds += reference.fit.seconds
         metrics = {**outcome.metrics, **reference.metrics, "seconds": round(seconds, 3)}
         outcomes.append(replace(outcome, metrics=metrics))
-    return outcomes
+    fit = None
+    if reference.frame_of_reference:
+        fit = HeadFit.of(
+            reference.frame_of_reference, reference.series, reference.fit, template.digest
+        )
+    return outcomes, fit
 
 
 def _load(entries: list[FolderFile]) -> list[Dataset]:

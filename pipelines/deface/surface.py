@@ -63,22 +63,29 @@ def to_lps_grid(
     low, high = lps.min(axis=1), lps.max(axis=1)
     size = np.ceil((high - low) / RENDER_MM).astype(int) + 1
     size = np.minimum(size, 400)  # a whole-body field of view is still bounded
-    # grid voxel g lies at low + g * RENDER_MM; its volume index is inverse @ that point. An
-    # affine_transform computes the index per output voxel, where map_coordinates was handed an
-    # array of all of them (3 x 17 M floats for a head: 3 of the 8 s a defaced T1 took)
-    inverse = np.linalg.inv(index_to_lps)
-    matrix = inverse[:3, :3] * RENDER_MM
-    offset = inverse[:3, :3] @ low + inverse[:3, 3]
-    sampled = ndimage.affine_transform(
-        np.asarray(volume, dtype=np.float32),
-        matrix,
-        offset=offset,
-        output_shape=tuple(int(s) for s in size),
-        output=np.float32,
-        order=1,
-        mode="constant",
-        cval=0.0,
+    # ITK's linear resampling: 5 times scipy's affine_transform on a 1 mm head (0.4 s against
+    # 2.1 s), the same values inside the volume (to 1e-4); outside its edge both give 0
+    import SimpleITK as sitk
+
+    linear = index_to_lps[:3, :3]
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    # ITK's image index (i, j, k) is the array's reversed axes
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume, np.float32).T))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (linear / spacing).ravel()])
+    image.SetOrigin([float(v) for v in index_to_lps[:3, 3]])
+    grid = sitk.Resample(
+        image,
+        [int(s) for s in size],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        [float(v) for v in low],
+        [RENDER_MM] * 3,
+        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        0.0,
+        sitk.sitkFloat32,
     )
+    sampled = np.ascontiguousarray(sitk.GetArrayFromImage(grid).T)
     return sampled, low
 
 

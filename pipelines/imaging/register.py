@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,6 +37,58 @@ SEED = 20251
 class Fit:
     subject_to_template: npt.NDArray[np.float64]  # 4x4, LPS mm -> LPS mm
     seconds: float
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """A study's head fitted to the template once, handed to the stages after the one that fitted
+    it (defacing fits it; image QC places its brain mask with it instead of registering again).
+
+    It holds for every series of the frame of reference (the same patient position in the same
+    scanner coordinates): defacing changes pixels, never geometry. Only pseudonymized UIDs: it
+    travels with the de-identified study."""
+
+    frame_of_reference: str
+    reference_series: str
+    subject_to_template: tuple[tuple[float, ...], ...]  # 4x4, LPS mm -> LPS mm
+    template_digest: str  # the head model it was fitted to
+
+    @classmethod
+    def of(cls, frame_of_reference: str, series: str, fit: Fit, template_digest: str) -> HeadFit:
+        matrix = tuple(tuple(float(v) for v in row) for row in fit.subject_to_template)
+        return cls(frame_of_reference, series, matrix, template_digest)
+
+    @property
+    def matrix(self) -> npt.NDArray[np.float64]:
+        return np.asarray(self.subject_to_template, dtype=np.float64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "frame_of_reference": self.frame_of_reference,
+            "reference_series": self.reference_series,
+            "subject_to_template": [list(row) for row in self.subject_to_template],
+            "template_digest": self.template_digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HeadFit:
+        matrix = tuple(tuple(float(v) for v in row) for row in data["subject_to_template"])
+        if len(matrix) != 4 or any(len(row) != 4 for row in matrix):
+            raise ValueError("a head fit's matrix is 4 x 4")
+        return cls(
+            str(data["frame_of_reference"]),
+            str(data["reference_series"]),
+            matrix,
+            str(data["template_digest"]),
+        )
+
+
+def fits_by_frame(fits: Iterable[HeadFit]) -> dict[str, HeadFit]:
+    """The fits keyed by frame of reference (the first of a frame wins)."""
+    found: dict[str, HeadFit] = {}
+    for fit in fits:
+        found.setdefault(fit.frame_of_reference, fit)
+    return found
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from pipelines.dicomfolder import (
     series_number,
     with_transfer_syntax,
 )
+from pipelines.imaging.register import HeadFit
 from pipelines.quality.brain import place_brain
 from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import Protocol, ProtocolSet
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 
 HEADER, IMAGE = "header_qc", "image_qc"
 #: Changes when a check or metric changes meaning: results of another version are redone.
-METHOD_VERSION = "qc-1"
+#: 2: in a protocol run the brain mask is placed with defacing's head fit (3 mm, polished)
+METHOD_VERSION = "qc-2"
 
 #: Image metrics stored so far for a protocol and scanner model: (protocol, manufacturer,
 #: model) -> the metrics of each series, the series being checked left out.
@@ -150,10 +152,12 @@ def qc_folder(
     protocol: str | None = None,
     history: History | None = None,
     progress: Callable[[SeriesQc | NotChecked], None] | None = None,
+    fits: Mapping[str, HeadFit] | None = None,
 ) -> QcReport:
     """Check every series of every study under ``source``. ``template`` loads the brain
     template on first need (folders without a T1 never pay for it); ``progress`` hears of each
-    series as it is done (before the outlier comparison, which needs them all)."""
+    series as it is done (before the outlier comparison, which needs them all); ``fits``: the
+    heads defacing fitted, by frame of reference (image QC places its brain mask with them)."""
     report = QcReport()
     studies = index_folder(source, report.skipped, keep_damaged=True)
     # a folder holding one series' files is that series, not its study: the study-level check
@@ -164,7 +168,7 @@ def qc_folder(
     )
     for study_uid, series in studies.items():
         items = qc_study(
-            study_uid, series, protocols, scanners, template, protocol, not single_series
+            study_uid, series, protocols, scanners, template, protocol, not single_series, fits
         )
         for item in items:
             if isinstance(item, SeriesQc):
@@ -185,6 +189,7 @@ def qc_study(
     template: Callable[[], Template],
     protocol_name: str | None = None,
     whole_study: bool = True,
+    fits: Mapping[str, HeadFit] | None = None,
 ) -> list[SeriesQc | NotChecked]:
     """QC of one study's series (never raises for a series). ``whole_study``: the series given
     are all the study has, so a missing required series is a finding."""
@@ -230,7 +235,7 @@ def qc_study(
     for uid, entries, role, evidence in checked:
         try:
             result = qc_series(
-                study_uid, uid, entries, protocol, role, scanners, template, study_findings
+                study_uid, uid, entries, protocol, role, scanners, template, study_findings, fits
             )
         except Exception as exc:  # one series must never stop the others
             log.exception("qc: series %s failed", uid)
@@ -248,6 +253,7 @@ def qc_series(
     scanners: KnownScanners | None,
     template: Callable[[], Template],
     study_findings: Sequence[Finding] = (),
+    fits: Mapping[str, HeadFit] | None = None,
 ) -> SeriesQc:
     """Header QC of one series and, for a role with image QC, image QC."""
     from pipelines.ingest.reader import classify
@@ -287,7 +293,7 @@ def qc_series(
         )
     ]
     if wants_image:
-        stages.append(image_stage(files, protocol, template))
+        stages.append(image_stage(files, protocol, template, fits))
     first = first_header(entries)
     return SeriesQc(
         study=study_uid,
@@ -307,9 +313,13 @@ def qc_series(
 
 
 def image_stage(
-    files: Sequence[SeriesFile], protocol: Protocol, template: Callable[[], Template]
+    files: Sequence[SeriesFile],
+    protocol: Protocol,
+    template: Callable[[], Template],
+    fits: Mapping[str, HeadFit] | None = None,
 ) -> StageOutcome:
-    """Build the volume, place the brain template, measure and judge the image."""
+    """Build the volume, place the brain template (with the head fit of its frame of reference
+    when one was handed over), measure and judge the image."""
     policy = protocol.qc
     start = time.perf_counter()
 
@@ -341,7 +351,9 @@ def image_stage(
         except Exception as exc:
             return unreadable(f"{name}: pixel data cannot be decoded: {type(exc).__name__}: {exc}")
     stack = stack_pixels(volume, arrays)
-    brain = place_brain(stack, volume, template())
+    frame = str(datasets[0][1].get("FrameOfReferenceUID") or "")
+    handed = (fits or {}).get(frame) if frame else None
+    brain = place_brain(stack, volume, template(), handed)
     spacing = (volume.slice_spacing, volume.first.spacing[0], volume.first.spacing[1])
     result = check_image(stack, spacing, brain, policy)
     metrics: dict[str, float | str | None] = dict(result.metrics)

@@ -134,7 +134,7 @@ def _run_step(
     ):
         stored = {k: v for k, v in known.outputs.items() if not k.startswith("_")}
         return StepResult(plan.pk, step, DONE, input_key, stored, reused=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     status, code, message = DONE, None, None
     public: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -145,7 +145,7 @@ def _run_step(
     except Exception as exc:  # one study must never stop the others
         log.exception("%s of study %d failed", step, plan.pk)
         status, code, message = ERROR, f"{step}.internal_error", f"{type(exc).__name__}: {exc}"
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     with index.session() as session:
         record_step(
             session,
@@ -161,6 +161,7 @@ def _run_step(
                 {**public, **{f"_{k}": v for k, v in extra.items()}},
                 round(seconds, 3),
                 ctx.run_id,
+                round(cpu, 3),
             ),
         )
     return StepResult(plan.pk, step, status, input_key, public, False, seconds, code, message)
@@ -397,7 +398,8 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     if plan is None:
         return _not_archived(previous.study_pk, DEFACE)
     policy = ctx.settings.deface
-    version = "deface-2"  # 2: a three-plane picture of the defaced series for the dashboard
+    # 2: a three-plane picture of the defaced series for the dashboard; 3: the head fits, for QC
+    version = "deface-3"
     input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
     series_info = _series_info(previous.outputs)
     staging = Path(previous.outputs["staging"])
@@ -449,7 +451,8 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         with index.session() as session:
             record_stages(session, rows)
         folders = [str(ctx.dicom_out.joinpath(*parts)) for parts in studies]
-        return {**previous.outputs, "folders": folders}, {}
+        fits = [fit.to_json() for fit in report.fits]
+        return {**previous.outputs, "folders": folders, "head_fits": fits}, {}
 
     return _run_step(
         ctx,
@@ -487,6 +490,7 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
 
     from models.scanners import load_known_scanners
     from pipelines.deface.template import load_brain_template
+    from pipelines.imaging.register import HeadFit, fits_by_frame
     from pipelines.quality.folder import METHOD_VERSION, qc_folder
     from pipelines.quality.folder import stage_records as qc_rows
     from pipelines.select.protocols import load_protocols
@@ -500,9 +504,13 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
         protocols = load_protocols(ctx.settings.protocols_file)
         scanners = load_known_scanners(ctx.settings.known_scanners_file)
         template = cache(lambda: load_brain_template(ctx.settings.cache))
+        # the head as defacing fitted it: image QC does not register it again
+        fits = fits_by_frame(HeadFit.from_json(f) for f in previous.outputs.get("head_fits", []))
         rows: list[StageRecord] = []
         for folder in previous.outputs.get("folders", []):
-            report = qc_folder(Path(folder), protocols, scanners, template, ctx.protocol, None)
+            report = qc_folder(
+                Path(folder), protocols, scanners, template, ctx.protocol, None, None, fits
+            )
             rows.extend(row for r in report.series for row in qc_rows(r))
         with index.session() as session:
             record_stages(session, rows)

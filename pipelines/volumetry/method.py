@@ -32,7 +32,8 @@ from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, poster
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
-METHOD_VERSION = "4"
+#: 5: N4 on a grid shrunk 6 times (was 4)
+METHOD_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,12 @@ class Parameters:
     deformable: bool = True
     deformable_mm: float = 5.0
     shell_mm: float = 12.0
-    n4_shrink: int = 4
+    #: N4 fits its field on the image shrunk this many times per axis: 6 takes a third of 4's
+    #: time (measured on 10 real heads: 1.6-6.2 s against 4.3-18.6 s) and moved brain volume
+    #: towards SAMSEG's (mean |difference| 4.4 -> 3.2 %; the largest, a decubitus head, +10.0 ->
+    #: -2.3 %; none moved more than 0.6 % away); ICV within 0.5 %. The field is smooth at the
+    #: scale of centimetres: a 6 mm grid still samples it finely.
+    n4_shrink: int = 6
     n4_levels: int = 4
     #: the bias N4 left, estimated from the tissue model and removed (``residual_bias``):
     #: smoothing (mm) and rounds; 0 rounds: off
