@@ -34,7 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/retrieve.py
 	$(BIN)/python benchmarks/anonymize.py
 	$(BIN)/python benchmarks/deface.py
-	$(BIN)/python benchmarks/qc.py
+	$(BIN)/python benchmarks/image_qc.py
 	$(BIN)/python benchmarks/volumetry.py
 	$(BIN)/python benchmarks/end_to_end.py
 	$(BIN)/python benchmarks/stats.py

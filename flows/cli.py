@@ -70,6 +70,30 @@ def _date(text: str) -> dt.date:
     raise argparse.ArgumentTypeError(f"'{text}' is not a date (YYYY-MM-DD)")
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: ``-v`` is accepted after the command too (``cohortflow qc DIR -v``),
+    as before it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,  # absent here: the top-level value stands
+            help="log details to stderr",
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cohortflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cohortflow",
@@ -82,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML settings file (default: $COHORTFLOW_CONFIG or $COHORTFLOW_HOME/cohortflow.yaml)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"cohortflow {_version()}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser
+    )
 
     synth = sub.add_parser(
         "synth",

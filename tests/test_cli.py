@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,68 @@ def test_help_on_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     for name in commands:
         assert main([name, "--help"]) == 0
         assert "usage: cohortflow " + name in capsys.readouterr().out
+
+
+def test_python_m_answers_every_command_and_its_subcommands(tmp_path: Path) -> None:
+    """``python -m flows.cli`` is the command line too (every command and sub-command, in a
+    fresh interpreter); ``--version`` prints the installed version."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    env = {**os.environ, "COHORTFLOW_HOME": str(tmp_path / "home")}
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    argvs = [["--version"]]
+    for name, command in commands.items():
+        argvs.append([name, "--help"])
+        if command._subparsers is not None:
+            for what in command._subparsers._group_actions[0].choices:
+                argvs.append([name, what, "--help"])
+    # one interpreter for all: each argv through runpy, as ``python -m flows.cli`` runs it
+    script = (
+        "import json, runpy, sys\n"
+        "codes = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    sys.argv = ['flows.cli', *argv]\n"
+        "    try:\n"
+        "        runpy.run_module('flows.cli', run_name='__main__')\n"
+        "        codes.append(None)\n"
+        "    except SystemExit as exc:\n"
+        "        codes.append(exc.code)\n"
+        "print(json.dumps(codes))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(argvs) > 30
+    assert dict(zip(map(" ".join, argvs), codes, strict=True)) == {" ".join(a): 0 for a in argvs}
+    assert f"cohortflow {version('cohortflow')}" in done.stdout
+    # the real ``python -m``, once
+    direct = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert direct.returncode == 0, direct.stderr[-2000:]
+
+
+def test_verbose_is_accepted_after_the_command_too() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["-v", "status"]).verbose is True
+    assert parser.parse_args(["status", "-v"]).verbose is True
+    assert parser.parse_args(["report", "batch", "b1", "--verbose"]).verbose is True
+    assert parser.parse_args(["status"]).verbose is False
 
 
 @pytest.mark.parametrize(
@@ -73,3 +136,26 @@ def test_synth_json_and_refuses_to_overwrite(
     assert main(argv) == 2  # not empty: refuses without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_every_benchmark_starts_from_the_command_line() -> None:
+    """``python benchmarks/X.py`` puts benchmarks/ first on the path: no benchmark may be named
+    like a package of ours (benchmarks/qc.py hid the qc package from the others)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    ours = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    scripts = sorted((root / "benchmarks").glob("*.py"))
+    assert not {p.stem for p in scripts} & ours
+    for script in scripts:
+        done = subprocess.run(
+            [sys.executable, str(script), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            cwd=root,
+        )
+        assert done.returncode == 0, f"{script.name}: {done.stderr[-2000:]}"
+        assert "usage:" in done.stdout
