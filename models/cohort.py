@@ -11,8 +11,10 @@
 Queries read ``cohort_series`` (one row per archived series, kept by
 ``pipelines.cohort.refresh``) and ``cohort_protocols``. Filters are parsed from text (command
 line options, URL query) by one registry, ``FILTERS``; every value is a bound parameter, never
-SQL. Free patterns are Python regular expressions matched against the distinct values of their
-(indexed) column, so SQLite and PostgreSQL agree on what they mean.
+SQL. Free patterns are RE2 regular expressions (``google-re2``: linear time in the text, so no
+pattern can hang a request or the command line; no look-around or back-references; at most
+``MAX_PATTERN_LENGTH`` characters) matched in Python against the distinct values of their
+(indexed) column, so SQLite and PostgreSQL agree on what they mean and neither runs a pattern.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    bindparam,
     delete,
     distinct,
     func,
@@ -206,12 +209,44 @@ def _parse_dates(name: str, text: str) -> DateBounds:
     return DateBounds(first, last)
 
 
-def _parse_pattern(name: str, text: str) -> re.Pattern[str]:
-    try:
-        return re.compile(text, re.IGNORECASE)
-    except re.error as exc:
+#: the longest pattern a filter takes (characters)
+MAX_PATTERN_LENGTH = 200
+
+
+class Pattern(Protocol):
+    """A compiled pattern (RE2's): what a filter keeps and the queries search with."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def search(self, text: str) -> object | None: ...
+
+
+def _parse_pattern(name: str, text: str) -> Pattern:
+    """``text`` compiled by RE2, case-insensitive: matching takes time linear in the value,
+    whatever the pattern (Python's ``re`` backtracks: ``(a+)+$`` doubled its time with every
+    character of the value)."""
+    import re2
+
+    if len(text) > MAX_PATTERN_LENGTH:
         raise CohortQueryError(
-            f"filter {name}: {text!r} is not a regular expression: {exc}"
+            f"filter {name}: the pattern has {len(text)} characters; at most "
+            f"{MAX_PATTERN_LENGTH} are taken"
+        )
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # the error is the user's answer, not a log line
+    try:
+        return cast(Pattern, re2.compile(text, options))
+    except re2.error as exc:
+        why = (
+            exc.args[0].decode(errors="replace")
+            if exc.args and isinstance(exc.args[0], bytes)
+            else str(exc)
+        )
+        raise CohortQueryError(
+            f"filter {name}: {text!r} is not a regular expression this search takes ({why}; "
+            "RE2 syntax: no look-around or back-references)"
         ) from None
 
 
@@ -227,7 +262,7 @@ class CohortFilter:
     cohort: str | None = None
     modality: tuple[str, ...] = ()
     protocol: tuple[tuple[str, str | None], ...] = ()
-    patterns: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    patterns: Mapping[str, Pattern] = field(default_factory=dict)
     date: DateBounds | None = None
     field_strength: Bounds | None = None
     slice_thickness: Bounds | None = None
@@ -247,7 +282,7 @@ class CohortFilter:
         unknown protocol names fail here. Raises CohortQueryError naming the filter."""
         given = {k: str(v).strip() for k, v in values.items() if v is not None and str(v).strip()}
         parsed: dict[str, Any] = {}
-        patterns: dict[str, re.Pattern[str]] = {}
+        patterns: dict[str, Pattern] = {}
         for name, text in given.items():
             spec = _SPECS.get(name)
             if spec is None:
@@ -423,23 +458,29 @@ def _conditions(session: Session, flt: CohortFilter, layer: str) -> list[ColumnE
 MAX_LISTED_VALUES = 5000
 
 
-def _pattern_condition(
-    session: Session, column: Any, pattern: re.Pattern[str]
-) -> ColumnElement[bool]:
+def _pattern_condition(session: Session, column: Any, pattern: Pattern) -> ColumnElement[bool]:
     """The rows whose ``column`` the pattern finds something in: the matching distinct values
-    as a list (or the others, when fewer), so every backend gives Python's regular expression
-    the same meaning; with too many of both, the database matches (SQLite through Python's
-    ``re``, PostgreSQL with its own, nearly identical, ``~*``)."""
+    as a list (or the others, when fewer), so every backend gives the pattern the same meaning
+    and no database runs it (SQLite's REGEXP is Python's backtracking ``re``). Lists longer than
+    MAX_LISTED_VALUES are written into the statement as literals (database parameter limits);
+    the values are the column's own, never the user's text."""
     seen = session.scalars(select(column).where(column.is_not(None)).distinct()).all()
     hits = [v for v in seen if v is not None and pattern.search(v)]
-    if len(hits) <= MAX_LISTED_VALUES:
-        return column.in_(hits)  # type: ignore[no-any-return]
-    misses = [v for v in seen if v is not None and not pattern.search(v)]
-    if len(misses) <= MAX_LISTED_VALUES:
-        return and_(column.is_not(None), column.not_in(misses))
-    if session.get_bind().dialect.name == "sqlite":  # Python's re: the flag goes inline
-        return column.regexp_match(f"(?i){pattern.pattern}")  # type: ignore[no-any-return]
-    return column.regexp_match(pattern.pattern, flags="i")  # type: ignore[no-any-return]
+    misses = (
+        []
+        if len(hits) <= MAX_LISTED_VALUES
+        else [v for v in seen if v is not None and not pattern.search(v)]
+    )
+    if len(hits) <= MAX_LISTED_VALUES or len(hits) <= len(misses):
+        return column.in_(_listed(hits))  # type: ignore[no-any-return]
+    return and_(column.is_not(None), column.not_in(_listed(misses)))
+
+
+def _listed(values: list[str]) -> Any:
+    """``values`` for an IN list: bound parameters, or literals beyond MAX_LISTED_VALUES."""
+    if len(values) <= MAX_LISTED_VALUES:
+        return values
+    return bindparam(None, values, expanding=True, literal_execute=True)
 
 
 def _group_column(group: str, layer: str, age_band: int) -> Any:
