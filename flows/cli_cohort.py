@@ -22,6 +22,7 @@ from rich.console import Console
 from flows.output import SafeTable, document, write_json
 from models.database import IndexDB
 from models.settings import Settings
+from models.spreadsheet import neutralised
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -314,7 +315,7 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         with args.csv.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(found.columns))
             writer.writeheader()
-            writer.writerows(found.rows)
+            writer.writerows({k: neutralised(v) for k, v in row.items()} for row in found.rows)
     if args.json:
         write_json(found.as_dict())
         return EXIT_OK

@@ -29,6 +29,7 @@ from models.linkage import audit
 from models.outcomes import worst_verdict
 from models.reviews import latest_reviews, still_failing
 from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
+from models.spreadsheet import neutralised, restore
 from models.stages import BiomarkerRecord, biomarker_records
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ def _write_csv(table: BiomarkerTable, records: list[dict[str, Any]], out: Any) -
     writer.writeheader()
     for record in records:
         # repr of a float round-trips exactly: the file holds the index's values
-        writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
+        writer.writerow({k: ("" if v is None else neutralised(v)) for k, v in record.items()})
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -338,6 +339,9 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise ExportError(f"cannot read the table {path}: {exc.strerror}") from exc
     for row in rows:
+        for key, value in row.items():
+            if isinstance(value, str):
+                row[key] = restore(value)
         for name in VOLUMES:
             try:
                 row[name] = float(row[name])

