@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -328,3 +329,39 @@ def test_an_export_with_an_identifier_is_not_sent(site: tuple[TestClient, IndexD
             select(AuditEntry).where(AuditEntry.action == "release.quarantined")
         ).all()
     assert [h.actor for h in held] == ["sam"]
+
+
+def test_security_headers_on_every_answer_and_no_inline_script_or_style(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    """Issue 23, item 4: a strict Content-Security-Policy (nothing inline, nothing from
+    elsewhere, no framing), nosniff, no referrer and no caching of study data, on pages, API
+    answers, pictures, errors and the login page; the pages carry no inline script or style
+    for the policy to block. (tests/test_protocol_run.py renders the pages in Chromium under
+    this policy.)"""
+    from qc.dashboard.headers import CONTENT_SECURITY_POLICY
+
+    client, _, cohort = site
+    uid = cohort.subjects[0].pseudo_series
+
+    def secured(answer: httpx.Response, path: str) -> None:
+        h = answer.headers
+        assert h["content-security-policy"] == CONTENT_SECURITY_POLICY, path
+        assert "script-src 'self'" in h["content-security-policy"]
+        assert "unsafe-inline" not in h["content-security-policy"]
+        assert h["x-frame-options"] == "DENY" and h["x-content-type-options"] == "nosniff"
+        assert h["referrer-policy"] == "no-referrer"
+        if not path.startswith("/static/"):
+            assert h["cache-control"] == "no-store", path
+
+    for path in ("/login", "/static/style.css", "/", "/api/overview", "/nonexistent"):
+        secured(client.get(path, follow_redirects=False), path)
+    login(client, "stella")
+    pages = ("/", "/failures?stage=image_qc", f"/series/{uid}", "/export", "/audit", "/cohorts")
+    for path in (*pages, "/api/overview", "/overview/rates.png", "/api/failures?from=x"):
+        answer = client.get(path)
+        secured(answer, path)
+        if answer.headers["content-type"].startswith("text/html"):
+            assert not re.search(r"<script(?![^>]*\bsrc=)", answer.text), path
+            assert "<style" not in answer.text and " style=" not in answer.text, path
+            assert not re.search(r"\son[a-z]+=", answer.text), path  # onclick= and the like

@@ -49,6 +49,7 @@ from models.reviews import DECISIONS, record_review
 from models.settings import Settings
 from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, account, authenticate
 from qc.dashboard import plots, queries
+from qc.dashboard.headers import SecurityHeaders
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def create_app(
         same_site="strict",
         https_only=settings.dashboard.https,
     )
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     static = Path(str(_HERE.joinpath("static")))
     app.mount("/static", StaticFiles(directory=static), name="static")
     templates = Jinja2Templates(directory=str(_HERE.joinpath("templates")))
