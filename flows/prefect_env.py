@@ -30,7 +30,11 @@ def configure_prefect(home: Path) -> None:
     """
     os.environ.setdefault("PREFECT_HOME", str((home / "prefect").resolve()))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    # telemetry off on both sides: the server's analytics and the client's usage events (and
+    # the notice about them), and Prefect Cloud's orchestration telemetry
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Dask's scheduler and workers log every connection at INFO; the run's own report is enough

@@ -216,12 +216,18 @@ def dask_runner(settings: Settings, dask_address: str | None, workers: int | Non
     if address:
         return DaskTaskRunner(address=address)
     count = workers or settings.flow.workers or settings.worker_count
+    shown = settings.flow.dask_dashboard
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": count,
             "threads_per_worker": 1,
             "processes": True,
-            "dashboard_address": ":0",  # any free port: several runs may share a machine
+            # the scheduler on loopback, and its web dashboard (no login) only where the
+            # settings put it: ":0" listened on every interface. Without one, the scheduler's
+            # small HTTP service (health) stays on loopback, on any free port.
+            "host": "127.0.0.1",
+            "dashboard_address": shown or "127.0.0.1:0",
+            "scheduler_kwargs": {"dashboard": bool(shown)},
         }
     )
 

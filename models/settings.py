@@ -132,6 +132,9 @@ class FlowSettings(BaseModel):
     dask_address: str | None = None
     #: worker processes of the local cluster (one study step at a time each); 0: one per core
     workers: int = Field(0, ge=0, le=256)
+    #: where the local cluster's Dask dashboard listens (``127.0.0.1:8787``); unset: no
+    #: dashboard. It has no login and shows task names and timings: keep it on loopback.
+    dask_dashboard: str | None = None
 
 
 class DashboardSettings(BaseModel):
