@@ -136,6 +136,12 @@ def read_labels(path: Path) -> Labels:
         )
     by_accession: dict[str, dict[str, str]] = {}
     for line, raw in enumerate(reader, start=2):
+        extra = raw.pop(None, None)  # csv's key for the fields beyond the header's
+        if extra:
+            raise ExportError(
+                f"{path}, line {line}: {len(extra)} field(s) more than the header's "
+                f"{len(header)} (a comma in a value needs quotes)"
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         key = row.get(accession, "")
         if not key:

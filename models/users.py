@@ -101,6 +101,11 @@ def disable_account(session: Session, username: str, actor: str | None = None) -
     audit(session, "user.disable", json.dumps({"user": username}), actor=actor)
 
 
+#: how much of a typed user name a failed login's audit entry keeps (user names are at most 80
+#: characters; anything longer is not one, and a log-in form must not fill the audit log)
+MAX_LOGGED_NAME = 100
+
+
 def authenticate(session: Session, username: str, password: str) -> Account | None:
     """The account if the name and password match an active one (the attempt is audited)."""
     row = session.scalars(select(User).where(User.username == username)).first()
@@ -108,7 +113,7 @@ def authenticate(session: Session, username: str, password: str) -> Account | No
     audit(
         session,
         "login" if ok else "login.failed",
-        json.dumps({"user": username}),
+        json.dumps({"user": username[:MAX_LOGGED_NAME]}),  # a name is at most 80 characters
         actor=username if ok else "anonymous",
     )
     if not ok or row is None:

@@ -365,3 +365,47 @@ def test_security_headers_on_every_answer_and_no_inline_script_or_style(
             assert not re.search(r"<script(?![^>]*\bsrc=)", answer.text), path
             assert "<style" not in answer.text and " style=" not in answer.text, path
             assert not re.search(r"\son[a-z]+=", answer.text), path  # onclick= and the like
+
+
+def test_bodies_are_bounded_and_malformed_input_answers_4xx(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    """Issue 23, item 4: a body above its route's limit is refused with 413 before it is read
+    (declared or chunked); an oversized login writes no audit entry; numbers beyond any index
+    and a labels row with an extra field answer 4xx, never 500."""
+    from qc.dashboard.limits import BODY_BYTES, UPLOAD_BYTES
+
+    client, index, cohort = site
+    with index.session() as session:
+        before = len(session.scalars(select(AuditEntry)).all())
+    big = client.post("/login", data={"username": "x" * (5 << 20), "password": "p", "next": "/"})
+    assert big.status_code == 413
+    chunked = client.post(
+        "/api/login", content=(b"x" * 4096 for _ in range(BODY_BYTES // 4096 + 2))
+    )
+    assert chunked.status_code == 413
+    with index.session() as session:
+        assert len(session.scalars(select(AuditEntry)).all()) == before  # nothing logged
+    token = login(client, "sam")
+    huge = client.post(
+        "/export",
+        data={"protocol": "dementia", "format": "csv", "csrf": token},
+        files={"labels": ("clinical.csv", b"a" * (UPLOAD_BYTES + 1), "text/csv")},
+    )
+    assert huge.status_code == 413
+    extra = cohort.labels_csv().replace("\n", ",surplus\n", 2).split("\n", 1)
+    bad = "accession_number,diagnosis\n" + extra[1]
+    answer = client.post(
+        "/export",
+        data={"protocol": "dementia", "format": "csv", "csrf": token},
+        files={"labels": ("clinical.csv", bad.encode(), "text/csv")},
+    )
+    assert answer.status_code == 400 and "more than the header" in answer.text
+    for path in (
+        "/api/cohorts/list?offset=9223372036854775808",
+        "/api/cohorts/list?limit=-1",
+        "/api/failures?page=9223372036854775808",
+        "/failures?page=0",
+        "/api/cohorts/list?offset=x",
+    ):
+        assert client.get(path).status_code in (400, 422), path

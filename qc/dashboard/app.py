@@ -50,6 +50,7 @@ from models.settings import Settings
 from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, account, authenticate
 from qc.dashboard import plots, queries
 from qc.dashboard.headers import SecurityHeaders
+from qc.dashboard.limits import BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def create_app(
         same_site="strict",
         https_only=settings.dashboard.https,
     )
+    app.add_middleware(BodyLimit)  # before anything reads a body
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     static = Path(str(_HERE.joinpath("static")))
     app.mount("/static", StaticFiles(directory=static), name="static")
@@ -273,7 +275,7 @@ def create_app(
         date_to: str | None = Query(None, alias="to"),
         sort: str = "recorded_at",
         order: str = "desc",
-        page: int = 1,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     ) -> queries.FailureFilter:
         if status not in queries.STATUSES:
             raise HTTPException(400, f"status must be one of {', '.join(queries.STATUSES)}")
@@ -586,8 +588,8 @@ def create_app(
     def cohorts_list_api(
         request: Request,
         who: Annotated[Account, Depends(role(*READ))],
-        limit: int = 100,
-        offset: int = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_OFFSET)] = 100,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         from models.cohort import list_series
 
@@ -693,12 +695,23 @@ def create_app(
     return app
 
 
+#: the largest page number and row offset a request may ask for (beyond any index; a larger
+#: number overflowed the database's integer and answered 500)
+MAX_PAGE = 1_000_000
+MAX_OFFSET = 1_000_000_000
+
+
 class AuditQuery:
     """The audit log's page and filters, from the query string (``?page=2&actor=rita&action=
     refused.&since=2026-01-01&until=...``)."""
 
     def __init__(
-        self, page: int = 1, actor: str = "", action: str = "", since: str = "", until: str = ""
+        self,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
+        actor: str = "",
+        action: str = "",
+        since: str = "",
+        until: str = "",
     ) -> None:
         self.page = max(page, 1)
         self.actor, self.action, self.since, self.until = actor, action, since, until
