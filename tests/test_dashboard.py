@@ -257,7 +257,7 @@ def test_cohorts_page_counts_saves_and_keeps_the_identified_layer_to_stewards(
     site: tuple[TestClient, IndexDB, Cohort],
 ) -> None:
     client, index, cohort = site
-    token = login(client, "rita")
+    token = login(client, "sam")  # a researcher: reads, and saves cohorts
     women = [s for s in cohort.subjects if s.sex == "F"]
     page = client.get("/cohorts?sex=F&by=scanner")
     assert page.status_code == 200 and 'data-testid="cohort-chart"' in page.text
@@ -305,7 +305,7 @@ def test_cohorts_page_counts_saves_and_keeps_the_identified_layer_to_stewards(
         ("cohort.identified.list", "stella"),
         ("cohort.identified.count", "stella"),
     ]
-    assert [s.actor for s in saves] == ["rita", "rita"]
+    assert [s.actor for s in saves] == ["sam", "sam"]
 
 
 def test_an_export_with_an_identifier_is_not_sent(site: tuple[TestClient, IndexDB, Cohort]) -> None:
@@ -409,3 +409,102 @@ def test_bodies_are_bounded_and_malformed_input_answers_4xx(
         "/api/cohorts/list?offset=x",
     ):
         assert client.get(path).status_code in (400, 422), path
+
+
+#: every route of the dashboard and the right it needs (None: open to everyone)
+ROUTES = {
+    ("GET", "/login"): None,
+    ("POST", "/login"): None,
+    ("POST", "/logout"): None,
+    ("POST", "/api/login"): None,
+    ("GET", "/"): "read",
+    ("GET", "/overview/rates.png"): "read",
+    ("GET", "/api/overview"): "read",
+    ("GET", "/failures"): "read",
+    ("GET", "/api/failures"): "read",
+    ("GET", "/series/{uid}"): "read",
+    ("GET", "/api/series/{uid}"): "read",
+    ("GET", "/series/{uid}/picture/{stage}.png"): "read",
+    ("GET", "/series/{uid}/metrics.png"): "read",
+    ("POST", "/series/{uid}/review"): "review",
+    ("POST", "/api/series/{uid}/review"): "review",
+    ("GET", "/export"): "export",
+    ("POST", "/export"): "export",
+    ("GET", "/api/export/biomarkers"): "export",
+    ("GET", "/cohorts"): "read",
+    ("GET", "/cohorts/chart.png"): "read",
+    ("GET", "/api/cohorts/count"): "read",
+    ("GET", "/api/cohorts/list"): "read",
+    ("POST", "/cohorts/save"): "save cohorts",
+    ("POST", "/api/cohorts/save"): "save cohorts",
+    ("GET", "/audit"): "audit log",
+    ("GET", "/api/audit"): "audit log",
+}
+
+
+def _readme_rights() -> dict[str, set[str]]:
+    """The README's table of roles: right (its first words) -> the roles that have it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[0] == "right", header
+    rights = {}
+    for line in lines[1:]:  # the separator row (|---|) starts without a space
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = cells[0].split(" (")[0]
+        rights[name] = {role for role, cell in zip(header[1:], cells[1:], strict=True) if cell}
+        if len(rights) == 6:
+            break
+    return rights
+
+
+def test_every_route_for_every_role_as_the_readme_says(
+    site: tuple[TestClient, IndexDB, Cohort],
+) -> None:
+    """Issue 23, item 8: the README's role table is the code's, and every route answers each
+    role by it (403 for a role without the right, never 403 for one with it)."""
+    from qc.dashboard import app as dashboard
+
+    rights = _readme_rights()
+    code = {
+        "read": dashboard.READ,
+        "review": dashboard.REVIEW,
+        "export": dashboard.EXPORT,
+        "save cohorts": dashboard.SAVE_COHORT,
+        "identified layer of cohort discovery": dashboard.IDENTIFIED_ROLES,
+        "audit log": dashboard.AUDIT,
+    }
+    assert rights == {k: set(v) for k, v in code.items()}
+    client, _, cohort = site
+    served = {
+        (method, route.path)
+        for route in client.app.routes  # type: ignore[attr-defined]
+        if hasattr(route, "methods") and not route.path.startswith("/static")
+        for method in route.methods - {"HEAD"}
+    }
+    assert served == set(ROUTES), served ^ set(ROUTES)
+    uid = cohort.subjects[0].pseudo_series
+    users = {"reviewer": "rita", "researcher": "sam", "steward": "stella", "admin": "ada"}
+    for role, user in users.items():
+        client.cookies.clear()
+        token = login(client, user)
+        for (method, path), right in ROUTES.items():
+            if right is None:
+                continue
+            url = path.format(uid=uid, stage="deface")
+            if method == "GET":
+                answer = client.get(url, follow_redirects=False)
+            else:
+                answer = client.post(
+                    url,
+                    data={"csrf": token, "name": f"c{role}", "sex": "F", "decision": "accept",
+                          "comment": "matrix", "format": "csv"},
+                    headers={"X-CSRF-Token": token},
+                    follow_redirects=False,
+                )  # fmt: skip
+            allowed = role in rights[right]
+            assert (answer.status_code == 403) is not allowed, (role, method, path, answer.text)
+            assert answer.status_code != 401, (role, method, path)
+        identified = client.get("/api/cohorts/count?identified=1")
+        steward = role in rights["identified layer of cohort discovery"]
+        assert (identified.status_code == 403) is not steward, role

@@ -53,7 +53,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Inde
     index = open_index(settings.index)
     cohort = build(index)  # 40 patients, one per year of birth: every age held by one
     with index.session() as session:
-        set_account(session, "rita", "reviewer", PASSWORD)
+        set_account(session, "sam", "researcher", PASSWORD)
     refresh_configured(settings, index)
     yield index, cohort
     index.dispose()
@@ -139,7 +139,7 @@ def test_a_reviewer_gets_no_list_or_saved_cohort_of_a_small_cell_from_the_dashbo
     with TestClient(app) as client:
         page = client.post(
             "/login",
-            data={"username": "rita", "password": PASSWORD, "next": "/"},
+            data={"username": "sam", "password": PASSWORD, "next": "/"},
             follow_redirects=True,
         )
         token = re.search(r'name="csrf" value="([^"]+)"', page.text)
@@ -162,7 +162,7 @@ def test_a_reviewer_gets_no_list_or_saved_cohort_of_a_small_cell_from_the_dashbo
             select(AuditEntry.actor).where(AuditEntry.action.startswith("cohort.query"))
         ).all()
     # the three counts; the refused list and save answered nothing
-    assert list(actors) == ["rita"] * 3
+    assert list(actors) == ["sam"] * 3
 
 
 def test_the_dashboard_refuses_de_identified_counts_without_disclosure_control(
@@ -174,7 +174,7 @@ def test_the_dashboard_refuses_de_identified_counts_without_disclosure_control(
     with TestClient(app) as client:
         client.post(
             "/login",
-            data={"username": "rita", "password": PASSWORD, "next": "/"},
+            data={"username": "sam", "password": PASSWORD, "next": "/"},
             follow_redirects=True,
         )
         answer = client.get("/api/cohorts/count?sex=F")

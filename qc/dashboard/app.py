@@ -55,10 +55,12 @@ from qc.dashboard.limits import BodyLimit
 log = logging.getLogger(__name__)
 
 _HERE = resources.files("qc.dashboard")
-#: who may do what
+#: who may do what (the README's table of roles says the same; tests/test_dashboard.py checks
+#: every route for every role against it)
 READ = (REVIEWER, RESEARCHER, STEWARD, ADMIN)
 REVIEW = (REVIEWER, ADMIN)
 EXPORT = (RESEARCHER, ADMIN)
+SAVE_COHORT = (RESEARCHER, STEWARD)
 AUDIT = (STEWARD, ADMIN)
 #: entries per page of the audit log
 AUDIT_PAGE = 200
@@ -566,6 +568,7 @@ def create_app(
             saved=saved,
             chart=chart,
             steward=who.role in IDENTIFIED_ROLES,
+            can_save=who.role in SAVE_COHORT,
         )
 
     @app.get("/cohorts/chart.png")
@@ -630,7 +633,7 @@ def create_app(
 
     @app.post("/cohorts/save")
     async def cohorts_save(
-        request: Request, who: Annotated[Account, Depends(role(*READ))]
+        request: Request, who: Annotated[Account, Depends(role(*SAVE_COHORT))]
     ) -> RedirectResponse:
         form = await request.form()
         check_token(request, str(form.get("csrf", "")))
@@ -640,7 +643,9 @@ def create_app(
 
     @app.post("/api/cohorts/save")
     def cohorts_save_api(
-        request: Request, body: dict[str, Any], who: Annotated[Account, Depends(role(*READ))]
+        request: Request,
+        body: dict[str, Any],
+        who: Annotated[Account, Depends(role(*SAVE_COHORT))],
     ) -> dict[str, Any]:
         check_token(request, request.headers.get("x-csrf-token"))
         filters = {str(k): str(v) for k, v in dict(body.get("filters") or {}).items()}
