@@ -186,8 +186,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     studies = args.studies or (4 if args.quick else 10)
-    work = args.work or Path(tempfile.mkdtemp(prefix="cohortflow-e2e-"))
-    cache = args.cache or Path(os.environ.get("COHORTFLOW_TEST_CACHE", work / "cache"))
+    # absolute: Orthanc and the runs start in other folders
+    work = (args.work or Path(tempfile.mkdtemp(prefix="cohortflow-e2e-"))).resolve()
+    cache = (args.cache or Path(os.environ.get("COHORTFLOW_TEST_CACHE", work / "cache"))).resolve()
     config = SynthConfig(studies=studies, seed=11, protocol_weights={"dementia": 1.0})
     cohort = generate(config, work / "cohort", cache, workers=2, overwrite=True)
     scp_port = free_port()
