@@ -160,6 +160,8 @@ class DashboardSettings(BaseModel):
     #: believed (the client's address for throttling, and whether it came over TLS); empty:
     #: none, the headers are ignored
     trusted_proxies: list[str] = Field(default_factory=list)
+    #: the longest a request's database statements may run (seconds; then 503)
+    request_seconds: float = Field(20.0, gt=0, le=3600)
     #: a session ends after this long without a request (minutes)
     idle_minutes: float = Field(30.0, gt=0, le=24 * 60)
     #: failed logins of an account before each further attempt waits (1 s, doubling)

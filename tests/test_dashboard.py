@@ -680,3 +680,36 @@ def test_sessions_end_at_logout_password_or_role_change_disable_and_timeouts(
         both()
         time.sleep(2.2)  # idle longer than the setting
         assert not live(client)
+
+
+def test_a_statement_past_the_request_time_limit_stops(tmp_path: Path) -> None:
+    """The dashboard's per-request limit (``dashboard.request_seconds``): a statement still
+    running at the deadline is interrupted (then answered 503); the connection goes back to the
+    pool without the limit."""
+    import time as clock
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from models.database_limits import is_time_limit, time_limit
+
+    index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    endless = text(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    started = clock.perf_counter()
+    with (
+        pytest.raises(OperationalError) as stopped,
+        index.session() as session,
+        time_limit(session, 0.3),
+    ):
+        session.execute(endless)
+    assert is_time_limit(stopped.value) and clock.perf_counter() - started < 5
+    for _ in range(3):  # the pooled connection carries no limit any more
+        with index.session() as session:
+            small = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                         "WHERE x < 2000000) SELECT count(*) FROM c")  # fmt: skip
+            clock.sleep(0.35)
+            assert session.execute(small).scalar() == 2000000
+    index.dispose()

@@ -39,10 +39,13 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from models.database import IndexDB, open_index
+from models.database_limits import is_time_limit, time_limit
 from models.disclosure import Disclosure
 from models.errors import CohortflowError
 from models.linkage import audit
@@ -160,7 +163,12 @@ def create_app(
 
     @contextmanager
     def db() -> Iterator[Session]:
-        with state["index"].session() as session:
+        """A session whose statements stop after ``dashboard.request_seconds`` (answered 503):
+        no question holds the index, or a worker thread, for long."""
+        with (
+            state["index"].session() as session,
+            time_limit(session, settings.dashboard.request_seconds),
+        ):
             yield session
 
     def user(request: Request) -> Account:
@@ -208,6 +216,15 @@ def create_app(
     ) -> HTMLResponse:
         context.update(user=who, csrf=request.session.get("csrf", ""), path=request.url.path)
         return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @app.exception_handler(OperationalError)
+    async def _too_long(request: Request, exc: OperationalError) -> Response:
+        if not is_time_limit(exc):
+            raise exc
+        detail = "the question took too long: narrow it (a filter, fewer groups)"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, status_code=503)
+        return render(request, "error.html", None, 503, message=detail)
 
     @app.exception_handler(NotLoggedInError)
     async def _login_first(request: Request, _: NotLoggedInError) -> Response:
@@ -728,7 +745,9 @@ def create_app(
         form = await request.form()
         check_token(request, str(form.get("csrf", "")))
         values = {str(k): str(v) for k, v in form.items() if isinstance(v, str)}
-        saved = save(who, values.pop("name", ""), values.pop("description", ""), values)
+        name, description = values.pop("name", ""), values.pop("description", "")
+        # the database work in a worker thread, as for every other route: never on the loop
+        saved = await run_in_threadpool(save, who, name, description, values)
         return RedirectResponse(f"/cohorts?cohort={saved.name}", status_code=303)
 
     @app.post("/api/cohorts/save")
