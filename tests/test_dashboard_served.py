@@ -20,10 +20,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from models.database import open_index
 from models.repository import now
-from models.schema import Patient, Series, Study
+from models.schema import AuditEntry, Patient, Series, Study
 from models.settings import load_settings
 from models.users import set_account
 from tests.ingest_helpers import free_port
@@ -234,3 +235,91 @@ def test_chromium_runs_no_inline_script_under_the_policy(home: Path, tmp_path: P
             assert "sam (" in page.content()
         finally:
             browser.close()
+
+
+def test_the_review_findings_replayed_over_http(home: Path, tmp_path: Path) -> None:
+    """Issue 23's findings against the served dashboard: a 100 MB upload refused with 413
+    before it is read (the server's memory does not grow); an unknown name refused in a wrong
+    password's time (within 20 %); a lockout after the configured failures, audited; a session
+    dead after its account logged out elsewhere; the security headers on the answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    import psutil
+
+    env = {
+        "COHORTFLOW_DASHBOARD__LOGIN_FREE_FAILURES": "8",
+        "COHORTFLOW_DASHBOARD__LOGIN_LOCK_AFTER": "9",
+        "COHORTFLOW_DASHBOARD__CLIENT_FREE_FAILURES": "100",
+    }
+    with _serve(home, tmp_path, tls=False, **env) as (url, _):
+        port = int(urlparse(url).port or 0)
+        server = next(
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "dashboard" in (p.info["cmdline"] or []) and str(port) in p.info["cmdline"]
+        )
+        with _client(url, None) as sam:
+            assert _login(sam, "sam").status_code == 303
+            token = re.search(r'name="csrf" value="([^"]+)"', sam.get("/export").text)
+            assert token
+            rss = server.memory_info().rss
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                cookie = "; ".join(f"{k}={v}" for k, v in sam.cookies.items())
+                raw.sendall(
+                    f"POST /export HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n"
+                    f"Content-Type: multipart/form-data; boundary=b\r\n"
+                    f"Content-Length: {100 * 2**20}\r\n\r\n".encode()
+                    + b"--b\r\n" + b"x" * 65536
+                )  # fmt: skip
+                started = time.perf_counter()
+                first = raw.recv(4096).decode(errors="replace")
+            assert first.startswith("HTTP/1.1 413"), first[:200]
+            assert time.perf_counter() - started < 2
+            assert server.memory_info().rss - rss < 20 * 2**20
+            for header in ("content-security-policy", "x-frame-options", "referrer-policy"):
+                assert header in sam.get("/").headers, header
+            # the same time for a name that does not exist as for a wrong password
+            with _client(url, None) as guesser:
+
+                def refused(name: str) -> float:
+                    times = []
+                    for _ in range(5):
+                        started = time.perf_counter()
+                        assert _try(guesser, name, "not the password").status_code == 401
+                        times.append(time.perf_counter() - started)
+                    return statistics.median(times)
+
+                unknown, wrong = refused("nobody"), refused("rita")
+                assert abs(unknown / wrong - 1) < 0.2, (unknown, wrong)
+                # rita has failed 5 times: 3 more pass unchecked-free, the 9th locks
+                for n in range(4):
+                    assert _try(guesser, "rita", f"still wrong {n}").status_code == 401, n
+                locked = _try(guesser, "rita", PASSWORD)
+                assert locked.status_code == 423
+            audit = sam.get("/audit?action=user.locked")
+            assert audit.status_code == 403  # a researcher does not read the audit log
+            # two sessions of one account: a logout ends both
+            with _client(url, None) as elsewhere:
+                assert _login(elsewhere, "sam").status_code == 303
+                assert sam.get("/api/overview").status_code == 200
+                page = elsewhere.get("/")
+                token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+                assert token
+                elsewhere.post("/logout", data={"csrf": token.group(1)})
+                assert sam.get("/api/overview").status_code == 401
+    index = open_index(load_settings(None).index)
+    with index.session() as session:
+        actions = {e.action for e in session.scalars(select(AuditEntry))}
+    index.dispose()
+    assert {"login.failed", "user.locked", "login.locked", "logout"} <= actions
+
+
+def _try(client: httpx.Client, name: str, password: str) -> httpx.Response:
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token
+    return client.post(
+        "/login",
+        data={"username": name, "password": password, "next": "/", "csrf": token.group(1)},
+    )
