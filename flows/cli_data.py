@@ -159,7 +159,8 @@ def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
-    from models.export import biomarker_table, read_labels, write_table
+    from models.errors import ExportError
+    from models.export import biomarker_table, check_release_size, read_labels, write_table
     from models.linkage import audit
 
     if args.out == "-" and (args.format != "csv" or args.json):
@@ -170,6 +171,13 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     try:
         with index.session() as session:
             table = biomarker_table(session, args.protocol, labels)
+            refusal: ExportError | None = None
+            try:
+                check_release_size(table, settings.cohort.min_cell_patients)
+            except ExportError as exc:
+                refused = {"protocol": args.protocol, "rows": len(table.rows), "why": str(exc)}
+                audit(session, "refused.export", json.dumps(refused))
+                refusal = exc
             detail = {
                 "protocol": args.protocol,
                 "format": args.format,
@@ -177,9 +185,12 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 "label_columns": list(table.label_columns),
                 "out": args.out,
             }
-            audit(session, "export.biomarkers", json.dumps(detail))
+            if refusal is None:
+                audit(session, "export.biomarkers", json.dumps(detail))
     finally:
         index.dispose()
+    if refusal is not None:  # raised once the refusal is in the log
+        raise refusal
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
     if args.out == "-":  # written aside first: the release check comes before the terminal

@@ -541,6 +541,7 @@ def create_app(
             FORMATS,
             audit_export,
             biomarker_table,
+            check_release_size,
             read_labels,
             write_table,
         )
@@ -554,9 +555,19 @@ def create_app(
                     path = Path(tmp) / "labels.csv"
                     path.write_bytes(labels)
                     parsed = read_labels(path)
+                refusal: ExportError | None = None
                 with db() as session:
                     table = biomarker_table(session, protocol or None, parsed)
-                    audit_export(session, table, protocol or None, fmt, who.username)
+                    try:
+                        check_release_size(table, settings.cohort.min_cell_patients)
+                    except ExportError as exc:
+                        detail = {"protocol": protocol, "rows": len(table.rows), "why": str(exc)}
+                        audit(session, "refused.export", json.dumps(detail), actor=who.username)
+                        refusal = exc
+                    else:
+                        audit_export(session, table, protocol or None, fmt, who.username)
+                if refusal is not None:  # raised once the refusal is in the log
+                    raise refusal
                 out = Path(tmp) / f"biomarkers.{fmt}"
                 write_table(table, out, fmt)
             except ExportError as exc:
