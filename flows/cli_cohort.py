@@ -197,12 +197,19 @@ def steward_login(
         err.print("[red]usage error:[/red] no terminal to ask for a password: --password-stdin")
         return None
     with index.session() as session:
-        found = authenticate(session, args.user, password)
+        login = authenticate(session, args.user, password)
+        found = login.account
         if found is not None and found.role != STEWARD:  # a failed login is audited already
             detail = json.dumps({"user": args.user, "for": what, "why": f"a {found.role}"})
             audit(session, "refused.steward", detail, actor=args.user)
     if found is None:
-        err.print(f"[red]error:[/red] wrong user name or password for {args.user}")
+        why = {
+            "locked": f"{args.user} is locked after failed logins: an admin can unlock it "
+            "(cohortflow users unlock)",
+            "wait": f"too many failed logins for {args.user}: try again in "
+            f"{login.retry_after:.0f} s",
+        }.get(login.status, f"wrong user name or password for {args.user}")
+        err.print(f"[red]error:[/red] {why}")
         return None
     if found.role != STEWARD:
         err.print(

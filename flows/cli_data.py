@@ -89,8 +89,10 @@ def add_commands(sub: Any) -> None:
         "users",
         help="dashboard accounts",
         description="Accounts of the QC dashboard and cohort discovery. Roles: reviewer (read, "
-        "review), researcher (read, export), steward (read, the identified layer of cohort "
-        "discovery, the audit log), admin (everything but the identified layer).",
+        "review), researcher (read, export, save cohorts), steward (read, save cohorts, the "
+        "identified layer of cohort discovery, the audit log), admin (review, export, the "
+        "audit log). Names are unique without regard to case; passwords have at least 12 "
+        "characters, not one repeated, not containing the name.",
     )
     users_sub = users.add_subparsers(dest="what", metavar="WHAT", required=True)
     add = users_sub.add_parser("add", help="make an account or change its role and password")
@@ -105,6 +107,9 @@ def add_commands(sub: Any) -> None:
     )
     users_sub.add_parser("list", help="the accounts").add_argument("--json", action="store_true")
     users_sub.add_parser("disable", help="stop an account logging in").add_argument("name")
+    users_sub.add_parser(
+        "unlock", help="let an account locked after failed logins log in again"
+    ).add_argument("name")
 
     dashboard = sub.add_parser(
         "dashboard",
@@ -114,6 +119,10 @@ def add_commands(sub: Any) -> None:
     )
     dashboard.add_argument("--host", help="address to listen on (default: settings, 127.0.0.1)")
     dashboard.add_argument("--port", type=int, help="port (default: settings, 8765)")
+    dashboard.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; default: settings)"
+    )
+    dashboard.add_argument("--tls-key", type=Path, help="its private key (PEM)")
 
 
 def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
@@ -150,7 +159,8 @@ def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
-    from models.export import biomarker_table, read_labels, write_table
+    from models.errors import ExportError
+    from models.export import biomarker_table, check_release_size, read_labels, write_table
     from models.linkage import audit
 
     if args.out == "-" and (args.format != "csv" or args.json):
@@ -161,6 +171,13 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     try:
         with index.session() as session:
             table = biomarker_table(session, args.protocol, labels)
+            refusal: ExportError | None = None
+            try:
+                check_release_size(table, settings.cohort.min_cell_patients)
+            except ExportError as exc:
+                refused = {"protocol": args.protocol, "rows": len(table.rows), "why": str(exc)}
+                audit(session, "refused.export", json.dumps(refused))
+                refusal = exc
             detail = {
                 "protocol": args.protocol,
                 "format": args.format,
@@ -168,9 +185,12 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 "label_columns": list(table.label_columns),
                 "out": args.out,
             }
-            audit(session, "export.biomarkers", json.dumps(detail))
+            if refusal is None:
+                audit(session, "export.biomarkers", json.dumps(detail))
     finally:
         index.dispose()
+    if refusal is not None:  # raised once the refusal is in the log
+        raise refusal
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
     if args.out == "-":  # written aside first: the release check comes before the terminal
@@ -299,7 +319,7 @@ def print_comparison(result: Any, console: Console) -> None:
 
 def _users(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
-    from models.users import accounts, disable_account, set_account
+    from models.users import accounts, disable_account, set_account, unlock_account
 
     index = open_index(settings.index)
     try:
@@ -324,17 +344,23 @@ def _users(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             with index.session() as session:
                 disable_account(session, args.name)
             err.print(f"account {args.name} disabled")
+        elif args.what == "unlock":
+            with index.session() as session:
+                unlocked = unlock_account(session, args.name)
+            err.print(f"account {unlocked.username} unlocked")
         else:
             with index.session() as session:
                 found = accounts(session)
             if args.json:
-                payload = [{"name": a.username, "role": a.role, "active": a.active} for a in found]
+                payload = [
+                    {"name": a.username, "role": a.role, "active": a.active, "locked": a.locked}
+                    for a in found
+                ]
                 write_json({"users": payload})
             else:
                 for a in found:
-                    Console().print(
-                        f"{a.username}\t{a.role}\t{'active' if a.active else 'disabled'}"
-                    )
+                    state = "locked" if a.locked else "active" if a.active else "disabled"
+                    Console().print(f"{a.username}\t{a.role}\t{state}")
     finally:
         index.dispose()
     return EXIT_OK
@@ -357,6 +383,27 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
         disclosure=cohorts.disclosure,
         release=release_check_of(settings),
     )
-    err.print(f"QC dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    board = settings.dashboard
+    cert, key = args.tls_cert or board.tls_cert, args.tls_key or board.tls_key
+    if (cert is None) != (key is None):
+        err.print("[red]usage error:[/red] HTTPS needs both --tls-cert and --tls-key")
+        return EXIT_USAGE
+    for path in (p for p in (cert, key) if p is not None):
+        if not path.is_file():
+            err.print(f"[red]usage error:[/red] {path} is not a file")
+            return EXIT_USAGE
+    scheme = "https" if cert else "http"
+    err.print(f"QC dashboard on {scheme}://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
+        # the client's address and scheme from these proxies' headers only
+        proxy_headers=bool(board.trusted_proxies),
+        forwarded_allow_ips=",".join(board.trusted_proxies) or None,
+        server_header=False,
+    )
     return EXIT_OK

@@ -104,6 +104,18 @@ class BiomarkerTable:
         return out
 
 
+def check_release_size(table: BiomarkerTable, min_cell: int) -> None:
+    """Refuse a row-level export of fewer than ``min_cell`` patients (disclosure control: a
+    table of one or two patients with their ages and scanner singles them out as a list would;
+    an empty table reveals nothing)."""
+    patients = {row.pseudonym or row.series for row in table.rows}
+    if 0 < len(patients) < min_cell:
+        raise ExportError(
+            f"the table holds {len(patients)} patient(s), fewer than the smallest cell "
+            f"({min_cell}, setting cohort.min_cell_patients): no row-level export of so few"
+        )
+
+
 def read_labels(path: Path) -> Labels:
     """Read a CSV of clinical labels with an accession number column (any other columns are
     labels). ExportError names the file and line of anything wrong."""

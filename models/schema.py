@@ -492,17 +492,26 @@ class Review(Base):
 
 
 class User(Base):
-    """A dashboard account. Passwords are stored as scrypt hashes only."""
+    """A dashboard account. Passwords are stored as argon2id hashes only (``models.users``)."""
 
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(80), unique=True)
-    #: reviewer, researcher or admin
+    #: the name case-folded: names are unique without regard to case
+    name_key: Mapped[str] = mapped_column(String(80), unique=True)
+    #: reviewer, researcher, steward or admin
     role: Mapped[str] = mapped_column(String(20))
     password_hash: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    #: failed logins since the last success; the next attempt waits until ``blocked_until``;
+    #: ``locked`` after too many, until an admin unlocks the account
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    blocked_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    locked: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: raised to end every session of the account (logout, password or role change, disable)
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class CohortSeries(Base):

@@ -150,8 +150,28 @@ class DashboardSettings(BaseModel):
     session_hours: float = Field(8.0, gt=0, le=24 * 7)
     #: rows per page of the failure list
     page_size: int = Field(50, ge=5, le=1000)
-    #: set when the dashboard is served over HTTPS (the session cookie is then sent over HTTPS only)
+    #: set when the dashboard is only ever reached over HTTPS (the session cookie is then always
+    #: marked Secure; without it, it is marked Secure on every request that came over TLS)
     https: bool = False
+    #: serve HTTPS directly: the certificate (chain) and its private key, PEM files
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto headers are
+    #: believed (the client's address for throttling, and whether it came over TLS); empty:
+    #: none, the headers are ignored
+    trusted_proxies: list[str] = Field(default_factory=list)
+    #: the longest a request's database statements may run (seconds; then 503)
+    request_seconds: float = Field(20.0, gt=0, le=3600)
+    #: a session ends after this long without a request (minutes)
+    idle_minutes: float = Field(30.0, gt=0, le=24 * 60)
+    #: failed logins of an account before each further attempt waits (1 s, doubling)
+    login_free_failures: int = Field(3, ge=1, le=100)
+    #: the longest such wait (seconds)
+    login_max_delay_seconds: float = Field(300.0, ge=1, le=86400)
+    #: failed logins in a row that lock an account until an admin unlocks it
+    login_lock_after: int = Field(10, ge=2, le=1000)
+    #: failed logins from one client address before its attempts wait (1 s, doubling)
+    client_free_failures: int = Field(10, ge=1, le=1000)
 
 
 class CohortSettings(BaseModel):

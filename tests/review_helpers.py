@@ -10,7 +10,9 @@ so a test can check that none reaches a page, an API answer or an export.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -220,3 +222,20 @@ def build(index: IndexDB, n: int = 40, seed: int = 3, atrophy: float = 0.03) -> 
         record_biomarkers(session, volumes)
         finish_run(session, run_id, "completed", {"outcome": {"t1_rate": 0.8, "stages": []}})
     return Cohort(subjects, planted)
+
+
+def login_token(client: Any) -> str:
+    """The log-in form's token (the form carries it; a post without it is refused)."""
+    page = client.get("/login")
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found, page.text[:500]
+    return found.group(1)
+
+
+def dashboard_login(client: Any, name: str, password: str, follow: bool = True) -> Any:
+    """Log in through the dashboard's form, as a browser does (the form's token first)."""
+    return client.post(
+        "/login",
+        data={"username": name, "password": password, "next": "/", "csrf": login_token(client)},
+        follow_redirects=follow,
+    )

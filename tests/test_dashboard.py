@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from models.settings import load_settings
 from models.users import authenticate, set_account
 from pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
 from qc.dashboard.app import create_app
-from tests.review_helpers import Cohort, build
+from tests.review_helpers import Cohort, build, dashboard_login, login_token
 
 PASSWORD = "correct horse battery"
 
@@ -62,9 +63,7 @@ def site(
 
 def login(client: TestClient, name: str) -> str:
     """Log in through the form; returns the page's form token."""
-    page = client.post(
-        "/login", data={"username": name, "password": PASSWORD, "next": "/"}, follow_redirects=True
-    )
+    page = dashboard_login(client, name, PASSWORD)
     assert page.status_code == 200 and f"{name} (" in page.text
     found = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert found
@@ -91,20 +90,25 @@ def test_nothing_answers_without_a_session(
     answer = client.post(f"/api/series/{uid}/review", json={"decision": "accept", "comment": "x"})
     assert answer.status_code == 401
     assert client.get("/static/style.css").status_code == 200  # the login page needs it
-    wrong = client.post("/login", data={"username": "rita", "password": "nope", "next": "/"})
+    token = login_token(client)
+    wrong = client.post(
+        "/login", data={"username": "rita", "password": "nope", "next": "/", "csrf": token}
+    )
     assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text
     # after login, the page asked for first
     answer = client.post(
         "/login",
-        data={"username": "rita", "password": PASSWORD, "next": "/failures?stage=header_qc"},
+        data={"username": "rita", "password": PASSWORD, "next": "/failures?stage=header_qc",
+              "csrf": token},
         follow_redirects=False,
-    )
+    )  # fmt: skip
     assert answer.headers["location"] == "/failures?stage=header_qc"
     evil = client.post(
         "/login",
-        data={"username": "rita", "password": PASSWORD, "next": "//evil.example/"},
+        data={"username": "rita", "password": PASSWORD, "next": "//evil.example/",
+              "csrf": login_token(client)},
         follow_redirects=False,
-    )
+    )  # fmt: skip
     assert evil.headers["location"] == "/"
 
 
@@ -244,7 +248,7 @@ def test_disabled_accounts_lose_their_session(site: tuple[TestClient, IndexDB, C
 
     with index.session() as session:
         disable_account(session, "rita")
-        assert authenticate(session, "rita", PASSWORD) is None
+        assert authenticate(session, "rita", PASSWORD).account is None
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
@@ -508,3 +512,204 @@ def test_every_route_for_every_role_as_the_readme_says(
         identified = client.get("/api/cohorts/count?identified=1")
         steward = role in rights["identified layer of cohort discovery"]
         assert (identified.status_code == 403) is not steward, role
+
+
+# --- accounts and sessions (issue 23, items 2 and 3) -----------------------------------------
+
+
+def _board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:
+    """A dashboard with its own settings (``COHORTFLOW_DASHBOARD__<NAME>``) and two accounts."""
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    for name, value in env.items():
+        monkeypatch.setenv(f"COHORTFLOW_DASHBOARD__{name.upper()}", value)
+    settings = load_settings(None)
+    index = open_index(settings.index)
+    with index.session() as session:
+        set_account(session, "rita", "reviewer", PASSWORD)
+        set_account(session, "ada", "admin", PASSWORD)
+    index.dispose()
+    return TestClient(create_app(settings))
+
+
+def _try(client: TestClient, name: str, password: str) -> httpx.Response:
+    return client.post(
+        "/login",
+        data={"username": name, "password": password, "next": "/", "csrf": login_token(client)},
+        follow_redirects=False,
+    )
+
+
+def test_passwords_names_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password policy; names unique without regard to case; argon2id, with an earlier scrypt
+    hash replaced at the next login; an unknown name answered in the time of a wrong password."""
+    import base64
+    import hashlib
+    import statistics
+    import time
+
+    from models.errors import AccountError
+    from models.schema import User
+
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    index = open_index(load_settings(None).index)
+    with index.session() as session:
+        for weak, why in (
+            ("aaaaaaaaaa", "at least 12"),
+            ("a" * 14, "one character repeated"),
+            (" " * 14, "one character repeated"),
+            ("the-rita-password", "contains the user name"),
+        ):
+            with pytest.raises(AccountError, match=why):
+                set_account(session, "rita", "admin", weak)
+        set_account(session, "rita", "reviewer", PASSWORD)
+        with pytest.raises(AccountError, match="names do not differ by case"):
+            set_account(session, "RITA", "admin", PASSWORD)
+        row = session.scalars(select(User).where(User.username == "rita")).one()
+        assert row.password_hash.startswith("$argon2id$")
+        assert authenticate(session, "RITA", PASSWORD).account.username == "rita"  # type: ignore[union-attr]
+        # the scheme before: scrypt at 2**15, read once more and replaced
+        salt = b"0123456789abcdef"
+        digest = hashlib.scrypt(
+            PASSWORD.encode(), salt=salt, n=2**15, r=8, p=1, maxmem=128 * 2**20, dklen=32
+        )
+        b64 = base64.b64encode
+        row.password_hash = f"scrypt$32768$8$1${b64(salt).decode()}${b64(digest).decode()}"
+    with index.session() as session:
+        assert authenticate(session, "rita", PASSWORD).ok
+        row = session.scalars(select(User).where(User.username == "rita")).one()
+        assert row.password_hash.startswith("$argon2id$")
+
+    def seconds(name: str) -> float:
+        times = []
+        for _ in range(5):
+            with index.session() as session:
+                started = time.perf_counter()
+                assert not authenticate(session, name, "not the password").ok
+                times.append(time.perf_counter() - started)
+            with index.session() as session:  # no waiting between the tries
+                session.scalars(select(User)).one().failed_logins = 0
+        return statistics.median(times)
+
+    unknown, wrong = seconds("nobody"), seconds("rita")
+    assert abs(unknown / wrong - 1) < 0.2, (unknown, wrong)
+    index.dispose()
+
+
+def test_failed_logins_wait_then_lock_until_an_admin_unlocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main as cli
+
+    client = _board(tmp_path, monkeypatch, login_free_failures="2", login_lock_after="4")
+    with client:
+        assert _try(client, "rita", "wrong password 1").status_code == 401
+        assert _try(client, "rita", "wrong password 2").status_code == 401
+        assert _try(client, "rita", "wrong password 3").status_code == 401  # now waits 1 s
+        waiting = _try(client, "rita", PASSWORD)  # refused unchecked, even the right one
+        assert waiting.status_code == 429 and int(waiting.headers["retry-after"]) >= 1
+        time.sleep(1.2)
+        assert _try(client, "rita", "wrong password 4").status_code == 401  # the 4th: locked
+        locked = _try(client, "rita", PASSWORD)
+        assert locked.status_code == 423 and "ask an admin" in locked.text
+        assert cli(["users", "list", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)["users"]
+        assert {u["name"]: u["locked"] for u in listed} == {"ada": False, "rita": True}
+        assert cli(["users", "unlock", "rita"]) == 0
+        assert _try(client, "rita", PASSWORD).status_code == 303
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/").text)
+        assert token
+        client.post("/logout", data={"csrf": token.group(1)})
+        assert _try(client, "ada", PASSWORD).status_code == 303
+        actions = [e["action"] for e in client.get("/api/audit?action=").json()]
+        for action in ("login.failed", "login.throttled", "user.locked", "login.locked"):
+            assert action in actions, action
+        assert "user.unlock" in actions
+
+
+def test_one_client_guessing_many_names_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _board(tmp_path, monkeypatch, client_free_failures="3")
+    with client:
+        for n in range(3):
+            assert _try(client, f"guess{n}", "not a password").status_code == 401
+        assert _try(client, "guess3", "not a password").status_code == 401  # waits from here
+        assert _try(client, "rita", PASSWORD).status_code == 429
+
+
+def test_sessions_end_at_logout_password_or_role_change_disable_and_timeouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.users import disable_account
+
+    monkeypatch.setenv("COHORTFLOW_DASHBOARD__IDLE_MINUTES", "0.03")  # 1.8 s
+    client = _board(tmp_path, monkeypatch)
+    settings = load_settings(None)
+    other = TestClient(client.app)
+    with client, other:
+
+        def live(c: TestClient) -> bool:
+            return c.get("/api/overview").status_code == 200
+
+        def both() -> str:
+            assert _try(client, "rita", PASSWORD).status_code == 303
+            assert _try(other, "rita", PASSWORD).status_code == 303
+            assert live(client) and live(other)
+            found = re.search(r'name="csrf" value="([^"]+)"', client.get("/").text)
+            assert found
+            return found.group(1)
+
+        token = both()
+        client.post("/logout", data={"csrf": token})
+        assert not live(other)  # a logout ends every session of the account
+        index = open_index(settings.index)
+        for change in (
+            lambda s: set_account(s, "rita", "reviewer", "another good password"),
+            lambda s: set_account(s, "rita", "researcher", PASSWORD),
+            lambda s: disable_account(s, "rita"),
+        ):
+            with index.session() as session:
+                set_account(session, "rita", "reviewer", PASSWORD)
+            both()
+            with index.session() as session:
+                change(session)
+            assert not live(client) and not live(other)
+        with index.session() as session:
+            set_account(session, "rita", "reviewer", PASSWORD)
+        index.dispose()
+        both()
+        time.sleep(2.2)  # idle longer than the setting
+        assert not live(client)
+
+
+def test_a_statement_past_the_request_time_limit_stops(tmp_path: Path) -> None:
+    """The dashboard's per-request limit (``dashboard.request_seconds``): a statement still
+    running at the deadline is interrupted (then answered 503); the connection goes back to the
+    pool without the limit."""
+    import time as clock
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from models.database_limits import is_time_limit, time_limit
+
+    index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    endless = text(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+        "SELECT count(*) FROM c"
+    )
+    started = clock.perf_counter()
+    with (
+        pytest.raises(OperationalError) as stopped,
+        index.session() as session,
+        time_limit(session, 0.3),
+    ):
+        session.execute(endless)
+    assert is_time_limit(stopped.value) and clock.perf_counter() - started < 5
+    for _ in range(3):  # the pooled connection carries no limit any more
+        with index.session() as session:
+            small = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                         "WHERE x < 2000000) SELECT count(*) FROM c")  # fmt: skip
+            clock.sleep(0.35)
+            assert session.execute(small).scalar() == 2000000
+    index.dispose()

@@ -27,7 +27,7 @@ from models.settings import load_settings
 from models.users import set_account
 from pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
 from qc.dashboard.app import create_app
-from tests.review_helpers import Cohort, build
+from tests.review_helpers import Cohort, build, dashboard_login
 
 PASSWORD = "correct horse battery"
 
@@ -137,11 +137,7 @@ def test_a_reviewer_gets_no_list_or_saved_cohort_of_a_small_cell_from_the_dashbo
     )
     age = [a for a in _ages(index) if a < 90][3]
     with TestClient(app) as client:
-        page = client.post(
-            "/login",
-            data={"username": "sam", "password": PASSWORD, "next": "/"},
-            follow_redirects=True,
-        )
+        page = dashboard_login(client, "sam", PASSWORD)
         token = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert token
         counted = client.get(f"/api/cohorts/count?age={age}..{age}").json()
@@ -172,10 +168,6 @@ def test_the_dashboard_refuses_de_identified_counts_without_disclosure_control(
     settings = load_settings(None)
     app = create_app(settings, index, protocols=protocol_roles(settings))
     with TestClient(app) as client:
-        client.post(
-            "/login",
-            data={"username": "sam", "password": PASSWORD, "next": "/"},
-            follow_redirects=True,
-        )
+        dashboard_login(client, "sam", PASSWORD)
         answer = client.get("/api/cohorts/count?sex=F")
         assert answer.status_code == 400 and "disclosure control" in answer.json()["detail"]

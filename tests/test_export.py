@@ -273,3 +273,30 @@ def test_label_values_a_spreadsheet_would_run_are_neutralised_in_csv_only(
     assert {r["diagnosis"] for r in back} <= set(hostile)
     for row, again in zip(table.rows, back, strict=True):
         assert again["diagnosis"] == row.labels["diagnosis"]
+
+
+def test_no_row_level_export_of_fewer_patients_than_the_smallest_cell(
+    tmp_path: Path,
+    home: Path,
+    index: IndexDB,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 22: a biomarker table of fewer than ``cohort.min_cell_patients`` patients is not
+    exported (a list of two patients' ages and scanners singles them out); the refusal is
+    audited; a project that lowers its smallest cell exports it."""
+    small = build(index, n=4)  # four patients, three measured
+    out = tmp_path / "b.csv"
+    assert main(["export", "biomarkers", "--out", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fewer than the smallest cell (5" in err and not out.exists()
+    with index.session() as session:
+        refused = session.query(AuditEntry).filter(AuditEntry.action == "refused.export")
+        assert refused.count() == 1
+        assert (
+            session.query(AuditEntry).filter(AuditEntry.action == "export.biomarkers").count() == 0
+        )
+    monkeypatch.setenv("COHORTFLOW_COHORT__MIN_CELL_PATIENTS", "2")
+    assert main(["export", "biomarkers", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == len(read_table(out)) > 0
+    assert {r["series"] for r in read_table(out)} <= {s.pseudo_series for s in small.subjects}

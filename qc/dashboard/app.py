@@ -18,6 +18,7 @@ import datetime as dt
 import hmac
 import json
 import logging
+import math
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -38,19 +39,35 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from models.database import IndexDB, open_index
+from models.database_limits import is_time_limit, time_limit
 from models.disclosure import Disclosure
 from models.errors import CohortflowError
 from models.linkage import audit
 from models.reviews import DECISIONS, record_review
 from models.settings import Settings
-from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, account, authenticate
+from models.users import (
+    ADMIN,
+    MAX_LOGGED_NAME,
+    RESEARCHER,
+    REVIEWER,
+    STEWARD,
+    Account,
+    Login,
+    LoginPolicy,
+    account,
+    authenticate,
+    end_sessions,
+)
 from qc.dashboard import plots, queries
 from qc.dashboard.headers import SecurityHeaders
 from qc.dashboard.limits import BodyLimit
+from qc.dashboard.throttle import ClientThrottle
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +154,47 @@ def create_app(
     templates.env.filters["when"] = _when
     templates.env.globals["reason_title"] = queries.reason_title
     page_size = settings.dashboard.page_size
+    board = settings.dashboard
+    policy = LoginPolicy(
+        board.login_free_failures, board.login_max_delay_seconds, board.login_lock_after
+    )
+    throttle = ClientThrottle(board.client_free_failures, board.login_max_delay_seconds)
     outputs = settings.outputs.resolve()
 
     @contextmanager
     def db() -> Iterator[Session]:
-        with state["index"].session() as session:
+        """A session whose statements stop after ``dashboard.request_seconds`` (answered 503):
+        no question holds the index, or a worker thread, for long."""
+        with (
+            state["index"].session() as session,
+            time_limit(session, settings.dashboard.request_seconds),
+        ):
             yield session
 
     def user(request: Request) -> Account:
+        """The session's account, while the session lasts: opened under the account's current
+        epoch (no logout, password, role or disable since), within the absolute and the idle
+        time limits."""
         name = request.session.get("user")
         if not name:
             raise NotLoggedInError
         with db() as session:
             found = account(session, str(name))
-        if found is None or not found.active:
+        moment = dt.datetime.now(dt.UTC)
+        opened = _moment(request.session.get("at"))
+        seen = _moment(request.session.get("seen")) or opened
+        if (
+            found is None
+            or not found.active
+            or request.session.get("epoch") != found.session_epoch
+            or opened is None
+            or seen is None
+            or moment - opened > dt.timedelta(hours=settings.dashboard.session_hours)
+            or moment - seen > dt.timedelta(minutes=settings.dashboard.idle_minutes)
+        ):
             request.session.clear()
             raise NotLoggedInError
+        request.session["seen"] = moment.isoformat(timespec="seconds")
         return found
 
     def role(*allowed: str) -> Callable[[Request], Account]:
@@ -174,6 +216,15 @@ def create_app(
     ) -> HTMLResponse:
         context.update(user=who, csrf=request.session.get("csrf", ""), path=request.url.path)
         return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @app.exception_handler(OperationalError)
+    async def _too_long(request: Request, exc: OperationalError) -> Response:
+        if not is_time_limit(exc):
+            raise exc
+        detail = "the question took too long: narrow it (a filter, fewer groups)"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, status_code=503)
+        return render(request, "error.html", None, 503, message=detail)
 
     @app.exception_handler(NotLoggedInError)
     async def _login_first(request: Request, _: NotLoggedInError) -> Response:
@@ -201,9 +252,49 @@ def create_app(
 
     # --- login ------------------------------------------------------------------------------
 
+    def login_token(request: Request) -> str:
+        """The log-in form's token, kept in the (not yet logged-in) session."""
+        token = request.session.get("login_csrf")
+        if not token:
+            token = secrets.token_urlsafe(24)
+            request.session["login_csrf"] = token
+        return str(token)
+
+    def attempt(request: Request, username: str, password: str) -> Login:
+        """A login attempt, throttled per client address and per account (each refusal and
+        failure audited)."""
+        client = request.client.host if request.client else "unknown"
+        waiting = throttle.wait(client)
+        if waiting > 0:
+            with db() as session:
+                detail = {"client": client, "user": username[:MAX_LOGGED_NAME]}
+                audit(session, "login.throttled", json.dumps(detail), actor="anonymous")
+            return Login(None, "wait", waiting)
+        with db() as session:
+            login = authenticate(session, username, password, policy)
+        if login.ok:
+            throttle.succeeded(client)
+        elif login.status == "wrong":
+            throttle.failed(client)
+        return login
+
+    def refusal(login: Login) -> tuple[int, str, dict[str, str]]:
+        if login.status == "wait":
+            seconds = max(1, math.ceil(login.retry_after))
+            return (
+                429,
+                f"Too many failed logins: try again in {seconds} s.",
+                {"Retry-After": str(seconds)},
+            )
+        if login.status == "locked":
+            return 423, "This account is locked after failed logins: ask an admin.", {}
+        return 401, "Wrong user name or password.", {}
+
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, next: str = "/") -> HTMLResponse:
-        return render(request, "login.html", None, next=_local(next), failed=False)
+        return render(
+            request, "login.html", None, next=_local(next), failed=None, token=login_token(request)
+        )
 
     @app.post("/login", response_model=None)
     def login(
@@ -211,29 +302,45 @@ def create_app(
         username: Annotated[str, Form()],
         password: Annotated[str, Form()],
         next: Annotated[str, Form()] = "/",
+        csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        with db() as session:
-            found = authenticate(session, username.strip(), password)
-        if found is None:  # audited by authenticate
-            return render(request, "login.html", None, 401, next=_local(next), failed=True)
-        _open_session(request, found)
+        expected = str(request.session.get("login_csrf", ""))
+        if not csrf or not expected or not hmac.compare_digest(csrf, expected):
+            raise HTTPException(403, "the log-in form is stale or came from elsewhere: reload it")
+        found = attempt(request, username.strip(), password)
+        if found.account is None:
+            status, message, headers = refusal(found)
+            page = render(
+                request, "login.html", None, status, next=_local(next), failed=message,
+                token=login_token(request),
+            )  # fmt: skip
+            page.headers.update(headers)
+            return page
+        _open_session(request, found.account)
         return RedirectResponse(_local(next), status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, csrf: Annotated[str, Form()] = "") -> RedirectResponse:
         check_token(request, csrf)
+        name = request.session.get("user")
+        if name:
+            with db() as session:  # every session of the account ends, not only this one
+                end_sessions(session, str(name))
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     @app.post("/api/login")
     def api_login(request: Request, body: dict[str, str]) -> Any:
-        name = str(body.get("username", ""))
-        with db() as session:
-            found = authenticate(session, name, str(body.get("password", "")))
-        if found is None:  # audited by authenticate
-            return JSONResponse({"detail": "wrong user name or password"}, status_code=401)
-        _open_session(request, found)
-        return {"user": found.username, "role": found.role, "csrf": request.session["csrf"]}
+        # a JSON body only: a page elsewhere cannot send one without the browser asking first
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise HTTPException(415, "send the log-in as JSON")
+        found = attempt(request, str(body.get("username", "")), str(body.get("password", "")))
+        if found.account is None:
+            status, message, headers = refusal(found)
+            return JSONResponse({"detail": message}, status_code=status, headers=headers)
+        _open_session(request, found.account)
+        who = found.account
+        return {"user": who.username, "role": who.role, "csrf": request.session["csrf"]}
 
     # --- overview ---------------------------------------------------------------------------
 
@@ -434,6 +541,7 @@ def create_app(
             FORMATS,
             audit_export,
             biomarker_table,
+            check_release_size,
             read_labels,
             write_table,
         )
@@ -447,9 +555,19 @@ def create_app(
                     path = Path(tmp) / "labels.csv"
                     path.write_bytes(labels)
                     parsed = read_labels(path)
+                refusal: ExportError | None = None
                 with db() as session:
                     table = biomarker_table(session, protocol or None, parsed)
-                    audit_export(session, table, protocol or None, fmt, who.username)
+                    try:
+                        check_release_size(table, settings.cohort.min_cell_patients)
+                    except ExportError as exc:
+                        detail = {"protocol": protocol, "rows": len(table.rows), "why": str(exc)}
+                        audit(session, "refused.export", json.dumps(detail), actor=who.username)
+                        refusal = exc
+                    else:
+                        audit_export(session, table, protocol or None, fmt, who.username)
+                if refusal is not None:  # raised once the refusal is in the log
+                    raise refusal
                 out = Path(tmp) / f"biomarkers.{fmt}"
                 write_table(table, out, fmt)
             except ExportError as exc:
@@ -638,7 +756,9 @@ def create_app(
         form = await request.form()
         check_token(request, str(form.get("csrf", "")))
         values = {str(k): str(v) for k, v in form.items() if isinstance(v, str)}
-        saved = save(who, values.pop("name", ""), values.pop("description", ""), values)
+        name, description = values.pop("name", ""), values.pop("description", "")
+        # the database work in a worker thread, as for every other route: never on the loop
+        saved = await run_in_threadpool(save, who, name, description, values)
         return RedirectResponse(f"/cohorts?cohort={saved.name}", status_code=303)
 
     @app.post("/api/cohorts/save")
@@ -724,11 +844,22 @@ class AuditQuery:
 
 def _open_session(request: Request, who: Account) -> None:
     request.session.clear()  # a fresh session at each login
+    moment = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     request.session.update(
         user=who.username,
         csrf=secrets.token_urlsafe(24),
-        at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        epoch=who.session_epoch,
+        at=moment,
+        seen=moment,
     )
+
+
+def _moment(text: object) -> dt.datetime | None:
+    try:
+        found = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return found if found.tzinfo is not None else None
 
 
 def _local(target: str) -> str:

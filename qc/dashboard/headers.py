@@ -9,6 +9,8 @@
   with a link.
 - ``Cache-Control: no-store`` on everything but the static files: no page of study data stays in
   a shared computer's browser cache.
+- Cookies set on a request that came over TLS (directly, or through a trusted proxy that said
+  so) are marked ``Secure``.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``): streamed answers pass through
 unbuffered.
@@ -59,6 +61,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         static = str(scope.get("path", "")).startswith("/static/")
+        tls = scope.get("scheme") == "https"  # directly, or through a trusted proxy
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -67,6 +70,8 @@ class SecurityHeaders:
                     if not static
                     else list(message.get("headers", []))
                 )
+                if tls:  # the session cookie never goes back over plain HTTP
+                    headers = [_secure(k, v) for k, v in headers]
                 headers.extend(HEADERS)
                 if not static:
                     headers.append((b"cache-control", b"no-store"))
@@ -74,3 +79,9 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def _secure(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    if name.lower() == b"set-cookie" and b"secure" not in value.lower():
+        return name, value + b"; Secure"
+    return name, value
