@@ -38,10 +38,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import inspect, select, text
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.orm import Session
 
-from models.database import open_index
-from models.schema import Run
 from models.synth import SynthConfig
 from pipelines.pacs import orthanc
 from pipelines.pacs.dimse import PacsNode, store_files
@@ -107,34 +106,38 @@ def run_once(
 def step_seconds(home: Path) -> tuple[dict[str, float], dict[str, float], float]:
     """Summed wall and processor seconds per step (no processor seconds from a baseline whose
     index does not record them), and the seconds from the run's start to its first step."""
-    index = open_index(f"sqlite:///{home / 'index.sqlite'}")
+    # read as the run left it: open_index would bring a baseline's index up to this schema
+    # first (and show its missing processor seconds as zeros)
+    engine = create_engine(f"sqlite:///{home / 'index.sqlite'}")
     try:
-        with index.session() as session:
+        with Session(engine) as session:
             columns = {c["name"] for c in inspect(session.connection()).get_columns("study_steps")}
             cpu_column = ", cpu_seconds" if "cpu_seconds" in columns else ""
             rows = session.execute(
                 text(f"SELECT step, seconds, recorded_at{cpu_column} FROM study_steps")
             ).all()
-            run = session.scalars(select(Run).order_by(Run.id)).first()
+            started = session.execute(text("SELECT started_at FROM runs ORDER BY id")).first()
     finally:
-        index.dispose()
+        engine.dispose()
     wall: dict[str, float] = defaultdict(float)
     cpu: dict[str, float] = defaultdict(float)
     for row in rows:
         wall[row[0]] += row[1] or 0.0
-        if cpu_column:
-            cpu[row[0]] += row[3] or 0.0
-    assert run is not None
-    recorded = [
-        (dt.datetime.fromisoformat(str(r[2])) - dt.timedelta(seconds=r[1] or 0.0)) for r in rows
-    ]
-    first = min(recorded)
-    started = run.started_at
-    if first.tzinfo is None:
-        started = started.replace(tzinfo=None)
-    elif started.tzinfo is None:
-        first = first.replace(tzinfo=None)
-    return dict(wall), dict(cpu), (first - started).total_seconds()
+        if cpu_column and row[3] is not None:  # none recorded by a baseline's code
+            cpu[row[0]] += row[3]
+    assert started is not None
+    recorded = [(_moment(r[2]) - dt.timedelta(seconds=r[1] or 0.0)) for r in rows]
+    return dict(wall), dict(cpu), (min(recorded) - _moment(started[0])).total_seconds()
+
+
+def _moment(value: object) -> dt.datetime:
+    """A stored time as naive UTC (SQLite keeps the text)."""
+    found = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    return (
+        found.replace(tzinfo=None)
+        if found.tzinfo is None
+        else found.astimezone(dt.UTC).replace(tzinfo=None)
+    )
 
 
 def measure(
