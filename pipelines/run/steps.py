@@ -398,7 +398,8 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     if plan is None:
         return _not_archived(previous.study_pk, DEFACE)
     policy = ctx.settings.deface
-    # 2: a three-plane picture of the defaced series for the dashboard; 3: the head fits, for QC
+    # 2: a three-plane picture of the defaced series for the dashboard; 3: the head fits, for
+    # QC, and the affine's starts compared at its coarse level
     version = "deface-3"
     input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
     series_info = _series_info(previous.outputs)

@@ -32,7 +32,7 @@ from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, poster
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
-#: 5: N4 on a grid shrunk 6 times (was 4)
+#: 5: N4 on a grid shrunk 6 times (was 4); the affine's starts compared at its coarse level
 METHOD_VERSION = "5"
 
 
