@@ -532,11 +532,7 @@ def _board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> TestC
 
 
 def _try(client: TestClient, name: str, password: str) -> httpx.Response:
-    return client.post(
-        "/login",
-        data={"username": name, "password": password, "next": "/", "csrf": login_token(client)},
-        follow_redirects=False,
-    )
+    return dashboard_login(client, name, password, follow=False)  # type: ignore[no-any-return]
 
 
 def test_passwords_names_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
