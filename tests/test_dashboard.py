@@ -532,7 +532,7 @@ def _board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> TestC
 
 
 def _try(client: TestClient, name: str, password: str) -> httpx.Response:
-    return dashboard_login(client, name, password, follow=False)  # type: ignore[no-any-return]
+    return dashboard_login(client, name, password, follow=False)
 
 
 def test_passwords_names_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
