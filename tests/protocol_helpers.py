@@ -107,11 +107,12 @@ def _results(url: str) -> dict[str, Any]:
     try:
         with index.session() as session:
             stages = sorted(
-                (r.series_uid, r.stage, r.status, r.reason_code)
+                (r.study_uid, r.series_uid, r.stage, r.status, r.reason_code)
                 for r in session.scalars(select(StageResult))
             )
             volumes = sorted(
                 (
+                    b.study_uid,
                     b.series_uid,
                     round(b.icv_ml, 3),
                     round(b.brain_ml, 3),
@@ -126,6 +127,18 @@ def _results(url: str) -> dict[str, Any]:
     finally:
         index.dispose()
     return {"stages": stages, "volumes": volumes, "steps": steps}
+
+
+def of_studies(results: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``results`` (from ``_results``, read back from JSON) narrowed to the studies ``other``
+    holds: their pseudonymized UIDs for stages and volumes, the UIDs as received for steps."""
+    pseudonymized = {row[0] for row in other["stages"]}
+    received = {row[0] for row in other["steps"]}
+    return {
+        "stages": [r for r in results["stages"] if r[0] in pseudonymized],
+        "volumes": [r for r in results["volumes"] if r[0] in pseudonymized],
+        "steps": [r for r in results["steps"] if r[0] in received],
+    }
 
 
 def _assert_complete(outcome: dict[str, Any], truth: CohortTruth) -> None:

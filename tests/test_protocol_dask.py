@@ -1,7 +1,9 @@
 """The protocol flow on a real multi-process Dask cluster (a scheduler and two workers, each its
-own process) and PostgreSQL (a throwaway server), over the same six dementia-protocol studies as
-tests/test_protocol_run.py. It runs in the other test worker while that file's single-process
-run goes on; that file compares the two runs' results, which must be identical.
+own process) and PostgreSQL (a throwaway server), over four of the six dementia-protocol studies
+of tests/test_protocol_run.py (``--max-studies``: two a worker; the other two would only repeat
+what these show, at a minute and a half of the suite's time). It runs in the other test worker
+while that file's single-process run goes on; that file compares the two runs' results for these
+studies, which must be identical.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from tests.protocol_helpers import (
     RUN,
     STUDIES,
     Pacs,
-    _assert_complete,
     _cohortflow,
     _env,
     _finish,
@@ -36,6 +37,9 @@ from tests.protocol_helpers import (
 from tests.test_index_postgres import PostgresServer, postgres  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: the studies the Dask run takes (UID order), two for each worker
+DASK_STUDIES = 4
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,11 @@ def _dask_run(
         assert len(pids) == 2 and os.getpid() not in pids
         started = time.monotonic()
         outcome = _finish(
-            _cohortflow([*RUN, "--dask-address", scheduler], env, tmp_path / "cli.log"),
+            _cohortflow(
+                [*RUN, "--dask-address", scheduler, "--max-studies", str(DASK_STUDIES)],
+                env,
+                tmp_path / "cli.log",
+            ),
             tmp_path / "cli.log",
         )
         seconds = time.monotonic() - started
@@ -151,10 +159,15 @@ def _dask_run(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    _assert_complete(outcome, dementia6.truth)
-    hand_over(results, {"outcome": outcome, "results": _results(url)})
+    # the four it took each reached their end: every step done (or blocked by a failed one)
+    ran = _results(url)
+    taken = {row[0] for row in ran["steps"]}
+    assert len(taken) == DASK_STUDIES and outcome["studies_selected"] == STUDIES
+    assert {status for _, _, status in ran["steps"]} <= {"done", "blocked"}
+    assert {row[1] for row in ran["stages"]} >= {row[1] for row in ran["volumes"]}
+    hand_over(results, {"outcome": outcome, "results": ran})
     figures(
-        f"protocol run on Dask (scheduler + 2 worker processes) and PostgreSQL: {STUDIES} "
-        f"studies in {seconds:.0f} s (compared with the single-process run in "
+        f"protocol run on Dask (scheduler + 2 worker processes) and PostgreSQL: {DASK_STUDIES} "
+        f"of the {STUDIES} studies in {seconds:.0f} s (compared with the single-process run in "
         "tests/test_protocol_run.py)"
     )
