@@ -203,13 +203,7 @@ def steward_login(
             detail = json.dumps({"user": args.user, "for": what, "why": f"a {found.role}"})
             audit(session, "refused.steward", detail, actor=args.user)
     if found is None:
-        why = {
-            "locked": f"{args.user} is locked after failed logins: an admin can unlock it "
-            "(cohortflow users unlock)",
-            "wait": f"too many failed logins for {args.user}: try again in "
-            f"{login.retry_after:.0f} s",
-        }.get(login.status, f"wrong user name or password for {args.user}")
-        err.print(f"[red]error:[/red] {why}")
+        err.print(f"[red]error:[/red] {args.user}: {login.reason}")
         return None
     if found.role != STEWARD:
         err.print(

@@ -159,8 +159,7 @@ def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
-    from models.errors import ExportError
-    from models.export import biomarker_table, check_release_size, read_labels, write_table
+    from models.export import biomarker_table, read_labels, release_size_refusal, write_table
     from models.linkage import audit
 
     if args.out == "-" and (args.format != "csv" or args.json):
@@ -171,13 +170,9 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     try:
         with index.session() as session:
             table = biomarker_table(session, args.protocol, labels)
-            refusal: ExportError | None = None
-            try:
-                check_release_size(table, settings.cohort.min_cell_patients)
-            except ExportError as exc:
-                refused = {"protocol": args.protocol, "rows": len(table.rows), "why": str(exc)}
-                audit(session, "refused.export", json.dumps(refused))
-                refusal = exc
+            refusal = release_size_refusal(
+                session, table, settings.cohort.min_cell_patients, args.protocol, None
+            )
             detail = {
                 "protocol": args.protocol,
                 "format": args.format,

@@ -116,6 +116,20 @@ def check_release_size(table: BiomarkerTable, min_cell: int) -> None:
         )
 
 
+def release_size_refusal(
+    session: Session, table: BiomarkerTable, min_cell: int, protocol: str | None, actor: str | None
+) -> ExportError | None:
+    """``check_release_size``'s refusal, audited in ``session`` (for the caller to raise once
+    the session is committed), or None when the table may go out."""
+    try:
+        check_release_size(table, min_cell)
+    except ExportError as exc:
+        detail = {"protocol": protocol, "rows": len(table.rows), "why": str(exc)}
+        audit(session, "refused.export", json.dumps(detail), actor=actor)
+        return exc
+    return None
+
+
 def read_labels(path: Path) -> Labels:
     """Read a CSV of clinical labels with an accession number column (any other columns are
     labels). ExportError names the file and line of anything wrong."""

@@ -31,11 +31,14 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass
 from functools import cache
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -84,11 +87,25 @@ class Login:
     def ok(self) -> bool:
         return self.account is not None
 
+    @property
+    def reason(self) -> str:
+        """Why the login was refused, as the user is told (the dashboard and the command line)."""
+        if self.status == "wait":
+            return f"Too many failed logins: try again in {self.wait_seconds} s."
+        if self.status == "locked":
+            return (
+                "This account is locked after failed logins: ask an admin "
+                "(cohortflow users unlock)."
+            )
+        return "Wrong user name or password."
+
+    @property
+    def wait_seconds(self) -> int:
+        return max(1, math.ceil(self.retry_after))
+
 
 @cache
-def _hasher() -> object:
-    from argon2 import PasswordHasher
-
+def _hasher() -> PasswordHasher:
     return PasswordHasher()  # argon2id, t=3, m=64 MiB, p=4 (RFC 9106, second option)
 
 
@@ -114,23 +131,15 @@ def check_policy(username: str, password: str) -> None:
 
 
 def hash_password(password: str) -> str:
-    from argon2 import PasswordHasher
-
-    hasher = _hasher()
-    assert isinstance(hasher, PasswordHasher)
-    return hasher.hash(password)
+    return _hasher().hash(password)
 
 
 def check_password(password: str, stored: str) -> tuple[bool, bool]:
     """Whether ``password`` matches ``stored``, and whether the hash should be made again
     (an earlier scheme or weaker parameters)."""
-    from argon2 import PasswordHasher
-    from argon2.exceptions import InvalidHashError, VerificationError
-
     if stored.startswith("scrypt$"):
         return _check_scrypt(password, stored), True
     hasher = _hasher()
-    assert isinstance(hasher, PasswordHasher)
     try:
         hasher.verify(stored, password)
     except (VerificationError, InvalidHashError):

@@ -18,7 +18,6 @@ import datetime as dt
 import hmac
 import json
 import logging
-import math
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -280,15 +279,8 @@ def create_app(
 
     def refusal(login: Login) -> tuple[int, str, dict[str, str]]:
         if login.status == "wait":
-            seconds = max(1, math.ceil(login.retry_after))
-            return (
-                429,
-                f"Too many failed logins: try again in {seconds} s.",
-                {"Retry-After": str(seconds)},
-            )
-        if login.status == "locked":
-            return 423, "This account is locked after failed logins: ask an admin.", {}
-        return 401, "Wrong user name or password.", {}
+            return 429, login.reason, {"Retry-After": str(login.wait_seconds)}
+        return (423 if login.status == "locked" else 401), login.reason, {}
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, next: str = "/") -> HTMLResponse:
@@ -541,8 +533,8 @@ def create_app(
             FORMATS,
             audit_export,
             biomarker_table,
-            check_release_size,
             read_labels,
+            release_size_refusal,
             write_table,
         )
 
@@ -555,16 +547,12 @@ def create_app(
                     path = Path(tmp) / "labels.csv"
                     path.write_bytes(labels)
                     parsed = read_labels(path)
-                refusal: ExportError | None = None
                 with db() as session:
                     table = biomarker_table(session, protocol or None, parsed)
-                    try:
-                        check_release_size(table, settings.cohort.min_cell_patients)
-                    except ExportError as exc:
-                        detail = {"protocol": protocol, "rows": len(table.rows), "why": str(exc)}
-                        audit(session, "refused.export", json.dumps(detail), actor=who.username)
-                        refusal = exc
-                    else:
+                    refusal = release_size_refusal(
+                        session, table, settings.cohort.min_cell_patients, protocol, who.username
+                    )
+                    if refusal is None:
                         audit_export(session, table, protocol or None, fmt, who.username)
                 if refusal is not None:  # raised once the refusal is in the log
                     raise refusal
