@@ -238,7 +238,9 @@ def test_chromium_runs_no_inline_script_under_the_policy(home: Path, tmp_path: P
             browser.close()
 
 
-def test_the_review_findings_replayed_over_http(home: Path, tmp_path: Path) -> None:
+def test_the_review_findings_replayed_over_http(
+    home: Path, tmp_path: Path, figures: object
+) -> None:
     """Issue 23's findings against the served dashboard: a 100 MB upload refused with 413
     before it is read (the server's memory does not grow); an unknown name refused in a wrong
     password's time (within 20 %); a lockout after the configured failures, audited; a session
@@ -314,3 +316,52 @@ def test_the_review_findings_replayed_over_http(home: Path, tmp_path: Path) -> N
         actions = {e.action for e in session.scalars(select(AuditEntry))}
     index.dispose()
     assert {"login.failed", "user.locked", "login.locked", "logout"} <= actions
+    assert callable(figures)
+    figures(
+        f"Login timing (served over HTTP, median of 5 interleaved): unknown name {unknown:.3f} s, "
+        f"wrong password {wrong:.3f} s ({100 * (unknown / wrong - 1):+.1f} %); locked (423) "
+        f"at the 9th failure; 100 MB upload answered 413 before it was read"
+    )
+
+
+def _cohortflow(*args: str, stdin: str | None = None) -> None:
+    """An administrator's ``cohortflow users ...`` on the served dashboard's index."""
+    done = subprocess.run(
+        [str(BIN / "cohortflow"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_sessions_end_over_http(home: Path, tmp_path: Path) -> None:
+    """A served session dies when its account's password changes, its role changes or it is
+    disabled (``cohortflow users``, from another process), and after the idle limit."""
+    new = "another horse battery"
+    with _serve(home, tmp_path, tls=False, COHORTFLOW_DASHBOARD__IDLE_MINUTES="0.05") as (url, _):
+        steps: list[tuple[tuple[str, ...], str | None]] = [
+            (("users", "add", "sam", "--role", "researcher", "--password-stdin"), new + "\n"),
+            (("users", "add", "sam", "--role", "reviewer", "--password-stdin"), new + "\n"),
+            (("users", "disable", "sam"), None),
+        ]
+        password = PASSWORD
+        for args, stdin in steps:
+            with _client(url, None) as sam:
+                assert _login(sam, "sam", password).status_code == 303, args
+                assert sam.get("/api/overview").status_code == 200
+                _cohortflow(*args, stdin=stdin)
+                assert sam.get("/api/overview").status_code == 401, args
+                password = new
+        with _client(url, None) as sam:
+            assert _login(sam, "sam", new).status_code == 401  # disabled
+        # the idle limit (3 s here): a session used within it lives, one left longer dies
+        with _client(url, None) as rita:
+            assert _login(rita, "rita").status_code == 303
+            for _ in range(3):
+                time.sleep(1.5)
+                assert rita.get("/api/overview").status_code == 200
+            time.sleep(3.5)
+            assert rita.get("/api/overview").status_code == 401
