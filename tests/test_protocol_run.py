@@ -130,6 +130,18 @@ def test_killed_run_resumes_without_duplicates_or_lost_series(
     )
     patients = _count(url, Linkage)
     assert 1 <= patients <= STUDIES
+    # each head is registered once: volumetry started from defacing's fit of every T1 it
+    # measured (the deface reference is the protocol's T1)
+    index = open_index(url)
+    with index.session() as session:
+        measured = [
+            r.metrics
+            for r in session.scalars(select(StageResult).where(StageResult.stage == "volumetry"))
+            if r.metrics.get("icv_ml") is not None
+        ]
+    index.dispose()
+    assert measured and {m.get("affine_from") for m in measured} == {"handed"}
+    assert all("head_fit" not in dict(m.get("seconds") or {}) for m in measured)
     # a third run finds everything done and changes nothing
     assert killed_and_resumed["again"]["t1_with_biomarkers"] == outcome["t1_with_biomarkers"]
     assert _results(url) == results

@@ -374,3 +374,25 @@ def test_a_real_head_agrees_with_masks_made_apart_from_our_atlas(
     assert dice > 0.9
     assert abs(v.brain_ml / tissue_ml - 1) < 0.03
     assert 0.75 < v.bpf < 0.9
+
+
+def test_an_affine_handed_on_maps_points_as_its_matrix(tmp_path: Path) -> None:
+    """A head fit's 4 x 4 (subject LPS -> template LPS) written as an ANTs transform moves
+    points exactly as the matrix does (what volumetry starts from instead of registering)."""
+    import ants
+
+    from pipelines.volumetry.register import write_affine
+
+    turn = np.deg2rad(7.0)
+    matrix = np.array(
+        [
+            [1.05 * np.cos(turn), -np.sin(turn), 0.02, 4.0],
+            [np.sin(turn), 0.97 * np.cos(turn), 0.0, -11.5],
+            [0.01, 0.03, 1.1, 23.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    transform = ants.read_transform(write_affine(matrix, str(tmp_path / "fit.mat")))
+    for point in ([0.0, 0.0, 0.0], [80.0, -40.0, 120.0], [-65.0, 95.0, -30.0]):
+        moved = transform.apply_to_point(tuple(point))
+        assert np.allclose(moved, (matrix @ [*point, 1.0])[:3], atol=1e-6)

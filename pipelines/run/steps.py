@@ -633,6 +633,7 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
     if not previous.done:
         return _blocked(previous, VOLUMETRY)
     from models.stages import record_biomarkers
+    from pipelines.imaging.register import HeadFit
     from pipelines.volumetry.atlas import load_atlas
     from pipelines.volumetry.method import METHOD_VERSION, Parameters
     from pipelines.volumetry.run import Source, biomarker_record, measure_all
@@ -660,8 +661,17 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
             for image in previous.outputs.get("images", [])
         ]
         wanted = [s for s in sources if s.series and failed_earlier(index, s.series) is None]
+        # defacing fitted the study's head to the same head model: its affine is not redone
+        fits = {
+            fit.reference_series: fit
+            for fit in map(HeadFit.from_json, previous.outputs.get("head_fits", []))
+        }
         results = measure_all(
-            wanted, lambda: load_atlas(ctx.settings.cache), params, ctx.volumetry_out / "overlays"
+            wanted,
+            lambda: load_atlas(ctx.settings.cache),
+            params,
+            ctx.volumetry_out / "overlays",
+            fits=fits,
         )
         with index.session() as session:
             known = [r for r in results if r.source.series and r.source.study]

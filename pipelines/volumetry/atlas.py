@@ -18,6 +18,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
+from pipelines.deface.template import Template, load_brain_template
 
 PRIOR_SIGMA_MM = 1.0
 
@@ -29,6 +30,8 @@ class Atlas:
     priors: npt.NDArray[np.float32]  # (3, ...) CSF, GM, WM probabilities on the head's grid
     affine: npt.NDArray[np.float64]  # voxel -> RAS mm of that grid
     digest: str
+    #: the head model's template as defacing fits heads to it (the same grid and digest)
+    fitting: Template
 
 
 @lru_cache(maxsize=2)
@@ -48,6 +51,7 @@ def load_atlas(cache_dir: Path) -> Atlas:
         priors=priors.astype(np.float32),
         affine=model.affine,
         digest=model.digest,
+        fitting=load_brain_template(cache_dir),
     )
 
 

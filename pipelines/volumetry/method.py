@@ -32,14 +32,16 @@ from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, poster
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
-#: 5: N4 on a grid shrunk 6 times (was 4); the affine's starts compared at its coarse level
-METHOD_VERSION = "5"
+#: 5: N4 on a grid shrunk 6 times (was 4); the affine's starts compared at its coarse level.
+#: 6: the atlas placed by the head fit defacing makes (handed on in a run), not an affine of its own
+METHOD_VERSION = "6"
 
 
 @dataclass(frozen=True)
 class Parameters:
     """What the numbers depend on (recorded with every result)."""
 
+    #: resolution of the placement's checks (correlation, neighbour gain) and crop
     affine_mm: float = 4.0
     deformable: bool = True
     deformable_mm: float = 5.0
@@ -221,8 +223,15 @@ def csf_level(
     return float(mixture.means[0])
 
 
-def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Measurement:
-    """Volumes of the T1 ``subject`` (an ANTs image in its own orientation)."""
+def measure(
+    subject: Any,
+    atlas: Atlas,
+    params: Parameters | None = None,
+    affine: npt.NDArray[np.float64] | None = None,
+) -> Measurement:
+    """Volumes of the T1 ``subject`` (an ANTs image in its own orientation); ``affine``: the
+    subject fitted to the atlas's head model before (subject LPS -> atlas LPS), else
+    registered here."""
     import ants
 
     p = params or Parameters()
@@ -233,6 +242,7 @@ def measure(subject: Any, atlas: Atlas, params: Parameters | None = None) -> Mea
         deformable_mm=p.deformable_mm,
         deformable=p.deformable,
         shell_mm=p.shell_mm,
+        affine=affine,
     )
     seconds = dict(placed.seconds)
     voxel_ml = float(np.prod(placed.spacing)) / 1000.0

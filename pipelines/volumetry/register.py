@@ -1,8 +1,14 @@
 """antspyx: the atlas brought into a subject's T1 (affine, then deformable, at reduced resolution).
 
-The registration runs on the subject and the atlas head both resampled to a few millimetres:
-the skull and the scalp, which decide the intracranial edge, are centimetre-scale. The affine
-is ANTs' (mutual information) from two starts, the better kept (``imaging.register.best_affine``).
+The atlas is placed by an affine of the head, then a deformable stage at a few millimetres: the
+skull and the scalp, which decide the intracranial edge, are centimetre-scale. The affine is the
+head fit that defacing makes (``fit_head``: pydeface's head at 3 mm by ANTs from two starts,
+then polished on the head's outline), handed on in a run (``imaging.register.HeadFit``) so the
+head is registered once, and made here where none is. Measured on 9 real heads against SAMSEG
+(median absolute difference), the head fit against the affine this module registered before
+(the atlas head at 4 mm): ICV 2.4 against 2.5 %, brain 3.5 against 4.7 %; the same volumes
+within 0.1 % on a synthetic head.
+
 The deformable stage is a SyN by cross-correlation restricted to a shell around the
 intracranial edge: inside the skull the subject's brain may be atrophied and the template's is
 not, and letting the brain surface pull the warp drags the intracranial edge inwards
@@ -25,7 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.imaging.register import at_resolution, best_affine, correlation, seeded
+from pipelines.deface.template import Template
+from pipelines.imaging.register import at_resolution, correlation, fit_affine, seeded
 from pipelines.volumetry.atlas import Atlas
 
 SEED = 20261
@@ -78,10 +85,12 @@ def place_atlas(
     deformable: bool = True,
     shell_mm: float = 12.0,
     margin_mm: float = 12.0,
+    affine: npt.NDArray[np.float64] | None = None,
 ) -> Placed:
     """Register the atlas head to ``subject`` (an ANTs image) and sample the intracranial
     probability and the tissue priors onto the subject's grid, cropped to the intracranial
-    space plus ``margin_mm``."""
+    space plus ``margin_mm``. ``affine``: the subject's LPS points to the atlas's (4 x 4), the
+    head fit made before (``HeadFit.matrix``); none: made here (``fit_head``)."""
     import ants
 
     seconds: dict[str, float] = {}
@@ -89,10 +98,12 @@ def place_atlas(
     head, small, icv_img = _template_images(atlas, affine_mm)
     fixed = at_resolution(subject, affine_mm)
     seconds["resample"] = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, seeded(SEED):
+    if affine is None:
         t0 = time.perf_counter()
-        transforms, _ = best_affine(fixed, small, tmp)
-        seconds["affine"] = time.perf_counter() - t0
+        affine = fit_head(subject, atlas.fitting)
+        seconds["head_fit"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="cohortflow-volumetry-") as tmp, seeded(SEED):
+        transforms = [write_affine(affine, os.path.join(tmp, "head_fit.mat"))]
         if deformable:
             t0 = time.perf_counter()
             fixed_d = at_resolution(subject, deformable_mm)
@@ -145,6 +156,39 @@ def place_atlas(
         neighbour_gain=gain,
         seconds=seconds,
     )
+
+
+def fit_head(subject: Any, template: Template) -> npt.NDArray[np.float64]:
+    """``subject`` (an ANTs image) fitted to the head model's template as defacing fits a head
+    (``fit_affine`` at 3 mm, then ``polish``): its LPS points to the template's (4 x 4)."""
+    from pipelines.deface.masks import polish
+
+    pixels = subject.numpy()
+    fit = fit_affine(
+        pixels,
+        np.asarray(subject.origin, dtype=np.float64),
+        (float(subject.spacing[0]), float(subject.spacing[1]), float(subject.spacing[2])),
+        np.asarray(subject.direction, dtype=np.float64),
+        str(template.head_path),
+    )
+    polished, _ = polish(pixels, _index_to_physical(subject), fit.subject_to_template, template)
+    return polished
+
+
+def write_affine(matrix: npt.NDArray[np.float64], path: str) -> str:
+    """A 4 x 4 LPS -> LPS affine as an ANTs transform file (it maps fixed points to moving
+    ones, as ANTs' forward transforms do); returns ``path``."""
+    import ants
+
+    m = np.asarray(matrix, dtype=np.float64)
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=m[:3, :3],
+        translation=tuple(float(v) for v in m[:3, 3]),
+    )
+    ants.write_transform(transform, path)
+    return path
 
 
 #: How far the placed atlas is moved to see whether it sat where it fits best.

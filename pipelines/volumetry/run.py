@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, recor
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.dicom.identified import for_deidentified_side
 from pipelines.dicomfolder import SkippedFile
+from pipelines.imaging.register import HeadFit
 from pipelines.ingest.archive import hash_file
 from pipelines.safeio import RefusedError, check_entry, printable
 from pipelines.volumetry.atlas import Atlas, load_atlas
@@ -76,6 +77,8 @@ class VolumetryResult:
     overlay: Path | None = None
     input_sha256: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the head fit the atlas was placed with: "handed" (an earlier stage's) or "fitted" (here)
+    affine_from: str | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -151,14 +154,21 @@ def read_t1(path: Path, root: Path | None = None) -> Any:
 
 
 def measure_source(
-    source: Source, atlas: Callable[[], Atlas], params: Parameters, overlay_dir: Path | None
+    source: Source,
+    atlas: Callable[[], Atlas],
+    params: Parameters,
+    overlay_dir: Path | None,
+    fit: HeadFit | None = None,
 ) -> VolumetryResult:
     """Measure one image (raises VolumetryError when it cannot be read); ``atlas`` loads the
-    atlas when the image is readable."""
+    atlas when the image is readable. ``fit``: the study's head as an earlier stage fitted it
+    (used when fitted to this atlas's head model: the head is not fitted again)."""
     t0 = time.perf_counter()
     image = read_t1(source.image, source.root)
     read_s = time.perf_counter() - t0
-    m = measure(image, atlas(), params)
+    loaded = atlas()
+    handed = fit is not None and fit.template_digest == loaded.digest
+    m = measure(image, loaded, params, fit.matrix if fit is not None and handed else None)
     spacing = tuple(float(s) for s in image.spacing)
     slice_mm = max(spacing)
     mask = m.mask
@@ -199,6 +209,7 @@ def measure_source(
         overlay=overlay,
         input_sha256=hash_file(source.image),
         seconds={"read": read_s, **m.seconds},
+        affine_from="handed" if handed else "fitted",
     )
 
 
@@ -228,11 +239,14 @@ def measure_all(
     params: Parameters,
     overlay_dir: Path | None,
     progress: Callable[[VolumetryResult], None] | None = None,
+    fits: Mapping[str, HeadFit] | None = None,
 ) -> list[VolumetryResult]:
+    """Measure each source; ``fits``: head fits by the series they were fitted on."""
     results = []
     for source in sources:
+        fit = (fits or {}).get(source.series or "")
         try:
-            result = measure_source(source, atlas, params, overlay_dir)
+            result = measure_source(source, atlas, params, overlay_dir, fit)
         except VolumetryError as exc:
             result = VolumetryResult(source, (finding("volumetry.unreadable", str(exc)),))
         except Exception as exc:  # one image must never stop the others
@@ -379,6 +393,7 @@ def metrics(result: VolumetryResult) -> dict[str, Any]:
         correlation=result.correlation,
         slice_mm=result.slice_mm,
         confidence=result.confidence,
+        affine_from=result.affine_from,
         seconds={k: round(s, 2) for k, s in result.seconds.items()},
     )
     if result.overlay is not None:
