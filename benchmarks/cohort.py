@@ -279,9 +279,7 @@ def main() -> None:
             ("sex", "age_band"),
             disclosure=control,
         ),
-        "list_first_100_rows": lambda s: list_series(
-            s, question, disclosure=control, limit=100
-        ),
+        "list_first_100_rows": lambda s: list_series(s, question, disclosure=control, limit=100),
     }
     for name, query in queries.items():
         with index.session() as session:

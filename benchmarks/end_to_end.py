@@ -48,7 +48,7 @@ from pipelines.synth.cohort import generate
 
 AET = "COHORTFLOW"
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("anonymize", "deface", "qc", "convert", "volumetry")
+STEPS = ("anonymize", "deface", "qc", "convert", "volumetry", "release")
 
 
 def free_port() -> int:

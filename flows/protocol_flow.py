@@ -2,8 +2,9 @@
 
 ``protocol_flow`` selects a protocol's studies in the PACS, retrieves them into the archive,
 then hands the studies to ``process_studies``, a subflow whose tasks run on a Dask cluster (a
-local one by default, an existing scheduler by ``dask_address``). Each study goes through five
-tasks, one pipeline call each: anonymize -> deface -> qc -> convert -> volumetry; studies run
+local one by default, an existing scheduler by ``dask_address``). Each study goes through six
+tasks, one pipeline call each: anonymize -> deface -> qc -> convert -> volumetry -> release (the
+release check of what the study delivered: a file with an identifier is quarantined); studies run
 concurrently, as many at once as the cluster has worker slots. Then image QC outliers are judged
 over the whole run, and the success rates are stored with the run and published as artifacts.
 
@@ -200,6 +201,13 @@ def volumetry_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.S
         return steps.volumetry_step(ctx, index, previous)
 
 
+@task(name="release-study", cache_policy=NO_CACHE)
+def release_task(ctx: steps.RunContext, previous: steps.StepResult) -> steps.StepResult:
+    protect_identified(ctx.settings)
+    with _opened(ctx.settings) as index:
+        return steps.release_step(ctx, index, previous)
+
+
 @task(name="cohort-qc", cache_policy=NO_CACHE)
 def cohort_qc_task(ctx: steps.RunContext) -> int:
     with _opened(ctx.settings) as index:
@@ -252,7 +260,8 @@ def process_studies(
         defaced = deface_task.submit(ctx, anonymized)  # type: ignore[call-overload]
         checked = qc_task.submit(ctx, defaced)
         converted = convert_task.submit(ctx, checked)  # type: ignore[call-overload]
-        last.append(volumetry_task.submit(ctx, converted))
+        measured = volumetry_task.submit(ctx, converted)
+        last.append(release_task.submit(ctx, measured))  # type: ignore[call-overload]
     results = [future.result() for future in last]
     cohort_qc_task(ctx)
     return results

@@ -37,8 +37,11 @@ from models.schema import (
     StudyStep,
 )
 
-#: the series stages in flow order (volumetry: T1s only)
-SERIES_STAGES = ("anonymize", "deface", "header_qc", "image_qc", "convert", "volumetry")
+#: the series stages in flow order (image QC and volumetry: T1s only; release: the release
+#: check of the files delivered)
+SERIES_STAGES = (
+    "anonymize", "deface", "header_qc", "image_qc", "convert", "volumetry", "release"
+)  # fmt: skip
 #: the role whose series yield biomarkers
 BIOMARKER_ROLES = ("t1_3d",)
 
@@ -316,14 +319,16 @@ def _stopped(
             continue
         if row is not None and row.status == "fail":
             return row.reason_code or f"{stage}.failed", stage
-    expected = SERIES_STAGES if is_t1 else ("anonymize", "deface", "header_qc", "convert")
-    if expected[-1] in stages:
+    expected = (
+        SERIES_STAGES if is_t1 else ("anonymize", "deface", "header_qc", "convert", "release")
+    )
+    if "release" in stages and (not is_t1 or "volumetry" in stages):
         return None, None
     if decision == OVERRIDE and is_t1 and "convert" in stages:
         return "review.override_not_yet_measured", "volumetry"  # the next run measures it
     if not stages and retrieval not in ("complete", "incomplete"):
         return f"retrieve.{retrieval}", "retrieve"
-    for step in ("anonymize", "deface", "qc", "convert", "volumetry"):
+    for step in ("anonymize", "deface", "qc", "convert", "volumetry", "release"):
         found = steps.get(step)
         if found is not None and found.status == "error":
             return found.reason_code or f"{step}.error", step

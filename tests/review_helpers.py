@@ -169,8 +169,9 @@ def build(index: IndexDB, n: int = 40, seed: int = 3, atrophy: float = 0.03) -> 
                     outputs={"_linked_series": {s.series: s.pseudo_series}},
                 ),
             )
-            # as the flow does: a failed series is still converted, not measured
-            for stage in SERIES_STAGES if s.failed is None else SERIES_STAGES[:-1]:
+            # as the flow does: a failed series is still converted and released, not measured
+            skipped = () if s.failed is None else ("volumetry",)
+            for stage in (st for st in SERIES_STAGES if st not in skipped):
                 status, code = "pass", None
                 failing = "header_qc" if (s.failed or "").startswith("header") else "image_qc"
                 if s.failed and stage == failing:

@@ -25,7 +25,7 @@ def index(tmp_path: Path) -> Iterator[IndexDB]:
     db.dispose()
 
 
-STAGES = ("anonymize", "deface", "header_qc", "image_qc", "convert", "volumetry")
+STAGES = ("anonymize", "deface", "header_qc", "image_qc", "convert", "volumetry", "release")
 
 
 def _stage(series: str, stage: str, status: str = "pass", code: str | None = None) -> StageRecord:
@@ -116,13 +116,15 @@ def test_every_selected_series_is_counted_with_its_reason(index: IndexDB) -> Non
             ),
         )
         rows = [_stage("t1-ok", s) for s in STAGES]
-        rows += [_stage("flair", s) for s in ("anonymize", "deface", "header_qc", "convert")]
+        rows += [
+            _stage("flair", s) for s in ("anonymize", "deface", "header_qc", "convert", "release")
+        ]
         rows += [
             _stage("t1-header", "anonymize"),
             _stage("t1-header", "deface"),
             _stage("t1-header", "header_qc", "fail", "header.missing_slices"),
         ]
-        rows += [_stage("t1-volumetry", s) for s in STAGES[:-1]]
+        rows += [_stage("t1-volumetry", s) for s in STAGES if s != "volumetry"]
         rows += [_stage("t1-volumetry", "volumetry", "fail", "volumetry.icv_range")]
         rows += [_stage("t1-crash", "anonymize")]
         rows += [_stage("t1-later", "anonymize"), _stage("t1-later", "deface")]

@@ -123,7 +123,7 @@ def test_killed_run_resumes_without_duplicates_or_lost_series(
     # biomarker row per T1 and one linkage row per patient
     results = _results(url)
     assert len({(s, st) for _, s, st, *_ in results["stages"]}) == len(results["stages"])
-    assert len(results["steps"]) == STUDIES * 5
+    assert len(results["steps"]) == STUDIES * 6  # anonymize ... volumetry, release
     assert {status for *_, status in results["steps"]} == {"done"}
     assert _count(url, Biomarker) == outcome["t1_with_biomarkers"] + sum(
         1 for v in results["volumes"] if v[-1] == "fail"
@@ -458,4 +458,72 @@ def test_a_saved_cohort_drives_a_run_over_exactly_its_studies(
         f"(everything already done but what the review changed): selection {selection.id} "
         f"listed from 'cohort women', T1s with biomarkers {outcome['t1_with_biomarkers']}/"
         f"{outcome['t1_series']}"
+    )
+
+
+def test_a_leak_in_a_delivered_file_is_quarantined_by_the_next_run(
+    killed_and_resumed: dict[str, Any], pacs: Pacs, model_cache: Path, figures: Any
+) -> None:
+    """The run's release step: every file a study delivered is searched for its patient's
+    identifiers. A patient ID written into a delivered sidecar after the run (what a faulty
+    converter or a hand edit would leave) is found by the next run, which checks again because
+    what was delivered changed: the file goes to restricted/quarantine (audited) and its series
+    fails the release stage with the reason; the other studies are not checked again."""
+    from pipelines.release.scan import Matcher, targets
+
+    home, url = killed_and_resumed["home"], killed_and_resumed["url"]
+    env = _env(home, pacs, model_cache)
+    log = home / "leak.log"
+    sidecar = sorted((home / "outputs" / "dementia" / "nifti").rglob("*_T1w.json"))[0]
+    pseudonym = sidecar.name.split("_")[0].removeprefix("sub-")
+    index = open_index(url)
+    try:
+        with index.session() as session:
+            matcher = Matcher(targets(session, {pseudonym}))
+            before = {
+                (s.study_uid, s.step): s.recorded_at for s in session.scalars(select(StudyStep))
+            }
+    finally:
+        index.dispose()
+    patient_id = next(w for w, ts in matcher.targets.items() if ts[0].kind == "patient_id")
+    data = json.loads(sidecar.read_text())
+    series = data["SeriesInstanceUID"] if "SeriesInstanceUID" in data else None
+    data["ProcedureComment"] = f"for {patient_id}"
+    sidecar.write_text(json.dumps(data))
+    outcome = _finish(_cohortflow(RUN, env, log), log)
+    assert not sidecar.exists()
+    quarantined = home / "restricted" / "quarantine" / sidecar.name
+    assert quarantined.is_file() and patient_id in quarantined.read_text()
+    index = open_index(url)
+    try:
+        with index.session() as session:
+            released = {
+                r.series_uid: r
+                for r in session.scalars(select(StageResult).where(StageResult.stage == "release"))
+            }
+            failed = [r for r in released.values() if r.status == "fail"]
+            redone = {
+                (s.study_uid, s.step)
+                for s in session.scalars(select(StudyStep))
+                if before.get((s.study_uid, s.step)) != s.recorded_at
+            }
+            audited = [
+                e.detail
+                for e in session.scalars(
+                    select(AuditEntry).where(AuditEntry.action == "release.quarantined")
+                )
+            ]
+    finally:
+        index.dispose()
+    assert len(failed) == 1 and failed[0].reason_code == "release.identifier_found"
+    assert "patient_id" in (failed[0].message or "")
+    if series is not None:
+        assert failed[0].series_uid == series
+    assert len(released) > len(failed)  # every other delivered series passed
+    assert len(redone) == 1 and next(iter(redone))[1] == "release"  # only that study's check
+    assert len(audited) == 1 and str(quarantined) in audited[0]
+    assert outcome["t1_reasons"].get("release.identifier_found") == 1
+    figures(
+        f"release check in the run: a patient ID planted in 1 of {len(released)} delivered "
+        f"series' files was found by the next run, quarantined and the series failed"
     )

@@ -1,6 +1,7 @@
 """The steps of a protocol run for one study, each resumable.
 
-Order: anonymize -> deface -> qc (header and image) -> convert -> volumetry. Each step:
+Order: anonymize -> deface -> qc (header and image) -> convert -> volumetry -> release (the
+release check of everything the study's steps delivered). Each step:
 
 - derives its ``input_key`` from the previous step's key, its own method version and the
   settings it depends on (the first key hashes the study's archived content and the project
@@ -44,7 +45,8 @@ from pipelines.run.plan import StudyPlan, plan_studies, plan_study
 log = logging.getLogger(__name__)
 
 ANONYMIZE, DEFACE, QC, CONVERT, VOLUMETRY = "anonymize", "deface", "qc", "convert", "volumetry"
-STEPS = (ANONYMIZE, DEFACE, QC, CONVERT, VOLUMETRY)
+RELEASE = "release"
+STEPS = (ANONYMIZE, DEFACE, QC, CONVERT, VOLUMETRY, RELEASE)
 #: a study whose earlier step did not finish: this step was not started
 BLOCKED = "blocked"
 
@@ -573,9 +575,18 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
         protocols = load_protocols(ctx.settings.protocols_file)
         rows: list[StageRecord] = []
         images: list[dict[str, Any]] = []
+        delivered: dict[str, str] = {}  # NIfTI and sidecar -> series
         for folder in previous.outputs.get("folders", []):
             report = convert_folder(Path(folder), ctx.nifti_out, protocols, ctx.protocol)
             rows.extend(convert_row(r, report.method_version) for r in report.series)
+            delivered.update(
+                {
+                    str(path): c.series
+                    for c in report.series
+                    for path in (c.nifti, c.sidecar)
+                    if path
+                }
+            )
             sources, _ = sources_from_conversion(report.series)
             images.extend(
                 {**asdict(s), "image": str(s.image), "root": str(s.root) if s.root else None}
@@ -583,7 +594,7 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             )
         with index.session() as session:
             record_stages(session, rows)
-        return {**previous.outputs, "images": images}, {}
+        return {**previous.outputs, "images": images, "converted": delivered}, {}
 
     return _run_step(
         ctx,
@@ -608,7 +619,7 @@ def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
     with index.session() as session:
         rows = {r.stage: r for r in stage_records(session, series_uids=[series_uid])}
         decision = latest_reviews(session, [series_uid]).get(series_uid)
-    for stage in SERIES_STAGES[:-1]:
+    for stage in SERIES_STAGES[: SERIES_STAGES.index(VOLUMETRY)]:
         row = rows.get(stage)
         if set_aside(stage, decision):
             continue
@@ -680,6 +691,141 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
                 session, [biomarker_record(r, params) for r in known if r.volumes is not None]
             )
         measured = {r.source.series: r.verdict.value for r in results}
-        return {"measured": measured, "not_measured": len(sources) - len(wanted)}, {}
+        overlays = {str(r.overlay): r.source.series for r in results if r.overlay is not None}
+        return {
+            **previous.outputs,
+            "measured": measured,
+            "not_measured": len(sources) - len(wanted),
+            "overlays": overlays,
+        }, {}
 
     return _run_step(ctx, index, plan, VOLUMETRY, input_key, version, work)
+
+
+# --- release ---------------------------------------------------------------------------------
+
+#: 1: every file the study's steps delivered searched for its patient's identifiers
+RELEASE_VERSION = "release-1"
+
+
+def delivered_files(ctx: RunContext, outputs: Mapping[str, Any]) -> dict[Path, str | None]:
+    """What a study's steps wrote for release, each with its (pseudonymized) series: the
+    defaced DICOM (``<patient>/<study>/<series>/``), the dashboard's pictures
+    (``<study>/<series>_*.png``), the NIfTI images with their sidecars, the overlays."""
+    files: dict[Path, str | None] = {}
+    for folder in map(Path, outputs.get("folders", [])):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            parts = path.relative_to(folder).parts
+            files[path] = parts[0] if len(parts) > 1 else None
+    study = outputs.get("study")
+    pictures = ctx.qc_images_out / str(study) if study else None
+    if pictures is not None and pictures.is_dir():
+        for path in sorted(p for p in pictures.iterdir() if p.is_file()):
+            files[path] = path.name.split("_", 1)[0]
+    for mapping in (outputs.get("converted", {}), outputs.get("overlays", {})):
+        files.update({Path(p): series for p, series in mapping.items() if Path(p).is_file()})
+    return files
+
+
+def _delivered_digest(files: Mapping[Path, str | None]) -> str:
+    """What was delivered, by name, size and modification time: a file changed, added or
+    removed after the release check makes the next run check again."""
+    listed = []
+    for path in sorted(files):
+        try:
+            found = path.stat()
+        except OSError:
+            continue
+        listed.append((str(path), found.st_size, found.st_mtime_ns))
+    return chain(listed)
+
+
+def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
+    """The release check of the study's deliverables (``pipelines.release.scan``): every file
+    searched for the identifiers the index holds for the study's patient. A file holding one is
+    moved to ``restricted/quarantine`` (audited) and its series fails the ``release`` stage with
+    the kinds found; a file of no single series fails them all. One ``release`` stage row per
+    series delivered. Done again when what was delivered changed since (``_delivered_digest``)."""
+    if not previous.done:
+        return _blocked(previous, RELEASE)
+    from models.linkage import audit
+    from pipelines.release.scan import PSEUDONYM, Matcher, quarantine, scan_folder, targets
+
+    plan = _plan(ctx, index, previous.study_pk)
+    if plan is None:
+        return _not_archived(previous.study_pk, RELEASE)
+    input_key = chain(previous.input_key, RELEASE_VERSION)
+    series_info = _series_info(previous.outputs)
+
+    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+        files = delivered_files(ctx, previous.outputs)
+        patients = {
+            Path(f).parent.name
+            for f in previous.outputs.get("folders", [])
+            if PSEUDONYM.fullmatch(Path(f).parent.name.encode())
+        }
+        kinds: dict[str | None, set[str]] = {}
+        moved: list[str] = []
+        with index.session() as session:
+            matcher = Matcher(targets(session, patients))
+            for path, series in files.items():
+                report = scan_folder(path, matcher)
+                if not report.hits:
+                    continue
+                kinds.setdefault(series, set()).update(h.kind for h in report.hits)
+                target = quarantine(path, ctx.settings.home / "restricted")
+                moved.append(str(target))
+                detail = {
+                    "file": str(path),
+                    "quarantined": str(target),
+                    "hits": [vars(h) for h in report.hits],
+                }
+                audit(session, "release.quarantined", json.dumps(detail))
+        everyone = kinds.get(None, set())
+        study = str(previous.outputs.get("study") or "")
+        rows = []
+        for series in sorted({s for s in files.values() if s}):
+            found = kinds.get(series, set()) | everyone
+            info = series_info.get(series, {})
+            rows.append(
+                StageRecord(
+                    series_uid=series,
+                    study_uid=study,
+                    stage=RELEASE,
+                    status="fail" if found else "pass",
+                    method_version=RELEASE_VERSION,
+                    protocol=ctx.protocol,
+                    role=info.get("role"),
+                    manufacturer=info.get("manufacturer"),
+                    model=info.get("model"),
+                    software_versions=info.get("software_versions"),
+                    reason_code="release.identifier_found" if found else None,
+                    message=(
+                        f"a delivered file holds the patient's {', '.join(sorted(found))}: "
+                        "moved to restricted/quarantine, not released"
+                        if found
+                        else None
+                    ),
+                    metrics={"files": sum(1 for s in files.values() if s in (series, None))},
+                )
+            )
+        with index.session() as session:
+            record_stages(session, rows)
+        left = _delivered_digest(delivered_files(ctx, previous.outputs))
+        return (
+            {"released": len(files) - len(moved), "quarantined": len(moved), "delivered": left},
+            {"quarantined_files": moved},
+        )
+
+    return _run_step(
+        ctx,
+        index,
+        plan,
+        RELEASE,
+        input_key,
+        RELEASE_VERSION,
+        work,
+        lambda outputs: (
+            outputs.get("delivered") == _delivered_digest(delivered_files(ctx, previous.outputs))
+        ),
+    )
