@@ -46,12 +46,22 @@ def plan_studies(
     """The studies of a selection with at least one selected series in the archive, in study
     UID order. A series not (yet) archived is left out; its retrieval status says why."""
     with index.session() as session:
+        # one study: its selected series only (each step of each study plans its study: reading
+        # the whole selection every time grew with the square of the selection)
+        of_study = (
+            []
+            if study_pk is None
+            else [
+                SelectedSeries.study_instance_uid
+                == select(Study.study_instance_uid).where(Study.id == study_pk).scalar_subquery()
+            ]
+        )
         chosen = session.execute(
             select(
                 SelectedSeries.study_instance_uid,
                 SelectedSeries.series_instance_uid,
                 SelectedSeries.rule,
-            ).where(SelectedSeries.selection_id == selection_id)
+            ).where(SelectedSeries.selection_id == selection_id, *of_study)
         ).all()
         rules = {series: rule for _, series, rule in chosen}
         if not rules:
