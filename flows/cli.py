@@ -27,7 +27,15 @@ from flows.cli_cohort import add_commands as add_cohort_commands
 from flows.cli_cohort import run_command as run_cohort_command
 from flows.cli_data import add_commands as add_data_commands
 from flows.cli_data import run_command as run_data_command
-from flows.output import cell, json_only_on_stdout, write_json
+from flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    cell,
+    json_only_on_stdout,
+    write_json,
+)
 from flows.prefect_env import configure_itk, protect_identified
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import Settings, load_settings
@@ -41,7 +49,6 @@ if TYPE_CHECKING:
     from pipelines.pacs.dimse import StoreResult
     from pipelines.run.outcome import RunSummary
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("cohortflow")
 
 
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also load the cohort into the PACS (C-STORE; default: the project's own Orthanc, "
         "started by `cohortflow pacs start`)",
     )
-    synth.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json(synth, "the summary")
 
     ingest = sub.add_parser(
         "ingest",
@@ -169,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for folders handed over to cohortflow (its retrieval spool): hard-link files into "
         "the archive instead of copying, and remove them from PATH once indexed",
     )
-    ingest.add_argument("--json", action="store_true", help="print the accounting as JSON")
+    add_json(ingest, "the accounting")
 
     verify = sub.add_parser(
         "verify",
@@ -177,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-hash every file in the archive and report files changed, missing, "
         "unreadable, or present but unknown to the index.",
     )
-    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(verify, "the result")
 
     report = sub.add_parser(
         "report",
@@ -192,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unexpected, duplicated, complete), unknown scanners, and every problem file.",
     )
     report_batch.add_argument("name", help="the batch name")
-    report_batch.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(report_batch, "the report")
 
     pacs = sub.add_parser(
         "pacs",
@@ -201,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only, HTTP with a generated password, DICOM open to cohortflow's AE only.",
     )
     pacs.add_argument("action", choices=("start", "stop", "status"))
-    pacs.add_argument("--json", action="store_true", help="print the state as JSON")
+    add_json(pacs, "the state")
 
     select = sub.add_parser(
         "select",
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "it; store nothing",
     )
     select.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
-    select.add_argument("--json", action="store_true", help="print the selection as JSON")
+    add_json(select, "the selection")
 
     retrieve = sub.add_parser(
         "retrieve",
@@ -250,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrieve.add_argument("--outside-window", choices=("wait", "stop"))
     retrieve.add_argument("--retries", type=int, metavar="N")
-    retrieve.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_json(retrieve, "the outcome")
 
     listen = sub.add_parser(
         "listen",
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--idle", type=float, default=5.0, help="seconds of quiet before ingest")
     listen.add_argument("--seconds", type=float, help="stop after this many seconds")
     listen.add_argument("--batch", help="batch name (default: listen-YYYY-MM-DD)")
-    listen.add_argument("--json", action="store_true", help="print what was received as JSON")
+    add_json(listen, "what was received")
 
     anonymize = sub.add_parser(
         "anonymize",
@@ -277,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     anonymize.add_argument("source", type=Path, metavar="IN_DIR")
     anonymize.add_argument("out", type=Path, metavar="OUT_DIR")
     anonymize.add_argument("--profile", type=Path, help="profile file (default: the shipped one)")
-    anonymize.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_json(anonymize, "the outcome")
 
     deface = sub.add_parser(
         "deface",
@@ -297,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write before / after mid-sagittal PNGs here (the 'before' one shows the face: "
         "keep it on the restricted side)",
     )
-    deface.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_json(deface, "the outcome")
 
     qc = sub.add_parser(
         "qc",
@@ -321,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not record results in the index (outliers are still judged against it)",
     )
-    qc.add_argument("--json", action="store_true", help="print the findings as JSON")
+    add_json(qc, "the findings")
 
     convert = sub.add_parser(
         "convert",
@@ -352,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--no-record", action="store_true", help="do not record results in the index"
     )
-    convert.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_json(convert, "the outcome")
 
     volumetry = sub.add_parser(
         "volumetry",
@@ -378,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     volumetry.add_argument(
         "--no-record", action="store_true", help="do not record results in the index"
     )
-    volumetry.add_argument("--json", action="store_true", help="print the volumes as JSON")
+    add_json(volumetry, "the volumes")
 
     run = sub.add_parser(
         "run",
@@ -421,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=int, metavar="N", help="local Dask cluster size (default: settings)"
     )
-    run.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_json(run, "the outcome")
 
     status = sub.add_parser(
         "status",
@@ -430,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per stage, per scanner, the share that yielded biomarkers and why the rest did not.",
     )
     status.add_argument("protocol", nargs="?", help="one protocol (default: every selected one)")
-    status.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    add_json(status, "the outcomes")
 
     demo = sub.add_parser(
         "demo",
@@ -441,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--studies", type=int, default=12, help="number of studies (default 12)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--protocol", default="dementia", help="protocol to run (default dementia)")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json(demo, "the summary")
     add_data_commands(sub)
     add_cohort_commands(sub)
     add_audit_commands(sub)

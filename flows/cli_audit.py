@@ -12,11 +12,9 @@ from rich.console import Console
 from rich.text import Text
 
 from flows.cli_cohort import steward_login
-from flows.output import SafeTable, cell, write_json
+from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, SafeTable, add_json, cell, write_json
 from models.settings import Settings
 from pipelines.safeio import printable
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
 def add_commands(sub: Any) -> None:
@@ -28,9 +26,7 @@ def add_commands(sub: Any) -> None:
         "edited, deleted or reordered entry; exit status 1 when one is found.",
     )
     audit_sub = audit.add_subparsers(dest="what", metavar="WHAT", required=True)
-    audit_sub.add_parser("verify", help="check the chain").add_argument(
-        "--json", action="store_true", help="print the result as JSON"
-    )
+    add_json(audit_sub.add_parser("verify", help="check the chain"), "the result")
     back = sub.add_parser(
         "reidentify",
         help="the patient behind a pseudonym (stewards, audited)",
@@ -44,7 +40,7 @@ def add_commands(sub: Any) -> None:
     back.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
-    back.add_argument("--json", action="store_true", help="print the patient as JSON")
+    add_json(back, "the patient")
     scan = sub.add_parser(
         "phi-scan",
         help="search a folder for the identifiers of the patients it is about",
@@ -56,7 +52,7 @@ def add_commands(sub: Any) -> None:
         "reported with its file, place and kind (never the value); exit status 1 on any hit.",
     )
     scan.add_argument("path", type=Path)
-    scan.add_argument("--json", action="store_true", help="print the hits as JSON")
+    add_json(scan, "the hits")
 
 
 def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:

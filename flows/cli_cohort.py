@@ -19,12 +19,17 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.output import SafeTable, document, write_json
+from flows.output import (
+    EXIT_OK,
+    EXIT_USAGE,
+    SafeTable,
+    add_json,
+    document,
+    write_json,
+)
 from models.database import IndexDB
 from models.settings import Settings
 from models.spreadsheet import neutralised
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +88,7 @@ def add_commands(sub: Any) -> None:
     )
     count.add_argument("--age-band", type=int, metavar="YEARS", help="default: settings (10)")
     _add_layer(count)
-    count.add_argument("--json", action="store_true", help="print the counts as JSON")
+    add_json(count, "the counts")
 
     listing = cohort_sub.add_parser(
         "list", help="the matching series, one a line", description="The matching series."
@@ -93,7 +98,7 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--offset", type=int, default=0, metavar="N")
     listing.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV too")
     _add_layer(listing)
-    listing.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_json(listing, "the rows")
 
     save = cohort_sub.add_parser(
         "save",
@@ -105,10 +110,10 @@ def add_commands(sub: Any) -> None:
     _add_filters(save)
     save.add_argument("--description", default="", help="what the cohort is for")
     save.add_argument("--replace", action="store_true", help="renew a cohort of that name")
-    save.add_argument("--json", action="store_true", help="print the saved cohort as JSON")
+    add_json(save, "the saved cohort")
 
     saved = cohort_sub.add_parser("saved", help="the saved cohorts")
-    saved.add_argument("--json", action="store_true")
+    add_json(saved, "the saved cohorts")
     drop = cohort_sub.add_parser("delete", help="delete a saved cohort (audited)")
     drop.add_argument("name")
 
@@ -128,7 +133,7 @@ def add_commands(sub: Any) -> None:
         "refresh",
         help="bring the cohort table up to date (every query does it first)",
     )
-    refresh.add_argument("--json", action="store_true")
+    add_json(refresh, "what was refreshed")
 
 
 def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:

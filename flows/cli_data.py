@@ -14,11 +14,17 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.output import SafeTable, document, write_json
+from flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    SafeTable,
+    add_json,
+    document,
+    write_json,
+)
 from models.settings import Settings
 from pipelines.safeio import printable
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
 def add_commands(sub: Any) -> None:
@@ -51,7 +57,7 @@ def add_commands(sub: Any) -> None:
         help="file to write (default: $COHORTFLOW_HOME/exports/biomarkers-...; '-': CSV on "
         "standard output)",
     )
-    biomarkers.add_argument("--json", action="store_true", help="print what was written as JSON")
+    add_json(biomarkers, "what was written")
 
     stats = sub.add_parser(
         "stats",
@@ -83,7 +89,7 @@ def add_commands(sub: Any) -> None:
         metavar="PNG",
         help="box plot (default: $COHORTFLOW_HOME/exports/compare-<by>.png)",
     )
-    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_json(compare, "the comparison")
 
     users = sub.add_parser(
         "users",
@@ -105,7 +111,7 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="read the password from the first line of standard input (else: asked for)",
     )
-    users_sub.add_parser("list", help="the accounts").add_argument("--json", action="store_true")
+    add_json(users_sub.add_parser("list", help="the accounts"), "the accounts")
     users_sub.add_parser("disable", help="stop an account logging in").add_argument("name")
     users_sub.add_parser(
         "unlock", help="let an account locked after failed logins log in again"

@@ -9,6 +9,7 @@ stderr (``sys.stdout`` and file descriptor 1 point there); the document is writt
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,7 +22,16 @@ from rich.text import Text
 
 from pipelines.safeio import printable
 
+#: The command line's exit codes: success; the command ran and found failures (or a refusal);
+#: a usage or configuration error.
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
 _document: TextIO | None = None
+
+
+def add_json(parser: argparse.ArgumentParser, what: str = "the outcome") -> None:
+    """The ``--json`` flag every reporting command takes."""
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON")
 
 
 def document() -> TextIO:
