@@ -45,7 +45,9 @@ def _checks(*items: tuple[str, Severity, str]) -> Mapping[str, Check]:
 
 _F, _W, _I = Severity.FAIL, Severity.WARN, Severity.IGNORE
 
-#: Every check id with its default severity. Ids ending in a family name (``header.conformance``,
+#: Every check of every stage (header and image QC, conversion, volumetry) with its default
+#: severity and title: the one registry protocols.yaml overrides (``qc.severity``) and the
+#: dashboard titles reasons from. Ids ending in a family name (``header.conformance``,
 #: ``image.outlier``) are completed by a DICOM keyword or a metric name.
 CHECKS: Mapping[str, Check] = _checks(
     # files and identity
@@ -86,6 +88,52 @@ CHECKS: Mapping[str, Check] = _checks(
     ("image.outlier", _W, "metric typical of the protocol and scanner (robust z-score)"),
     # the checks themselves
     ("qc.internal_error", _F, "QC itself failed on the series (a bug: the message says where)"),
+    # conversion (pipelines/convert): the DICOM series
+    ("convert.no_geometry", _F, "every image says where it lies"),
+    ("convert.not_a_volume", _F, "the images form one stack (one orientation, one matrix)"),
+    ("convert.irregular_spacing", _F, "slice positions lie on one regular grid"),
+    ("convert.no_subject", _F, "the series has a PatientID to name the subject by"),
+    ("convert.unreadable_pixels", _F, "the pixel data of the series decodes"),
+    ("convert.missing_slices", _W, "no gap in the slice positions (gaps are interpolated)"),
+    ("convert.duplicate_slices", _W, "one image per slice position (the first one is kept)"),
+    ("convert.duplicate_files", _I, "one file per SOP instance (copies are left out)"),
+    ("convert.damaged_files", _W, "every file of the series can be read"),
+    ("convert.gantry_tilt", _W, "slices stacked along their normal (else resampled)"),
+    ("convert.multiframe", _I, "the series is one Enhanced / multi-frame object"),
+    # conversion: the converters (a failure of one converter's output makes the next try)
+    ("convert.dcm2niix_unavailable", _F, "dcm2niix can be found and run"),
+    ("convert.dcm2niix_failed", _F, "dcm2niix exits with status 0"),
+    ("convert.dcm2niix_timeout", _F, "dcm2niix finishes within its timeout"),
+    ("convert.no_output", _F, "the converter writes an image"),
+    ("convert.sitk_failed", _F, "SimpleITK reads the series"),
+    ("convert.fallback", _W, "dcm2niix converted the series (else SimpleITK did)"),
+    ("convert.extra_outputs", _I, "dcm2niix wrote one image (the others are listed)"),
+    ("convert.sidecar_identifier", _W, "no sidecar text held an identifier (cleaned or left out)"),
+    # conversion: the result against the DICOM
+    ("convert.not_3d", _F, "the image is one 3D volume"),
+    ("convert.orientation", _F, "the image axes are the DICOM row, column and slice axes"),
+    ("convert.matrix", _F, "the image has the DICOM rows and columns"),
+    ("convert.slice_count", _F, "the image has one slice per DICOM slice position"),
+    ("convert.geometry", _F, "every voxel lies where the DICOM puts it (0.1 mm)"),
+    ("convert.data_mismatch", _F, "the voxels hold the DICOM pixels at the same position"),
+    ("convert.internal_error", _F, "conversion itself failed (a bug: the message says where)"),
+    # volumetry (pipelines/volumetry/verdict.py)
+    ("volumetry.registration", _F, "the atlas fits the head (correlation after registration)"),
+    ("volumetry.icv_range", _F, "intracranial volume in a plausible adult range"),
+    ("volumetry.bpf_range", _F, "brain parenchymal fraction in a plausible range"),
+    ("volumetry.tissue_contrast", _F, "CSF darker than grey matter darker than white matter"),
+    ("volumetry.tissue_ratio", _F, "grey to white matter volume in a plausible adult range"),
+    ("volumetry.mask_edge", _W, "the image moved the registered intracranial edge little"),
+    (
+        "volumetry.edge_not_refined",
+        _W,
+        "the image showed the skull / CSF border (else the registered edge is kept)",
+    ),
+    ("volumetry.coverage", _W, "the intracranial space lies inside the image"),
+    ("volumetry.thick_slices", _W, "3D resolution (thick 2D slices: lower confidence)"),
+    ("volumetry.not_converged", _W, "the tissue classification converged"),
+    ("volumetry.unreadable", _F, "the image can be read as a 3D volume"),
+    ("volumetry.internal_error", _F, "volumetry ran to the end"),
 )
 
 #: Families whose members are named ``<family>.<name>``.
@@ -127,6 +175,14 @@ class Finding:
             "threshold": self.threshold,
             "message": self.message,
         }
+
+
+def finding(
+    check: str, message: str, value: float | str | None = None, threshold: str | None = None
+) -> Finding:
+    """A finding of ``check`` at its default severity (a protocol may change it later:
+    ``qc.policy.QcPolicy.judged``)."""
+    return Finding(check, default_severity(check), message, value, threshold)
 
 
 def verdict(findings: Iterable[Finding]) -> Verdict:

@@ -9,13 +9,14 @@ silently does nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import keyword_dict
 
-from qc.findings import CHECKS, Severity, default_severity, known_check
+from qc.findings import CHECKS, Finding, Severity, default_severity, known_check
 from qc.metrics import METRICS
 
 #: Quantities header QC derives from the whole series, usable in ``expect`` like DICOM keywords.
@@ -174,6 +175,11 @@ class QcPolicy(_Frozen):
                 return self.severity[name]
             name = name.rpartition(".")[0]
         return default_severity(check)
+
+    def judged(self, findings: Iterable[Finding]) -> tuple[Finding, ...]:
+        """``findings`` at the severities this policy sets (what a stage reports at the
+        defaults, conversion and volumetry, judged by the protocol's ``qc.severity``)."""
+        return tuple(replace(f, severity=self.severity_of(f.check)) for f in findings)
 
     def role(self, name: str | None) -> RolePolicy:
         return self.roles.get(name or "", RolePolicy())

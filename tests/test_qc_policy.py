@@ -84,3 +84,39 @@ def test_the_protocol_file_reports_qc_errors_with_file_and_place(tmp_path: Path)
 def test_every_check_and_metric_is_described() -> None:
     assert all(c.title for c in CHECKS.values())
     assert all(what and better for what, better in METRICS.values())
+
+
+def test_one_registry_for_every_stage_overridable_and_titled(tmp_path: Path) -> None:
+    """Conversion's and volumetry's checks are in the one registry: protocols.yaml may set their
+    severity (per protocol; unknown ids refused), the stages' findings are judged at it, and the
+    dashboard titles their reasons."""
+    from pipelines.volumetry.verdict import judge
+    from qc.dashboard.queries import reason_title
+    from qc.findings import finding, verdict
+
+    data = yaml.safe_load(SHIPPED.read_text())
+    data["protocols"]["ms"]["qc"] = {
+        "severity": {"volumetry.thick_slices": "fail", "convert.fallback": "ignore"}
+    }
+    path = tmp_path / "protocols.yaml"
+    path.write_text(yaml.safe_dump(data))
+    protocols = load_protocols(path)
+    # a 2D head measured at its defaults: a warning; the ms protocol makes it a failure
+    found = judge(
+        icv_ml=1500.0, bpf=0.8, correlation=0.8, means=(0.3, 0.6, 1.0),
+        gm_ml=650.0, wm_ml=550.0, slice_mm=5.0, converged=True, edge_change=0.1, on_border=0.0,
+    )  # fmt: skip
+    assert "volumetry.thick_slices" in {f.check for f in found}
+    assert verdict(found).value == "warn"
+    assert verdict(protocols.qc_of("ms").judged(found)).value == "fail"
+    assert verdict(protocols.qc_of("dementia").judged(found)).value == "warn"
+    assert verdict(protocols.qc_of(None).judged(found)).value == "warn"  # no protocol: shared
+    fallback = [finding("convert.fallback", "SimpleITK converted it")]
+    assert verdict(protocols.qc_of("ms").judged(fallback)).value == "pass"
+    assert verdict(protocols.qc_of("dementia").judged(fallback)).value == "warn"
+    data["protocols"]["ms"]["qc"] = {"severity": {"volumetry.thick_slice": "fail"}}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProtocolError, match=r"did you mean 'volumetry\.thick_slices'"):
+        load_protocols(path)
+    for code in ("convert.fallback", "volumetry.registration", "image.outlier.cjv"):
+        assert reason_title(code) == CHECKS[code.removesuffix(".cjv")].title

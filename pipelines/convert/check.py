@@ -22,14 +22,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
-from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
 
 from models.geometry import LPS_FROM_RAS, Plane
 from pipelines.convert.errors import ConvertError
-from qc.findings import Check, Finding, Severity
+from qc.findings import Finding, Severity, finding
 
 Array = npt.NDArray[np.float64]
 
@@ -43,53 +42,8 @@ DIRECTION_TOLERANCE = 1e-3
 #: flipped image 0.5-0.7).
 RESAMPLED_MAX_NRMSE = 0.25
 
-_F, _W, _I = Severity.FAIL, Severity.WARN, Severity.IGNORE
-
-
-def _checks(*items: tuple[str, Severity, str]) -> Mapping[str, Check]:
-    return MappingProxyType({cid: Check(cid, sev, title) for cid, sev, title in items})
-
-
-#: Every finding of the convert step with its severity: ignore (listed, never counted), warn,
-#: fail. A failure of one converter's output makes the next converter try.
-CHECKS: Mapping[str, Check] = _checks(
-    # the DICOM series
-    ("convert.no_geometry", _F, "every image says where it lies"),
-    ("convert.not_a_volume", _F, "the images form one stack (one orientation, one matrix)"),
-    ("convert.irregular_spacing", _F, "slice positions lie on one regular grid"),
-    ("convert.no_subject", _F, "the series has a PatientID to name the subject by"),
-    ("convert.unreadable_pixels", _F, "the pixel data of the series decodes"),
-    ("convert.missing_slices", _W, "no gap in the slice positions (gaps are interpolated)"),
-    ("convert.duplicate_slices", _W, "one image per slice position (the first one is kept)"),
-    ("convert.duplicate_files", _I, "one file per SOP instance (copies are left out)"),
-    ("convert.damaged_files", _W, "every file of the series can be read"),
-    ("convert.gantry_tilt", _W, "slices stacked along their normal (else resampled)"),
-    ("convert.multiframe", _I, "the series is one Enhanced / multi-frame object"),
-    # the converters
-    ("convert.dcm2niix_unavailable", _F, "dcm2niix can be found and run"),
-    ("convert.dcm2niix_failed", _F, "dcm2niix exits with status 0"),
-    ("convert.dcm2niix_timeout", _F, "dcm2niix finishes within its timeout"),
-    ("convert.no_output", _F, "the converter writes an image"),
-    ("convert.sitk_failed", _F, "SimpleITK reads the series"),
-    ("convert.fallback", _W, "dcm2niix converted the series (else SimpleITK did)"),
-    ("convert.extra_outputs", _I, "dcm2niix wrote one image (the others are listed)"),
-    ("convert.sidecar_identifier", _W, "no sidecar text held an identifier (cleaned or left out)"),
-    # the result against the DICOM
-    ("convert.not_3d", _F, "the image is one 3D volume"),
-    ("convert.orientation", _F, "the image axes are the DICOM row, column and slice axes"),
-    ("convert.matrix", _F, "the image has the DICOM rows and columns"),
-    ("convert.slice_count", _F, "the image has one slice per DICOM slice position"),
-    ("convert.geometry", _F, "every voxel lies where the DICOM puts it (0.1 mm)"),
-    ("convert.data_mismatch", _F, "the voxels hold the DICOM pixels at the same position"),
-    ("convert.internal_error", _F, "conversion itself failed (a bug: the message says where)"),
-)
-
-
-def finding(
-    code: str, message: str, value: float | str | None = None, threshold: str | None = None
-) -> Finding:
-    """A finding of check ``code`` at its severity."""
-    return Finding(code, CHECKS[code].default, message, value, threshold)
+# The convert step's checks (``convert.*``) are registered with every other check in
+# ``qc.findings.CHECKS``: one registry the protocols and the dashboard read.
 
 
 @dataclass(frozen=True)

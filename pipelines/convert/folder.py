@@ -43,7 +43,6 @@ from pipelines.convert.check import (
     ImageCheck,
     SliceGrid,
     check_image,
-    finding,
     grid_findings,
     sample_slots,
     slice_grid,
@@ -73,7 +72,7 @@ from pipelines.dicomfolder import (
 from pipelines.quality.folder import choose_protocol
 from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import ProtocolSet
-from qc.findings import Finding, Severity, Verdict, reason, verdict
+from qc.findings import Finding, Severity, Verdict, finding, reason, verdict
 from qc.header import header_text
 
 log = logging.getLogger(__name__)
@@ -245,6 +244,8 @@ def convert_folder(
                 "",
                 0.0,
             )
+        # judged at the severities the series' protocol sets (protocols.yaml qc.severity)
+        result = replace(result, findings=protocols.qc_of(plan.protocol).judged(result.findings))
         item: ConvertedSeries | NotConverted = result
         deciding = result.reason
         if not plan.role and deciding is not None and deciding.check in _NOT_IMAGES:

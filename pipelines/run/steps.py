@@ -645,6 +645,7 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
         return _blocked(previous, VOLUMETRY)
     from models.stages import record_biomarkers
     from pipelines.imaging.register import HeadFit
+    from pipelines.select.protocols import load_protocols
     from pipelines.volumetry.atlas import load_atlas
     from pipelines.volumetry.method import METHOD_VERSION, Parameters
     from pipelines.volumetry.run import Source, biomarker_record, measure_all
@@ -683,6 +684,7 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
             params,
             ctx.volumetry_out / "overlays",
             fits=fits,
+            policy_of=load_protocols(ctx.settings.protocols_file).qc_of,
         )
         with index.session() as session:
             known = [r for r in results if r.source.series and r.source.study]

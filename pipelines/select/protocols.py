@@ -176,6 +176,13 @@ class ProtocolSet:
             f"known protocols: {', '.join(self.protocols)}"
         )
 
+    def qc_of(self, name: str | None) -> QcPolicy:
+        """The QC policy (check severities included) of protocol ``name``; the shared one for
+        a series no protocol chose."""
+        if name and name in self.protocols:
+            return self.protocols[name].qc
+        return self.qc
+
     def with_role(self, role: str) -> Protocol:
         """The first protocol with an include rule called ``role`` (e.g. ``t1_3d``)."""
         for protocol in self.protocols.values():

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,12 @@ from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
 from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volumes, measure
 from pipelines.volumetry.overlay import write_overlay
-from pipelines.volumetry.verdict import finding, judge
-from qc.findings import Finding, Verdict, reason, verdict
+from pipelines.volumetry.verdict import judge
+from qc.findings import Finding, Verdict, finding, reason, verdict
 
 if TYPE_CHECKING:
     from pipelines.convert.folder import ConvertedSeries
+    from qc.policy import QcPolicy
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,10 @@ def measure_all(
     overlay_dir: Path | None,
     progress: Callable[[VolumetryResult], None] | None = None,
     fits: Mapping[str, HeadFit] | None = None,
+    policy_of: Callable[[str | None], QcPolicy] | None = None,
 ) -> list[VolumetryResult]:
-    """Measure each source; ``fits``: head fits by the series they were fitted on."""
+    """Measure each source; ``fits``: head fits by the series they were fitted on;
+    ``policy_of``: the QC policy of a protocol, whose check severities judge the findings."""
     results = []
     for source in sources:
         fit = (fits or {}).get(source.series or "")
@@ -255,6 +258,9 @@ def measure_all(
                 source,
                 (finding("volumetry.internal_error", f"{type(exc).__name__}: {exc}"),),
             )
+        if policy_of is not None:
+            judged = policy_of(source.protocol).judged(result.findings)
+            result = replace(result, findings=judged)
         results.append(result)
         if progress is not None:
             progress(result)
@@ -318,8 +324,16 @@ def volumetry_configured(
         ]
     elif not sources:
         raise VolumetryError(f"{source}: no such file or folder")
+    from pipelines.select.protocols import load_protocols
+
+    protocols = load_protocols(protocols_file or settings.protocols_file)
     results = measure_all(
-        sources, lambda: load_atlas(settings.cache), p, out / "overlays", progress
+        sources,
+        lambda: load_atlas(settings.cache),
+        p,
+        out / "overlays",
+        progress,
+        policy_of=protocols.qc_of,
     )
     report = VolumetryReport(
         tuple(results),

@@ -3,41 +3,13 @@ be trusted? Pure: a measurement's figures in, findings out (``qc.findings``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipelines.volumetry.refine import MAX_SKULL_TO_CSF
-from qc.findings import Check, Finding, Severity, reason, verdict
+from qc.findings import Finding, finding, reason, verdict
 
-_F, _W = Severity.FAIL, Severity.WARN
-
-CHECKS: Mapping[str, Check] = {
-    c.id: c
-    for c in (
-        Check(
-            "volumetry.registration", _F, "the atlas fits the head (correlation after registration)"
-        ),
-        Check("volumetry.icv_range", _F, "intracranial volume in a plausible adult range"),
-        Check("volumetry.bpf_range", _F, "brain parenchymal fraction in a plausible range"),
-        Check(
-            "volumetry.tissue_contrast", _F, "CSF darker than grey matter darker than white matter"
-        ),
-        Check(
-            "volumetry.tissue_ratio", _F, "grey to white matter volume in a plausible adult range"
-        ),
-        Check("volumetry.mask_edge", _W, "the image moved the registered intracranial edge little"),
-        Check(
-            "volumetry.edge_not_refined",
-            _W,
-            "the image showed the skull / CSF border (else the registered edge is kept)",
-        ),
-        Check("volumetry.coverage", _W, "the intracranial space lies inside the image"),
-        Check("volumetry.thick_slices", _W, "3D resolution (thick 2D slices: lower confidence)"),
-        Check("volumetry.not_converged", _W, "the tissue classification converged"),
-        Check("volumetry.unreadable", _F, "the image can be read as a 3D volume"),
-        Check("volumetry.internal_error", _F, "volumetry ran to the end"),
-    )
-}
+# Volumetry's checks (``volumetry.*``) are registered with every other check in
+# ``qc.findings.CHECKS``: one registry the protocols and the dashboard read.
 
 
 @dataclass(frozen=True)
@@ -62,12 +34,6 @@ class Limits:
     max_skull_to_csf: float = MAX_SKULL_TO_CSF
     max_slice_mm: float = 2.0
     max_outside: float = 0.01  # of the intracranial mask on the image border
-
-
-def finding(
-    code: str, message: str, value: float | str | None = None, threshold: str | None = None
-) -> Finding:
-    return Finding(code, CHECKS[code].default, message, value, threshold)
 
 
 def judge(
@@ -200,4 +166,4 @@ def judge(
     return out
 
 
-__all__ = ["CHECKS", "Limits", "judge", "reason", "verdict"]
+__all__ = ["Limits", "judge", "reason", "verdict"]
