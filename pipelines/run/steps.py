@@ -260,6 +260,18 @@ def _series_info(extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(extra.get("series", {}))
 
 
+def _series_row(ctx: RunContext, info: Mapping[str, Any], **fields: Any) -> StageRecord:
+    """A stage row of the run's protocol, with the series' role and scanner from ``info``."""
+    return StageRecord(
+        protocol=ctx.protocol,
+        role=info.get("role"),
+        manufacturer=info.get("manufacturer"),
+        model=info.get("model"),
+        software_versions=info.get("software_versions"),
+        **fields,
+    )
+
+
 # --- anonymize -------------------------------------------------------------------------------
 
 
@@ -340,17 +352,14 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
             status = "pass" if written == len(series.files) else ("warn" if written > 0 else "fail")
             code, message = first_problem.get(number, (None, None))
             rows.append(
-                StageRecord(
+                _series_row(
+                    ctx,
+                    info,
                     series_uid=pseudo,
                     study_uid=deidentifier.uid(plan.study_uid),
                     stage=ANONYMIZE,
                     status=status,
                     method_version=version,
-                    protocol=ctx.protocol,
-                    role=series.role,
-                    manufacturer=series.manufacturer,
-                    model=series.model,
-                    software_versions=series.software_versions,
                     reason_code=code,
                     message=message,
                     metrics={
@@ -434,17 +443,14 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
                 stack_pngs([Path(p) for p in safe], shown)
                 extra["picture"] = str(shown)
             rows.append(
-                StageRecord(
+                _series_row(
+                    ctx,
+                    info,
                     series_uid=outcome.series,
                     study_uid=outcome.study,
                     stage=DEFACE,
                     status=status,
                     method_version=version,
-                    protocol=ctx.protocol,
-                    role=info.get("role"),
-                    manufacturer=info.get("manufacturer"),
-                    model=info.get("model"),
-                    software_versions=info.get("software_versions"),
                     reason_code=None if status == "pass" else f"deface.{outcome.reason_code}",
                     message=outcome.reason,
                     metrics={**outcome.metrics, **extra},
@@ -790,17 +796,14 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             found = kinds.get(series, set()) | everyone
             info = series_info.get(series, {})
             rows.append(
-                StageRecord(
+                _series_row(
+                    ctx,
+                    info,
                     series_uid=series,
                     study_uid=study,
                     stage=RELEASE,
                     status="fail" if found else "pass",
                     method_version=RELEASE_VERSION,
-                    protocol=ctx.protocol,
-                    role=info.get("role"),
-                    manufacturer=info.get("manufacturer"),
-                    model=info.get("model"),
-                    software_versions=info.get("software_versions"),
                     reason_code="release.identifier_found" if found else None,
                     message=(
                         f"a delivered file holds the patient's {', '.join(sorted(found))}: "
