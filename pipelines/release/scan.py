@@ -405,14 +405,22 @@ def release_or_quarantine(
     """The release check of a file written about ``pseudonyms``' patients (an export): on a hit
     the file goes to ``restricted``/quarantine (audited, with the hits); returns the report and
     where the file went (None: released)."""
+    report = release_check(session, path, pseudonyms)
+    return report, quarantine_if_hit(session, path, report, restricted, actor)
+
+
+def quarantine_if_hit(
+    session: Session, path: Path, report: ScanReport, restricted: Path, actor: str | None
+) -> Path | None:
+    """Move ``path`` to ``restricted``/quarantine when its scan ``report`` has hits, audited
+    with them; returns where it went (None: no hit, left in place)."""
     import json
 
     from models.linkage import audit
 
-    report = release_check(session, path, pseudonyms)
     if not report.hits:
-        return report, None
+        return None
     moved = quarantine(path, restricted)
     detail = {"file": str(path), "quarantined": str(moved), "hits": [vars(h) for h in report.hits]}
     audit(session, "release.quarantined", json.dumps(detail), actor=actor)
-    return report, moved
+    return moved

@@ -756,8 +756,13 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     series delivered. Done again when what was delivered changed since (``_delivered_digest``)."""
     if not previous.done:
         return _blocked(previous, RELEASE)
-    from models.linkage import audit
-    from pipelines.release.scan import PSEUDONYM, Matcher, quarantine, scan_folder, targets
+    from pipelines.release.scan import (
+        PSEUDONYM,
+        Matcher,
+        quarantine_if_hit,
+        scan_folder,
+        targets,
+    )
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -773,22 +778,17 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             if PSEUDONYM.fullmatch(Path(f).parent.name.encode())
         }
         kinds: dict[str | None, set[str]] = {}
-        moved: list[str] = []
+        moved: dict[Path, str] = {}  # delivered file -> where it went
         with index.session() as session:
             matcher = Matcher(targets(session, patients))
             for path, series in files.items():
                 report = scan_folder(path, matcher)
-                if not report.hits:
-                    continue
-                kinds.setdefault(series, set()).update(h.kind for h in report.hits)
-                target = quarantine(path, ctx.settings.home / "restricted")
-                moved.append(str(target))
-                detail = {
-                    "file": str(path),
-                    "quarantined": str(target),
-                    "hits": [vars(h) for h in report.hits],
-                }
-                audit(session, "release.quarantined", json.dumps(detail))
+                target = quarantine_if_hit(
+                    session, path, report, ctx.settings.home / "restricted", None
+                )
+                if target is not None:
+                    kinds.setdefault(series, set()).update(h.kind for h in report.hits)
+                    moved[path] = str(target)
         everyone = kinds.get(None, set())
         study = str(previous.outputs.get("study") or "")
         rows = []
@@ -816,10 +816,10 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             )
         with index.session() as session:
             record_stages(session, rows)
-        left = _delivered_digest(delivered_files(ctx, previous.outputs))
+        left = _delivered_digest({p: s for p, s in files.items() if p not in moved})
         return (
             {"released": len(files) - len(moved), "quarantined": len(moved), "delivered": left},
-            {"quarantined_files": moved},
+            {"quarantined_files": list(moved.values())},
         )
 
     return _run_step(

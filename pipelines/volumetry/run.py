@@ -168,8 +168,8 @@ def measure_source(
     image = read_t1(source.image, source.root)
     read_s = time.perf_counter() - t0
     loaded = atlas()
-    handed = fit is not None and fit.template_digest == loaded.digest
-    m = measure(image, loaded, params, fit.matrix if fit is not None and handed else None)
+    handed = fit.matrix if fit is not None and fit.template_digest == loaded.digest else None
+    m = measure(image, loaded, params, handed)
     spacing = tuple(float(s) for s in image.spacing)
     slice_mm = max(spacing)
     mask = m.mask
@@ -210,7 +210,7 @@ def measure_source(
         overlay=overlay,
         input_sha256=hash_file(source.image),
         seconds={"read": read_s, **m.seconds},
-        affine_from="handed" if handed else "fitted",
+        affine_from="fitted" if handed is None else "handed",
     )
 
 
