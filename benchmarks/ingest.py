@@ -9,7 +9,9 @@
    fork server, readers) every 50 ms and prints the peaks. Then ``cohortflow ingest --move`` on
    all N handed over as a spool (hard-linked into the archive instead of copied). Rates are
    files / wall time of the whole command, start-up included; "after_startup" rates use the
-   time ingest itself reports.
+   time ingest itself reports. The archive is encrypted (the default); the same ingest of all N
+   storing blobs as received (``archive_key_source: none``) runs alternately with it, two runs
+   each, and the ratio of the faster runs' rates is printed.
 3. Runs the naive baseline on the same files: a sequential loop of full ``pydicom.dcmread``,
    ``hashlib.sha256`` of the file, and one database insert (committed) per file.
 4. Fills a fresh index with 1,000,000 instance rows (inserted directly: patients, studies, series,
@@ -134,13 +136,18 @@ def _tree_rss_kib(root_pid: int) -> tuple[int, int]:
     return root, total
 
 
-def run_ingest(source: Path, home: Path, move: bool = False) -> tuple[float, float, int, int, int]:
-    """Run ``cohortflow ingest`` on ``source``.
+def run_ingest(
+    source: Path, home: Path, move: bool = False, sealed: bool = True
+) -> tuple[float, float, int, int, int]:
+    """Run ``cohortflow ingest`` on ``source`` (the archive encrypted, as by default, unless
+    not ``sealed``).
 
     Returns (wall seconds of the whole command, seconds ingest itself reported, files,
     peak main KiB, peak tree KiB).
     """
     env = {**os.environ, "COHORTFLOW_HOME": str(home), "COHORTFLOW_WORKERS": "2"}
+    if not sealed:
+        env["COHORTFLOW_ARCHIVE_KEY_SOURCE"] = "none"
     command = [
         sys.executable,
         "-m",
@@ -363,6 +370,20 @@ def main() -> None:
     figures["ingest_copy_seconds"] = f"{seconds:.2f}"
     figures["ingest_copy_files_per_second"] = f"{copy_rate:.0f}"
     figures["ingest_copy_files_per_second_after_startup"] = f"{seen / inner:.0f}"
+
+    # Encryption at rest (AES-256-GCM, on by default) against the same ingest storing blobs as
+    # received: two rounds each, alternating, fresh homes; the faster run of each counts.
+    rates: dict[bool, list[float]] = {True: [copy_rate], False: []}
+    for round_number in range(2):
+        for sealed in (False, True) if round_number == 0 else (False,):
+            os.sync()
+            home = args.out / f"home-{'sealed' if sealed else 'plain'}-{round_number}"
+            seconds, inner, seen, _, _ = run_ingest(everything, home, sealed=sealed)
+            rates[sealed].append(seen / seconds)
+            shutil.rmtree(home, ignore_errors=True)
+    figures["ingest_plain_archive_files_per_second"] = f"{max(rates[False]):.0f}"
+    figures["ingest_encrypted_archive_files_per_second"] = f"{max(rates[True]):.0f}"
+    figures["ingest_encrypted_vs_plain_ratio"] = f"{max(rates[True]) / max(rates[False]):.3f}"
 
     # --move: a folder handed over to cohortflow (its retrieval spool). The spool is a tree of
     # hard links to the generated files, so the generated tree stays for the baseline.

@@ -650,7 +650,7 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         return EXIT_USAGE
     manifest = read_manifest(args.manifest) if args.manifest else None
     scanners = load_known_scanners(settings.known_scanners_file)
-    store = ArchiveStore(settings.archive)
+    store = ArchiveStore.of(settings)
     with _open_index(settings) as index:
         batch = args.batch or choose_batch_name(index, args.paths)
         total = count_files(args.paths, skip=store.root)
@@ -691,7 +691,7 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     with _open_index(settings) as index, _progress(err, "verifying the archive") as bar:
         task = bar.add_task("verify", total=None)
         report = verify(
-            index, ArchiveStore(settings.archive), progress=lambda n: bar.advance(task, n)
+            index, ArchiveStore.of(settings), progress=lambda n: bar.advance(task, n)
         )
     if args.json:
         _emit(args, report.model_dump(mode="json"))
@@ -939,7 +939,7 @@ def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     with _open_index(settings) as index:
         outcome = listen(
             index,
-            ArchiveStore(settings.archive),
+            ArchiveStore.of(settings),
             load_known_scanners(settings.known_scanners_file),
             settings.home / "spool" / "listen",
             aet=settings.local_aet,

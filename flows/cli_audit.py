@@ -53,6 +53,18 @@ def add_commands(sub: Any) -> None:
     )
     scan.add_argument("path", type=Path)
     add_json(scan, "the hits")
+    archive = sub.add_parser(
+        "archive",
+        help="manage the identified archive's encryption",
+        description="The archive's blobs are sealed with AES-256-GCM, each with a data key of its "
+        "own wrapped by the archive key (archive_key_source). `rekey` adds a new archive key, "
+        "re-wraps every blob's data key under it (blobs stored before encryption are sealed), "
+        "and removes the old keys once no blob needs them. The archive stays in use meanwhile; "
+        "a killed rekey leaves every blob readable, and is rerun. Exit status 1 when a blob "
+        "could not be opened (`cohortflow verify` lists it); the old keys are then kept.",
+    )
+    archive_sub = archive.add_subparsers(dest="what", metavar="WHAT", required=True)
+    add_json(archive_sub.add_parser("rekey", help="rotate the archive key"), "the counts")
 
 
 def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
@@ -63,7 +75,51 @@ def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> i
         return _reidentify(args, settings, err)
     if args.command == "phi-scan":
         return _phi_scan(args, settings, err)
+    if args.command == "archive":
+        return _rekey(args, settings, err)
     return None
+
+
+def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from rich.progress import Progress
+
+    from models.database import open_index
+    from models.linkage import audit
+    from pipelines.ingest.archive import ArchiveStore
+
+    store = ArchiveStore.of(settings)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("re-wrapping blob keys", total=None)
+        report = store.rekey(progress=lambda n: bar.advance(task, n))
+    detail = {
+        "key_id": report.key_id,
+        "rewrapped": report.rewrapped,
+        "sealed": report.sealed,
+        "unchanged": report.unchanged,
+        "failed": len(report.failed),
+        "retired_keys": report.retired,
+    }
+    index = open_index(settings.index)
+    try:
+        with index.session() as session:
+            audit(session, "archive.rekey", json.dumps(detail))
+    finally:
+        index.dispose()
+    if args.json:
+        write_json({**detail, "problems": [{"blob": b, "reason": r} for b, r in report.failed]})
+    else:
+        for blob, reason in report.failed:
+            err.print(Text.assemble(("not re-wrapped: ", "red"), cell(f"{blob}: {reason}")))
+        err.print(
+            f"archive key {report.key_id}: {report.rewrapped} blobs re-wrapped, {report.sealed} "
+            f"sealed, {report.unchanged} already under it; "
+            + (
+                f"{report.retired} old keys retired"
+                if report.ok
+                else f"{len(report.failed)} blobs could not be opened: the old keys are kept"
+            )
+        )
+    return EXIT_OK if report.ok else EXIT_FAILURES
 
 
 def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int:

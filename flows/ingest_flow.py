@@ -44,11 +44,17 @@ def list_files(sources: list[Path], archive: Path) -> list[list[str]]:
 
 @task(name="ingest-chunk", retries=2, retry_delay_seconds=2)
 def ingest_chunk(
-    index_url: str, archive: Path, batch_id: int, paths: list[str], scanners_file: Path | None
+    index_url: str,
+    archive: Path,
+    batch_id: int,
+    paths: list[str],
+    scanners_file: Path | None,
+    key_source: str | None = None,
 ) -> tuple[int, int, int]:
+    # the archive key ring's source (file:PATH or env:VARIABLE), never the key itself
     return engine.ingest_chunk(
         _index(index_url),
-        ArchiveStore(archive),
+        ArchiveStore(archive, key_source),
         batch_id,
         paths,
         _scanners(scanners_file),
@@ -81,7 +87,14 @@ def ingest_flow(
     url = settings.index
     batch_id = open_batch(url, batch, sources, manifest)
     chunks = list_files(sources, settings.archive)
-    ingest_chunk.map(url, settings.archive, batch_id, chunks, settings.known_scanners_file).result()
+    ingest_chunk.map(
+        url,
+        settings.archive,
+        batch_id,
+        chunks,
+        settings.known_scanners_file,
+        settings.archive_key,
+    ).result()
     report = close_batch(url, batch_id, batch)
     publish_batch_report(report)
     return report

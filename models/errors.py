@@ -24,6 +24,10 @@ class ProjectKeyError(ConfigurationError):
     """The project key cannot be read or is unsafe."""
 
 
+class ArchiveKeyError(ConfigurationError):
+    """The archive key ring cannot be read, is malformed or unsafe, or cannot be rotated."""
+
+
 class IndexDatabaseError(CohortflowError):
     """The archive index cannot be opened, reached or used."""
 

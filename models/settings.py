@@ -207,6 +207,11 @@ class Settings(BaseSettings):
     #: Where the project's pseudonymization key comes from: ``file:PATH`` or ``env:VARIABLE``.
     #: The key itself never enters the repository, the logs or Prefect parameters.
     pseudonym_key_source: str | None = None
+    #: Where the archive key ring comes from (``file:PATH``, made on first use, or
+    #: ``env:VARIABLE``): the identified archive's blobs are sealed with AES-256-GCM
+    #: (pipelines/ingest/sealed.py). ``none`` stores them as received (a disk encrypted as a
+    #: whole, say); default: ``file:<home>/secrets/archive.key``.
+    archive_key_source: str | None = None
     local_aet: str = Field("COHORTFLOW", min_length=1, max_length=16)
     orthanc: OrthancSettings = OrthancSettings()
     #: The PACS to select and retrieve from; unset: the project's own Orthanc (``orthanc``).
@@ -243,6 +248,7 @@ class Settings(BaseSettings):
             "outputs_dir": home / "outputs",
             "index_url": f"sqlite:///{(home / 'index.sqlite').as_posix()}",
             "pseudonym_key_source": f"file:{(home / 'secrets' / 'project.key').as_posix()}",
+            "archive_key_source": f"file:{(home / 'secrets' / 'archive.key').as_posix()}",
         }
         for name, value in derived.items():
             if getattr(self, name) is None:
@@ -251,6 +257,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "pseudonym_key_source must be 'file:PATH' or 'env:VARIABLE', "
                 f"not {self.pseudonym_key_source!r}"
+            )
+        source = str(self.archive_key_source)
+        if source != "none" and not source.startswith(("file:", "env:")):
+            raise ValueError(
+                "archive_key_source must be 'file:PATH', 'env:VARIABLE' or 'none', "
+                f"not {self.archive_key_source!r}"
             )
         return self
 
@@ -274,9 +286,9 @@ class Settings(BaseSettings):
         if self.index.startswith("sqlite:///"):
             database = Path(self.index.removeprefix("sqlite:///"))
             paths += [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
-        source = str(self.pseudonym_key_source)
-        if source.startswith("file:"):
-            paths.append(Path(source.removeprefix("file:")))
+        for source in (str(self.pseudonym_key_source), str(self.archive_key_source)):
+            if source.startswith("file:"):
+                paths.append(Path(source.removeprefix("file:")))
         return paths
 
     @property
@@ -284,6 +296,11 @@ class Settings(BaseSettings):
         """The archive index's database URL."""
         assert self.index_url is not None
         return self.index_url
+
+    @property
+    def archive_key(self) -> str | None:
+        """The archive key ring's source, None when the archive is not encrypted."""
+        return None if self.archive_key_source == "none" else self.archive_key_source
 
     @property
     def archive(self) -> Path:

@@ -393,18 +393,24 @@ def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed
     tmp_path: Path,
 ) -> None:
     """A protocol run stages a study as links into the archive (pipelines/run/steps.py): they
-    are read, a link anywhere else is not (the first version refused every staged series)."""
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    (archive / "blob").write_bytes(_mr())
+    are read (and the sealed blob opened), a link anywhere else is not (the first version
+    refused every staged series)."""
+    import hashlib
+
+    from pipelines.ingest.archive import ArchiveStore
+
+    store = ArchiveStore(tmp_path / "archive", f"file:{tmp_path / 'archive.key'}")
+    content = _mr()
+    name = hashlib.sha256(content).hexdigest()
+    store.put(name, content)
     elsewhere = tmp_path / "elsewhere.dcm"
     elsewhere.write_bytes(_mr(SOPInstanceUID="1.2.3.4.5.6"))
     staged = tmp_path / "staged"
     staged.mkdir()
-    (staged / "a.dcm").symlink_to(archive / "blob")
+    (staged / "a.dcm").symlink_to(store.path_for(name))
     (staged / "b.dcm").symlink_to(elsewhere)
     report = anonymize_folder(
-        staged, tmp_path / "out", Deidentifier(load_profile(), KEY), trusted=archive
+        staged, tmp_path / "out", Deidentifier(load_profile(), KEY), archive=store
     )
     assert report.written == 1
     assert _outcomes(report) == {"b.dcm": ("skipped", "symlink")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -30,8 +31,10 @@ from pipelines.anonymize.deidentify import Deidentifier, Excluded
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
 from pipelines.anonymize.writer import can_splice, encode_file, snapshot
+from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
+from pipelines.ingest.sealed import SealError
 from pipelines.safeio import RefusedError, holds, printable, promote, publish, read_regular
 
 log = logging.getLogger(__name__)
@@ -126,20 +129,28 @@ def anonymize_file(
     path: Path,
     out_root: Path,
     deidentifier: Deidentifier,
-    trusted: Path | None = None,
+    archive: ArchiveStore | None = None,
     staging: Path | None = None,
 ) -> tuple[FileOutcome, LinkageRecord | None]:
     """De-identify one file into ``out_root``; never raises for the file's content. A symbolic
-    link is read only when it leads into ``trusted`` (the archive a run stages from). With
+    link is read only when it leads into ``archive`` (which a run stages from), and a sealed
+    blob is opened with the archive's key (nothing decrypted is ever written but the
+    de-identified file). With
     ``staging``, the file is written there (at its path relative to ``out_root``) for the
     caller to promote once the patient's linkage is committed (:func:`anonymize_folder`)."""
     from pipelines.ingest.reader import classify
 
     shown = printable_path(str(path))
     try:
-        data, _ = read_regular(path, trusted, follow=trusted is not None)
+        trusted = None if archive is None else archive.root
+        data, _ = read_regular(path, trusted, follow=archive is not None)
     except RefusedError as refused:
         return FileOutcome(shown, "skipped", None, refused.code, refused.reason), None
+    if archive is not None:
+        try:
+            data = archive.unseal(data, Path(os.path.realpath(path)).name)
+        except SealError as error:  # `cohortflow verify` finds and lists it as well
+            return FileOutcome(shown, "failed", None, f"blob_{error.code}", error.reason), None
     try:
         verdict = classify(data)
         if not verdict.readable:
@@ -199,10 +210,10 @@ def _chunk(
     paths: list[Path],
     out_root: Path,
     deidentifier: Deidentifier,
-    trusted: Path | None = None,
+    archive: ArchiveStore | None = None,
     staging: Path | None = None,
 ) -> list[tuple[FileOutcome, LinkageRecord | None]]:
-    return [anonymize_file(path, out_root, deidentifier, trusted, staging) for path in paths]
+    return [anonymize_file(path, out_root, deidentifier, archive, staging) for path in paths]
 
 
 #: where :func:`anonymize_folder` writes files until their patients' linkage is committed
@@ -216,11 +227,11 @@ def anonymize_folder(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     chunk_size: int = 64,
-    trusted: Path | None = None,
+    archive: ArchiveStore | None = None,
     commit: Callable[[list[LinkageRecord]], None] | None = None,
 ) -> FolderReport:
     """De-identify every file under ``source`` (in ``workers`` processes when more than one).
-    Symbolic links are not followed, except into ``trusted``: a protocol run stages a study
+    Symbolic links are not followed, except into ``archive``: a protocol run stages a study
     from the archive as links (pipelines/run/steps.py).
 
     With ``commit`` (which stores linkage records on the identified side), no output file is
@@ -261,7 +272,7 @@ def anonymize_folder(
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
         for number, chunk in enumerate(chunks):
-            collect(number, _chunk(chunk, out_root, deidentifier, trusted, staged(number)))
+            collect(number, _chunk(chunk, out_root, deidentifier, archive, staged(number)))
     else:
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
@@ -272,7 +283,7 @@ def anonymize_folder(
                 chunks,
                 repeat(out_root),
                 repeat(deidentifier),
-                repeat(trusted),
+                repeat(archive),
                 [staged(n) for n in range(len(chunks))],
             )
             for number, results in enumerate(batches):  # in input order

@@ -156,10 +156,12 @@ def plan_chunk(index: IndexDB, batch_id: int, chunk: Sequence[Candidate]) -> Chu
     return ChunkPlan(to_read, to_copy, unchanged, earlier)
 
 
-_STORES: dict[str, ArchiveStore] = {}
+_STORES: dict[tuple[str, str | None], ArchiveStore] = {}
 
 
-def read_files(paths: Sequence[str], archive_root: str, move: bool = False) -> list[FileRecord]:
+def read_files(
+    paths: Sequence[str], archive_root: str, move: bool = False, key_source: str | None = None
+) -> list[FileRecord]:
     """Read, classify and archive files (a worker process's job). Never raises for a file.
 
     With ``move`` the files are hard-linked into the archive instead of copied; the caller
@@ -167,7 +169,10 @@ def read_files(paths: Sequence[str], archive_root: str, move: bool = False) -> l
     """
     from pipelines.ingest.reader import read_path  # pydicom: loaded in the readers only
 
-    store = _STORES.setdefault(archive_root, ArchiveStore(Path(archive_root)))
+    # the store is made here, not sent: the key ring is read by each worker, never pickled
+    store = _STORES.get((archive_root, key_source))
+    if store is None:
+        store = _STORES[(archive_root, key_source)] = ArchiveStore(Path(archive_root), key_source)
     records = []
     for path in paths:
         try:
@@ -252,7 +257,7 @@ def ingest_chunk(
 ) -> tuple[int, int, int]:
     """Plan, read and record one chunk in this process: (read, reused, unchanged)."""
     plan = plan_chunk(index, batch_id, [_candidate(p) for p in paths])
-    records = read_files([c.path for c in plan.to_read], str(store.root))
+    records = read_files([c.path for c in plan.to_read], str(store.root), False, store.key_source)
     record_chunk(index, batch_id, plan, records, scanners)
     return len(records), len(plan.to_copy), len(plan.unchanged)
 
@@ -330,9 +335,9 @@ def ingest(
             paths = [c.path for c in plan.to_read]
             job: Future[list[FileRecord]] | list[FileRecord]
             if pool is not None and paths:
-                job = pool.submit(read_files, paths, str(store.root), move)
+                job = pool.submit(read_files, paths, str(store.root), move, store.key_source)
             else:
-                job = read_files(paths, str(store.root), move)
+                job = read_files(paths, str(store.root), move, store.key_source)
             pending.append((job, plan, len(chunk)))
             while len(pending) > 2 * max(workers, 1):
                 drain_one()

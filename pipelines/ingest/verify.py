@@ -14,18 +14,22 @@ from pathlib import Path
 from models import repository
 from models.database import IndexDB
 from models.ingest import VerifyProblem, VerifyReport
-from pipelines.ingest.archive import ArchiveStore, hash_file
+from pipelines.ingest.archive import ArchiveStore
+from pipelines.ingest.sealed import SealError
 
 PAGE = 1000
 MAX_LISTED = 10_000  # problems listed in the report; the counts are always complete
 
 
 def _check(store: ArchiveStore, sha256: str, size: int) -> str:
-    path = store.path_for(sha256)
+    """A blob's verdict: its content (decrypted, for a sealed blob, which also authenticates
+    every segment) hashed against its name."""
     try:
-        if path.stat().st_size != size:
-            return "changed"
-        return "ok" if hash_file(path) == sha256 else "changed"
+        if not store.has(sha256, size):
+            return "missing" if not store.path_for(sha256).exists() else "changed"
+        return "ok" if store.digest(sha256) == sha256 else "changed"
+    except SealError as error:
+        return error.code  # changed (fails authentication) or unreadable (a key not held)
     except FileNotFoundError:
         return "missing"
     except OSError:

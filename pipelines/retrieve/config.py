@@ -142,7 +142,7 @@ def retrieve_configured(
     """``retrieve`` as the settings configure it (archive, scanners, PACS, throttle, spool)."""
     return retrieve(
         index,
-        ArchiveStore(settings.archive),
+        ArchiveStore.of(settings),
         load_known_scanners(settings.known_scanners_file),
         selection_id,
         retrieve_target(settings, method),

@@ -181,7 +181,7 @@ def _blocked(previous: StepResult, step: str) -> StepResult:
 
 def _plan(ctx: RunContext, index: IndexDB, study_pk: int) -> StudyPlan | None:
     return plan_study(
-        index, ArchiveStore(ctx.settings.archive), ctx.protocol, ctx.selection_id, study_pk
+        index, ArchiveStore.of(ctx.settings), ctx.protocol, ctx.selection_id, study_pk
     )
 
 
@@ -198,7 +198,7 @@ def _not_archived(study_pk: int, step: str) -> StepResult:
 def study_keys(ctx: RunContext, index: IndexDB, max_studies: int | None = None) -> list[int]:
     """The index row numbers of the selection's archived studies (the first ``max_studies``
     in StudyInstanceUID order): what the flow's tasks are given instead of UIDs."""
-    plans = plan_studies(index, ArchiveStore(ctx.settings.archive), ctx.protocol, ctx.selection_id)
+    plans = plan_studies(index, ArchiveStore.of(ctx.settings), ctx.protocol, ctx.selection_id)
     return [p.pk for p in (plans if max_studies is None else plans[:max_studies])]
 
 
@@ -317,7 +317,12 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
         # the links lead into the archive: followed there, and nowhere else; no file is
         # published before its patient's linkage is committed
         report = anonymize_folder(
-            source, out, deidentifier, workers=1, trusted=ctx.settings.archive, commit=commit
+            source,
+            out,
+            deidentifier,
+            workers=1,
+            archive=ArchiveStore.of(ctx.settings),
+            commit=commit,
         )
         outcomes: dict[int, Counter[str]] = {n: Counter() for n in range(len(plan.series))}
         first_problem: dict[int, tuple[str, str]] = {}
