@@ -690,9 +690,7 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
     with _open_index(settings) as index, _progress(err, "verifying the archive") as bar:
         task = bar.add_task("verify", total=None)
-        report = verify(
-            index, ArchiveStore.of(settings), progress=lambda n: bar.advance(task, n)
-        )
+        report = verify(index, ArchiveStore.of(settings), progress=lambda n: bar.advance(task, n))
     if args.json:
         _emit(args, report.model_dump(mode="json"))
     else:
