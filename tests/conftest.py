@@ -31,9 +31,18 @@ _FIGURES: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Collect reported figures (in the controller, from the workers' reports too)."""
+    """Collect reported figures (in the controller, from the workers' reports too); with
+    $COHORTFLOW_TEST_TIMELINE, append each phase's worker, start and stop to that file (how the
+    suite's time is spread over the workers: ``make test`` must stay under 30 minutes)."""
     if report.when == "call":
         _FIGURES.extend(str(v) for k, v in report.user_properties if k == "figures")
+    timeline = os.environ.get("COHORTFLOW_TEST_TIMELINE")
+    if timeline:
+        node = getattr(report, "node", None)
+        worker = getattr(getattr(node, "gateway", None), "id", "main")
+        with open(timeline, "a", encoding="utf-8") as out:
+            out.write(f"{worker}\t{report.start:.1f}\t{report.stop:.1f}\t{report.when}\t")
+            out.write(f"{report.nodeid}\n")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
