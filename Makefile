@@ -21,8 +21,13 @@ lint: setup
 
 # Two pytest-xdist workers (the machine has two cores; most tests use one), tests distributed by
 # file; the head model and the shared cohort are made once for both (tests/conftest.py).
+# The head model the tests share is made while lint runs (scripts/warm_test_cache.py).
 TEST_WORKERS ?= 2
-test: setup lint
+test: setup
+	@$(BIN)/python scripts/warm_test_cache.py & warm=$$!; \
+	$(MAKE) --no-print-directory lint; linted=$$?; \
+	wait $$warm || echo "warming the test cache failed: the tests make it themselves"; \
+	test $$linted -eq 0
 	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=1800 --durations=25
 
 test-fast: setup
