@@ -124,7 +124,7 @@ def test_the_removal_reaches_above_the_brow_in_front_only(
     """pydeface's face region stops at the brow line; the removal reaches ``brow_mm`` higher in
     front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face removed),
     never into the protected intracranial margin and never behind the forehead."""
-    from pipelines.deface.template import BROW_DEPTH_MM, FACE, PROTECT
+    from pipelines.deface.template import BROW_BRAIN_MARGIN_MM, BROW_DEPTH_MM, FACE, PROTECT
 
     plain = load_template(model_cache, SETTINGS.brain_margin_mm, SETTINGS.face_margin_mm, 0.0)
     face = template.labels & FACE > 0
@@ -132,6 +132,10 @@ def test_the_removal_reaches_above_the_brow_in_front_only(
     added = face & ~before
     assert before.sum() < face.sum() and not (before & ~face).any()
     assert not (added & (template.labels & PROTECT > 0)).any()
+    spacing = np.sqrt((template.index_to_lps[:3, :3] ** 2).sum(axis=0))
+    outside = template.labels & 2 == 0
+    near = ndimage.distance_transform_edt(outside, sampling=spacing) < BROW_BRAIN_MARGIN_MM - 0.5
+    assert not (added & near).any()
     ras = template.index_to_lps.copy()
     ras[:2] *= -1  # LPS -> RAS rows
     where = np.argwhere(added)
