@@ -66,7 +66,9 @@ def main() -> None:
             workers=2,
             generator=gen.name,
         )
-        template = load_template(args.cache, settings.brain_margin_mm, settings.face_margin_mm)
+        template = load_template(
+            args.cache, settings.brain_margin_mm, settings.face_margin_mm, settings.brow_mm
+        )
         is_reference = reference_rule(load_protocols(), settings.reference_rule)
         start = time.perf_counter()
         report = deface_folder(

@@ -234,7 +234,9 @@ def main() -> None:
         defaced = deface_folder(
             work / "cohort" / "dicom",
             work / "defaced",
-            load_template(args.cache, settings.brain_margin_mm, settings.face_margin_mm),
+            load_template(
+                args.cache, settings.brain_margin_mm, settings.face_margin_mm, settings.brow_mm
+            ),
             settings,
             reference_rule(protocols, settings.reference_rule),
         )

@@ -103,6 +103,11 @@ class DefaceSettings(BaseModel):
     #: pydeface's face region grown by this much is removed (outside the intracranial margin):
     #: a template a few millimetres or degrees off still takes the whole face
     face_margin_mm: float = Field(6.0, ge=0, le=20)
+    #: ... and reaches this much higher in front of the forehead: pydeface's region stops at
+    #: the brow line, so the eyebrows (identifying, as face recognition on renders uses them)
+    #: were kept. On Colin27 heads (an anatomy apart from pydeface's) the face above the orbits
+    #: lay up to 14 mm above what was removed (benchmarks/deface.py --generator colin)
+    brow_mm: float = Field(12.0, ge=0, le=30)
     #: a series fails unless at least this fraction of its face-mask voxels is removed
     min_face_removed: float = Field(0.95, gt=0, le=1)
     #: a registration whose template / subject correlation is lower fails the whole study: a

@@ -147,7 +147,9 @@ def deface_configured(
     policy = settings.deface
     is_reference = reference_rule(load_protocols(settings.protocols_file), policy.reference_rule)
     template = functools.cache(
-        lambda: load_template(settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+        lambda: load_template(
+            settings.cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm
+        )
     )
     return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
 

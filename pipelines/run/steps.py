@@ -425,7 +425,9 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         is_reference = reference_rule(
             load_protocols(ctx.settings.protocols_file), policy.reference_rule
         )
-        template = load_template(ctx.settings.cache, policy.brain_margin_mm, policy.face_margin_mm)
+        template = load_template(
+            ctx.settings.cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm
+        )
         studies = sorted({p.relative_to(staging).parts[:2] for p in staging.glob("*/*")})
         for parts in studies:  # a rerun starts from an empty study folder
             target = ctx.dicom_out.joinpath(*parts)
