@@ -27,7 +27,7 @@ def main() -> int:
     load_or_build(cache)
     policy = DefaceSettings()
     load_template(cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm)
-    print(f"test cache ready in {cache} ({time.perf_counter() - started:.0f} s)", flush=True)
+    sys.stderr.write(f"test cache ready in {cache} ({time.perf_counter() - started:.0f} s)\n")
     return 0
 
 

@@ -25,6 +25,7 @@ from models import retrieval as repo
 from models.database import IndexDB, open_index
 from models.scanners import KnownScanners, load_known_scanners
 from models.schema import AuditEntry, Selection
+from models.settings import load_settings
 from models.synth import CohortTruth, Fault
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.verify import verify
@@ -258,7 +259,8 @@ def test_cli_selects_and_retrieves_every_brain_study_completely(
     index = open_index(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
     try:
         studies = _assert_archive_matches_pacs(pacs, index, ids)
-        report = verify(index, ArchiveStore(tmp_path / "home" / "archive"))
+        # the archive as the command line keeps it: sealed under the home's archive key
+        report = verify(index, ArchiveStore.of(load_settings()))
     finally:
         index.dispose()
     brain = {
