@@ -21,14 +21,16 @@ lint: setup
 
 # Two pytest-xdist workers (the machine has two cores; most tests use one), tests distributed by
 # file; the head model and the shared cohort are made once for both (tests/conftest.py).
-# The head model the tests share is made while lint runs (scripts/warm_test_cache.py).
+# The head model the tests share starts being made as lint starts (scripts/warm_test_cache.py)
+# and goes on while the first tests run; the tests that need it wait for it (a file lock).
 TEST_WORKERS ?= 2
 test: setup
 	@$(BIN)/python scripts/warm_test_cache.py & warm=$$!; \
-	$(MAKE) --no-print-directory lint; linted=$$?; \
-	wait $$warm || echo "warming the test cache failed: the tests make it themselves"; \
-	test $$linted -eq 0
-	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=1800 --durations=25
+	$(MAKE) --no-print-directory lint || { kill $$warm; exit 1; }; \
+	$(BIN)/pytest -m "" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=1800 \
+		--durations=25; tested=$$?; \
+	wait $$warm || echo "warming the test cache failed: the tests made it themselves"; \
+	exit $$tested
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not integration" --timeout=300
