@@ -216,3 +216,29 @@ def test_encrypted_by_default_through_the_command_line(
         actions = session.scalars(select(AuditEntry.action)).all()
     index.dispose()
     assert "archive.rekey" in actions
+
+
+def test_an_unusable_ring_stops_ingest_before_any_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("COHORTFLOW_HOME", str(home))
+    monkeypatch.setenv("COHORTFLOW_ARCHIVE_KEY_SOURCE", f"file:{tmp_path / 'ring.key'}")
+    (tmp_path / "ring.key").write_text("not a key\n")
+    (tmp_path / "ring.key").chmod(0o600)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    shutil.copy(pydicom_file("MR_small.dcm"), drop / "a.dcm")
+    assert main(["ingest", str(drop), "--workers", "2"]) == 2
+    assert "ring.key line 1: not hexadecimal" in "".join(capsys.readouterr().err.split("\n"))
+    assert not (home / "archive" / "blobs").exists()
+
+
+def test_readers_starting_at_once_make_one_ring(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = f"file:{tmp_path / 'secrets' / 'archive.key'}"
+    with ThreadPoolExecutor(8) as pool:
+        rings = list(pool.map(lambda _: load_ring(source), range(8)))
+    assert len({ring.primary for ring in rings}) == 1
+    assert not [p for p in (tmp_path / "secrets").iterdir() if p.name.startswith(".")]

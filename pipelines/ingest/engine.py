@@ -308,6 +308,9 @@ def ingest(
     the originals are copied and never touched.
     """
     started = time.perf_counter()
+    # the archive key ring read (made on first use) before any file: one that cannot be used
+    # stops the batch with its reason, not every file in the readers
+    store.ring()
     batch_id = begin(index, batch, describe_sources(sources), manifest)
     seen = processed = reused = unchanged = 0
     pool = _reader_pool(workers) if workers > 1 else None

@@ -154,15 +154,20 @@ def load_ring(source: str, create: bool = True) -> KeyRing:
             raise ArchiveKeyError(f"no archive key ring at {path}")
         ring = KeyRing((KeyRing.new_key(),))
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:  # exclusive: two processes starting at once make one ring, not two
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # written whole under another name, then linked into place: of processes starting at
+        # once (ingest's readers) one ring wins, and none reads a half-written file
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(ring.text())
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(ring.text())
-                handle.flush()
-                os.fsync(handle.fileno())
+        finally:
+            temporary.unlink(missing_ok=True)
     if path.stat().st_mode & 0o077:
         raise ArchiveKeyError(f"the archive key ring {path} is readable by others: chmod 600 it")
     return KeyRing.parse(path.read_text(encoding="ascii"), str(path))
