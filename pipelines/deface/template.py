@@ -78,14 +78,7 @@ def load_template(
             raise ValueError(f"{stored} does not match the head model")
     except (OSError, ValueError):
         affine = np.asarray(head_img.affine, dtype=np.float64)
-        voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        protect = _grow(brain, margin_mm, voxel)
-        face = _grow(keep < 0.5, face_margin_mm, voxel)
-        far = ~_grow(brain, max(margin_mm, BROW_BRAIN_MARGIN_MM), voxel)
-        face |= _brow(face, brain, affine, brow_mm) & far
-        labels = np.where(face, FACE, 0).astype(np.uint8)
-        labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
-        labels |= np.where(protect, PROTECT, 0).astype(np.uint8)
+        labels = compose_labels(keep < 0.5, brain, affine, margin_mm, face_margin_mm, brow_mm)
         temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp.npy")
         np.save(temporary, labels)
         os.replace(temporary, stored)  # whole or absent: processes may race to write it
@@ -128,6 +121,29 @@ def _template(head_img: Any, labels: npt.NDArray[np.uint8], digest: str) -> Temp
         index_to_lps=LPS_FROM_RAS @ affine,
         digest=digest,
     )
+
+
+def compose_labels(
+    face: npt.NDArray[np.bool_],
+    brain: npt.NDArray[np.bool_],
+    affine: npt.NDArray[np.float64],
+    margin_mm: float,
+    face_margin_mm: float,
+    brow_mm: float,
+) -> npt.NDArray[np.uint8]:
+    """The label bits from pydeface's face region and the intracranial mask (pure): the face
+    grown by ``face_margin_mm`` and reaching ``brow_mm`` higher in front of the forehead (no
+    nearer to the intracranial space than ``BROW_BRAIN_MARGIN_MM``), the intracranial mask,
+    and that mask grown by ``margin_mm`` (never altered)."""
+    voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    protect = _grow(brain, margin_mm, voxel)
+    removed = _grow(face, face_margin_mm, voxel)
+    far = ~_grow(brain, max(margin_mm, BROW_BRAIN_MARGIN_MM), voxel)
+    removed |= _brow(removed, brain, affine, brow_mm) & far
+    labels = np.where(removed, FACE, 0).astype(np.uint8)
+    labels |= np.where(brain, BRAIN, 0).astype(np.uint8)
+    labels |= np.where(protect, PROTECT, 0).astype(np.uint8)
+    return labels
 
 
 def _brow(
