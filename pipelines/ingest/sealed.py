@@ -125,16 +125,21 @@ def ring_path(source: str) -> Path | None:
     return Path(where) if kind == "file" else None
 
 
-def write_ring(path: Path, ring: KeyRing) -> None:
-    """Replace the key ring file atomically (owner-only; a reader sees the old or the new)."""
+def _written_beside(path: Path, ring: KeyRing) -> Path:
+    """``ring`` written whole (owner-only, synced) to a new file beside ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(ring.text())
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    return temporary
+
+
+def write_ring(path: Path, ring: KeyRing) -> None:
+    """Replace the key ring file atomically (owner-only; a reader sees the old or the new)."""
+    os.replace(_written_beside(path, ring), path)
 
 
 def load_ring(source: str, create: bool = True) -> KeyRing:
@@ -152,16 +157,9 @@ def load_ring(source: str, create: bool = True) -> KeyRing:
     if not path.exists():
         if not create:
             raise ArchiveKeyError(f"no archive key ring at {path}")
-        ring = KeyRing((KeyRing.new_key(),))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # written whole under another name, then linked into place: of processes starting at
         # once (ingest's readers) one ring wins, and none reads a half-written file
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(ring.text())
-            handle.flush()
-            os.fsync(handle.fileno())
+        temporary = _written_beside(path, KeyRing((KeyRing.new_key(),)))
         try:
             os.link(temporary, path)
         except FileExistsError:
