@@ -32,6 +32,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -231,7 +232,7 @@ def open_segments(segments: Iterable[bytes], sha256: str, ring: KeyRing) -> Iter
         index, current = index + 1, following
 
 
-def read_pieces(handle, first: bytes = b"") -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+def read_pieces(handle: BinaryIO, first: bytes = b"") -> Iterator[bytes]:
     """A sealed blob's file cut as :func:`open_segments` reads it (``first``: bytes already read
     from its start)."""
     header = first[:HEADER]
