@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from flows.cli_audit import add_commands as add_audit_commands
@@ -34,6 +33,7 @@ from flows.output import (
     add_json,
     cell,
     json_only_on_stdout,
+    progress_bar,
     write_json,
 )
 from flows.prefect_env import configure_itk, protect_identified
@@ -543,17 +543,6 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, err: Co
     return EXIT_USAGE
 
 
-def _progress(err: Console, what: str) -> Progress:
-    return Progress(
-        TextColumn(what),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-
-
 @contextmanager
 def _open_index(settings: Settings) -> Iterator[IndexDB]:
     from models.database import open_index
@@ -587,7 +576,7 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         err.print(f"[red]usage error:[/red] {exc}")
         return EXIT_USAGE
     workers = args.workers if args.workers is not None else settings.worker_count
-    with _progress(err, "synthesizing patients") as bar:
+    with progress_bar(err, "synthesizing patients") as bar:
         task = bar.add_task("synth", total=None)
         result = generate(
             config,
@@ -619,7 +608,7 @@ def _load_into_pacs(settings: Settings, folder: Path, err: Console) -> StoreResu
 
     node = pacs_node(settings)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    with _progress(err, f"C-STORE into {node}") as bar:
+    with progress_bar(err, f"C-STORE into {node}") as bar:
         task = bar.add_task("store", total=len(files))
         result = store_files(
             node, files, settings.local_aet, progress=lambda n: bar.advance(task, n)
@@ -654,7 +643,7 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     with _open_index(settings) as index:
         batch = args.batch or choose_batch_name(index, args.paths)
         total = count_files(args.paths, skip=store.root)
-        with _progress(err, f"ingesting batch {batch}") as bar:
+        with progress_bar(err, f"ingesting batch {batch}") as bar:
             task = bar.add_task("ingest", total=total)
             outcome = ingest(
                 args.paths,
@@ -688,7 +677,7 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from pipelines.ingest.archive import ArchiveStore
     from pipelines.ingest.verify import verify
 
-    with _open_index(settings) as index, _progress(err, "verifying the archive") as bar:
+    with _open_index(settings) as index, progress_bar(err, "verifying the archive") as bar:
         task = bar.add_task("verify", total=None)
         report = verify(index, ArchiveStore.of(settings), progress=lambda n: bar.advance(task, n))
     if args.json:
@@ -900,7 +889,7 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
             err.print(f"[red]usage error:[/red] no {which}: run `cohortflow select` first")
             return EXIT_USAGE
         _audit_read(index, "retrieve", {"selection": chosen.id, "protocol": chosen.protocol})
-        with _progress(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
+        with progress_bar(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
             task = bar.add_task("retrieve", total=chosen.studies)
             outcome = retrieve_configured(
                 settings,
@@ -968,7 +957,7 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
         return EXIT_USAGE
     with (
         _open_index(settings) as index,
-        _progress(err, f"de-identifying {args.source}") as bar,
+        progress_bar(err, f"de-identifying {args.source}") as bar,
     ):
         task = bar.add_task("anonymize", total=None)
         run = anonymize_configured(
@@ -1015,7 +1004,7 @@ def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.out.resolve().is_relative_to(args.source.resolve()):
         err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
         return EXIT_USAGE
-    with _progress(err, f"defacing {args.source}") as bar:
+    with progress_bar(err, f"defacing {args.source}") as bar:
         task = bar.add_task("deface", total=None)
         report = deface_configured(
             settings,
@@ -1060,7 +1049,7 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
         return EXIT_USAGE
-    with _open_index(settings) as index, _progress(err, f"checking {args.source}") as bar:
+    with _open_index(settings) as index, progress_bar(err, f"checking {args.source}") as bar:
         task = bar.add_task("qc", total=None)
         report = qc_configured(
             settings,
@@ -1091,7 +1080,7 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         err.print("[red]usage error:[/red] OUT_DIR must not lie inside SOURCE")
         return EXIT_USAGE
     index_context = nullcontext(None) if args.no_record else _open_index(settings)
-    with index_context as index, _progress(err, f"converting {args.source}") as bar:
+    with index_context as index, progress_bar(err, f"converting {args.source}") as bar:
         task = bar.add_task("convert", total=None)
         report = convert_configured(
             settings,
@@ -1143,7 +1132,7 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
         return EXIT_USAGE
     out = args.out or settings.outputs / "volumetry"
     index_context = nullcontext(None) if args.no_record else _open_index(settings)
-    with index_context as index, _progress(err, f"measuring {args.source}") as bar:
+    with index_context as index, progress_bar(err, f"measuring {args.source}") as bar:
         task = bar.add_task("volumetry", total=None)
         report = volumetry_configured(
             settings,

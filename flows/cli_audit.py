@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.text import Text
 
 from flows.cli_cohort import steward_login
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, SafeTable, add_json, cell, write_json
+from flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    SafeTable,
+    add_json,
+    cell,
+    progress_bar,
+    write_json,
+)
 from models.settings import Settings
 from pipelines.safeio import printable
 
@@ -81,15 +90,13 @@ def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> i
 
 
 def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from rich.progress import Progress
-
     from models.database import open_index
     from models.linkage import audit
     from pipelines.ingest.archive import ArchiveStore
 
     store = ArchiveStore.of(settings)
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("re-wrapping blob keys", total=None)
+    with progress_bar(err, "re-wrapping blob keys") as bar:
+        task = bar.add_task("rekey", total=None)
         report = store.rekey(progress=lambda n: bar.advance(task, n))
     detail = {
         "key_id": report.key_id,

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,13 +83,7 @@ class ArchiveStore:
         if self.key_source is None:
             return None
         path = sealed.ring_path(self.key_source)
-        stamp: object = None
-        if path is not None:
-            try:
-                info = path.stat()
-                stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-            except FileNotFoundError:
-                stamp = None
+        stamp = _stamp(path)
         if fresh or self._ring is None or self._ring[0] != stamp:
             if path is not None and stamp is None and self._holds_sealed_blobs():
                 # a new ring would seal new blobs and leave every earlier one unreadable
@@ -99,10 +93,7 @@ class ArchiveStore:
                     "archive_key_source at it"
                 )
             ring = sealed.load_ring(self.key_source)
-            if path is not None:
-                info = path.stat()
-                stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-            self._ring = (stamp, ring)
+            self._ring = (_stamp(path), ring)  # made on first use: stamped as made
         return self._ring[1]
 
     def _holds_sealed_blobs(self) -> bool:
@@ -113,10 +104,14 @@ class ArchiveStore:
                 return sealed.is_sealed(handle.read(4))
         return False
 
-    def _opening_ring(self, fresh: bool = False) -> KeyRing:
-        ring = self.ring(fresh)
+    def _opening_ring(self, header: bytes) -> KeyRing:
+        """A ring holding the key that sealed the blob of ``header``: the ring is read again
+        when this process' copy lacks it (rekeyed since it was read)."""
+        ring = self.ring()
         if ring is None:
             raise SealError("unreadable", "the blob is sealed, and no archive key is configured")
+        if ring.key(header[4:12]) is None:
+            ring = self.ring(fresh=True) or ring
         return ring
 
     # --- writing ---------------------------------------------------------------------------
@@ -145,18 +140,24 @@ class ArchiveStore:
         self._write(target, pieces)
         return True
 
-    def _write(self, target: Path, pieces: Iterator[bytes] | list[bytes]) -> None:
+    def _write(self, target: Path, pieces: Iterable[bytes]) -> None:
+        """``pieces`` written to a temporary name and renamed to ``target`` (read-only): whole
+        or not at all, whatever happens on the way."""
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
         try:
-            for piece in pieces:
-                view = memoryview(piece)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-        finally:
-            os.close(fd)
-        os.replace(temporary, target)
+            try:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+            finally:
+                os.close(fd)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def adopt(self, sha256: str, source: str, size: int, mtime_ns: int | None, data: bytes) -> bool:
         """Store a file that is handed over (``ingest --move``) by hard-linking it: no copy.
@@ -192,12 +193,7 @@ class ArchiveStore:
         Raises :class:`SealError` if it is sealed and fails to open."""
         if not sealed.is_sealed(data):
             return data
-        try:
-            return sealed.unseal(data, sha256, self._opening_ring())
-        except SealError as error:
-            if error.code != "unreadable" or self.key_source is None:
-                raise
-            return sealed.unseal(data, sha256, self._opening_ring(fresh=True))  # rekeyed since
+        return sealed.unseal(data, sha256, self._opening_ring(data[: sealed.HEADER]))
 
     def read(self, sha256: str) -> bytes:
         """A blob's whole content (use :meth:`content` for large blobs)."""
@@ -213,9 +209,7 @@ class ArchiveStore:
                 while chunk := handle.read(_CHUNK):
                     yield chunk
                 return
-            ring = self._opening_ring()
-            if ring.key(head[4:12]) is None:
-                ring = self._opening_ring(fresh=True)  # rekeyed since this process read it
+            ring = self._opening_ring(head)
             yield from sealed.open_segments(sealed.read_pieces(handle, head), sha256, ring)
 
     def digest(self, sha256: str) -> str:
@@ -284,35 +278,40 @@ class ArchiveStore:
             name = blob.name
             if name in failed:
                 continue
-            temporary = blob.with_name(f".{name}.{os.getpid()}.rekey")
             try:
                 with open(blob, "rb") as handle:
                     head = handle.read(sealed.HEADER)
                     if sealed.is_sealed(head) and head[4:12] == new_id:
                         unchanged += 1
                         continue
-                    if sealed.is_sealed(head):
+                    if sealed.is_sealed(head):  # the new header, the sealed segments as they are
                         header = sealed.rewrap(head, name, ring, ring)
-                        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-                        with os.fdopen(fd, "wb") as out:
-                            out.write(header)
-                            shutil.copyfileobj(handle, out, _CHUNK)
+                        self._write(blob, chain([header], iter(lambda: handle.read(_CHUNK), b"")))
                         report.rewrapped += 1
                     else:
                         data = head + handle.read()
                         if hashlib.sha256(data).hexdigest() != name:
                             raise SealError("changed", "its content does not match its name")
-                        self._write(temporary, sealed.seal(data, name, ring))
+                        self._write(blob, sealed.seal(data, name, ring))
                         report.sealed += 1
-                os.replace(temporary, blob)
                 touched += 1
             except (SealError, OSError) as error:
-                temporary.unlink(missing_ok=True)
                 reason = error.reason if isinstance(error, SealError) else str(error)
                 report.failed.append((name, reason))
             if progress is not None:
                 progress(1)
         return touched, unchanged
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells that the key ring file changed (None: no file, or ``env:``)."""
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def hash_file(path: Path) -> str:

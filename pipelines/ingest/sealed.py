@@ -232,24 +232,12 @@ def open_segments(segments: Iterable[bytes], sha256: str, ring: KeyRing) -> Iter
         index, current = index + 1, following
 
 
-def read_pieces(handle: BinaryIO, first: bytes = b"") -> Iterator[bytes]:
-    """A sealed blob's file cut as :func:`open_segments` reads it (``first``: bytes already read
-    from its start)."""
-    header = first[:HEADER]
-    if len(header) < HEADER:
-        header += handle.read(HEADER - len(header))
+def read_pieces(handle: BinaryIO, header: bytes) -> Iterator[bytes]:
+    """A sealed blob's file cut as :func:`open_segments` reads it: its ``header`` (read
+    already), then each sealed segment."""
     yield header
-    rest = first[HEADER:]
-    while True:
-        wanted = SEGMENT + TAG - len(rest)
-        more = handle.read(wanted) if wanted > 0 else b""
-        piece = rest + more
-        if not piece:
-            return
-        yield piece[: SEGMENT + TAG]
-        rest = piece[SEGMENT + TAG :]
-        if not more and not rest:
-            return
+    while piece := handle.read(SEGMENT + TAG):
+        yield piece
 
 
 def unseal(data: bytes, sha256: str, ring: KeyRing) -> bytes:
