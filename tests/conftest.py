@@ -53,17 +53,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 #: The longest test files, started first: with ``--dist loadfile`` a file handed out last runs
-#: alone at the end while the other worker idles. xdist hands each worker one file, then a
-#: second one each, in this order: worker 1 gets the single-process protocol run (about 15
-#: minutes; it waits first for the head model and the cohort it runs on) and a short file,
-#: worker 2 the served dashboard's tests, which need neither (they run while the head model is
-#: made on one core: in a fresh checkout both workers waited for it), then the Dask run; the two
-#: protocol-run files meet at the end of the first. ``make test`` passes
-#: ``--no-loadscope-reorder``, else xdist orders files by their number of tests.
+#: alone at the end while the other worker idles. xdist hands each worker one file, and the
+#: next when two of its tests are left, in this order: worker 1 gets the single-process
+#: protocol run (about 13 minutes; it waits first for the head model and the cohort it runs on,
+#: and asks for no other file until two of its tests are left), worker 2 the files that need
+#: neither (the served dashboard, the hostile corpus and input, the killed anonymizer: in a
+#: fresh checkout they run while the head model is made on one core, where worker 2 used to
+#: wait for it), then the Dask run. ``make test`` passes ``--no-loadscope-reorder``, else xdist
+#: orders files by their number of tests.
 FIRST = (
     "test_protocol_run.py",
     "test_dashboard_served.py",
-    "test_settings.py",
+    "test_hostile_corpus.py",
+    "test_anonymize_crash.py",
+    "test_hostile_input.py",
     "test_protocol_dask.py",
     "test_pacs_retrieve.py",
 )

@@ -34,7 +34,8 @@ METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.
 #: 5: N4 on a grid shrunk 6 times (was 4); the affine's starts compared at its coarse level.
 #: 6: the atlas placed by the head fit defacing makes (handed on in a run), not an affine of its own
-METHOD_VERSION = "6"
+#: 7: each EM fit starts from the one before it (the residual bias rounds, then the final fit)
+METHOD_VERSION = "7"
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def residual_bias(
     sigma_mm: float,
     rounds: int,
     tolerance: float = 0.005,
-) -> npt.NDArray[np.float32]:
+) -> tuple[npt.NDArray[np.float32], Mixture | None]:
     """``image`` divided by the smooth multiplicative bias that N4 left, estimated as unified
     segmentation does (Van Leemput et al. 1999, Ashburner & Friston 2005): fit the tissue
     mixture, predict each voxel of ``fit`` from its tissue fractions and the class means, and
@@ -144,9 +145,14 @@ def residual_bias(
     matter class over the CSF in the sulci (brain +20 % against SAMSEG, GM/WM 2.6); removing
     the residual bias brought it to +2 %. The field's weighted mean is zero: the scale of the
     image is kept.
+
+    Returns the corrected image and the last round's mixture (``None`` with no rounds): each
+    round's fit starts from the one before, and the final fit from the last (the image changes
+    little between them; from the priors' sure voxels each fit took 86 to 91 EM iterations on
+    Colin27, a third of the method's time).
     """
     if rounds <= 0:
-        return image
+        return image, None
     corrected = np.asarray(image, dtype=np.float64)
     blocks = tuple(max(1, round(BIAS_GRID_MM / s)) for s in spacing)
     sigma = [sigma_mm / (s * b) for s, b in zip(spacing, blocks, strict=True)]
@@ -156,8 +162,11 @@ def residual_bias(
     sample = np.zeros(image.shape, dtype=bool)
     sample[::2, ::2, ::2] = True
     sample &= fit
+    mixture: Mixture | None = None
     for _ in range(rounds):
-        mixture = fit_parameters(corrected[fit], priors[fit], prior_weight, max_samples=100_000)
+        mixture = fit_parameters(
+            corrected[fit], priors[fit], prior_weight, max_samples=100_000, start=mixture
+        )
         y = corrected[sample]
         fractions = posteriors_for(y, priors[sample], mixture, prior_weight).astype(np.float64)
         predicted = np.maximum(fractions @ np.asarray(mixture.means), 1e-6)
@@ -172,7 +181,7 @@ def residual_bias(
         corrected /= np.exp(step)
         if float(np.abs(step[fit]).max()) < tolerance:
             break
-    return corrected.astype(np.float32)
+    return corrected.astype(np.float32), mixture
 
 
 def _smooth_ratio(
@@ -265,12 +274,12 @@ def measure(
     # edge the dark voxels are not all CSF (dura, vessels, bone in part); they widened the CSF
     # class over the CSF / GM border (on a real head: a fifth more grey matter than SAMSEG)
     fit = depth > p.fit_depth_mm
-    corrected = residual_bias(
+    corrected, last = residual_bias(
         corrected, priors, fit, placed.spacing, p.prior_weight, p.bias_mm, p.bias_rounds
     )
     seconds["bias"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mixture = fit_parameters(corrected[fit], priors[fit], p.prior_weight)
+    mixture = fit_parameters(corrected[fit], priors[fit], p.prior_weight, start=last)
     refinement = None
     mask = registered
     if p.refine:

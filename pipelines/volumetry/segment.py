@@ -85,9 +85,11 @@ def fit_parameters(
     iterations: int = 100,
     tolerance: float = 1e-5,
     max_samples: int = 250_000,
+    start: Mixture | None = None,
 ) -> Mixture:
     """EM for CSF, GM and WM Gaussians plus the two partial-volume classes between them, with
-    spatial priors.
+    spatial priors; from ``start`` (a mixture fitted before to nearly the same intensities)
+    where given, else from the voxels the priors are sure of.
 
     ``intensities`` (n,) are the (bias-corrected) voxel values inside the mask, ``priors`` (n, 3)
     the template's CSF / GM / WM probabilities there. The priors are mixed with a flat prior
@@ -103,12 +105,17 @@ def fit_parameters(
     stride = max(1, y_all.size // max_samples)
     y = y_all[::stride]
     q = _class_priors(priors_all[::stride], prior_weight)
-    mean, sd = _start(y, priors_all[::stride])
+    if start is None:
+        mean, sd = _start(y, priors_all[::stride])
+        gamma = np.ones(q.shape[1])
+    else:
+        mean, sd = np.asarray(start.means), np.asarray(start.sds)
+        gamma = np.asarray(start.weights, dtype=np.float64)
     scale = float(np.percentile(y, 99)) or 1.0
     floor = 1e-3 * scale
     low, high = float(y.min()), float(y.max())
+    mean = np.clip(mean, low, high)
     sd = np.maximum(sd, floor)
-    gamma = np.ones(q.shape[1])
     previous = -np.inf
     converged = False
     it = 0
