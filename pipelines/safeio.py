@@ -256,6 +256,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "RefusedError",
     "check_entry",
+    "current_umask",
     "holds",
     "is_inside",
     "link_exclusive",
@@ -263,6 +264,7 @@ __all__ = [
     "promote",
     "publish",
     "read_regular",
+    "take_umask",
 ]
 
 
@@ -299,3 +301,18 @@ def lock_down(paths: list[Path]) -> list[str]:
             f"now {mode & ~OTHERS:04o}"
         )
     return repaired
+
+
+def current_umask() -> int:
+    """This process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def take_umask(mask: int) -> None:
+    """A worker process's initializer: the umask of the process that started the pool. A
+    forkserver is started once per process and its children inherit *its* umask, the one of
+    when the first pool started: an archive folder made by an ingest worker came out 0755 after
+    an earlier pool in the same process had started under a login umask."""
+    os.umask(mask)

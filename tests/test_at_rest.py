@@ -94,3 +94,21 @@ def test_identified_data_another_user_owns_and_others_can_read_is_refused(
         assert "chmodgo-rwx" in err and _mode(index) == 0o644  # not changed behind its owner
     finally:
         os.chown(index, 0, -1)
+
+
+def test_pool_workers_take_the_umask_of_the_pools_starter_not_of_the_forkserver() -> None:
+    """The forkserver starts once per process, with the umask of then; its workers inherited
+    that one: an ingest worker made archive folders 0755 after an earlier pool in the same
+    process had started under a login umask (seen in the parallel test run)."""
+    from pipelines.ingest.engine import _reader_pool
+    from pipelines.safeio import current_umask
+
+    saved = os.umask(0o022)
+    try:
+        with _reader_pool(1) as pool:  # starts the forkserver (if none yet) under 022
+            assert pool.submit(current_umask).result() == 0o022
+        os.umask(0o077)  # as the command line sets it
+        with _reader_pool(1) as pool:
+            assert pool.submit(current_umask).result() == 0o077
+    finally:
+        os.umask(saved)

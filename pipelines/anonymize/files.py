@@ -35,7 +35,16 @@ from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.engine import walk
 from pipelines.ingest.paths import printable_path
 from pipelines.ingest.sealed import SealError
-from pipelines.safeio import RefusedError, holds, printable, promote, publish, read_regular
+from pipelines.safeio import (
+    RefusedError,
+    current_umask,
+    holds,
+    printable,
+    promote,
+    publish,
+    read_regular,
+    take_umask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +286,9 @@ def anonymize_folder(
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
         context.set_forkserver_preload(["pipelines.anonymize.files"])
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=take_umask, initargs=(current_umask(),)
+        ) as pool:
             batches = pool.map(
                 _chunk,
                 chunks,

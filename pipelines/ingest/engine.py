@@ -32,6 +32,7 @@ from models.scanners import KnownScanners
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.manifest import Manifest
 from pipelines.ingest.paths import printable_path
+from pipelines.safeio import current_umask, take_umask
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +268,13 @@ def _reader_pool(workers: int) -> ProcessPoolExecutor:
     # imports the reader once, so every worker starts with pydicom already loaded.
     context = get_context("forkserver")
     context.set_forkserver_preload(["pipelines.ingest.engine", "pipelines.ingest.reader"])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_quiet_worker, initargs=(current_umask(),)
+    )
 
 
-def _quiet_worker() -> None:
+def _quiet_worker(umask: int) -> None:
+    take_umask(umask)
     # pydicom reports invalid values through logging as well as warnings; the warnings become
     # per-file notes, so the log records have nowhere to go in a worker (no lastResort output).
     logging.getLogger().addHandler(logging.NullHandler())
