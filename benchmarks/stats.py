@@ -43,11 +43,10 @@ from benchmarks.end_to_end import AET, free_port, run_once  # noqa: E402
 from models.database import open_index  # noqa: E402
 from models.schema import Biomarker  # noqa: E402
 from models.synth import CohortTruth, Fault, SynthConfig  # noqa: E402
+from models.volumes import VOLUME_NAMES as VOLUMES  # noqa: E402
 from pipelines.pacs import orthanc  # noqa: E402
 from pipelines.pacs.dimse import PacsNode, store_files  # noqa: E402
 from pipelines.synth.cohort import GENERATOR_VERSION, CohortResult, generate  # noqa: E402
-
-VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
 
 
 def cohortflow(home: Path, *args: str) -> str:

@@ -102,7 +102,7 @@ def _subject_job(
                 "group": group,
                 "grid": grid,
                 "defaced": defaced,
-                "truth": subj.volumes.model_dump(),
+                "truth": subj.volumes.as_dict(),
                 "measured": {
                     "icv_ml": v.icv_ml,
                     "gm_ml": v.gm_ml,

@@ -31,6 +31,7 @@ from models.reviews import latest_reviews, still_failing
 from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
 from models.spreadsheet import neutralised, restore
 from models.stages import BiomarkerRecord, biomarker_records
+from models.volumes import VOLUME_NAMES, Volumes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ FORMATS = ("csv", "parquet")
 ACCESSION_COLUMNS = ("accession_number", "accessionnumber", "accession")
 #: ages from 90 up are reported as 90 (HIPAA Safe Harbor)
 AGE_CAP = 90
-VOLUMES = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
+VOLUMES = VOLUME_NAMES
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,7 @@ class BiomarkerRow:
     sex: str | None
     scanner: str | None
     field_strength: float | None
-    icv_ml: float
-    gm_ml: float
-    wm_ml: float
-    csf_ml: float
-    brain_ml: float
-    bpf: float
+    volumes: Volumes
     #: the automatic verdict over every stage (pass, warn, fail) and its deciding reason
     qc_verdict: str
     qc_reason: str | None
@@ -80,7 +76,13 @@ class BiomarkerRow:
 
 
 #: the table's columns, in order (label columns follow)
-COLUMNS = tuple(f.name for f in fields(BiomarkerRow) if f.name != "labels")
+#: the table's columns: the volumes spread out where the record holds them
+COLUMNS = tuple(
+    name
+    for f in fields(BiomarkerRow)
+    if f.name != "labels"
+    for name in (VOLUME_NAMES if f.name == "volumes" else (f.name,))
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,9 @@ class BiomarkerTable:
         out = []
         for row in self.rows:
             values = asdict(row)
-            labels = values.pop("labels")
-            out.append(values | {c: labels.get(c) for c in self.label_columns})
+            labels, volumes = values.pop("labels"), values.pop("volumes")
+            spread = {c: volumes[c] if c in volumes else values[c] for c in COLUMNS}
+            out.append(spread | {c: labels.get(c) for c in self.label_columns})
         return out
 
 
@@ -298,12 +301,7 @@ def biomarker_table(
                 sex=identity.sex if identity else None,
                 scanner=identity.scanner if identity else None,
                 field_strength=identity.field_strength if identity else None,
-                icv_ml=r.icv_ml,
-                gm_ml=r.gm_ml,
-                wm_ml=r.wm_ml,
-                csf_ml=r.csf_ml,
-                brain_ml=r.brain_ml,
-                bpf=r.bpf,
+                volumes=r.volumes,
                 qc_verdict=verdict.status,
                 qc_reason=verdict.reason,
                 review=decision,

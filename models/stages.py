@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from models.repository import _insert, now
 from models.schema import Biomarker, StageHistory, StageResult
+from models.volumes import VOLUME_NAMES, Volumes
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,7 @@ class BiomarkerRecord:
 
     series_uid: str
     study_uid: str
-    icv_ml: float
-    gm_ml: float
-    wm_ml: float
-    csf_ml: float
-    brain_ml: float
-    bpf: float
+    volumes: Volumes
     method: str
     method_version: str
     qc_status: str
@@ -169,13 +165,21 @@ class BiomarkerRecord:
     recorded_at: dt.datetime | None = None
 
 
+#: the record's fields that are columns of ``Biomarker`` as they are (the volumes are spread)
+_PLAIN = frozenset(f.name for f in fields(BiomarkerRecord)) - {"volumes"}
+
+
 def record_biomarkers(session: Session, records: Sequence[BiomarkerRecord]) -> None:
     """Insert or replace the biomarkers of ``records`` (one row per series)."""
     if not records:
         return
     stamp = now()
-    columns = [f.name for f in fields(BiomarkerRecord) if f.name != "series_uid"]
-    rows = [{"series_uid": r.series_uid, **{c: getattr(r, c) for c in columns}} for r in records]
+    plain = sorted(_PLAIN - {"series_uid"})
+    columns = [*VOLUME_NAMES, *plain]  # replaced on conflict
+    rows = [
+        {"series_uid": r.series_uid, **r.volumes.as_dict(), **{c: getattr(r, c) for c in plain}}
+        for r in records
+    ]
     for row in rows:
         row["recorded_at"] = row["recorded_at"] or stamp
     statement = _insert(session, Biomarker)
@@ -192,7 +196,10 @@ def biomarker_records(session: Session, protocol: str | None = None) -> list[Bio
     if protocol is not None:
         query = query.where(Biomarker.protocol == protocol)
     return [
-        BiomarkerRecord(**{f.name: getattr(row, f.name) for f in fields(BiomarkerRecord)})
+        BiomarkerRecord(
+            volumes=Volumes.of(row),
+            **{f.name: getattr(row, f.name) for f in fields(BiomarkerRecord) if f.name in _PLAIN},
+        )
         for row in session.scalars(query)
     ]
 

@@ -12,6 +12,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.volumes import Volumes
+
 
 class Fault(StrEnum):
     """Fault classes that clinical archives really contain, planted at configurable rates."""
@@ -116,19 +118,6 @@ class SynthConfig(BaseModel):
             if not 0 <= lo <= hi < 0.5:
                 raise ValueError(f"{name} must be a range within [0, 0.5), not {(lo, hi)}")
         return self
-
-
-class Volumes(BaseModel):
-    """True tissue volumes of one head at one time point, in millilitres."""
-
-    model_config = ConfigDict(frozen=True)
-
-    icv_ml: float
-    gm_ml: float
-    wm_ml: float
-    csf_ml: float
-    brain_ml: float
-    bpf: float
 
 
 class PlantedIdentifier(BaseModel):

@@ -23,6 +23,7 @@ from models.retrieval import ChosenSeries, save_selection, update_retrieval
 from models.runs import DONE, StepRecord, finish_run, record_step, start_run
 from models.schema import Linkage, Patient, Series, Study
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from models.volumes import Volumes
 
 SCANNERS = (("SIEMENS", "Skyra", 3.0), ("GE MEDICAL SYSTEMS", "SIGNA Premier", 1.5))
 
@@ -206,12 +207,7 @@ def build(index: IndexDB, n: int = 40, seed: int = 3, atrophy: float = 0.03) -> 
                     BiomarkerRecord(
                         s.pseudo_series,
                         s.pseudo_study,
-                        s.icv,
-                        gm,
-                        s.brain - gm,
-                        s.icv - s.brain,
-                        s.brain,
-                        s.brain / s.icv,
+                        Volumes(s.icv, gm, s.brain - gm, s.icv - s.brain, s.brain, s.brain / s.icv),
                         "cohortflow-volumetry",
                         "test-1",
                         "pass",

@@ -37,6 +37,7 @@ from models.schema import AuditEntry, CohortSeries
 from models.settings import load_settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from models.synth import CohortTruth, PatientTruth, SeriesTruth, StudyTruth
+from models.volumes import Volumes
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.cohort.configured import protocol_roles, refresh_configured
 from pipelines.synth.cohort import CohortResult
@@ -311,8 +312,9 @@ def test_qc_verdicts_and_biomarkers_follow_stages_and_reviews(index: IndexDB, en
         record_biomarkers(
             session,
             [
-                BiomarkerRecord(uid(s.series_instance_uid), uid(st.study_instance_uid), 1500.0,
-                                600.0, 500.0, 400.0, 1100.0, 0.73, "t", "1", "pass", "high")
+                BiomarkerRecord(uid(s.series_instance_uid), uid(st.study_instance_uid),
+                                Volumes(1500.0, 600.0, 500.0, 400.0, 1100.0, 0.73), "t", "1",
+                                "pass", "high")
                 for st, s in ((st_a, a), (st_b, b))
             ],
         )  # fmt: skip

@@ -18,6 +18,7 @@ from models.export import biomarker_table, read_labels, read_table, write_table
 from models.outcomes import protocol_outcome
 from models.reviews import OVERRIDE, REJECT, record_review
 from models.schema import AuditEntry
+from models.volumes import VOLUME_NAMES
 from pipelines.export.errors import StatsError
 from pipelines.export.stats import compare
 from pipelines.run.outcome import usable_biomarkers
@@ -67,7 +68,8 @@ def test_the_table_has_one_row_per_measured_t1_with_labels_and_no_identifier(
             s.sex,
         )
         assert (row.scanner, row.field_strength) == (s.scanner, s.tesla)
-        assert (row.icv_ml, row.brain_ml) == (s.icv, s.brain)  # exactly the index's values
+        # exactly the index's values
+        assert (row.volumes.icv_ml, row.volumes.brain_ml) == (s.icv, s.brain)
         assert row.labels == {"diagnosis": s.diagnosis}
         assert (row.qc_verdict, row.usable, row.review) == ("pass", True, None)
     assert max(r.age or 0 for r in table.rows) <= 90  # the oldest were born in the 1930s
@@ -90,8 +92,8 @@ def test_written_tables_read_back_with_the_index_values_exactly(
     back = read_table(path)
     assert [r["series"] for r in back] == [r.series for r in table.rows]
     for row, again in zip(table.rows, back, strict=True):
-        for name in ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf"):
-            assert again[name] == getattr(row, name)
+        for name in VOLUME_NAMES:
+            assert again[name] == getattr(row.volumes, name)
         assert again["diagnosis"] == row.labels["diagnosis"]
         assert again["usable"] is True
 

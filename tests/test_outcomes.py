@@ -14,6 +14,7 @@ from models.outcomes import protocol_outcome
 from models.retrieval import ChosenSeries, save_selection, update_retrieval
 from models.runs import DONE, ERROR, StepRecord, record_step, step_records
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from models.volumes import Volumes
 from pipelines.quality.cohort import recheck_outliers
 from pipelines.select.protocols import load_protocols
 
@@ -46,12 +47,7 @@ def _volumes(series: str, qc: str = "pass") -> BiomarkerRecord:
     return BiomarkerRecord(
         f"p{series}",
         "pstudy",
-        1500,
-        700,
-        500,
-        200,
-        1200,
-        0.8,
+        Volumes(1500, 700, 500, 200, 1200, 0.8),
         "m",
         "1",
         qc,

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from models.database import open_index
 from models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
 from models.synth import CohortTruth
+from models.volumes import VOLUME_NAMES
 from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 from tests.protocol_helpers import (
@@ -252,8 +253,7 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
     assert {r["series"] for r in rows} == set(stored)
     for row in rows:
         b = stored[row["series"]]
-        volumes = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
-        assert [float(row[k]) for k in volumes] == [getattr(b, k) for k in volumes]
+        assert [float(row[k]) for k in VOLUME_NAMES] == [getattr(b, k) for k in VOLUME_NAMES]
         assert row["diagnosis"] in set(labels.values()) and row["pseudonym"]
     planted = _planted(truth)
     assert not _found(planted, exported.read_bytes())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +18,7 @@ from flows.cli import main
 from models.database import open_index
 from models.settings import load_settings
 from models.stages import BiomarkerRecord, biomarker_records, record_biomarkers, stage_records
+from models.volumes import Volumes
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.synth.cohort import CohortResult
 from pipelines.volumetry.overlay import overlay, write_overlay
@@ -214,12 +216,7 @@ def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
     row = BiomarkerRecord(
         series_uid="2.25.1",
         study_uid="2.25.2",
-        icv_ml=1400.0,
-        gm_ml=600.0,
-        wm_ml=500.0,
-        csf_ml=300.0,
-        brain_ml=1100.0,
-        bpf=0.7857,
+        volumes=Volumes(1400.0, 600.0, 500.0, 300.0, 1100.0, 0.7857),
         method="m",
         method_version="1",
         qc_status="pass",
@@ -229,10 +226,11 @@ def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
     with index.session() as session:
         record_biomarkers(session, [row])
     with index.session() as session:
-        record_biomarkers(session, [BiomarkerRecord(**{**row.__dict__, "icv_ml": 1410.0})])
+        again = replace(row, volumes=replace(row.volumes, icv_ml=1410.0))
+        record_biomarkers(session, [again])
     with index.session() as session:
         rows = biomarker_records(session)
-    assert len(rows) == 1 and rows[0].icv_ml == 1410.0 and rows[0].parameters == {"a": 1}
+    assert len(rows) == 1 and rows[0].volumes == again.volumes and rows[0].parameters == {"a": 1}
     index.dispose()
 
 
@@ -324,7 +322,7 @@ def test_cli_measures_the_defaced_t1_of_a_dicom_study_and_records_it(
     # anonymizer gives the series, so no real UID reaches the de-identified side
     pseudo = ProjectKey.load(str(load_settings().pseudonym_key_source)).uid(result["series"])
     assert [r.series_uid for r in rows] == [pseudo]
-    assert rows[0].brain_ml == pytest.approx(v["brain_ml"], abs=1e-3)
+    assert rows[0].volumes.brain_ml == pytest.approx(v["brain_ml"], abs=1e-3)
     assert rows[0].method_version and rows[0].parameters["affine_mm"] > 0
     assert [s.series_uid for s in stages] == [pseudo]
 

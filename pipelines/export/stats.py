@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.volumes import VOLUME_NAMES
 from pipelines.export.errors import StatsError
 
-BIOMARKERS = ("icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf")
+BIOMARKERS = VOLUME_NAMES
 ADJUSTABLE = ("gm_ml", "wm_ml", "csf_ml", "brain_ml")
 ADJUSTMENTS = ("icv",)
 

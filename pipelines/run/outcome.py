@@ -82,9 +82,10 @@ def summarize(rows: Sequence[BiomarkerRecord]) -> BiomarkerSummary:
     """Mean and SD of each volume over ``rows``."""
     if not rows:
         return BiomarkerSummary(0)
-    means = {v: statistics.fmean(getattr(r, v) for r in rows) for v in VOLUMES}
+    means = {v: statistics.fmean(getattr(r.volumes, v) for r in rows) for v in VOLUMES}
     sds = {
-        v: statistics.stdev(getattr(r, v) for r in rows) if len(rows) > 1 else 0.0 for v in VOLUMES
+        v: statistics.stdev(getattr(r.volumes, v) for r in rows) if len(rows) > 1 else 0.0
+        for v in VOLUMES
     }
     return BiomarkerSummary(len(rows), means, sds)
 

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.geometry import LPS_FROM_RAS
-from models.synth import Volumes
+from models.volumes import Volumes
 from pipelines.atlas.headmodel import (
     CSF,
     GM,

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.geometry import LPS_FROM_RAS
-from models.synth import Volumes
+from models.volumes import Volumes
 from pipelines.atlas.headmodel import HeadModel
 from pipelines.synth import anatomy
 from pipelines.synth.scanners import CONTRASTS

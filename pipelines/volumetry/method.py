@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from models.volumes import Volumes
 from pipelines.volumetry.atlas import Atlas
 from pipelines.volumetry.refine import MAX_SKULL_TO_CSF, Refinement, refine_icv
 from pipelines.volumetry.register import Placed, place_atlas
@@ -69,16 +70,6 @@ class Parameters:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Volumes:
-    icv_ml: float
-    gm_ml: float
-    wm_ml: float
-    csf_ml: float
-    brain_ml: float
-    bpf: float
 
 
 @dataclass(frozen=True)

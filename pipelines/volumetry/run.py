@@ -24,6 +24,7 @@ import numpy as np
 from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from models.volumes import Volumes
 from pipelines.anonymize.keys import ProjectKey
 from pipelines.dicom.identified import for_deidentified_side
 from pipelines.dicomfolder import SkippedFile
@@ -32,7 +33,7 @@ from pipelines.ingest.archive import hash_file
 from pipelines.safeio import RefusedError, check_entry, printable
 from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
-from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, Volumes, measure
+from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
 from pipelines.volumetry.overlay import write_overlay
 from pipelines.volumetry.verdict import judge
 from qc.findings import Finding, Verdict, finding, reason, verdict
@@ -447,12 +448,7 @@ def biomarker_record(result: VolumetryResult, params: Parameters) -> BiomarkerRe
         series_uid=s.series,
         study_uid=s.study,
         protocol=s.protocol,
-        icv_ml=round(v.icv_ml, 3),
-        gm_ml=round(v.gm_ml, 3),
-        wm_ml=round(v.wm_ml, 3),
-        csf_ml=round(v.csf_ml, 3),
-        brain_ml=round(v.brain_ml, 3),
-        bpf=round(v.bpf, 5),
+        volumes=v.rounded(),
         method=METHOD,
         method_version=METHOD_VERSION,
         parameters=params.as_dict(),

@@ -17,6 +17,7 @@ from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome, wo
 from models.reviews import ReviewRecord, latest_reviews, reviews_of
 from models.schema import AuditEntry, Biomarker, Review, Run, Selection, StageResult
 from models.stages import HistoryRecord, StageRecord, stage_history, stage_records
+from models.volumes import VOLUME_NAMES
 from qc.findings import CHECKS
 
 #: the failure list's sortable columns
@@ -299,8 +300,8 @@ def series_view(session: Session, series_uid: str) -> SeriesView | None:
         biomarkers = {
             k: getattr(marker, k)
             for k in (
-                "icv_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml", "bpf", "method",
-                "method_version", "qc_status", "qc_reason", "confidence", "recorded_at",
+                *VOLUME_NAMES, "method", "method_version", "qc_status", "qc_reason", "confidence",
+                "recorded_at",
             )
         }  # fmt: skip
     verdict, verdict_stage, verdict_reason = worst_verdict(
