@@ -19,16 +19,22 @@ scanned with a random head placement, a bias field and Rician noise; a third of 
 4. a real head: Colin27 (``ch2.nii.gz`` of Debian's ``mricron-data``), against its brain mask
    made by FSL BET (``ch2bet``) and its skull-stripped tissue image (``ch2better``); with the
    ``colin`` generator the synthetic heads are this same person, so this part is not
-   independent of the others there;
+   independent of the others there. BET's mask is a *brain* mask: it leaves out the CSF over
+   the convexity, in the interhemispheric fissure and in the basal cisterns, which lie inside
+   the skull (``--pictures DIR`` draws both masks on ch2). The ``colin`` generator takes it as
+   its intracranial space, so its ICV truth is smaller than the intracranial space the image
+   shows, most of all at the skull base: ICV errors there measure that definition too;
 5. time and peak memory of ``cohortflow volumetry`` on DICOM (conversion included), per step,
    on the 3D T1s of a small synthetic cohort, one process, ITK single-threaded.
 
-Prints its figures last, one ``name: value`` a line. ``--quick``: 8 subjects, 2 re-scanned.
+Prints its figures last, one ``name: value`` a line. ``--quick``: 8 subjects, 2 re-scanned;
+``--only 3,17``: those subjects' accuracy alone; ``--rows FILE``: every measurement as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -150,7 +156,41 @@ def _adjusted(rows: list[dict[str, Any]], which: str) -> tuple[float, float]:
     return p, float(beta[1])
 
 
-def _colin(cache: Path, generator: str) -> list[tuple[str, str]]:
+def _draw_colin(
+    image: Any, bet: Any, ours: Any, registered: Any, path: Path
+) -> None:  # arrays on ch2's grid (RAS voxel order)
+    """ch2 in six planes with the outlines of BET's brain mask (the colin generator's
+    intracranial truth), ours (refined) and the atlas as registration placed it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuts = [
+        ("coronal, through the ventricles", (slice(None), 120, slice(None))),
+        ("coronal, through the cerebellum", (slice(None), 80, slice(None))),
+        ("coronal, frontal", (slice(None), 150, slice(None))),
+        ("sagittal, midline", (90, slice(None), slice(None))),
+        ("sagittal, lateral", (60, slice(None), slice(None))),
+        ("axial, high", (slice(None), slice(None), 120)),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(18, 12))
+    for ax, (title, cut) in zip(axes.ravel(), cuts, strict=True):
+        ax.imshow(image[cut].T, origin="lower", cmap="gray")
+        for mask, colour in ((bet, "lime"), (ours, "red"), (registered, "cyan")):
+            ax.contour(mask[cut].T, [0.5], colors=colour, linewidths=0.8)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle(
+        "Colin27 (ch2): green BET's brain mask (the colin generator's intracranial truth), "
+        "red our intracranial mask, cyan the atlas as registered"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _colin(cache: Path, generator: str, pictures: Path | None) -> list[tuple[str, str]]:
     import nibabel as nib
     import numpy as np
 
@@ -179,6 +219,14 @@ def _colin(cache: Path, generator: str) -> list[tuple[str, str]]:
     dice = 2.0 * float((full & bet_mask).sum()) / float(full.sum() + bet_mask.sum())
     inside_bet = float((bet_mask & ~full).sum()) * voxel_ml
     v = m.volumes
+    if pictures is not None:
+        registered = np.zeros(bet_mask.shape, dtype=bool)
+        registered[tuple(slice(a, b) for a, b in m.crop)] = m.registered
+        ch2: Any = nib.as_closest_canonical(nib.load(head))
+        pictures.mkdir(parents=True, exist_ok=True)
+        drawn = pictures / "colin27_masks.png"
+        _draw_colin(np.asarray(ch2.dataobj), bet_mask, full, registered, drawn)
+        print(f"  outlines of both masks on ch2: {drawn}")
     print("\nreal head: Colin27 (mricron-data ch2), a single subject's T1 in MNI space")
     if generator == "colin":
         print(
@@ -255,6 +303,15 @@ def main() -> None:
         default="colin",
         help="the anatomy synthetic heads are drawn from (pipelines.synth.generators)",
     )
+    parser.add_argument(
+        "--only",
+        type=lambda text: {int(v) for v in text.split(",")},
+        help="only these subjects (numbers as printed, comma-separated): a look at the worst",
+    )
+    parser.add_argument("--rows", type=Path, help="write every measurement here (JSON)")
+    parser.add_argument(
+        "--pictures", type=Path, help="draw Colin27's masks (BET's and ours) into this folder"
+    )
     args = parser.parse_args()
     import numpy as np
     from scipy import stats
@@ -280,7 +337,8 @@ def main() -> None:
             elif i < rescans + thick:
                 grids = (*grids, "axial_2d_5mm")
             atrophy = 0.03 if group == "dementia" else 0.0
-            jobs.append((i, args.seed, group, atrophy, grids, tmp, gen.name))
+            if args.only is None or i in args.only:
+                jobs.append((i, args.seed, group, atrophy, grids, tmp, gen.name))
         t0 = time.perf_counter()
         with ProcessPoolExecutor(
             args.workers, initializer=_init, initargs=(str(args.cache),)
@@ -294,6 +352,8 @@ def main() -> None:
         if r["grid"] in GRIDS_3D and r["subject"] not in first:
             first[r["subject"]] = r
     acc = list(first.values())
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1))
     print(f"\naccuracy: {len(acc)} subjects, one 3D T1 each ({wall:.0f} s for all scans)")
     head = ("median |err| %", "p95 |err| %", "max |err| %", "mean err %")
     print(f"  {'':8s} {head[0]:>15s} {head[1]:>12s} {head[2]:>12s} {head[3]:>11s}")
@@ -313,6 +373,15 @@ def main() -> None:
                 f"{_pct(_errors(subset, 'icv_ml'), 50):.2f} %, brain median |err| "
                 f"{_pct(_errors(subset, 'brain_ml'), 50):.2f} %"
             )
+    worst = sorted(acc, key=lambda r: -abs(_errors([r], "icv_ml")[0]))[:4]
+    print(
+        "  largest ICV errors: "
+        + "; ".join(
+            f"subject {r['subject']} ({r['grid']}{', defaced' if r['defaced'] else ''}, "
+            f"ICV {r['truth']['icv_ml']:.0f} ml) {_errors([r], 'icv_ml')[0]:+.1f} %"
+            for r in worst
+        )
+    )
     verdicts = [r["verdict"] for r in acc]
     reasons = [r["reason"] for r in acc if r["reason"]]
     print(
@@ -326,6 +395,8 @@ def main() -> None:
         ("brain_median_abs_error_pct", f"{_pct(_errors(acc, 'brain_ml'), 50):.2f}"),
         ("brain_p95_abs_error_pct", f"{_pct(_errors(acc, 'brain_ml'), 95):.2f}"),
     ]
+    if args.only is not None:  # a look at some subjects: no group, re-scan or timing figures
+        return
     two_d = [r for r in rows if r["grid"] == "axial_2d_5mm"]
     if two_d:
         flagged = sum(r["reason"] == "volumetry.thick_slices" for r in two_d)
@@ -383,7 +454,7 @@ def main() -> None:
             (f"rescan_cv_{key.removesuffix('_ml')}_pct", f"{statistics.mean(values):.2f}")
         )
 
-    figures += _colin(args.cache, gen.name)
+    figures += _colin(args.cache, gen.name, args.pictures)
     figures += _timing(args.cache, 3 if args.quick else 6, gen.name)
     times = [r["seconds"] for r in rows if r["grid"] in GRIDS_3D]
     figures.append(("volumetry_only_median_s_2_processes", f"{statistics.median(times):.1f}"))

@@ -85,6 +85,36 @@ def test_colin_model_has_plausible_volumes(colin: HeadModel, model_cache: Path) 
     assert "Colin27" in meta["notice"] and meta["volumes_ml"]["gm"] == pytest.approx(v["gm"])
 
 
+def test_with_neck_repeats_the_lowest_plane_below_and_keeps_the_points() -> None:
+    from pipelines.atlas.colin import with_neck
+
+    head = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    bet = head > 12
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[:3, 3] = (-1.0, -2.0, -10.0)
+    taller, mask, moved = with_neck(head, bet, affine, 3)
+    assert taller.shape == (2, 3, 7) and mask.shape == (2, 3, 7)
+    assert (taller[:, :, :3] == head[:, :, :1]).all() and (taller[:, :, 3:] == head).all()
+    assert not mask[:, :, :3].any() and (mask[:, :, 3:] == bet).all()
+    # each original voxel keeps its place in space; the new planes lie below
+    assert np.allclose(moved @ [1, 2, 3 + 2, 1], affine @ [1, 2, 2, 1])
+    assert (moved @ [0, 0, 0, 1])[2] == -16.0
+
+
+@needs_colin
+def test_colin_model_has_a_neck_below_its_brain(colin: HeadModel) -> None:
+    """ch2 ends 4 mm below its brain; the model goes on NECK_MM further, with tissue (not air)
+    in every plane of it, outside the intracranial space."""
+    from pipelines.atlas.colin import NECK_MM
+
+    inside = np.isin(colin.labels, (CSF, GM, WM))
+    lowest = int(np.flatnonzero(inside.any(axis=(0, 1)))[0])
+    assert lowest * abs(colin.affine[2, 2]) >= NECK_MM
+    # the head mask's opening takes the outermost planes of the box (as at every edge of it)
+    neck = (colin.labels[:, :, 3:lowest] == OTHER_HEAD).sum(axis=(0, 1)) * colin.voxel_ml * 1e3
+    assert neck.min() > 2000  # mm^2 of tissue in every plane: 20 cm^2 at least
+
+
 @needs_colin
 @pytest.mark.slow
 def test_colin_labels_differ_from_the_atlas_model(colin: HeadModel, head_model: HeadModel) -> None:

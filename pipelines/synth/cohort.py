@@ -434,7 +434,7 @@ class _Warped:
     head: npt.NDArray[np.float32]
     face: npt.NDArray[np.uint8]
     texture: npt.NDArray[np.float32] | None = None  # tissue texture gain on the model grid
-    crop_to_model: bool = False  # series end where the model's image ends (no neck)
+    crop_to_model: bool = False  # series end where the model's image ends
 
 
 def _render_study(

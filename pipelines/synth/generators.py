@@ -5,8 +5,8 @@
   those methods; kept as the default so that earlier cohorts and figures are reproduced.
 - ``colin``: Colin27 (one person's head; tissue classes by Otsu inside FSL BET's mask,
   ``pipelines.atlas.colin``) with tissue texture: anatomy apart from what the methods register.
-  Its image ends below the nose, so its scans end there too (as a real scan ends at the edge of
-  its field of view), not in air where a jaw and neck would be.
+  Its image ends below the nose (the model adds a crude neck below), so its scans end there (as
+  a real scan ends at the edge of its field of view), not in air where a jaw would be.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ GENERATORS: dict[str, Generator] = {
         load_or_build_colin,
         0.06,
         "Colin27 (one person's head, Debian's mricron-data): Otsu tissue classes inside FSL "
-        "BET's mask, tissue texture of 6 %; scans end where its image ends (no neck)",
+        "BET's mask, tissue texture of 6 %; a crude neck below its field of view",
         crop_to_model=True,
     ),
 }

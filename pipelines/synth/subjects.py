@@ -60,7 +60,7 @@ class Subject:
     face: npt.NDArray[np.uint8]  # warped model-grid face (what defacing removes)
     volumes: Volumes
     texture: npt.NDArray[np.float32] | None = None  # model-grid tissue texture gain, or flat
-    crop_to_model: bool = False  # scans end where the model's image ends (a model without a neck)
+    crop_to_model: bool = False  # scans end where the model's image ends (Colin27: no jaw)
 
 
 def make_subject(
