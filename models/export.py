@@ -249,13 +249,13 @@ def _identities(session: Session, pseudo_series: Iterable[str]) -> dict[str, _Id
 
 
 @dataclass(frozen=True)
-class _Verdict:
+class _Outcome:
     status: str  # the worst over every stage and volumetry's own verdict
     reason: str | None  # the deciding reason (the first failure in flow order, else warning)
     failed: frozenset[str]  # the stages that failed the series
 
 
-def _verdicts(session: Session, rows: Sequence[BiomarkerRecord]) -> dict[str, _Verdict]:
+def _verdicts(session: Session, rows: Sequence[BiomarkerRecord]) -> dict[str, _Outcome]:
     by_series: dict[str, list[tuple[str, str, str | None]]] = {}
     for uid, stage, status, reason in session.execute(
         select(
@@ -268,7 +268,7 @@ def _verdicts(session: Session, rows: Sequence[BiomarkerRecord]) -> dict[str, _V
         found = [*by_series.get(r.series_uid, []), ("volumetry", r.qc_status, r.qc_reason)]
         status, _, reason = worst_verdict(found)
         failed = frozenset(stage for stage, s, _ in found if s == "fail")
-        out[r.series_uid] = _Verdict(status, reason, failed)
+        out[r.series_uid] = _Outcome(status, reason, failed)
     return out
 
 

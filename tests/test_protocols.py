@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigurationError
-from pipelines.dicom.rules import Attributes, Rule, Verdict, parse_rule
+from pipelines.dicom.rules import Attributes, Match, Rule, parse_rule
 from pipelines.select.errors import ProtocolError
 from pipelines.select.protocols import (
     NO_INCLUDE_RULE,
@@ -35,7 +35,7 @@ def rule(data: object) -> Rule:
     return parse_rule(data, "r")
 
 
-def check(data: object, attrs: Attributes) -> Verdict:
+def check(data: object, attrs: Attributes) -> Match:
     return rule(data).evaluate(attrs)
 
 
@@ -44,10 +44,10 @@ def check(data: object, attrs: Attributes) -> Verdict:
 
 def test_regex_searches_and_explains() -> None:
     tfe = {"field": "SeriesDescription", "regex": "(?i)tfe"}
-    assert check(tfe, {"SeriesDescription": "T1W_3D_TFE"}) == Verdict(
+    assert check(tfe, {"SeriesDescription": "T1W_3D_TFE"}) == Match(
         True, "SeriesDescription 'T1W_3D_TFE' matches /(?i)tfe/"
     )
-    assert check(tfe, {"SeriesDescription": "AX T2 FSE"}) == Verdict(
+    assert check(tfe, {"SeriesDescription": "AX T2 FSE"}) == Match(
         False, "SeriesDescription 'AX T2 FSE' does not match /(?i)tfe/"
     )
     assert not check(
@@ -63,8 +63,8 @@ def test_regex_on_multi_valued_value_joins_with_backslash() -> None:
 
 def test_equals_strips_and_is_case_sensitive() -> None:
     mr = {"field": "Modality", "equals": "MR"}
-    assert check(mr, {"Modality": " MR "}) == Verdict(True, "Modality is 'MR'")
-    assert check(mr, {"Modality": "OT"}) == Verdict(False, "Modality 'OT' is not 'MR'")
+    assert check(mr, {"Modality": " MR "}) == Match(True, "Modality is 'MR'")
+    assert check(mr, {"Modality": "OT"}) == Match(False, "Modality 'OT' is not 'MR'")
     assert not check(mr, {"Modality": "mr"}).matched
     joined = {"field": "ScanningSequence", "equals": "GR\\IR"}
     assert check(joined, {"ScanningSequence": ["GR", "IR"]}).matched
@@ -76,7 +76,7 @@ def test_equals_strips_and_is_case_sensitive() -> None:
 
 def test_in_compares_strings() -> None:
     data = {"field": "MRAcquisitionType", "in": ["2D", "3D"]}
-    assert check(data, {"MRAcquisitionType": "3D"}) == Verdict(
+    assert check(data, {"MRAcquisitionType": "3D"}) == Match(
         True, "MRAcquisitionType '3D' is one of 2D, 3D"
     )
     assert not check(data, {"MRAcquisitionType": "3d"}).matched
@@ -84,12 +84,12 @@ def test_in_compares_strings() -> None:
 
 def test_contains_finds_one_component() -> None:
     data = {"field": "ImageType", "contains": "LOCALIZER"}
-    assert check(data, {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}) == Verdict(
+    assert check(data, {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}) == Match(
         True, "ImageType contains LOCALIZER"
     )
     # some PACS return the multi-valued element as one backslash-separated string
     assert check(data, {"ImageType": "ORIGINAL\\PRIMARY\\LOCALIZER"}).matched
-    assert check(data, {"ImageType": ["ORIGINAL", "PRIMARY"]}) == Verdict(
+    assert check(data, {"ImageType": ["ORIGINAL", "PRIMARY"]}) == Match(
         False, "ImageType 'ORIGINAL\\PRIMARY' does not contain LOCALIZER"
     )
     assert not check(data, {"ImageType": ["ORIGINAL", "LOCALIZER_X"]}).matched
@@ -97,27 +97,27 @@ def test_contains_finds_one_component() -> None:
 
 def test_range_is_inclusive_and_numeric() -> None:
     thin = {"field": "SliceThickness", "min": 0.5, "max": 1.5}
-    assert check(thin, {"SliceThickness": 5.0}) == Verdict(
+    assert check(thin, {"SliceThickness": 5.0}) == Match(
         False, "SliceThickness 5.0 outside [0.5, 1.5]"
     )
-    assert check(thin, {"SliceThickness": "1.5"}) == Verdict(
+    assert check(thin, {"SliceThickness": "1.5"}) == Match(
         True, "SliceThickness 1.5 within [0.5, 1.5]"
     )
     assert check(thin, {"SliceThickness": 1}).matched
-    assert check(thin, {"SliceThickness": "10.0"}) == Verdict(
+    assert check(thin, {"SliceThickness": "10.0"}) == Match(
         False, "SliceThickness 10.0 outside [0.5, 1.5]"
     )  # "10.0" > "1.5" as numbers, not as text
     ti = {"field": "InversionTime", "min": 1500}
-    assert check(ti, {"InversionTime": 2500.0}) == Verdict(True, "InversionTime 2500.0 >= 1500.0")
-    assert check(ti, {"InversionTime": "900"}) == Verdict(False, "InversionTime 900.0 < 1500.0")
-    assert check({"field": "EchoTime", "max": 10}, {"EchoTime": 98}) == Verdict(
+    assert check(ti, {"InversionTime": 2500.0}) == Match(True, "InversionTime 2500.0 >= 1500.0")
+    assert check(ti, {"InversionTime": "900"}) == Match(False, "InversionTime 900.0 < 1500.0")
+    assert check({"field": "EchoTime", "max": 10}, {"EchoTime": 98}) == Match(
         False, "EchoTime 98.0 > 10.0"
     )
 
 
 def test_range_does_not_match_non_numbers() -> None:
     thin = {"field": "SliceThickness", "min": 0.5}
-    assert check(thin, {"SliceThickness": "thin"}) == Verdict(
+    assert check(thin, {"SliceThickness": "thin"}) == Match(
         False, "SliceThickness 'thin' is not a number"
     )
     assert not check(thin, {"SliceThickness": [1.0, 2.0]}).matched
@@ -128,11 +128,11 @@ def test_range_does_not_match_non_numbers() -> None:
 @pytest.mark.parametrize("missing", [None, "", "  ", [], ["", ""]])
 def test_present(missing: object) -> None:
     agent = "ContrastBolusAgent"
-    assert check({"field": agent, "present": True}, {agent: "GADOVIST"}) == Verdict(
+    assert check({"field": agent, "present": True}, {agent: "GADOVIST"}) == Match(
         True, "ContrastBolusAgent 'GADOVIST' returned by the PACS"
     )
     assert not check({"field": agent, "present": False}, {agent: "GADOVIST"}).matched
-    assert check({"field": agent, "present": False}, {agent: missing}) == Verdict(
+    assert check({"field": agent, "present": False}, {agent: missing}) == Match(
         True, "ContrastBolusAgent not returned by the PACS"
     )
     assert not check({"field": agent, "present": True}, {agent: missing}).matched
@@ -151,7 +151,7 @@ def test_present(missing: object) -> None:
 )
 @pytest.mark.parametrize("missing", [None, "", []])
 def test_a_leaf_on_a_missing_value_does_not_match(data: object, missing: object) -> None:
-    expected = Verdict(False, "MRAcquisitionType not returned by the PACS")
+    expected = Match(False, "MRAcquisitionType not returned by the PACS")
     assert check(data, {"MRAcquisitionType": missing}) == expected
     assert check(data, {}) == expected
 
@@ -168,29 +168,29 @@ T1_3D = {
 
 def test_all_explains_the_first_failure_or_every_match() -> None:
     attrs = {"MRAcquisitionType": "3D", "SeriesDescription": "t1_mprage_sag"}
-    assert check(T1_3D, attrs) == Verdict(
+    assert check(T1_3D, attrs) == Match(
         True, "MRAcquisitionType is '3D' and SeriesDescription 't1_mprage_sag' matches /(?i)mprage/"
     )
-    assert check(T1_3D, {**attrs, "MRAcquisitionType": "2D"}) == Verdict(
+    assert check(T1_3D, {**attrs, "MRAcquisitionType": "2D"}) == Match(
         False, "MRAcquisitionType '2D' is not '3D'"
     )
-    assert check(T1_3D, {"SeriesDescription": "t1_mprage_sag"}) == Verdict(
+    assert check(T1_3D, {"SeriesDescription": "t1_mprage_sag"}) == Match(
         False, "MRAcquisitionType not returned by the PACS"
     )
 
 
 def test_any_explains_the_first_match_or_every_failure() -> None:
     data = {"any": [{"field": "Modality", "equals": "MR"}, {"field": "Modality", "equals": "OT"}]}
-    assert check(data, {"Modality": "OT"}) == Verdict(True, "Modality is 'OT'")
-    assert check(data, {"Modality": "CT"}) == Verdict(
+    assert check(data, {"Modality": "OT"}) == Match(True, "Modality is 'OT'")
+    assert check(data, {"Modality": "CT"}) == Match(
         False, "none of: Modality 'CT' is not 'MR'; Modality 'CT' is not 'OT'"
     )
 
 
 def test_not_inverts_and_keeps_the_deciding_fact() -> None:
     data = {"not": {"field": "Modality", "equals": "MR"}}
-    assert check(data, {"Modality": "OT"}) == Verdict(True, "Modality 'OT' is not 'MR'")
-    assert check(data, {"Modality": "MR"}) == Verdict(False, "Modality is 'MR'")
+    assert check(data, {"Modality": "OT"}) == Match(True, "Modality 'OT' is not 'MR'")
+    assert check(data, {"Modality": "MR"}) == Match(False, "Modality is 'MR'")
     assert check(data, {}).matched  # a missing Modality is not MR
 
 

@@ -25,10 +25,10 @@ from pipelines.dicom.rules import (
     AnyOf,
     Attributes,
     Leaf,
+    Match,
     Not,
     Present,
     Rule,
-    Verdict,
     components,
     parse_rule,
 )
@@ -195,11 +195,11 @@ class HasRole(Rule):
     role: str
     roles: RoleSet
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         decided = self.roles.classify(attrs)
         if decided.role == self.role:
-            return Verdict(True, f"role {self.role} by {decided.by}: {decided.evidence}")
-        return Verdict(False, f"role is {decided.role}, not {self.role} ({decided.evidence})")
+            return Match(True, f"role {self.role} by {decided.by}: {decided.evidence}")
+        return Match(False, f"role is {decided.role}, not {self.role} ({decided.evidence})")
 
     def fields(self) -> frozenset[str]:
         return self.roles.fields()

@@ -2,7 +2,7 @@
 
 A rule is policy written as data in the protocol file (deid's recipes are the model): leaves test
 one DICOM keyword (``regex``, ``equals``, ``in``, ``contains``, ``min``/``max``, ``present``),
-``all`` / ``any`` / ``not`` combine them. Every verdict carries one sentence saying why, so a
+``all`` / ``any`` / ``not`` combine them. Every match carries one sentence saying why, so a
 reviewer can audit each selected or rejected series.
 """
 
@@ -32,7 +32,7 @@ RoleLookup = Callable[[str, str], "Rule"]
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Match:
     """Whether a rule matched, and why, in one sentence a reviewer understands."""
 
     matched: bool
@@ -43,7 +43,7 @@ class Rule(ABC):
     """A condition on the C-FIND attributes of one series; immutable, shareable across threads."""
 
     @abstractmethod
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         """Test the rule on one series' attributes."""
 
     @abstractmethod
@@ -70,14 +70,14 @@ def components(value: object) -> tuple[str, ...]:
 class Leaf(Rule):
     field: str
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         parts = components(attrs.get(self.field))
         if not any(parts):
-            return Verdict(False, f"{self.field} not returned by the PACS")
+            return Match(False, f"{self.field} not returned by the PACS")
         return self._test(parts, "\\".join(parts))
 
     @abstractmethod
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict: ...
+    def _test(self, parts: tuple[str, ...], text: str) -> Match: ...
 
     def fields(self) -> frozenset[str]:
         return frozenset({self.field})
@@ -89,10 +89,10 @@ class Regex(Leaf):
 
     pattern: re.Pattern[str]
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
         hit = self.pattern.search(text) is not None
         how = "matches" if hit else "does not match"
-        return Verdict(hit, f"{self.field} '{text}' {how} /{self.pattern.pattern}/")
+        return Match(hit, f"{self.field} '{text}' {how} /{self.pattern.pattern}/")
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,10 @@ class Equals(Leaf):
 
     value: str
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
         if text == self.value:
-            return Verdict(True, f"{self.field} is '{text}'")
-        return Verdict(False, f"{self.field} '{text}' is not '{self.value}'")
+            return Match(True, f"{self.field} is '{text}'")
+        return Match(False, f"{self.field} '{text}' is not '{self.value}'")
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,10 @@ class OneOf(Leaf):
 
     values: tuple[str, ...]
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
         hit = text in self.values
         how = "is one of" if hit else "is not one of"
-        return Verdict(hit, f"{self.field} '{text}' {how} {', '.join(self.values)}")
+        return Match(hit, f"{self.field} '{text}' {how} {', '.join(self.values)}")
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,10 @@ class Contains(Leaf):
 
     value: str
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
         if self.value in parts:
-            return Verdict(True, f"{self.field} contains {self.value}")
-        return Verdict(False, f"{self.field} '{text}' does not contain {self.value}")
+            return Match(True, f"{self.field} contains {self.value}")
+        return Match(False, f"{self.field} '{text}' does not contain {self.value}")
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,13 @@ class Range(Leaf):
     minimum: float | None
     maximum: float | None
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
         try:
             number = float(parts[0]) if len(parts) == 1 else math.nan
         except ValueError:
             number = math.nan
         if not math.isfinite(number):
-            return Verdict(False, f"{self.field} '{text}' is not a number")
+            return Match(False, f"{self.field} '{text}' is not a number")
         low, high = self.minimum, self.maximum
         ok = (low is None or number >= low) and (high is None or number <= high)
         if low is not None and high is not None:
@@ -153,7 +153,7 @@ class Range(Leaf):
             how = f"{'>=' if ok else '<'} {low!r}"
         else:
             how = f"{'<=' if ok else '>'} {high!r}"
-        return Verdict(ok, f"{self.field} {number!r} {how}")
+        return Match(ok, f"{self.field} {number!r} {how}")
 
 
 @dataclass(frozen=True)
@@ -162,26 +162,26 @@ class Present(Leaf):
 
     present: bool
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         found = Leaf.evaluate(self, attrs)
-        return Verdict(found.matched == self.present, found.why)
+        return Match(found.matched == self.present, found.why)
 
-    def _test(self, parts: tuple[str, ...], text: str) -> Verdict:
-        return Verdict(True, f"{self.field} '{text}' returned by the PACS")
+    def _test(self, parts: tuple[str, ...], text: str) -> Match:
+        return Match(True, f"{self.field} '{text}' returned by the PACS")
 
 
 @dataclass(frozen=True)
 class AllOf(Rule):
     rules: tuple[Rule, ...]
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         whys = []
         for rule in self.rules:
             verdict = rule.evaluate(attrs)
             if not verdict.matched:
                 return verdict
             whys.append(verdict.why)
-        return Verdict(True, " and ".join(whys))
+        return Match(True, " and ".join(whys))
 
     def fields(self) -> frozenset[str]:
         return frozenset().union(*(rule.fields() for rule in self.rules))
@@ -191,14 +191,14 @@ class AllOf(Rule):
 class AnyOf(Rule):
     rules: tuple[Rule, ...]
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         whys = []
         for rule in self.rules:
             verdict = rule.evaluate(attrs)
             if verdict.matched:
                 return verdict
             whys.append(verdict.why)
-        return Verdict(False, f"none of: {'; '.join(whys)}")
+        return Match(False, f"none of: {'; '.join(whys)}")
 
     def fields(self) -> frozenset[str]:
         return frozenset().union(*(rule.fields() for rule in self.rules))
@@ -208,11 +208,11 @@ class AnyOf(Rule):
 class Not(Rule):
     rule: Rule
 
-    def evaluate(self, attrs: Attributes) -> Verdict:
+    def evaluate(self, attrs: Attributes) -> Match:
         # The inner why already states the fact that decides ("Modality 'OT' is not 'MR'");
         # wrapping it in "not (...)" would read as its opposite.
         verdict = self.rule.evaluate(attrs)
-        return Verdict(not verdict.matched, verdict.why)
+        return Match(not verdict.matched, verdict.why)
 
     def fields(self) -> frozenset[str]:
         return self.rule.fields()

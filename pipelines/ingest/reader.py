@@ -77,7 +77,7 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Reading:
     """What some bytes are; ``header`` is set for DICOM that can be indexed."""
 
     status: FileStatus
@@ -148,23 +148,23 @@ def read_path(path: str | bytes) -> tuple[FileRecord, bytes | None]:
     return record, data
 
 
-def classify(data: bytes) -> Verdict:
+def classify(data: bytes) -> Reading:
     """Classify a file's content and read its header (pydicom, no pixel data)."""
     if not data:
-        return Verdict(
+        return Reading(
             FileStatus.CORRUPT, "empty", "empty file (0 bytes): an interrupted transfer?"
         )
     modern = len(data) >= PREAMBLE + 4 and data[PREAMBLE : PREAMBLE + 4] == b"DICM"
     if not modern and not _starts_with_element(data, 0):
         offset = _find_misaligned_start(data)
         if offset is not None:
-            return Verdict(
+            return Reading(
                 FileStatus.CORRUPT,
                 "misaligned",
                 f"DICOM data elements start at byte {offset}, not at 0 or after a preamble: "
                 "stray bytes before the data set",
             )
-        return Verdict(FileStatus.NOT_DICOM, "not_dicom", _describe_other(data))
+        return Reading(FileStatus.NOT_DICOM, "not_dicom", _describe_other(data))
     return _parse(data, modern)
 
 
@@ -287,25 +287,25 @@ def _inflation_bomb(data: bytes) -> str | None:
     )
 
 
-def _parse(data: bytes, modern: bool) -> Verdict:
+def _parse(data: bytes, modern: bool) -> Reading:
     status = FileStatus.MODERN if modern else FileStatus.LEGACY
     if modern:
         bomb = _inflation_bomb(data)
         if bomb is not None:
-            return Verdict(FileStatus.CORRUPT, "inflation_limit", bomb)
+            return Reading(FileStatus.CORRUPT, "inflation_limit", bomb)
     stream = io.BytesIO(data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(stream, stop_before_pixels=True, force=not modern)
         except Exception as exc:  # pydicom raises many types on damaged input
-            return Verdict(FileStatus.CORRUPT, "parse_error", f"header cannot be read: {exc}")
+            return Reading(FileStatus.CORRUPT, "parse_error", f"header cannot be read: {exc}")
         position = stream.tell()
         transfer_syntax = _text(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else None
         if transfer_syntax is not None and not UID(transfer_syntax).is_transfer_syntax:
             # pydicom's encoders and decoders raise on it (a run once stopped on one file):
             # every step refuses the file here, with this reason
-            return Verdict(
+            return Reading(
                 FileStatus.CORRUPT,
                 "unknown_transfer_syntax",
                 f"TransferSyntaxUID {transfer_syntax!r} is not a transfer syntax this reader "
@@ -328,9 +328,9 @@ def _parse(data: bytes, modern: bool) -> Verdict:
     if problem is not None or header is None:
         code, reason = problem or ("bad_value", "header cannot be read")
         # the header as far as it was read: says which series lost this file (QC reports it)
-        return Verdict(FileStatus.CORRUPT, code, reason, notes=tuple(notes), dataset=ds)
+        return Reading(FileStatus.CORRUPT, code, reason, notes=tuple(notes), dataset=ds)
     if header.sop_instance_uid is None and header.sop_class_uid is None and not modern:
-        return Verdict(
+        return Reading(
             FileStatus.CORRUPT,
             "no_identity",
             "read without a preamble, but holds no SOPClassUID or SOPInstanceUID",
@@ -340,7 +340,7 @@ def _parse(data: bytes, modern: bool) -> Verdict:
         if transfer_syntax is None:
             notes.append("file meta information lacks TransferSyntaxUID; encoding inferred")
         if header.sop_instance_uid is None:
-            return Verdict(
+            return Reading(
                 status,
                 "no_identity",
                 "DICOM file without SOPInstanceUID: archived, but not indexed as an instance",
@@ -349,7 +349,7 @@ def _parse(data: bytes, modern: bool) -> Verdict:
                 dataset=ds,
                 stopped_at=position,
             )
-        return Verdict(status, "ok", "", header, tuple(notes), dataset=ds, stopped_at=position)
+        return Reading(status, "ok", "", header, tuple(notes), dataset=ds, stopped_at=position)
     implicit, little = ds.original_encoding
     encoding = (
         "implicit VR little endian"
@@ -365,7 +365,7 @@ def _parse(data: bytes, modern: bool) -> Verdict:
             else ExplicitVRBigEndian
         )
         header = replace(header, transfer_syntax_uid=str(inferred))
-    return Verdict(
+    return Reading(
         status,
         "no_preamble",
         f"no 128-byte preamble and 'DICM' prefix; read by content as {encoding}",
