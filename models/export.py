@@ -40,7 +40,6 @@ FORMATS = ("csv", "parquet")
 ACCESSION_COLUMNS = ("accession_number", "accessionnumber", "accession")
 #: ages from 90 up are reported as 90 (HIPAA Safe Harbor)
 AGE_CAP = 90
-VOLUMES = VOLUME_NAMES
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ class BiomarkerRow:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-#: the table's columns, in order (label columns follow)
-#: the table's columns: the volumes spread out where the record holds them
+#: the table's columns, in order (label columns follow), the volumes spread out where the row
+#: holds them
 COLUMNS = tuple(
     name
     for f in fields(BiomarkerRow)
@@ -338,7 +337,7 @@ def write_table(table: BiomarkerTable, target: Path | io.TextIOBase, fmt: str) -
     import pyarrow.parquet as pq
 
     types = {"age": pa.int32(), "field_strength": pa.float64(), "usable": pa.bool_()}
-    types.update({name: pa.float64() for name in VOLUMES})
+    types.update({name: pa.float64() for name in VOLUME_NAMES})
     schema = pa.schema(
         [(name, types.get(name, pa.string())) for name in COLUMNS]
         + [(name, pa.string()) for name in table.label_columns]
@@ -372,7 +371,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         for key, value in row.items():
             if isinstance(value, str):
                 row[key] = restore(value)
-        for name in VOLUMES:
+        for name in VOLUME_NAMES:
             try:
                 row[name] = float(row[name])
             except (KeyError, ValueError) as exc:

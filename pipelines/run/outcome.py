@@ -13,11 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.database import IndexDB
-from models.export import VOLUMES
 from models.outcomes import ProtocolOutcome, protocol_outcome
 from models.runs import finish_run, start_run
 from models.schema import StageResult
 from models.stages import BiomarkerRecord, biomarker_records
+from models.volumes import VOLUME_NAMES
 
 #: the distributions whose versions a run records
 TOOLS = (
@@ -82,10 +82,10 @@ def summarize(rows: Sequence[BiomarkerRecord]) -> BiomarkerSummary:
     """Mean and SD of each volume over ``rows``."""
     if not rows:
         return BiomarkerSummary(0)
-    means = {v: statistics.fmean(getattr(r.volumes, v) for r in rows) for v in VOLUMES}
+    means = {v: statistics.fmean(getattr(r.volumes, v) for r in rows) for v in VOLUME_NAMES}
     sds = {
         v: statistics.stdev(getattr(r.volumes, v) for r in rows) if len(rows) > 1 else 0.0
-        for v in VOLUMES
+        for v in VOLUME_NAMES
     }
     return BiomarkerSummary(len(rows), means, sds)
 
