@@ -166,7 +166,7 @@ class BiomarkerRecord:
 
 
 #: the record's fields that are columns of ``Biomarker`` as they are (the volumes are spread)
-_PLAIN = frozenset(f.name for f in fields(BiomarkerRecord)) - {"volumes"}
+_PLAIN = tuple(f.name for f in fields(BiomarkerRecord) if f.name != "volumes")
 
 
 def record_biomarkers(session: Session, records: Sequence[BiomarkerRecord]) -> None:
@@ -174,12 +174,8 @@ def record_biomarkers(session: Session, records: Sequence[BiomarkerRecord]) -> N
     if not records:
         return
     stamp = now()
-    plain = sorted(_PLAIN - {"series_uid"})
-    columns = [*VOLUME_NAMES, *plain]  # replaced on conflict
-    rows = [
-        {"series_uid": r.series_uid, **r.volumes.as_dict(), **{c: getattr(r, c) for c in plain}}
-        for r in records
-    ]
+    columns = [c for c in (*VOLUME_NAMES, *_PLAIN) if c != "series_uid"]  # replaced on conflict
+    rows = [{**r.volumes.as_dict(), **{c: getattr(r, c) for c in _PLAIN}} for r in records]
     for row in rows:
         row["recorded_at"] = row["recorded_at"] or stamp
     statement = _insert(session, Biomarker)
@@ -198,7 +194,7 @@ def biomarker_records(session: Session, protocol: str | None = None) -> list[Bio
     return [
         BiomarkerRecord(
             volumes=Volumes.of(row),
-            **{f.name: getattr(row, f.name) for f in fields(BiomarkerRecord) if f.name in _PLAIN},
+            **{name: getattr(row, name) for name in _PLAIN},
         )
         for row in session.scalars(query)
     ]
