@@ -12,6 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from models.series import SeriesDescriptor
+    from models.stages import StageRecord
 
 
 class Severity(StrEnum):
@@ -199,3 +204,53 @@ def reason(findings: Sequence[Finding]) -> Finding | None:
             if finding.severity is wanted:
                 return finding
     return None
+
+
+class Judged(Protocol):
+    """What a stage concluded about one series: its findings, their verdict and the finding
+    that decided it (every stage's result is one)."""
+
+    @property
+    def findings(self) -> tuple[Finding, ...]: ...
+
+    @property
+    def verdict(self) -> Verdict: ...
+
+    @property
+    def reason(self) -> Finding | None: ...
+
+
+def stage_row(
+    outcome: Judged,
+    *,
+    stage: str,
+    method_version: str,
+    series: str,
+    study: str,
+    describe: SeriesDescriptor,
+    metrics: Mapping[str, Any],
+    input_sha256: str | None = None,
+    seconds: float | None = None,
+) -> StageRecord:
+    """The index row of one stage's outcome for one series: every stage writes its rows here."""
+    from models.stages import StageRecord
+
+    deciding = outcome.reason
+    return StageRecord(
+        series_uid=series,
+        study_uid=study,
+        stage=stage,
+        status=outcome.verdict.value,
+        method_version=method_version,
+        protocol=describe.protocol,
+        role=describe.role,
+        manufacturer=describe.manufacturer,
+        model=describe.model,
+        software_versions=describe.software_versions,
+        reason_code=deciding.check if deciding else None,
+        message=deciding.message if deciding else None,
+        findings=[f.as_dict() for f in outcome.findings],
+        metrics=dict(metrics),
+        input_sha256=input_sha256 or None,
+        seconds=seconds,
+    )

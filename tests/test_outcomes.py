@@ -273,26 +273,28 @@ def test_a_step_that_crashed_is_redone_and_a_done_one_is_skipped(
     from models.settings import load_settings
     from pipelines.run.plan import StudyPlan
     from pipelines.run.steps import RunContext, _run_step
+    from pipelines.run.workorder import WorkOrder
 
     ctx = RunContext(load_settings(None, home=tmp_path), "dementia", 1)
     plan = StudyPlan(7, "dementia", "S1", "", "content", ())
     calls: list[str] = []
 
-    def crash() -> tuple[dict[str, object], dict[str, object]]:
+    def crash() -> tuple[WorkOrder, dict[str, object]]:
         calls.append("crash")
         raise OSError("disk full")
 
-    def work() -> tuple[dict[str, object], dict[str, object]]:
+    def work() -> tuple[WorkOrder, dict[str, object]]:
         calls.append("work")
-        return {"folder": "out"}, {"linked_series": {"a": "b"}}
+        return WorkOrder(study="2.25.1", folders=("out",)), {"linked_series": {"a": "b"}}
 
     first = _run_step(ctx, index, plan, "deface", "k1", "v1", crash)
     assert (first.status, first.reason_code) == (ERROR, "deface.internal_error")
     assert "disk full" in (first.message or "")
     second = _run_step(ctx, index, plan, "deface", "k1", "v1", work)
-    assert second.done and not second.reused and second.outputs == {"folder": "out"}
+    assert second.done and not second.reused and second.order.folders == ("out",)
     third = _run_step(ctx, index, plan, "deface", "k1", "v1", work)
-    assert third.reused and third.outputs == {"folder": "out"}  # identified extras stay out
+    # the stored order is read back as it was; the identified extras stay out of it
+    assert third.reused and third.order == second.order
     fourth = _run_step(ctx, index, plan, "deface", "k2", "v1", work)  # new input: redone
     assert not fourth.reused
     gone = _run_step(ctx, index, plan, "deface", "k2", "v1", work, lambda _: False)

@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from models.database import IndexDB
 from models.errors import GeometryError
 from models.geometry import Plane, planes_of
+from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, record_stages
 from pipelines.anonymize.keys import ProjectKey
@@ -72,7 +73,7 @@ from pipelines.dicomfolder import (
 from pipelines.quality.folder import choose_protocol
 from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import ProtocolSet
-from qc.findings import Finding, Severity, Verdict, finding, reason, verdict
+from qc.findings import Finding, Severity, Verdict, finding, reason, stage_row, verdict
 from qc.header import header_text
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,12 @@ class ConvertedSeries:
     @property
     def converted(self) -> bool:
         return self.nifti is not None
+
+    @property
+    def describe(self) -> SeriesDescriptor:
+        return SeriesDescriptor(
+            self.protocol, self.role, self.manufacturer, self.model, self.software_versions
+        )
 
 
 @dataclass(frozen=True)
@@ -904,23 +911,15 @@ def _failed(
 
 def stage_record(result: ConvertedSeries, method: str) -> StageRecord:
     """The index row of one series' conversion."""
-    deciding = result.reason
-    return StageRecord(
-        series_uid=result.series,
-        study_uid=result.study,
+    return stage_row(
+        result,
         stage=STAGE,
-        status=result.verdict.value,
         method_version=method,
-        protocol=result.protocol or None,
-        role=result.role or None,
-        manufacturer=result.manufacturer,
-        model=result.model,
-        software_versions=result.software_versions,
-        reason_code=deciding.check if deciding else None,
-        message=deciding.message if deciding else None,
-        findings=[f.as_dict() for f in result.findings],
-        metrics=dict(result.metrics),
-        input_sha256=result.input_sha256 or None,
+        series=result.series,
+        study=result.study,
+        describe=result.describe,
+        metrics=result.metrics,
+        input_sha256=result.input_sha256,
         seconds=result.seconds,
     )
 

@@ -23,6 +23,7 @@ from models.database import IndexDB
 from models.errors import GeometryError
 from models.geometry import planes_of, reference_volume, stack_pixels
 from models.scanners import KnownScanners
+from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, cohort_metrics, record_stages
 from pipelines.anonymize.keys import ProjectKey
@@ -43,7 +44,7 @@ from pipelines.imaging.register import HeadFit
 from pipelines.quality.brain import place_brain
 from pipelines.safeio import RefusedError, read_regular
 from pipelines.select.protocols import Protocol, ProtocolSet
-from qc.findings import Finding, Verdict, reason, verdict
+from qc.findings import Finding, Verdict, reason, stage_row, verdict
 from qc.header import SeriesFile, check_series, check_study, header_text
 from qc.image import check_image
 from qc.outliers import outlier_findings
@@ -108,6 +109,12 @@ class SeriesQc:
 
     def stage(self, name: str) -> StageOutcome | None:
         return next((s for s in self.stages if s.stage == name), None)
+
+    @property
+    def describe(self) -> SeriesDescriptor:
+        return SeriesDescriptor(
+            self.protocol, self.role, self.manufacturer, self.model, self.software_versions
+        )
 
 
 @dataclass(frozen=True)
@@ -432,30 +439,20 @@ def add_outliers(
 
 def stage_records(result: SeriesQc) -> list[StageRecord]:
     """The index rows of one series' QC outcomes."""
-    rows = []
-    for stage in result.stages:
-        deciding = stage.reason
-        rows.append(
-            StageRecord(
-                series_uid=result.series,
-                study_uid=result.study,
-                stage=stage.stage,
-                status=stage.verdict.value,
-                method_version=METHOD_VERSION,
-                protocol=result.protocol,
-                role=result.role,
-                manufacturer=result.manufacturer,
-                model=result.model,
-                software_versions=result.software_versions,
-                reason_code=deciding.check if deciding else None,
-                message=deciding.message if deciding else None,
-                findings=[f.as_dict() for f in stage.findings],
-                metrics=dict(stage.metrics),
-                input_sha256=result.input_sha256 or None,
-                seconds=stage.seconds,
-            )
+    return [
+        stage_row(
+            stage,
+            stage=stage.stage,
+            method_version=METHOD_VERSION,
+            series=result.series,
+            study=result.study,
+            describe=result.describe,
+            metrics=stage.metrics,
+            input_sha256=result.input_sha256,
+            seconds=stage.seconds,
         )
-    return rows
+        for stage in result.stages
+    ]
 
 
 def qc_configured(

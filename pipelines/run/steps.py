@@ -11,8 +11,9 @@ release check of everything the study's steps delivered). Each step:
 - never raises for the study: an exception becomes an ``error`` row (redone by the next run)
   and the later steps of that study are not started.
 
-What a step returns (:class:`StepResult`) travels through Prefect: it holds the study's index
-row number and pseudonymized UIDs and paths only. The link from the identified series to the
+What a step returns (:class:`StepResult`) travels through Prefect: the study's index row number
+and its work order (:class:`~pipelines.run.workorder.WorkOrder`: pseudonymized UIDs, roles,
+scanners, paths and the head fit only). The link from the identified series to the
 pseudonymized ones stays in the index (``study_steps.outputs``, identified side).
 """
 
@@ -26,7 +27,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,12 @@ from models.errors import CohortflowError
 from models.outcomes import SERIES_STAGES, latest_selection
 from models.runs import DONE, ERROR, StepRecord, record_step, step_record, step_records
 from models.schema import SelectedSeries
+from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, record_stages, stage_records
 from pipelines.ingest.archive import ArchiveStore
 from pipelines.run.plan import StudyPlan, plan_studies, plan_study
+from pipelines.run.workorder import WorkOrder
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +56,13 @@ BLOCKED = "blocked"
 
 @dataclass(frozen=True)
 class StepResult:
-    """A step's outcome for one study: no identifier, only the pseudonymized outputs."""
+    """A step's outcome for one study: no identifier, only the pseudonymized work order."""
 
     study_pk: int
     step: str
     status: str  # done, error, blocked
     input_key: str = ""
-    outputs: dict[str, Any] = field(default_factory=dict)
+    order: WorkOrder = field(default_factory=WorkOrder)
     reused: bool = False  # done by an earlier run with the same input: skipped
     seconds: float = 0.0
     reason_code: str | None = None
@@ -120,11 +123,11 @@ def _run_step(
     step: str,
     input_key: str,
     method_version: str,
-    work: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
-    still_valid: Callable[[Mapping[str, Any]], bool] = lambda _: True,
+    work: Callable[[], tuple[WorkOrder, dict[str, Any]]],
+    still_valid: Callable[[WorkOrder], bool] = lambda _: True,
 ) -> StepResult:
-    """Skip, or run ``work`` (returning the public outputs and the identified-side extras) and
-    record the step's row."""
+    """Skip, or run ``work`` (returning the study's work order and the identified-side extras)
+    and record the step's row."""
     with index.session() as session:
         known = step_record(session, ctx.protocol, plan.study_uid, step)
     if (
@@ -132,16 +135,15 @@ def _run_step(
         and known.status == DONE
         and known.input_key == input_key
         and known.method_version == method_version
-        and still_valid(known.outputs)
+        and still_valid(stored := WorkOrder.from_json(known.outputs))
     ):
-        stored = {k: v for k, v in known.outputs.items() if not k.startswith("_")}
         return StepResult(plan.pk, step, DONE, input_key, stored, reused=True)
     start, cpu = time.perf_counter(), time.process_time()
     status, code, message = DONE, None, None
-    public: dict[str, Any] = {}
+    order = WorkOrder()
     extra: dict[str, Any] = {}
     try:
-        public, extra = work()
+        order, extra = work()
     except CohortflowError as exc:
         status, code, message = ERROR, f"{step}.error", str(exc)
     except Exception as exc:  # one study must never stop the others
@@ -160,13 +162,13 @@ def _run_step(
                 status,
                 code,
                 message,
-                {**public, **{f"_{k}": v for k, v in extra.items()}},
+                {**order.to_json(), **{f"_{k}": v for k, v in extra.items()}},
                 round(seconds, 3),
                 ctx.run_id,
                 round(cpu, 3),
             ),
         )
-    return StepResult(plan.pk, step, status, input_key, public, False, seconds, code, message)
+    return StepResult(plan.pk, step, status, input_key, order, False, seconds, code, message)
 
 
 def _blocked(previous: StepResult, step: str) -> StepResult:
@@ -255,19 +257,14 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def _series_info(extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Pseudonymized series UID -> role and scanner (what stage rows carry)."""
-    return dict(extra.get("series", {}))
-
-
-def _series_row(ctx: RunContext, info: Mapping[str, Any], **fields: Any) -> StageRecord:
-    """A stage row of the run's protocol, with the series' role and scanner from ``info``."""
+def _series_row(ctx: RunContext, describe: SeriesDescriptor, **fields: Any) -> StageRecord:
+    """A stage row of the run's protocol, with the series' role and scanner."""
     return StageRecord(
         protocol=ctx.protocol,
-        role=info.get("role"),
-        manufacturer=info.get("manufacturer"),
-        model=info.get("model"),
-        software_versions=info.get("software_versions"),
+        role=describe.role,
+        manufacturer=describe.manufacturer,
+        model=describe.model,
+        software_versions=describe.software_versions,
         **fields,
     )
 
@@ -296,7 +293,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
     folder = ctx.study_folder(plan)
     out = folder / "anonymized"
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
         from models.linkage import LinkageRecord, record_linkage
 
         source = _fresh(folder / "archive")
@@ -339,12 +336,13 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
         rows = []
         for number, series in enumerate(plan.series):
             pseudo = deidentifier.uid(series.series_uid)
-            info = {
-                "role": series.role,
-                "manufacturer": series.manufacturer,
-                "model": series.model,
-                "software_versions": series.software_versions,
-            }
+            info = SeriesDescriptor(
+                ctx.protocol,
+                series.role,
+                series.manufacturer,
+                series.model,
+                series.software_versions,
+            )
             series_info[pseudo] = info
             # counted, not computed: a file no outcome names was not written either
             written = outcomes[number]["written"]
@@ -376,14 +374,14 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
             )
         with index.session() as session:
             record_stages(session, rows)
-        public = {
-            "staging": str(out),
-            "study": deidentifier.uid(plan.study_uid),
-            "series": series_info,
-            "written": report.written,
-        }
+        order = WorkOrder(
+            study=deidentifier.uid(plan.study_uid),
+            staging=str(out),
+            series=series_info,
+            written=report.written,
+        )
         linked = {s.series_uid: deidentifier.uid(s.series_uid) for s in plan.series}
-        return public, {"linked_series": linked}
+        return order, {"linked_series": linked}
 
     return _run_step(
         ctx,
@@ -393,7 +391,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
         input_key,
         version,
         work,
-        lambda outputs: Path(str(outputs.get("staging", ""))).is_dir(),
+        lambda order: bool(order.staging) and Path(order.staging).is_dir(),
     )
 
 
@@ -418,10 +416,10 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     # QC, and the affine's starts compared at its coarse level
     version = "deface-3"
     input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
-    series_info = _series_info(previous.outputs)
-    staging = Path(previous.outputs["staging"])
+    order = previous.order
+    staging = Path(order.staging)
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
         is_reference = reference_rule(
             load_protocols(ctx.settings.protocols_file), policy.reference_rule
         )
@@ -437,7 +435,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         report = deface_folder(staging, ctx.dicom_out, template, policy, is_reference, previews)
         rows = []
         for outcome in report.series:
-            info = series_info.get(outcome.series, {})
+            info = order.describe(outcome.series)
             status = "pass" if outcome.status == "defaced" else "fail"
             extra = {}
             if len(outcome.previews) > 2:  # the pictures the dashboard may show
@@ -466,9 +464,8 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
             )
         with index.session() as session:
             record_stages(session, rows)
-        folders = [str(ctx.dicom_out.joinpath(*parts)) for parts in studies]
-        fits = [fit.to_json() for fit in report.fits]
-        return {**previous.outputs, "folders": folders, "head_fits": fits}, {}
+        folders = tuple(str(ctx.dicom_out.joinpath(*parts)) for parts in studies)
+        return replace(order, folders=folders, head_fits=tuple(report.fits)), {}
 
     return _run_step(
         ctx,
@@ -478,7 +475,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         input_key,
         version,
         work,
-        lambda outputs: all(Path(f).is_dir() for f in outputs.get("folders", [])),
+        lambda order: all(Path(f).is_dir() for f in order.folders),
     )
 
 
@@ -506,7 +503,7 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
 
     from models.scanners import load_known_scanners
     from pipelines.deface.template import load_brain_template
-    from pipelines.imaging.register import HeadFit, fits_by_frame
+    from pipelines.imaging.register import fits_by_frame
     from pipelines.quality.folder import METHOD_VERSION, qc_folder
     from pipelines.quality.folder import stage_records as qc_rows
     from pipelines.select.protocols import load_protocols
@@ -516,21 +513,21 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
         return _not_archived(previous.study_pk, QC)
     input_key = chain(previous.input_key, METHOD_VERSION, _protocols_digest(ctx.settings))
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
         protocols = load_protocols(ctx.settings.protocols_file)
         scanners = load_known_scanners(ctx.settings.known_scanners_file)
         template = cache(lambda: load_brain_template(ctx.settings.cache))
         # the head as defacing fitted it: image QC does not register it again
-        fits = fits_by_frame(HeadFit.from_json(f) for f in previous.outputs.get("head_fits", []))
+        fits = fits_by_frame(previous.order.head_fits)
         rows: list[StageRecord] = []
-        for folder in previous.outputs.get("folders", []):
+        for folder in previous.order.folders:
             report = qc_folder(
                 Path(folder), protocols, scanners, template, ctx.protocol, None, None, fits
             )
             rows.extend(row for r in report.series for row in qc_rows(r))
         with index.session() as session:
             record_stages(session, rows)
-        return dict(previous.outputs), {}
+        return previous.order, {}
 
     return _run_step(ctx, index, plan, QC, input_key, METHOD_VERSION, work)
 
@@ -573,6 +570,7 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     from pipelines.convert.folder import stage_record as convert_row
     from pipelines.select.protocols import load_protocols
     from pipelines.volumetry.run import sources_from_conversion
+    from pipelines.volumetry.source import Source
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -584,12 +582,12 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     version = method_version(tool_version)
     input_key = chain(previous.input_key, version, _protocols_digest(ctx.settings))
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
         protocols = load_protocols(ctx.settings.protocols_file)
         rows: list[StageRecord] = []
-        images: list[dict[str, Any]] = []
+        images: list[Source] = []
         delivered: dict[str, str] = {}  # NIfTI and sidecar -> series
-        for folder in previous.outputs.get("folders", []):
+        for folder in previous.order.folders:
             report = convert_folder(Path(folder), ctx.nifti_out, protocols, ctx.protocol)
             rows.extend(convert_row(r, report.method_version) for r in report.series)
             delivered.update(
@@ -601,13 +599,10 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
                 }
             )
             sources, _ = sources_from_conversion(report.series)
-            images.extend(
-                {**asdict(s), "image": str(s.image), "root": str(s.root) if s.root else None}
-                for s in sources
-            )
+            images.extend(sources)
         with index.session() as session:
             record_stages(session, rows)
-        return {**previous.outputs, "images": images, "converted": delivered}, {}
+        return replace(previous.order, images=tuple(images), converted=delivered), {}
 
     return _run_step(
         ctx,
@@ -617,7 +612,7 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
         input_key,
         version,
         work,
-        lambda outputs: all(Path(i["image"]).is_file() for i in outputs.get("images", [])),
+        lambda order: all(source.image.is_file() for source in order.images),
     )
 
 
@@ -641,12 +636,12 @@ def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
     return None
 
 
-def _decisions(index: IndexDB, converted: Mapping[str, Any]) -> dict[str, str]:
+def _decisions(index: IndexDB, order: WorkOrder) -> dict[str, str]:
     """The newest review decision on each converted series of a study (they decide what
     volumetry measures, so they are part of its input)."""
     from models.reviews import latest_reviews
 
-    uids = [str(s.get("series")) for s in converted.get("images", []) if s.get("series")]
+    uids = [s.series for s in order.images if s.series]
     with index.session() as session:
         return dict(sorted(latest_reviews(session, uids).items()))
 
@@ -657,11 +652,10 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
     if not previous.done:
         return _blocked(previous, VOLUMETRY)
     from models.stages import record_biomarkers
-    from pipelines.imaging.register import HeadFit
     from pipelines.select.protocols import load_protocols
     from pipelines.volumetry.atlas import load_atlas
     from pipelines.volumetry.method import METHOD_VERSION, Parameters
-    from pipelines.volumetry.run import Source, biomarker_record, measure_all
+    from pipelines.volumetry.run import biomarker_record, measure_all
     from pipelines.volumetry.run import stage_record as volumetry_row
 
     plan = _plan(ctx, index, previous.study_pk)
@@ -669,28 +663,16 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
         return _not_archived(previous.study_pk, VOLUMETRY)
     params = Parameters()
     version = f"volumetry-{METHOD_VERSION}"
-    decisions = _decisions(index, previous.outputs)  # none: the key it had before reviews
+    decisions = _decisions(index, previous.order)  # none: the key it had before reviews
     input_key = chain(
         previous.input_key, version, asdict(params), *([decisions] if decisions else [])
     )
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
-        sources = [
-            Source(
-                **{
-                    **image,
-                    "image": Path(image["image"]),
-                    "root": Path(image["root"]) if image.get("root") else None,
-                }
-            )
-            for image in previous.outputs.get("images", [])
-        ]
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
+        sources = previous.order.images
         wanted = [s for s in sources if s.series and failed_earlier(index, s.series) is None]
         # defacing fitted the study's head to the same head model: its affine is not redone
-        fits = {
-            fit.reference_series: fit
-            for fit in map(HeadFit.from_json, previous.outputs.get("head_fits", []))
-        }
+        fits = {fit.reference_series: fit for fit in previous.order.head_fits}
         results = measure_all(
             wanted,
             lambda: load_atlas(ctx.settings.cache),
@@ -705,14 +687,18 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
             record_biomarkers(
                 session, [biomarker_record(r, params) for r in known if r.volumes is not None]
             )
-        measured = {r.source.series: r.verdict.value for r in results}
-        overlays = {str(r.overlay): r.source.series for r in results if r.overlay is not None}
-        return {
-            **previous.outputs,
-            "measured": measured,
-            "not_measured": len(sources) - len(wanted),
-            "overlays": overlays,
-        }, {}
+        measured = {r.source.series: r.verdict.value for r in results if r.source.series}
+        overlays = {
+            str(r.overlay): r.source.series
+            for r in results
+            if r.overlay is not None and r.source.series
+        }
+        return replace(
+            previous.order,
+            measured=measured,
+            not_measured=len(sources) - len(wanted),
+            overlays=overlays,
+        ), {}
 
     return _run_step(ctx, index, plan, VOLUMETRY, input_key, version, work)
 
@@ -723,21 +709,20 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
 RELEASE_VERSION = "release-1"
 
 
-def delivered_files(ctx: RunContext, outputs: Mapping[str, Any]) -> dict[Path, str | None]:
+def delivered_files(ctx: RunContext, order: WorkOrder) -> dict[Path, str | None]:
     """What a study's steps wrote for release, each with its (pseudonymized) series: the
     defaced DICOM (``<patient>/<study>/<series>/``), the dashboard's pictures
     (``<study>/<series>_*.png``), the NIfTI images with their sidecars, the overlays."""
     files: dict[Path, str | None] = {}
-    for folder in map(Path, outputs.get("folders", [])):
+    for folder in map(Path, order.folders):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             parts = path.relative_to(folder).parts
             files[path] = parts[0] if len(parts) > 1 else None
-    study = outputs.get("study")
-    pictures = ctx.qc_images_out / str(study) if study else None
+    pictures = ctx.qc_images_out / order.study if order.study else None
     if pictures is not None and pictures.is_dir():
         for path in sorted(p for p in pictures.iterdir() if p.is_file()):
             files[path] = path.name.split("_", 1)[0]
-    for mapping in (outputs.get("converted", {}), outputs.get("overlays", {})):
+    for mapping in (order.converted, order.overlays):
         files.update({Path(p): series for p, series in mapping.items() if Path(p).is_file()})
     return files
 
@@ -775,13 +760,13 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     if plan is None:
         return _not_archived(previous.study_pk, RELEASE)
     input_key = chain(previous.input_key, RELEASE_VERSION)
-    series_info = _series_info(previous.outputs)
+    order = previous.order
 
-    def work() -> tuple[dict[str, Any], dict[str, Any]]:
-        files = delivered_files(ctx, previous.outputs)
+    def work() -> tuple[WorkOrder, dict[str, Any]]:
+        files = delivered_files(ctx, order)
         patients = {
             Path(f).parent.name
-            for f in previous.outputs.get("folders", [])
+            for f in order.folders
             if PSEUDONYM.fullmatch(Path(f).parent.name.encode())
         }
         kinds: dict[str | None, set[str]] = {}
@@ -797,11 +782,11 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
                     kinds.setdefault(series, set()).update(h.kind for h in report.hits)
                     moved[path] = str(target)
         everyone = kinds.get(None, set())
-        study = str(previous.outputs.get("study") or "")
+        study = order.study
         rows = []
         for series in sorted({s for s in files.values() if s}):
             found = kinds.get(series, set()) | everyone
-            info = series_info.get(series, {})
+            info = order.describe(series)
             rows.append(
                 _series_row(
                     ctx,
@@ -825,7 +810,9 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
             record_stages(session, rows)
         left = _delivered_digest({p: s for p, s in files.items() if p not in moved})
         return (
-            {"released": len(files) - len(moved), "quarantined": len(moved), "delivered": left},
+            replace(
+                order, released=len(files) - len(moved), quarantined=len(moved), delivered=left
+            ),
             {"quarantined_files": list(moved.values())},
         )
 
@@ -837,7 +824,5 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
         input_key,
         RELEASE_VERSION,
         work,
-        lambda outputs: (
-            outputs.get("delivered") == _delivered_digest(delivered_files(ctx, previous.outputs))
-        ),
+        lambda stored: stored.delivered == _delivered_digest(delivered_files(ctx, order)),
     )

@@ -35,8 +35,9 @@ from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
 from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
 from pipelines.volumetry.overlay import write_overlay
+from pipelines.volumetry.source import Source
 from pipelines.volumetry.verdict import judge
-from qc.findings import Finding, Verdict, finding, reason, verdict
+from qc.findings import Finding, Verdict, finding, reason, stage_row, verdict
 
 if TYPE_CHECKING:
     from pipelines.convert.folder import ConvertedSeries
@@ -48,24 +49,6 @@ STAGE = "volumetry"
 #: Roles of the protocol rules whose series are measured: the 3D T1, and a 2D T1 where a
 #: protocol (or a folder without one) takes it, measured with lower confidence (thick slices)
 ROLES = ("t1_3d", "t1_2d")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One image to measure and what is known of its series."""
-
-    image: Path
-    name: str
-    #: the folder it was found in (links are followed only inside it); None: named by the user
-    root: Path | None = None
-    series: str | None = None
-    study: str | None = None
-    protocol: str | None = None
-    role: str | None = None
-    manufacturer: str | None = None
-    model: str | None = None
-    software_versions: str | None = None
-    converter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -418,24 +401,16 @@ def metrics(result: VolumetryResult) -> dict[str, Any]:
 
 def stage_record(result: VolumetryResult) -> StageRecord:
     s = result.source
-    deciding = result.reason
     assert s.series is not None and s.study is not None
-    return StageRecord(
-        series_uid=s.series,
-        study_uid=s.study,
+    return stage_row(
+        result,
         stage=STAGE,
-        status=result.verdict.value,
         method_version=f"{METHOD}-{METHOD_VERSION}",
-        protocol=s.protocol,
-        role=s.role,
-        manufacturer=s.manufacturer,
-        model=s.model,
-        software_versions=s.software_versions,
-        reason_code=deciding.check if deciding else None,
-        message=deciding.message if deciding else None,
-        findings=[f.as_dict() for f in result.findings],
+        series=s.series,
+        study=s.study,
+        describe=s.describe,
         metrics=metrics(result),
-        input_sha256=result.input_sha256 or None,
+        input_sha256=result.input_sha256,
         seconds=round(sum(result.seconds.values()), 3),
     )
 

@@ -1,0 +1,44 @@
+"""What is known of a series beside any stage's result: the protocol it is judged under, its
+role in that protocol, and the scanner that made it. Every stage row carries it; the run hands it
+from step to step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SeriesDescriptor:
+    """A series' protocol, role and scanner; an empty text is stored as unknown (None)."""
+
+    protocol: str | None = None
+    role: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    software_versions: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value == "":
+                object.__setattr__(self, name, None)
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, data: Mapping[str, object], protocol: str | None = None) -> SeriesDescriptor:
+        """From a mapping with the same keys (a stored hand-over); ``protocol`` where the
+        mapping has none."""
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return None if value is None else str(value)
+
+        return cls(
+            protocol=text("protocol") or protocol,
+            role=text("role"),
+            manufacturer=text("manufacturer"),
+            model=text("model"),
+            software_versions=text("software_versions"),
+        )
