@@ -39,8 +39,8 @@ def _cohort(work: Path, cache: Path, files: int) -> list[Path]:
 def _ours(paths: list[Path], out: Path) -> int:
     from pipelines.anonymize.deidentify import Deidentifier
     from pipelines.anonymize.files import anonymize_file
-    from pipelines.anonymize.keys import ProjectKey
     from pipelines.anonymize.profile import load_profile
+    from pipelines.dicom.keys import ProjectKey
 
     deidentifier = Deidentifier(load_profile(), ProjectKey(b"benchmark-key-0123456789", "bench"))
     written = 0
@@ -53,8 +53,8 @@ def _ours(paths: list[Path], out: Path) -> int:
 def _ours_parallel(paths: list[Path], out: Path) -> int:
     from pipelines.anonymize.deidentify import Deidentifier
     from pipelines.anonymize.files import anonymize_folder
-    from pipelines.anonymize.keys import ProjectKey
     from pipelines.anonymize.profile import load_profile
+    from pipelines.dicom.keys import ProjectKey
 
     # the same files, as `cohortflow anonymize` takes them: a folder, one process per core
     folder = out.parent / "parallel-in"

@@ -45,10 +45,10 @@ from models.cohort import (  # noqa: E402
 )
 from models.database import open_index  # noqa: E402
 from models.disclosure import DISCLOSURE, Disclosure  # noqa: E402
-from pipelines.anonymize.keys import ProjectKey  # noqa: E402
 from pipelines.cohort.configured import roles_of  # noqa: E402
 from pipelines.cohort.refresh import refresh  # noqa: E402
-from pipelines.select.protocols import load_protocols  # noqa: E402
+from pipelines.dicom.keys import ProjectKey  # noqa: E402
+from pipelines.dicom.protocols import load_protocols  # noqa: E402
 
 #: (manufacturer, model, reported field strength)
 SCANNERS = (

@@ -47,9 +47,9 @@ def main() -> None:
 
     from models.settings import DefaceSettings
     from models.synth import SynthConfig
+    from pipelines.atlas.template import load_template
     from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.deface.template import load_template
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.synth import generators
     from pipelines.synth.cohort import generate
     from pipelines.synth.scoring import score_deface

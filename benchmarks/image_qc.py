@@ -183,11 +183,11 @@ def main() -> None:
     from models.settings import DefaceSettings
     from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
     from pipelines.atlas.headmodel import load_or_build
+    from pipelines.atlas.template import load_brain_template, load_template
     from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.deface.template import load_brain_template, load_template
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.quality.brain import place_brain
     from pipelines.quality.folder import HEADER, IMAGE, qc_folder
-    from pipelines.select.protocols import load_protocols
     from pipelines.synth import generators
     from pipelines.synth.cohort import generate
     from pipelines.synth.phantom import qc_phantom

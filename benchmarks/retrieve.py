@@ -35,13 +35,13 @@ from pathlib import Path
 from models.database import open_index
 from models.scanners import KnownScanners, load_known_scanners
 from models.synth import SynthConfig
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
+from pipelines.dicom.protocols import load_protocols
 from pipelines.pacs import orthanc
 from pipelines.pacs.dicomweb import DicomWebNode
 from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
 from pipelines.retrieve.throttle import RetrievePolicy, Throttle
-from pipelines.select.protocols import load_protocols
 from pipelines.select.query import record_selection, select_studies
 from pipelines.synth.cohort import generate
 

@@ -625,10 +625,11 @@ def _load_into_pacs(settings: Settings, folder: Path, err: Console) -> StoreResu
 def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_batch_report
     from models.scanners import load_known_scanners
+    from pipelines.archive.store import ArchiveStore
     from pipelines.ingest.accounting import batch_report
-    from pipelines.ingest.archive import ArchiveStore
-    from pipelines.ingest.engine import choose_batch_name, count_files, ingest
+    from pipelines.ingest.engine import choose_batch_name, ingest
     from pipelines.ingest.manifest import read_manifest
+    from pipelines.walk import count_files
 
     missing = [str(p) for p in args.paths if not os.path.lexists(p)]
     if missing:
@@ -674,7 +675,7 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from flows.report import print_verify_report
-    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.archive.store import ArchiveStore
     from pipelines.ingest.verify import verify
 
     with _open_index(settings) as index, progress_bar(err, "verifying the archive") as bar:
@@ -908,7 +909,7 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
 
 def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.scanners import load_known_scanners
-    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.archive.store import ArchiveStore
     from pipelines.retrieve.config import scp_tls
     from pipelines.retrieve.listen import listen
 
@@ -1203,7 +1204,7 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.workers is not None and args.workers < 1:
         err.print("[red]usage error:[/red] --workers must be at least 1")
         return EXIT_USAGE
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
 
     load_protocols(settings.protocols_file).get(args.protocol)  # unknown name: usage error
     if args.cohort is not None:

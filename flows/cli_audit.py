@@ -92,7 +92,7 @@ def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> i
 def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.database import open_index
     from models.linkage import audit
-    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.archive.store import ArchiveStore
 
     store = ArchiveStore.of(settings)
     with progress_bar(err, "re-wrapping blob keys") as bar:

@@ -12,10 +12,11 @@ from models.database import IndexDB, open_index
 from models.ingest import BatchReport
 from models.scanners import KnownScanners, load_known_scanners
 from models.settings import load_settings
+from pipelines.archive.store import ArchiveStore
 from pipelines.ingest import engine
 from pipelines.ingest.accounting import batch_report
-from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.manifest import read_manifest
+from pipelines.walk import walk
 
 CHUNK = 500
 
@@ -38,7 +39,7 @@ def _scanners(path: Path | None) -> KnownScanners:
 
 @task(name="list-files")
 def list_files(sources: list[Path], archive: Path) -> list[list[str]]:
-    chunks = engine.chunked(engine.walk(sources, skip=archive, stat=False), CHUNK)
+    chunks = engine.chunked(walk(sources, skip=archive, stat=False), CHUNK)
     return [[c.path for c in chunk] for chunk in chunks]
 
 

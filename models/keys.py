@@ -1,6 +1,6 @@
 """Reading the project key's material from where the settings say it is (``file:PATH``, created
 on first use with mode 0600, or ``env:VARIABLE``). Everything keyed by it (pseudonyms, dates,
-UIDs: ``pipelines.anonymize.keys.ProjectKey``; the audit chain: ``models.audit``) reads it here.
+UIDs: ``pipelines.dicom.keys.ProjectKey``; the audit chain: ``models.audit``) reads it here.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _insert(session: Session, table: Table | Any) -> Any:
+def dialect_insert(session: Session, table: Table | Any) -> Any:
     dialect = session.get_bind().dialect.name
     if dialect == "sqlite":
         from sqlalchemy.dialects import sqlite
@@ -64,7 +64,7 @@ def insert_ignore(
     chunk and cost more than all of ingest's file reading.
     """
     if rows:
-        statement = _insert(session, table).on_conflict_do_nothing(index_elements=keys)
+        statement = dialect_insert(session, table).on_conflict_do_nothing(index_elements=keys)
         session.execute(statement, rows)
 
 
@@ -442,7 +442,7 @@ def record_files(
             }
         )
     if file_rows:
-        statement = _insert(session, File.__table__)
+        statement = dialect_insert(session, File.__table__)
         excluded = statement.excluded
         session.execute(
             statement.on_conflict_do_update(

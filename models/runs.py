@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.repository import _insert, now
+from models.repository import dialect_insert, now
 from models.schema import Run, StudyStep
 
 #: a step that ran to its end (its series' own verdicts are stage results)
@@ -51,7 +51,7 @@ def record_step(session: Session, record: StepRecord) -> None:
     """Insert or replace the row of ``record`` (keyed by protocol, study and step)."""
     row = {f.name: getattr(record, f.name) for f in fields(StepRecord)}
     row["recorded_at"] = record.recorded_at or now()
-    statement = _insert(session, StudyStep).values(**row)
+    statement = dialect_insert(session, StudyStep).values(**row)
     statement = statement.on_conflict_do_update(
         index_elements=["protocol", "study_uid", "step"],
         set_={c: getattr(statement.excluded, c) for c in _STEP_COLUMNS},

@@ -214,7 +214,7 @@ class Settings(BaseSettings):
     pseudonym_key_source: str | None = None
     #: Where the archive key ring comes from (``file:PATH``, made on first use, or
     #: ``env:VARIABLE``): the identified archive's blobs are sealed with AES-256-GCM
-    #: (pipelines/ingest/sealed.py). ``none`` stores them as received (a disk encrypted as a
+    #: (pipelines/archive/sealed.py). ``none`` stores them as received (a disk encrypted as a
     #: whole, say); default: ``file:<home>/secrets/archive.key``.
     archive_key_source: str | None = None
     local_aet: str = Field("COHORTFLOW", min_length=1, max_length=16)
@@ -226,7 +226,7 @@ class Settings(BaseSettings):
     flow: FlowSettings = FlowSettings()
     dashboard: DashboardSettings = DashboardSettings()
     cohort: CohortSettings = CohortSettings()
-    #: Protocol definitions; default: the file shipped in pipelines/select/data.
+    #: Protocol definitions; default: the file shipped in pipelines/dicom/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.
     workers: int = Field(0, ge=0)

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from models.repository import _insert, now
+from models.repository import dialect_insert, now
 from models.schema import Biomarker, StageHistory, StageResult
 from models.volumes import VOLUME_NAMES, Volumes
 
@@ -76,7 +76,7 @@ def record_stages(session: Session, records: Sequence[StageRecord]) -> None:
         }
         for r in records
     ]
-    statement = _insert(session, StageResult)
+    statement = dialect_insert(session, StageResult)
     statement = statement.on_conflict_do_update(
         index_elements=["series_uid", "stage"],
         set_={c: getattr(statement.excluded, c) for c in _COLUMNS},
@@ -178,7 +178,7 @@ def record_biomarkers(session: Session, records: Sequence[BiomarkerRecord]) -> N
     rows = [{**r.volumes.as_dict(), **{c: getattr(r, c) for c in _PLAIN}} for r in records]
     for row in rows:
         row["recorded_at"] = row["recorded_at"] or stamp
-    statement = _insert(session, Biomarker)
+    statement = dialect_insert(session, Biomarker)
     statement = statement.on_conflict_do_update(
         index_elements=["series_uid"],
         set_={c: getattr(statement.excluded, c) for c in columns},

@@ -16,9 +16,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipelines.ingest.engine import walk
-from pipelines.ingest.paths import printable_path
-from pipelines.safeio import RefusedError, read_regular
+from pipelines.safeio import RefusedError, printable_path, read_regular
+from pipelines.walk import walk
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
     """Group the DICOM files under ``source`` by study and series; list the others in
     ``skipped``. With ``keep_damaged``, a damaged file whose header still names its series is
     kept in that series (marked with its damage), so that the series is known to miss it."""
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     source = Path(os.path.abspath(source))  # the walk gives absolute paths
     studies: Studies = defaultdict(lambda: defaultdict(list))

@@ -22,6 +22,7 @@ row); ``--json`` keeps them intact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -38,6 +39,22 @@ class RefusedError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def printable_path(path: str | os.PathLike[str] | bytes) -> str:
+    """The path as text that any database and terminal accepts (undecodable bytes escaped):
+    paths as the index stores them."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def printable(text: str | os.PathLike[str] | bytes) -> str:

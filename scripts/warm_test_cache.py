@@ -19,7 +19,7 @@ def main() -> int:
     configure_itk(1)  # as the suite and the command line do: a reproducible model
     from models.settings import DefaceSettings
     from pipelines.atlas.headmodel import load_or_build
-    from pipelines.deface.template import load_template
+    from pipelines.atlas.template import load_template
 
     cache = Path(os.environ.get("COHORTFLOW_TEST_CACHE", ".cache/test"))
     cache.mkdir(parents=True, exist_ok=True)

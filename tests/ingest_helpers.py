@@ -16,8 +16,8 @@ import pydicom
 from models.database import IndexDB, open_index
 from models.ingest import BatchReport, IngestOutcome
 from models.scanners import KnownScanners, load_known_scanners
+from pipelines.archive.store import ArchiveStore
 from pipelines.ingest.accounting import batch_report
-from pipelines.ingest.archive import ArchiveStore
 from pipelines.ingest.engine import ingest
 from pipelines.ingest.manifest import Manifest
 

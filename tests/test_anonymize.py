@@ -24,8 +24,8 @@ from models.linkage import lookup
 from models.synth import CohortTruth
 from pipelines.anonymize.deidentify import Deidentifier, Excluded
 from pipelines.anonymize.errors import ProfileError, ProjectKeyError
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
+from pipelines.dicom.keys import ProjectKey
 from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import dciodvfy_errors, pydicom_file
 
@@ -311,7 +311,7 @@ def test_dciodvfy_finds_no_new_error_in_anonymized_output(
 def test_deflated_files_keep_their_pixel_data() -> None:
     """Regression: the header read by classify was completed from an offset that, in a deflated
     file, points into the inflated stream: the pixel data was silently lost."""
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     source = pydicom_file("image_dfl.dcm")
     data = source.read_bytes()
@@ -330,7 +330,7 @@ def _both_writers(path: Path) -> tuple[bytes, bytes] | None:
     from pydicom.dataset import FileMetaDataset
 
     from pipelines.anonymize.writer import can_splice, encode_file, snapshot
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     data = path.read_bytes()
     outputs = []

@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from flows.cli import main
 from models.schema import AuditEntry
-from pipelines.ingest import sealed
-from pipelines.ingest.archive import ArchiveStore
-from pipelines.ingest.sealed import HEADER, SEGMENT, TAG, SealError, load_ring
+from pipelines.archive import sealed
+from pipelines.archive.sealed import HEADER, SEGMENT, TAG, SealError, load_ring
+from pipelines.archive.store import ArchiveStore
 from tests.ingest_helpers import pydicom_file
 
 WINDOW = 17  # no run of the original longer than 16 bytes may be found in the file on disk

@@ -25,10 +25,10 @@ from models.database import open_index
 from models.schema import CohortState
 from models.settings import load_settings
 from pipelines.anonymize.deidentify import Deidentified, Deidentifier
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
 from pipelines.cohort.configured import refresh_configured
 from pipelines.dicom.cleaner import CLEANER_VERSION, WRITTEN_DATE, cleaner_for, written_forms
+from pipelines.dicom.keys import ProjectKey
 
 LEAKY = "T2 Gregory House 99887766 15.04.1960"
 

@@ -38,8 +38,8 @@ from models.settings import load_settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from models.synth import CohortTruth, PatientTruth, SeriesTruth, StudyTruth
 from models.volumes import Volumes
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.cohort.configured import protocol_roles, refresh_configured
+from pipelines.dicom.keys import ProjectKey
 from pipelines.synth.cohort import CohortResult
 
 pytestmark = pytest.mark.slow
@@ -500,8 +500,8 @@ def test_listed_studies_the_archive_holds_are_decided_from_the_index(
     """No PACS at all: archived studies are classified by the protocol's series rules from the
     index's header fields (the series the PACS query chooses), others reported."""
     from models.outcomes import protocol_outcome
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.select.listed import ListedStudy, select_listed
-    from pipelines.select.protocols import load_protocols
     from pipelines.select.query import record_selection
 
     protocols = load_protocols()

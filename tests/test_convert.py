@@ -41,14 +41,14 @@ from models.geometry import LPS_FROM_RAS, planes_of
 from models.settings import load_settings
 from models.stages import stage_records
 from models.synth import CohortTruth, Fault
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.convert import bids, sidecar
 from pipelines.convert.check import SliceGrid, check_image, grid_findings, slice_grid
 from pipelines.convert.dcm2niix import classify_output, find_dcm2niix
 from pipelines.convert.errors import ConvertError
 from pipelines.convert.folder import ConvertedSeries, ConvertReport, convert_folder
 from pipelines.dicom.cleaner import dataset_cleaner
-from pipelines.select.protocols import ProtocolSet, load_protocols
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import ProtocolSet, load_protocols
 from pipelines.synth.cohort import CohortResult
 from qc.findings import Verdict
 

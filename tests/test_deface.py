@@ -20,6 +20,8 @@ from flows.cli import main
 from models.errors import GeometryError
 from models.geometry import Plane, planes_of, reference_volume, stack_pixels
 from models.settings import DefaceSettings
+from pipelines.atlas.masks import check_placement, removal_mask
+from pipelines.atlas.template import BRAIN, FACE, PROTECT, Template, load_template
 from pipelines.deface import folder as deface_module
 from pipelines.deface.folder import (
     CLEAN_VISUAL_FEATURES,
@@ -28,11 +30,9 @@ from pipelines.deface.folder import (
     mark_defaced,
     reference_rule,
 )
-from pipelines.deface.masks import check_placement, removal_mask
-from pipelines.deface.template import BRAIN, FACE, PROTECT, Template, load_template
+from pipelines.dicom.protocols import load_protocols
 from pipelines.dicomfolder import read_instance
 from pipelines.imaging.register import Fit
-from pipelines.select.protocols import load_protocols
 from pipelines.synth.cohort import CohortResult
 from pipelines.synth.scoring import score_deface
 from tests.ingest_helpers import dciodvfy_errors
@@ -123,7 +123,7 @@ def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
     front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face removed),
     never within 10 mm of the intracranial space and never behind the forehead. On a 1 mm
     head of 80 voxels a side: a brain ball, a face block in front of and below it."""
-    from pipelines.deface.template import (
+    from pipelines.atlas.template import (
         BRAIN,
         BROW_BRAIN_MARGIN_MM,
         BROW_DEPTH_MM,

@@ -124,7 +124,7 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
 
     import yaml
 
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
 
     spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text("utf-8"))
     deployments = {d["name"]: d for d in spec["deployments"]}

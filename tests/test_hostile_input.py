@@ -20,9 +20,9 @@ from pydicom.dataset import Dataset
 from models.linkage import LinkageRecord
 from pipelines.anonymize.deidentify import Deidentifier
 from pipelines.anonymize.files import FolderReport, anonymize_folder
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
-from pipelines.ingest.reader import classify
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.reader import classify
 from tests.ingest_helpers import PYDICOM_FILES, pydicom_file
 
 KEY = ProjectKey(b"h" * 32, "hostile")
@@ -346,7 +346,7 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 1 << 20
     code = (
         "import json, sys\n"
-        "from pipelines.ingest.reader import read_path\n"
+        "from pipelines.dicom.reader import read_path\n"
         "record, _ = read_path(sys.argv[1])\n"
         "print(json.dumps([record.status.value, record.reason_code, record.reason]))\n"
     )
@@ -397,7 +397,7 @@ def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed
     refused every staged series)."""
     import hashlib
 
-    from pipelines.ingest.archive import ArchiveStore
+    from pipelines.archive.store import ArchiveStore
 
     store = ArchiveStore(tmp_path / "archive", f"file:{tmp_path / 'archive.key'}")
     content = _mr()

@@ -27,7 +27,7 @@ from models.database import IndexDB, current_revision, head_revision, open_index
 from models.disclosure import DISCLOSURE, NOISE_MAX, Disclosure
 from models.scanners import load_known_scanners
 from models.schema import Base, File, Instance, Patient, Series, Study
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 from pipelines.ingest.manifest import read_manifest
 from tests.ingest_helpers import Archive, free_port, make_archive, open_at_once, pydicom_file
 
@@ -378,9 +378,9 @@ def test_cohort_discovery_answers_the_same_on_postgres_and_sqlite(
 ) -> None:
     """The cohort table built and queried on both backends: the same counts, cells and lists."""
     from models.cohort import IDENTIFIED, CohortFilter, count, list_series, save_cohort
-    from pipelines.anonymize.keys import ProjectKey
     from pipelines.cohort.refresh import refresh
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.keys import ProjectKey
+    from pipelines.dicom.protocols import load_protocols
     from tests.review_helpers import build
 
     sqlite_index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")

@@ -19,9 +19,9 @@ from models.database import SCHEMA_REVISION, IndexDB, head_revision, open_index
 from models.errors import IndexDatabaseError, ManifestError
 from models.ingest import FileStatus
 from models.schema import Base, Blob, File, Instance, Scanner
+from pipelines.dicom.reader import read_path
 from pipelines.ingest.engine import ingest_chunk
 from pipelines.ingest.manifest import read_manifest
-from pipelines.ingest.reader import read_path
 from tests.ingest_helpers import PYDICOM_FILES, Archive, make_archive, open_at_once, pydicom_file
 
 

@@ -15,8 +15,8 @@ from models.retrieval import ChosenSeries, save_selection, update_retrieval
 from models.runs import DONE, ERROR, StepRecord, record_step, step_records
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from models.volumes import Volumes
+from pipelines.dicom.protocols import load_protocols
 from pipelines.quality.cohort import recheck_outliers
-from pipelines.select.protocols import load_protocols
 
 
 @pytest.fixture

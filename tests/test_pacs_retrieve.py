@@ -27,7 +27,8 @@ from models.scanners import KnownScanners, load_known_scanners
 from models.schema import AuditEntry, Selection
 from models.settings import load_settings
 from models.synth import CohortTruth, Fault
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
+from pipelines.dicom.protocols import load_protocols
 from pipelines.ingest.verify import verify
 from pipelines.pacs import orthanc
 from pipelines.pacs.dicomweb import DicomWebNode
@@ -35,7 +36,6 @@ from pipelines.pacs.dimse import PacsNode, store_files
 from pipelines.pacs.scp import Received
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
 from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
-from pipelines.select.protocols import load_protocols
 from pipelines.select.query import record_selection, select_studies
 from pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigurationError
-from pipelines.dicom.rules import Attributes, Match, Rule, parse_rule
-from pipelines.select.errors import ProtocolError
-from pipelines.select.protocols import (
+from pipelines.dicom.protocols import (
     NO_INCLUDE_RULE,
     Protocol,
     StudyQuery,
     load_protocols,
 )
+from pipelines.dicom.rules import Attributes, Match, Rule, parse_rule
+from pipelines.select.errors import ProtocolError
 from pipelines.synth.scanners import (
     SC_SERIES,
     SCANNERS,

@@ -18,10 +18,10 @@ from models.scanners import load_known_scanners
 from models.settings import load_settings
 from models.stages import StageRecord, record_stages, stage_records
 from models.synth import Fault
-from pipelines.anonymize.keys import ProjectKey
-from pipelines.deface.template import Template, load_brain_template
+from pipelines.atlas.template import Template, load_brain_template
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import load_protocols
 from pipelines.quality.folder import HEADER, IMAGE, QcReport, qc_folder
-from pipelines.select.protocols import load_protocols
 from pipelines.synth.cohort import CohortResult
 from pipelines.synth.scoring import QC_EXPECTED, score_qc
 

@@ -10,7 +10,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from models.scanners import load_known_scanners
-from pipelines.select.protocols import load_protocols
+from pipelines.dicom.protocols import load_protocols
 from qc.findings import Severity, Verdict, verdict
 from qc.header import SeriesFile, check_series, check_study, header_number
 from qc.policy import QcPolicy, parse_policy

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.atlas.headmodel import HeadModel
-from pipelines.select.protocols import load_protocols
+from pipelines.dicom.protocols import load_protocols
 from pipelines.synth.phantom import qc_phantom, rician_moments
 from qc import metrics as m
 from qc.findings import Severity
@@ -150,7 +150,7 @@ def test_snr_and_cnr_within_10_percent_on_head_phantoms(
 ) -> None:
     """Known noise and contrast, the whole image check as the QC stage runs it (template placed
     by registration, masks and classes found from the image)."""
-    from pipelines.deface.template import load_brain_template
+    from pipelines.atlas.template import load_brain_template
     from pipelines.quality.brain import place_brain
 
     rng = np.random.default_rng(int(snr * 10 + (gm or 0) * 100 + bias * 1000))
@@ -198,7 +198,7 @@ def test_a_head_fit_handed_over_by_defacing_places_the_brain_without_registering
     with the one QC's own registration places, and a fit to another template is not used."""
     from dataclasses import replace
 
-    from pipelines.deface.template import load_brain_template
+    from pipelines.atlas.template import load_brain_template
     from pipelines.imaging import register
     from pipelines.quality import brain as placement
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.dicom.protocols import load_protocols
 from pipelines.select.errors import ProtocolError
-from pipelines.select.protocols import load_protocols
 from qc.findings import CHECKS, Severity
 from qc.metrics import METRICS
 from qc.policy import PolicyError, parse_policy
 
-SHIPPED = Path(__file__).parent.parent / "pipelines" / "select" / "data" / "protocols.yaml"
+SHIPPED = Path(__file__).parent.parent / "pipelines" / "dicom" / "data" / "protocols.yaml"
 
 
 def test_every_shipped_protocol_checks_its_3d_t1_image_and_header() -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from flows.cli import main
 from pipelines.dicom.header import attributes
+from pipelines.dicom.protocols import load_protocols
 from pipelines.dicomfolder import SkippedFile, first_header, index_folder
-from pipelines.select.protocols import load_protocols
 
 #: (dataset, SeriesNumber, SeriesDescription) -> role, for every series of the corpora
 EXPECTED = {

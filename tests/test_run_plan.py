@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.database import open_index
 from models.schema import Blob, Instance, Patient, SelectedSeries, Selection, Series, Study
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 from pipelines.run.plan import plan_studies, plan_study
 
 

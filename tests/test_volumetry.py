@@ -19,7 +19,7 @@ from models.database import open_index
 from models.settings import load_settings
 from models.stages import BiomarkerRecord, biomarker_records, record_biomarkers, stage_records
 from models.volumes import Volumes
-from pipelines.anonymize.keys import ProjectKey
+from pipelines.dicom.keys import ProjectKey
 from pipelines.synth.cohort import CohortResult
 from pipelines.volumetry.overlay import overlay, write_overlay
 from pipelines.volumetry.refine import refine_icv

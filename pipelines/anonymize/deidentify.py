@@ -28,9 +28,9 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from models.ingest import patient_key
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import Profile
 from pipelines.dicom.cleaner import IDENTIFYING, Cleaner, identifying_words
+from pipelines.dicom.keys import ProjectKey
 
 #: CID 7050 De-identification Method codes (scheme DCM).
 CID_7050 = {

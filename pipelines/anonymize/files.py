@@ -28,23 +28,23 @@ from models.database import IndexDB
 from models.linkage import LinkageRecord, record_linkage
 from models.settings import Settings
 from pipelines.anonymize.deidentify import Deidentifier, Excluded
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.anonymize.profile import load_profile
 from pipelines.anonymize.writer import can_splice, encode_file, snapshot
-from pipelines.ingest.archive import ArchiveStore
-from pipelines.ingest.engine import walk
-from pipelines.ingest.paths import printable_path
-from pipelines.ingest.sealed import SealError
+from pipelines.archive.sealed import SealError
+from pipelines.archive.store import ArchiveStore
+from pipelines.dicom.keys import ProjectKey
 from pipelines.safeio import (
     RefusedError,
     current_umask,
     holds,
     printable,
+    printable_path,
     promote,
     publish,
     read_regular,
     take_umask,
 )
+from pipelines.walk import walk
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def anonymize_file(
     de-identified file). With
     ``staging``, the file is written there (at its path relative to ``out_root``) for the
     caller to promote once the patient's linkage is committed (:func:`anonymize_folder`)."""
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     shown = printable_path(str(path))
     try:

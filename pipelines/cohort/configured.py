@@ -16,12 +16,12 @@ from models.disclosure import DISCLOSURE, Disclosure
 from models.errors import ManifestError
 from models.settings import Settings
 from models.spreadsheet import neutralised, restore
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.cohort.refresh import RefreshSummary, refresh
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import ProtocolSet, load_protocols
 from pipelines.retrieve.config import pacs_node, retrieve_policy
 from pipelines.retrieve.throttle import Throttle
 from pipelines.select.listed import ListedStudy, select_listed
-from pipelines.select.protocols import ProtocolSet, load_protocols
 from pipelines.select.query import SelectionResult
 
 #: the columns of a cohort manifest; ``accession_number`` and ``instances`` are also what a

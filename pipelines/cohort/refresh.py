@@ -44,11 +44,11 @@ from models.schema import (
     StageResult,
     Study,
 )
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.dicom.cleaner import CLEANER_VERSION, cleaner_for
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import Protocol, ProtocolSet
 from pipelines.dicom.rules import Attributes
 from pipelines.select.listed import index_attributes
-from pipelines.select.protocols import Protocol, ProtocolSet
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ from models.geometry import Plane, planes_of
 from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, record_stages
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.convert import bids, sidecar
 from pipelines.convert.check import (
     ImageCheck,
@@ -61,6 +60,8 @@ from pipelines.convert.sitk import convert_with_sitk, sitk_version
 from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
 from pipelines.dicom.identified import for_deidentified_side, is_deidentified
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import ProtocolSet
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -70,9 +71,7 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
-from pipelines.quality.folder import choose_protocol
 from pipelines.safeio import RefusedError, read_regular
-from pipelines.select.protocols import ProtocolSet
 from qc.findings import Finding, Severity, Verdict, finding, reason, stage_row, verdict
 from qc.header import header_text
 
@@ -318,7 +317,7 @@ def _plan_study(
     if not readable:
         return plans, left
     study_description = header_text(first_header(readable[0][1]), "StudyDescription")
-    protocol = choose_protocol(protocols, protocol_name, study_description)
+    protocol = protocols.choose(protocol_name, study_description)
     for uid, entries in readable:
         header = first_header(entries)
         folder = str(entries[0].relative.parent)
@@ -428,7 +427,7 @@ class _Series:
 
 
 def _read_series(entries: Sequence[FolderFile]) -> _Series:
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     readable: list[tuple[tuple[float, float, str], Path, Dataset]] = []
     digests: list[str] = []
@@ -940,7 +939,7 @@ def convert_configured(
 ) -> ConvertReport:
     """Convert with the project's protocols; record a ``convert`` stage result per series in
     the archive index (when given and ``record``)."""
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     if protocol is not None:

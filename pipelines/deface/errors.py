@@ -7,7 +7,3 @@ from models.errors import ReasonError
 
 class DefaceError(ReasonError):
     """A series (or the study's reference T1) cannot be defaced; ``code`` is machine-readable."""
-
-
-class TemplateError(Exception):
-    """The defacing template (pydeface's package data) cannot be loaded."""

@@ -32,10 +32,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.errors import GeometryError, ReasonError
 from models.geometry import Plane, plane_pixels, planes_of, reference_volume, stack_pixels
 from models.settings import DefaceSettings, Settings
-from pipelines.deface import masks, preview, surface
+from pipelines.atlas import masks
+from pipelines.atlas.template import BRAIN, Template
+from pipelines.deface import surface
 from pipelines.deface.errors import DefaceError
-from pipelines.deface.template import BRAIN, Template
 from pipelines.dicom.header import attributes
+from pipelines.dicom.protocols import ProtocolSet
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -44,9 +46,9 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
+from pipelines.imaging import preview
 from pipelines.imaging.register import Fit, HeadFit, fit_affine
-from pipelines.ingest.paths import printable_path
-from pipelines.select.protocols import ProtocolSet
+from pipelines.safeio import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,8 @@ def deface_configured(
     progress: Callable[[SeriesOutcome], None] | None = None,
 ) -> DefaceReport:
     """Deface with the project's settings: its protocols' reference rule, the cached template."""
-    from pipelines.deface.template import load_template
-    from pipelines.select.protocols import load_protocols
+    from pipelines.atlas.template import load_template
+    from pipelines.dicom.protocols import load_protocols
 
     policy = settings.deface
     is_reference = reference_rule(load_protocols(settings.protocols_file), policy.reference_rule)

@@ -29,25 +29,16 @@ from models import repository
 from models.database import IndexDB
 from models.ingest import FileRecord, FileStatus, IngestOutcome
 from models.scanners import KnownScanners
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 from pipelines.ingest.manifest import Manifest
-from pipelines.ingest.paths import printable_path
-from pipelines.safeio import current_umask, take_umask
+from pipelines.safeio import current_umask, printable_path, take_umask
+from pipelines.walk import Candidate, walk
+from pipelines.walk import candidate as found_at
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 512
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A path found in a delivery, with what the directory listing told about it."""
-
-    path: str  # as the OS gives it (may hold escaped undecodable bytes)
-    shown: str  # printable, as stored in the index
-    size: int | None
-    mtime_ns: int | None
 
 
 @dataclass(frozen=True)
@@ -57,62 +48,6 @@ class ChunkPlan:
     unchanged: list[tuple[Candidate, repository.KnownFile]]
     #: this batch's rows of paths to read again (changed size or mtime): the hash decides
     earlier: dict[str, repository.KnownFile]
-
-
-def _candidate(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
-    try:
-        st = entry.stat() if entry is not None else os.stat(path)
-    except OSError:
-        return Candidate(path, printable_path(path), None, None)
-    return Candidate(path, printable_path(path), st.st_size, st.st_mtime_ns)
-
-
-def walk(
-    sources: Iterable[Path], skip: Path | None = None, *, stat: bool = True
-) -> Iterator[Candidate]:
-    """Every file under the sources, depth first, in name order; symlinked folders not followed.
-
-    A source that is a file is yielded as is; a folder that cannot be listed is yielded as a
-    candidate too, so it ends in the index as unreadable instead of vanishing from the account.
-    Without ``stat`` the candidates carry no size and mtime (names only: counting).
-    """
-
-    def found(path: str, entry: os.DirEntry[str] | None = None) -> Candidate:
-        return _candidate(path, entry) if stat else Candidate(path, path, None, None)
-
-    skip_real = os.path.realpath(skip) if skip is not None else None
-    for source in sources:
-        root = os.path.abspath(source)
-        if not os.path.isdir(root) or os.path.islink(root):
-            yield found(root)
-            continue
-        stack = [root]
-        while stack:
-            folder = stack.pop()
-            if skip_real is not None and os.path.realpath(folder) == skip_real:
-                continue
-            try:
-                with os.scandir(folder) as listing:
-                    entries = sorted(listing, key=lambda e: e.name)
-            except OSError:
-                yield Candidate(folder, printable_path(folder), None, None)
-                continue
-            subfolders = []
-            for entry in entries:
-                try:
-                    is_folder = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_folder = False
-                if is_folder:
-                    subfolders.append(entry.path)
-                else:
-                    yield found(entry.path, entry)
-            stack.extend(reversed(subfolders))
-
-
-def count_files(sources: Iterable[Path], skip: Path | None = None) -> int:
-    """How many candidates ``walk`` will yield (names only; for progress bars)."""
-    return sum(1 for _ in walk(sources, skip, stat=False))
 
 
 def chunked(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
@@ -168,7 +103,7 @@ def read_files(
     With ``move`` the files are hard-linked into the archive instead of copied; the caller
     removes the originals once the index holds them (``release_sources``).
     """
-    from pipelines.ingest.reader import read_path  # pydicom: loaded in the readers only
+    from pipelines.dicom.reader import read_path  # pydicom: loaded in the readers only
 
     # the store is made here, not sent: the key ring is read by each worker, never pickled
     store = _STORES.get((archive_root, key_source))
@@ -257,7 +192,7 @@ def ingest_chunk(
     scanners: KnownScanners,
 ) -> tuple[int, int, int]:
     """Plan, read and record one chunk in this process: (read, reused, unchanged)."""
-    plan = plan_chunk(index, batch_id, [_candidate(p) for p in paths])
+    plan = plan_chunk(index, batch_id, [found_at(p) for p in paths])
     records = read_files([c.path for c in plan.to_read], str(store.root), False, store.key_source)
     record_chunk(index, batch_id, plan, records, scanners)
     return len(records), len(plan.to_copy), len(plan.unchanged)
@@ -267,7 +202,7 @@ def _reader_pool(workers: int) -> ProcessPoolExecutor:
     # forkserver, not fork: this process holds database connections and threads. The server
     # imports the reader once, so every worker starts with pydicom already loaded.
     context = get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.ingest.engine", "pipelines.ingest.reader"])
+    context.set_forkserver_preload(["pipelines.ingest.engine", "pipelines.dicom.reader"])
     return ProcessPoolExecutor(
         workers, mp_context=context, initializer=_quiet_worker, initargs=(current_umask(),)
     )

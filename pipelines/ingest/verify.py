@@ -14,8 +14,8 @@ from pathlib import Path
 from models import repository
 from models.database import IndexDB
 from models.ingest import VerifyProblem, VerifyReport
-from pipelines.ingest.archive import ArchiveStore
-from pipelines.ingest.sealed import SealError
+from pipelines.archive.sealed import SealError
+from pipelines.archive.store import ArchiveStore
 
 PAGE = 1000
 MAX_LISTED = 10_000  # problems listed in the report; the counts are always complete

@@ -55,7 +55,7 @@ class StoreResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # not DICOM or damaged
 
 
-def _ae(local_aet: str) -> Any:
+def new_ae(local_aet: str) -> Any:
     from pynetdicom import AE
 
     ae = AE(ae_title=local_aet)
@@ -77,7 +77,7 @@ def _no_delay(event: Any) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _handlers() -> list[tuple[Any, Callable[[Any], Any]]]:
+def connection_handlers() -> list[tuple[Any, Callable[[Any], Any]]]:
     from pynetdicom import evt
 
     return [(evt.EVT_CONN_OPEN, _no_delay)]
@@ -87,7 +87,7 @@ def echo(node: PacsNode, local_aet: str) -> None:
     """C-ECHO; PacsUnavailableError if the node cannot be reached or refuses."""
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = _ae(local_aet)
+    ae = new_ae(local_aet)
     ae.add_requested_context(Verification)
     assoc = _associate(ae, node)
     try:
@@ -105,7 +105,7 @@ def store_files(
     progress: Callable[[int], None] | None = None,
 ) -> StoreResult:
     """C-STORE the DICOM files among ``paths`` to ``node`` over one association."""
-    from pipelines.ingest.reader import classify  # the header only: no hash needed here
+    from pipelines.dicom.reader import classify  # the header only: no hash needed here
 
     result = StoreResult()
     sendable: list[tuple[Path, str, str]] = []
@@ -171,7 +171,7 @@ def store_files(
 
 
 def _associate_storage(node: PacsNode, local_aet: str, contexts: Sequence[tuple[str, str]]) -> Any:
-    ae = _ae(local_aet)
+    ae = new_ae(local_aet)
     for sop, syntax in contexts:
         ae.add_requested_context(sop, [syntax])
     return _associate(ae, node)
@@ -186,7 +186,7 @@ def _associate(
         node.port,
         ae_title=node.aet,
         ext_neg=roles or None,
-        evt_handlers=handlers or _handlers(),
+        evt_handlers=handlers or connection_handlers(),
     )
     if not assoc.is_established:
         reason = "rejected the association" if assoc.is_rejected else "did not answer"
@@ -276,14 +276,14 @@ class Session:
     def __enter__(self) -> Session:
         from pynetdicom import StoragePresentationContexts, build_role, evt
 
-        ae = _ae(self.local_aet)
+        ae = new_ae(self.local_aet)
         ae.dimse_timeout = self.timeout
         ae.acse_timeout = min(ACSE_TIMEOUT, self.timeout)
         ae.network_timeout = max(NETWORK_TIMEOUT, self.timeout)
         for uid in self.contexts:
             ae.add_requested_context(uid)
         roles = []
-        handlers = _handlers()
+        handlers = connection_handlers()
         if self.storage is not None:
             # C-GET: the instances come back on this association, so it must offer the storage
             # SOP classes with the SCP role (at most 128 contexts in all).

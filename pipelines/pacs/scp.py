@@ -25,7 +25,7 @@ from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pipelines.pacs.dimse import _ae, _handlers
+from pipelines.pacs.dimse import new_ae, connection_handlers
 from pipelines.safeio import RefusedError, is_inside, link_exclusive, printable
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Spool:
         if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
             # decoding inflates the whole data set: a few hundred kilobytes on the wire can
             # hold gigabytes (the file reader has the same check)
-            from pipelines.ingest.reader import inflation_limit
+            from pipelines.dicom.reader import inflation_limit
 
             raw = event.request.DataSet
             buffer = raw.getbuffer() if hasattr(raw, "getbuffer") else memoryview(b"")
@@ -208,14 +208,14 @@ class StorageSCP:
         from pynetdicom import AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-        ae = _ae(self.aet)
+        ae = new_ae(self.aet)
         ae.require_called_aet = True
         if self.allowed_aets is not None:  # an association from any other AE is rejected
             ae.require_calling_aet = list(self.allowed_aets)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        handlers = [*_handlers(), (evt.EVT_C_STORE, self.spool.handle_store)]
+        handlers = [*connection_handlers(), (evt.EVT_C_STORE, self.spool.handle_store)]
         tls = None if self.tls is None else self.tls.context()
         try:
             self._server = ae.start_server(

@@ -15,8 +15,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.geometry import Volume
-from pipelines.deface.masks import brain_on_tissue
-from pipelines.deface.template import BRAIN, Template
+from pipelines.atlas.masks import brain_on_tissue
+from pipelines.atlas.template import BRAIN, Template
 from pipelines.imaging.register import HeadFit, fit_affine
 from qc.image import Brain, outside_fraction
 from qc.masks import block_mean, upsample

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from models.stages import StageRecord
-from pipelines.select.protocols import ProtocolSet
+from pipelines.dicom.protocols import ProtocolSet
 from qc.findings import Finding, Severity, reason, verdict
 from qc.outliers import outlier_findings
 

@@ -26,11 +26,12 @@ from models.scanners import KnownScanners
 from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, cohort_metrics, record_stages
-from pipelines.anonymize.keys import ProjectKey
-from pipelines.deface.template import Template
+from pipelines.atlas.template import Template
 from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
 from pipelines.dicom.header import attributes
 from pipelines.dicom.identified import for_deidentified_side, is_deidentified
+from pipelines.dicom.keys import ProjectKey
+from pipelines.dicom.protocols import Protocol, ProtocolSet
 from pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
@@ -43,7 +44,6 @@ from pipelines.dicomfolder import (
 from pipelines.imaging.register import HeadFit
 from pipelines.quality.brain import place_brain
 from pipelines.safeio import RefusedError, read_regular
-from pipelines.select.protocols import Protocol, ProtocolSet
 from qc.findings import Finding, Verdict, reason, stage_row, verdict
 from qc.header import SeriesFile, check_series, check_study, header_text
 from qc.image import check_image
@@ -141,17 +141,6 @@ class QcReport:
         return [s for s in self.series if s.verdict is wanted]
 
 
-def choose_protocol(protocols: ProtocolSet, name: str | None, study_description: str) -> Protocol:
-    """``name``'s protocol, else the first whose study-description patterns match, else the
-    automatic one (every series by its role from the acquisition physics)."""
-    if name is not None:
-        return protocols.get(name)
-    for protocol in protocols.protocols.values():
-        if protocol.study.description and protocol.study.matches_description(study_description):
-            return protocol
-    return protocols.auto()
-
-
 def qc_folder(
     source: Path,
     protocols: ProtocolSet,
@@ -220,7 +209,7 @@ def qc_study(
     if not readable:
         return out
     description = header_text(first_header(readable[0][1]), "StudyDescription")
-    protocol = choose_protocol(protocols, protocol_name, description)
+    protocol = protocols.choose(protocol_name, description)
     checked: list[tuple[str, list[FolderFile], str, str]] = []
     for uid, entries in readable:
         header = first_header(entries)
@@ -264,7 +253,7 @@ def qc_series(
     fits: Mapping[str, HeadFit] | None = None,
 ) -> SeriesQc:
     """Header QC of one series and, for a role with image QC, image QC."""
-    from pipelines.ingest.reader import classify
+    from pipelines.dicom.reader import classify
 
     policy = protocol.qc
     wants_image = policy.role(role).image
@@ -470,8 +459,8 @@ def qc_configured(
     from functools import cache
 
     from models.scanners import load_known_scanners
-    from pipelines.deface.template import load_brain_template
-    from pipelines.select.protocols import load_protocols
+    from pipelines.atlas.template import load_brain_template
+    from pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     if protocol is not None:

@@ -12,14 +12,14 @@ from typing import Any
 from models.database import IndexDB
 from models.scanners import load_known_scanners
 from models.settings import Settings
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
+from pipelines.dicom.protocols import load_protocols
 from pipelines.pacs import orthanc
 from pipelines.pacs.dicomweb import DicomWebNode
 from pipelines.pacs.dimse import PacsNode
 from pipelines.pacs.scp import ScpTls
 from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, StudyOutcome, retrieve
 from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
-from pipelines.select.protocols import load_protocols
 from pipelines.select.query import SelectionResult, select_studies
 
 

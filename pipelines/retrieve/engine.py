@@ -25,8 +25,8 @@ from models import retrieval as repo
 from models.database import IndexDB
 from models.retrieval import ChosenSeries, RetrievalStatus
 from models.scanners import KnownScanners
+from pipelines.archive.store import ArchiveStore
 from pipelines.ingest import engine as ingest_engine
-from pipelines.ingest.archive import ArchiveStore
 from pipelines.pacs import dicomweb
 from pipelines.pacs.dimse import PacsNode, RetrieveStatus, Session, query_contexts
 from pipelines.pacs.errors import PacsError, PacsUnavailableError

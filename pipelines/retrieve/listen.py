@@ -18,7 +18,7 @@ from typing import Any
 
 from models.database import IndexDB
 from models.scanners import KnownScanners
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 from pipelines.pacs.scp import ScpTls, Spool, StorageSCP
 from pipelines.retrieve.engine import ingest_spool
 

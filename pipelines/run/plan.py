@@ -10,7 +10,7 @@ from sqlalchemy import select, true
 
 from models.database import IndexDB
 from models.schema import Instance, SelectedSeries, Series, Study
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from models.schema import SelectedSeries
 from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, record_stages, stage_records
-from pipelines.ingest.archive import ArchiveStore
+from pipelines.archive.store import ArchiveStore
 from pipelines.run.plan import StudyPlan, plan_studies, plan_study
 from pipelines.run.workorder import WorkOrder
 
@@ -277,8 +277,8 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
     working folder; record the linkage and one ``anonymize`` stage row per series."""
     from pipelines.anonymize.deidentify import Deidentifier
     from pipelines.anonymize.files import anonymize_folder
-    from pipelines.anonymize.keys import ProjectKey
     from pipelines.anonymize.profile import load_profile
+    from pipelines.dicom.keys import ProjectKey
 
     plan = _plan(ctx, index, study_pk)
     if plan is None:
@@ -403,10 +403,10 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     stage row per series."""
     if not previous.done:
         return _blocked(previous, DEFACE)
+    from pipelines.atlas.template import load_template
     from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.deface.preview import stack_pngs
-    from pipelines.deface.template import load_template
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
+    from pipelines.imaging.preview import stack_pngs
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -489,7 +489,7 @@ def _protocols_digest(settings: Settings) -> str:
     data = (
         path.read_bytes()
         if path is not None
-        else resources.files("pipelines.select").joinpath("data/protocols.yaml").read_bytes()
+        else resources.files("pipelines.dicom").joinpath("data/protocols.yaml").read_bytes()
     )
     return hashlib.sha256(data).hexdigest()
 
@@ -502,11 +502,11 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
     from functools import cache
 
     from models.scanners import load_known_scanners
-    from pipelines.deface.template import load_brain_template
+    from pipelines.atlas.template import load_brain_template
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.imaging.register import fits_by_frame
     from pipelines.quality.folder import METHOD_VERSION, qc_folder
     from pipelines.quality.folder import stage_records as qc_rows
-    from pipelines.select.protocols import load_protocols
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -536,9 +536,9 @@ def cohort_qc(ctx: RunContext, index: IndexDB) -> int:
     """Judge image QC outliers over every series of the run's selection at once (the same
     answer in any order and on any number of workers); returns how many verdicts changed."""
     from models.stages import cohort_metrics
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.quality.cohort import recheck_outliers
     from pipelines.quality.folder import IMAGE
-    from pipelines.select.protocols import load_protocols
 
     protocols = load_protocols(ctx.settings.protocols_file)
     series_uids = pseudonymized_series(ctx, index)
@@ -568,7 +568,7 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     from pipelines.convert.dcm2niix import find_dcm2niix
     from pipelines.convert.folder import convert_folder, method_version
     from pipelines.convert.folder import stage_record as convert_row
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.volumetry.run import sources_from_conversion
     from pipelines.volumetry.source import Source
 
@@ -652,7 +652,7 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
     if not previous.done:
         return _blocked(previous, VOLUMETRY)
     from models.stages import record_biomarkers
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
     from pipelines.volumetry.atlas import load_atlas
     from pipelines.volumetry.method import METHOD_VERSION, Parameters
     from pipelines.volumetry.run import biomarker_record, measure_all

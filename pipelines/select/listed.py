@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from models.database import IndexDB
 from models.schema import Instance, Series, Study
 from pipelines.dicom.header import Attributes
+from pipelines.dicom.protocols import Protocol
 from pipelines.pacs.dimse import PacsNode, Session, query_contexts
-from pipelines.select.protocols import Protocol
 from pipelines.select.query import (
     STUDY_KEYS,
     SelectionResult,

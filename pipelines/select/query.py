@@ -20,8 +20,8 @@ from pathlib import Path
 from models.database import IndexDB
 from models.retrieval import ChosenSeries, save_selection
 from pipelines.dicom.header import Attributes
+from pipelines.dicom.protocols import Protocol, SeriesDecision
 from pipelines.pacs.dimse import PacsNode, Session, query_contexts
-from pipelines.select.protocols import Protocol, SeriesDecision
 
 log = logging.getLogger(__name__)
 

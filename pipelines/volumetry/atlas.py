@@ -18,7 +18,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
-from pipelines.deface.template import Template, load_brain_template
+from pipelines.atlas.template import Template, load_brain_template
 
 PRIOR_SIGMA_MM = 1.0
 

@@ -25,12 +25,11 @@ from models.database import IndexDB
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from models.volumes import Volumes
-from pipelines.anonymize.keys import ProjectKey
 from pipelines.dicom.identified import for_deidentified_side
+from pipelines.dicom.keys import ProjectKey
 from pipelines.dicomfolder import SkippedFile
 from pipelines.imaging.register import HeadFit
-from pipelines.ingest.archive import hash_file
-from pipelines.safeio import RefusedError, check_entry, printable
+from pipelines.safeio import RefusedError, check_entry, hash_file, printable
 from pipelines.volumetry.atlas import Atlas, load_atlas
 from pipelines.volumetry.errors import VolumetryError
 from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
@@ -308,7 +307,7 @@ def volumetry_configured(
         ]
     elif not sources:
         raise VolumetryError(f"{source}: no such file or folder")
-    from pipelines.select.protocols import load_protocols
+    from pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     results = measure_all(

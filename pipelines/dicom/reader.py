@@ -39,8 +39,7 @@ from pydicom.uid import (
 )
 
 from models.ingest import FileRecord, FileStatus, InstanceHeader
-from pipelines.ingest.paths import printable_path
-from pipelines.safeio import RefusedError, read_regular
+from pipelines.safeio import RefusedError, printable_path, read_regular
 
 PREAMBLE = 128
 _LONG_VRS = {

@@ -8,7 +8,7 @@ file under a final name; blobs are read-only, and an existing blob is never rewr
 ``rekey``, which replaces it by the same content under another key).
 
 With an archive key (``archive_key_source``, on by default) every blob is sealed with
-AES-256-GCM (:mod:`pipelines.ingest.sealed`); its name stays the SHA-256 of the plaintext, so
+AES-256-GCM (:mod:`pipelines.archive.sealed`); its name stays the SHA-256 of the plaintext, so
 deduplication and ``verify`` work as before. Blobs written before encryption was turned on are
 read as they are, and sealed by the next ``cohortflow archive rekey``.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.errors import ArchiveKeyError
-from pipelines.ingest import sealed
-from pipelines.ingest.sealed import KeyRing, SealError
+from pipelines.archive import sealed
+from pipelines.archive.sealed import KeyRing, SealError
 
 if TYPE_CHECKING:
     from models.settings import Settings
@@ -312,12 +312,3 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (info.st_ino, info.st_mtime_ns, info.st_size)
-
-
-def hash_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (hashlib releases the GIL on large updates)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

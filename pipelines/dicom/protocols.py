@@ -19,9 +19,9 @@ from types import MappingProxyType
 
 import yaml
 
+from pipelines.dicom.errors import ProtocolError, did_you_mean
 from pipelines.dicom.roles import RoleSet, parse_roles
 from pipelines.dicom.rules import Attributes, Rule, parse_rule
-from pipelines.select.errors import ProtocolError, did_you_mean
 from qc.policy import PolicyError, QcPolicy, parse_policy
 
 VERSION = 1
@@ -176,6 +176,17 @@ class ProtocolSet:
             f"known protocols: {', '.join(self.protocols)}"
         )
 
+    def choose(self, name: str | None, study_description: str) -> Protocol:
+        """``name``'s protocol, else the first whose study-description patterns match, else the
+        automatic one (every series by its role from the acquisition physics): how a folder's
+        study is given its protocol by every stage."""
+        if name is not None:
+            return self.get(name)
+        for protocol in self.protocols.values():
+            if protocol.study.description and protocol.study.matches_description(study_description):
+                return protocol
+        return self.auto()
+
     def qc_of(self, name: str | None) -> QcPolicy:
         """The QC policy (check severities included) of protocol ``name``; the shared one for
         a series no protocol chose."""
@@ -194,7 +205,7 @@ class ProtocolSet:
 def load_protocols(path: Path | None = None) -> ProtocolSet:
     """Load and validate a protocol file: ``path``, else the one shipped with cohortflow."""
     if path is None:
-        resource = resources.files("pipelines.select").joinpath("data/protocols.yaml")
+        resource = resources.files("pipelines.dicom").joinpath("data/protocols.yaml")
         source, text = str(resource), resource.read_text(encoding="utf-8")
     else:
         source = str(path)

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.geometry import LPS_FROM_RAS
-from pipelines.deface.errors import TemplateError
+from pipelines.atlas.errors import TemplateError
 
 #: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, and the
 #: intracranial mask grown by the safety margin (never altered).

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.geometry import Plane
-from pipelines.deface.template import BRAIN, FACE, PROTECT, Template
+from pipelines.atlas.template import BRAIN, FACE, PROTECT, Template
 
 
 def plane_labels(
