@@ -5,24 +5,31 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from flows.output import SafeTable, cell
-from models.ingest import BatchReport, VerifyReport
-from models.outcomes import ProtocolOutcome
-from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
-from pipelines.select.query import SelectionResult
-from pipelines.synth.summary import CohortSummary
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: a command imports this module for its one report
     from flows.protocol_flow import SelectionSummary
+    from models.ingest import BatchReport, VerifyReport
+    from models.outcomes import ProtocolOutcome
+    from pipelines.convert.folder import ConvertReport
+    from pipelines.export.stats import Comparison, Contrast
     from pipelines.quality.folder import QcReport
+    from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
     from pipelines.run.outcome import BiomarkerSummary, RunSummary
+    from pipelines.select.query import SelectionResult
+    from pipelines.synth.summary import CohortSummary
+    from pipelines.volumetry.run import VolumetryReport
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
+
+#: The colour of a QC verdict in the stages' tables.
+VERDICT_COLOUR = {"pass": "green", "warn": "yellow", "fail": "red"}
 
 
 def summary_rows(summary: CohortSummary) -> Rows:
@@ -359,13 +366,12 @@ def print_qc_report(report: QcReport, console: Console) -> None:
     table = SafeTable(title="QC: header and image")
     for name in ("series", "role", "verdict", "reason"):
         table.add_column(name)
-    colour = {"pass": "green", "warn": "yellow", "fail": "red"}
     for s in report.series:
         deciding = s.reason
         table.add_row(
             f"{s.folder} ({s.description})" if s.description else s.folder,
             s.role,
-            cell(s.verdict.value, colour[s.verdict.value]),
+            cell(s.verdict.value, VERDICT_COLOUR[s.verdict.value]),
             f"{deciding.check}: {deciding.message}" if deciding else "",
         )
     console.print(table)
@@ -383,6 +389,64 @@ def print_qc_report(report: QcReport, console: Console) -> None:
         f"{counts.get('warn', 0)} with warnings, {counts.get('fail', 0)} failed; "
         f"{len(report.not_checked)} not checked"
     )
+
+
+def print_convert_report(report: ConvertReport, console: Console, title: str) -> None:
+    """One line per series converted or refused (image, converter, verdict and deciding
+    finding), then what was not converted or skipped and why."""
+    table = SafeTable(title=title)
+    for column in ("series", "image", "converter", "verdict", "reason"):
+        table.add_column(column)
+    for s in report.series:
+        deciding = s.reason
+        table.add_row(
+            f"{s.folder} ({s.description})" if s.description else s.folder,
+            s.name if s.converted else "",
+            s.converter or "",
+            cell(s.verdict.value, VERDICT_COLOUR[s.verdict.value]),
+            f"{deciding.check}: {deciding.message}" if deciding else "",
+        )
+    console.print(table)
+    for n in report.not_converted:
+        console.print(f"not converted: {n.folder}: {n.reason_code}: {n.reason}")
+    for skipped in report.skipped:
+        console.print(f"skipped: {skipped.source}: {skipped.reason}")
+
+
+def print_volumetry_report(
+    report: VolumetryReport, console: Console, title: str, overlays: Path
+) -> None:
+    """One line per T1 measured (volumes, verdict and deciding check), then what was not
+    measured or skipped, and where the overlays are."""
+    table = SafeTable(title=title)
+    for column in ("image", "ICV ml", "GM ml", "WM ml", "CSF ml", "brain ml", "BPF", "QC"):
+        table.add_column(column)
+    for r in report.results:
+        v = r.volumes
+        deciding = r.reason
+        qc = f"[{VERDICT_COLOUR[r.verdict.value]}]{r.verdict.value}[/]"
+        if deciding is not None:
+            qc += f" {deciding.check}"
+        numbers = (
+            [
+                f"{v.icv_ml:.0f}",
+                f"{v.gm_ml:.0f}",
+                f"{v.wm_ml:.0f}",
+                f"{v.csf_ml:.0f}",
+                f"{v.brain_ml:.0f}",
+                f"{v.bpf:.3f}",
+            ]
+            if v is not None
+            else [""] * 6
+        )
+        table.add_row(r.source.name, *numbers, qc)
+    console.print(table)
+    for name, code, message in report.not_measured:
+        console.print(f"not measured: {name}: {code}: {message}")
+    for skipped in report.skipped:
+        console.print(f"skipped: {skipped.source}: {skipped.reason}", markup=False)
+    if report.results:
+        console.print(f"overlays in {overlays}")
 
 
 def _percent(rate: float | None) -> str:
@@ -485,3 +549,34 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
     console.print(
         rows_table(outcome_rows(summary.rates) + biomarker_rows(summary.biomarkers), title)
     )
+
+
+def print_comparison(result: Comparison, console: Console) -> None:
+    """Each biomarker per group (mean ± SD) and each group against the reference (difference,
+    Welch's p, Cohen's d)."""
+    from pipelines.export.stats import LABELS
+
+    groups = [g.group for g in result.biomarkers[0].groups]
+    title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")
+    table = SafeTable(title=title)
+    table.add_column("biomarker")
+    for g in groups:
+        n = next(x.n for x in result.biomarkers[0].groups if x.group == g)
+        table.add_column(f"{g} (n={n})\nmean ± SD", justify="right")
+    table.add_column(f"vs {result.reference}\ndifference", justify="right")
+    table.add_column("p (Welch)", justify="right")
+    table.add_column("Cohen's d", justify="right")
+    for b in result.biomarkers:
+        digits = 4 if b.biomarker == "bpf" else 1
+        cells = [f"{g.mean:.{digits}f} ± {g.sd:.{digits}f}" for g in b.groups]
+        contrasts: list[Contrast | None] = [*b.contrasts] or [None]  # a row even without one
+        for c in contrasts:
+            diff = f"{c.difference:+.{digits}f} ({c.percent:+.1f} %)" if c else ""
+            p = ("< 0.001" if c.p < 0.001 else f"{c.p:.3f}") if c else ""
+            d = f"{c.cohens_d:+.2f}" if c else ""
+            name = LABELS.get(b.biomarker, b.biomarker) + (" adj." if b.adjusted else "")
+            table.add_row(name + (f" ({c.group})" if c and len(b.contrasts) > 1 else ""),
+                          *cells, diff, p, d)  # fmt: skip
+    console.print(table)
+    if result.excluded:
+        console.print(f"{result.excluded} rows left out (not usable, or no {result.by})")

@@ -72,6 +72,23 @@ def test_python_m_answers_every_command_and_its_subcommands(tmp_path: Path) -> N
     assert direct.returncode == 0, direct.stderr[-2000:]
 
 
+def test_every_command_registers_its_handler() -> None:
+    """Each command without sub-commands sets the function that runs it
+    (``set_defaults(handler=...)``): ``main`` calls that and nothing else."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command in commands.values():
+        leaves = (
+            command._subparsers._group_actions[0].choices.values()
+            if command._subparsers is not None
+            else [command]
+        )
+        for leaf in leaves:
+            assert callable(leaf.get_default("handler")), leaf.prog
+    assert callable(parser.parse_args(["users", "list"]).handler)
+    assert parser.parse_args(["status"]).handler is not parser.parse_args(["demo"]).handler
+
+
 def test_verbose_is_accepted_after_the_command_too() -> None:
     parser = build_parser()
     assert parser.parse_args(["-v", "status"]).verbose is True

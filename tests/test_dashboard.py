@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from flows.cli_data import release_check_of
+from flows.cli.results import release_check_of
 from models.database import IndexDB, open_index
 from models.disclosure import NOISE_MAX
 from models.schema import AuditEntry, Review

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pipelines.pacs.dimse import new_ae, connection_handlers
+from pipelines.pacs.dimse import connection_handlers, new_ae
 from pipelines.safeio import RefusedError, is_inside, link_exclusive, printable
 
 log = logging.getLogger(__name__)

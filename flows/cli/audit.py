@@ -1,5 +1,6 @@
-"""``cohortflow audit verify`` and ``cohortflow reidentify``: the audit chain checked, and the one
-way back from a pseudonym to a patient (a steward's, with a reason, audited)."""
+"""``cohortflow audit verify``, ``reidentify``, ``phi-scan`` and ``archive rekey``: the audit chain
+checked, the one way back from a pseudonym to a patient (a steward's, with a reason, audited),
+the release check of a folder, and the archive key rotated."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from flows.cli_cohort import steward_login
+from flows.cli.common import open_index, steward_login
 from flows.output import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -27,6 +28,7 @@ from pipelines.safeio import printable
 
 
 def add_commands(sub: Any) -> None:
+    """Register audit verify, reidentify, phi-scan and archive rekey, each with its handler."""
     audit = sub.add_parser(
         "audit",
         help="check the audit log",
@@ -35,7 +37,9 @@ def add_commands(sub: Any) -> None:
         "edited, deleted or reordered entry; exit status 1 when one is found.",
     )
     audit_sub = audit.add_subparsers(dest="what", metavar="WHAT", required=True)
-    add_json(audit_sub.add_parser("verify", help="check the chain"), "the result")
+    verify = audit_sub.add_parser("verify", help="check the chain")
+    add_json(verify, "the result")
+    verify.set_defaults(handler=_verify)
     back = sub.add_parser(
         "reidentify",
         help="the patient behind a pseudonym (stewards, audited)",
@@ -50,6 +54,7 @@ def add_commands(sub: Any) -> None:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     add_json(back, "the patient")
+    back.set_defaults(handler=_reidentify)
     scan = sub.add_parser(
         "phi-scan",
         help="search a folder for the identifiers of the patients it is about",
@@ -62,6 +67,7 @@ def add_commands(sub: Any) -> None:
     )
     scan.add_argument("path", type=Path)
     add_json(scan, "the hits")
+    scan.set_defaults(handler=_phi_scan)
     archive = sub.add_parser(
         "archive",
         help="manage the identified archive's encryption",
@@ -73,24 +79,12 @@ def add_commands(sub: Any) -> None:
         "could not be opened (`cohortflow verify` lists it); the old keys are then kept.",
     )
     archive_sub = archive.add_subparsers(dest="what", metavar="WHAT", required=True)
-    add_json(archive_sub.add_parser("rekey", help="rotate the archive key"), "the counts")
-
-
-def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
-    """Run one of these commands, or None when ``args`` is another command."""
-    if args.command == "audit":
-        return _verify(args, settings, err)
-    if args.command == "reidentify":
-        return _reidentify(args, settings, err)
-    if args.command == "phi-scan":
-        return _phi_scan(args, settings, err)
-    if args.command == "archive":
-        return _rekey(args, settings, err)
-    return None
+    rekey = archive_sub.add_parser("rekey", help="rotate the archive key")
+    add_json(rekey, "the counts")
+    rekey.set_defaults(handler=_rekey)
 
 
 def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.database import open_index
     from models.linkage import audit
     from pipelines.archive.store import ArchiveStore
 
@@ -106,12 +100,8 @@ def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         "failed": len(report.failed),
         "retired_keys": report.retired,
     }
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            audit(session, "archive.rekey", json.dumps(detail))
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        audit(session, "archive.rekey", json.dumps(detail))
     if args.json:
         write_json({**detail, "problems": [{"blob": b, "reason": r} for b, r in report.failed]})
     else:
@@ -130,7 +120,6 @@ def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.database import open_index
     from models.linkage import audit
     from pipelines.release.scan import Matcher, pseudonyms_in, scan_folder, targets
 
@@ -139,14 +128,10 @@ def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int
         err.print(f"[red]usage error:[/red] {printable(root)} is not a folder")
         return EXIT_USAGE
     found = pseudonyms_in(root)
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            wanted = targets(session, found)
-            detail = {"path": str(root), "pseudonyms": len(found), "identifiers": len(wanted)}
-            audit(session, "release.scan", json.dumps(detail))
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        wanted = targets(session, found)
+        detail = {"path": str(root), "pseudonyms": len(found), "identifiers": len(wanted)}
+        audit(session, "release.scan", json.dumps(detail))
     report = scan_folder(root, Matcher(wanted))
     report.patients = len(found)
     if args.json:
@@ -178,14 +163,9 @@ def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from models.audit import audit_secret, verify
-    from models.database import open_index
 
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            report = verify(session, audit_secret(str(settings.pseudonym_key_source)))
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        report = verify(session, audit_secret(str(settings.pseudonym_key_source)))
     if args.json:
         write_json(
             {
@@ -211,7 +191,6 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from sqlalchemy import select
 
-    from models.database import open_index
     from models.linkage import audit
     from models.schema import Linkage, Patient
 
@@ -219,8 +198,7 @@ def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> i
     if len(reason) < 10:
         err.print("[red]usage error:[/red] --reason: say why in a sentence (10 characters or more)")
         return EXIT_USAGE
-    index = open_index(settings.index)
-    try:
+    with open_index(settings) as index:
         steward = steward_login(args, index, err, "re-identification")
         if steward is None:
             return EXIT_USAGE
@@ -251,8 +229,6 @@ def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> i
                 "patient_birth_date": patient.patient_birth_date if patient else None,
                 "date_offset_days": link.date_offset_days,
             }
-    finally:
-        index.dispose()
     if args.json:
         write_json(result)
     else:

@@ -1,5 +1,5 @@
-"""The ``cohortflow`` commands for statisticians and reviewers: ``export``, ``stats``,
-``users`` and ``dashboard`` (registered by ``flows.cli``; same exit codes and ``--json``)."""
+"""``cohortflow export``, ``stats``, ``users`` and ``dashboard``: the commands of statisticians
+and reviewers."""
 
 from __future__ import annotations
 
@@ -14,20 +14,14 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.output import (
-    EXIT_FAILURES,
-    EXIT_OK,
-    EXIT_USAGE,
-    SafeTable,
-    add_json,
-    document,
-    write_json,
-)
+from flows.cli.common import open_index
+from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, document, write_json
 from models.settings import Settings
 from pipelines.safeio import printable
 
 
 def add_commands(sub: Any) -> None:
+    """Register export biomarkers, stats compare, users and dashboard, each with its handler."""
     export = sub.add_parser(
         "export",
         help="write the biomarker table (CSV or Parquet)",
@@ -58,6 +52,7 @@ def add_commands(sub: Any) -> None:
         "standard output)",
     )
     add_json(biomarkers, "what was written")
+    biomarkers.set_defaults(handler=_export)
 
     stats = sub.add_parser(
         "stats",
@@ -90,6 +85,7 @@ def add_commands(sub: Any) -> None:
         help="box plot (default: $COHORTFLOW_HOME/exports/compare-<by>.png)",
     )
     add_json(compare, "the comparison")
+    compare.set_defaults(handler=_compare)
 
     users = sub.add_parser(
         "users",
@@ -111,11 +107,18 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="read the password from the first line of standard input (else: asked for)",
     )
-    add_json(users_sub.add_parser("list", help="the accounts"), "the accounts")
-    users_sub.add_parser("disable", help="stop an account logging in").add_argument("name")
-    users_sub.add_parser(
+    add.set_defaults(handler=_users_add)
+    listing = users_sub.add_parser("list", help="the accounts")
+    add_json(listing, "the accounts")
+    listing.set_defaults(handler=_users_list)
+    disable = users_sub.add_parser("disable", help="stop an account logging in")
+    disable.add_argument("name")
+    disable.set_defaults(handler=_users_disable)
+    unlock = users_sub.add_parser(
         "unlock", help="let an account locked after failed logins log in again"
-    ).add_argument("name")
+    )
+    unlock.add_argument("name")
+    unlock.set_defaults(handler=_users_unlock)
 
     dashboard = sub.add_parser(
         "dashboard",
@@ -129,19 +132,7 @@ def add_commands(sub: Any) -> None:
         "--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; default: settings)"
     )
     dashboard.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-
-
-def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
-    """Run one of these commands, or None when ``args`` is another command."""
-    if args.command == "export":
-        return _export(args, settings, err)
-    if args.command == "stats":
-        return _compare(args, settings, err)
-    if args.command == "users":
-        return _users(args, settings, err)
-    if args.command == "dashboard":
-        return _dashboard(args, settings, err)
-    return None
+    dashboard.set_defaults(handler=_dashboard)
 
 
 def _exports(settings: Settings) -> Path:
@@ -151,20 +142,14 @@ def _exports(settings: Settings) -> Path:
 
 
 def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any:
-    from models.database import open_index
     from models.export import biomarker_table, read_labels
 
     parsed = read_labels(labels) if labels is not None else None
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            return biomarker_table(session, protocol, parsed)
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        return biomarker_table(session, protocol, parsed)
 
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.database import open_index
     from models.export import biomarker_table, read_labels, release_size_refusal, write_table
     from models.linkage import audit
 
@@ -172,24 +157,20 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
         return EXIT_USAGE
     labels = read_labels(args.labels) if args.labels is not None else None
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            table = biomarker_table(session, args.protocol, labels)
-            refusal = release_size_refusal(
-                session, table, settings.cohort.min_cell_patients, args.protocol, None
-            )
-            detail = {
-                "protocol": args.protocol,
-                "format": args.format,
-                "rows": len(table.rows),
-                "label_columns": list(table.label_columns),
-                "out": args.out,
-            }
-            if refusal is None:
-                audit(session, "export.biomarkers", json.dumps(detail))
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        table = biomarker_table(session, args.protocol, labels)
+        refusal = release_size_refusal(
+            session, table, settings.cohort.min_cell_patients, args.protocol, None
+        )
+        detail = {
+            "protocol": args.protocol,
+            "format": args.format,
+            "rows": len(table.rows),
+            "label_columns": list(table.label_columns),
+            "out": args.out,
+        }
+        if refusal is None:
+            audit(session, "export.biomarkers", json.dumps(detail))
     if refusal is not None:  # raised once the refusal is in the log
         raise refusal
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -233,17 +214,12 @@ def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Co
     """The release check of what an export wrote about ``pseudonyms``' patients
     (pipelines/release/scan.py): a file holding an identifier the index knows for them goes to
     restricted/quarantine, said on stderr. Returns the hits."""
-    from models.database import open_index
     from pipelines.release.scan import release_or_quarantine
 
-    index = open_index(settings.index)
-    try:
-        with index.session() as session:
-            report, moved = release_or_quarantine(
-                session, path, pseudonyms, settings.home / "restricted", None
-            )
-    finally:
-        index.dispose()
+    with open_index(settings) as index, index.session() as session:
+        report, moved = release_or_quarantine(
+            session, path, pseudonyms, settings.home / "restricted", None
+        )
     if moved is not None:
         kinds = sorted({h.kind for h in report.hits})
         err.print(
@@ -268,6 +244,7 @@ def release_check_of(settings: Settings) -> Callable[[Any, Path, set[str], str],
 
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_comparison
     from models.export import read_table
     from pipelines.export.stats import box_plot, compare
 
@@ -290,80 +267,61 @@ def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     return EXIT_OK
 
 
-def print_comparison(result: Any, console: Console) -> None:
-    from pipelines.export.stats import LABELS
+def _users_add(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.users import set_account
 
-    groups = [g.group for g in result.biomarkers[0].groups]
-    title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")
-    table = SafeTable(title=title)
-    table.add_column("biomarker")
-    for g in groups:
-        n = next(x.n for x in result.biomarkers[0].groups if x.group == g)
-        table.add_column(f"{g} (n={n})\nmean ± SD", justify="right")
-    table.add_column(f"vs {result.reference}\ndifference", justify="right")
-    table.add_column("p (Welch)", justify="right")
-    table.add_column("Cohen's d", justify="right")
-    for b in result.biomarkers:
-        digits = 4 if b.biomarker == "bpf" else 1
-        cells = [f"{g.mean:.{digits}f} ± {g.sd:.{digits}f}" for g in b.groups]
-        for c in b.contrasts or [None]:
-            diff = f"{c.difference:+.{digits}f} ({c.percent:+.1f} %)" if c else ""
-            p = ("< 0.001" if c.p < 0.001 else f"{c.p:.3f}") if c else ""
-            d = f"{c.cohens_d:+.2f}" if c else ""
-            name = LABELS.get(b.biomarker, b.biomarker) + (" adj." if b.adjusted else "")
-            table.add_row(name + (f" ({c.group})" if c and len(b.contrasts) > 1 else ""),
-                          *cells, diff, p, d)  # fmt: skip
-    console.print(table)
-    if result.excluded:
-        console.print(f"{result.excluded} rows left out (not usable, or no {result.by})")
-
-
-def _users(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.database import open_index
-    from models.users import accounts, disable_account, set_account, unlock_account
-
-    index = open_index(settings.index)
-    try:
-        if args.what == "add":
-            if args.password_stdin:
-                password = sys.stdin.readline().rstrip("\n")
-            elif sys.stdin.isatty():
-                password = getpass.getpass(f"password for {args.name}: ")
-                if getpass.getpass("again: ") != password:
-                    err.print("[red]usage error:[/red] the passwords differ")
-                    return EXIT_USAGE
-            else:
-                err.print(
-                    "[red]usage error:[/red] no terminal to ask for a password: "
-                    "use --password-stdin"
-                )
+    with open_index(settings) as index:
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                err.print("[red]usage error:[/red] the passwords differ")
                 return EXIT_USAGE
-            with index.session() as session:
-                made = set_account(session, args.name, args.role, password)
-            err.print(f"account {made.username} ({made.role}) ready")
-        elif args.what == "disable":
-            with index.session() as session:
-                disable_account(session, args.name)
-            err.print(f"account {args.name} disabled")
-        elif args.what == "unlock":
-            with index.session() as session:
-                unlocked = unlock_account(session, args.name)
-            err.print(f"account {unlocked.username} unlocked")
         else:
-            with index.session() as session:
-                found = accounts(session)
-            if args.json:
-                payload = [
-                    {"name": a.username, "role": a.role, "active": a.active, "locked": a.locked}
-                    for a in found
-                ]
-                write_json({"users": payload})
-            else:
-                for a in found:
-                    state = "locked" if a.locked else "active" if a.active else "disabled"
-                    Console().print(f"{a.username}\t{a.role}\t{state}")
-    finally:
-        index.dispose()
+            err.print(
+                "[red]usage error:[/red] no terminal to ask for a password: use --password-stdin"
+            )
+            return EXIT_USAGE
+        with index.session() as session:
+            made = set_account(session, args.name, args.role, password)
+        err.print(f"account {made.username} ({made.role}) ready")
+    return EXIT_OK
+
+
+def _users_disable(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.users import disable_account
+
+    with open_index(settings) as index, index.session() as session:
+        disable_account(session, args.name)
+    err.print(f"account {args.name} disabled")
+    return EXIT_OK
+
+
+def _users_unlock(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.users import unlock_account
+
+    with open_index(settings) as index, index.session() as session:
+        unlocked = unlock_account(session, args.name)
+    err.print(f"account {unlocked.username} unlocked")
+    return EXIT_OK
+
+
+def _users_list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from models.users import accounts
+
+    with open_index(settings) as index, index.session() as session:
+        found = accounts(session)
+    if args.json:
+        payload = [
+            {"name": a.username, "role": a.role, "active": a.active, "locked": a.locked}
+            for a in found
+        ]
+        write_json({"users": payload})
+    else:
+        for a in found:
+            state = "locked" if a.locked else "active" if a.active else "disabled"
+            Console().print(f"{a.username}\t{a.role}\t{state}")
     return EXIT_OK
 
 

@@ -1,5 +1,4 @@
-"""``cohortflow cohort``: feasibility counts and cohort lists from the archive index
-(registered by ``flows.cli``; same exit codes and ``--json``).
+"""``cohortflow cohort``: feasibility counts and cohort lists from the archive index.
 
 The de-identified layer is the default. ``--identified`` asks for a steward account
 (``--user``, the password from the terminal or ``--password-stdin``) and every use is audited.
@@ -9,27 +8,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import getpass
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flows.output import (
-    EXIT_OK,
-    EXIT_USAGE,
-    SafeTable,
-    add_json,
-    document,
-    write_json,
-)
-from models.database import IndexDB
+from flows.cli.common import open_index, steward_login
+from flows.output import EXIT_OK, EXIT_USAGE, SafeTable, add_json, document, write_json
 from models.settings import Settings
 from models.spreadsheet import neutralised
+
+if TYPE_CHECKING:
+    from models.database import IndexDB
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +57,7 @@ def _add_user(group: Any) -> None:
 
 
 def add_commands(sub: Any) -> None:
+    """Register cohort and its sub-commands, each with its handler."""
     cohort = sub.add_parser(
         "cohort",
         help="feasibility counts and cohort lists from the archive index",
@@ -89,6 +82,7 @@ def add_commands(sub: Any) -> None:
     count.add_argument("--age-band", type=int, metavar="YEARS", help="default: settings (10)")
     _add_layer(count)
     add_json(count, "the counts")
+    count.set_defaults(handler=_count)
 
     listing = cohort_sub.add_parser(
         "list", help="the matching series, one a line", description="The matching series."
@@ -99,6 +93,7 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV too")
     _add_layer(listing)
     add_json(listing, "the rows")
+    listing.set_defaults(handler=_list)
 
     save = cohort_sub.add_parser(
         "save",
@@ -111,11 +106,14 @@ def add_commands(sub: Any) -> None:
     save.add_argument("--description", default="", help="what the cohort is for")
     save.add_argument("--replace", action="store_true", help="renew a cohort of that name")
     add_json(save, "the saved cohort")
+    save.set_defaults(handler=_save)
 
     saved = cohort_sub.add_parser("saved", help="the saved cohorts")
     add_json(saved, "the saved cohorts")
+    saved.set_defaults(handler=_saved)
     drop = cohort_sub.add_parser("delete", help="delete a saved cohort (audited)")
     drop.add_argument("name")
+    drop.set_defaults(handler=_delete)
 
     manifest = cohort_sub.add_parser(
         "manifest",
@@ -128,41 +126,23 @@ def add_commands(sub: Any) -> None:
     manifest.add_argument("name")
     manifest.add_argument("--out", metavar="PATH", help="file to write (default: standard output)")
     _add_user(manifest)
+    manifest.set_defaults(handler=_manifest)
 
     refresh = cohort_sub.add_parser(
         "refresh",
         help="bring the cohort table up to date (every query does it first)",
     )
     add_json(refresh, "what was refreshed")
-
-
-def run_command(args: argparse.Namespace, settings: Settings, err: Console) -> int | None:
-    if args.command != "cohort":
-        return None
-    handlers = {
-        "count": _count,
-        "list": _list,
-        "save": _save,
-        "saved": _saved,
-        "delete": _delete,
-        "manifest": _manifest,
-        "refresh": _refresh,
-    }
-    return handlers[args.what](args, settings, err)
+    refresh.set_defaults(handler=_refresh)
 
 
 @contextmanager
 def _index(settings: Settings, setup: Any = None) -> Iterator[IndexDB]:
     """The index, brought up to date by ``setup`` (a ``CohortSetup``) when given."""
-    from models.database import open_index
-
-    index = open_index(settings.index)
-    try:
+    with open_index(settings) as index:
         if setup is not None:
             setup.refresh(index)
         yield index
-    finally:
-        index.dispose()
 
 
 def _setup(settings: Settings) -> Any:
@@ -176,46 +156,6 @@ def _filter(args: argparse.Namespace, setup: Any) -> Any:
 
     values = {name: getattr(args, f"where_{name}", None) for name in FILTER_NAMES}
     return CohortFilter.parse(values, setup.roles())
-
-
-def password_of(args: argparse.Namespace) -> str | None:
-    if args.password_stdin:
-        return sys.stdin.readline().rstrip("\n")
-    if sys.stdin.isatty():
-        return getpass.getpass(f"password for {args.user}: ")
-    return None
-
-
-def steward_login(
-    args: argparse.Namespace, index: IndexDB, err: Console, what: str = "the identified layer"
-) -> str | None:
-    """The steward's name when ``--user`` and the password are right; None (said, and a refusal
-    audited) otherwise. ``what`` names what needs the steward."""
-    from models.linkage import audit
-    from models.users import STEWARD, authenticate
-
-    if not args.user:
-        err.print(f"[red]usage error:[/red] {what} needs --user (a steward account)")
-        return None
-    password = password_of(args)
-    if password is None:
-        err.print("[red]usage error:[/red] no terminal to ask for a password: --password-stdin")
-        return None
-    with index.session() as session:
-        login = authenticate(session, args.user, password)
-        found = login.account
-        if found is not None and found.role != STEWARD:  # a failed login is audited already
-            detail = json.dumps({"user": args.user, "for": what, "why": f"a {found.role}"})
-            audit(session, "refused.steward", detail, actor=args.user)
-    if found is None:
-        err.print(f"[red]error:[/red] {args.user}: {login.reason}")
-        return None
-    if found.role != STEWARD:
-        err.print(
-            f"[red]error:[/red] {args.user} is a {found.role}: {what} is for steward accounts only"
-        )
-        return None
-    return found.username
 
 
 def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str, str | None]:
@@ -430,14 +370,10 @@ def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int
 def _refresh(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from dataclasses import asdict
 
-    from models.database import open_index
     from pipelines.cohort.configured import refresh_configured
 
-    index = open_index(settings.index)
-    try:
+    with open_index(settings) as index:
         summary = refresh_configured(settings, index)
-    finally:
-        index.dispose()
     if args.json:
         write_json(asdict(summary))
     else:

@@ -1,0 +1,114 @@
+"""The ``cohortflow`` command: parse, call one pipeline or flow, report. No logic of its own.
+
+Each command group is a module of this package with an ``add_commands(sub)`` that registers its
+commands; every leaf command sets its handler (``parser.set_defaults(handler=...)``, a
+:data:`flows.cli.common.Handler`), and :func:`main` calls it.
+
+Exit status: 0 done, 1 done with failures (reported per item), 2 usage or configuration error.
+With ``--json`` a command prints exactly one JSON document on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from flows.cli import audit, cohort, data, pacs, results, run, stages
+from flows.cli.common import CommandParser, Handler, version
+from flows.output import EXIT_FAILURES, EXIT_USAGE, cell, json_only_on_stdout
+from flows.prefect_env import configure_itk, protect_identified
+from models.errors import CohortflowError, ConfigurationError
+from models.settings import load_settings
+from pipelines.pacs.errors import PacsError
+from pipelines.safeio import RefusedError
+
+__all__ = ["build_parser", "main"]
+
+#: The command groups, in the order ``cohortflow --help`` lists their commands.
+GROUPS = (data, pacs, stages, run, results, cohort, audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cohortflow`` parser with every group's commands."""
+    parser = argparse.ArgumentParser(
+        prog="cohortflow",
+        description="Clinical MR brain imaging to research-grade biomarkers. "
+        "Data lives under $COHORTFLOW_HOME (default ./cohortflow-data).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML settings file (default: $COHORTFLOW_CONFIG or $COHORTFLOW_HOME/cohortflow.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    parser.add_argument("--version", action="version", version=f"cohortflow {version()}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=CommandParser
+    )
+    for group in GROUPS:
+        group.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: the process's); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help exits 0, usage errors 2
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    err = Console(stderr=True)
+    with json_only_on_stdout(bool(getattr(args, "json", False))):
+        return _dispatch(args, err)
+
+
+def _dispatch(args: argparse.Namespace, err: Console) -> int:
+    # Paths as users type them: relative folders are made absolute once, here (os.path.abspath
+    # keeps symbolic links as given, unlike Path.resolve)
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, Path(os.path.abspath(value)))
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(args, name, [Path(os.path.abspath(v)) for v in value])
+    handler: Handler = args.handler  # every leaf command sets one (tests/test_cli.py)
+    try:
+        settings = load_settings(args.config)
+        configure_itk(settings.itk_threads)
+        for note in protect_identified(settings):
+            err.print(Text.assemble(("repaired: ", "yellow"), cell(note)))
+        return handler(args, settings, err)
+    except ConfigurationError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        return EXIT_USAGE
+    except RefusedError as exc:  # identified data others can read and this user cannot repair
+        err.print(Text.assemble(("refused: ", "red"), cell(exc.reason)))
+        return EXIT_USAGE
+    except PacsError as exc:  # the PACS failed us: not the user's mistake
+        err.print(f"[red]PACS error:[/red] {exc}")
+        return EXIT_FAILURES
+    except CohortflowError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted: rerun the same command to resume where it stopped")
+        return EXIT_FAILURES
+    except Exception as exc:  # nothing raises past the command line; -v shows the traceback
+        if args.verbose:
+            err.print_exception()
+        err.print(
+            f"[red]{args.command} stopped:[/red] {type(exc).__name__}: {exc}. Work already done "
+            "is kept; rerun the same command to resume (add -v for details)"
+        )
+        return EXIT_FAILURES

@@ -1,0 +1,331 @@
+"""``cohortflow anonymize``, ``deface``, ``qc``, ``convert`` and ``volumetry``: one stage of the
+run on a folder."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from flows.cli.common import emit, open_index
+from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from models.settings import Settings
+
+
+def add_commands(sub: Any) -> None:
+    """Register anonymize, deface, qc, convert and volumetry, each with its handler."""
+    anonymize = sub.add_parser(
+        "anonymize",
+        help="de-identify a folder of DICOM files",
+        description="PS3.15 Annex E Basic Profile with the profile's options (keyed pseudonyms, "
+        "date shifting, UID remapping, safe private allow-list). Writes OUT_DIR/<pseudonym>/"
+        "<study>/<series>/<instance>.dcm; instances that may carry burned-in text are excluded "
+        "with a reason. The linkage is stored in the index (identified side), audited.",
+    )
+    anonymize.add_argument("source", type=Path, metavar="IN_DIR")
+    anonymize.add_argument("out", type=Path, metavar="OUT_DIR")
+    anonymize.add_argument("--profile", type=Path, help="profile file (default: the shipped one)")
+    add_json(anonymize, "the outcome")
+    anonymize.set_defaults(handler=_anonymize)
+
+    deface = sub.add_parser(
+        "deface",
+        help="deface the series in a folder",
+        description="Fit pydeface's head template (antspyx affine) to each study's 3D T1 and "
+        "set the face to background in every series sharing its frame of reference, never "
+        "touching the intracranial mask grown by a margin. Each series is checked on the pixels "
+        "written; one that fails or cannot be placed is not written and is reported with a "
+        "reason. OUT_DIR mirrors IN_DIR's paths.",
+    )
+    deface.add_argument("source", type=Path, metavar="IN_DIR")
+    deface.add_argument("out", type=Path, metavar="OUT_DIR")
+    deface.add_argument(
+        "--previews",
+        type=Path,
+        metavar="DIR",
+        help="write before / after mid-sagittal PNGs here (the 'before' one shows the face: "
+        "keep it on the restricted side)",
+    )
+    add_json(deface, "the outcome")
+    deface.set_defaults(handler=_deface)
+
+    qc = sub.add_parser(
+        "qc",
+        help="header and image QC of the series in a folder",
+        description="Check every series the protocol selects (its include rules): header QC "
+        "(required attributes, slice geometry, protocol parameters, known scanners) and, for "
+        "the 3D T1, image QC (SNR, CNR, CJV, EFC, FBER, WM2MAX, non-uniformity, artefacts, "
+        "brain coverage), each metric also against the series of the same protocol and "
+        "scanner seen so far. Every finding names its check, value and threshold. Results are "
+        "recorded in the archive index (stage_results) unless --no-record.",
+    )
+    qc.add_argument("source", type=Path, metavar="SERIES_DIR", help="a series or studies folder")
+    qc.add_argument(
+        "--protocol",
+        help="protocol whose rules and thresholds apply (default: the one whose study "
+        "description patterns match each study)",
+    )
+    qc.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    qc.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not record results in the index (outliers are still judged against it)",
+    )
+    add_json(qc, "the findings")
+    qc.set_defaults(handler=_qc)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert DICOM series to NIfTI with an anonymized sidecar (BIDS layout)",
+        description="Convert the series the protocol selects (its include rules: 3D T1 as T1w, "
+        "FLAIR, T2 as T2w) with dcm2niix, SimpleITK's series reader as the fallback; every "
+        "image is checked against the DICOM geometry and pixels. Writes OUT_DIR/sub-*/ses-*/"
+        "anat/*.nii.gz with a JSON sidecar of allowlisted acquisition keys only. Rerunning "
+        "overwrites the same files. Results are recorded in the archive index (stage_results, "
+        "stage 'convert') unless --no-record.",
+    )
+    convert.add_argument(
+        "source", type=Path, metavar="SOURCE", help="a series or studies folder (pseudonymized)"
+    )
+    convert.add_argument("out", type=Path, metavar="OUT_DIR", help="the BIDS-style output folder")
+    convert.add_argument(
+        "--protocol",
+        help="protocol whose rules select the series (default: the one whose study "
+        "description patterns match each study)",
+    )
+    convert.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    convert.add_argument(
+        "--all",
+        dest="every_series",
+        action="store_true",
+        help="convert every MR image series, not only the protocol's (suffix guessed, acq-guessed)",
+    )
+    convert.add_argument(
+        "--no-record", action="store_true", help="do not record results in the index"
+    )
+    add_json(convert, "the outcome")
+    convert.set_defaults(handler=_convert)
+
+    volumetry = sub.add_parser(
+        "volumetry",
+        help="intracranial, grey, white matter, CSF and brain volume of T1 images",
+        description="Measure ICV, GM, WM, CSF, brain volume (GM + WM) and BPF of each T1: a "
+        "NIfTI file, a folder of *_T1w.nii.gz (BIDS-style), or a folder of DICOM, whose 3D T1 "
+        "series (the protocol's t1_3d rule) are converted first into OUT_DIR/nifti. The atlas "
+        "(installed templates) is registered with antspyx, bias corrected by N4, tissue "
+        "classified with template priors; every result gets its own QC verdict and an overlay "
+        "PNG in OUT_DIR/overlays. Series converted here are recorded in the archive index "
+        "(stage 'volumetry' and the biomarkers table) unless --no-record.",
+    )
+    volumetry.add_argument("source", type=Path, metavar="IMAGE", help="NIfTI file or folder")
+    volumetry.add_argument(
+        "--out",
+        type=Path,
+        metavar="OUT_DIR",
+        help="where overlays (and converted images) go "
+        "(default: $COHORTFLOW_HOME/outputs/volumetry)",
+    )
+    volumetry.add_argument("--protocol", help="protocol whose rules select DICOM series")
+    volumetry.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    volumetry.add_argument(
+        "--no-record", action="store_true", help="do not record results in the index"
+    )
+    add_json(volumetry, "the volumes")
+    volumetry.set_defaults(handler=_volumetry)
+
+
+def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from pipelines.anonymize.files import anonymize_configured
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
+        return EXIT_USAGE
+    with (
+        open_index(settings) as index,
+        progress_bar(err, f"de-identifying {args.source}") as bar,
+    ):
+        task = bar.add_task("anonymize", total=None)
+        run = anonymize_configured(
+            settings,
+            args.source,
+            args.out,
+            index,
+            profile=args.profile,
+            progress=lambda n: bar.advance(task, n),
+        )
+    report, deidentifier = run.report, run.deidentifier
+    payload = {
+        "written": report.written,
+        "patients": len(report.linkage),
+        "new_linkage": run.new_linkage,
+        "profile": deidentifier.profile.name,
+        "standard_edition": deidentifier.profile.table.edition,
+        "profile_sha256": deidentifier.profile.sha256,
+        "excluded": [asdict(o) for o in report.excluded],
+        "skipped": [asdict(o) for o in report.skipped],
+        "failed": [asdict(o) for o in report.failed],
+    }
+    if args.json:
+        emit(args, payload)
+    else:
+        console = Console()
+        console.print(
+            f"{report.written} files de-identified into {args.out} ({len(report.linkage)} "
+            f"patients, profile {deidentifier.profile.name}, PS3.15 "
+            f"{deidentifier.profile.table.edition})"
+        )
+        for kind in ("excluded", "skipped", "failed"):
+            for outcome in getattr(report, kind):
+                console.print(f"{kind}: {outcome.source}: {outcome.reason}")
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from pipelines.deface.folder import deface_configured
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
+        return EXIT_USAGE
+    with progress_bar(err, f"defacing {args.source}") as bar:
+        task = bar.add_task("deface", total=None)
+        report = deface_configured(
+            settings,
+            args.source,
+            args.out,
+            previews=args.previews,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    failed = report.with_status("failed")
+    if args.json:
+        emit(
+            args,
+            {
+                "defaced": len(report.with_status("defaced")),
+                "excluded": len(report.with_status("excluded")),
+                "failed": len(failed),
+                "series": [asdict(o) for o in report.series],
+                "skipped": [asdict(s) for s in report.skipped],
+            },
+        )
+    else:
+        console = Console()
+        console.print(
+            f"{len(report.with_status('defaced'))} series defaced into {args.out}, "
+            f"{len(report.with_status('excluded'))} excluded, {len(failed)} failed"
+        )
+        for outcome in report.series:
+            if outcome.status != "defaced":
+                console.print(
+                    f"{outcome.status}: {outcome.folder}: {outcome.reason_code}: {outcome.reason}"
+                )
+        for skipped in report.skipped:
+            console.print(f"skipped: {skipped.source}: {skipped.reason}")
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from flows.report import print_qc_report, qc_json
+    from pipelines.quality.folder import qc_configured
+    from qc.findings import Verdict
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    with open_index(settings) as index, progress_bar(err, f"checking {args.source}") as bar:
+        task = bar.add_task("qc", total=None)
+        report = qc_configured(
+            settings,
+            args.source,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        emit(args, qc_json(report))
+    else:
+        print_qc_report(report, Console())
+    return EXIT_FAILURES if report.with_verdict(Verdict.FAIL) else EXIT_OK
+
+
+def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from contextlib import nullcontext
+
+    from flows.report import print_convert_report
+    from pipelines.convert.folder import convert_configured, report_json
+
+    if not args.source.is_dir():
+        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
+        return EXIT_USAGE
+    if args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print("[red]usage error:[/red] OUT_DIR must not lie inside SOURCE")
+        return EXIT_USAGE
+    index_context = nullcontext(None) if args.no_record else open_index(settings)
+    with index_context as index, progress_bar(err, f"converting {args.source}") as bar:
+        task = bar.add_task("convert", total=None)
+        report = convert_configured(
+            settings,
+            args.source,
+            args.out,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            every_series=args.every_series,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        emit(args, report_json(report))
+    else:
+        print_convert_report(report, Console(), f"convert: {args.source} -> {args.out}")
+        if report.dcm2niix_problem:
+            err.print(f"[yellow]{report.dcm2niix_problem}[/yellow]")
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from contextlib import nullcontext
+
+    from flows.report import print_volumetry_report
+    from pipelines.volumetry.run import report_json, volumetry_configured
+    from qc.findings import Verdict
+
+    if not args.source.exists():
+        err.print(f"[red]usage error:[/red] {args.source} does not exist")
+        return EXIT_USAGE
+    out = args.out or settings.outputs / "volumetry"
+    index_context = nullcontext(None) if args.no_record else open_index(settings)
+    with index_context as index, progress_bar(err, f"measuring {args.source}") as bar:
+        task = bar.add_task("volumetry", total=None)
+        report = volumetry_configured(
+            settings,
+            args.source,
+            out,
+            index,
+            protocol=args.protocol,
+            protocols_file=args.protocols,
+            record=not args.no_record,
+            progress=lambda _: bar.advance(task, 1),
+        )
+    if args.json:
+        emit(args, report_json(report))
+    else:
+        title = f"volumetry: {args.source}"
+        print_volumetry_report(report, Console(), title, out / "overlays")
+    failed = report.with_verdict(Verdict.FAIL) or report.not_measured
+    if not report.results and not report.not_measured:
+        err.print(f"[yellow]no 3D T1 to measure in {args.source}[/yellow]")
+        for folder, description, why, _ in report.not_inputs:
+            err.print(f"  {folder} {description!r}: {why}", markup=False, highlight=False)
+        return EXIT_FAILURES
+    return EXIT_FAILURES if failed else EXIT_OK
