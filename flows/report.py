@@ -424,9 +424,9 @@ def print_volumetry_report(
     for r in report.results:
         v = r.volumes
         deciding = r.reason
-        qc = f"[{VERDICT_COLOUR[r.verdict.value]}]{r.verdict.value}[/]"
+        qc = cell(r.verdict.value, VERDICT_COLOUR[r.verdict.value])
         if deciding is not None:
-            qc += f" {deciding.check}"
+            qc.append(f" {deciding.check}")
         numbers = (
             [
                 f"{v.icv_ml:.0f}",

@@ -176,3 +176,32 @@ def test_every_benchmark_starts_from_the_command_line() -> None:
         )
         assert done.returncode == 0, f"{script.name}: {done.stderr[-2000:]}"
         assert "usage:" in done.stdout
+
+
+def test_the_volumetry_table_shows_its_verdict_in_colour_not_as_markup(tmp_path: Path) -> None:
+    """The QC column once printed ``[green]pass[/]``: the safe table escaped its markup."""
+    from rich.console import Console
+
+    from flows.report import print_volumetry_report
+    from models.volumes import Volumes
+    from pipelines.volumetry.method import Parameters
+    from pipelines.volumetry.run import VolumetryReport, VolumetryResult
+    from pipelines.volumetry.source import Source
+    from qc.findings import finding
+
+    volumes = Volumes(1500.0, 600.0, 500.0, 400.0, 1100.0, 0.733)
+    results = (
+        VolumetryResult(Source(tmp_path / "a.nii.gz", "a"), (), volumes),
+        VolumetryResult(
+            Source(tmp_path / "b.nii.gz", "b"),
+            (finding("volumetry.thick_slices", "slices 6 mm apart"),),
+            volumes,
+        ),
+    )
+    console = Console(record=True, width=200, color_system="truecolor")
+    print_volumetry_report(VolumetryReport(results, Parameters()), console, "t", tmp_path)
+    text = console.export_text(clear=False)
+    assert "[green]" not in text and "[/]" not in text and "[yellow]" not in text
+    assert "pass" in text and "warn volumetry.thick_slices" in text
+    styled = console.export_text(styles=True)
+    assert "\x1b[" in styled  # the verdict is coloured
