@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # types only: a command imports this module for its one repor
     from flows.protocol_flow import SelectionSummary
     from models.ingest import BatchReport, VerifyReport
     from models.outcomes import ProtocolOutcome
-    from pipelines.convert.folder import ConvertReport
+    from pipelines.convert.results import ConvertReport
     from pipelines.export.stats import Comparison, Contrast
     from pipelines.quality.folder import QcReport
     from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary

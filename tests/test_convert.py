@@ -45,7 +45,8 @@ from pipelines.convert import bids, sidecar
 from pipelines.convert.check import SliceGrid, check_image, grid_findings, slice_grid
 from pipelines.convert.dcm2niix import classify_output, find_dcm2niix
 from pipelines.convert.errors import ConvertError
-from pipelines.convert.folder import ConvertedSeries, ConvertReport, convert_folder
+from pipelines.convert.folder import convert_folder
+from pipelines.convert.results import ConvertedSeries, ConvertReport
 from pipelines.dicom.cleaner import dataset_cleaner
 from pipelines.dicom.keys import ProjectKey
 from pipelines.dicom.protocols import ProtocolSet, load_protocols

@@ -262,7 +262,8 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from contextlib import nullcontext
 
     from flows.report import print_convert_report
-    from pipelines.convert.folder import convert_configured, report_json
+    from pipelines.convert.folder import convert_configured
+    from pipelines.convert.results import report_json
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")

@@ -1,5 +1,5 @@
 """Does a NIfTI image hold the DICOM series it was made from? Pure: planes, affines and arrays
-in, findings out (reading and writing happen in ``folder``).
+in, findings out (reading happens in ``series`` and ``converters``, writing in ``folder``).
 
 The DICOM side is a :class:`SliceGrid`: the series' planes ordered along their normal, on one
 regular grid of slice positions (gaps allowed), possibly sheared (gantry tilt). Voxel

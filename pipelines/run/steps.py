@@ -566,8 +566,9 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     if not previous.done:
         return _blocked(previous, CONVERT)
     from pipelines.convert.dcm2niix import find_dcm2niix
-    from pipelines.convert.folder import convert_folder, method_version
-    from pipelines.convert.folder import stage_record as convert_row
+    from pipelines.convert.folder import convert_folder
+    from pipelines.convert.results import method_version
+    from pipelines.convert.results import stage_record as convert_row
     from pipelines.dicom.protocols import load_protocols
     from pipelines.volumetry.run import sources_from_conversion
     from pipelines.volumetry.source import Source

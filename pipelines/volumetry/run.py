@@ -39,7 +39,7 @@ from pipelines.volumetry.verdict import judge
 from qc.findings import Finding, Verdict, finding, reason, stage_row, verdict
 
 if TYPE_CHECKING:
-    from pipelines.convert.folder import ConvertedSeries
+    from pipelines.convert.results import ConvertedSeries
     from qc.policy import QcPolicy
 
 log = logging.getLogger(__name__)
