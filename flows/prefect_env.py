@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,9 +75,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 @contextmanager
-def prefect_api(
-    home: Path, timeout: float = 120.0, meanwhile: Callable[[], object] | None = None
-) -> Iterator[str | None]:
+def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
     """Make sure every process of a run reaches one Prefect API.
 
     With ``PREFECT_API_URL`` set (a ``prefect server start`` the user runs, or Prefect Cloud)
@@ -86,13 +84,8 @@ def prefect_api(
     browsable there. Prefect's own ephemeral mode would start one temporary server per Dask
     worker process, all on one SQLite file (slow, and they contend for it). Yields the URL of
     the server started, or None.
-
-    ``meanwhile`` runs while the server starts (the run's own imports: a private server takes
-    7 to 14 s to answer, and the flow's modules as long to import).
     """
     if os.environ.get("PREFECT_API_URL"):
-        if meanwhile is not None:
-            meanwhile()
         yield None
         return
     configure_prefect(home)
@@ -121,8 +114,6 @@ def prefect_api(
         )
     try:
         deadline = time.monotonic() + timeout
-        if meanwhile is not None:
-            meanwhile()
         while True:
             if server.poll() is not None:
                 raise RuntimeError(

@@ -115,8 +115,7 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
         with open_index(settings) as index, index.session() as session:
             saved_cohort(session, args.cohort)  # unknown name: usage error
-    # the flow's modules are imported while the private server starts
-    with prefect_api(settings.home, meanwhile=_import_protocol_flow) as started:
+    with prefect_api(settings.home) as started:
         if started:
             err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
         from flows.protocol_flow import protocol_flow
@@ -141,10 +140,6 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         err.print(f"outputs under {settings.outputs / args.protocol}")
     rates = summary.rates
     return EXIT_OK if rates.t1_with_biomarkers == rates.t1_series else EXIT_FAILURES
-
-
-def _import_protocol_flow() -> None:
-    import flows.protocol_flow  # noqa: F401
 
 
 def run_json(summary: RunSummary) -> dict[str, Any]:
