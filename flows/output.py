@@ -25,8 +25,10 @@ from rich.text import Text
 from pipelines.safeio import printable
 
 #: The command line's exit codes: success; the command ran and found failures (or a refusal);
-#: a usage or configuration error.
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+#: a usage or configuration error; the command stopped on an unexpected error (a fault of
+#: cohortflow or of the machine: the work done is kept and the same command resumes); and
+#: interrupted (Ctrl-C: 128 + SIGINT, as shells report it).
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _document: TextIO | None = None
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +73,40 @@ def _env(home: Path, pacs: Pacs, model_cache: Path, **extra: str) -> dict[str, s
         **extra,
     )
     return env
+
+
+@contextmanager
+def prefect_server(folder: Path) -> Iterator[Callable[[], str]]:
+    """A Prefect server of the tests' own, as a deployment runs one (runs given its
+    ``PREFECT_API_URL`` start no private server): started at once, so that it boots while the
+    PACS is loaded; yields the function that waits for it and returns its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(folder), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    with (folder / "server.log").open("ab") as log:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def ready() -> str:
+        _wait_http(f"{url}/health", timeout=180)
+        return url
+
+    try:
+        yield ready
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def _cohortflow(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -205,3 +205,36 @@ def test_the_volumetry_table_shows_its_verdict_in_colour_not_as_markup(tmp_path:
     assert "pass" in text and "warn volumetry.thick_slices" in text
     styled = console.export_text(styles=True)
     assert "\x1b[" in styled  # the verdict is coloured
+
+
+def test_a_crash_exits_3_and_says_why_in_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command that stops on an unexpected error no longer exits 1 like "done with failures";
+    with ``--json`` the reason is the document, not plain text."""
+    import flows.cli.run
+
+    def boom(*_: object) -> int:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path))
+    monkeypatch.setattr(flows.cli.run, "_status", boom)
+    assert main(["status", "--json"]) == 3
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)["error"]
+    assert error["kind"] == "internal" and error["exit"] == 3
+    assert "RuntimeError: disk on fire" in error["message"]
+    assert "status stopped" in captured.err
+    assert main(["status"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "" and "disk on fire" in captured.err
+
+
+def test_a_configuration_error_in_json_is_a_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: [not a number\n")
+    assert main(["--config", str(bad), "status", "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "configuration" and error["exit"] == 2 and error["message"]

@@ -4,7 +4,9 @@ in a child process (as users run it).
 
 1. SQLite, a local one-worker Dask cluster, killed (SIGKILL, the whole process group) once three
    studies are measured, then rerun: it finishes, with no duplicate and no lost series, and a
-   third run redoes nothing.
+   third run redoes nothing. The first run starts its private Prefect server, as a run without
+   one does; the later runs (here and below) use a Prefect server of the module's own, as a
+   deployment's runs do (each private server took 7 to 14 s to start).
 2. The run of tests/test_protocol_dask.py (PostgreSQL, a multi-process Dask cluster; it runs in
    the other test worker at the same time) gave the same results as run 1.
 3. The QC dashboard in Chromium and the biomarker export, over run 1.
@@ -50,6 +52,7 @@ from tests.protocol_helpers import (
     handed_over,
     loaded_pacs,
     of_studies,
+    prefect_server,
     wait_for,
 )
 
@@ -63,8 +66,16 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, dementia6: CohortResult) -> I
 
 
 @pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The module's Prefect server: ``served()`` waits for it and gives its API URL."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as ready:
+        yield ready
+
+
+@pytest.fixture(scope="module")
 def killed_and_resumed(
     tmp_path_factory: pytest.TempPathFactory,
+    served: Any,
     pacs: Pacs,
     model_cache: Path,
     dementia6: CohortResult,
@@ -92,6 +103,7 @@ def killed_and_resumed(
     assert 3 <= done_before < STUDIES
     seconds_first = time.monotonic() - started
 
+    env = {**env, "PREFECT_API_URL": served()}  # from here on, the module's server
     started = time.monotonic()
     outcome = _finish(_cohortflow(args, env, log), log)
     seconds_rerun = time.monotonic() - started
@@ -416,13 +428,13 @@ def test_dask_and_postgres_gave_the_single_process_results(
 
 
 def test_a_saved_cohort_drives_a_run_over_exactly_its_studies(
-    killed_and_resumed: dict[str, Any], pacs: Pacs, model_cache: Path, figures: Any
+    killed_and_resumed: dict[str, Any], pacs: Pacs, figures: Any
 ) -> None:
     from models.schema import SelectedSeries, Selection
 
     home, url = killed_and_resumed["home"], killed_and_resumed["url"]
     truth: CohortTruth = killed_and_resumed["truth"]
-    env = _env(home, pacs, model_cache)
+    env = dict(killed_and_resumed["env"])  # the module's Prefect server too
     log = home / "cohort.log"
     save = ["cohort", "save", "women", "--sex", "F", "--protocol", "dementia:t1_3d", "--json"]
     # three women: a project that saves cohorts this small lowers its smallest cell (the
@@ -462,7 +474,7 @@ def test_a_saved_cohort_drives_a_run_over_exactly_its_studies(
 
 
 def test_a_leak_in_a_delivered_file_is_quarantined_by_the_next_run(
-    killed_and_resumed: dict[str, Any], pacs: Pacs, model_cache: Path, figures: Any
+    killed_and_resumed: dict[str, Any], pacs: Pacs, figures: Any
 ) -> None:
     """The run's release step: every file a study delivered is searched for its patient's
     identifiers. A patient ID written into a delivered sidecar after the run (what a faulty
@@ -472,7 +484,7 @@ def test_a_leak_in_a_delivered_file_is_quarantined_by_the_next_run(
     from pipelines.release.scan import Matcher, targets
 
     home, url = killed_and_resumed["home"], killed_and_resumed["url"]
-    env = _env(home, pacs, model_cache)
+    env = dict(killed_and_resumed["env"])  # the module's Prefect server too
     log = home / "leak.log"
     sidecar = sorted((home / "outputs" / "dementia" / "nifti").rglob("*_T1w.json"))[0]
     pseudonym = sidecar.name.split("_")[0].removeprefix("sub-")

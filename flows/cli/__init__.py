@@ -4,8 +4,10 @@ Each command group is a module of this package with an ``add_commands(sub)`` tha
 commands; every leaf command sets its handler (``parser.set_defaults(handler=...)``, a
 :data:`flows.cli.common.Handler`), and :func:`main` calls it.
 
-Exit status: 0 done, 1 done with failures (reported per item), 2 usage or configuration error.
-With ``--json`` a command prints exactly one JSON document on stdout; progress goes to stderr.
+Exit status (``flows.output.EXIT_*``): 0 done, 1 done with failures (reported per item), 2
+usage or configuration error, 3 stopped on an unexpected error, 130 interrupted. With ``--json``
+a command prints exactly one JSON document on stdout (an ``error`` document when it did not
+finish); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from rich.text import Text
 
 from flows.cli import audit, cohort, data, pacs, results, run, stages
 from flows.cli.common import CommandParser, Handler, version
-from flows.output import EXIT_FAILURES, EXIT_USAGE, cell, json_only_on_stdout
+from flows.output import (
+    EXIT_FAILURES,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    cell,
+    json_only_on_stdout,
+    write_json,
+)
 from flows.prefect_env import configure_itk, protect_identified
 from models.errors import CohortflowError, ConfigurationError
 from models.settings import load_settings
@@ -83,6 +93,14 @@ def _dispatch(args: argparse.Namespace, err: Console) -> int:
         elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
             setattr(args, name, [Path(os.path.abspath(v)) for v in value])
     handler: Handler = args.handler  # every leaf command sets one (tests/test_cli.py)
+
+    def failed(code: int, kind: str, label: str, message: str) -> int:
+        """Say why the command did not finish: on stderr, and with ``--json`` as the document."""
+        err.print(Text.assemble((f"{label}: ", "red"), cell(message)))
+        if getattr(args, "json", False):
+            write_json({"error": {"kind": kind, "message": message, "exit": code}})
+        return code
+
     try:
         settings = load_settings(args.config)
         configure_itk(settings.itk_threads)
@@ -90,25 +108,27 @@ def _dispatch(args: argparse.Namespace, err: Console) -> int:
             err.print(Text.assemble(("repaired: ", "yellow"), cell(note)))
         return handler(args, settings, err)
     except ConfigurationError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        return EXIT_USAGE
+        return failed(EXIT_USAGE, "configuration", "configuration error", str(exc))
     except RefusedError as exc:  # identified data others can read and this user cannot repair
-        err.print(Text.assemble(("refused: ", "red"), cell(exc.reason)))
-        return EXIT_USAGE
+        return failed(EXIT_USAGE, "refused", "refused", exc.reason)
     except PacsError as exc:  # the PACS failed us: not the user's mistake
-        err.print(f"[red]PACS error:[/red] {exc}")
-        return EXIT_FAILURES
+        return failed(EXIT_FAILURES, "pacs", "PACS error", str(exc))
     except CohortflowError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return EXIT_USAGE
+        return failed(EXIT_USAGE, "usage", "error", str(exc))
     except KeyboardInterrupt:
-        err.print("interrupted: rerun the same command to resume where it stopped")
-        return EXIT_FAILURES
+        return failed(
+            EXIT_INTERRUPTED,
+            "interrupted",
+            "interrupted",
+            "rerun the same command to resume where it stopped",
+        )
     except Exception as exc:  # nothing raises past the command line; -v shows the traceback
         if args.verbose:
             err.print_exception()
-        err.print(
-            f"[red]{args.command} stopped:[/red] {type(exc).__name__}: {exc}. Work already done "
-            "is kept; rerun the same command to resume (add -v for details)"
+        return failed(
+            EXIT_STOPPED,
+            "internal",
+            f"{args.command} stopped",
+            f"{type(exc).__name__}: {exc}. Work already done is kept; rerun the same command "
+            "to resume (add -v for details)",
         )
-        return EXIT_FAILURES
