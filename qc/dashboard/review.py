@@ -1,0 +1,214 @@
+"""The QC review pages: the overview (success rates, runs over time, failures by reason), the
+failure list (filters and sort order in the URL, paginated), the series page (pictures,
+findings, metrics beside the protocol's distribution, history) and the reviewers' decisions;
+their JSON under ``/api``."""
+
+# No ``from __future__ import annotations``: FastAPI reads the route signatures.
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from models.errors import CohortflowError
+from models.reviews import DECISIONS, record_review
+from models.users import Account
+from qc.dashboard import plots, queries
+from qc.dashboard.board import MAX_PAGE, READ, REVIEW, Dashboard, parse_day
+
+
+def add_routes(router: APIRouter, board: Dashboard) -> None:
+    """``/``, ``/failures``, ``/series/{uid}`` (its pictures and reviews) and their API."""
+    page_size = board.settings.dashboard.page_size
+
+    # --- overview ---------------------------------------------------------------------------
+
+    @router.get("/", response_class=HTMLResponse)
+    def overview_page(
+        request: Request, who: Annotated[Account, Depends(board.role(*READ))]
+    ) -> HTMLResponse:
+        with board.db() as session:
+            data = queries.overview(session)
+        return board.render(request, "overview.html", who, data=data)
+
+    @router.get("/overview/rates.png")
+    def rates_png(who: Annotated[Account, Depends(board.role(*READ))]) -> Response:
+        with board.db() as session:
+            runs = queries.run_points(session)
+        return Response(plots.rates_over_time(runs), media_type="image/png")
+
+    @router.get("/api/overview")
+    def overview_api(who: Annotated[Account, Depends(board.role(*READ))]) -> dict[str, Any]:
+        with board.db() as session:
+            data = queries.overview(session)
+        return {
+            "protocols": [o.as_dict() for o in data.outcomes],
+            "runs": [asdict(r) for r in data.runs],
+            "failures_by_reason": [
+                {"stage": s, "reason": r, "series": n} for s, r, n in data.reasons
+            ],
+            "reviewed": data.reviewed,
+            "to_review": data.to_review,
+        }
+
+    # --- failures ---------------------------------------------------------------------------
+
+    @router.get("/failures", response_class=HTMLResponse)
+    def failures_page(
+        request: Request,
+        who: Annotated[Account, Depends(board.role(*READ))],
+        f: Annotated[queries.FailureFilter, Depends(failure_filter)],
+    ) -> HTMLResponse:
+        with board.db() as session:
+            data = queries.failures(session, f, page_size)
+        params = {k: v for k, v in request.query_params.items() if v}
+
+        def link(**changes: Any) -> str:
+            merged = {**params, **{k: str(v) for k, v in changes.items() if v is not None}}
+            return "/failures?" + urlencode(merged)
+
+        return board.render(request, "failures.html", who, data=data, f=f, params=params, link=link)
+
+    @router.get("/api/failures")
+    def failures_api(
+        who: Annotated[Account, Depends(board.role(*READ))],
+        f: Annotated[queries.FailureFilter, Depends(failure_filter)],
+    ) -> dict[str, Any]:
+        with board.db() as session:
+            data = queries.failures(session, f, page_size)
+        return {
+            "total": data.total,
+            "page": data.page,
+            "pages": data.pages,
+            "rows": [asdict(r) for r in data.rows],
+        }
+
+    # --- series -----------------------------------------------------------------------------
+
+    @router.get("/series/{uid}", response_class=HTMLResponse)
+    def series_page(
+        request: Request, uid: str, who: Annotated[Account, Depends(board.role(*READ))]
+    ) -> HTMLResponse:
+        with board.db() as session:
+            view = series_or_404(session, uid)
+        return board.render(
+            request,
+            "series.html",
+            who,
+            view=view,
+            decisions=DECISIONS,
+            can_review=who.role in REVIEW,
+        )
+
+    @router.get("/api/series/{uid}")
+    def series_api(uid: str, who: Annotated[Account, Depends(board.role(*READ))]) -> dict[str, Any]:
+        with board.db() as session:
+            view = series_or_404(session, uid)
+        data = asdict(view)
+        data.pop("pictures")
+        return dict(json.loads(json.dumps(data, default=str)))
+
+    @router.get("/series/{uid}/picture/{stage}.png")
+    def picture(
+        uid: str, stage: str, who: Annotated[Account, Depends(board.role(*READ))]
+    ) -> Response:
+        with board.db() as session:
+            view = series_or_404(session, uid)
+        found = view.pictures.get(stage)
+        if found is None:
+            raise HTTPException(404, f"no {stage} picture of series {uid}")
+        path = Path(found).resolve()
+        # only pictures written under the outputs (the pseudonymized side) are served
+        if not path.is_relative_to(board.outputs) or not path.is_file():
+            raise HTTPException(404, f"the {stage} picture of series {uid} is not available")
+        return FileResponse(path, media_type="image/png")
+
+    @router.get("/series/{uid}/metrics.png")
+    def metrics_png(uid: str, who: Annotated[Account, Depends(board.role(*READ))]) -> Response:
+        with board.db() as session:
+            view = series_or_404(session, uid)
+        return Response(plots.metric_distributions(view.metrics), media_type="image/png")
+
+    def review(uid: str, who: Account, decision: str, comment: str) -> None:
+        with board.db() as session:
+            view = series_or_404(session, uid)
+            try:
+                record_review(
+                    session,
+                    uid,
+                    decision,
+                    comment,
+                    who.username,
+                    view.verdict,
+                    view.verdict_reason,
+                )
+            except CohortflowError as exc:
+                raise HTTPException(400, str(exc)) from exc
+
+    @router.post("/series/{uid}/review")
+    def review_form(
+        request: Request,
+        uid: str,
+        who: Annotated[Account, Depends(board.role(*REVIEW))],
+        decision: Annotated[str, Form()],
+        comment: Annotated[str, Form()] = "",
+        csrf: Annotated[str, Form()] = "",
+    ) -> RedirectResponse:
+        board.check_token(request, csrf)
+        review(uid, who, decision, comment)
+        return RedirectResponse(f"/series/{uid}#reviews", status_code=303)
+
+    @router.post("/api/series/{uid}/review")
+    def review_api(
+        request: Request,
+        uid: str,
+        body: dict[str, str],
+        who: Annotated[Account, Depends(board.role(*REVIEW))],
+    ) -> dict[str, str]:
+        board.check_token(request, request.headers.get("x-csrf-token"))
+        review(uid, who, body.get("decision", ""), body.get("comment", ""))
+        return {"series": uid, "decision": body.get("decision", "")}
+
+
+def failure_filter(
+    protocol: str | None = None,
+    stage: str | None = None,
+    reason: str | None = None,
+    scanner: str | None = None,
+    status: str = "fail",
+    date_from: str | None = Query(None, alias="from"),
+    date_to: str | None = Query(None, alias="to"),
+    sort: str = "recorded_at",
+    order: str = "desc",
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
+) -> queries.FailureFilter:
+    """The failure list's filters, from the query string (a route dependency)."""
+    if status not in queries.STATUSES:
+        raise HTTPException(400, f"status must be one of {', '.join(queries.STATUSES)}")
+    if sort not in queries.SORTS:
+        raise HTTPException(400, f"sort must be one of {', '.join(queries.SORTS)}")
+    if order not in ("asc", "desc"):
+        raise HTTPException(400, "order must be asc or desc")
+    return queries.FailureFilter(
+        protocol=protocol or None,
+        stage=stage or None,
+        reason=reason or None,
+        scanner=scanner or None,
+        status=status,
+        date_from=parse_day(date_from, "from"),
+        date_to=parse_day(date_to, "to"),
+        sort=sort,
+        descending=order == "desc",
+        page=max(1, page),
+    )
+
+
+def series_or_404(session: Session, uid: str) -> queries.SeriesView:
+    view = queries.series_view(session, uid)
+    if view is None:
+        raise HTTPException(404, f"no series {uid} has stage results")
+    return view
