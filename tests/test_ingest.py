@@ -462,7 +462,8 @@ def test_move_hands_over_files_and_survives_a_crash_before_removal(
 def test_an_index_failure_mid_ingest_is_reported_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The index database becomes unwritable mid-run: a message and exit 1, then a clean rerun."""
+    """The index database becomes unwritable mid-run: a message and exit 3 (stopped, not "done
+    with failures"), then a clean rerun."""
     home = tmp_path / "home"
     monkeypatch.setenv("COHORTFLOW_HOME", str(home))
     drop = tmp_path / "drop"
@@ -474,7 +475,7 @@ def test_an_index_failure_mid_ingest_is_reported_not_raised(
     with index.engine.begin() as connection:  # a real failure: the files table is gone
         connection.exec_driver_sql("ALTER TABLE files RENAME TO files_away")
     capsys.readouterr()
-    assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 1
+    assert main(["ingest", str(drop), "--batch", "b", "--workers", "1"]) == 3
     assert "rerun the same command" in capsys.readouterr().err
     with index.engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE files_away RENAME TO files")
