@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,17 @@ class SeriesDescriptor:
         return asdict(self)
 
     @classmethod
+    def of_record(cls, record: Any) -> SeriesDescriptor:
+        """From a stage's result that carries the five as attributes of the same names."""
+        return cls(
+            record.protocol,
+            record.role,
+            record.manufacturer,
+            record.model,
+            record.software_versions,
+        )
+
+    @classmethod
     def of(cls, data: Mapping[str, object], protocol: str | None = None) -> SeriesDescriptor:
         """From a mapping with the same keys (a stored hand-over); ``protocol`` where the
         mapping has none."""
@@ -42,3 +54,18 @@ class SeriesDescriptor:
             model=text("model"),
             software_versions=text("software_versions"),
         )
+
+
+@dataclass(frozen=True)
+class NotTaken:
+    """A series a stage did not take, and why (not selected by the protocol, no protocol, not an
+    MR image...)."""
+
+    study: str
+    series: str
+    folder: str
+    description: str
+    reason_code: str
+    reason: str
+    #: the input files of the series: every file is accounted for
+    files: int = 0

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -38,6 +39,30 @@ class CommandParser(argparse.ArgumentParser):
             default=argparse.SUPPRESS,  # absent here: the top-level value stands
             help="log details to stderr",
         )
+
+
+def add_protocol_options(parser: argparse.ArgumentParser, rules: str) -> None:
+    """``--protocol`` (the protocol whose ``rules`` apply) and ``--protocols`` (its file): the
+    options of every command that takes a folder's series by protocol."""
+    parser.add_argument(
+        "--protocol",
+        help=f"protocol whose {rules} (default: the one whose study description patterns "
+        "match each study)",
+    )
+    add_protocols_file(parser)
+
+
+def add_protocols_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+
+
+def add_no_record(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--no-record``: the command's results are not written to the index."""
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help=f"do not record results in the index{f' ({note})' if note else ''}",
+    )
 
 
 def version() -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.cli.common import audit_read, date, emit, open_index
+from flows.cli.common import add_protocols_file, audit_read, date, emit, open_index
 from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
 from models.settings import Settings
 
@@ -52,7 +52,7 @@ def add_commands(sub: Any) -> None:
         help="print every candidate study and series with the rule that selected or rejected "
         "it; store nothing",
     )
-    select.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    add_protocols_file(select)
     add_json(select, "the selection")
     select.set_defaults(handler=_select)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.cli.common import emit, open_index
+from flows.cli.common import add_no_record, add_protocol_options, emit, open_index
 from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
 from models.settings import Settings
 
@@ -63,17 +63,8 @@ def add_commands(sub: Any) -> None:
         "recorded in the archive index (stage_results) unless --no-record.",
     )
     qc.add_argument("source", type=Path, metavar="SERIES_DIR", help="a series or studies folder")
-    qc.add_argument(
-        "--protocol",
-        help="protocol whose rules and thresholds apply (default: the one whose study "
-        "description patterns match each study)",
-    )
-    qc.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
-    qc.add_argument(
-        "--no-record",
-        action="store_true",
-        help="do not record results in the index (outliers are still judged against it)",
-    )
+    add_protocol_options(qc, "rules and thresholds apply")
+    add_no_record(qc, "outliers are still judged against it")
     add_json(qc, "the findings")
     qc.set_defaults(handler=_qc)
 
@@ -91,21 +82,14 @@ def add_commands(sub: Any) -> None:
         "source", type=Path, metavar="SOURCE", help="a series or studies folder (pseudonymized)"
     )
     convert.add_argument("out", type=Path, metavar="OUT_DIR", help="the BIDS-style output folder")
-    convert.add_argument(
-        "--protocol",
-        help="protocol whose rules select the series (default: the one whose study "
-        "description patterns match each study)",
-    )
-    convert.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
+    add_protocol_options(convert, "rules select the series")
     convert.add_argument(
         "--all",
         dest="every_series",
         action="store_true",
         help="convert every MR image series, not only the protocol's (suffix guessed, acq-guessed)",
     )
-    convert.add_argument(
-        "--no-record", action="store_true", help="do not record results in the index"
-    )
+    add_no_record(convert)
     add_json(convert, "the outcome")
     convert.set_defaults(handler=_convert)
 
@@ -128,11 +112,8 @@ def add_commands(sub: Any) -> None:
         help="where overlays (and converted images) go "
         "(default: $COHORTFLOW_HOME/outputs/volumetry)",
     )
-    volumetry.add_argument("--protocol", help="protocol whose rules select DICOM series")
-    volumetry.add_argument("--protocols", type=Path, help="protocol file (default: settings)")
-    volumetry.add_argument(
-        "--no-record", action="store_true", help="do not record results in the index"
-    )
+    add_protocol_options(volumetry, "rules select the DICOM series")
+    add_no_record(volumetry)
     add_json(volumetry, "the volumes")
     volumetry.set_defaults(handler=_volumetry)
 

@@ -29,6 +29,7 @@ from typing import Any
 from models.database import IndexDB
 from models.errors import GeometryError
 from models.geometry import planes_of
+from models.series import NotTaken
 from models.settings import Settings
 from models.stages import record_stages
 from pipelines.convert import bids, sidecar
@@ -41,7 +42,6 @@ from pipelines.convert.results import (
     METHOD_VERSION,
     ConvertedSeries,
     ConvertReport,
-    NotConverted,
     stage_record,
 )
 from pipelines.convert.series import as_float, link_files, read_series, sample_pixels
@@ -71,7 +71,7 @@ def convert_configured(
     record: bool = True,
     dcm2niix: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    progress: Callable[[ConvertedSeries | NotConverted], None] | None = None,
+    progress: Callable[[ConvertedSeries | NotTaken], None] | None = None,
 ) -> ConvertReport:
     """Convert with the project's protocols; record a ``convert`` stage result per series in
     the archive index (when given and ``record``)."""
@@ -111,7 +111,7 @@ def convert_folder(
     every_series: bool = False,
     dcm2niix: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    progress: Callable[[ConvertedSeries | NotConverted], None] | None = None,
+    progress: Callable[[ConvertedSeries | NotTaken], None] | None = None,
 ) -> ConvertReport:
     """Convert the series the protocol selects (``every_series``: every MR image series) of
     every study under ``source`` into ``out``. ``dcm2niix`` names the executable (default:
@@ -125,7 +125,7 @@ def convert_folder(
     skipped: list[SkippedFile] = []
     studies = index_folder(source, skipped, keep_damaged=True)
     plans: list[PlannedSeries] = []
-    not_converted: list[NotConverted] = []
+    not_converted: list[NotTaken] = []
     for study_uid, series in studies.items():
         chosen, left = plan_study(study_uid, series, protocols, protocol, every_series)
         plans.extend(chosen)
@@ -154,12 +154,12 @@ def convert_folder(
             )
         # judged at the severities the series' protocol sets (protocols.yaml qc.severity)
         result = replace(result, findings=protocols.qc_of(plan.protocol).judged(result.findings))
-        item: ConvertedSeries | NotConverted = result
+        item: ConvertedSeries | NotTaken = result
         deciding = result.reason
         if not plan.role and deciding is not None and deciding.check in _NOT_IMAGES:
             # asked for every series, this one is no image volume (a localizer, one slice):
             # nothing a protocol wanted failed
-            item = NotConverted(
+            item = NotTaken(
                 plan.study,
                 plan.series,
                 result.folder,

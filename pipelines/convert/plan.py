@@ -16,8 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from models.series import NotTaken
 from pipelines.convert import bids
-from pipelines.convert.results import NotConverted
 from pipelines.dicom.header import attributes
 from pipelines.dicom.protocols import ProtocolSet
 from pipelines.dicomfolder import FolderFile, first_header, has_header, series_number
@@ -44,16 +44,16 @@ def plan_study(
     protocols: ProtocolSet,
     protocol_name: str | None,
     every_series: bool,
-) -> tuple[list[PlannedSeries], list[NotConverted]]:
+) -> tuple[list[PlannedSeries], list[NotTaken]]:
     """Which series of a study are converted, in which role and under which name."""
     ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
     plans: list[PlannedSeries] = []
-    left: list[NotConverted] = []
+    left: list[NotTaken] = []
     readable = [(uid, e) for uid, e in ordered if has_header(e)]
     for uid, entries in ordered:
         if not has_header(entries):
             left.append(
-                NotConverted(
+                NotTaken(
                     study_uid,
                     uid,
                     str(entries[0].relative.parent),
@@ -83,11 +83,11 @@ def plan_study(
             why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
         name = bids.name_for(role, header, every_series)
         if name is None:
-            left.append(NotConverted(study_uid, uid, folder, what, code, why))
+            left.append(NotTaken(study_uid, uid, folder, what, code, why))
             continue
         if str(header.get("BurnedInAnnotation") or "").upper() == "YES":
             left.append(
-                NotConverted(
+                NotTaken(
                     study_uid,
                     uid,
                     folder,
@@ -99,14 +99,14 @@ def plan_study(
             continue
         if role is None and "LOCALIZER" in {str(v).upper() for v in header.get("ImageType") or []}:
             left.append(
-                NotConverted(
+                NotTaken(
                     study_uid, uid, folder, what, "localizer", "ImageType LOCALIZER: not a volume"
                 )
             )
             continue
         if role is None and str(header.get("Modality") or "") != "MR":
             left.append(
-                NotConverted(
+                NotTaken(
                     study_uid,
                     uid,
                     folder,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.series import SeriesDescriptor
+from models.series import NotTaken, SeriesDescriptor
 from models.stages import StageRecord
 from pipelines.dicom.cleaner import Cleaner
 from pipelines.dicomfolder import SkippedFile
@@ -71,26 +71,6 @@ class ConvertedSeries:
     def converted(self) -> bool:
         return self.nifti is not None
 
-    @property
-    def describe(self) -> SeriesDescriptor:
-        return SeriesDescriptor(
-            self.protocol, self.role, self.manufacturer, self.model, self.software_versions
-        )
-
-
-@dataclass(frozen=True)
-class NotConverted:
-    """A series not converted, and why (not selected, no protocol, not an MR image...)."""
-
-    study: str
-    series: str
-    folder: str
-    description: str
-    reason_code: str
-    reason: str
-    #: the input files of the series: every file is accounted for
-    files: int = 0
-
 
 @dataclass(frozen=True)
 class ConvertReport:
@@ -98,7 +78,7 @@ class ConvertReport:
     dcm2niix: str | None  # the dcm2niix version used; None when it is unavailable
     dcm2niix_problem: str | None  # why dcm2niix is unavailable
     series: tuple[ConvertedSeries, ...]
-    not_converted: tuple[NotConverted, ...]
+    not_converted: tuple[NotTaken, ...]
     skipped: tuple[SkippedFile, ...]
 
     @property
@@ -130,7 +110,7 @@ def stage_record(result: ConvertedSeries, method: str) -> StageRecord:
         method_version=method,
         series=result.series,
         study=result.study,
-        describe=result.describe,
+        describe=SeriesDescriptor.of_record(result),
         metrics=result.metrics,
         input_sha256=result.input_sha256,
         seconds=result.seconds,

@@ -23,7 +23,7 @@ from models.database import IndexDB
 from models.errors import GeometryError
 from models.geometry import planes_of, reference_volume, stack_pixels
 from models.scanners import KnownScanners
-from models.series import SeriesDescriptor
+from models.series import NotTaken, SeriesDescriptor
 from models.settings import Settings
 from models.stages import StageRecord, cohort_metrics, record_stages
 from pipelines.atlas.template import Template
@@ -110,31 +110,11 @@ class SeriesQc:
     def stage(self, name: str) -> StageOutcome | None:
         return next((s for s in self.stages if s.stage == name), None)
 
-    @property
-    def describe(self) -> SeriesDescriptor:
-        return SeriesDescriptor(
-            self.protocol, self.role, self.manufacturer, self.model, self.software_versions
-        )
-
-
-@dataclass(frozen=True)
-class NotChecked:
-    """A series QC did not look at, and why (not selected by the protocol, no protocol...)."""
-
-    study: str
-    series: str
-    folder: str
-    description: str
-    reason_code: str
-    reason: str
-    #: the input files of the series: every file is accounted for
-    files: int = 0
-
 
 @dataclass
 class QcReport:
     series: list[SeriesQc] = field(default_factory=list)
-    not_checked: list[NotChecked] = field(default_factory=list)
+    not_checked: list[NotTaken] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
 
     def with_verdict(self, wanted: Verdict) -> list[SeriesQc]:
@@ -148,7 +128,7 @@ def qc_folder(
     template: Callable[[], Template],
     protocol: str | None = None,
     history: History | None = None,
-    progress: Callable[[SeriesQc | NotChecked], None] | None = None,
+    progress: Callable[[SeriesQc | NotTaken], None] | None = None,
     fits: Mapping[str, HeadFit] | None = None,
 ) -> QcReport:
     """Check every series of every study under ``source``. ``template`` loads the brain
@@ -187,16 +167,16 @@ def qc_study(
     protocol_name: str | None = None,
     whole_study: bool = True,
     fits: Mapping[str, HeadFit] | None = None,
-) -> list[SeriesQc | NotChecked]:
+) -> list[SeriesQc | NotTaken]:
     """QC of one study's series (never raises for a series). ``whole_study``: the series given
     are all the study has, so a missing required series is a finding."""
     ordered = sorted(series.items(), key=lambda item: (series_number(item[1]), item[0]))
     readable = [(uid, e) for uid, e in ordered if has_header(e)]
-    out: list[SeriesQc | NotChecked] = []
+    out: list[SeriesQc | NotTaken] = []
     for uid, entries in ordered:
         if not has_header(entries):
             out.append(
-                NotChecked(
+                NotTaken(
                     study_uid,
                     uid,
                     str(entries[0].relative.parent),
@@ -221,7 +201,7 @@ def qc_study(
         why = f"not selected by protocol {protocol.name} ({decision.rule}: {decision.why})"
         what = header_text(header, "SeriesDescription")
         folder = str(entries[0].relative.parent)
-        out.append(NotChecked(study_uid, uid, folder, what, code, why, len(entries)))
+        out.append(NotTaken(study_uid, uid, folder, what, code, why, len(entries)))
     if not checked:
         return out
     study_findings = (
@@ -435,7 +415,7 @@ def stage_records(result: SeriesQc) -> list[StageRecord]:
             method_version=METHOD_VERSION,
             series=result.series,
             study=result.study,
-            describe=result.describe,
+            describe=SeriesDescriptor.of_record(result),
             metrics=stage.metrics,
             input_sha256=result.input_sha256,
             seconds=stage.seconds,
@@ -451,7 +431,7 @@ def qc_configured(
     protocol: str | None = None,
     protocols_file: Path | None = None,
     record: bool = True,
-    progress: Callable[[SeriesQc | NotChecked], None] | None = None,
+    progress: Callable[[SeriesQc | NotTaken], None] | None = None,
 ) -> QcReport:
     """QC with the project's settings: its protocols, known scanners and cached brain template;
     compared with the series in the archive index (when given) and recorded there (when

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from models.database import IndexDB
+from models.series import SeriesDescriptor
 from models.settings import Settings
 from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
 from models.volumes import Volumes
@@ -407,7 +408,7 @@ def stage_record(result: VolumetryResult) -> StageRecord:
         method_version=f"{METHOD}-{METHOD_VERSION}",
         series=s.series,
         study=s.study,
-        describe=s.describe,
+        describe=SeriesDescriptor.of_record(s),
         metrics=metrics(result),
         input_sha256=result.input_sha256,
         seconds=round(sum(result.seconds.values()), 3),

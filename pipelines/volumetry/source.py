@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.series import SeriesDescriptor
-
 
 @dataclass(frozen=True)
 class Source:
@@ -25,9 +23,3 @@ class Source:
     model: str | None = None
     software_versions: str | None = None
     converter: str | None = None
-
-    @property
-    def describe(self) -> SeriesDescriptor:
-        return SeriesDescriptor(
-            self.protocol, self.role, self.manufacturer, self.model, self.software_versions
-        )
