@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import ColumnElement, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from models.repository import dialect_insert, now
@@ -127,13 +127,18 @@ def cohort_metrics(
     exclude: Iterable[str] = (),
 ) -> list[Mapping[str, Any]]:
     """The metrics stored for a stage, protocol and scanner model (the cohort a series is
-    compared with), leaving out the series in ``exclude``."""
+    compared with), leaving out the series in ``exclude``. A scanner that does not say its
+    manufacturer or model is stored without it (None; rows of earlier versions hold "")."""
     skip = set(exclude)
+
+    def same(column: Any, value: str) -> ColumnElement[bool]:
+        return column == value if value else or_(column.is_(None), column == "")
+
     query = select(StageResult.series_uid, StageResult.metrics).where(
         StageResult.stage == stage,
         StageResult.protocol == protocol,
-        StageResult.manufacturer == manufacturer,
-        StageResult.model == model,
+        same(StageResult.manufacturer, manufacturer),
+        same(StageResult.model, model),
     )
     return [dict(metrics or {}) for uid, metrics in session.execute(query) if uid not in skip]
 

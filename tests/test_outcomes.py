@@ -303,3 +303,40 @@ def test_a_step_that_crashed_is_redone_and_a_done_one_is_skipped(
     with index.session() as session:
         rows = step_records(session, "dementia")
     assert len(rows) == 1 and rows[0].outputs["_linked_series"] == {"a": "b"}
+
+
+def test_a_scanner_without_a_name_is_compared_with_its_kind(index: IndexDB) -> None:
+    """Stage rows store a manufacturer or model the header does not give as unknown (None;
+    rows of earlier versions hold ""): image QC's cohort of such a series still finds them."""
+    from dataclasses import replace
+
+    from models.series import SeriesDescriptor
+    from models.stages import StageRecord, cohort_metrics, record_stages
+
+    def row(uid: str, manufacturer: str | None) -> StageRecord:
+        d = SeriesDescriptor("dementia", "t1_3d", manufacturer, "", None)
+        return StageRecord(
+            uid,
+            "2.25.1",
+            "image_qc",
+            "pass",
+            "qc-2",
+            d.protocol,
+            d.role,
+            d.manufacturer,
+            d.model,
+            metrics={"uid": uid},
+        )
+
+    old = StageRecord("2.25.12", "2.25.1", "image_qc", "pass", "qc-2", "dementia", "t1_3d", "", "")
+    with index.session() as session:
+        record_stages(
+            session,
+            [row("2.25.10", ""), row("2.25.11", "GE"), replace(old, metrics={"uid": "2.25.12"})],
+        )
+    with index.session() as session:
+        found = cohort_metrics(session, "image_qc", "dementia", "", "", ())
+        assert sorted(m["uid"] for m in found) == ["2.25.10", "2.25.12"]
+        assert [
+            m["uid"] for m in cohort_metrics(session, "image_qc", "dementia", "GE", "", ())
+        ] == ["2.25.11"]
