@@ -39,16 +39,15 @@ class SeriesDescriptor:
         )
 
     @classmethod
-    def of(cls, data: Mapping[str, object], protocol: str | None = None) -> SeriesDescriptor:
-        """From a mapping with the same keys (a stored hand-over); ``protocol`` where the
-        mapping has none."""
+    def of(cls, data: Mapping[str, object]) -> SeriesDescriptor:
+        """From a mapping with the same keys (a stored hand-over)."""
 
         def text(key: str) -> str | None:
             value = data.get(key)
             return None if value is None else str(value)
 
         return cls(
-            protocol=text("protocol") or protocol,
+            protocol=text("protocol"),
             role=text("role"),
             manufacturer=text("manufacturer"),
             model=text("model"),

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from models.repository import dialect_insert, now
 from models.schema import Biomarker, StageHistory, StageResult
+from models.series import SeriesDescriptor
 from models.volumes import VOLUME_NAMES, Volumes
 
 
@@ -40,6 +41,18 @@ class StageRecord:
     input_sha256: str | None = None
     seconds: float | None = None
     recorded_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, describe: SeriesDescriptor, **fields: Any) -> StageRecord:
+        """A row of a series with its protocol, role and scanner from ``describe``."""
+        return cls(
+            protocol=describe.protocol,
+            role=describe.role,
+            manufacturer=describe.manufacturer,
+            model=describe.model,
+            software_versions=describe.software_versions,
+            **fields,
+        )
 
 
 _COLUMNS = (

@@ -236,17 +236,13 @@ def stage_row(
     from models.stages import StageRecord
 
     deciding = outcome.reason
-    return StageRecord(
+    return StageRecord.of(
+        describe,
         series_uid=series,
         study_uid=study,
         stage=stage,
         status=outcome.verdict.value,
         method_version=method_version,
-        protocol=describe.protocol,
-        role=describe.role,
-        manufacturer=describe.manufacturer,
-        model=describe.model,
-        software_versions=describe.software_versions,
         reason_code=deciding.check if deciding else None,
         message=deciding.message if deciding else None,
         findings=[f.as_dict() for f in outcome.findings],

@@ -258,15 +258,9 @@ def _fresh(folder: Path) -> Path:
 
 
 def _series_row(ctx: RunContext, describe: SeriesDescriptor, **fields: Any) -> StageRecord:
-    """A stage row of the run's protocol, with the series' role and scanner."""
-    return StageRecord(
-        protocol=ctx.protocol,
-        role=describe.role,
-        manufacturer=describe.manufacturer,
-        model=describe.model,
-        software_versions=describe.software_versions,
-        **fields,
-    )
+    """A stage row of the run's protocol, with the series' role and scanner (a descriptor
+    stored by an earlier version carries no protocol)."""
+    return StageRecord.of(replace(describe, protocol=ctx.protocol), **fields)
 
 
 # --- anonymize -------------------------------------------------------------------------------
