@@ -108,6 +108,12 @@ class DefaceSettings(BaseModel):
     #: were kept. On Colin27 heads (an anatomy apart from pydeface's) the face above the orbits
     #: lay up to 14 mm above what was removed (benchmarks/deface.py --generator colin)
     brow_mm: float = Field(12.0, ge=0, le=30)
+    #: ... and there takes the skin and what lies under it only to this depth, measured on the
+    #: subject's own image (behind the first skin a ray from the front meets): the eyebrows lie
+    #: in the skin, and where the template's fit is off by a centimetre the brow region reached
+    #: the frontal pole's edge (a real Siemens Trio head: 7 voxels of ROBEX's brain mask, 24 mm
+    #: behind the skin there)
+    brow_depth_mm: float = Field(10.0, ge=0, le=30)
     #: a series fails unless at least this fraction of its face-mask voxels is removed
     min_face_removed: float = Field(0.95, gt=0, le=1)
     #: a registration whose template / subject correlation is lower fails the whole study: a

@@ -119,12 +119,13 @@ def template(model_cache: Path) -> Template:
 
 
 def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
-    """pydeface's face region stops at the brow line; the removal reaches ``brow_mm`` higher in
-    front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face removed),
-    never within 10 mm of the intracranial space and never behind the forehead. On a 1 mm
-    head of 80 voxels a side: a brain ball, a face block in front of and below it."""
+    """pydeface's face region stops at the brow line; the brow (BROW) reaches ``brow_mm``
+    higher in front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face
+    removed), never within 10 mm of the intracranial space and never behind the forehead. On a
+    1 mm head of 80 voxels a side: a brain ball, a face block in front of and below it."""
     from pipelines.atlas.template import (
         BRAIN,
+        BROW,
         BROW_BRAIN_MARGIN_MM,
         BROW_DEPTH_MM,
         FACE,
@@ -139,9 +140,10 @@ def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
     face = (y >= 24) & (z <= -8)
     plain = compose_labels(face, brain, affine, 4.0, 6.0, 0.0)
     labels = compose_labels(face, brain, affine, 4.0, 6.0, SETTINGS.brow_mm)
-    before, after = plain & FACE > 0, labels & FACE > 0
-    added = after & ~before
-    assert added.any() and not (before & ~after).any()
+    assert not (plain & BROW).any()
+    assert ((labels & FACE) == (plain & FACE)).all()  # the face region is the same
+    before, added = plain & FACE > 0, labels & BROW > 0
+    assert added.any() and not (added & before).any()
     assert ((labels & PROTECT > 0) == (plain & PROTECT > 0)).all()
     assert ((labels & BRAIN > 0) == brain).all()
     distance = ndimage.distance_transform_edt(~brain)
@@ -153,6 +155,54 @@ def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
     for i, j, k in np.argwhere(added)[::7]:
         below = before[i, j, max(0, k - round(SETTINGS.brow_mm)) : k]
         assert below.any()
+
+
+def test_the_brow_is_removed_near_the_subjects_skin_only() -> None:
+    """Where the template's fit is off, its brow region reaches deep into the forehead: on a
+    real Siemens Trio head (fit r 0.66) it took 7 voxels of ROBEX's brain mask at the frontal
+    pole, 24 mm behind the skin. The brow is removed only to ``brow_depth_mm`` behind the
+    subject's own skin, found by rays from the front; the face region is not touched by this;
+    outside the reference's field (unknown depth) the brow is kept. On an axial plane through a
+    head whose skin lies at LPS y = -60 (its front): brow pixels from 10 mm in front of the skin
+    to 30 mm behind it."""
+    from models.geometry import Plane
+    from pipelines.atlas.masks import brow_near_skin, plane_points
+    from pipelines.atlas.template import BROW, FACE
+    from pipelines.deface.surface import RENDER_MM, front_skin
+
+    # the LPS grid of the reference: x 0..99, y 0..99, z 0..19 mm from low; the head fills
+    # y >= 40 (LPS y -60 with low y = -100) for x < 80, and nothing for x >= 80
+    low = np.array([-50.0, -100.0, -10.0])
+    head = np.zeros((100, 100, 20), bool)
+    head[:80, 40:, :] = True
+    skin = front_skin(head, low)
+    assert skin.first_y[0, 0] == -60.0 and np.isinf(skin.first_y[90, 0])
+    plane = Plane(
+        origin=np.array([-50.0, -70.0, 0.0]),
+        col_dir=np.array([0.0, 1.0, 0.0]),  # pixel (r, c): LPS x = -50 + c, y = -70 + r
+        row_dir=np.array([1.0, 0.0, 0.0]),
+        spacing=(RENDER_MM, RENDER_MM),
+        rows=40,
+        columns=120,
+        instance=0,
+        frame=None,
+    )
+    points = plane_points(plane)
+    assert points[:, 3, 5].tolist() == [-45.0, -67.0, 0.0]
+    labels = np.full((plane.rows, plane.columns), BROW, np.uint8)
+    labels[:, :3] |= FACE
+    with np.errstate(invalid="ignore"):
+        near = skin.depth(points) <= 10.0
+    decided = brow_near_skin(labels, near)
+    assert not (decided & BROW).any()
+    removed = decided & FACE > 0
+    depth = points[1] + 60.0  # behind the skin, for the columns x < 80 with a head
+    with_head = (points[0] < 30.0) & (points[0] >= -47.0)  # right of the face columns
+    assert removed[with_head & (depth <= 10.0)].all()
+    assert not removed[with_head & (depth > 10.0)].any()
+    assert removed[:, :3].all()  # the face region stays removed at any depth
+    assert removed[(points[0] >= 30.0) & (points[0] < 50.0)].all()  # no head in front: air
+    assert not removed[points[0] >= 50].any()  # outside the grid: unknown, kept
 
 
 @pytest.fixture(scope="module")

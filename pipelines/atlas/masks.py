@@ -12,7 +12,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.geometry import Plane
-from pipelines.atlas.template import BRAIN, FACE, PROTECT, Template
+from pipelines.atlas.template import BRAIN, BROW, FACE, PROTECT, Template
 
 
 def plane_labels(
@@ -37,6 +37,33 @@ def plane_labels(
         ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=0),
         dtype=np.uint8,
     )
+
+
+def plane_points(plane: Plane) -> npt.NDArray[np.float64]:
+    """The LPS point of every pixel of ``plane``: an array (3, rows, columns)."""
+    m = plane.pixel_to_lps()
+    rr, cc = np.meshgrid(
+        np.arange(plane.rows, dtype=np.float64),
+        np.arange(plane.columns, dtype=np.float64),
+        indexing="ij",
+    )
+    return np.asarray(
+        m[:, 0, None, None] * rr + m[:, 1, None, None] * cc + m[:, 2, None, None],
+        dtype=np.float64,
+    )
+
+
+def brow_near_skin(
+    labels: npt.NDArray[np.uint8], near_skin: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.uint8]:
+    """``labels`` with the brow decided on the subject: a BROW pixel ``near_skin`` (within
+    reach of the skin of the forehead, measured on the subject's own image) becomes FACE and
+    is removed; the others are kept. The eyebrows lie in the skin; what lies deeper (bone,
+    sinus, and where the template's fit is off, the brain's edge) stays."""
+    brow = labels & BROW > 0
+    out = labels & np.uint8(0xFF ^ BROW)
+    out[brow & near_skin] |= FACE
+    return np.asarray(out, dtype=np.uint8)
 
 
 def removal_mask(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:

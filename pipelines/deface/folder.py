@@ -103,6 +103,10 @@ class _Reference:
     fit: Fit
     metrics: dict[str, float]
     datasets: list[Dataset]
+    #: the front of the reference T1's head: how deep the brow is removed, on every series of
+    #: the frame (the same head in the same place)
+    skin: surface.FrontSkin
+    head: npt.NDArray[np.bool_]  # the reference T1's head on the LPS grid, for its renders
 
 
 #: the template, or what loads it when a study first needs it (a folder with no 3D T1 then
@@ -318,6 +322,8 @@ def _fit_reference(
             f"only {on_tissue:.0%} of the warped intracranial mask lies on the head (minimum "
             f"{settings.min_brain_on_tissue:.0%}): the template landed off the brain",
         )
+    grid, low = surface.to_lps_grid(stack, to_lps)
+    head = surface.head_mask(grid)
     header = first_header(entries)
     return _Reference(
         series=uid,
@@ -331,6 +337,8 @@ def _fit_reference(
             "registration_seconds": round(fit.seconds, 2),
         },
         datasets=datasets,
+        skin=surface.front_skin(head, low),
+        head=head,
     )
 
 
@@ -366,6 +374,9 @@ def _deface_series(
     matrix = reference.fit.subject_to_template
     for plane in planes:
         labels = masks.plane_labels(template, matrix, plane)
+        depth = reference.skin.depth(masks.plane_points(plane))
+        with np.errstate(invalid="ignore"):  # NaN: outside the reference's field, kept
+            labels = masks.brow_near_skin(labels, depth <= settings.brow_depth_mm)
         src = plane_pixels(before[plane.instance], plane)
         out = masks.deface_plane(src, labels, fill)
         tally.add(src, out, labels, fill)
@@ -396,7 +407,7 @@ def _deface_series(
             f"only {tally.face_removed_fraction:.1%} of the face region removed (minimum "
             f"{settings.min_face_removed:.0%}): the intracranial margin overlaps the face",
         )
-    skin = _skin_surfaces(planes, before, after) if uid == reference.series else None
+    skin = _skin_surfaces(planes, reference.head, after) if uid == reference.series else None
     if skin is not None:
         for name, value in (
             ("nose_before_mm", skin.nose_before),
@@ -454,20 +465,17 @@ class _Skin:
 
 
 def _skin_surfaces(
-    planes: list[Plane],
-    before: list[npt.NDArray[np.generic]],
-    after: list[npt.NDArray[np.generic]],
+    planes: list[Plane], head_before: npt.NDArray[np.bool_], after: list[npt.NDArray[np.generic]]
 ) -> _Skin | None:
-    """Render the skin and measure the nose on both volumes (None for an irregular stack)."""
+    """Render the skin and measure the nose before (``head_before``: the reference's head on
+    the LPS grid) and after defacing (None for an irregular stack)."""
     try:
         volume = reference_volume(planes)
     except GeometryError:
         return None
-    to_lps = volume.index_to_lps()
+    grid, _ = surface.to_lps_grid(stack_pixels(volume, after), volume.index_to_lps())
     views, noses = [], []
-    for pixels in (before, after):
-        grid, _ = surface.to_lps_grid(stack_pixels(volume, pixels), to_lps)
-        head = surface.head_mask(grid)
+    for head in (head_before, surface.head_mask(grid)):
         views.append((surface.render(head, "front"), surface.render(head, "left")))
         noses.append(surface.nose_protrusion(head))
     return _Skin(views[0], views[1], noses[0], noses[1])

@@ -12,6 +12,7 @@ score than on the intact one, so it decides nothing.) Arrays in, arrays out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,34 @@ def to_lps_grid(
     )
     sampled = np.ascontiguousarray(sitk.GetArrayFromImage(grid).T)
     return sampled, low
+
+
+@dataclass(frozen=True)
+class FrontSkin:
+    """The skin of the head's front on an LPS grid: per column (x) and level (z), where (LPS y,
+    mm) a ray from in front of the face first meets the head."""
+
+    first_y: npt.NDArray[np.float64]  # (x, z); +inf where the ray meets no head
+    low: npt.NDArray[np.float64]  # the LPS point of grid voxel (0, 0, 0)
+
+    def depth(self, points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """How far behind the skin of the front each LPS point (an array (3, ...)) lies, along
+        the front-back axis (mm; negative in front of the skin, -inf where no head is in front
+        of it, NaN outside the grid: unknown)."""
+        x = np.rint((points[0] - self.low[0]) / RENDER_MM)
+        z = np.rint((points[2] - self.low[2]) / RENDER_MM)
+        inside = (x >= 0) & (x < self.first_y.shape[0]) & (z >= 0) & (z < self.first_y.shape[1])
+        first = np.full(points.shape[1:], np.nan)
+        first[inside] = self.first_y[x[inside].astype(np.int64), z[inside].astype(np.int64)]
+        return np.asarray(points[1] - first, dtype=np.float64)
+
+
+def front_skin(head: npt.NDArray[np.bool_], low: npt.NDArray[np.float64]) -> FrontSkin:
+    """The front skin of ``head`` (a mask on the LPS grid of ``to_lps_grid``, whose voxel
+    (0, 0, 0) lies at ``low``): LPS y grows backwards, so a ray from the front runs along +y."""
+    hit = head.any(axis=1)  # (x, z)
+    first = np.where(hit, head.argmax(axis=1) * RENDER_MM + float(low[1]), np.inf)
+    return FrontSkin(np.asarray(first, dtype=np.float64), np.asarray(low, dtype=np.float64))
 
 
 def render(head: npt.NDArray[np.bool_], view: str) -> npt.NDArray[np.uint8]:
