@@ -214,6 +214,10 @@ class Settings(BaseSettings):
     home: Path = DEFAULT_HOME
     archive_dir: Path | None = None
     cache_dir: Path | None = None
+    #: Where each head's fit to the head model is kept, by the image's content and the
+    #: registration's version, so a head is registered once (a rerun, defacing then volumetry
+    #: on a folder, image QC); default: <cache_dir>/fits. Transforms only, nothing of the image.
+    fits_dir: Path | None = None
     outputs_dir: Path | None = None
     index_url: str | None = None
     #: Where the project's pseudonymization key comes from: ``file:PATH`` or ``env:VARIABLE``.
@@ -248,8 +252,8 @@ class Settings(BaseSettings):
         # Relative folders are resolved once, here, against the working directory: every stage
         # then compares and joins absolute paths (a relative home wrote nothing and reported
         # stale rows).
-        for name in ("home", "archive_dir", "cache_dir", "outputs_dir", "protocols_file",
-                     "known_scanners_file"):  # fmt: skip
+        for name in ("home", "archive_dir", "cache_dir", "fits_dir", "outputs_dir",
+                     "protocols_file", "known_scanners_file"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not Path(value).is_absolute():
                 object.__setattr__(self, name, Path(os.path.abspath(value)))
@@ -323,6 +327,11 @@ class Settings(BaseSettings):
     def cache(self) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir
+
+    @property
+    def fits(self) -> Path:
+        """Where head fits are kept (``fits_dir``, else <cache>/fits)."""
+        return self.fits_dir or self.cache / "fits"
 
     @property
     def outputs(self) -> Path:

@@ -375,20 +375,42 @@ def test_a_fit_that_stopped_short_is_polished_and_a_lost_one_refused(
 
 @pytest.mark.slow
 def test_placement_check_passes_the_fit_and_flags_its_neighbours(
-    cohort: CohortResult, template: Template
+    cohort: CohortResult, template: Template, tmp_path: Path
 ) -> None:
+    """... and the fit is kept by content: the same image again is read from the store (the
+    same matrix, no registration); another image is not."""
+    from models.fits import FitStore
+
     series = cohort.out_dir / "dicom" / "ST0006"
     t1 = next(p for p in sorted(series.iterdir()) if "3D" in p.name)
     datasets = [read_instance(p) for p in sorted(t1.iterdir())]
     volume = reference_volume([p for i, ds in enumerate(datasets) for p in planes_of(ds, i)])
     stack = stack_pixels(volume, [ds.pixel_array for ds in datasets])
-    fit = deface_module.fit_affine(
-        np.transpose(stack, (2, 1, 0)),
-        volume.first.origin,
-        volume.spacing,
-        volume.direction,
-        str(template.head_path),
-    )
+    store = FitStore(tmp_path / "fits")
+
+    def fitted(pixels: np.ndarray) -> Fit:
+        return deface_module.fit_affine(
+            np.transpose(pixels, (2, 1, 0)),
+            volume.first.origin,
+            volume.spacing,
+            volume.direction,
+            str(template.head_path),
+            store=store,
+        )
+
+    fit = fitted(stack)
+    again = fitted(stack.copy())
+    assert not fit.cached and again.cached and again.seconds < fit.seconds / 10
+    assert (again.subject_to_template == fit.subject_to_template).all()
+    (kept,) = (tmp_path / "fits").rglob("*.json")
+    assert "subject_to_template" in json.loads(kept.read_text())
+    geometry = (volume.first.origin, volume.spacing, volume.direction)
+    other = stack.copy()
+    other[0, 0, 0] += 1  # one voxel apart: another key, nothing stored under it
+    keys = {store.key(p, geometry, str(template.head_path), {}) for p in (stack, other)}
+    assert len(keys) == 2 and all(store.get(k) is None for k in keys)
+    kept.write_text("{damaged")
+    assert store.get(kept.stem) is None  # ignored, and fitted again
     to_lps = volume.index_to_lps()
     good = check_placement(stack, to_lps, fit.subject_to_template, template)
     assert good.correlation > SETTINGS.min_correlation and good.neighbour_gain < 0
@@ -442,7 +464,11 @@ def test_cli_excludes_what_it_cannot_place_and_reruns_without_duplicates(
     assert (report["defaced"], report["excluded"], report["failed"]) == (2, 2, 0)
     first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["deface", str(source), str(out), "--json"]) == 0
-    capsys.readouterr()
+    rerun = json.loads(capsys.readouterr().out)
     second = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert second == first, "a rerun writes the same files, no more"
+    # the head is registered once: the rerun read its fit from the store (<cache>/fits)
+    t1_again = next(s for s in rerun["series"] if s["folder"] == f"study/{t1.name}")
+    assert t1_again["metrics"]["registration_stored"] == 1.0
+    assert list((model_cache / "fits").rglob("*.json"))
     assert main(["deface", str(source), str(source / "inside")]) == 2

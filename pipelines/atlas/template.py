@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from models.fits import FitStore
 from models.geometry import LPS_FROM_RAS
 from pipelines.atlas.errors import TemplateError
 
@@ -41,6 +42,12 @@ class Template:
     labels: npt.NDArray[np.uint8]
     index_to_lps: npt.NDArray[np.float64]
     digest: str
+    #: where fits to this template are kept by content (``fit_affine``); None: always fitted
+    fits: FitStore | None = None
+
+    def keeping_fits(self, folder: Path) -> Template:
+        """This template with its fits kept in ``folder`` (``Settings.fits``)."""
+        return replace(self, fits=FitStore(folder))
 
     @property
     def lps_to_index(self) -> npt.NDArray[np.float64]:

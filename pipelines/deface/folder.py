@@ -155,7 +155,7 @@ def deface_configured(
     template = functools.cache(
         lambda: load_template(
             settings.cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm
-        )
+        ).keeping_fits(settings.fits)
     )
     return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
 
@@ -287,6 +287,7 @@ def _fit_reference(
         volume.spacing,
         volume.direction,
         str(template.head_path),
+        store=template.fits,
     )
     to_lps = volume.index_to_lps()
     polished, moves = masks.polish(stack, to_lps, fit.subject_to_template, template)
@@ -335,6 +336,7 @@ def _fit_reference(
             "neighbour_gain": round(placement.neighbour_gain, 4),
             "brain_on_tissue": round(on_tissue, 4),
             "registration_seconds": round(fit.seconds, 2),
+            "registration_stored": float(fit.cached),  # 1: read from the fit store
         },
         datasets=datasets,
         skin=surface.front_skin(head, low),

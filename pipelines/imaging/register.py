@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from models.fits import FitStore
+
 REGISTRATION_MM = 3.0
 #: ANTs samples the metric at random points: a fixed seed gives the same transform every run.
 SEED = 20251
@@ -37,6 +39,12 @@ SEED = 20251
 class Fit:
     subject_to_template: npt.NDArray[np.float64]  # 4x4, LPS mm -> LPS mm
     seconds: float
+    cached: bool = False  # read from a FitStore: made before from the same content
+
+
+#: what a stored fit depends on beside its inputs: raise it whenever ``fit_affine`` would
+#: give another transform for the same image (its settings, starts or levels)
+FIT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -247,13 +255,30 @@ def fit_affine(
     direction: npt.NDArray[np.float64],
     template_path: str,
     resolution_mm: float = REGISTRATION_MM,
+    store: FitStore | None = None,
 ) -> Fit:
     """Register the template head (moving) to the subject volume (fixed, ``pixels`` in
     (column, row, slice) order with ITK's origin / spacing / direction), both resampled to
-    ``resolution_mm``."""
+    ``resolution_mm``; from ``store`` when it holds the fit of the same content."""
     import ants
 
     start = time.perf_counter()
+    key = None
+    if store is not None:
+        key = store.key(
+            pixels,
+            (origin, spacing, direction),
+            template_path,
+            {
+                "version": FIT_VERSION,
+                "resolution_mm": float(resolution_mm),
+                "levels": [COARSE, FINE],
+                "seed": SEED,
+            },
+        )
+        stored = store.get(key)
+        if stored is not None:
+            return Fit(stored, time.perf_counter() - start, cached=True)
     subject = ants.from_numpy(
         np.asarray(pixels, dtype=np.float32),
         origin=tuple(float(v) for v in origin),
@@ -273,4 +298,6 @@ def fit_affine(
     matrix = np.eye(4)
     matrix[:3, :3] = m
     matrix[:3, 3] = centre + t - m @ centre
+    if store is not None and key is not None:
+        store.put(key, matrix)
     return Fit(matrix, time.perf_counter() - start)

@@ -107,5 +107,6 @@ def _register(
         volume.direction,
         str(template.head_path),
         RESOLUTION_MM,
+        store=template.fits,
     )
     return fit.subject_to_template

@@ -446,7 +446,7 @@ def qc_configured(
     if protocol is not None:
         protocols.get(protocol)  # an unknown name is a usage error before any work
     scanners = load_known_scanners(settings.known_scanners_file)
-    template = cache(lambda: load_brain_template(settings.cache))
+    template = cache(lambda: load_brain_template(settings.cache).keeping_fits(settings.fits))
     history: History | None = None
     if index is not None:
         db = index

@@ -419,7 +419,7 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
         )
         template = load_template(
             ctx.settings.cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm
-        )
+        ).keeping_fits(ctx.settings.fits)
         studies = sorted({p.relative_to(staging).parts[:2] for p in staging.glob("*/*")})
         for parts in studies:  # a rerun starts from an empty study folder
             target = ctx.dicom_out.joinpath(*parts)
@@ -510,7 +510,9 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
     def work() -> tuple[WorkOrder, dict[str, Any]]:
         protocols = load_protocols(ctx.settings.protocols_file)
         scanners = load_known_scanners(ctx.settings.known_scanners_file)
-        template = cache(lambda: load_brain_template(ctx.settings.cache))
+        template = cache(
+            lambda: load_brain_template(ctx.settings.cache).keeping_fits(ctx.settings.fits)
+        )
         # the head as defacing fitted it: image QC does not register it again
         fits = fits_by_frame(previous.order.head_fits)
         rows: list[StageRecord] = []
@@ -670,7 +672,7 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
         fits = {fit.reference_series: fit for fit in previous.order.head_fits}
         results = measure_all(
             wanted,
-            lambda: load_atlas(ctx.settings.cache),
+            lambda: load_atlas(ctx.settings.cache, ctx.settings.fits),
             params,
             ctx.volumetry_out / "overlays",
             fits=fits,

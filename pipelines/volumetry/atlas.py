@@ -35,8 +35,9 @@ class Atlas:
 
 
 @lru_cache(maxsize=2)
-def load_atlas(cache_dir: Path) -> Atlas:
-    """The atlas from the cached head model (built on first use, about a minute)."""
+def load_atlas(cache_dir: Path, fits: Path | None = None) -> Atlas:
+    """The atlas from the cached head model (built on first use, about a minute); ``fits``:
+    where heads fitted to it are kept (``Settings.fits``), none: every head is fitted."""
     model = load_or_build(cache_dir)
     voxel = np.sqrt((model.affine[:3, :3] ** 2).sum(axis=0))
     priors = np.stack(
@@ -51,7 +52,11 @@ def load_atlas(cache_dir: Path) -> Atlas:
         priors=priors.astype(np.float32),
         affine=model.affine,
         digest=model.digest,
-        fitting=load_brain_template(cache_dir),
+        fitting=(
+            load_brain_template(cache_dir)
+            if fits is None
+            else load_brain_template(cache_dir).keeping_fits(fits)
+        ),
     )
 
 

@@ -170,6 +170,7 @@ def fit_head(subject: Any, template: Template) -> npt.NDArray[np.float64]:
         (float(subject.spacing[0]), float(subject.spacing[1]), float(subject.spacing[2])),
         np.asarray(subject.direction, dtype=np.float64),
         str(template.head_path),
+        store=template.fits,
     )
     polished, _ = polish(pixels, _index_to_physical(subject), fit.subject_to_template, template)
     return polished

@@ -313,7 +313,7 @@ def volumetry_configured(
     protocols = load_protocols(protocols_file or settings.protocols_file)
     results = measure_all(
         sources,
-        lambda: load_atlas(settings.cache),
+        lambda: load_atlas(settings.cache, settings.fits),
         p,
         out / "overlays",
         progress,
