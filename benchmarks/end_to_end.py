@@ -70,6 +70,9 @@ def run_once(
     env.update(
         COHORTFLOW_HOME=str(home),
         COHORTFLOW_CACHE_DIR=str(cache),
+        # the head model is shared, the head fits are not: each measured run registers every
+        # head (a fit kept by an earlier run would be read instead, Settings.fits)
+        COHORTFLOW_FITS_DIR=str(home / "fits"),
         COHORTFLOW_ORTHANC__DICOM_PORT=str(server.config.dicom_port),
         COHORTFLOW_ORTHANC__HTTP_PORT=str(server.config.http_port),
         COHORTFLOW_ORTHANC__PASSWORD=server.config.password,
