@@ -16,7 +16,7 @@ demo: setup
 	$(BIN)/cohortflow demo
 
 lint: setup
-	$(BIN)/ruff check flows pipelines qc models tests benchmarks
+	$(BIN)/ruff check cohortflow flows pipelines qc models tests benchmarks scripts
 	$(BIN)/mypy
 
 # Two pytest-xdist workers (the machine has two cores; most tests use one), tests distributed by

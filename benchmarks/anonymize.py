@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _cohort(work: Path, cache: Path, files: int) -> list[Path]:
-    from models.synth import SynthConfig
-    from pipelines.synth.cohort import generate
+    from cohortflow.models.synth import SynthConfig
+    from cohortflow.pipelines.synth.cohort import generate
 
     studies = max(2, files // 230 + 1)  # about 260 files a brain study
     out = work / "cohort"
@@ -37,10 +37,10 @@ def _cohort(work: Path, cache: Path, files: int) -> list[Path]:
 
 
 def _ours(paths: list[Path], out: Path) -> int:
-    from pipelines.anonymize.deidentify import Deidentifier
-    from pipelines.anonymize.files import anonymize_file
-    from pipelines.anonymize.profile import load_profile
-    from pipelines.dicom.keys import ProjectKey
+    from cohortflow.pipelines.anonymize.deidentify import Deidentifier
+    from cohortflow.pipelines.anonymize.files import anonymize_file
+    from cohortflow.pipelines.anonymize.profile import load_profile
+    from cohortflow.pipelines.dicom.keys import ProjectKey
 
     deidentifier = Deidentifier(load_profile(), ProjectKey(b"benchmark-key-0123456789", "bench"))
     written = 0
@@ -51,10 +51,10 @@ def _ours(paths: list[Path], out: Path) -> int:
 
 
 def _ours_parallel(paths: list[Path], out: Path) -> int:
-    from pipelines.anonymize.deidentify import Deidentifier
-    from pipelines.anonymize.files import anonymize_folder
-    from pipelines.anonymize.profile import load_profile
-    from pipelines.dicom.keys import ProjectKey
+    from cohortflow.pipelines.anonymize.deidentify import Deidentifier
+    from cohortflow.pipelines.anonymize.files import anonymize_folder
+    from cohortflow.pipelines.anonymize.profile import load_profile
+    from cohortflow.pipelines.dicom.keys import ProjectKey
 
     # the same files, as `cohortflow anonymize` takes them: a folder, one process per core
     folder = out.parent / "parallel-in"

@@ -36,19 +36,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.cohort import (  # noqa: E402
+from cohortflow.models.cohort import (  # noqa: E402
     IDENTIFIED,
     MIN_CELL_PATIENTS,
     CohortFilter,
     count,
     list_series,
 )
-from models.database import open_index  # noqa: E402
-from models.disclosure import DISCLOSURE, Disclosure  # noqa: E402
-from pipelines.cohort.configured import roles_of  # noqa: E402
-from pipelines.cohort.refresh import refresh  # noqa: E402
-from pipelines.dicom.keys import ProjectKey  # noqa: E402
-from pipelines.dicom.protocols import load_protocols  # noqa: E402
+from cohortflow.models.database import open_index  # noqa: E402
+from cohortflow.models.disclosure import DISCLOSURE, Disclosure  # noqa: E402
+from cohortflow.pipelines.cohort.configured import roles_of  # noqa: E402
+from cohortflow.pipelines.cohort.refresh import refresh  # noqa: E402
+from cohortflow.pipelines.dicom.keys import ProjectKey  # noqa: E402
+from cohortflow.pipelines.dicom.protocols import load_protocols  # noqa: E402
 
 #: (manufacturer, model, reported field strength)
 SCANNERS = (

@@ -41,18 +41,18 @@ def main() -> None:
     args = parser.parse_args()
     studies = 6 if args.quick else args.studies
 
-    from flows.prefect_env import configure_itk
+    from cohortflow.flows.prefect_env import configure_itk
 
     configure_itk(1)  # as the command line does, before the first registration
 
-    from models.settings import DefaceSettings
-    from models.synth import SynthConfig
-    from pipelines.atlas.template import load_template
-    from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.synth import generators
-    from pipelines.synth.cohort import generate
-    from pipelines.synth.scoring import score_deface
+    from cohortflow.models.settings import DefaceSettings
+    from cohortflow.models.synth import SynthConfig
+    from cohortflow.pipelines.atlas.template import load_template
+    from cohortflow.pipelines.deface.folder import deface_folder, reference_rule
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.synth import generators
+    from cohortflow.pipelines.synth.cohort import generate
+    from cohortflow.pipelines.synth.scoring import score_deface
 
     gen = generators.get(args.generator)
     print(f"synthetic heads: generator {gen.name} ({gen.description})")

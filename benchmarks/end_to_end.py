@@ -41,10 +41,10 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import Session
 
-from models.synth import SynthConfig
-from pipelines.pacs import orthanc
-from pipelines.pacs.dimse import PacsNode, store_files
-from pipelines.synth.cohort import generate
+from cohortflow.models.synth import SynthConfig
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
+from cohortflow.pipelines.synth.cohort import generate
 
 AET = "COHORTFLOW"
 ROOT = Path(__file__).resolve().parent.parent

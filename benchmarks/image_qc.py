@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _confusion(title: str, score: object) -> None:
-    from pipelines.synth.scoring import QcScore
+    from cohortflow.pipelines.synth.scoring import QcScore
 
     assert isinstance(score, QcScore)
     checks = sorted({c for cls in score.classes for c in cls.checks})
@@ -53,7 +53,7 @@ def _confusion(title: str, score: object) -> None:
 
 
 def _figures(prefix: str, score: object) -> list[tuple[str, str]]:
-    from pipelines.synth.scoring import QcScore
+    from cohortflow.pipelines.synth.scoring import QcScore
 
     assert isinstance(score, QcScore)
     out = []
@@ -95,7 +95,7 @@ def _real_scans(
     synthetic: list[dict[str, float | str | None]],
 ) -> list[tuple[str, str]]:
     """Image QC of the real T1s, their metric values beside the synthetic passed T1s'."""
-    from pipelines.quality.folder import IMAGE, qc_folder
+    from cohortflow.pipelines.quality.folder import IMAGE, qc_folder
     from tests.realdata import unpack
 
     try:
@@ -172,27 +172,27 @@ def main() -> None:
     args = parser.parse_args()
     studies = 12 if args.quick else args.studies
 
-    from flows.prefect_env import configure_itk
+    from cohortflow.flows.prefect_env import configure_itk
 
     configure_itk(1)  # as the command line does, before the first registration
 
     start = time.perf_counter()
     import numpy as np
 
-    from models.scanners import load_known_scanners
-    from models.settings import DefaceSettings
-    from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
-    from pipelines.atlas.headmodel import load_or_build
-    from pipelines.atlas.template import load_brain_template, load_template
-    from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.quality.brain import place_brain
-    from pipelines.quality.folder import HEADER, IMAGE, qc_folder
-    from pipelines.synth import generators
-    from pipelines.synth.cohort import generate
-    from pipelines.synth.phantom import qc_phantom
-    from pipelines.synth.scoring import score_qc
-    from qc.image import check_image
+    from cohortflow.models.scanners import load_known_scanners
+    from cohortflow.models.settings import DefaceSettings
+    from cohortflow.models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
+    from cohortflow.pipelines.atlas.headmodel import load_or_build
+    from cohortflow.pipelines.atlas.template import load_brain_template, load_template
+    from cohortflow.pipelines.deface.folder import deface_folder, reference_rule
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.quality.brain import place_brain
+    from cohortflow.pipelines.quality.folder import HEADER, IMAGE, qc_folder
+    from cohortflow.pipelines.synth import generators
+    from cohortflow.pipelines.synth.cohort import generate
+    from cohortflow.pipelines.synth.phantom import qc_phantom
+    from cohortflow.pipelines.synth.scoring import score_qc
+    from cohortflow.qc.image import check_image
 
     gen = generators.get(args.generator)
     print(f"synthetic heads: generator {gen.name} ({gen.description})")

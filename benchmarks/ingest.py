@@ -151,7 +151,7 @@ def run_ingest(
     command = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "cohortflow",
         "ingest",
         str(source),
         "--batch",
@@ -225,7 +225,7 @@ PROTOCOLS = ("dementia", "ms", "open", "knee", "spine")
 
 def fill_index(url: str, instances: int) -> tuple[float, int]:
     """Insert ``instances`` instance rows with their patients, studies and series."""
-    from models.database import open_index
+    from cohortflow.models.database import open_index
 
     index = open_index(url)
     rng = np.random.default_rng(1)
@@ -303,8 +303,8 @@ def _flush(cursor: object, rows: list[tuple[object, ...]], stamp: str) -> None:
 
 def time_protocol_query(url: str, repeats: int = 20) -> tuple[float, float, int]:
     """Median ms of: series of protocol 'dementia' in 2019 (and with instance counts)."""
-    from models.database import open_index
-    from models.schema import Instance, Series, Study
+    from cohortflow.models.database import open_index
+    from cohortflow.models.schema import Instance, Series, Study
 
     index = open_index(url)
     lo, hi = dt.date(2019, 1, 1), dt.date(2019, 12, 31)

@@ -32,18 +32,18 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from models.database import open_index
-from models.scanners import KnownScanners, load_known_scanners
-from models.synth import SynthConfig
-from pipelines.archive.store import ArchiveStore
-from pipelines.dicom.protocols import load_protocols
-from pipelines.pacs import orthanc
-from pipelines.pacs.dicomweb import DicomWebNode
-from pipelines.pacs.dimse import PacsNode, store_files
-from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
-from pipelines.retrieve.throttle import RetrievePolicy, Throttle
-from pipelines.select.query import record_selection, select_studies
-from pipelines.synth.cohort import generate
+from cohortflow.models.database import open_index
+from cohortflow.models.scanners import KnownScanners, load_known_scanners
+from cohortflow.models.synth import SynthConfig
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
+from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
+from cohortflow.pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
+from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle
+from cohortflow.pipelines.select.query import record_selection, select_studies
+from cohortflow.pipelines.synth.cohort import generate
 
 AET = "COHORTFLOW"
 METHODS = ("move", "get", "dicomweb")

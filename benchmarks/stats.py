@@ -40,13 +40,13 @@ from scipy import stats as scipy_stats  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from benchmarks.end_to_end import AET, free_port, run_once  # noqa: E402
-from models.database import open_index  # noqa: E402
-from models.schema import Biomarker  # noqa: E402
-from models.synth import CohortTruth, Fault, SynthConfig  # noqa: E402
-from models.volumes import VOLUME_NAMES as VOLUMES  # noqa: E402
-from pipelines.pacs import orthanc  # noqa: E402
-from pipelines.pacs.dimse import PacsNode, store_files  # noqa: E402
-from pipelines.synth.cohort import GENERATOR_VERSION, CohortResult, generate  # noqa: E402
+from cohortflow.models.database import open_index  # noqa: E402
+from cohortflow.models.schema import Biomarker  # noqa: E402
+from cohortflow.models.synth import CohortTruth, Fault, SynthConfig  # noqa: E402
+from cohortflow.models.volumes import VOLUME_NAMES as VOLUMES  # noqa: E402
+from cohortflow.pipelines.pacs import orthanc  # noqa: E402
+from cohortflow.pipelines.pacs.dimse import PacsNode, store_files  # noqa: E402
+from cohortflow.pipelines.synth.cohort import GENERATOR_VERSION, CohortResult, generate  # noqa: E402
 
 
 def cohortflow(home: Path, *args: str) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from models.synth import Fault, SynthConfig
-from pipelines.atlas.headmodel import load_or_build
-from pipelines.synth.cohort import generate
+from cohortflow.models.synth import Fault, SynthConfig
+from cohortflow.pipelines.atlas.headmodel import load_or_build
+from cohortflow.pipelines.synth.cohort import generate
 
 
 def _mid_planes(arr: np.ndarray) -> Image.Image:

@@ -66,10 +66,10 @@ def _subject_job(
     import nibabel as nib
     import numpy as np
 
-    from pipelines.synth import generators, subjects
-    from pipelines.volumetry.atlas import load_atlas
-    from pipelines.volumetry.method import Parameters
-    from pipelines.volumetry.run import Source, measure_source
+    from cohortflow.pipelines.synth import generators, subjects
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import Parameters
+    from cohortflow.pipelines.volumetry.run import Source, measure_source
 
     i, seed, group, atrophy, grids, tmp, generator = job
     assert _CACHE is not None
@@ -194,9 +194,9 @@ def _colin(cache: Path, generator: str, pictures: Path | None) -> list[tuple[str
     import nibabel as nib
     import numpy as np
 
-    from pipelines.volumetry.atlas import load_atlas
-    from pipelines.volumetry.method import Parameters, measure
-    from pipelines.volumetry.run import read_t1
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import Parameters, measure
+    from cohortflow.pipelines.volumetry.run import read_t1
 
     head = COLIN / "ch2.nii.gz"
     if not head.is_file():
@@ -256,10 +256,10 @@ def _colin(cache: Path, generator: str, pictures: Path | None) -> list[tuple[str
 
 def _timing(cache: Path, studies: int, generator: str) -> list[tuple[str, str]]:
     """``cohortflow volumetry`` on DICOM, conversion included, in this process."""
-    from models.settings import Settings
-    from models.synth import Fault, SynthConfig
-    from pipelines.synth.cohort import generate
-    from pipelines.volumetry.run import volumetry_configured
+    from cohortflow.models.settings import Settings
+    from cohortflow.models.synth import Fault, SynthConfig
+    from cohortflow.pipelines.synth.cohort import generate
+    from cohortflow.pipelines.volumetry.run import volumetry_configured
 
     with tempfile.TemporaryDirectory(prefix="cohortflow-bench-vol-") as tmp:
         base = Path(tmp)
@@ -316,8 +316,8 @@ def main() -> None:
     import numpy as np
     from scipy import stats
 
-    from pipelines.atlas.headmodel import load_or_build
-    from pipelines.synth import generators
+    from cohortflow.pipelines.atlas.headmodel import load_or_build
+    from cohortflow.pipelines.synth import generators
 
     gen = generators.get(args.generator)
     print(f"synthetic heads: generator {gen.name} ({gen.description})")

@@ -15,12 +15,12 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.prefect_env import configure_itk, protect_identified
-from flows.report import counts_markdown
-from models.database import open_index
-from models.settings import Settings, load_settings
-from pipelines.anonymize.files import anonymize_configured
-from pipelines.deface.folder import deface_configured
+from cohortflow.flows.prefect_env import configure_itk, protect_identified
+from cohortflow.flows.report import counts_markdown
+from cohortflow.models.database import open_index
+from cohortflow.models.settings import Settings, load_settings
+from cohortflow.pipelines.anonymize.files import anonymize_configured
+from cohortflow.pipelines.deface.folder import deface_configured
 
 
 @dataclass(frozen=True)

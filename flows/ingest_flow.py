@@ -8,15 +8,15 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from models.database import IndexDB, open_index
-from models.ingest import BatchReport
-from models.scanners import KnownScanners, load_known_scanners
-from models.settings import load_settings
-from pipelines.archive.store import ArchiveStore
-from pipelines.ingest import engine
-from pipelines.ingest.accounting import batch_report
-from pipelines.ingest.manifest import read_manifest
-from pipelines.walk import walk
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.ingest import BatchReport
+from cohortflow.models.scanners import KnownScanners, load_known_scanners
+from cohortflow.models.settings import load_settings
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.ingest import engine
+from cohortflow.pipelines.ingest.accounting import batch_report
+from cohortflow.pipelines.ingest.manifest import read_manifest
+from cohortflow.pipelines.walk import walk
 
 CHUNK = 500
 
@@ -70,7 +70,7 @@ def close_batch(index_url: str, batch_id: int, batch: str) -> BatchReport:
 
 @task(name="publish-batch-report")
 def publish_batch_report(report: BatchReport) -> None:
-    from flows.report import batch_report_markdown
+    from cohortflow.flows.report import batch_report_markdown
 
     create_markdown_artifact(
         batch_report_markdown(report),

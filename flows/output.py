@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from pipelines.safeio import printable
+from cohortflow.pipelines.safeio import printable
 
 #: The command line's exit codes: success; the command ran and found failures (or a refusal);
 #: a usage or configuration error; the command stopped on an unexpected error (a fault of

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.audit import use_key_source
-from pipelines.safeio import lock_down
+from cohortflow.models.audit import use_key_source
+from cohortflow.pipelines.safeio import lock_down
 
 if TYPE_CHECKING:
-    from models.settings import Settings
+    from cohortflow.models.settings import Settings
 
 
 def configure_prefect(home: Path) -> None:

@@ -32,21 +32,21 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.prefect_env import configure_itk, protect_identified
-from models.database import IndexDB, open_index
-from models.settings import Settings, load_settings
-from pipelines.pacs import orthanc
-from pipelines.pacs.dimse import store_files
-from pipelines.retrieve.config import (
+from cohortflow.flows.prefect_env import configure_itk, protect_identified
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.settings import Settings, load_settings
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dimse import store_files
+from cohortflow.pipelines.retrieve.config import (
     own_orthanc,
     pacs_node,
     retrieve_configured,
     select_configured,
 )
-from pipelines.retrieve.engine import RetrieveSummary
-from pipelines.run import steps
-from pipelines.run.outcome import RunSummary, finish, start
-from pipelines.select.query import SelectionResult, record_selection
+from cohortflow.pipelines.retrieve.engine import RetrieveSummary
+from cohortflow.pipelines.run import steps
+from cohortflow.pipelines.run.outcome import RunSummary, finish, start
+from cohortflow.pipelines.select.query import SelectionResult, record_selection
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _recorded(index: IndexDB, result: SelectionResult, protocols_file: Path) -> 
 def select_cohort_task(
     protocol: str, cohort: str, use_pacs: bool, config: Path | None
 ) -> SelectionSummary:
-    from pipelines.cohort.configured import select_cohort
+    from cohortflow.pipelines.cohort.configured import select_cohort
 
     settings = load_settings(config)
     with _opened(settings) as index:
@@ -283,7 +283,7 @@ def finish_task(run_id: int, protocol: str, failed: bool, config: Path | None) -
 
 @task(name="publish-outcome")
 def publish_outcome(summary: RunSummary) -> None:
-    from flows.report import outcome_markdown, outcome_table
+    from cohortflow.flows.report import outcome_markdown, outcome_table
 
     key = f"outcome-{summary.protocol}".lower().replace("_", "-")[:100]
     create_table_artifact(

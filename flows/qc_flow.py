@@ -13,11 +13,11 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.prefect_env import configure_itk, protect_identified
-from flows.report import counts_markdown
-from models.database import open_index
-from models.settings import load_settings
-from pipelines.quality.folder import qc_configured
+from cohortflow.flows.prefect_env import configure_itk, protect_identified
+from cohortflow.flows.report import counts_markdown
+from cohortflow.models.database import open_index
+from cohortflow.models.settings import load_settings
+from cohortflow.pipelines.quality.folder import qc_configured
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from flows.output import SafeTable, cell
+from cohortflow.flows.output import SafeTable, cell
 
 if TYPE_CHECKING:  # types only: a command imports this module for its one report
-    from flows.protocol_flow import SelectionSummary
-    from models.ingest import BatchReport, VerifyReport
-    from models.outcomes import ProtocolOutcome
-    from pipelines.convert.results import ConvertReport
-    from pipelines.export.stats import Comparison, Contrast
-    from pipelines.quality.folder import QcReport
-    from pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
-    from pipelines.run.outcome import BiomarkerSummary, RunSummary
-    from pipelines.select.query import SelectionResult
-    from pipelines.synth.summary import CohortSummary
-    from pipelines.volumetry.run import VolumetryReport
+    from cohortflow.flows.protocol_flow import SelectionSummary
+    from cohortflow.models.ingest import BatchReport, VerifyReport
+    from cohortflow.models.outcomes import ProtocolOutcome
+    from cohortflow.pipelines.convert.results import ConvertReport
+    from cohortflow.pipelines.export.stats import Comparison, Contrast
+    from cohortflow.pipelines.quality.folder import QcReport
+    from cohortflow.pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
+    from cohortflow.pipelines.run.outcome import BiomarkerSummary, RunSummary
+    from cohortflow.pipelines.select.query import SelectionResult
+    from cohortflow.pipelines.synth.summary import CohortSummary
+    from cohortflow.pipelines.volumetry.run import VolumetryReport
 
 Rows = list[tuple[str, str, str]]  # (what, detail, count)
 
@@ -554,7 +554,7 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
 def print_comparison(result: Comparison, console: Console) -> None:
     """Each biomarker per group (mean ± SD) and each group against the reference (difference,
     Welch's p, Cohen's d)."""
-    from pipelines.export.stats import LABELS
+    from cohortflow.pipelines.export.stats import LABELS
 
     groups = [g.group for g in result.biomarkers[0].groups]
     title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")

@@ -8,16 +8,16 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.protocol_flow import (
+from cohortflow.flows.protocol_flow import (
     load_into_pacs,
     protocol_flow,
     start_own_pacs,
     stop_own_pacs,
 )
-from models.synth import SynthConfig
-from pipelines.run.outcome import RunSummary
-from pipelines.synth.cohort import generate
-from pipelines.synth.summary import CohortSummary, summarize
+from cohortflow.models.synth import SynthConfig
+from cohortflow.pipelines.run.outcome import RunSummary
+from cohortflow.pipelines.synth.cohort import generate
+from cohortflow.pipelines.synth.summary import CohortSummary, summarize
 
 #: The synthetic cohort's studies all lie in this range.
 EVERY_DATE = (dt.date(1990, 1, 1), dt.date(2030, 12, 31))
@@ -33,7 +33,7 @@ def generate_cohort(
 
 @task(name="publish-summary")
 def publish_summary(summary: CohortSummary) -> None:
-    from flows.report import summary_markdown
+    from cohortflow.flows.report import summary_markdown
 
     create_markdown_artifact(
         summary_markdown(summary),

@@ -27,9 +27,9 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
-from models.errors import ProjectKeyError
-from models.keys import derived, key_material
-from models.schema import AuditEntry, AuditHead
+from cohortflow.models.errors import ProjectKeyError
+from cohortflow.models.keys import derived, key_material
+from cohortflow.models.schema import AuditEntry, AuditHead
 
 #: what the project key's secret for the audit chain is derived with
 AUDIT_PURPOSE = "audit-log"
@@ -54,7 +54,7 @@ def audit_secret(source: str | None = None) -> bytes:
     if source is None and _source:
         source = _source[0]
     if source is None:
-        from models.settings import load_settings
+        from cohortflow.models.settings import load_settings
 
         source = str(load_settings().pseudonym_key_source)
     kind, _, where = source.partition(":")

@@ -43,11 +43,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
-from models.disclosure import Disclosure, cell_key
-from models.errors import CohortQueryError, did_you_mean
-from models.linkage import audit
-from models.repository import chunks, now
-from models.schema import (
+from cohortflow.models.disclosure import Disclosure, cell_key
+from cohortflow.models.errors import CohortQueryError, did_you_mean
+from cohortflow.models.linkage import audit
+from cohortflow.models.repository import chunks, now
+from cohortflow.models.schema import (
     CohortMember,
     CohortProtocol,
     CohortSeries,

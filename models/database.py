@@ -20,11 +20,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.errors import ConfigurationError, IndexDatabaseError
+from cohortflow.models.errors import ConfigurationError, IndexDatabaseError
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS = "models:migrations"
+MIGRATIONS = "cohortflow.models:migrations"
 #: The newest migration (a test checks it against Alembic's head). Opening an index that is
 #: already there costs one query; Alembic is imported only when the schema must change.
 SCHEMA_REVISION = "0011"

@@ -24,14 +24,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.errors import ExportError
-from models.linkage import audit
-from models.outcomes import worst_verdict
-from models.reviews import latest_reviews, still_failing
-from models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
-from models.spreadsheet import neutralised, restore
-from models.stages import BiomarkerRecord, biomarker_records
-from models.volumes import VOLUME_NAMES, Volumes
+from cohortflow.models.errors import ExportError
+from cohortflow.models.linkage import audit
+from cohortflow.models.outcomes import worst_verdict
+from cohortflow.models.reviews import latest_reviews, still_failing
+from cohortflow.models.schema import Linkage, Patient, Series, StageResult, Study, StudyStep
+from cohortflow.models.spreadsheet import neutralised, restore
+from cohortflow.models.stages import BiomarkerRecord, biomarker_records
+from cohortflow.models.volumes import VOLUME_NAMES, Volumes
 
 log = logging.getLogger(__name__)
 

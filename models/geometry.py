@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from models.errors import GeometryError
+from cohortflow.models.errors import GeometryError
 
 Array = npt.NDArray[np.float64]
 #: RAS <-> LPS (its own inverse): NIfTI / template space to DICOM patient space and back.

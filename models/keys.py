@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from models.errors import ProjectKeyError
+from cohortflow.models.errors import ProjectKeyError
 
 MIN_KEY_BYTES = 16
 

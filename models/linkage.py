@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.audit import append, audit_secret
-from models.repository import insert_ignore, now
-from models.schema import Linkage
+from cohortflow.models.audit import append, audit_secret
+from cohortflow.models.repository import insert_ignore, now
+from cohortflow.models.schema import Linkage
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.retrieval import archived_counts
-from models.reviews import OVERRIDE, REJECT, latest_reviews, set_aside
-from models.schema import (
+from cohortflow.models.retrieval import archived_counts
+from cohortflow.models.reviews import OVERRIDE, REJECT, latest_reviews, set_aside
+from cohortflow.models.schema import (
     Biomarker,
     Retrieval,
     SelectedSeries,

@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Table, and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
-from models.ingest import FileRecord, FileStatus, InstanceHeader, patient_key
-from models.scanners import KnownScanners
-from models.schema import (
+from cohortflow.models.ingest import FileRecord, FileStatus, InstanceHeader, patient_key
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.models.schema import (
     Batch,
     Blob,
     File,

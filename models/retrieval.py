@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from models.repository import insert_ignore, now
-from models.schema import Instance, Retrieval, SelectedSeries, Selection, Series
+from cohortflow.models.repository import insert_ignore, now
+from cohortflow.models.schema import Instance, Retrieval, SelectedSeries, Selection, Series
 
 
 class RetrievalStatus:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.errors import ReviewError
-from models.linkage import audit
-from models.repository import now
-from models.schema import Review
+from cohortflow.models.errors import ReviewError
+from cohortflow.models.linkage import audit
+from cohortflow.models.repository import now
+from cohortflow.models.schema import Review
 
 ACCEPT, REJECT, OVERRIDE = "accept", "reject", "override"
 DECISIONS = (ACCEPT, REJECT, OVERRIDE)

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.repository import dialect_insert, now
-from models.schema import Run, StudyStep
+from cohortflow.models.repository import dialect_insert, now
+from cohortflow.models.schema import Run, StudyStep
 
 #: a step that ran to its end (its series' own verdicts are stage results)
 DONE = "done"

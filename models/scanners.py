@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.errors import ConfigurationError
+from cohortflow.models.errors import ConfigurationError
 
 
 class ManufacturerEntry(BaseModel):
@@ -83,7 +83,11 @@ class KnownScanners:
 def load_known_scanners(path: Path | None = None) -> KnownScanners:
     """Load the knowledge base: ``path``, else the one shipped with cohortflow."""
     if path is None:
-        text = resources.files("models").joinpath("data/known_scanners.yaml").read_text("utf-8")
+        text = (
+            resources.files("cohortflow.models")
+            .joinpath("data/known_scanners.yaml")
+            .read_text("utf-8")
+        )
         source = "models/data/known_scanners.yaml"
     else:
         try:

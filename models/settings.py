@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from models.errors import ConfigurationError
+from cohortflow.models.errors import ConfigurationError
 
 DEFAULT_HOME = Path("cohortflow-data")
 

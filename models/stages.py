@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from models.repository import dialect_insert, now
-from models.schema import Biomarker, StageHistory, StageResult
-from models.series import SeriesDescriptor
-from models.volumes import VOLUME_NAMES, Volumes
+from cohortflow.models.repository import dialect_insert, now
+from cohortflow.models.schema import Biomarker, StageHistory, StageResult
+from cohortflow.models.series import SeriesDescriptor
+from cohortflow.models.volumes import VOLUME_NAMES, Volumes
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.volumes import Volumes
+from cohortflow.models.volumes import Volumes
 
 
 class Fault(StrEnum):

@@ -42,10 +42,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.errors import AccountError
-from models.linkage import audit
-from models.repository import now
-from models.schema import User
+from cohortflow.models.errors import AccountError
+from cohortflow.models.linkage import audit
+from cohortflow.models.repository import now
+from cohortflow.models.schema import User
 
 REVIEWER, RESEARCHER, STEWARD, ADMIN = "reviewer", "researcher", "steward", "admin"
 ROLES = (REVIEWER, RESEARCHER, STEWARD, ADMIN)

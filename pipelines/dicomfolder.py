@@ -16,8 +16,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pipelines.safeio import RefusedError, printable_path, read_regular
-from pipelines.walk import walk
+from cohortflow.pipelines.safeio import RefusedError, printable_path, read_regular
+from cohortflow.pipelines.walk import walk
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def index_folder(source: Path, skipped: list[SkippedFile], keep_damaged: bool = 
     """Group the DICOM files under ``source`` by study and series; list the others in
     ``skipped``. With ``keep_damaged``, a damaged file whose header still names its series is
     kept in that series (marked with its damage), so that the series is known to miss it."""
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.dicom.reader import classify
 
     source = Path(os.path.abspath(source))  # the walk gives absolute paths
     studies: Studies = defaultdict(lambda: defaultdict(list))

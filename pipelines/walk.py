@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.safeio import printable_path
+from cohortflow.pipelines.safeio import printable_path
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from models.series import SeriesDescriptor
-    from models.stages import StageRecord
+    from cohortflow.models.series import SeriesDescriptor
+    from cohortflow.models.stages import StageRecord
 
 
 class Severity(StrEnum):
@@ -233,7 +233,7 @@ def stage_row(
     seconds: float | None = None,
 ) -> StageRecord:
     """The index row of one stage's outcome for one series: every stage writes its rows here."""
-    from models.stages import StageRecord
+    from cohortflow.models.stages import StageRecord
 
     deciding = outcome.reason
     return StageRecord.of(

@@ -18,11 +18,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from models.errors import GeometryError
-from models.geometry import Plane, planes_of
-from models.scanners import KnownScanners
-from qc.findings import Finding
-from qc.policy import QcPolicy, RolePolicy
+from cohortflow.models.errors import GeometryError
+from cohortflow.models.geometry import Plane, planes_of
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.qc.findings import Finding
+from cohortflow.qc.policy import QcPolicy, RolePolicy
 
 #: SOP classes whose pixels are MR images cohortflow can measure.
 MR_IMAGE_CLASSES = frozenset(

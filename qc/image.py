@@ -15,9 +15,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from qc import metrics as m
-from qc.findings import Finding
-from qc.masks import (
+from cohortflow.qc import metrics as m
+from cohortflow.qc.findings import Finding
+from cohortflow.qc.masks import (
     FloatArray,
     Tissues,
     air_mask,
@@ -26,7 +26,7 @@ from qc.masks import (
     head_mask,
     tissue_classes,
 )
-from qc.policy import QcPolicy, finite
+from cohortflow.qc.policy import QcPolicy, finite
 
 BoolArray = npt.NDArray[np.bool_]
 

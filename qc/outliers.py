@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from qc.findings import Finding
-from qc.metrics import METRICS
-from qc.policy import QcPolicy
+from cohortflow.qc.findings import Finding
+from cohortflow.qc.metrics import METRICS
+from cohortflow.qc.policy import QcPolicy
 
 
 def robust_z(value: float, pool: Sequence[float]) -> float | None:

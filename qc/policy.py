@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import keyword_dict
 
-from qc.findings import CHECKS, Finding, Severity, default_severity, known_check
-from qc.metrics import METRICS
+from cohortflow.qc.findings import CHECKS, Finding, Severity, default_severity, known_check
+from cohortflow.qc.metrics import METRICS
 
 #: Quantities header QC derives from the whole series, usable in ``expect`` like DICOM keywords.
 DERIVED: Mapping[str, str] = {

@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
-    from flows.prefect_env import configure_itk
+    from cohortflow.flows.prefect_env import configure_itk
 
     configure_itk(1)  # as the suite and the command line do: a reproducible model
-    from models.settings import DefaceSettings
-    from pipelines.atlas.headmodel import load_or_build
-    from pipelines.atlas.template import load_template
+    from cohortflow.models.settings import DefaceSettings
+    from cohortflow.pipelines.atlas.headmodel import load_or_build
+    from cohortflow.pipelines.atlas.template import load_template
 
     cache = Path(os.environ.get("COHORTFLOW_TEST_CACHE", ".cache/test"))
     cache.mkdir(parents=True, exist_ok=True)

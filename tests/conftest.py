@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from flows.prefect_env import configure_itk, configure_prefect
-from models.synth import DEFAULT_FAULT_RATES, CohortTruth, Fault, SynthConfig
-from pipelines.atlas.headmodel import HeadModel, load_or_build
-from pipelines.synth.cohort import CohortResult, generate
+from cohortflow.flows.prefect_env import configure_itk, configure_prefect
+from cohortflow.models.synth import DEFAULT_FAULT_RATES, CohortTruth, Fault, SynthConfig
+from cohortflow.pipelines.atlas.headmodel import HeadModel, load_or_build
+from cohortflow.pipelines.synth.cohort import CohortResult, generate
 from tests.ingest_helpers import run_folder
 
 # As the command line does: ITK single-threaded, so registrations are reproducible (this must

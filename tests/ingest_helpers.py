@@ -13,13 +13,13 @@ from typing import Any
 
 import pydicom
 
-from models.database import IndexDB, open_index
-from models.ingest import BatchReport, IngestOutcome
-from models.scanners import KnownScanners, load_known_scanners
-from pipelines.archive.store import ArchiveStore
-from pipelines.ingest.accounting import batch_report
-from pipelines.ingest.engine import ingest
-from pipelines.ingest.manifest import Manifest
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.ingest import BatchReport, IngestOutcome
+from cohortflow.models.scanners import KnownScanners, load_known_scanners
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.ingest.accounting import batch_report
+from cohortflow.pipelines.ingest.engine import ingest
+from cohortflow.pipelines.ingest.manifest import Manifest
 
 #: pydicom's bundled test files that ship in the wheel (never the download-on-demand ones).
 PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from models.database import open_index
-from models.schema import Biomarker, StageResult, StudyStep
-from models.synth import CohortTruth
-from pipelines.pacs import orthanc
-from pipelines.pacs.dimse import PacsNode, store_files
-from pipelines.synth.cohort import CohortResult
+from cohortflow.models.database import open_index
+from cohortflow.models.schema import Biomarker, StageResult, StudyStep
+from cohortflow.models.synth import CohortTruth
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port, run_folder
 
 STUDIES = 6

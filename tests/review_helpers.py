@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from models.database import IndexDB
-from models.outcomes import SERIES_STAGES
-from models.repository import now
-from models.retrieval import ChosenSeries, save_selection, update_retrieval
-from models.runs import DONE, StepRecord, finish_run, record_step, start_run
-from models.schema import Linkage, Patient, Series, Study
-from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
-from models.volumes import Volumes
+from cohortflow.models.database import IndexDB
+from cohortflow.models.outcomes import SERIES_STAGES
+from cohortflow.models.repository import now
+from cohortflow.models.retrieval import ChosenSeries, save_selection, update_retrieval
+from cohortflow.models.runs import DONE, StepRecord, finish_run, record_step, start_run
+from cohortflow.models.schema import Linkage, Patient, Series, Study
+from cohortflow.models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from cohortflow.models.volumes import Volumes
 
 SCANNERS = (("SIEMENS", "Skyra", 3.0), ("GE MEDICAL SYSTEMS", "SIGNA Premier", 1.5))
 

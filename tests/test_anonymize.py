@@ -17,16 +17,16 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from flows.cli import main
-from models.database import open_index
-from models.ingest import patient_key
-from models.linkage import lookup
-from models.synth import CohortTruth
-from pipelines.anonymize.deidentify import Deidentifier, Excluded
-from pipelines.anonymize.errors import ProfileError, ProjectKeyError
-from pipelines.anonymize.profile import load_profile
-from pipelines.dicom.keys import ProjectKey
-from pipelines.synth.cohort import CohortResult
+from cohortflow.flows.cli import main
+from cohortflow.models.database import open_index
+from cohortflow.models.ingest import patient_key
+from cohortflow.models.linkage import lookup
+from cohortflow.models.synth import CohortTruth
+from cohortflow.pipelines.anonymize.deidentify import Deidentifier, Excluded
+from cohortflow.pipelines.anonymize.errors import ProfileError, ProjectKeyError
+from cohortflow.pipelines.anonymize.profile import load_profile
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import dciodvfy_errors, pydicom_file
 
 KEY = ProjectKey(b"k" * 32, "test")
@@ -291,7 +291,7 @@ def _iso(text: str) -> str:
 def test_dciodvfy_finds_no_new_error_in_anonymized_output(
     cohort: CohortResult, tmp_path: Path
 ) -> None:
-    from pipelines.anonymize.files import anonymize_file
+    from cohortflow.pipelines.anonymize.files import anonymize_file
 
     deidentifier = Deidentifier(load_profile(), KEY)
     checked = 0
@@ -311,7 +311,7 @@ def test_dciodvfy_finds_no_new_error_in_anonymized_output(
 def test_deflated_files_keep_their_pixel_data() -> None:
     """Regression: the header read by classify was completed from an offset that, in a deflated
     file, points into the inflated stream: the pixel data was silently lost."""
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.dicom.reader import classify
 
     source = pydicom_file("image_dfl.dcm")
     data = source.read_bytes()
@@ -329,8 +329,8 @@ def _both_writers(path: Path) -> tuple[bytes, bytes] | None:
 
     from pydicom.dataset import FileMetaDataset
 
-    from pipelines.anonymize.writer import can_splice, encode_file, snapshot
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.anonymize.writer import can_splice, encode_file, snapshot
+    from cohortflow.pipelines.dicom.reader import classify
 
     data = path.read_bytes()
     outputs = []

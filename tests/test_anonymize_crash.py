@@ -16,9 +16,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from models.database import open_index
-from models.schema import Linkage
-from pipelines.anonymize.files import STAGING
+from cohortflow.models.database import open_index
+from cohortflow.models.schema import Linkage
+from cohortflow.pipelines.anonymize.files import STAGING
 from tests.ingest_helpers import pydicom_file
 
 PATIENTS = 12
@@ -72,7 +72,7 @@ def test_anonymize_killed_at_random_points_leaves_no_orphan_and_the_rerun_comple
     total = _source(source)
     env = {**os.environ, "COHORTFLOW_HOME": str(home)}
     env.pop("COHORTFLOW_CONFIG", None)
-    command = [sys.executable, "-m", "flows.cli", "anonymize", str(source), str(out), "--json"]
+    command = [sys.executable, "-m", "cohortflow", "anonymize", str(source), str(out), "--json"]
     rng = random.Random(21)
     killed_with = []
     for _ in range(KILLS):

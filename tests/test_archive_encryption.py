@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from flows.cli import main
-from models.schema import AuditEntry
-from pipelines.archive import sealed
-from pipelines.archive.sealed import HEADER, SEGMENT, TAG, SealError, load_ring
-from pipelines.archive.store import ArchiveStore
+from cohortflow.flows.cli import main
+from cohortflow.models.schema import AuditEntry
+from cohortflow.pipelines.archive import sealed
+from cohortflow.pipelines.archive.sealed import HEADER, SEGMENT, TAG, SealError, load_ring
+from cohortflow.pipelines.archive.store import ArchiveStore
 from tests.ingest_helpers import pydicom_file
 
 WINDOW = 17  # no run of the original longer than 16 bytes may be found in the file on disk
@@ -100,7 +100,7 @@ def test_every_change_to_a_sealed_blob_fails_authentication(tmp_path: Path) -> N
 
 
 def test_a_ring_others_can_read_is_refused(tmp_path: Path) -> None:
-    from models.errors import ArchiveKeyError
+    from cohortflow.models.errors import ArchiveKeyError
 
     store = _sealed_store(tmp_path)
     _put(store, b"content")
@@ -111,7 +111,7 @@ def test_a_ring_others_can_read_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_lost_ring_is_not_silently_replaced(tmp_path: Path) -> None:
-    from models.errors import ArchiveKeyError
+    from cohortflow.models.errors import ArchiveKeyError
 
     store = _sealed_store(tmp_path)
     name = _put(store, b"content")
@@ -209,7 +209,7 @@ def test_encrypted_by_default_through_the_command_line(
     assert (result["ok"], result["changed"]) == (2, 1)
     assert result["problems"][0]["sha256"] == victim.name
 
-    from models.database import open_index
+    from cohortflow.models.database import open_index
 
     index = open_index(f"sqlite:///{home / 'index.sqlite'}")
     with index.session() as session:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from flows.cli import main
-from models.settings import load_settings
+from cohortflow.flows.cli import main
+from cohortflow.models.settings import load_settings
 
 
 def _mode(path: Path) -> int:
@@ -100,8 +100,8 @@ def test_pool_workers_take_the_umask_of_the_pools_starter_not_of_the_forkserver(
     """The forkserver starts once per process, with the umask of then; its workers inherited
     that one: an ingest worker made archive folders 0755 after an earlier pool in the same
     process had started under a login umask (seen in the parallel test run)."""
-    from pipelines.ingest.engine import _reader_pool
-    from pipelines.safeio import current_umask
+    from cohortflow.pipelines.ingest.engine import _reader_pool
+    from cohortflow.pipelines.safeio import current_umask
 
     saved = os.umask(0o022)
     try:

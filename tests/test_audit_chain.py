@@ -17,10 +17,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import delete, select, text, update
 
-from flows.cli import main
-from models.database import IndexDB, open_index
-from models.schema import AuditEntry, Linkage
-from models.settings import load_settings
+from cohortflow.flows.cli import main
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.schema import AuditEntry, Linkage
+from cohortflow.models.settings import load_settings
 
 PASSWORD = "correct horse battery"
 
@@ -107,7 +107,7 @@ def test_a_forged_entry_needs_the_project_key(
     recomputing a plain hash is not enough."""
     import hashlib
 
-    from models.audit import _utc
+    from cohortflow.models.audit import _utc
 
     with home.session() as session:
         last = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())).first()

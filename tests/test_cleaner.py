@@ -20,15 +20,20 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import update
 
-from flows.cli import main
-from models.database import open_index
-from models.schema import CohortState
-from models.settings import load_settings
-from pipelines.anonymize.deidentify import Deidentified, Deidentifier
-from pipelines.anonymize.profile import load_profile
-from pipelines.cohort.configured import refresh_configured
-from pipelines.dicom.cleaner import CLEANER_VERSION, WRITTEN_DATE, cleaner_for, written_forms
-from pipelines.dicom.keys import ProjectKey
+from cohortflow.flows.cli import main
+from cohortflow.models.database import open_index
+from cohortflow.models.schema import CohortState
+from cohortflow.models.settings import load_settings
+from cohortflow.pipelines.anonymize.deidentify import Deidentified, Deidentifier
+from cohortflow.pipelines.anonymize.profile import load_profile
+from cohortflow.pipelines.cohort.configured import refresh_configured
+from cohortflow.pipelines.dicom.cleaner import (
+    CLEANER_VERSION,
+    WRITTEN_DATE,
+    cleaner_for,
+    written_forms,
+)
+from cohortflow.pipelines.dicom.keys import ProjectKey
 
 LEAKY = "T2 Gregory House 99887766 15.04.1960"
 

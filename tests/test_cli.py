@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_parser, main
+from cohortflow.flows.cli import build_parser, main
 
 
 def test_help_on_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -19,7 +19,7 @@ def test_help_on_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_m_answers_every_command_and_its_subcommands(tmp_path: Path) -> None:
-    """``python -m flows.cli`` is the command line too (every command and sub-command, in a
+    """``python -m cohortflow`` is the command line too (every command and sub-command, in a
     fresh interpreter); ``--version`` prints the installed version."""
     import subprocess
     import sys
@@ -34,14 +34,14 @@ def test_python_m_answers_every_command_and_its_subcommands(tmp_path: Path) -> N
         if command._subparsers is not None:
             for what in command._subparsers._group_actions[0].choices:
                 argvs.append([name, what, "--help"])
-    # one interpreter for all: each argv through runpy, as ``python -m flows.cli`` runs it
+    # one interpreter for all: each argv through runpy, as ``python -m cohortflow`` runs it
     script = (
         "import json, runpy, sys\n"
         "codes = []\n"
         "for argv in json.loads(sys.argv[1]):\n"
-        "    sys.argv = ['flows.cli', *argv]\n"
+        "    sys.argv = ['cohortflow', *argv]\n"
         "    try:\n"
-        "        runpy.run_module('flows.cli', run_name='__main__')\n"
+        "        runpy.run_module('cohortflow', run_name='__main__')\n"
         "        codes.append(None)\n"
         "    except SystemExit as exc:\n"
         "        codes.append(exc.code)\n"
@@ -62,7 +62,7 @@ def test_python_m_answers_every_command_and_its_subcommands(tmp_path: Path) -> N
     assert f"cohortflow {version('cohortflow')}" in done.stdout
     # the real ``python -m``, once
     direct = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "status", "--json"],
+        [sys.executable, "-m", "cohortflow", "status", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -182,12 +182,12 @@ def test_the_volumetry_table_shows_its_verdict_in_colour_not_as_markup(tmp_path:
     """The QC column once printed ``[green]pass[/]``: the safe table escaped its markup."""
     from rich.console import Console
 
-    from flows.report import print_volumetry_report
-    from models.volumes import Volumes
-    from pipelines.volumetry.method import Parameters
-    from pipelines.volumetry.run import VolumetryReport, VolumetryResult
-    from pipelines.volumetry.source import Source
-    from qc.findings import finding
+    from cohortflow.flows.report import print_volumetry_report
+    from cohortflow.models.volumes import Volumes
+    from cohortflow.pipelines.volumetry.method import Parameters
+    from cohortflow.pipelines.volumetry.run import VolumetryReport, VolumetryResult
+    from cohortflow.pipelines.volumetry.source import Source
+    from cohortflow.qc.findings import finding
 
     volumes = Volumes(1500.0, 600.0, 500.0, 400.0, 1100.0, 0.733)
     results = (
@@ -212,13 +212,13 @@ def test_a_crash_exits_3_and_says_why_in_json(
 ) -> None:
     """A command that stops on an unexpected error no longer exits 1 like "done with failures";
     with ``--json`` the reason is the document, not plain text."""
-    import flows.cli.run
+    import cohortflow.flows.cli.run
 
     def boom(*_: object) -> int:
         raise RuntimeError("disk on fire")
 
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path))
-    monkeypatch.setattr(flows.cli.run, "_status", boom)
+    monkeypatch.setattr(cohortflow.flows.cli.run, "_status", boom)
     assert main(["status", "--json"]) == 3
     captured = capsys.readouterr()
     error = json.loads(captured.out)["error"]

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from flows.cli import main
-from models.cohort import (
+from cohortflow.flows.cli import main
+from cohortflow.models.cohort import (
     DEIDENTIFIED,
     IDENTIFIED,
     MIN_CELL_PATIENTS,
@@ -29,18 +29,18 @@ from models.cohort import (
     list_series,
     parse_groups,
 )
-from models.database import IndexDB, open_index
-from models.disclosure import DISCLOSURE, NOISE_MAX, Disclosure
-from models.errors import CohortQueryError
-from models.reviews import record_review
-from models.schema import AuditEntry, CohortSeries
-from models.settings import load_settings
-from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
-from models.synth import CohortTruth, PatientTruth, SeriesTruth, StudyTruth
-from models.volumes import Volumes
-from pipelines.cohort.configured import protocol_roles, refresh_configured
-from pipelines.dicom.keys import ProjectKey
-from pipelines.synth.cohort import CohortResult
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.disclosure import DISCLOSURE, NOISE_MAX, Disclosure
+from cohortflow.models.errors import CohortQueryError
+from cohortflow.models.reviews import record_review
+from cohortflow.models.schema import AuditEntry, CohortSeries
+from cohortflow.models.settings import load_settings
+from cohortflow.models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from cohortflow.models.synth import CohortTruth, PatientTruth, SeriesTruth, StudyTruth
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.cohort.configured import protocol_roles, refresh_configured
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.synth.cohort import CohortResult
 
 pytestmark = pytest.mark.slow
 
@@ -499,10 +499,10 @@ def test_listed_studies_the_archive_holds_are_decided_from_the_index(
 ) -> None:
     """No PACS at all: archived studies are classified by the protocol's series rules from the
     index's header fields (the series the PACS query chooses), others reported."""
-    from models.outcomes import protocol_outcome
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.select.listed import ListedStudy, select_listed
-    from pipelines.select.query import record_selection
+    from cohortflow.models.outcomes import protocol_outcome
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.select.listed import ListedStudy, select_listed
+    from cohortflow.pipelines.select.query import record_selection
 
     protocols = load_protocols()
     for name in ROLES:
@@ -541,14 +541,14 @@ def test_patterns_matching_many_values_give_the_same_counts(
 ) -> None:
     """Listing the matches as parameters, listing the others, or listing either as literals
     (beyond the database's parameter limits): one answer; no database runs a pattern."""
-    import models.cohort
+    import cohortflow.models.cohort
 
     patterns = {"series_description": "t[12]|flair", "manufacturer": "^(ge|philips)"}
     with index.session() as session:
         listed = {k: _count(session, env, CohortFilter.parse({k: v}), min_cell=1).total
                   for k, v in patterns.items()}  # fmt: skip
         for limit in (2, 0):  # 2: the complement is listed; 0: the lists are literals
-            monkeypatch.setattr(models.cohort, "MAX_LISTED_VALUES", limit)
+            monkeypatch.setattr(cohortflow.models.cohort, "MAX_LISTED_VALUES", limit)
             for k, v in patterns.items():
                 flt = CohortFilter.parse({k: v})
                 assert _count(session, env, flt, min_cell=1).total == listed[k]
@@ -563,7 +563,7 @@ def test_a_pattern_cannot_hang_a_query(
     bounded in length, and RE2's missing features are named in the refusal."""
     import time
 
-    from models.cohort import MAX_PATTERN_LENGTH
+    from cohortflow.models.cohort import MAX_PATTERN_LENGTH
 
     hostile = "a" * 5000 + "b"
     for text in ("(a+)+$", "^MR HEAD(.|.|.)*#", "(x+x+)+y"):

@@ -13,14 +13,14 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from models.synth import Fault, SynthConfig
-from pipelines.atlas.colin import COLIN_DIR, load_or_build_colin
-from pipelines.atlas.errors import HeadModelError
-from pipelines.atlas.headmodel import CSF, GM, OTHER_HEAD, WM, HeadModel, tissue_image
-from pipelines.synth import anatomy, generators, subjects
-from pipelines.synth.cohort import DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL, generate
-from pipelines.synth.errors import SynthError
-from pipelines.synth.scanners import CONTRASTS
+from cohortflow.models.synth import Fault, SynthConfig
+from cohortflow.pipelines.atlas.colin import COLIN_DIR, load_or_build_colin
+from cohortflow.pipelines.atlas.errors import HeadModelError
+from cohortflow.pipelines.atlas.headmodel import CSF, GM, OTHER_HEAD, WM, HeadModel, tissue_image
+from cohortflow.pipelines.synth import anatomy, generators, subjects
+from cohortflow.pipelines.synth.cohort import DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL, generate
+from cohortflow.pipelines.synth.errors import SynthError
+from cohortflow.pipelines.synth.scanners import CONTRASTS
 
 needs_colin = pytest.mark.skipif(
     not all((COLIN_DIR / n).is_file() for n in ("ch2.nii.gz", "ch2bet.nii.gz")),
@@ -86,7 +86,7 @@ def test_colin_model_has_plausible_volumes(colin: HeadModel, model_cache: Path) 
 
 
 def test_with_neck_repeats_the_lowest_plane_below_and_keeps_the_points() -> None:
-    from pipelines.atlas.colin import with_neck
+    from cohortflow.pipelines.atlas.colin import with_neck
 
     head = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     bet = head > 12
@@ -105,7 +105,7 @@ def test_with_neck_repeats_the_lowest_plane_below_and_keeps_the_points() -> None
 def test_colin_model_has_a_neck_below_its_brain(colin: HeadModel) -> None:
     """ch2 ends 4 mm below its brain; the model goes on NECK_MM further, with tissue (not air)
     in every plane of it, outside the intracranial space."""
-    from pipelines.atlas.colin import NECK_MM
+    from cohortflow.pipelines.atlas.colin import NECK_MM
 
     inside = np.isin(colin.labels, (CSF, GM, WM))
     lowest = int(np.flatnonzero(inside.any(axis=(0, 1)))[0])

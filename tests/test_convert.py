@@ -35,23 +35,23 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from flows.cli import main
-from models.database import open_index
-from models.geometry import LPS_FROM_RAS, planes_of
-from models.settings import load_settings
-from models.stages import stage_records
-from models.synth import CohortTruth, Fault
-from pipelines.convert import bids, sidecar
-from pipelines.convert.check import SliceGrid, check_image, grid_findings, slice_grid
-from pipelines.convert.dcm2niix import classify_output, find_dcm2niix
-from pipelines.convert.errors import ConvertError
-from pipelines.convert.folder import convert_folder
-from pipelines.convert.results import ConvertedSeries, ConvertReport
-from pipelines.dicom.cleaner import dataset_cleaner
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import ProtocolSet, load_protocols
-from pipelines.synth.cohort import CohortResult
-from qc.findings import Verdict
+from cohortflow.flows.cli import main
+from cohortflow.models.database import open_index
+from cohortflow.models.geometry import LPS_FROM_RAS, planes_of
+from cohortflow.models.settings import load_settings
+from cohortflow.models.stages import stage_records
+from cohortflow.models.synth import CohortTruth, Fault
+from cohortflow.pipelines.convert import bids, sidecar
+from cohortflow.pipelines.convert.check import SliceGrid, check_image, grid_findings, slice_grid
+from cohortflow.pipelines.convert.dcm2niix import classify_output, find_dcm2niix
+from cohortflow.pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.convert.folder import convert_folder
+from cohortflow.pipelines.convert.results import ConvertedSeries, ConvertReport
+from cohortflow.pipelines.dicom.cleaner import dataset_cleaner
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import ProtocolSet, load_protocols
+from cohortflow.pipelines.synth.cohort import CohortResult
+from cohortflow.qc.findings import Verdict
 
 # --- small synthetic series -------------------------------------------------------------------
 

@@ -17,14 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from flows.cli.results import release_check_of
-from models.database import IndexDB, open_index
-from models.disclosure import NOISE_MAX
-from models.schema import AuditEntry, Review
-from models.settings import load_settings
-from models.users import authenticate, set_account
-from pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
-from qc.dashboard.app import create_app
+from cohortflow.flows.cli.results import release_check_of
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.disclosure import NOISE_MAX
+from cohortflow.models.schema import AuditEntry, Review
+from cohortflow.models.settings import load_settings
+from cohortflow.models.users import authenticate, set_account
+from cohortflow.pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
+from cohortflow.qc.dashboard.app import create_app
 from tests.review_helpers import Cohort, build, dashboard_login, login_token
 
 PASSWORD = "correct horse battery"
@@ -244,7 +244,7 @@ def test_no_identifier_on_any_page_or_answer(site: tuple[TestClient, IndexDB, Co
 def test_disabled_accounts_lose_their_session(site: tuple[TestClient, IndexDB, Cohort]) -> None:
     client, index, _ = site
     login(client, "rita")
-    from models.users import disable_account
+    from cohortflow.models.users import disable_account
 
     with index.session() as session:
         disable_account(session, "rita")
@@ -343,7 +343,7 @@ def test_security_headers_on_every_answer_and_no_inline_script_or_style(
     answers, pictures, errors and the login page; the pages carry no inline script or style
     for the policy to block. (tests/test_protocol_run.py renders the pages in Chromium under
     this policy.)"""
-    from qc.dashboard.headers import CONTENT_SECURITY_POLICY
+    from cohortflow.qc.dashboard.headers import CONTENT_SECURITY_POLICY
 
     client, _, cohort = site
     uid = cohort.subjects[0].pseudo_series
@@ -377,7 +377,7 @@ def test_bodies_are_bounded_and_malformed_input_answers_4xx(
     """Issue 23, item 4: a body above its route's limit is refused with 413 before it is read
     (declared or chunked); an oversized login writes no audit entry; numbers beyond any index
     and a labels row with an extra field answer 4xx, never 500."""
-    from qc.dashboard.limits import BODY_BYTES, UPLOAD_BYTES
+    from cohortflow.qc.dashboard.limits import BODY_BYTES, UPLOAD_BYTES
 
     client, index, cohort = site
     with index.session() as session:
@@ -467,7 +467,7 @@ def test_every_route_for_every_role_as_the_readme_says(
 ) -> None:
     """Issue 23, item 8: the README's role table is the code's, and every route answers each
     role by it (403 for a role without the right, never 403 for one with it)."""
-    from qc.dashboard import app as dashboard
+    from cohortflow.qc.dashboard import app as dashboard
 
     rights = _readme_rights()
     code = {
@@ -543,8 +543,8 @@ def test_passwords_names_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     import statistics
     import time
 
-    from models.errors import AccountError
-    from models.schema import User
+    from cohortflow.models.errors import AccountError
+    from cohortflow.models.schema import User
 
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     index = open_index(load_settings(None).index)
@@ -595,7 +595,7 @@ def test_passwords_names_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_failed_logins_wait_then_lock_until_an_admin_unlocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main as cli
+    from cohortflow.flows.cli import main as cli
 
     client = _board(tmp_path, monkeypatch, login_free_failures="2", login_lock_after="4")
     with client:
@@ -637,7 +637,7 @@ def test_one_client_guessing_many_names_waits(
 def test_sessions_end_at_logout_password_or_role_change_disable_and_timeouts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models.users import disable_account
+    from cohortflow.models.users import disable_account
 
     monkeypatch.setenv("COHORTFLOW_DASHBOARD__IDLE_MINUTES", "0.03")  # 1.8 s
     client = _board(tmp_path, monkeypatch)
@@ -688,7 +688,7 @@ def test_a_statement_past_the_request_time_limit_stops(tmp_path: Path) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
-    from models.database_limits import is_time_limit, time_limit
+    from cohortflow.models.database_limits import is_time_limit, time_limit
 
     index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
     endless = text(

@@ -22,11 +22,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from models.database import open_index
-from models.repository import now
-from models.schema import AuditEntry, Patient, Series, Study
-from models.settings import load_settings
-from models.users import set_account
+from cohortflow.models.database import open_index
+from cohortflow.models.repository import now
+from cohortflow.models.schema import AuditEntry, Patient, Series, Study
+from cohortflow.models.settings import load_settings
+from cohortflow.models.users import set_account
 from tests.ingest_helpers import free_port
 from tests.protocol_helpers import BIN
 from tests.review_helpers import build

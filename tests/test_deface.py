@@ -16,25 +16,25 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from flows.cli import main
-from models.errors import GeometryError
-from models.geometry import Plane, planes_of, reference_volume, stack_pixels
-from models.settings import DefaceSettings
-from pipelines.atlas.masks import check_placement, removal_mask
-from pipelines.atlas.template import BRAIN, FACE, PROTECT, Template, load_template
-from pipelines.deface import folder as deface_module
-from pipelines.deface.folder import (
+from cohortflow.flows.cli import main
+from cohortflow.models.errors import GeometryError
+from cohortflow.models.geometry import Plane, planes_of, reference_volume, stack_pixels
+from cohortflow.models.settings import DefaceSettings
+from cohortflow.pipelines.atlas.masks import check_placement, removal_mask
+from cohortflow.pipelines.atlas.template import BRAIN, FACE, PROTECT, Template, load_template
+from cohortflow.pipelines.deface import folder as deface_module
+from cohortflow.pipelines.deface.folder import (
     CLEAN_VISUAL_FEATURES,
     DefaceReport,
     deface_folder,
     mark_defaced,
     reference_rule,
 )
-from pipelines.dicom.protocols import load_protocols
-from pipelines.dicomfolder import read_instance
-from pipelines.imaging.register import Fit
-from pipelines.synth.cohort import CohortResult
-from pipelines.synth.scoring import score_deface
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.dicomfolder import read_instance
+from cohortflow.pipelines.imaging.register import Fit
+from cohortflow.pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.synth.scoring import score_deface
 from tests.ingest_helpers import dciodvfy_errors
 
 SETTINGS = DefaceSettings()
@@ -123,7 +123,7 @@ def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
     higher in front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face
     removed), never within 10 mm of the intracranial space and never behind the forehead. On a
     1 mm head of 80 voxels a side: a brain ball, a face block in front of and below it."""
-    from pipelines.atlas.template import (
+    from cohortflow.pipelines.atlas.template import (
         BRAIN,
         BROW,
         BROW_BRAIN_MARGIN_MM,
@@ -165,10 +165,10 @@ def test_the_brow_is_removed_near_the_subjects_skin_only() -> None:
     outside the reference's field (unknown depth) the brow is kept. On an axial plane through a
     head whose skin lies at LPS y = -60 (its front): brow pixels from 10 mm in front of the skin
     to 30 mm behind it."""
-    from models.geometry import Plane
-    from pipelines.atlas.masks import brow_near_skin, plane_points
-    from pipelines.atlas.template import BROW, FACE
-    from pipelines.deface.surface import RENDER_MM, front_skin
+    from cohortflow.models.geometry import Plane
+    from cohortflow.pipelines.atlas.masks import brow_near_skin, plane_points
+    from cohortflow.pipelines.atlas.template import BROW, FACE
+    from cohortflow.pipelines.deface.surface import RENDER_MM, front_skin
 
     # the LPS grid of the reference: x 0..99, y 0..99, z 0..19 mm from low; the head fills
     # y >= 40 (LPS y -60 with low y = -100) for x < 80, and nothing for x >= 80
@@ -379,7 +379,7 @@ def test_placement_check_passes_the_fit_and_flags_its_neighbours(
 ) -> None:
     """... and the fit is kept by content: the same image again is read from the store (the
     same matrix, no registration); another image is not."""
-    from models.fits import FitStore
+    from cohortflow.models.fits import FitStore
 
     series = cohort.out_dir / "dicom" / "ST0006"
     t1 = next(p for p in sorted(series.iterdir()) if "3D" in p.name)

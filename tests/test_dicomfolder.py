@@ -7,7 +7,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from pipelines.dicomfolder import SkippedFile, first_header, index_folder
+from cohortflow.pipelines.dicomfolder import SkippedFile, first_header, index_folder
 
 
 def _write(path: Path, study: str, series: str, sop: str) -> None:

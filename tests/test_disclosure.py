@@ -18,15 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from flows.cli import main
-from models.cohort import IDENTIFIED, CohortFilter, count
-from models.database import IndexDB, open_index
-from models.disclosure import NOISE_MAX, Disclosure
-from models.schema import AuditEntry
-from models.settings import load_settings
-from models.users import set_account
-from pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
-from qc.dashboard.app import create_app
+from cohortflow.flows.cli import main
+from cohortflow.models.cohort import IDENTIFIED, CohortFilter, count
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.disclosure import NOISE_MAX, Disclosure
+from cohortflow.models.schema import AuditEntry
+from cohortflow.models.settings import load_settings
+from cohortflow.models.users import set_account
+from cohortflow.pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
+from cohortflow.qc.dashboard.app import create_app
 from tests.review_helpers import Cohort, build, dashboard_login
 
 PASSWORD = "correct horse battery"

@@ -11,17 +11,17 @@ import pytest
 from PIL import Image
 from scipy import stats as scipy_stats
 
-from flows.cli import main
-from models.database import IndexDB, open_index
-from models.errors import ExportError, ReviewError
-from models.export import biomarker_table, read_labels, read_table, write_table
-from models.outcomes import protocol_outcome
-from models.reviews import OVERRIDE, REJECT, record_review
-from models.schema import AuditEntry
-from models.volumes import VOLUME_NAMES
-from pipelines.export.errors import StatsError
-from pipelines.export.stats import compare
-from pipelines.run.outcome import usable_biomarkers
+from cohortflow.flows.cli import main
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.errors import ExportError, ReviewError
+from cohortflow.models.export import biomarker_table, read_labels, read_table, write_table
+from cohortflow.models.outcomes import protocol_outcome
+from cohortflow.models.reviews import OVERRIDE, REJECT, record_review
+from cohortflow.models.schema import AuditEntry
+from cohortflow.models.volumes import VOLUME_NAMES
+from cohortflow.pipelines.export.errors import StatsError
+from cohortflow.pipelines.export.stats import compare
+from cohortflow.pipelines.run.outcome import usable_biomarkers
 from tests.review_helpers import Cohort, build
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from flows.prefect_env import configure_prefect
-from models.synth import CohortTruth
-from pipelines.pacs import orthanc
-from pipelines.synth.cohort import CohortResult
+from cohortflow.flows.prefect_env import configure_prefect
+from cohortflow.models.synth import CohortTruth
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 
 
@@ -29,7 +29,7 @@ def test_demo_flow_runs_in_prefect(
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
     for name in ("ORTHANC__HTTP_PORT", "ORTHANC__DICOM_PORT", "RETRIEVE__SCP_PORT"):
         monkeypatch.setenv(f"COHORTFLOW_{name}", str(free_port()))
-    from flows.synth_flow import demo_flow
+    from cohortflow.flows.synth_flow import demo_flow
 
     with prefect_harness():
         # seed 6: an ms and a dementia study (the flow takes the dementia one only)
@@ -72,7 +72,7 @@ def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
-    from flows.deidentify_flow import deidentify_flow
+    from cohortflow.flows.deidentify_flow import deidentify_flow
     from tests.test_anonymize import _found, _planted
 
     # three studies with a 3D T1 from the shared cohort (made once for the session; every
@@ -124,7 +124,7 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
 
     import yaml
 
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     spec = yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text("utf-8"))
     deployments = {d["name"]: d for d in spec["deployments"]}
@@ -132,7 +132,8 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
     for name, deployment in deployments.items():
         module, _, attribute = deployment["entrypoint"].partition(":")
         flow = getattr(
-            importlib.import_module(module.removesuffix(".py").replace("/", ".")), attribute
+            importlib.import_module("cohortflow." + module.removesuffix(".py").replace("/", ".")),
+            attribute,
         )
         flow.validate_parameters(deployment.get("parameters", {}))
         assert deployment["enforce_parameter_schema"] is True, name

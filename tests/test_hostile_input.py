@@ -17,12 +17,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from models.linkage import LinkageRecord
-from pipelines.anonymize.deidentify import Deidentifier
-from pipelines.anonymize.files import FolderReport, anonymize_folder
-from pipelines.anonymize.profile import load_profile
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.reader import classify
+from cohortflow.models.linkage import LinkageRecord
+from cohortflow.pipelines.anonymize.deidentify import Deidentifier
+from cohortflow.pipelines.anonymize.files import FolderReport, anonymize_folder
+from cohortflow.pipelines.anonymize.profile import load_profile
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.reader import classify
 from tests.ingest_helpers import PYDICOM_FILES, pydicom_file
 
 KEY = ProjectKey(b"h" * 32, "hostile")
@@ -198,8 +198,8 @@ def test_a_dataset_without_uids_is_never_given_a_path(tmp_path: Path) -> None:
 
 
 def test_a_fifo_named_like_a_t1_does_not_hang_volumetry(tmp_path: Path) -> None:
-    from pipelines.volumetry.errors import VolumetryError
-    from pipelines.volumetry.run import nifti_sources, read_t1
+    from cohortflow.pipelines.volumetry.errors import VolumetryError
+    from cohortflow.pipelines.volumetry.run import nifti_sources, read_t1
 
     os.mkfifo(tmp_path / "sub-1_T1w.nii.gz")
     (source,) = nifti_sources(tmp_path)
@@ -211,8 +211,8 @@ def test_a_nifti_declaring_terabytes_is_refused_before_reading(tmp_path: Path) -
     import nibabel as nib
     import numpy as np
 
-    from pipelines.volumetry.errors import VolumetryError
-    from pipelines.volumetry.run import read_t1
+    from cohortflow.pipelines.volumetry.errors import VolumetryError
+    from cohortflow.pipelines.volumetry.run import read_t1
 
     img = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
     img.header.set_data_shape((20000, 20000, 20000))  # 32 TB declared in a few hundred bytes
@@ -225,7 +225,7 @@ def test_a_nifti_declaring_terabytes_is_refused_before_reading(tmp_path: Path) -
 def test_index_folder_names_what_it_cannot_read_and_keeps_the_rest(tmp_path: Path) -> None:
     """The folder walk under qc, convert, deface and volumetry: a FIFO, a link out of the
     tree, a directory named x.dcm and a bad transfer syntax each named, the good file kept."""
-    from pipelines.dicomfolder import SkippedFile, index_folder
+    from cohortflow.pipelines.dicomfolder import SkippedFile, index_folder
 
     (tmp_path / "good.dcm").write_bytes(_mr())
     os.mkfifo(tmp_path / "pipe.dcm")
@@ -243,7 +243,7 @@ def test_index_folder_names_what_it_cannot_read_and_keeps_the_rest(tmp_path: Pat
 
 
 def _storage_scp(tmp_path: Path, allowed: tuple[str, ...] | None) -> tuple[object, int, Path]:
-    from pipelines.pacs.scp import Spool, StorageSCP
+    from cohortflow.pipelines.pacs.scp import Spool, StorageSCP
     from tests.ingest_helpers import free_port
 
     port = free_port()
@@ -253,7 +253,7 @@ def _storage_scp(tmp_path: Path, allowed: tuple[str, ...] | None) -> tuple[objec
 
 
 def _push(port: int, files: list[Path], calling: str) -> object:
-    from pipelines.pacs.dimse import PacsNode, store_files
+    from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
 
     return store_files(PacsNode("COHORTFLOW", "127.0.0.1", port), files, calling)
 
@@ -263,7 +263,7 @@ def test_the_storage_scp_takes_associations_from_the_allowed_ae_titles_only(
     tmp_path: Path,
 ) -> None:
     """Once: any calling AE title was accepted (nothing set ``allowed_aets``)."""
-    from pipelines.pacs.errors import PacsError
+    from cohortflow.pipelines.pacs.errors import PacsError
 
     good = tmp_path / "good.dcm"
     good.write_bytes(_mr())
@@ -303,7 +303,7 @@ def test_a_study_uid_of_dot_dot_is_refused_and_nothing_leaves_the_spool(tmp_path
 
 
 def test_only_the_configured_pacs_may_store_by_default() -> None:
-    from models.settings import PacsSettings, RetrieveSettings, Settings
+    from cohortflow.models.settings import PacsSettings, RetrieveSettings, Settings
 
     assert Settings(home=Path("/tmp/h")).storage_callers() == ("ORTHANC",)
     pacs = PacsSettings(aet="HOSPITALPACS", host="pacs", port=104)
@@ -317,7 +317,7 @@ def test_a_file_name_cannot_forge_a_report_row_or_restyle_it() -> None:
     table row. Tables now escape control characters and show square brackets as text."""
     from rich.console import Console
 
-    from flows.output import SafeTable
+    from cohortflow.flows.output import SafeTable
 
     forged = "a.dcm\n| ok | forged row |\x1b[2J[red]bold claim[/red]"
     table = SafeTable(title="files")
@@ -397,7 +397,7 @@ def test_a_run_stages_from_the_archive_through_links_and_only_those_are_followed
     refused every staged series)."""
     import hashlib
 
-    from pipelines.archive.store import ArchiveStore
+    from cohortflow.pipelines.archive.store import ArchiveStore
 
     store = ArchiveStore(tmp_path / "archive", f"file:{tmp_path / 'archive.key'}")
     content = _mr()
@@ -424,7 +424,7 @@ def test_relative_paths_and_a_relative_home_work_in_every_folder_command(
     nothing while reporting success."""
     import json
 
-    from flows.cli import main
+    from cohortflow.flows.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COHORTFLOW_HOME", "home")

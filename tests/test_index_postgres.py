@@ -23,12 +23,12 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from models.database import IndexDB, current_revision, head_revision, open_index
-from models.disclosure import DISCLOSURE, NOISE_MAX, Disclosure
-from models.scanners import load_known_scanners
-from models.schema import Base, File, Instance, Patient, Series, Study
-from pipelines.archive.store import ArchiveStore
-from pipelines.ingest.manifest import read_manifest
+from cohortflow.models.database import IndexDB, current_revision, head_revision, open_index
+from cohortflow.models.disclosure import DISCLOSURE, NOISE_MAX, Disclosure
+from cohortflow.models.scanners import load_known_scanners
+from cohortflow.models.schema import Base, File, Instance, Patient, Series, Study
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.ingest.manifest import read_manifest
 from tests.ingest_helpers import Archive, free_port, make_archive, open_at_once, pydicom_file
 
 pytestmark = pytest.mark.integration
@@ -322,7 +322,7 @@ def test_accounting_order_same_on_postgres_and_sqlite(tmp_path: Path, pg_index: 
 
 
 def test_stage_results_replace_on_rerun_and_feed_outliers_on_postgres(pg_index: IndexDB) -> None:
-    from models.stages import (
+    from cohortflow.models.stages import (
         StageRecord,
         cohort_metrics,
         record_stages,
@@ -377,10 +377,10 @@ def test_cohort_discovery_answers_the_same_on_postgres_and_sqlite(
     tmp_path: Path, pg_index: IndexDB
 ) -> None:
     """The cohort table built and queried on both backends: the same counts, cells and lists."""
-    from models.cohort import IDENTIFIED, CohortFilter, count, list_series, save_cohort
-    from pipelines.cohort.refresh import refresh
-    from pipelines.dicom.keys import ProjectKey
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.models.cohort import IDENTIFIED, CohortFilter, count, list_series, save_cohort
+    from cohortflow.pipelines.cohort.refresh import refresh
+    from cohortflow.pipelines.dicom.keys import ProjectKey
+    from cohortflow.pipelines.dicom.protocols import load_protocols
     from tests.review_helpers import build
 
     sqlite_index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")

@@ -14,14 +14,14 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from flows.cli import main
-from models.database import SCHEMA_REVISION, IndexDB, head_revision, open_index
-from models.errors import IndexDatabaseError, ManifestError
-from models.ingest import FileStatus
-from models.schema import Base, Blob, File, Instance, Scanner
-from pipelines.dicom.reader import read_path
-from pipelines.ingest.engine import ingest_chunk
-from pipelines.ingest.manifest import read_manifest
+from cohortflow.flows.cli import main
+from cohortflow.models.database import SCHEMA_REVISION, IndexDB, head_revision, open_index
+from cohortflow.models.errors import IndexDatabaseError, ManifestError
+from cohortflow.models.ingest import FileStatus
+from cohortflow.models.schema import Base, Blob, File, Instance, Scanner
+from cohortflow.pipelines.dicom.reader import read_path
+from cohortflow.pipelines.ingest.engine import ingest_chunk
+from cohortflow.pipelines.ingest.manifest import read_manifest
 from tests.ingest_helpers import PYDICOM_FILES, Archive, make_archive, open_at_once, pydicom_file
 
 
@@ -431,7 +431,7 @@ def test_verify_finds_changed_missing_and_untracked(
 def test_move_hands_over_files_and_survives_a_crash_before_removal(
     tmp_path: Path, archive: Archive
 ) -> None:
-    from pipelines.ingest import engine
+    from cohortflow.pipelines.ingest import engine
 
     spool = tmp_path / "spool"
     spool.mkdir()

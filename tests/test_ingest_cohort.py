@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from models.ingest import BatchReport, FileStatus
-from models.schema import File, Instance, Series, Study
-from models.synth import Fault, SeriesTruth, StudyTruth
-from pipelines.ingest.manifest import read_manifest
-from pipelines.synth.cohort import CohortResult
-from pipelines.synth.scanners import SCANNERS, UNKNOWN_SCANNERS
-from pipelines.synth.summary import UNDELIVERED_ACCESSION, write_manifest
+from cohortflow.models.ingest import BatchReport, FileStatus
+from cohortflow.models.schema import File, Instance, Series, Study
+from cohortflow.models.synth import Fault, SeriesTruth, StudyTruth
+from cohortflow.pipelines.ingest.manifest import read_manifest
+from cohortflow.pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.synth.scanners import SCANNERS, UNKNOWN_SCANNERS
+from cohortflow.pipelines.synth.summary import UNDELIVERED_ACCESSION, write_manifest
 from tests.ingest_helpers import Archive, make_archive
 
 pytestmark = pytest.mark.slow
@@ -202,7 +202,7 @@ def test_manifest_accounting_of_the_cohort(
 
 
 def test_known_scanner_list_agrees_with_the_generator() -> None:
-    from models.scanners import load_known_scanners
+    from cohortflow.models.scanners import load_known_scanners
 
     known = load_known_scanners()
     for scanner in SCANNERS:
@@ -220,7 +220,7 @@ def test_killed_ingest_resumes_with_one_row_per_file(cohort: CohortResult, tmp_p
     command = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "cohortflow",
         "ingest",
         str(cohort.out_dir / "dicom"),
         "--batch",
@@ -269,7 +269,7 @@ def test_killed_ingest_resumes_with_one_row_per_file(cohort: CohortResult, tmp_p
     stored = [p for p in (home / "archive" / "blobs").rglob("*") if p.is_file()]
     assert len([p for p in stored if not p.name.startswith(".")]) == blobs
     verify = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", "--json"],
+        [sys.executable, "-m", "cohortflow", "verify", "--json"],
         env=env,
         capture_output=True,
         text=True,

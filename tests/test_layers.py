@@ -1,6 +1,7 @@
 """The import graph ARCHITECTURE.md describes, checked on the source: imports run downwards only,
 the ground floor of ``pipelines/`` imports no stage, stages do not import each other (the known
-exceptions listed, so a new one fails here), no cycle, no private name imported across modules."""
+exceptions listed, so a new one fails here), no cycle, no private name imported across modules,
+and every import of our code goes through the one ``cohortflow`` package."""
 
 from __future__ import annotations
 
@@ -41,8 +42,29 @@ def _imports() -> Iterator[tuple[str, str, str]]:
                 else:
                     continue
                 for name in names:
-                    if name.split(".")[0] in OURS:
-                        yield str(path.relative_to(ROOT)), module, name
+                    inside = name.removeprefix("cohortflow.")
+                    if inside != name and inside.split(".")[0] in OURS:
+                        yield str(path.relative_to(ROOT)), module, inside
+
+
+def test_every_import_of_our_code_goes_through_the_cohortflow_package() -> None:
+    """The installed distribution holds the layers under ``cohortflow`` only (pyproject.toml):
+    an import of ``pipelines`` or ``flows`` ... by its bare name works in a checkout and breaks
+    once installed (or finds another distribution's module of that name)."""
+    bare = []
+    for top in (*OURS, "tests", "benchmarks", "scripts", "cohortflow"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path.is_symlink() or any(p.is_symlink() for p in path.parents):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                bare += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in OURS]
+    assert bare == []
 
 
 def _unit(module: str) -> str:

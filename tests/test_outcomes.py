@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from models.database import IndexDB, open_index
-from models.outcomes import protocol_outcome
-from models.retrieval import ChosenSeries, save_selection, update_retrieval
-from models.runs import DONE, ERROR, StepRecord, record_step, step_records
-from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
-from models.volumes import Volumes
-from pipelines.dicom.protocols import load_protocols
-from pipelines.quality.cohort import recheck_outliers
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.outcomes import protocol_outcome
+from cohortflow.models.retrieval import ChosenSeries, save_selection, update_retrieval
+from cohortflow.models.runs import DONE, ERROR, StepRecord, record_step, step_records
+from cohortflow.models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.quality.cohort import recheck_outliers
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def test_outliers_over_a_run_do_not_depend_on_order_and_are_not_added_twice() ->
 
 
 def test_a_run_left_running_is_marked_interrupted_by_the_next(index: IndexDB) -> None:
-    from models.runs import finish_run, run_records, start_run
+    from cohortflow.models.runs import finish_run, run_records, start_run
 
     with index.session() as session:
         killed = start_run(session, "dementia", {}, {})
@@ -242,7 +242,7 @@ def test_a_t1_failed_by_the_run_wide_outlier_check_yields_no_biomarkers(index: I
     assert (outcome.t1_series, outcome.t1_with_biomarkers) == (1, 0)
     assert outcome.t1_reasons == {"image.outlier.cjv": 1}
     # nor do its volumes enter the run's biomarker summary
-    from pipelines.run.outcome import usable_biomarkers
+    from cohortflow.pipelines.run.outcome import usable_biomarkers
 
     with index.session() as session:
         assert usable_biomarkers(session, "dementia") == []
@@ -251,7 +251,7 @@ def test_a_t1_failed_by_the_run_wide_outlier_check_yields_no_biomarkers(index: I
 def test_run_and_status_usage_errors_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from cohortflow.flows.cli import main
 
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
@@ -270,10 +270,10 @@ def test_a_step_that_crashed_is_redone_and_a_done_one_is_skipped(
 ) -> None:
     """The resume rule of every flow step: an error row is redone by the next run, a done row
     with the same input key and method version is skipped, a changed key is redone."""
-    from models.settings import load_settings
-    from pipelines.run.plan import StudyPlan
-    from pipelines.run.steps import RunContext, _run_step
-    from pipelines.run.workorder import WorkOrder
+    from cohortflow.models.settings import load_settings
+    from cohortflow.pipelines.run.plan import StudyPlan
+    from cohortflow.pipelines.run.steps import RunContext, _run_step
+    from cohortflow.pipelines.run.workorder import WorkOrder
 
     ctx = RunContext(load_settings(None, home=tmp_path), "dementia", 1)
     plan = StudyPlan(7, "dementia", "S1", "", "content", ())
@@ -310,8 +310,8 @@ def test_a_scanner_without_a_name_is_compared_with_its_kind(index: IndexDB) -> N
     rows of earlier versions hold ""): image QC's cohort of such a series still finds them."""
     from dataclasses import replace
 
-    from models.series import SeriesDescriptor
-    from models.stages import StageRecord, cohort_metrics, record_stages
+    from cohortflow.models.series import SeriesDescriptor
+    from cohortflow.models.stages import StageRecord, cohort_metrics, record_stages
 
     def row(uid: str, manufacturer: str | None) -> StageRecord:
         d = SeriesDescriptor("dementia", "t1_3d", manufacturer, "", None)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from pipelines.pacs import orthanc
+from cohortflow.flows.cli import main
+from cohortflow.pipelines.pacs import orthanc
 from tests.ingest_helpers import free_port
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.pacs import orthanc
-from pipelines.pacs.dimse import PacsNode, echo, store_files
-from pipelines.pacs.errors import PacsError
-from pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dimse import PacsNode, echo, store_files
+from cohortflow.pipelines.pacs.errors import PacsError
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port, pydicom_file
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def test_no_response_is_lost_under_load(
     """Regression: pynetdicom's association thread sometimes took a C-FIND response and dropped
     it ("Received unexpected C-FIND service message"), more often with the CPU busy: a match
     lost silently, or a 60 s timeout on a lost final response."""
-    from pipelines.pacs.dimse import Session, query_contexts
+    from cohortflow.pipelines.pacs.dimse import Session, query_contexts
 
     store_files(_node(pacs), [pydicom_file("MR_small.dcm")], LOCAL_AET)
     stop = threading.Event()

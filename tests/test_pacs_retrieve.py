@@ -20,24 +20,24 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from flows.cli import main
-from models import retrieval as repo
-from models.database import IndexDB, open_index
-from models.scanners import KnownScanners, load_known_scanners
-from models.schema import AuditEntry, Selection
-from models.settings import load_settings
-from models.synth import CohortTruth, Fault
-from pipelines.archive.store import ArchiveStore
-from pipelines.dicom.protocols import load_protocols
-from pipelines.ingest.verify import verify
-from pipelines.pacs import orthanc
-from pipelines.pacs.dicomweb import DicomWebNode
-from pipelines.pacs.dimse import PacsNode, store_files
-from pipelines.pacs.scp import Received
-from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
-from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
-from pipelines.select.query import record_selection, select_studies
-from pipelines.synth.cohort import CohortResult
+from cohortflow.flows.cli import main
+from cohortflow.models import retrieval as repo
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.scanners import KnownScanners, load_known_scanners
+from cohortflow.models.schema import AuditEntry, Selection
+from cohortflow.models.settings import load_settings
+from cohortflow.models.synth import CohortTruth, Fault
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.ingest.verify import verify
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
+from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
+from cohortflow.pipelines.pacs.scp import Received
+from cohortflow.pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
+from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
+from cohortflow.pipelines.select.query import record_selection, select_studies
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -418,7 +418,7 @@ def test_outside_the_window_with_stop_fetches_nothing_and_resumes_later(
 def test_listen_ingests_a_pushed_study(
     pacs: Pacs, index: IndexDB, scanners: KnownScanners, tmp_path: Path, cohort: CohortResult
 ) -> None:
-    from pipelines.retrieve.listen import listen
+    from cohortflow.pipelines.retrieve.listen import listen
 
     study = next(p for p in cohort.truth.patients if p.studies).studies[0]
     files = sorted(p for p in (cohort.out_dir / study.folder).rglob("*") if p.is_file())

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 
-from flows.cli import main
+from cohortflow.flows.cli import main
 
 IDENTITY = {
     "PatientName": "Testperson^Alice",

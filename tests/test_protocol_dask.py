@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 from tests.protocol_helpers import (
     BIN,

@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models.database import open_index
-from models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
-from models.synth import CohortTruth
-from models.volumes import VOLUME_NAMES
-from pipelines.synth.cohort import CohortResult
+from cohortflow.models.database import open_index
+from cohortflow.models.schema import AuditEntry, Biomarker, Linkage, StageResult, StudyStep
+from cohortflow.models.synth import CohortTruth
+from cohortflow.models.volumes import VOLUME_NAMES
+from cohortflow.pipelines.synth.cohort import CohortResult
 from tests.ingest_helpers import free_port
 from tests.protocol_helpers import (
     BIN,
@@ -430,7 +430,7 @@ def test_dask_and_postgres_gave_the_single_process_results(
 def test_a_saved_cohort_drives_a_run_over_exactly_its_studies(
     killed_and_resumed: dict[str, Any], pacs: Pacs, figures: Any
 ) -> None:
-    from models.schema import SelectedSeries, Selection
+    from cohortflow.models.schema import SelectedSeries, Selection
 
     home, url = killed_and_resumed["home"], killed_and_resumed["url"]
     truth: CohortTruth = killed_and_resumed["truth"]
@@ -481,7 +481,7 @@ def test_a_leak_in_a_delivered_file_is_quarantined_by_the_next_run(
     converter or a hand edit would leave) is found by the next run, which checks again because
     what was delivered changed: the file goes to restricted/quarantine (audited) and its series
     fails the release stage with the reason; the other studies are not checked again."""
-    from pipelines.release.scan import Matcher, targets
+    from cohortflow.pipelines.release.scan import Matcher, targets
 
     home, url = killed_and_resumed["home"], killed_and_resumed["url"]
     env = dict(killed_and_resumed["env"])  # the module's Prefect server too

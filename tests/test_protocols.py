@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigurationError
-from pipelines.dicom.protocols import (
+from cohortflow.models.errors import ConfigurationError
+from cohortflow.pipelines.dicom.protocols import (
     NO_INCLUDE_RULE,
     Protocol,
     StudyQuery,
     load_protocols,
 )
-from pipelines.dicom.rules import Attributes, Match, Rule, parse_rule
-from pipelines.select.errors import ProtocolError
-from pipelines.synth.scanners import (
+from cohortflow.pipelines.dicom.rules import Attributes, Match, Rule, parse_rule
+from cohortflow.pipelines.select.errors import ProtocolError
+from cohortflow.pipelines.synth.scanners import (
     SC_SERIES,
     SCANNERS,
     STUDY_DESCRIPTIONS,

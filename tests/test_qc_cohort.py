@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from models.database import open_index
-from models.scanners import load_known_scanners
-from models.settings import load_settings
-from models.stages import StageRecord, record_stages, stage_records
-from models.synth import Fault
-from pipelines.atlas.template import Template, load_brain_template
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import load_protocols
-from pipelines.quality.folder import HEADER, IMAGE, QcReport, qc_folder
-from pipelines.synth.cohort import CohortResult
-from pipelines.synth.scoring import QC_EXPECTED, score_qc
+from cohortflow.flows.cli import main
+from cohortflow.models.database import open_index
+from cohortflow.models.scanners import load_known_scanners
+from cohortflow.models.settings import load_settings
+from cohortflow.models.stages import StageRecord, record_stages, stage_records
+from cohortflow.models.synth import Fault
+from cohortflow.pipelines.atlas.template import Template, load_brain_template
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.quality.folder import HEADER, IMAGE, QcReport, qc_folder
+from cohortflow.pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.synth.scoring import QC_EXPECTED, score_qc
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_cli_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_failure_in_one_series_never_stops_the_others(
     cohort: CohortResult, tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines.quality import folder as quality
+    from cohortflow.pipelines.quality import folder as quality
 
     study = next(st for p in cohort.truth.patients for st in p.studies if st.protocol == "ms")
     source = tmp_path / "study"
@@ -213,7 +213,7 @@ def test_qc_flow_runs_in_prefect_and_returns_counts_only(
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
-    from flows.qc_flow import qc_flow
+    from cohortflow.flows.qc_flow import qc_flow
 
     study = next(st for p in cohort.truth.patients for st in p.studies if st.protocol == "ms")
     source = tmp_path / "delivery"

@@ -9,11 +9,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
-from models.scanners import load_known_scanners
-from pipelines.dicom.protocols import load_protocols
-from qc.findings import Severity, Verdict, verdict
-from qc.header import SeriesFile, check_series, check_study, header_number
-from qc.policy import QcPolicy, parse_policy
+from cohortflow.models.scanners import load_known_scanners
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.qc.findings import Severity, Verdict, verdict
+from cohortflow.qc.header import SeriesFile, check_series, check_study, header_number
+from cohortflow.qc.policy import QcPolicy, parse_policy
 
 POLICY = load_protocols().get("dementia").qc
 SCANNERS = load_known_scanners()

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.atlas.headmodel import HeadModel
-from pipelines.dicom.protocols import load_protocols
-from pipelines.synth.phantom import qc_phantom, rician_moments
-from qc import metrics as m
-from qc.findings import Severity
-from qc.image import Brain, check_image, outside_fraction
-from qc.masks import tissue_thresholds
-from qc.outliers import outlier_findings, robust_z
+from cohortflow.pipelines.atlas.headmodel import HeadModel
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.synth.phantom import qc_phantom, rician_moments
+from cohortflow.qc import metrics as m
+from cohortflow.qc.findings import Severity
+from cohortflow.qc.image import Brain, check_image, outside_fraction
+from cohortflow.qc.masks import tissue_thresholds
+from cohortflow.qc.outliers import outlier_findings, robust_z
 
 POLICY = load_protocols().get("dementia").qc
 
@@ -150,8 +150,8 @@ def test_snr_and_cnr_within_10_percent_on_head_phantoms(
 ) -> None:
     """Known noise and contrast, the whole image check as the QC stage runs it (template placed
     by registration, masks and classes found from the image)."""
-    from pipelines.atlas.template import load_brain_template
-    from pipelines.quality.brain import place_brain
+    from cohortflow.pipelines.atlas.template import load_brain_template
+    from cohortflow.pipelines.quality.brain import place_brain
 
     rng = np.random.default_rng(int(snr * 10 + (gm or 0) * 100 + bias * 1000))
     phantom = qc_phantom(head_model, rng, snr, gm, bias)
@@ -198,9 +198,9 @@ def test_a_head_fit_handed_over_by_defacing_places_the_brain_without_registering
     with the one QC's own registration places, and a fit to another template is not used."""
     from dataclasses import replace
 
-    from pipelines.atlas.template import load_brain_template
-    from pipelines.imaging import register
-    from pipelines.quality import brain as placement
+    from cohortflow.pipelines.atlas.template import load_brain_template
+    from cohortflow.pipelines.imaging import register
+    from cohortflow.pipelines.quality import brain as placement
 
     rng = np.random.default_rng(31)
     phantom = qc_phantom(head_model, rng, 20, None, 0.0)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.dicom.protocols import load_protocols
-from pipelines.select.errors import ProtocolError
-from qc.findings import CHECKS, Severity
-from qc.metrics import METRICS
-from qc.policy import PolicyError, parse_policy
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.select.errors import ProtocolError
+from cohortflow.qc.findings import CHECKS, Severity
+from cohortflow.qc.metrics import METRICS
+from cohortflow.qc.policy import PolicyError, parse_policy
 
 SHIPPED = Path(__file__).parent.parent / "pipelines" / "dicom" / "data" / "protocols.yaml"
 
@@ -90,9 +90,9 @@ def test_one_registry_for_every_stage_overridable_and_titled(tmp_path: Path) -> 
     """Conversion's and volumetry's checks are in the one registry: protocols.yaml may set their
     severity (per protocol; unknown ids refused), the stages' findings are judged at it, and the
     dashboard titles their reasons."""
-    from pipelines.volumetry.verdict import judge
-    from qc.dashboard.queries import reason_title
-    from qc.findings import finding, verdict
+    from cohortflow.pipelines.volumetry.verdict import judge
+    from cohortflow.qc.dashboard.queries import reason_title
+    from cohortflow.qc.findings import finding, verdict
 
     data = yaml.safe_load(SHIPPED.read_text())
     data["protocols"]["ms"]["qc"] = {

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from flows.cli import main
+from cohortflow.flows.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from pipelines.dicom.header import attributes
-from pipelines.dicom.protocols import load_protocols
-from pipelines.dicomfolder import SkippedFile, first_header, index_folder
+from cohortflow.flows.cli import main
+from cohortflow.pipelines.dicom.header import attributes
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.dicomfolder import SkippedFile, first_header, index_folder
 
 #: (dataset, SeriesNumber, SeriesDescription) -> role, for every series of the corpora
 EXPECTED = {

@@ -5,10 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from models.database import open_index
-from models.schema import Blob, Instance, Patient, SelectedSeries, Selection, Series, Study
-from pipelines.archive.store import ArchiveStore
-from pipelines.run.plan import plan_studies, plan_study
+from cohortflow.models.database import open_index
+from cohortflow.models.schema import (
+    Blob,
+    Instance,
+    Patient,
+    SelectedSeries,
+    Selection,
+    Series,
+    Study,
+)
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.run.plan import plan_studies, plan_study
 
 
 def test_one_study_planned_alone_as_in_the_whole_selection(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.safeio import RefusedError, is_inside, printable, publish, read_regular
+from cohortflow.pipelines.safeio import RefusedError, is_inside, printable, publish, read_regular
 
 
 def _refused(path: Path, root: Path | None = None, **kw: object) -> str:

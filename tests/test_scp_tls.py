@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pipelines.pacs.errors import PacsError
-from pipelines.pacs.scp import ScpTls, Spool, StorageSCP
+from cohortflow.pipelines.pacs.errors import PacsError
+from cohortflow.pipelines.pacs.scp import ScpTls, Spool, StorageSCP
 from tests.ingest_helpers import free_port, pydicom_file
 
 Issued = tuple[Path, Path]  # certificate, key (PEM)
@@ -151,8 +151,8 @@ def test_a_tls_key_readable_by_others_or_missing_is_refused_by_name(tmp_path: Pa
 def test_tls_settings_come_in_pairs(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    from models.settings import RetrieveSettings, Settings
-    from pipelines.retrieve.config import scp_tls
+    from cohortflow.models.settings import RetrieveSettings, Settings
+    from cohortflow.pipelines.retrieve.config import scp_tls
 
     with pytest.raises(ValidationError, match="set together"):
         RetrieveSettings(scp_tls_certificate=tmp_path / "scp.crt")

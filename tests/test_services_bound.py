@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.prefect_env import configure_prefect
-from flows.protocol_flow import dask_runner
-from models.settings import load_settings
+from cohortflow.flows.prefect_env import configure_prefect
+from cohortflow.flows.protocol_flow import dask_runner
+from cohortflow.models.settings import load_settings
 
 
 def _listening(pids: set[int]) -> set[tuple[str, int]]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigurationError
-from models.settings import load_settings
+from cohortflow.models.errors import ConfigurationError
+from cohortflow.models.settings import load_settings
 
 
 def test_defaults_live_under_one_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

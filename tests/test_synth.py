@@ -14,9 +14,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedMRImageStorage, ImplicitVRLittleEndian, JPEGLosslessSV1
 
-from models.synth import CohortTruth, Fault, SeriesTruth, StudyTruth, SynthConfig
-from pipelines.synth.cohort import CohortResult, generate
-from pipelines.synth.scanners import SCANNERS, UNKNOWN_SCANNERS
+from cohortflow.models.synth import CohortTruth, Fault, SeriesTruth, StudyTruth, SynthConfig
+from cohortflow.pipelines.synth.cohort import CohortResult, generate
+from cohortflow.pipelines.synth.scanners import SCANNERS, UNKNOWN_SCANNERS
 
 pytestmark = pytest.mark.slow
 

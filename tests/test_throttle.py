@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from pipelines.pacs.dicomweb import split_multipart
-from pipelines.pacs.errors import PacsError
-from pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
-from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
+from cohortflow.pipelines.pacs.dicomweb import split_multipart
+from cohortflow.pipelines.pacs.errors import PacsError
+from cohortflow.pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
+from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 
 WEDNESDAY_NOON = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 

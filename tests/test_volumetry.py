@@ -14,17 +14,22 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from flows.cli import main
-from models.database import open_index
-from models.settings import load_settings
-from models.stages import BiomarkerRecord, biomarker_records, record_biomarkers, stage_records
-from models.volumes import Volumes
-from pipelines.dicom.keys import ProjectKey
-from pipelines.synth.cohort import CohortResult
-from pipelines.volumetry.overlay import overlay, write_overlay
-from pipelines.volumetry.refine import refine_icv
-from pipelines.volumetry.segment import fit_mixture
-from pipelines.volumetry.verdict import judge
+from cohortflow.flows.cli import main
+from cohortflow.models.database import open_index
+from cohortflow.models.settings import load_settings
+from cohortflow.models.stages import (
+    BiomarkerRecord,
+    biomarker_records,
+    record_biomarkers,
+    stage_records,
+)
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.volumetry.overlay import overlay, write_overlay
+from cohortflow.pipelines.volumetry.refine import refine_icv
+from cohortflow.pipelines.volumetry.segment import fit_mixture
+from cohortflow.pipelines.volumetry.verdict import judge
 
 CSF, GM, WM = 0.25, 0.62, 1.0
 
@@ -148,7 +153,7 @@ def _judge(**changes: object) -> list[str]:
 def test_the_bias_n4_left_is_removed_by_the_tissue_model() -> None:
     """Once: a real head's shading that N4 had left widened the grey matter class over the
     sulcal CSF (brain +20 % against SAMSEG); unified segmentation estimates that bias too."""
-    from pipelines.volumetry.method import residual_bias
+    from cohortflow.pipelines.volumetry.method import residual_bias
 
     rng = np.random.default_rng(3)
     n, spacing = 64, (2.0, 2.0, 2.0)
@@ -243,11 +248,11 @@ def test_volumes_of_a_warped_atrophied_head(
     run (fixed seeds, one ITK thread) is checked across processes by the protocol runs: the
     Dask run's volumes equal the single-process run's to 0.001 ml (tests/test_protocol_run.py);
     a second measure here cost 50 s for nothing more."""
-    from pipelines.atlas.headmodel import HeadModel
-    from pipelines.synth import subjects
-    from pipelines.volumetry.atlas import load_atlas
-    from pipelines.volumetry.method import measure
-    from pipelines.volumetry.run import read_t1
+    from cohortflow.pipelines.atlas.headmodel import HeadModel
+    from cohortflow.pipelines.synth import subjects
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import measure
+    from cohortflow.pipelines.volumetry.run import read_t1
 
     assert isinstance(head_model, HeadModel)
     rng = np.random.default_rng([11, 0])
@@ -349,9 +354,9 @@ def test_a_real_head_agrees_with_masks_made_apart_from_our_atlas(
 ) -> None:
     """Colin27 (Debian's mricron-data): one person's T1 head, not our template. Its brain mask
     by FSL BET and its skull-stripped tissue image were made by others, with other tools."""
-    from pipelines.volumetry.atlas import load_atlas
-    from pipelines.volumetry.method import measure
-    from pipelines.volumetry.run import read_t1
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import measure
+    from cohortflow.pipelines.volumetry.run import read_t1
 
     m = measure(read_t1(COLIN / "ch2.nii.gz"), load_atlas(model_cache))
     bet: nib.Nifti1Image = nib.as_closest_canonical(nib.load(COLIN / "ch2bet.nii.gz"))
@@ -379,7 +384,7 @@ def test_an_affine_handed_on_maps_points_as_its_matrix(tmp_path: Path) -> None:
     points exactly as the matrix does (what volumetry starts from instead of registering)."""
     import ants
 
-    from pipelines.volumetry.register import write_affine
+    from cohortflow.pipelines.volumetry.register import write_affine
 
     turn = np.deg2rad(7.0)
     matrix = np.array(

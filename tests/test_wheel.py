@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.synth.cohort import CohortResult
+from cohortflow.pipelines.synth.cohort import CohortResult
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,8 +33,10 @@ def _tracked_copy(target: Path) -> Path:
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():  # cohortflow/ links to the layers' folders
+            (target / name).symlink_to(os.readlink(source))
+        elif source.is_file():
             shutil.copy2(source, target / name)
     return target
 
@@ -64,15 +66,18 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(
     (wheel,) = dist.glob("cohortflow-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
+    # one top-level name, cohortflow: the layers are its subpackages (a generic top-level
+    # package, pipelines or models, would collide with any other of that name)
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"cohortflow"}
     # every data file of the packages is in the wheel (a plain install once lacked the
     # de-identification profile, and anonymize, run and deidentify broke)
     data = [
-        p.relative_to(source).as_posix()
+        "cohortflow/" + p.relative_to(source).as_posix()
         for top in ("flows", "models", "pipelines", "qc")
         for p in (source / top).rglob("*")
         if p.is_file() and p.suffix not in (".py", ".pyc")
     ]
-    assert "pipelines/anonymize/data/profile.yaml" in data
+    assert "cohortflow/pipelines/anonymize/data/profile.yaml" in data
     assert not [name for name in data if name not in names]
 
     venv = tmp_path / "venv"
@@ -121,8 +126,13 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(
             timeout=900,
         )
 
+    found = (
+        "import importlib.util as u, cohortflow.flows as f, cohortflow.pipelines as p; "
+        "print(f.__file__, p.__file__, [n for n in ('flows', 'pipelines', 'qc', 'models') "
+        "if u.find_spec(n)])"
+    )
     where = subprocess.run(
-        [str(python), "-c", "import flows, pipelines; print(flows.__file__, pipelines.__file__)"],
+        [str(python), "-c", found],
         env=env,
         cwd=work,
         capture_output=True,
@@ -130,6 +140,7 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs(
         check=True,
     ).stdout
     assert str(ROOT) not in where and purelib in where
+    assert where.rstrip().endswith("[]"), where  # no layer by a bare top-level name
     assert run("--version").stdout.startswith("cohortflow ")
 
     study = next(

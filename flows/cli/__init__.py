@@ -22,9 +22,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from flows.cli import audit, cohort, data, pacs, results, run, stages
-from flows.cli.common import CommandParser, Handler, version
-from flows.output import (
+from cohortflow.flows.cli import audit, cohort, data, pacs, results, run, stages
+from cohortflow.flows.cli.common import CommandParser, Handler, version
+from cohortflow.flows.output import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
     EXIT_STOPPED,
@@ -33,11 +33,11 @@ from flows.output import (
     json_only_on_stdout,
     write_json,
 )
-from flows.prefect_env import configure_itk, protect_identified
-from models.errors import CohortflowError, ConfigurationError
-from models.settings import load_settings
-from pipelines.pacs.errors import PacsError
-from pipelines.safeio import RefusedError
+from cohortflow.flows.prefect_env import configure_itk, protect_identified
+from cohortflow.models.errors import CohortflowError, ConfigurationError
+from cohortflow.models.settings import load_settings
+from cohortflow.pipelines.pacs.errors import PacsError
+from cohortflow.pipelines.safeio import RefusedError
 
 __all__ = ["build_parser", "main"]
 

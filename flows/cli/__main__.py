@@ -1,7 +1,7 @@
-"""``python -m flows.cli``: the ``cohortflow`` command."""
+"""``python -m cohortflow.flows.cli``: the ``cohortflow`` command (as ``python -m cohortflow``)."""
 
 import sys
 
-from flows.cli import main
+from cohortflow.flows.cli import main
 
 sys.exit(main())

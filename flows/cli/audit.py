@@ -12,8 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from flows.cli.common import open_index, steward_login
-from flows.output import (
+from cohortflow.flows.cli.common import open_index, steward_login
+from cohortflow.flows.output import (
     EXIT_FAILURES,
     EXIT_OK,
     EXIT_USAGE,
@@ -23,8 +23,8 @@ from flows.output import (
     progress_bar,
     write_json,
 )
-from models.settings import Settings
-from pipelines.safeio import printable
+from cohortflow.models.settings import Settings
+from cohortflow.pipelines.safeio import printable
 
 
 def add_commands(sub: Any) -> None:
@@ -85,8 +85,8 @@ def add_commands(sub: Any) -> None:
 
 
 def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.linkage import audit
-    from pipelines.archive.store import ArchiveStore
+    from cohortflow.models.linkage import audit
+    from cohortflow.pipelines.archive.store import ArchiveStore
 
     store = ArchiveStore.of(settings)
     with progress_bar(err, "re-wrapping blob keys") as bar:
@@ -120,8 +120,8 @@ def _rekey(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.linkage import audit
-    from pipelines.release.scan import Matcher, pseudonyms_in, scan_folder, targets
+    from cohortflow.models.linkage import audit
+    from cohortflow.pipelines.release.scan import Matcher, pseudonyms_in, scan_folder, targets
 
     root = args.path
     if not root.is_dir():
@@ -162,7 +162,7 @@ def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int
 
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.audit import audit_secret, verify
+    from cohortflow.models.audit import audit_secret, verify
 
     with open_index(settings) as index, index.session() as session:
         report = verify(session, audit_secret(str(settings.pseudonym_key_source)))
@@ -191,8 +191,8 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from sqlalchemy import select
 
-    from models.linkage import audit
-    from models.schema import Linkage, Patient
+    from cohortflow.models.linkage import audit
+    from cohortflow.models.schema import Linkage, Patient
 
     reason = args.reason.strip()
     if len(reason) < 10:

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flows.cli.common import open_index, steward_login
-from flows.output import EXIT_OK, EXIT_USAGE, SafeTable, add_json, document, write_json
-from models.settings import Settings
-from models.spreadsheet import neutralised
+from cohortflow.flows.cli.common import open_index, steward_login
+from cohortflow.flows.output import EXIT_OK, EXIT_USAGE, SafeTable, add_json, document, write_json
+from cohortflow.models.settings import Settings
+from cohortflow.models.spreadsheet import neutralised
 
 if TYPE_CHECKING:
-    from models.database import IndexDB
+    from cohortflow.models.database import IndexDB
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    from models.cohort import FILTERS
+    from cohortflow.models.cohort import FILTERS
 
     group = parser.add_argument_group("filters (all must hold)")
     for spec in FILTERS:
@@ -146,20 +146,20 @@ def _index(settings: Settings, setup: Any = None) -> Iterator[IndexDB]:
 
 
 def _setup(settings: Settings) -> Any:
-    from pipelines.cohort.configured import CohortSetup
+    from cohortflow.pipelines.cohort.configured import CohortSetup
 
     return CohortSetup.load(settings)
 
 
 def _filter(args: argparse.Namespace, setup: Any) -> Any:
-    from models.cohort import FILTER_NAMES, CohortFilter
+    from cohortflow.models.cohort import FILTER_NAMES, CohortFilter
 
     values = {name: getattr(args, f"where_{name}", None) for name in FILTER_NAMES}
     return CohortFilter.parse(values, setup.roles())
 
 
 def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str, str | None]:
-    from models.cohort import DEIDENTIFIED, IDENTIFIED
+    from cohortflow.models.cohort import DEIDENTIFIED, IDENTIFIED
 
     if not args.identified:
         if args.user or args.password_stdin:
@@ -170,7 +170,7 @@ def _layer(args: argparse.Namespace, index: IndexDB, err: Console) -> tuple[str,
 
 
 def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import count, parse_groups
+    from cohortflow.models.cohort import count, parse_groups
 
     setup = _setup(settings)
     flt = _filter(args, setup)
@@ -240,7 +240,7 @@ def print_counts(result: Any, console: Console) -> None:
 
 
 def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import list_series
+    from cohortflow.models.cohort import list_series
 
     if args.limit < 0 or args.offset < 0:
         err.print("[red]usage error:[/red] --limit and --offset must not be negative")
@@ -293,8 +293,8 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import save_cohort
-    from models.linkage import os_user
+    from cohortflow.models.cohort import save_cohort
+    from cohortflow.models.linkage import os_user
 
     setup = _setup(settings)
     flt = _filter(args, setup)
@@ -319,7 +319,7 @@ def _save(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import saved_cohorts
+    from cohortflow.models.cohort import saved_cohorts
 
     with _index(settings) as index, index.session() as session:
         found = saved_cohorts(session)
@@ -338,8 +338,8 @@ def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _delete(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import delete_cohort
-    from models.linkage import os_user
+    from cohortflow.models.cohort import delete_cohort
+    from cohortflow.models.linkage import os_user
 
     with _index(settings) as index, index.session() as session:
         delete_cohort(session, args.name, actor=os_user())
@@ -348,8 +348,8 @@ def _delete(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.cohort import manifest
-    from pipelines.cohort.configured import write_manifest
+    from cohortflow.models.cohort import manifest
+    from cohortflow.pipelines.cohort.configured import write_manifest
 
     with _index(settings) as index:
         steward = steward_login(args, index, err)
@@ -370,7 +370,7 @@ def _manifest(args: argparse.Namespace, settings: Settings, err: Console) -> int
 def _refresh(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from dataclasses import asdict
 
-    from pipelines.cohort.configured import refresh_configured
+    from cohortflow.pipelines.cohort.configured import refresh_configured
 
     with open_index(settings) as index:
         summary = refresh_configured(settings, index)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flows.output import write_json
-from models.settings import Settings
-from models.synth import Fault
+from cohortflow.flows.output import write_json
+from cohortflow.models.settings import Settings
+from cohortflow.models.synth import Fault
 
 if TYPE_CHECKING:
-    from models.database import IndexDB
+    from cohortflow.models.database import IndexDB
 
 #: What a leaf command sets as its ``handler`` default: run it, return its exit code.
 Handler = Callable[[argparse.Namespace, Settings, Console], int]
@@ -105,7 +105,7 @@ def date(text: str) -> dt.date:
 @contextmanager
 def open_index(settings: Settings) -> Iterator[IndexDB]:
     """The archive index, disposed of when the block ends."""
-    from models.database import open_index as open_database
+    from cohortflow.models.database import open_index as open_database
 
     index = open_database(settings.index)
     try:
@@ -122,7 +122,7 @@ def emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
 
 def audit_read(index: IndexDB, action: str, detail: dict[str, Any]) -> None:
     """A command's read of identified data, audited (the user running it is the actor)."""
-    from models.linkage import audit
+    from cohortflow.models.linkage import audit
 
     with index.session() as session:
         audit(session, action, json.dumps(detail, default=str))
@@ -142,8 +142,8 @@ def steward_login(
 ) -> str | None:
     """The steward's name when ``--user`` and the password are right; None (said, and a refusal
     audited) otherwise. ``what`` names what needs the steward."""
-    from models.linkage import audit
-    from models.users import STEWARD, authenticate
+    from cohortflow.models.linkage import audit
+    from cohortflow.models.users import STEWARD, authenticate
 
     if not args.user:
         err.print(f"[red]usage error:[/red] {what} needs --user (a steward account)")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flows.cli.common import audit_read, emit, fault_rate, open_index
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
-from models.settings import Settings
-from models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
+from cohortflow.flows.cli.common import audit_read, emit, fault_rate, open_index
+from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.models.settings import Settings
+from cohortflow.models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
 
 if TYPE_CHECKING:
-    from pipelines.pacs.dimse import StoreResult
+    from cohortflow.pipelines.pacs.dimse import StoreResult
 
 
 def add_commands(sub: Any) -> None:
@@ -111,9 +111,9 @@ def add_commands(sub: Any) -> None:
 
 
 def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_summary, summary_json
-    from pipelines.synth.cohort import generate
-    from pipelines.synth.summary import summarize
+    from cohortflow.flows.report import print_summary, summary_json
+    from cohortflow.pipelines.synth.cohort import generate
+    from cohortflow.pipelines.synth.summary import summarize
 
     if args.studies < 1:
         err.print("[red]usage error:[/red] --studies must be at least 1")
@@ -154,8 +154,8 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _load_into_pacs(settings: Settings, folder: Path, err: Console) -> StoreResult:
-    from pipelines.pacs.dimse import store_files
-    from pipelines.retrieve.config import pacs_node
+    from cohortflow.pipelines.pacs.dimse import store_files
+    from cohortflow.pipelines.retrieve.config import pacs_node
 
     node = pacs_node(settings)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -174,13 +174,13 @@ def _load_into_pacs(settings: Settings, folder: Path, err: Console) -> StoreResu
 
 
 def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_batch_report
-    from models.scanners import load_known_scanners
-    from pipelines.archive.store import ArchiveStore
-    from pipelines.ingest.accounting import batch_report
-    from pipelines.ingest.engine import choose_batch_name, ingest
-    from pipelines.ingest.manifest import read_manifest
-    from pipelines.walk import count_files
+    from cohortflow.flows.report import print_batch_report
+    from cohortflow.models.scanners import load_known_scanners
+    from cohortflow.pipelines.archive.store import ArchiveStore
+    from cohortflow.pipelines.ingest.accounting import batch_report
+    from cohortflow.pipelines.ingest.engine import choose_batch_name, ingest
+    from cohortflow.pipelines.ingest.manifest import read_manifest
+    from cohortflow.pipelines.walk import count_files
 
     missing = [str(p) for p in args.paths if not os.path.lexists(p)]
     if missing:
@@ -225,9 +225,9 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_verify_report
-    from pipelines.archive.store import ArchiveStore
-    from pipelines.ingest.verify import verify
+    from cohortflow.flows.report import print_verify_report
+    from cohortflow.pipelines.archive.store import ArchiveStore
+    from cohortflow.pipelines.ingest.verify import verify
 
     with open_index(settings) as index, progress_bar(err, "verifying the archive") as bar:
         task = bar.add_task("verify", total=None)
@@ -240,8 +240,8 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_batch_report
-    from pipelines.ingest.accounting import batch_report
+    from cohortflow.flows.report import print_batch_report
+    from cohortflow.pipelines.ingest.accounting import batch_report
 
     with open_index(settings) as index:
         report = batch_report(index, args.name)

@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.cli.common import add_protocols_file, audit_read, date, emit, open_index
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
-from models.settings import Settings
+from cohortflow.flows.cli.common import add_protocols_file, audit_read, date, emit, open_index
+from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.models.settings import Settings
 
 
 def add_commands(sub: Any) -> None:
@@ -96,8 +96,8 @@ def add_commands(sub: Any) -> None:
 
 
 def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from pipelines.pacs import orthanc
-    from pipelines.retrieve.config import own_orthanc
+    from cohortflow.pipelines.pacs import orthanc
+    from cohortflow.pipelines.retrieve.config import own_orthanc
 
     config = own_orthanc(settings)
     pid = orthanc.running_pid(config.folder)
@@ -128,15 +128,15 @@ def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_selection, selection_json
-    from pipelines.retrieve.config import pacs_node, select_configured
-    from pipelines.select.query import record_selection
+    from cohortflow.flows.report import print_selection, selection_json
+    from cohortflow.pipelines.retrieve.config import pacs_node, select_configured
+    from cohortflow.pipelines.select.query import record_selection
 
     if args.manifest is not None:
         if args.date_from or args.date_to or args.protocols:
             err.print("[red]usage error:[/red] --manifest lists the studies: no --from, --to")
             return EXIT_USAGE
-        from pipelines.cohort.configured import select_manifest
+        from cohortflow.pipelines.cohort.configured import select_manifest
 
         with open_index(settings) as index:
             result, protocols_file = select_manifest(settings, index, args.protocol, args.manifest)
@@ -172,9 +172,9 @@ def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_retrieval
-    from models import retrieval
-    from pipelines.retrieve.config import retrieve_configured, retrieve_policy
+    from cohortflow.flows.report import print_retrieval
+    from cohortflow.models import retrieval
+    from cohortflow.pipelines.retrieve.config import retrieve_configured, retrieve_policy
 
     policy = retrieve_policy(
         settings,
@@ -210,10 +210,10 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
 
 
 def _listen(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.scanners import load_known_scanners
-    from pipelines.archive.store import ArchiveStore
-    from pipelines.retrieve.config import scp_tls
-    from pipelines.retrieve.listen import listen
+    from cohortflow.models.scanners import load_known_scanners
+    from cohortflow.pipelines.archive.store import ArchiveStore
+    from cohortflow.pipelines.retrieve.config import scp_tls
+    from cohortflow.pipelines.retrieve.listen import listen
 
     port = args.port or settings.retrieve.scp_port
     host = args.host or settings.retrieve.scp_host

@@ -14,10 +14,17 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.cli.common import open_index
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, document, write_json
-from models.settings import Settings
-from pipelines.safeio import printable
+from cohortflow.flows.cli.common import open_index
+from cohortflow.flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    document,
+    write_json,
+)
+from cohortflow.models.settings import Settings
+from cohortflow.pipelines.safeio import printable
 
 
 def add_commands(sub: Any) -> None:
@@ -142,7 +149,7 @@ def _exports(settings: Settings) -> Path:
 
 
 def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any:
-    from models.export import biomarker_table, read_labels
+    from cohortflow.models.export import biomarker_table, read_labels
 
     parsed = read_labels(labels) if labels is not None else None
     with open_index(settings) as index, index.session() as session:
@@ -150,8 +157,13 @@ def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any
 
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.export import biomarker_table, read_labels, release_size_refusal, write_table
-    from models.linkage import audit
+    from cohortflow.models.export import (
+        biomarker_table,
+        read_labels,
+        release_size_refusal,
+        write_table,
+    )
+    from cohortflow.models.linkage import audit
 
     if args.out == "-" and (args.format != "csv" or args.json):
         err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
@@ -214,7 +226,7 @@ def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Co
     """The release check of what an export wrote about ``pseudonyms``' patients
     (pipelines/release/scan.py): a file holding an identifier the index knows for them goes to
     restricted/quarantine, said on stderr. Returns the hits."""
-    from pipelines.release.scan import release_or_quarantine
+    from cohortflow.pipelines.release.scan import release_or_quarantine
 
     with open_index(settings) as index, index.session() as session:
         report, moved = release_or_quarantine(
@@ -232,7 +244,7 @@ def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Co
 def release_check_of(settings: Settings) -> Callable[[Any, Path, set[str], str], bool]:
     """The dashboard's release check of an export (it does not import pipelines): True when
     the file may go out; else it was quarantined."""
-    from pipelines.release.scan import release_or_quarantine
+    from cohortflow.pipelines.release.scan import release_or_quarantine
 
     def check(session: Any, path: Path, pseudonyms: set[str], actor: str) -> bool:
         _, moved = release_or_quarantine(
@@ -244,9 +256,9 @@ def release_check_of(settings: Settings) -> Callable[[Any, Path, set[str], str],
 
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_comparison
-    from models.export import read_table
-    from pipelines.export.stats import box_plot, compare
+    from cohortflow.flows.report import print_comparison
+    from cohortflow.models.export import read_table
+    from cohortflow.pipelines.export.stats import box_plot, compare
 
     if args.table is not None:
         if args.labels is not None or args.protocol is not None:
@@ -268,7 +280,7 @@ def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _users_add(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.users import set_account
+    from cohortflow.models.users import set_account
 
     with open_index(settings) as index:
         if args.password_stdin:
@@ -290,7 +302,7 @@ def _users_add(args: argparse.Namespace, settings: Settings, err: Console) -> in
 
 
 def _users_disable(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.users import disable_account
+    from cohortflow.models.users import disable_account
 
     with open_index(settings) as index, index.session() as session:
         disable_account(session, args.name)
@@ -299,7 +311,7 @@ def _users_disable(args: argparse.Namespace, settings: Settings, err: Console) -
 
 
 def _users_unlock(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.users import unlock_account
+    from cohortflow.models.users import unlock_account
 
     with open_index(settings) as index, index.session() as session:
         unlocked = unlock_account(session, args.name)
@@ -308,7 +320,7 @@ def _users_unlock(args: argparse.Namespace, settings: Settings, err: Console) ->
 
 
 def _users_list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from models.users import accounts
+    from cohortflow.models.users import accounts
 
     with open_index(settings) as index, index.session() as session:
         found = accounts(session)
@@ -328,11 +340,11 @@ def _users_list(args: argparse.Namespace, settings: Settings, err: Console) -> i
 def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     import uvicorn
 
-    from qc.dashboard.app import create_app
+    from cohortflow.qc.dashboard.app import create_app
 
     host = args.host or settings.dashboard.host
     port = args.port or settings.dashboard.port
-    from pipelines.cohort.configured import CohortSetup
+    from cohortflow.pipelines.cohort.configured import CohortSetup
 
     cohorts = CohortSetup.load(settings)  # once: not a key and YAML read per page
     app = create_app(

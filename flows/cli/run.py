@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from flows.cli.common import date, emit, open_index
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json
-from models.settings import Settings
+from cohortflow.flows.cli.common import date, emit, open_index
+from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json
+from cohortflow.models.settings import Settings
 
 if TYPE_CHECKING:
-    from pipelines.export.stats import Comparison
-    from pipelines.run.outcome import RunSummary
+    from cohortflow.pipelines.export.stats import Comparison
+    from cohortflow.pipelines.run.outcome import RunSummary
 
 
 def add_commands(sub: Any) -> None:
@@ -89,10 +89,10 @@ def add_commands(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.prefect_env import configure_prefect, prefect_api
+    from cohortflow.flows.prefect_env import configure_prefect, prefect_api
 
     configure_prefect(settings.home)
-    from flows.report import print_run_summary
+    from cohortflow.flows.report import print_run_summary
 
     date_from, date_to = args.date_from, args.date_to
     if date_from and date_to and date_to < date_from:
@@ -104,21 +104,21 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.workers is not None and args.workers < 1:
         err.print("[red]usage error:[/red] --workers must be at least 1")
         return EXIT_USAGE
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     load_protocols(settings.protocols_file).get(args.protocol)  # unknown name: usage error
     if args.cohort is not None:
         if date_from or date_to:
             err.print("[red]usage error:[/red] --cohort names the studies: no --from / --to")
             return EXIT_USAGE
-        from models.cohort import saved_cohort
+        from cohortflow.models.cohort import saved_cohort
 
         with open_index(settings) as index, index.session() as session:
             saved_cohort(session, args.cohort)  # unknown name: usage error
     with prefect_api(settings.home) as started:
         if started:
             err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
-        from flows.protocol_flow import protocol_flow
+        from cohortflow.flows.protocol_flow import protocol_flow
 
         summary = protocol_flow(
             args.protocol,
@@ -156,9 +156,9 @@ def run_json(summary: RunSummary) -> dict[str, Any]:
 def _status(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from sqlalchemy import select
 
-    from flows.report import print_outcome
-    from models.outcomes import protocol_outcome
-    from models.schema import Selection
+    from cohortflow.flows.report import print_outcome
+    from cohortflow.models.outcomes import protocol_outcome
+    from cohortflow.models.schema import Selection
 
     with open_index(settings) as index, index.session() as session:
         if args.protocol:
@@ -183,11 +183,16 @@ def _status(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.prefect_env import configure_prefect, prefect_api
+    from cohortflow.flows.prefect_env import configure_prefect, prefect_api
 
     configure_prefect(settings.home)
-    from flows.report import print_comparison, print_run_summary, print_summary, summary_json
-    from flows.synth_flow import demo_flow
+    from cohortflow.flows.report import (
+        print_comparison,
+        print_run_summary,
+        print_summary,
+        summary_json,
+    )
+    from cohortflow.flows.synth_flow import demo_flow
 
     out = settings.home / "demo" / "cohort"
     err.print(
@@ -242,10 +247,10 @@ def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Com
     """Dementia against controls, as a statistician would compare them: the generator's
     diagnosis given by accession number (as a radiology report would), joined on the
     identified side by the biomarker table."""
-    from models.export import Labels, biomarker_table
-    from models.synth import CohortTruth
-    from pipelines.export.errors import StatsError
-    from pipelines.export.stats import compare
+    from cohortflow.models.export import Labels, biomarker_table
+    from cohortflow.models.synth import CohortTruth
+    from cohortflow.pipelines.export.errors import StatsError
+    from cohortflow.pipelines.export.stats import compare
 
     truth = CohortTruth.model_validate_json(truth_file.read_text())
     diagnosis: dict[str, dict[str, str]] = {}

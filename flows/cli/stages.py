@@ -10,9 +10,9 @@ from typing import Any
 
 from rich.console import Console
 
-from flows.cli.common import add_no_record, add_protocol_options, emit, open_index
-from flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
-from models.settings import Settings
+from cohortflow.flows.cli.common import add_no_record, add_protocol_options, emit, open_index
+from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.models.settings import Settings
 
 
 def add_commands(sub: Any) -> None:
@@ -119,7 +119,7 @@ def add_commands(sub: Any) -> None:
 
 
 def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from pipelines.anonymize.files import anonymize_configured
+    from cohortflow.pipelines.anonymize.files import anonymize_configured
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
@@ -168,7 +168,7 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
 
 
 def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from pipelines.deface.folder import deface_configured
+    from cohortflow.pipelines.deface.folder import deface_configured
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
@@ -214,9 +214,9 @@ def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
 
 def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from flows.report import print_qc_report, qc_json
-    from pipelines.quality.folder import qc_configured
-    from qc.findings import Verdict
+    from cohortflow.flows.report import print_qc_report, qc_json
+    from cohortflow.pipelines.quality.folder import qc_configured
+    from cohortflow.qc.findings import Verdict
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
@@ -242,9 +242,9 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from contextlib import nullcontext
 
-    from flows.report import print_convert_report
-    from pipelines.convert.folder import convert_configured
-    from pipelines.convert.results import report_json
+    from cohortflow.flows.report import print_convert_report
+    from cohortflow.pipelines.convert.folder import convert_configured
+    from cohortflow.pipelines.convert.results import report_json
 
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
@@ -278,9 +278,9 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from contextlib import nullcontext
 
-    from flows.report import print_volumetry_report
-    from pipelines.volumetry.run import report_json, volumetry_configured
-    from qc.findings import Verdict
+    from cohortflow.flows.report import print_volumetry_report
+    from cohortflow.pipelines.volumetry.run import report_json, volumetry_configured
+    from cohortflow.qc.findings import Verdict
 
     if not args.source.exists():
         err.print(f"[red]usage error:[/red] {args.source} does not exist")

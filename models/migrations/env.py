@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from models.schema import Base
+from cohortflow.models.schema import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

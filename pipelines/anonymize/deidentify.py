@@ -27,10 +27,10 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from models.ingest import patient_key
-from pipelines.anonymize.profile import Profile
-from pipelines.dicom.cleaner import IDENTIFYING, Cleaner, identifying_words
-from pipelines.dicom.keys import ProjectKey
+from cohortflow.models.ingest import patient_key
+from cohortflow.pipelines.anonymize.profile import Profile
+from cohortflow.pipelines.dicom.cleaner import IDENTIFYING, Cleaner, identifying_words
+from cohortflow.pipelines.dicom.keys import ProjectKey
 
 #: CID 7050 De-identification Method codes (scheme DCM).
 CID_7050 = {

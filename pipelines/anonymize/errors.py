@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import CohortflowError, ConfigurationError, ProjectKeyError
+from cohortflow.models.errors import CohortflowError, ConfigurationError, ProjectKeyError
 
 __all__ = ["AnonymizeError", "ProfileError", "ProjectKeyError"]
 

@@ -24,16 +24,16 @@ from typing import Any
 import pydicom
 from pydicom.dataset import FileMetaDataset
 
-from models.database import IndexDB
-from models.linkage import LinkageRecord, record_linkage
-from models.settings import Settings
-from pipelines.anonymize.deidentify import Deidentifier, Excluded
-from pipelines.anonymize.profile import load_profile
-from pipelines.anonymize.writer import can_splice, encode_file, snapshot
-from pipelines.archive.sealed import SealError
-from pipelines.archive.store import ArchiveStore
-from pipelines.dicom.keys import ProjectKey
-from pipelines.safeio import (
+from cohortflow.models.database import IndexDB
+from cohortflow.models.linkage import LinkageRecord, record_linkage
+from cohortflow.models.settings import Settings
+from cohortflow.pipelines.anonymize.deidentify import Deidentifier, Excluded
+from cohortflow.pipelines.anonymize.profile import load_profile
+from cohortflow.pipelines.anonymize.writer import can_splice, encode_file, snapshot
+from cohortflow.pipelines.archive.sealed import SealError
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.safeio import (
     RefusedError,
     current_umask,
     holds,
@@ -44,7 +44,7 @@ from pipelines.safeio import (
     read_regular,
     take_umask,
 )
-from pipelines.walk import walk
+from cohortflow.pipelines.walk import walk
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def anonymize_file(
     de-identified file). With
     ``staging``, the file is written there (at its path relative to ``out_root``) for the
     caller to promote once the patient's linkage is committed (:func:`anonymize_folder`)."""
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.dicom.reader import classify
 
     shown = printable_path(str(path))
     try:
@@ -285,7 +285,7 @@ def anonymize_folder(
     else:
         # forkserver: no inherited threads or connections; workers load pydicom once
         context = get_context("forkserver")
-        context.set_forkserver_preload(["pipelines.anonymize.files"])
+        context.set_forkserver_preload(["cohortflow.pipelines.anonymize.files"])
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=take_umask, initargs=(current_umask(),)
         ) as pool:

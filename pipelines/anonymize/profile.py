@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydicom.datadict import tag_for_keyword
 
-from pipelines.anonymize.errors import ProfileError
+from cohortflow.pipelines.anonymize.errors import ProfileError
 
 #: The table's action groups (PS3.15 E.1-1 codes).
 _GROUPS = {
@@ -134,7 +134,7 @@ class Profile:
 def load_profile(path: Path | None = None) -> Profile:
     """Load and validate a profile (default: the one shipped in pipelines/anonymize/data)."""
     if path is None:
-        resource = resources.files("pipelines.anonymize").joinpath("data/profile.yaml")
+        resource = resources.files("cohortflow.pipelines.anonymize").joinpath("data/profile.yaml")
         source, data = str(resource), resource.read_bytes()
     else:
         source = str(path)

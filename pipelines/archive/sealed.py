@@ -37,7 +37,7 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from models.errors import ArchiveKeyError
+from cohortflow.models.errors import ArchiveKeyError
 
 MAGIC = b"CFA\x01"
 HEADER = 80

@@ -23,12 +23,12 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.errors import ArchiveKeyError
-from pipelines.archive import sealed
-from pipelines.archive.sealed import KeyRing, SealError
+from cohortflow.models.errors import ArchiveKeyError
+from cohortflow.pipelines.archive import sealed
+from cohortflow.pipelines.archive.sealed import KeyRing, SealError
 
 if TYPE_CHECKING:
-    from models.settings import Settings
+    from cohortflow.models.settings import Settings
 
 _CHUNK = 1 << 20
 

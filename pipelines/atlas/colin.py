@@ -36,10 +36,10 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.atlas.errors import HeadModelError
+from cohortflow.pipelines.atlas.errors import HeadModelError
 
 # The model's file format is the atlas model's: written and read by the same helpers.
-from pipelines.atlas.headmodel import (
+from cohortflow.pipelines.atlas.headmodel import (
     BACKGROUND,
     CSF,
     GM,

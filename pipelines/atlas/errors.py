@@ -1,6 +1,6 @@
 """Errors of the anatomical atlas (the whole-head model composed from installed templates)."""
 
-from models.errors import CohortflowError
+from cohortflow.models.errors import CohortflowError
 
 
 class HeadModelError(CohortflowError):

@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from filelock import FileLock
 
-from pipelines.atlas.errors import HeadModelError
+from cohortflow.pipelines.atlas.errors import HeadModelError
 
 log = logging.getLogger(__name__)
 

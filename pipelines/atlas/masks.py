@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.geometry import Plane
-from pipelines.atlas.template import BRAIN, BROW, FACE, PROTECT, Template
+from cohortflow.models.geometry import Plane
+from cohortflow.pipelines.atlas.template import BRAIN, BROW, FACE, PROTECT, Template
 
 
 def plane_labels(

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.fits import FitStore
-from models.geometry import LPS_FROM_RAS
-from pipelines.atlas.errors import TemplateError
+from cohortflow.models.fits import FitStore
+from cohortflow.models.geometry import LPS_FROM_RAS
+from cohortflow.pipelines.atlas.errors import TemplateError
 
 #: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, the
 #: intracranial mask grown by the safety margin (never altered), and the brow extension above
@@ -115,7 +115,7 @@ def _data(name: str) -> Path:
 
 def _parts(cache_dir: Path) -> tuple[Any, npt.NDArray[np.bool_], str]:
     """pydeface's head image, the cached intracranial mask on its grid, the model's digest."""
-    from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build
+    from cohortflow.pipelines.atlas.headmodel import CSF, GM, WM, load_or_build
 
     head_img = nib.load(_data("mean_reg2mean.nii.gz"))
     model = load_or_build(cache_dir)

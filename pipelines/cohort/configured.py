@@ -10,19 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.cohort import ManifestRow, cohort_studies
-from models.database import IndexDB
-from models.disclosure import DISCLOSURE, Disclosure
-from models.errors import ManifestError
-from models.settings import Settings
-from models.spreadsheet import neutralised, restore
-from pipelines.cohort.refresh import RefreshSummary, refresh
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import ProtocolSet, load_protocols
-from pipelines.retrieve.config import pacs_node, retrieve_policy
-from pipelines.retrieve.throttle import Throttle
-from pipelines.select.listed import ListedStudy, select_listed
-from pipelines.select.query import SelectionResult
+from cohortflow.models.cohort import ManifestRow, cohort_studies
+from cohortflow.models.database import IndexDB
+from cohortflow.models.disclosure import DISCLOSURE, Disclosure
+from cohortflow.models.errors import ManifestError
+from cohortflow.models.settings import Settings
+from cohortflow.models.spreadsheet import neutralised, restore
+from cohortflow.pipelines.cohort.refresh import RefreshSummary, refresh
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import ProtocolSet, load_protocols
+from cohortflow.pipelines.retrieve.config import pacs_node, retrieve_policy
+from cohortflow.pipelines.retrieve.throttle import Throttle
+from cohortflow.pipelines.select.listed import ListedStudy, select_listed
+from cohortflow.pipelines.select.query import SelectionResult
 
 #: the columns of a cohort manifest; ``accession_number`` and ``instances`` are also what a
 #: batch manifest reads (``cohortflow ingest --manifest``), so a delivery can be accounted for

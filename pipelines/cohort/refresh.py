@@ -27,11 +27,11 @@ from typing import Any, cast
 from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from models.database import IndexDB
-from models.disclosure import DISCLOSURE, record_key
-from models.repository import chunks, insert_ignore, now
-from models.reviews import latest_reviews, reviewed_verdict
-from models.schema import (
+from cohortflow.models.database import IndexDB
+from cohortflow.models.disclosure import DISCLOSURE, record_key
+from cohortflow.models.repository import chunks, insert_ignore, now
+from cohortflow.models.reviews import latest_reviews, reviewed_verdict
+from cohortflow.models.schema import (
     Biomarker,
     CohortProtocol,
     CohortSeries,
@@ -44,11 +44,11 @@ from models.schema import (
     StageResult,
     Study,
 )
-from pipelines.dicom.cleaner import CLEANER_VERSION, cleaner_for
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import Protocol, ProtocolSet
-from pipelines.dicom.rules import Attributes
-from pipelines.select.listed import index_attributes
+from cohortflow.pipelines.dicom.cleaner import CLEANER_VERSION, cleaner_for
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import Protocol, ProtocolSet
+from cohortflow.pipelines.dicom.rules import Attributes
+from cohortflow.pipelines.select.listed import index_attributes
 
 log = logging.getLogger(__name__)
 

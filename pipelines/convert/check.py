@@ -26,9 +26,9 @@ from itertools import product
 import numpy as np
 import numpy.typing as npt
 
-from models.geometry import LPS_FROM_RAS, Plane
-from pipelines.convert.errors import ConvertError
-from qc.findings import Finding, Severity, finding
+from cohortflow.models.geometry import LPS_FROM_RAS, Plane
+from cohortflow.pipelines.convert.errors import ConvertError
+from cohortflow.qc.findings import Finding, Severity, finding
 
 Array = npt.NDArray[np.float64]
 

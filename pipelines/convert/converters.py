@@ -17,13 +17,13 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from pipelines.convert import sidecar
-from pipelines.convert.check import ImageCheck, SliceGrid, check_image
-from pipelines.convert.dcm2niix import Dcm2niix, Output, run_dcm2niix
-from pipelines.convert.errors import ConvertError
-from pipelines.convert.sitk import NAME as SITK
-from pipelines.convert.sitk import convert_with_sitk, sitk_version
-from qc.findings import Finding, Severity, finding
+from cohortflow.pipelines.convert import sidecar
+from cohortflow.pipelines.convert.check import ImageCheck, SliceGrid, check_image
+from cohortflow.pipelines.convert.dcm2niix import Dcm2niix, Output, run_dcm2niix
+from cohortflow.pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.convert.sitk import NAME as SITK
+from cohortflow.pipelines.convert.sitk import convert_with_sitk, sitk_version
+from cohortflow.qc.findings import Finding, Severity, finding
 
 DCM2NIIX = "dcm2niix"
 #: Images of one series dcm2niix wrote that are checked at most (the preferred ones first).

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

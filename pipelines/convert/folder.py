@@ -26,32 +26,37 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from models.database import IndexDB
-from models.errors import GeometryError
-from models.geometry import planes_of
-from models.series import NotTaken
-from models.settings import Settings
-from models.stages import record_stages
-from pipelines.convert import bids, sidecar
-from pipelines.convert.check import grid_findings, slice_grid
-from pipelines.convert.converters import CheckedImage, scrub_header, try_dcm2niix, try_sitk
-from pipelines.convert.dcm2niix import DEFAULT_TIMEOUT, Dcm2niix, find_dcm2niix
-from pipelines.convert.errors import ConvertError
-from pipelines.convert.plan import PlannedSeries, name_plans, plan_study
-from pipelines.convert.results import (
+from cohortflow.models.database import IndexDB
+from cohortflow.models.errors import GeometryError
+from cohortflow.models.geometry import planes_of
+from cohortflow.models.series import NotTaken
+from cohortflow.models.settings import Settings
+from cohortflow.models.stages import record_stages
+from cohortflow.pipelines.convert import bids, sidecar
+from cohortflow.pipelines.convert.check import grid_findings, slice_grid
+from cohortflow.pipelines.convert.converters import (
+    CheckedImage,
+    scrub_header,
+    try_dcm2niix,
+    try_sitk,
+)
+from cohortflow.pipelines.convert.dcm2niix import DEFAULT_TIMEOUT, Dcm2niix, find_dcm2niix
+from cohortflow.pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.convert.plan import PlannedSeries, name_plans, plan_study
+from cohortflow.pipelines.convert.results import (
     METHOD_VERSION,
     ConvertedSeries,
     ConvertReport,
     stage_record,
 )
-from pipelines.convert.series import as_float, link_files, read_series, sample_pixels
-from pipelines.dicom.cleaner import dataset_cleaner
-from pipelines.dicom.identified import for_deidentified_side, is_deidentified
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import ProtocolSet
-from pipelines.dicomfolder import SkippedFile, first_header, index_folder
-from qc.findings import Finding, finding
-from qc.header import header_text
+from cohortflow.pipelines.convert.series import as_float, link_files, read_series, sample_pixels
+from cohortflow.pipelines.dicom.cleaner import dataset_cleaner
+from cohortflow.pipelines.dicom.identified import for_deidentified_side, is_deidentified
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import ProtocolSet
+from cohortflow.pipelines.dicomfolder import SkippedFile, first_header, index_folder
+from cohortflow.qc.findings import Finding, finding
+from cohortflow.qc.header import header_text
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def convert_configured(
 ) -> ConvertReport:
     """Convert with the project's protocols; record a ``convert`` stage result per series in
     the archive index (when given and ``record``)."""
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     if protocol is not None:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from models.series import NotTaken
-from pipelines.convert import bids
-from pipelines.dicom.header import attributes
-from pipelines.dicom.protocols import ProtocolSet
-from pipelines.dicomfolder import FolderFile, first_header, has_header, series_number
-from qc.header import header_text
+from cohortflow.models.series import NotTaken
+from cohortflow.pipelines.convert import bids
+from cohortflow.pipelines.dicom.header import attributes
+from cohortflow.pipelines.dicom.protocols import ProtocolSet
+from cohortflow.pipelines.dicomfolder import FolderFile, first_header, has_header, series_number
+from cohortflow.qc.header import header_text
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.series import NotTaken, SeriesDescriptor
-from models.stages import StageRecord
-from pipelines.dicom.cleaner import Cleaner
-from pipelines.dicomfolder import SkippedFile
-from qc.findings import Finding, Verdict, reason, stage_row, verdict
+from cohortflow.models.series import NotTaken, SeriesDescriptor
+from cohortflow.models.stages import StageRecord
+from cohortflow.pipelines.dicom.cleaner import Cleaner
+from cohortflow.pipelines.dicomfolder import SkippedFile
+from cohortflow.qc.findings import Finding, Verdict, reason, stage_row, verdict
 
 STAGE = "convert"
 #: Changes when the conversion or its checks change meaning (with the dcm2niix version it makes

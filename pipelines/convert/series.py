@@ -17,12 +17,12 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from models.geometry import Plane
-from pipelines.convert.check import SliceGrid, sample_slots
-from pipelines.convert.errors import ConvertError
-from pipelines.dicomfolder import FolderFile, read_instance
-from pipelines.safeio import RefusedError, read_regular
-from qc.findings import Finding, finding
+from cohortflow.models.geometry import Plane
+from cohortflow.pipelines.convert.check import SliceGrid, sample_slots
+from cohortflow.pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.dicomfolder import FolderFile, read_instance
+from cohortflow.pipelines.safeio import RefusedError, read_regular
+from cohortflow.qc.findings import Finding, finding
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class SeriesFiles:
 
 
 def read_series(entries: Sequence[FolderFile]) -> SeriesFiles:
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.dicom.reader import classify
 
     readable: list[tuple[tuple[float, float, str], Path, Dataset]] = []
     digests: list[str] = []

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pipelines.dicom.cleaner import Cleaner
+from cohortflow.pipelines.dicom.cleaner import Cleaner
 
 #: The acquisition keys a sidecar may hold (BIDS names, in BIDS' order of topics). Changing this
 #: list changes what leaves the identified side: review it like the de-identification profile.

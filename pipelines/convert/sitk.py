@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.convert.check import SliceGrid
-from pipelines.convert.errors import ConvertError
+from cohortflow.pipelines.convert.check import SliceGrid
+from cohortflow.pipelines.convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

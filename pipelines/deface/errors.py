@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import ReasonError
+from cohortflow.models.errors import ReasonError
 
 
 class DefaceError(ReasonError):

@@ -29,16 +29,22 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from models.errors import GeometryError, ReasonError
-from models.geometry import Plane, plane_pixels, planes_of, reference_volume, stack_pixels
-from models.settings import DefaceSettings, Settings
-from pipelines.atlas import masks
-from pipelines.atlas.template import BRAIN, Template
-from pipelines.deface import surface
-from pipelines.deface.errors import DefaceError
-from pipelines.dicom.header import attributes
-from pipelines.dicom.protocols import ProtocolSet
-from pipelines.dicomfolder import (
+from cohortflow.models.errors import GeometryError, ReasonError
+from cohortflow.models.geometry import (
+    Plane,
+    plane_pixels,
+    planes_of,
+    reference_volume,
+    stack_pixels,
+)
+from cohortflow.models.settings import DefaceSettings, Settings
+from cohortflow.pipelines.atlas import masks
+from cohortflow.pipelines.atlas.template import BRAIN, Template
+from cohortflow.pipelines.deface import surface
+from cohortflow.pipelines.deface.errors import DefaceError
+from cohortflow.pipelines.dicom.header import attributes
+from cohortflow.pipelines.dicom.protocols import ProtocolSet
+from cohortflow.pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
     first_header,
@@ -46,9 +52,9 @@ from pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
-from pipelines.imaging import preview
-from pipelines.imaging.register import Fit, HeadFit, fit_affine
-from pipelines.safeio import printable_path
+from cohortflow.pipelines.imaging import preview
+from cohortflow.pipelines.imaging.register import Fit, HeadFit, fit_affine
+from cohortflow.pipelines.safeio import printable_path
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +153,8 @@ def deface_configured(
     progress: Callable[[SeriesOutcome], None] | None = None,
 ) -> DefaceReport:
     """Deface with the project's settings: its protocols' reference rule, the cached template."""
-    from pipelines.atlas.template import load_template
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.atlas.template import load_template
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     policy = settings.deface
     is_reference = reference_rule(load_protocols(settings.protocols_file), policy.reference_rule)

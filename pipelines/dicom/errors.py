@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import ConfigurationError, did_you_mean
+from cohortflow.models.errors import ConfigurationError, did_you_mean
 
 __all__ = ["ProtocolError", "did_you_mean"]
 

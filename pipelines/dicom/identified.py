@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
-from models.stages import BiomarkerRecord, StageRecord
-from pipelines.dicom.cleaner import Cleaner
+from cohortflow.models.stages import BiomarkerRecord, StageRecord
+from cohortflow.pipelines.dicom.cleaner import Cleaner
 
 
 def is_deidentified(ds: Any) -> bool:

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from models.keys import MIN_KEY_BYTES, derived, key_material
+from cohortflow.models.keys import MIN_KEY_BYTES, derived, key_material
 
 __all__ = ["MIN_KEY_BYTES", "ProjectKey"]
 

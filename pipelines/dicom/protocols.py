@@ -19,10 +19,10 @@ from types import MappingProxyType
 
 import yaml
 
-from pipelines.dicom.errors import ProtocolError, did_you_mean
-from pipelines.dicom.roles import RoleSet, parse_roles
-from pipelines.dicom.rules import Attributes, Rule, parse_rule
-from qc.policy import PolicyError, QcPolicy, parse_policy
+from cohortflow.pipelines.dicom.errors import ProtocolError, did_you_mean
+from cohortflow.pipelines.dicom.roles import RoleSet, parse_roles
+from cohortflow.pipelines.dicom.rules import Attributes, Rule, parse_rule
+from cohortflow.qc.policy import PolicyError, QcPolicy, parse_policy
 
 VERSION = 1
 NO_INCLUDE_RULE = "no_include_rule"
@@ -205,7 +205,7 @@ class ProtocolSet:
 def load_protocols(path: Path | None = None) -> ProtocolSet:
     """Load and validate a protocol file: ``path``, else the one shipped with cohortflow."""
     if path is None:
-        resource = resources.files("pipelines.dicom").joinpath("data/protocols.yaml")
+        resource = resources.files("cohortflow.pipelines.dicom").joinpath("data/protocols.yaml")
         source, text = str(resource), resource.read_text(encoding="utf-8")
     else:
         source = str(path)

@@ -38,8 +38,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from models.ingest import FileRecord, FileStatus, InstanceHeader
-from pipelines.safeio import RefusedError, printable_path, read_regular
+from cohortflow.models.ingest import FileRecord, FileStatus, InstanceHeader
+from cohortflow.pipelines.safeio import RefusedError, printable_path, read_regular
 
 PREAMBLE = 128
 _LONG_VRS = {

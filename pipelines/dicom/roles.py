@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipelines.dicom.errors import ProtocolError, did_you_mean
-from pipelines.dicom.rules import (
+from cohortflow.pipelines.dicom.errors import ProtocolError, did_you_mean
+from cohortflow.pipelines.dicom.rules import (
     AllOf,
     AnyOf,
     Attributes,

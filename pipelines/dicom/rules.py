@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydicom.datadict import keyword_dict, tag_for_keyword
 
-from pipelines.dicom.errors import ProtocolError, did_you_mean
+from cohortflow.pipelines.dicom.errors import ProtocolError, did_you_mean
 
 #: DICOM keyword -> C-FIND value as plain Python; None, "" or [] when the PACS returned nothing.
 Attributes = Mapping[str, object]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.volumes import VOLUME_NAMES
-from pipelines.export.errors import StatsError
+from cohortflow.models.volumes import VOLUME_NAMES
+from cohortflow.pipelines.export.errors import StatsError
 
 BIOMARKERS = VOLUME_NAMES
 ADJUSTABLE = ("gm_ml", "wm_ml", "csf_ml", "brain_ml")

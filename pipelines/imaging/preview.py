@@ -20,8 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipelines.atlas.masks import removal_mask
-from pipelines.atlas.template import BRAIN, Template
+from cohortflow.pipelines.atlas.masks import removal_mask
+from cohortflow.pipelines.atlas.template import BRAIN, Template
 
 
 def _plane_points(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.fits import FitStore
+from cohortflow.models.fits import FitStore
 
 REGISTRATION_MM = 3.0
 #: ANTs samples the metric at random points: a fixed seed gives the same transform every run.

@@ -12,10 +12,10 @@ Studies that arrived but are not in the manifest are "unexpected". A batch witho
 
 from __future__ import annotations
 
-from models import repository
-from models.database import IndexDB
-from models.errors import CohortflowError
-from models.ingest import (
+from cohortflow.models import repository
+from cohortflow.models.database import IndexDB
+from cohortflow.models.errors import CohortflowError
+from cohortflow.models.ingest import (
     AccessionConflict,
     BatchReport,
     FileStatus,

@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from models import repository
-from models.database import IndexDB
-from models.ingest import FileRecord, FileStatus, IngestOutcome
-from models.scanners import KnownScanners
-from pipelines.archive.store import ArchiveStore
-from pipelines.ingest.manifest import Manifest
-from pipelines.safeio import current_umask, printable_path, take_umask
-from pipelines.walk import Candidate, walk
-from pipelines.walk import candidate as found_at
+from cohortflow.models import repository
+from cohortflow.models.database import IndexDB
+from cohortflow.models.ingest import FileRecord, FileStatus, IngestOutcome
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.ingest.manifest import Manifest
+from cohortflow.pipelines.safeio import current_umask, printable_path, take_umask
+from cohortflow.pipelines.walk import Candidate, walk
+from cohortflow.pipelines.walk import candidate as found_at
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def read_files(
     With ``move`` the files are hard-linked into the archive instead of copied; the caller
     removes the originals once the index holds them (``release_sources``).
     """
-    from pipelines.dicom.reader import read_path  # pydicom: loaded in the readers only
+    from cohortflow.pipelines.dicom.reader import read_path  # pydicom: loaded in the readers only
 
     # the store is made here, not sent: the key ring is read by each worker, never pickled
     store = _STORES.get((archive_root, key_source))
@@ -202,7 +202,9 @@ def _reader_pool(workers: int) -> ProcessPoolExecutor:
     # forkserver, not fork: this process holds database connections and threads. The server
     # imports the reader once, so every worker starts with pydicom already loaded.
     context = get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.ingest.engine", "pipelines.dicom.reader"])
+    context.set_forkserver_preload(
+        ["cohortflow.pipelines.ingest.engine", "cohortflow.pipelines.dicom.reader"]
+    )
     return ProcessPoolExecutor(
         workers, mp_context=context, initializer=_quiet_worker, initargs=(current_umask(),)
     )

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import ManifestError
+from cohortflow.models.errors import ManifestError
 
 _ACCESSION = {"accessionnumber", "accession", "accession_number", "accessionno", "acc"}
 _COUNT = {

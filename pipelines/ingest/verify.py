@@ -11,11 +11,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from models import repository
-from models.database import IndexDB
-from models.ingest import VerifyProblem, VerifyReport
-from pipelines.archive.sealed import SealError
-from pipelines.archive.store import ArchiveStore
+from cohortflow.models import repository
+from cohortflow.models.database import IndexDB
+from cohortflow.models.ingest import VerifyProblem, VerifyReport
+from cohortflow.pipelines.archive.sealed import SealError
+from cohortflow.pipelines.archive.store import ArchiveStore
 
 PAGE = 1000
 MAX_LISTED = 10_000  # problems listed in the report; the counts are always complete

@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipelines.pacs.errors import PacsError, PacsUnavailableError
-from pipelines.pacs.scp import Spool
+from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
+from cohortflow.pipelines.pacs.scp import Spool
 
 TIMEOUT = 120.0
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)

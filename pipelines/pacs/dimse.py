@@ -22,9 +22,9 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
-from pipelines.dicom.header import Attributes, attributes
-from pipelines.pacs.errors import PacsError, PacsUnavailableError
-from pipelines.safeio import RefusedError, read_regular
+from cohortflow.pipelines.dicom.header import Attributes, attributes
+from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
+from cohortflow.pipelines.safeio import RefusedError, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def store_files(
     progress: Callable[[int], None] | None = None,
 ) -> StoreResult:
     """C-STORE the DICOM files among ``paths`` to ``node`` over one association."""
-    from pipelines.dicom.reader import classify  # the header only: no hash needed here
+    from cohortflow.pipelines.dicom.reader import classify  # the header only: no hash needed here
 
     result = StoreResult()
     sendable: list[tuple[Path, str, str]] = []

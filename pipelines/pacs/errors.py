@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import CohortflowError
+from cohortflow.models.errors import CohortflowError
 
 
 class PacsError(CohortflowError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.pacs.errors import PacsError, PacsUnavailableError
+from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pipelines.pacs.dimse import connection_handlers, new_ae
-from pipelines.safeio import RefusedError, is_inside, link_exclusive, printable
+from cohortflow.pipelines.pacs.dimse import connection_handlers, new_ae
+from cohortflow.pipelines.safeio import RefusedError, is_inside, link_exclusive, printable
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Spool:
         if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
             # decoding inflates the whole data set: a few hundred kilobytes on the wire can
             # hold gigabytes (the file reader has the same check)
-            from pipelines.dicom.reader import inflation_limit
+            from cohortflow.pipelines.dicom.reader import inflation_limit
 
             raw = event.request.DataSet
             buffer = raw.getbuffer() if hasattr(raw, "getbuffer") else memoryview(b"")
@@ -163,7 +163,7 @@ class ScpTls:
 
     def context(self) -> ssl.SSLContext:
         """TLS 1.2 or later; raises :class:`PacsError` naming the file that is wrong."""
-        from pipelines.pacs.errors import PacsError
+        from cohortflow.pipelines.pacs.errors import PacsError
 
         try:
             mode = self.key.stat().st_mode
@@ -222,7 +222,7 @@ class StorageSCP:
                 (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=tls
             )
         except OSError as exc:
-            from pipelines.pacs.errors import PacsError
+            from cohortflow.pipelines.pacs.errors import PacsError
 
             raise PacsError(
                 f"the storage SCP cannot listen on {self.host}:{self.port}: {exc.strerror or exc} "

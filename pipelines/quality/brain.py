@@ -14,12 +14,12 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.geometry import Volume
-from pipelines.atlas.masks import brain_on_tissue
-from pipelines.atlas.template import BRAIN, Template
-from pipelines.imaging.register import HeadFit, fit_affine
-from qc.image import Brain, outside_fraction
-from qc.masks import block_mean, upsample
+from cohortflow.models.geometry import Volume
+from cohortflow.pipelines.atlas.masks import brain_on_tissue
+from cohortflow.pipelines.atlas.template import BRAIN, Template
+from cohortflow.pipelines.imaging.register import HeadFit, fit_affine
+from cohortflow.qc.image import Brain, outside_fraction
+from cohortflow.qc.masks import block_mean, upsample
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from models.stages import StageRecord
-from pipelines.dicom.protocols import ProtocolSet
-from qc.findings import Finding, Severity, reason, verdict
-from qc.outliers import outlier_findings
+from cohortflow.models.stages import StageRecord
+from cohortflow.pipelines.dicom.protocols import ProtocolSet
+from cohortflow.qc.findings import Finding, Severity, reason, verdict
+from cohortflow.qc.outliers import outlier_findings
 
 OUTLIER_PREFIX = "image.outlier."
 

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from models.database import IndexDB
-from models.errors import GeometryError
-from models.geometry import planes_of, reference_volume, stack_pixels
-from models.scanners import KnownScanners
-from models.series import NotTaken, SeriesDescriptor
-from models.settings import Settings
-from models.stages import StageRecord, cohort_metrics, record_stages
-from pipelines.atlas.template import Template
-from pipelines.dicom.cleaner import Cleaner, dataset_cleaner
-from pipelines.dicom.header import attributes
-from pipelines.dicom.identified import for_deidentified_side, is_deidentified
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicom.protocols import Protocol, ProtocolSet
-from pipelines.dicomfolder import (
+from cohortflow.models.database import IndexDB
+from cohortflow.models.errors import GeometryError
+from cohortflow.models.geometry import planes_of, reference_volume, stack_pixels
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.models.series import NotTaken, SeriesDescriptor
+from cohortflow.models.settings import Settings
+from cohortflow.models.stages import StageRecord, cohort_metrics, record_stages
+from cohortflow.pipelines.atlas.template import Template
+from cohortflow.pipelines.dicom.cleaner import Cleaner, dataset_cleaner
+from cohortflow.pipelines.dicom.header import attributes
+from cohortflow.pipelines.dicom.identified import for_deidentified_side, is_deidentified
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicom.protocols import Protocol, ProtocolSet
+from cohortflow.pipelines.dicomfolder import (
     FolderFile,
     SkippedFile,
     first_header,
@@ -41,13 +41,13 @@ from pipelines.dicomfolder import (
     series_number,
     with_transfer_syntax,
 )
-from pipelines.imaging.register import HeadFit
-from pipelines.quality.brain import place_brain
-from pipelines.safeio import RefusedError, read_regular
-from qc.findings import Finding, Verdict, reason, stage_row, verdict
-from qc.header import SeriesFile, check_series, check_study, header_text
-from qc.image import check_image
-from qc.outliers import outlier_findings
+from cohortflow.pipelines.imaging.register import HeadFit
+from cohortflow.pipelines.quality.brain import place_brain
+from cohortflow.pipelines.safeio import RefusedError, read_regular
+from cohortflow.qc.findings import Finding, Verdict, reason, stage_row, verdict
+from cohortflow.qc.header import SeriesFile, check_series, check_study, header_text
+from cohortflow.qc.image import check_image
+from cohortflow.qc.outliers import outlier_findings
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def qc_series(
     fits: Mapping[str, HeadFit] | None = None,
 ) -> SeriesQc:
     """Header QC of one series and, for a role with image QC, image QC."""
-    from pipelines.dicom.reader import classify
+    from cohortflow.pipelines.dicom.reader import classify
 
     policy = protocol.qc
     wants_image = policy.role(role).image
@@ -438,9 +438,9 @@ def qc_configured(
     ``record``)."""
     from functools import cache
 
-    from models.scanners import load_known_scanners
-    from pipelines.atlas.template import load_brain_template
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.models.scanners import load_known_scanners
+    from cohortflow.pipelines.atlas.template import load_brain_template
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     if protocol is not None:

@@ -36,9 +36,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.schema import Linkage, Patient, Series, Study
-from pipelines.dicom.cleaner import written_forms
-from pipelines.safeio import MAX_FILE_BYTES, RefusedError, check_entry, printable
+from cohortflow.models.schema import Linkage, Patient, Series, Study
+from cohortflow.pipelines.dicom.cleaner import written_forms
+from cohortflow.pipelines.safeio import MAX_FILE_BYTES, RefusedError, check_entry, printable
 
 PSEUDONYM = re.compile(rb"CF[A-Z2-7]{14}")
 #: text is read in blocks of this many bytes, overlapping by the longest identifier
@@ -416,7 +416,7 @@ def quarantine_if_hit(
     with them; returns where it went (None: no hit, left in place)."""
     import json
 
-    from models.linkage import audit
+    from cohortflow.models.linkage import audit
 
     if not report.hits:
         return None

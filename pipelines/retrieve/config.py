@@ -9,18 +9,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from models.database import IndexDB
-from models.scanners import load_known_scanners
-from models.settings import Settings
-from pipelines.archive.store import ArchiveStore
-from pipelines.dicom.protocols import load_protocols
-from pipelines.pacs import orthanc
-from pipelines.pacs.dicomweb import DicomWebNode
-from pipelines.pacs.dimse import PacsNode
-from pipelines.pacs.scp import ScpTls
-from pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, StudyOutcome, retrieve
-from pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
-from pipelines.select.query import SelectionResult, select_studies
+from cohortflow.models.database import IndexDB
+from cohortflow.models.scanners import load_known_scanners
+from cohortflow.models.settings import Settings
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.dicom.protocols import load_protocols
+from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
+from cohortflow.pipelines.pacs.dimse import PacsNode
+from cohortflow.pipelines.pacs.scp import ScpTls
+from cohortflow.pipelines.retrieve.engine import (
+    RetrieveOutcome,
+    RetrieveTarget,
+    StudyOutcome,
+    retrieve,
+)
+from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
+from cohortflow.pipelines.select.query import SelectionResult, select_studies
 
 
 def own_orthanc(settings: Settings) -> orthanc.OrthancConfig:

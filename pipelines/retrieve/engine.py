@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from models import retrieval as repo
-from models.database import IndexDB
-from models.retrieval import ChosenSeries, RetrievalStatus
-from models.scanners import KnownScanners
-from pipelines.archive.store import ArchiveStore
-from pipelines.ingest import engine as ingest_engine
-from pipelines.pacs import dicomweb
-from pipelines.pacs.dimse import PacsNode, RetrieveStatus, Session, query_contexts
-from pipelines.pacs.errors import PacsError, PacsUnavailableError
-from pipelines.pacs.scp import Received, ScpTls, Spool, StorageSCP
-from pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
-from pipelines.retrieve.throttle import Throttle
+from cohortflow.models import retrieval as repo
+from cohortflow.models.database import IndexDB
+from cohortflow.models.retrieval import ChosenSeries, RetrievalStatus
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.ingest import engine as ingest_engine
+from cohortflow.pipelines.pacs import dicomweb
+from cohortflow.pipelines.pacs.dimse import PacsNode, RetrieveStatus, Session, query_contexts
+from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
+from cohortflow.pipelines.pacs.scp import Received, ScpTls, Spool, StorageSCP
+from cohortflow.pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
+from cohortflow.pipelines.retrieve.throttle import Throttle
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from models.errors import CohortflowError, ConfigurationError
+from cohortflow.models.errors import CohortflowError, ConfigurationError
 
 
 class RetrieveConfigError(ConfigurationError):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.database import IndexDB
-from models.scanners import KnownScanners
-from pipelines.archive.store import ArchiveStore
-from pipelines.pacs.scp import ScpTls, Spool, StorageSCP
-from pipelines.retrieve.engine import ingest_spool
+from cohortflow.models.database import IndexDB
+from cohortflow.models.scanners import KnownScanners
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.pacs.scp import ScpTls, Spool, StorageSCP
+from cohortflow.pipelines.retrieve.engine import ingest_spool
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
+from cohortflow.pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(

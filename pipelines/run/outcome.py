@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.database import IndexDB
-from models.outcomes import ProtocolOutcome, protocol_outcome
-from models.runs import finish_run, start_run
-from models.schema import StageResult
-from models.stages import BiomarkerRecord, biomarker_records
-from models.volumes import VOLUME_NAMES
+from cohortflow.models.database import IndexDB
+from cohortflow.models.outcomes import ProtocolOutcome, protocol_outcome
+from cohortflow.models.runs import finish_run, start_run
+from cohortflow.models.schema import StageResult
+from cohortflow.models.stages import BiomarkerRecord, biomarker_records
+from cohortflow.models.volumes import VOLUME_NAMES
 
 #: the distributions whose versions a run records
 TOOLS = (
@@ -67,7 +67,7 @@ class RunSummary:
 
 
 def outcome_from_dict(data: Mapping[str, Any]) -> ProtocolOutcome:
-    from models.outcomes import GroupRate, StageCount
+    from cohortflow.models.outcomes import GroupRate, StageCount
 
     def strip(d: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k != "rate"}
@@ -94,7 +94,7 @@ def usable_biomarkers(session: Session, protocol: str) -> list[BiomarkerRecord]:
     """The protocol's biomarkers that no stage failed: volumetry's own verdict, and every other
     stage of the series (image QC outliers are judged after volumetry). A reviewer's newest
     decision counts: rejected series are left out, overridden ones kept."""
-    from models.reviews import latest_reviews, still_failing
+    from cohortflow.models.reviews import latest_reviews, still_failing
 
     every = biomarker_records(session, protocol)
     decisions = latest_reviews(session, [r.series_uid for r in every])

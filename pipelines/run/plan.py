@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, true
 
-from models.database import IndexDB
-from models.schema import Instance, SelectedSeries, Series, Study
-from pipelines.archive.store import ArchiveStore
+from cohortflow.models.database import IndexDB
+from cohortflow.models.schema import Instance, SelectedSeries, Series, Study
+from cohortflow.pipelines.archive.store import ArchiveStore
 
 
 @dataclass(frozen=True)

@@ -33,17 +33,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from models.database import IndexDB
-from models.errors import CohortflowError
-from models.outcomes import SERIES_STAGES, latest_selection
-from models.runs import DONE, ERROR, StepRecord, record_step, step_record, step_records
-from models.schema import SelectedSeries
-from models.series import SeriesDescriptor
-from models.settings import Settings
-from models.stages import StageRecord, record_stages, stage_records
-from pipelines.archive.store import ArchiveStore
-from pipelines.run.plan import StudyPlan, plan_studies, plan_study
-from pipelines.run.workorder import WorkOrder
+from cohortflow.models.database import IndexDB
+from cohortflow.models.errors import CohortflowError
+from cohortflow.models.outcomes import SERIES_STAGES, latest_selection
+from cohortflow.models.runs import DONE, ERROR, StepRecord, record_step, step_record, step_records
+from cohortflow.models.schema import SelectedSeries
+from cohortflow.models.series import SeriesDescriptor
+from cohortflow.models.settings import Settings
+from cohortflow.models.stages import StageRecord, record_stages, stage_records
+from cohortflow.pipelines.archive.store import ArchiveStore
+from cohortflow.pipelines.run.plan import StudyPlan, plan_studies, plan_study
+from cohortflow.pipelines.run.workorder import WorkOrder
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def study_keys(ctx: RunContext, index: IndexDB, max_studies: int | None = None) 
 
 def require_selection(settings: Settings, protocol: str) -> int:
     """The latest selection of ``protocol``; CohortflowError if it has none."""
-    from models.database import open_index
+    from cohortflow.models.database import open_index
 
     index = open_index(settings.index)
     try:
@@ -269,10 +269,10 @@ def _series_row(ctx: RunContext, describe: SeriesDescriptor, **fields: Any) -> S
 def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult:
     """De-identify the study's archived files (PS3.15 profile, project key) into its restricted
     working folder; record the linkage and one ``anonymize`` stage row per series."""
-    from pipelines.anonymize.deidentify import Deidentifier
-    from pipelines.anonymize.files import anonymize_folder
-    from pipelines.anonymize.profile import load_profile
-    from pipelines.dicom.keys import ProjectKey
+    from cohortflow.pipelines.anonymize.deidentify import Deidentifier
+    from cohortflow.pipelines.anonymize.files import anonymize_folder
+    from cohortflow.pipelines.anonymize.profile import load_profile
+    from cohortflow.pipelines.dicom.keys import ProjectKey
 
     plan = _plan(ctx, index, study_pk)
     if plan is None:
@@ -288,7 +288,7 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
     out = folder / "anonymized"
 
     def work() -> tuple[WorkOrder, dict[str, Any]]:
-        from models.linkage import LinkageRecord, record_linkage
+        from cohortflow.models.linkage import LinkageRecord, record_linkage
 
         source = _fresh(folder / "archive")
         by_source: dict[str, int] = {}
@@ -397,10 +397,10 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     stage row per series."""
     if not previous.done:
         return _blocked(previous, DEFACE)
-    from pipelines.atlas.template import load_template
-    from pipelines.deface.folder import deface_folder, reference_rule
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.imaging.preview import stack_pngs
+    from cohortflow.pipelines.atlas.template import load_template
+    from cohortflow.pipelines.deface.folder import deface_folder, reference_rule
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.imaging.preview import stack_pngs
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -483,7 +483,9 @@ def _protocols_digest(settings: Settings) -> str:
     data = (
         path.read_bytes()
         if path is not None
-        else resources.files("pipelines.dicom").joinpath("data/protocols.yaml").read_bytes()
+        else resources.files("cohortflow.pipelines.dicom")
+        .joinpath("data/protocols.yaml")
+        .read_bytes()
     )
     return hashlib.sha256(data).hexdigest()
 
@@ -495,12 +497,12 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
         return _blocked(previous, QC)
     from functools import cache
 
-    from models.scanners import load_known_scanners
-    from pipelines.atlas.template import load_brain_template
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.imaging.register import fits_by_frame
-    from pipelines.quality.folder import METHOD_VERSION, qc_folder
-    from pipelines.quality.folder import stage_records as qc_rows
+    from cohortflow.models.scanners import load_known_scanners
+    from cohortflow.pipelines.atlas.template import load_brain_template
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.imaging.register import fits_by_frame
+    from cohortflow.pipelines.quality.folder import METHOD_VERSION, qc_folder
+    from cohortflow.pipelines.quality.folder import stage_records as qc_rows
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -531,10 +533,10 @@ def qc_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult
 def cohort_qc(ctx: RunContext, index: IndexDB) -> int:
     """Judge image QC outliers over every series of the run's selection at once (the same
     answer in any order and on any number of workers); returns how many verdicts changed."""
-    from models.stages import cohort_metrics
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.quality.cohort import recheck_outliers
-    from pipelines.quality.folder import IMAGE
+    from cohortflow.models.stages import cohort_metrics
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.quality.cohort import recheck_outliers
+    from cohortflow.pipelines.quality.folder import IMAGE
 
     protocols = load_protocols(ctx.settings.protocols_file)
     series_uids = pseudonymized_series(ctx, index)
@@ -561,13 +563,13 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     outputs); one ``convert`` stage row per series; the T1s for volumetry as outputs."""
     if not previous.done:
         return _blocked(previous, CONVERT)
-    from pipelines.convert.dcm2niix import find_dcm2niix
-    from pipelines.convert.folder import convert_folder
-    from pipelines.convert.results import method_version
-    from pipelines.convert.results import stage_record as convert_row
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.volumetry.run import sources_from_conversion
-    from pipelines.volumetry.source import Source
+    from cohortflow.pipelines.convert.dcm2niix import find_dcm2niix
+    from cohortflow.pipelines.convert.folder import convert_folder
+    from cohortflow.pipelines.convert.results import method_version
+    from cohortflow.pipelines.convert.results import stage_record as convert_row
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.volumetry.run import sources_from_conversion
+    from cohortflow.pipelines.volumetry.source import Source
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -619,7 +621,7 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
 def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
     """The first stage (in flow order, volumetry excluded) that failed the series, if any: a
     reviewer's override sets aside the QC stages' failures."""
-    from models.reviews import latest_reviews, set_aside
+    from cohortflow.models.reviews import latest_reviews, set_aside
 
     with index.session() as session:
         rows = {r.stage: r for r in stage_records(session, series_uids=[series_uid])}
@@ -636,7 +638,7 @@ def failed_earlier(index: IndexDB, series_uid: str) -> StageRecord | None:
 def _decisions(index: IndexDB, order: WorkOrder) -> dict[str, str]:
     """The newest review decision on each converted series of a study (they decide what
     volumetry measures, so they are part of its input)."""
-    from models.reviews import latest_reviews
+    from cohortflow.models.reviews import latest_reviews
 
     uids = [s.series for s in order.images if s.series]
     with index.session() as session:
@@ -648,12 +650,12 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
     a ``volumetry`` stage row per T1."""
     if not previous.done:
         return _blocked(previous, VOLUMETRY)
-    from models.stages import record_biomarkers
-    from pipelines.dicom.protocols import load_protocols
-    from pipelines.volumetry.atlas import load_atlas
-    from pipelines.volumetry.method import METHOD_VERSION, Parameters
-    from pipelines.volumetry.run import biomarker_record, measure_all
-    from pipelines.volumetry.run import stage_record as volumetry_row
+    from cohortflow.models.stages import record_biomarkers
+    from cohortflow.pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import METHOD_VERSION, Parameters
+    from cohortflow.pipelines.volumetry.run import biomarker_record, measure_all
+    from cohortflow.pipelines.volumetry.run import stage_record as volumetry_row
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
@@ -745,7 +747,7 @@ def release_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
     series delivered. Done again when what was delivered changed since (``_delivered_digest``)."""
     if not previous.done:
         return _blocked(previous, RELEASE)
-    from pipelines.release.scan import (
+    from cohortflow.pipelines.release.scan import (
         PSEUDONYM,
         Matcher,
         quarantine_if_hit,

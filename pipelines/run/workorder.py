@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.series import SeriesDescriptor
-from pipelines.imaging.register import HeadFit
-from pipelines.volumetry.source import Source
+from cohortflow.models.series import SeriesDescriptor
+from cohortflow.pipelines.imaging.register import HeadFit
+from cohortflow.pipelines.volumetry.source import Source
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pipelines.dicom.errors import ProtocolError, did_you_mean
+from cohortflow.pipelines.dicom.errors import ProtocolError, did_you_mean
 
 __all__ = ["ProtocolError", "did_you_mean"]

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from models.database import IndexDB
-from models.schema import Instance, Series, Study
-from pipelines.dicom.header import Attributes
-from pipelines.dicom.protocols import Protocol
-from pipelines.pacs.dimse import PacsNode, Session, query_contexts
-from pipelines.select.query import (
+from cohortflow.models.database import IndexDB
+from cohortflow.models.schema import Instance, Series, Study
+from cohortflow.pipelines.dicom.header import Attributes
+from cohortflow.pipelines.dicom.protocols import Protocol
+from cohortflow.pipelines.pacs.dimse import PacsNode, Session, query_contexts
+from cohortflow.pipelines.select.query import (
     STUDY_KEYS,
     SelectionResult,
     StudyCandidate,

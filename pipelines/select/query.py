@@ -17,11 +17,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.database import IndexDB
-from models.retrieval import ChosenSeries, save_selection
-from pipelines.dicom.header import Attributes
-from pipelines.dicom.protocols import Protocol, SeriesDecision
-from pipelines.pacs.dimse import PacsNode, Session, query_contexts
+from cohortflow.models.database import IndexDB
+from cohortflow.models.retrieval import ChosenSeries, save_selection
+from cohortflow.pipelines.dicom.header import Attributes
+from cohortflow.pipelines.dicom.protocols import Protocol, SeriesDecision
+from cohortflow.pipelines.pacs.dimse import PacsNode, Session, query_contexts
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.geometry import LPS_FROM_RAS
-from models.volumes import Volumes
-from pipelines.atlas.headmodel import (
+from cohortflow.models.geometry import LPS_FROM_RAS
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.atlas.headmodel import (
     CSF,
     GM,
     WM,

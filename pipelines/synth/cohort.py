@@ -27,8 +27,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from models.geometry import LPS_FROM_RAS
-from models.synth import (
+from cohortflow.models.geometry import LPS_FROM_RAS
+from cohortflow.models.synth import (
     CohortTruth,
     Fault,
     FaultCount,
@@ -38,9 +38,9 @@ from models.synth import (
     StudyTruth,
     SynthConfig,
 )
-from pipelines.atlas.headmodel import CSF, GM, WM, HeadModel
-from pipelines.synth import anatomy, generators
-from pipelines.synth.dicomio import (
+from cohortflow.pipelines.atlas.headmodel import CSF, GM, WM, HeadModel
+from cohortflow.pipelines.synth import anatomy, generators
+from cohortflow.pipelines.synth.dicomio import (
     Planter,
     StudyContext,
     burned_in_sc,
@@ -49,9 +49,9 @@ from pipelines.synth.dicomio import (
     mr_slice,
     write,
 )
-from pipelines.synth.errors import SynthError
-from pipelines.synth.identities import INSTITUTIONS, Identity, make_identity, staff_name
-from pipelines.synth.scanners import (
+from cohortflow.pipelines.synth.errors import SynthError
+from cohortflow.pipelines.synth.identities import INSTITUTIONS, Identity, make_identity, staff_name
+from cohortflow.pipelines.synth.scanners import (
     CONTRASTS,
     SC_SERIES,
     SCANNERS,

@@ -21,10 +21,10 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from models.synth import PlantedIdentifier
-from pipelines.synth.anatomy import Grid
-from pipelines.synth.identities import Identity
-from pipelines.synth.scanners import Scanner, SeriesSpec, vendor
+from cohortflow.models.synth import PlantedIdentifier
+from cohortflow.pipelines.synth.anatomy import Grid
+from cohortflow.pipelines.synth.identities import Identity
+from cohortflow.pipelines.synth.scanners import Scanner, SeriesSpec, vendor
 
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1455.1")  # a synthetic-data root
 IMPLEMENTATION_VERSION = "COHORTFLOW_SYN1"

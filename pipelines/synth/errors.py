@@ -1,6 +1,6 @@
 """Errors of the synthetic cohort generator."""
 
-from models.errors import CohortflowError
+from cohortflow.models.errors import CohortflowError
 
 
 class SynthError(CohortflowError):

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import did_you_mean
-from pipelines.atlas.colin import load_or_build_colin
-from pipelines.atlas.headmodel import HeadModel, load_or_build
-from pipelines.synth.errors import SynthError
+from cohortflow.models.errors import did_you_mean
+from cohortflow.pipelines.atlas.colin import load_or_build_colin
+from cohortflow.pipelines.atlas.headmodel import HeadModel, load_or_build
+from cohortflow.pipelines.synth.errors import SynthError
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from models.geometry import Plane, Volume
-from pipelines.atlas.headmodel import HeadModel
-from pipelines.synth import anatomy
-from pipelines.synth.scanners import CONTRASTS
+from cohortflow.models.geometry import Plane, Volume
+from cohortflow.pipelines.atlas.headmodel import HeadModel
+from cohortflow.pipelines.synth import anatomy
+from cohortflow.pipelines.synth.scanners import CONTRASTS
 
 #: Intensity scale of the stored image (the generator writes 12-bit values the same way).
 SCALE = 3000.0

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from models.geometry import LPS_FROM_RAS, planes_of
-from models.synth import CohortTruth, Fault, SeriesTruth
-from pipelines.dicomfolder import read_instance
-from pipelines.synth.cohort import DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL
+from cohortflow.models.geometry import LPS_FROM_RAS, planes_of
+from cohortflow.models.synth import CohortTruth, Fault, SeriesTruth
+from cohortflow.pipelines.dicomfolder import read_instance
+from cohortflow.pipelines.synth.cohort import DEFACE_TRUTH_FACE, DEFACE_TRUTH_INTRACRANIAL
 
 if TYPE_CHECKING:
-    from pipelines.quality.folder import SeriesQc
+    from cohortflow.pipelines.quality.folder import SeriesQc
 
 
 @dataclass(frozen=True)

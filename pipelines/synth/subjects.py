@@ -20,11 +20,11 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from models.geometry import LPS_FROM_RAS
-from models.volumes import Volumes
-from pipelines.atlas.headmodel import HeadModel
-from pipelines.synth import anatomy
-from pipelines.synth.scanners import CONTRASTS
+from cohortflow.models.geometry import LPS_FROM_RAS
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.atlas.headmodel import HeadModel
+from cohortflow.pipelines.synth import anatomy
+from cohortflow.pipelines.synth.scanners import CONTRASTS
 
 Vec3 = tuple[float, float, float]
 

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.synth import CohortTruth
+from cohortflow.models.synth import CohortTruth
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
-from pipelines.atlas.template import Template, load_brain_template
+from cohortflow.pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
+from cohortflow.pipelines.atlas.template import Template, load_brain_template
 
 PRIOR_SIGMA_MM = 1.0
 

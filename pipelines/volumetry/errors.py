@@ -1,6 +1,6 @@
 """Errors of the volumetry step."""
 
-from models.errors import CohortflowError
+from cohortflow.models.errors import CohortflowError
 
 
 class VolumetryError(CohortflowError):

@@ -25,11 +25,11 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.volumes import Volumes
-from pipelines.volumetry.atlas import Atlas
-from pipelines.volumetry.refine import MAX_SKULL_TO_CSF, Refinement, refine_icv
-from pipelines.volumetry.register import Placed, place_atlas
-from pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, posteriors_for
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.volumetry.atlas import Atlas
+from cohortflow.pipelines.volumetry.refine import MAX_SKULL_TO_CSF, Refinement, refine_icv
+from cohortflow.pipelines.volumetry.register import Placed, place_atlas
+from cohortflow.pipelines.volumetry.segment import CLASSES, Mixture, fit_parameters, posteriors_for
 
 METHOD = "cohortflow-volumetry"
 #: Changes whenever a step or a default changes the numbers: results of another version are redone.

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from pipelines.imaging.preview import write_png
+from cohortflow.pipelines.imaging.preview import write_png
 
 #: Label colours (RGB) for CSF, GM, WM, and the intracranial edge.
 COLOURS = {1: (40, 120, 255), 2: (255, 170, 0), 3: (250, 250, 250)}

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.atlas.template import Template
-from pipelines.imaging.register import at_resolution, correlation, fit_affine, seeded
-from pipelines.volumetry.atlas import Atlas
+from cohortflow.pipelines.atlas.template import Template
+from cohortflow.pipelines.imaging.register import at_resolution, correlation, fit_affine, seeded
+from cohortflow.pipelines.volumetry.atlas import Atlas
 
 SEED = 20261
 
@@ -161,7 +161,7 @@ def place_atlas(
 def fit_head(subject: Any, template: Template) -> npt.NDArray[np.float64]:
     """``subject`` (an ANTs image) fitted to the head model's template as defacing fits a head
     (``fit_affine`` at 3 mm, then ``polish``): its LPS points to the template's (4 x 4)."""
-    from pipelines.atlas.masks import polish
+    from cohortflow.pipelines.atlas.masks import polish
 
     pixels = subject.numpy()
     fit = fit_affine(

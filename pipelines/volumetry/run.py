@@ -21,27 +21,27 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from models.database import IndexDB
-from models.series import SeriesDescriptor
-from models.settings import Settings
-from models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
-from models.volumes import Volumes
-from pipelines.dicom.identified import for_deidentified_side
-from pipelines.dicom.keys import ProjectKey
-from pipelines.dicomfolder import SkippedFile
-from pipelines.imaging.register import HeadFit
-from pipelines.safeio import RefusedError, check_entry, hash_file, printable
-from pipelines.volumetry.atlas import Atlas, load_atlas
-from pipelines.volumetry.errors import VolumetryError
-from pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
-from pipelines.volumetry.overlay import write_overlay
-from pipelines.volumetry.source import Source
-from pipelines.volumetry.verdict import judge
-from qc.findings import Finding, Verdict, finding, reason, stage_row, verdict
+from cohortflow.models.database import IndexDB
+from cohortflow.models.series import SeriesDescriptor
+from cohortflow.models.settings import Settings
+from cohortflow.models.stages import BiomarkerRecord, StageRecord, record_biomarkers, record_stages
+from cohortflow.models.volumes import Volumes
+from cohortflow.pipelines.dicom.identified import for_deidentified_side
+from cohortflow.pipelines.dicom.keys import ProjectKey
+from cohortflow.pipelines.dicomfolder import SkippedFile
+from cohortflow.pipelines.imaging.register import HeadFit
+from cohortflow.pipelines.safeio import RefusedError, check_entry, hash_file, printable
+from cohortflow.pipelines.volumetry.atlas import Atlas, load_atlas
+from cohortflow.pipelines.volumetry.errors import VolumetryError
+from cohortflow.pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
+from cohortflow.pipelines.volumetry.overlay import write_overlay
+from cohortflow.pipelines.volumetry.source import Source
+from cohortflow.pipelines.volumetry.verdict import judge
+from cohortflow.qc.findings import Finding, Verdict, finding, reason, stage_row, verdict
 
 if TYPE_CHECKING:
-    from pipelines.convert.results import ConvertedSeries
-    from qc.policy import QcPolicy
+    from cohortflow.pipelines.convert.results import ConvertedSeries
+    from cohortflow.qc.policy import QcPolicy
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def volumetry_configured(
     not_inputs: list[tuple[str, str, str, int]] = []
     conversion = None
     if not sources and source.is_dir():
-        from pipelines.convert.folder import convert_configured
+        from cohortflow.pipelines.convert.folder import convert_configured
 
         conversion = convert_configured(
             settings, source, out / "nifti", index, protocol, protocols_file, record=record
@@ -308,7 +308,7 @@ def volumetry_configured(
         ]
     elif not sources:
         raise VolumetryError(f"{source}: no such file or folder")
-    from pipelines.dicom.protocols import load_protocols
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
     results = measure_all(

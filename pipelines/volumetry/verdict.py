@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.volumetry.refine import MAX_SKULL_TO_CSF
-from qc.findings import Finding, finding, reason, verdict
+from cohortflow.pipelines.volumetry.refine import MAX_SKULL_TO_CSF
+from cohortflow.qc.findings import Finding, finding, reason, verdict
 
 # Volumetry's checks (``volumetry.*``) are registered with every other check in
 # ``qc.findings.CHECKS``: one registry the protocols and the dashboard read.

@@ -35,13 +35,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 
-from models.database import IndexDB, open_index
-from models.database_limits import is_time_limit
-from models.disclosure import Disclosure
-from models.settings import Settings
-from models.users import LoginPolicy
-from qc.dashboard import audit, auth, cohorts, exports, queries, review
-from qc.dashboard.board import (
+from cohortflow.models.database import IndexDB, open_index
+from cohortflow.models.database_limits import is_time_limit
+from cohortflow.models.disclosure import Disclosure
+from cohortflow.models.settings import Settings
+from cohortflow.models.users import LoginPolicy
+from cohortflow.qc.dashboard import audit, auth, cohorts, exports, queries, review
+from cohortflow.qc.dashboard.board import (
     AUDIT,
     EXPORT,
     IDENTIFIED_ROLES,
@@ -51,9 +51,9 @@ from qc.dashboard.board import (
     Dashboard,
     NotLoggedInError,
 )
-from qc.dashboard.headers import SecurityHeaders
-from qc.dashboard.limits import BodyLimit
-from qc.dashboard.throttle import ClientThrottle
+from cohortflow.qc.dashboard.headers import SecurityHeaders
+from cohortflow.qc.dashboard.limits import BodyLimit
+from cohortflow.qc.dashboard.throttle import ClientThrottle
 
 #: the roles of each right, read here by tests/test_dashboard.py (declared in ``board.py``)
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HERE = resources.files("qc.dashboard")
+_HERE = resources.files("cohortflow.qc.dashboard")
 #: the groups of routes, in the order they are served
 GROUPS = (auth, review, exports, cohorts, audit)
 

@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from models.users import Account
-from qc.dashboard import queries
-from qc.dashboard.board import AUDIT, MAX_PAGE, Dashboard, parse_day
+from cohortflow.models.users import Account
+from cohortflow.qc.dashboard import queries
+from cohortflow.qc.dashboard.board import AUDIT, MAX_PAGE, Dashboard, parse_day
 
 #: entries per page of the audit log
 AUDIT_PAGE = 200

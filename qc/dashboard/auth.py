@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from models.linkage import audit
-from models.users import MAX_LOGGED_NAME, Account, Login, authenticate, end_sessions
-from qc.dashboard.board import Dashboard, local_target
+from cohortflow.models.linkage import audit
+from cohortflow.models.users import MAX_LOGGED_NAME, Account, Login, authenticate, end_sessions
+from cohortflow.qc.dashboard.board import Dashboard, local_target
 
 
 def add_routes(router: APIRouter, board: Dashboard) -> None:

@@ -23,13 +23,21 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from models.database import IndexDB
-from models.database_limits import time_limit
-from models.disclosure import Disclosure
-from models.linkage import audit
-from models.settings import Settings
-from models.users import ADMIN, RESEARCHER, REVIEWER, STEWARD, Account, LoginPolicy, account
-from qc.dashboard.throttle import ClientThrottle
+from cohortflow.models.database import IndexDB
+from cohortflow.models.database_limits import time_limit
+from cohortflow.models.disclosure import Disclosure
+from cohortflow.models.linkage import audit
+from cohortflow.models.settings import Settings
+from cohortflow.models.users import (
+    ADMIN,
+    RESEARCHER,
+    REVIEWER,
+    STEWARD,
+    Account,
+    LoginPolicy,
+    account,
+)
+from cohortflow.qc.dashboard.throttle import ClientThrottle
 
 #: who may do what (the README's table of roles says the same; tests/test_dashboard.py checks
 #: every route for every role against it)

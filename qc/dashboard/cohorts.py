@@ -12,10 +12,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from models.errors import CohortflowError
-from models.users import Account
-from qc.dashboard import plots
-from qc.dashboard.board import IDENTIFIED_ROLES, MAX_OFFSET, READ, SAVE_COHORT, Dashboard
+from cohortflow.models.errors import CohortflowError
+from cohortflow.models.users import Account
+from cohortflow.qc.dashboard import plots
+from cohortflow.qc.dashboard.board import IDENTIFIED_ROLES, MAX_OFFSET, READ, SAVE_COHORT, Dashboard
 
 
 def add_routes(router: APIRouter, board: Dashboard) -> None:
@@ -26,8 +26,8 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         request: Request, who: Account
     ) -> tuple[Any, tuple[str, ...], str, dict[str, str]]:
         """The filters, grouping and layer of a cohort request (its URL query)."""
-        from models.cohort import DEIDENTIFIED, FILTER_NAMES, IDENTIFIED, CohortFilter
-        from models.cohort import parse_groups as groups_of
+        from cohortflow.models.cohort import DEIDENTIFIED, FILTER_NAMES, IDENTIFIED, CohortFilter
+        from cohortflow.models.cohort import parse_groups as groups_of
 
         params = {k: v for k, v in request.query_params.items() if v and k != "by"}
         unknown = sorted(set(params) - set(FILTER_NAMES) - {"identified", "limit", "offset"})
@@ -46,7 +46,7 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         return flt, by, layer, params
 
     def cohort_count(who: Account, flt: Any, by: tuple[str, ...], layer: str) -> Any:
-        from models.cohort import count
+        from cohortflow.models.cohort import count
 
         with board.db() as session:
             try:
@@ -66,7 +66,7 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
     def cohorts_page(
         request: Request, who: Annotated[Account, Depends(board.role(*READ))]
     ) -> HTMLResponse:
-        from models.cohort import FILTERS, GROUPS, saved_cohorts
+        from cohortflow.models.cohort import FILTERS, GROUPS, saved_cohorts
 
         board.fresh()
         flt, by, layer, params = cohort_query(request, who)
@@ -114,7 +114,7 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         limit: Annotated[int, Query(ge=1, le=MAX_OFFSET)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
-        from models.cohort import list_series
+        from cohortflow.models.cohort import list_series
 
         board.fresh()
         flt, _, layer, _ = cohort_query(request, who)
@@ -134,7 +134,7 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         return dict(json.loads(json.dumps(found.as_dict(), default=str)))
 
     def save(who: Account, name: str, description: str, values: dict[str, str]) -> Any:
-        from models.cohort import FILTER_NAMES, CohortFilter, save_cohort
+        from cohortflow.models.cohort import FILTER_NAMES, CohortFilter, save_cohort
 
         board.fresh()
         try:

@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
-from models.users import Account
-from qc.dashboard import queries
-from qc.dashboard.board import EXPORT, Dashboard
+from cohortflow.models.users import Account
+from cohortflow.qc.dashboard import queries
+from cohortflow.qc.dashboard.board import EXPORT, Dashboard
 
 
 def add_routes(router: APIRouter, board: Dashboard) -> None:
@@ -29,8 +29,8 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         return board.render(request, "export.html", who, protocols=names)
 
     def export(who: Account, protocol: str | None, fmt: str, labels: bytes | None) -> Response:
-        from models.errors import ExportError
-        from models.export import (
+        from cohortflow.models.errors import ExportError
+        from cohortflow.models.export import (
             FORMATS,
             audit_export,
             biomarker_table,

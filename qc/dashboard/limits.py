@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from qc.dashboard.headers import ASGIApp, Message, Receive, Scope, Send
+from cohortflow.qc.dashboard.headers import ASGIApp, Message, Receive, Scope, Send
 
 #: a labels file for the export: a CSV of accession numbers and clinical labels
 UPLOAD_BYTES = 20 * 1024 * 1024

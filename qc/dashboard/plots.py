@@ -7,7 +7,7 @@ import io
 import math
 from collections.abc import Sequence
 
-from qc.dashboard.queries import MetricView, RunPoint
+from cohortflow.qc.dashboard.queries import MetricView, RunPoint
 
 
 def _figure(width: float, height: float):  # type: ignore[no-untyped-def]

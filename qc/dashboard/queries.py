@@ -13,12 +13,17 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from models.outcomes import SERIES_STAGES, ProtocolOutcome, protocol_outcome, worst_verdict
-from models.reviews import ReviewRecord, latest_reviews, reviews_of
-from models.schema import AuditEntry, Biomarker, Review, Run, Selection, StageResult
-from models.stages import HistoryRecord, StageRecord, stage_history, stage_records
-from models.volumes import VOLUME_NAMES
-from qc.findings import CHECKS
+from cohortflow.models.outcomes import (
+    SERIES_STAGES,
+    ProtocolOutcome,
+    protocol_outcome,
+    worst_verdict,
+)
+from cohortflow.models.reviews import ReviewRecord, latest_reviews, reviews_of
+from cohortflow.models.schema import AuditEntry, Biomarker, Review, Run, Selection, StageResult
+from cohortflow.models.stages import HistoryRecord, StageRecord, stage_history, stage_records
+from cohortflow.models.volumes import VOLUME_NAMES
+from cohortflow.qc.findings import CHECKS
 
 #: the failure list's sortable columns
 SORTS = ("recorded_at", "protocol", "stage", "reason_code", "scanner", "series_uid")

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from models.errors import CohortflowError
-from models.reviews import DECISIONS, record_review
-from models.users import Account
-from qc.dashboard import plots, queries
-from qc.dashboard.board import MAX_PAGE, READ, REVIEW, Dashboard, parse_day
+from cohortflow.models.errors import CohortflowError
+from cohortflow.models.reviews import DECISIONS, record_review
+from cohortflow.models.users import Account
+from cohortflow.qc.dashboard import plots, queries
+from cohortflow.qc.dashboard.board import MAX_PAGE, READ, REVIEW, Dashboard, parse_day
 
 
 def add_routes(router: APIRouter, board: Dashboard) -> None:
