@@ -18,7 +18,9 @@ them. Each tool's seconds are measured on the same machine in the same run.
 Prints a table per head, then ``name: value`` lines last: the median absolute ICV and brain
 differences to SAMSEG, the heads each tool failed, the median time ratio SAMSEG / cohortflow,
 the ICV CV across the four head positions of one subject, and the MS patients' changes.
-``--quick``: the three 1-mm-class 3D heads only, SAMSEG and ROBEX included.
+``--quick``: the three 1-mm-class 3D heads only, SAMSEG and ROBEX included. ``--pictures DIR``:
+per head, cohortflow's tissue classes beside SAMSEG's on the same three slices (PNG) and their
+Dice overlap per class: where the two disagree, which one is wrong shows there.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Row:
     seconds: dict[str, float] = field(default_factory=dict)
     deface: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    dice: dict[str, float] = field(default_factory=dict)  # ours against SAMSEG, per class
 
 
 def venv(work: Path, name: str) -> Path:
@@ -332,6 +335,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the three 1-mm-class 3D heads")
     parser.add_argument("--threads", type=int, default=2, help="SAMSEG's threads")
     parser.add_argument("--heads", nargs="*", help="only these heads (names as printed)")
+    parser.add_argument("--pictures", type=Path, help="ours beside SAMSEG, per head (PNG)")
     args = parser.parse_args()
     work: Path = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -348,9 +352,78 @@ def main() -> int:
         fast_volumes(head, data, row)
         if head.face and not (data / head.source).is_file():
             deface(head, data, work, row, mask)
+        if args.pictures is not None:
+            side_by_side(head, data, work, row, args.pictures)
         rows.append(row)
     report(rows)
     return 0
+
+
+#: SAMSEG's labels (FreeSurfer's colour table) by our three classes; the rest is not tissue
+SAMSEG_CLASSES = {
+    1: (4, 5, 14, 15, 24, 31, 43, 44, 63, 72),  # CSF: ventricles, choroid plexus, extracerebral
+    2: (3, 8, 10, 11, 12, 13, 16, 17, 18, 26, 42, 47, 49, 50, 51, 52, 53, 54, 58),  # GM
+    3: (2, 7, 28, 41, 46, 60, 77, 251, 252, 253, 254, 255),  # WM (and ventral DC, hypointensities)
+}
+
+
+def side_by_side(head: Head, data: Path, work: Path, row: Row, folder: Path) -> None:
+    """Our tissue classes (the method run in this process on the image the CLI measured: the
+    same numbers, ITK single-threaded) beside SAMSEG's, on SAMSEG's grid cropped as ours is:
+    Dice per class, and a picture of three slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    from cohortflow.flows.prefect_env import configure_itk
+    from cohortflow.models.settings import Settings
+    from cohortflow.pipelines.volumetry.atlas import load_atlas
+    from cohortflow.pipelines.volumetry.method import measure
+    from cohortflow.pipelines.volumetry.run import read_t1
+
+    seg_file = work / "samseg" / head.name / "seg.mgz"
+    image = nifti_of(head, data, row)
+    if image is None or not seg_file.is_file():
+        return
+    configure_itk(1)
+    home = Settings(home=work / "home")
+    m = measure(read_t1(image), load_atlas(home.cache))
+    seg = nib.load(seg_file)
+    labels = np.asarray(seg.dataobj).astype(np.int16)
+    # read_t1 turns the image to RAS+ voxel order: SAMSEG's labels (on the input's grid) too
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(labels, seg.affine))
+    theirs_all = np.zeros(canonical.shape, np.uint8)
+    for k, codes in SAMSEG_CLASSES.items():
+        theirs_all[np.isin(np.asarray(canonical.dataobj), codes)] = k
+    theirs = theirs_all[tuple(slice(a, b) for a, b in m.crop)]
+    if theirs.shape != m.labels.shape:
+        row.problems.append(f"SAMSEG's grid {theirs.shape} is not ours {m.labels.shape}")
+        return
+    for k, name in ((1, "csf"), (2, "gm"), (3, "wm")):
+        a, b = m.labels == k, theirs == k
+        row.dice[name] = float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+    colours = ListedColormap([(0, 0, 0, 0), (0.2, 0.4, 1, 0.5), (1, 0.6, 0, 0.5), (1, 1, 1, 0.5)])
+    fig, axes = plt.subplots(3, 3, figsize=(12, 12))
+    panels = (("T1", None), ("cohortflow", m.labels), ("SAMSEG", theirs))
+    for r, axis in enumerate((0, 1, 2)):
+        k = m.labels.shape[axis] // 2
+        for c, (title, shown) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(np.rot90(np.take(m.image, k, axis=axis)), cmap="gray")
+            if shown is not None:
+                ax.imshow(np.rot90(np.take(shown, k, axis=axis)), cmap=colours, vmin=0, vmax=3,
+                          interpolation="nearest")  # fmt: skip
+            ax.set_title(f"{title}: CSF blue, GM orange, WM white" if shown is not None else title)
+            ax.axis("off")
+    fig.suptitle(f"{head.name}: " + ", ".join(f"Dice {k} {v:.2f}" for k, v in row.dice.items()))
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"{head.name}.png", dpi=60)
+    plt.close(fig)
 
 
 def _pct(a: float | None, b: float | None) -> float | None:
@@ -391,6 +464,9 @@ def report(rows: list[Row]) -> None:
         print(f"{'':<21}cohortflow QC {row.ours.get('verdict')} {row.ours.get('reason') or ''}")
         if row.deface:
             print(f"{'':<21}deface {row.deface}")
+        if row.dice:
+            overlap = ", ".join(f"{k} {v:.2f}" for k, v in row.dice.items())
+            print(f"{'':<21}Dice with SAMSEG: {overlap}")
         for problem in row.problems:
             print(f"{'':<21}problem: {problem}")
 
