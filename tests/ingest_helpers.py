@@ -86,7 +86,10 @@ def dciodvfy_errors(path: Path) -> set[str]:
 def open_at_once(url: str, processes: int = 4) -> list[subprocess.CompletedProcess[str]]:
     """Open a new index from several processes started together (a run, its workers, the
     dashboard): each must find or make the newest schema, none may trip over another."""
-    code = "import sys; from models.database import open_index; open_index(sys.argv[1]).dispose()"
+    code = (
+        "import sys; from cohortflow.models.database import open_index; "
+        "open_index(sys.argv[1]).dispose()"
+    )
     started = [
         subprocess.Popen(
             [sys.executable, "-c", code, url],

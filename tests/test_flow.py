@@ -238,7 +238,7 @@ def test_the_private_prefect_server_dies_with_a_killed_run(tmp_path: Path) -> No
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from flows.prefect_env import prefect_api\n"
+        "from cohortflow.flows.prefect_env import prefect_api\n"
         "with prefect_api(Path(sys.argv[1])):\n"
         "    print('up', flush=True)\n"
         "    time.sleep(600)\n"

@@ -346,7 +346,7 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 1 << 20
     code = (
         "import json, sys\n"
-        "from pipelines.dicom.reader import read_path\n"
+        "from cohortflow.pipelines.dicom.reader import read_path\n"
         "record, _ = read_path(sys.argv[1])\n"
         "print(json.dumps([record.status.value, record.reason_code, record.reason]))\n"
     )

@@ -6,6 +6,7 @@ and every import of our code goes through the one ``cohortflow`` package."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def _imports() -> Iterator[tuple[str, str, str]]:
                         yield str(path.relative_to(ROOT)), module, inside
 
 
+IMPORT_IN_TEXT = rf"\b(?:from|import) ((?:{'|'.join(OURS)})\.[\w.]+)"
+
+
 def test_every_import_of_our_code_goes_through_the_cohortflow_package() -> None:
     """The installed distribution holds the layers under ``cohortflow`` only (pyproject.toml):
     an import of ``pipelines`` or ``flows`` ... by its bare name works in a checkout and breaks
@@ -64,6 +68,11 @@ def test_every_import_of_our_code_goes_through_the_cohortflow_package() -> None:
                 else:
                     continue
                 bare += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in OURS]
+            # ... and in code handed to another interpreter (python -c, a subprocess's script)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    found = re.findall(IMPORT_IN_TEXT, node.value)
+                    bare += [f"{path.relative_to(ROOT)}: {n} (in a string)" for n in found]
     assert bare == []
 
 

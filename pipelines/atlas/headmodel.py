@@ -138,7 +138,7 @@ def _build_alone(folder: Path) -> None:
     """
     code = (
         "import sys; from pathlib import Path; "
-        "from pipelines.atlas.headmodel import build, template_paths; "
+        "from cohortflow.pipelines.atlas.headmodel import build, template_paths; "
         "build(template_paths(), Path(sys.argv[1]))"
     )
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
