@@ -28,6 +28,15 @@ KNOWN_SIDEWAYS = {
 }
 
 
+def _imported(node: ast.AST) -> list[str]:
+    """The modules an import statement names (none for anything else or a relative import)."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return []
+
+
 def _imports() -> Iterator[tuple[str, str, str]]:
     """(file, importing module, imported module) for every import of our packages."""
     for top in OURS:
@@ -36,13 +45,7 @@ def _imports() -> Iterator[tuple[str, str, str]]:
                 ".__init__"
             )
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    continue
-                for name in names:
+                for name in _imported(node):
                     inside = name.removeprefix("cohortflow.")
                     if inside != name and inside.split(".")[0] in OURS:
                         yield str(path.relative_to(ROOT)), module, inside
@@ -61,18 +64,11 @@ def test_every_import_of_our_code_goes_through_the_cohortflow_package() -> None:
             if path.is_symlink() or any(p.is_symlink() for p in path.parents):
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    continue
-                bare += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in OURS]
-            # ... and in code handed to another interpreter (python -c, a subprocess's script)
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [n for n in _imported(node) if n.split(".")[0] in OURS]
+                # ... and in code handed to another interpreter (python -c, a child's script)
                 if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    found = re.findall(IMPORT_IN_TEXT, node.value)
-                    bare += [f"{path.relative_to(ROOT)}: {n} (in a string)" for n in found]
+                    names += [f"{n} (in a string)" for n in re.findall(IMPORT_IN_TEXT, node.value)]
+                bare += [f"{path.relative_to(ROOT)}: {n}" for n in names]
     assert bare == []
 
 
