@@ -411,12 +411,14 @@ def side_by_side(head: Head, data: Path, work: Path, row: Row, folder: Path) -> 
     panels = (("T1", None), ("cohortflow", m.labels), ("SAMSEG", theirs))
     for r, axis in enumerate((0, 1, 2)):
         k = m.labels.shape[axis] // 2
+        across, down = (a for a in (0, 1, 2) if a != axis)  # rot90: the second axis runs down
+        aspect = m.spacing[down] / m.spacing[across]  # thick slices drawn at their thickness
         for c, (title, shown) in enumerate(panels):
             ax = axes[r, c]
-            ax.imshow(np.rot90(np.take(m.image, k, axis=axis)), cmap="gray")
+            ax.imshow(np.rot90(np.take(m.image, k, axis=axis)), cmap="gray", aspect=aspect)
             if shown is not None:
                 ax.imshow(np.rot90(np.take(shown, k, axis=axis)), cmap=colours, vmin=0, vmax=3,
-                          interpolation="nearest")  # fmt: skip
+                          interpolation="nearest", aspect=aspect)  # fmt: skip
             ax.set_title(f"{title}: CSF blue, GM orange, WM white" if shown is not None else title)
             ax.axis("off")
     fig.suptitle(f"{head.name}: " + ", ".join(f"Dice {k} {v:.2f}" for k, v in row.dice.items()))
