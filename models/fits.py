@@ -10,8 +10,10 @@ a 4 x 4 matrix and nothing of the image. A damaged or foreign file is ignored an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from functools import lru_cache
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+log = logging.getLogger(__name__)
 
 
 class FitStore:
@@ -62,15 +66,24 @@ class FitStore:
             return None
         return matrix
 
-    def put(self, key: str, matrix: npt.NDArray[np.float64]) -> None:
+    def put(self, key: str, matrix: npt.NDArray[np.float64]) -> bool:
+        """Keep ``matrix`` under ``key``; False when it cannot be written (a full disk, a
+        read-only cache): the store only saves work, so the fit is used all the same."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(
-            json.dumps({"subject_to_template": np.asarray(matrix, dtype=np.float64).tolist()}),
-            encoding="utf-8",
-        )
-        os.replace(temporary, path)  # whole or absent: processes may race to write it
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(
+                json.dumps({"subject_to_template": np.asarray(matrix, dtype=np.float64).tolist()}),
+                encoding="utf-8",
+            )
+            os.replace(temporary, path)  # whole or absent: processes may race to write it
+        except OSError as exc:
+            log.warning("head fit not kept in %s: %s", self.folder, exc)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            return False
+        return True
 
 
 @lru_cache(maxsize=8)
