@@ -16,7 +16,6 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,14 @@ class FitStore:
     def key(
         pixels: npt.NDArray[np.generic],
         geometry: tuple[Any, Any, Any],
-        template_path: str,
         settings: Mapping[str, Any],
     ) -> str:
-        """The key of a fit of ``template_path`` to ``pixels`` placed by ``geometry`` (origin,
-        spacing, direction), made with ``settings`` (JSON-serialisable)."""
+        """The key of a fit to ``pixels`` placed by ``geometry`` (origin, spacing, direction),
+        made with ``settings`` (JSON-serialisable: the template's digest among them)."""
         voxels = np.ascontiguousarray(pixels, dtype=np.float32)
         described = {
             "shape": list(voxels.shape),
             "geometry": [[float(v) for v in np.asarray(part).ravel()] for part in geometry],
-            "template": _file_digest(template_path),
             "settings": settings,
         }
         digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
@@ -84,12 +81,3 @@ class FitStore:
                 temporary.unlink(missing_ok=True)
             return False
         return True
-
-
-@lru_cache(maxsize=8)
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -407,7 +407,7 @@ def test_placement_check_passes_the_fit_and_flags_its_neighbours(
     geometry = (volume.first.origin, volume.spacing, volume.direction)
     other = stack.copy()
     other[0, 0, 0] += 1  # one voxel apart: another key, nothing stored under it
-    keys = {store.key(p, geometry, str(template.head_path), {}) for p in (stack, other)}
+    keys = {store.key(p, geometry, {"template": template.digest}) for p in (stack, other)}
     assert len(keys) == 2 and all(store.get(k) is None for k in keys)
     kept.write_text("{damaged")
     assert store.get(kept.stem) is None  # ignored, and fitted again

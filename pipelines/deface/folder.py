@@ -39,7 +39,7 @@ from cohortflow.models.geometry import (
 )
 from cohortflow.models.settings import DefaceSettings, Settings
 from cohortflow.pipelines.atlas import masks
-from cohortflow.pipelines.atlas.template import BRAIN, Template
+from cohortflow.pipelines.atlas.template import BRAIN, BROW, Template
 from cohortflow.pipelines.deface import surface
 from cohortflow.pipelines.deface.errors import DefaceError
 from cohortflow.pipelines.dicom.header import attributes
@@ -382,9 +382,10 @@ def _deface_series(
     matrix = reference.fit.subject_to_template
     for plane in planes:
         labels = masks.plane_labels(template, matrix, plane)
-        depth = reference.skin.depth(masks.plane_points(plane))
-        with np.errstate(invalid="ignore"):  # NaN: outside the reference's field, kept
-            labels = masks.brow_near_skin(labels, depth <= settings.brow_depth_mm)
+        if (labels & BROW).any():  # most planes hold none
+            depth = reference.skin.depth(masks.plane_points(plane))
+            with np.errstate(invalid="ignore"):  # NaN: outside the reference's field, kept
+                labels = masks.brow_near_skin(labels, depth <= settings.brow_depth_mm)
         src = plane_pixels(before[plane.instance], plane)
         out = masks.deface_plane(src, labels, fill)
         tally.add(src, out, labels, fill)

@@ -23,12 +23,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cohortflow.models.fits import FitStore
+from cohortflow.pipelines.safeio import hash_file
 
 REGISTRATION_MM = 3.0
 #: ANTs samples the metric at random points: a fixed seed gives the same transform every run.
@@ -110,6 +112,12 @@ def seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         ants.config._random_seed = saved
+
+
+@lru_cache(maxsize=4)
+def _template_digest(path: str) -> str:
+    """The template file's SHA-256, once per process (part of a stored fit's key)."""
+    return hash_file(Path(path))
 
 
 @lru_cache(maxsize=4)
@@ -268,8 +276,8 @@ def fit_affine(
         key = store.key(
             pixels,
             (origin, spacing, direction),
-            template_path,
             {
+                "template": _template_digest(template_path),
                 "version": FIT_VERSION,
                 "resolution_mm": float(resolution_mm),
                 "levels": [COARSE, FINE],
