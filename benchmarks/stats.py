@@ -13,9 +13,10 @@ generator version are this run's (the index and the PACS are always made anew).
 3. Writes the clinical labels a radiology report would give (diagnosis by accession number),
    then ``cohortflow export biomarkers --labels`` (CSV) and checks every volume in it against
    the index, to the last digit.
-4. ``cohortflow stats compare --by diagnosis`` without and with ``--adjust icv``: n, mean and
-   SD per group, Welch's p and Cohen's d of brain volume and BPF, and the same test on the
-   generator's true volumes.
+4. ``cohortflow stats compare --by diagnosis`` without covariates and with ICV, age and sex:
+   n, mean and SD per group; the group's estimate with its 95 % CI, p, Holm-corrected p and
+   Cohen's d of brain volume and BPF; and the model without covariates (a pooled-variance
+   t-test) on the generator's true volumes.
 
 Prints its figures last, one ``name: value`` a line.
 """
@@ -154,18 +155,16 @@ def main() -> None:
     figures["export_rows"] = str(report["rows"])
     figures["export_rows_matching_index_exactly"] = f"{exact}/{len(stored)}"
     figures["export_labels_matched"] = str(report["labels_matched"])
-    for adjust in (None, "icv"):
-        extra = ["--adjust", adjust] if adjust else []
-        plot = work / f"compare-{adjust or 'raw'}.png"
+    for covariates in ("none", "icv,age,sex"):
+        tag = "raw" if covariates == "none" else "adjusted"
+        plot = work / f"compare-{tag}.png"
         result = json.loads(
             cohortflow(
                 home,
                 *("stats", "compare", "--by", "diagnosis", "--labels", str(labels)),
-                *extra,
-                *("--plot", str(plot), "--json"),
+                *("--covariates", covariates, "--plot", str(plot), "--json"),
             )
         )
-        tag = "icv_adjusted" if adjust else "raw"
         for item in result["biomarkers"]:
             if item["biomarker"] not in ("brain_ml", "bpf"):
                 continue
@@ -175,16 +174,18 @@ def main() -> None:
             figures[f"{name}_groups"] = ", ".join(
                 f"{g} n={v['n']} {v['mean']:.4g}±{v['sd']:.3g}" for g, v in groups.items()
             )
-            figures[f"{name}_difference_percent"] = f"{contrast['percent']:+.2f}"
-            figures[f"{name}_welch_p"] = f"{contrast['p']:.2e}"
+            figures[f"{name}_estimate_percent"] = f"{contrast['percent']:+.2f}"
+            figures[f"{name}_estimate_ci"] = (
+                f"[{contrast['ci_low']:.4g}, {contrast['ci_high']:.4g}]"
+            )
+            figures[f"{name}_p"] = f"{contrast['p']:.2e}"
+            figures[f"{name}_p_holm"] = f"{contrast['p_holm']:.2e}"
             figures[f"{name}_cohens_d"] = f"{contrast['cohens_d']:+.2f}"
         figures[f"{tag}_plot"] = str(plot)
     for i, name in enumerate(("brain_ml", "bpf")):
         a = [v[i] for v in truth["dementia"]]
         b = [v[i] for v in truth["control"]]
-        figures[f"truth_{name}_welch_p"] = (
-            f"{scipy_stats.ttest_ind(a, b, equal_var=False).pvalue:.2e}"
-        )
+        figures[f"truth_{name}_p"] = f"{scipy_stats.ttest_ind(a, b).pvalue:.2e}"
     for name, value in figures.items():
         print(f"{name}: {value}")
     if args.work is None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # types only: a command imports this module for its one repor
     from cohortflow.models.ingest import BatchReport, VerifyReport
     from cohortflow.models.outcomes import ProtocolOutcome
     from cohortflow.pipelines.convert.results import ConvertReport
-    from cohortflow.pipelines.export.stats import Comparison, Contrast
+    from cohortflow.pipelines.export.stats import Comparison, Longitudinal, ModelFit
     from cohortflow.pipelines.quality.folder import QcReport
     from cohortflow.pipelines.retrieve.engine import RetrieveOutcome, RetrieveSummary
     from cohortflow.pipelines.run.outcome import BiomarkerSummary, RunSummary
@@ -551,32 +551,135 @@ def print_run_summary(summary: RunSummary, console: Console) -> None:
     )
 
 
-def print_comparison(result: Comparison, console: Console) -> None:
-    """Each biomarker per group (mean ± SD) and each group against the reference (difference,
-    Welch's p, Cohen's d)."""
+def print_comparison(result: Comparison, console: Console, models: bool = True) -> None:
+    """Each biomarker per group (n, mean ± SD); each group against the reference at equal
+    covariates (estimate, 95 % CI, p, Holm-corrected p, Cohen's d); then (``models``) each
+    model's table."""
     from cohortflow.pipelines.export.stats import LABELS
 
-    groups = [g.group for g in result.biomarkers[0].groups]
-    title = f"by {result.by}" + (" (ICV-adjusted volumes)" if result.adjust else "")
-    table = SafeTable(title=title)
+    first = result.biomarkers[0].groups
+    table = SafeTable(title=f"by {result.by}, one study per patient (n={result.n})")
     table.add_column("biomarker")
-    for g in groups:
-        n = next(x.n for x in result.biomarkers[0].groups if x.group == g)
-        table.add_column(f"{g} (n={n})\nmean ± SD", justify="right")
-    table.add_column(f"vs {result.reference}\ndifference", justify="right")
-    table.add_column("p (Welch)", justify="right")
-    table.add_column("Cohen's d", justify="right")
+    for g in first:
+        table.add_column(f"{g.group} (n={g.n})\nmean ± SD", justify="right")
     for b in result.biomarkers:
         digits = 4 if b.biomarker == "bpf" else 1
         cells = [f"{g.mean:.{digits}f} ± {g.sd:.{digits}f}" for g in b.groups]
-        contrasts: list[Contrast | None] = [*b.contrasts] or [None]  # a row even without one
-        for c in contrasts:
-            diff = f"{c.difference:+.{digits}f} ({c.percent:+.1f} %)" if c else ""
-            p = ("< 0.001" if c.p < 0.001 else f"{c.p:.3f}") if c else ""
-            d = f"{c.cohens_d:+.2f}" if c else ""
-            name = LABELS.get(b.biomarker, b.biomarker) + (" adj." if b.adjusted else "")
-            table.add_row(name + (f" ({c.group})" if c and len(b.contrasts) > 1 else ""),
-                          *cells, diff, p, d)  # fmt: skip
+        table.add_row(LABELS.get(b.biomarker, b.biomarker), *cells)
     console.print(table)
+    adjusted = ", ".join(result.covariates) or "nothing"
+    table = SafeTable(title=f"against {result.reference}, adjusted for {adjusted}")
+    for name in ("biomarker", "group", "estimate (%)", "95 % CI", "p", "p Holm", "Cohen's d"):
+        table.add_column(name, justify="left" if name in ("biomarker", "group") else "right")
+    for b in result.biomarkers:
+        digits = 4 if b.biomarker == "bpf" else 1
+        name = LABELS.get(b.biomarker, b.biomarker) + (" adj." if b.adjusted else "")
+        for c in b.contrasts:
+            table.add_row(
+                name,
+                c.group,
+                f"{c.estimate:+.{digits}f} ({c.percent:+.1f} %)",
+                f"[{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]",
+                _p(c.p),
+                _p(c.p_holm),
+                f"{c.cohens_d:+.2f}",
+            )
+    console.print(table)
+    for b in result.biomarkers if models else ():
+        console.print(_model_table(b.model))
+    left = []
     if result.excluded:
-        console.print(f"{result.excluded} rows left out (not usable, or no {result.by})")
+        left.append(f"{result.excluded} rows left out (not usable, or no {result.by})")
+    if result.later_studies:
+        left.append(
+            f"{result.later_studies} later studies of the same patients set aside "
+            "(stats longitudinal models them; --every-study counts them)"
+        )
+    for line in [*left, *result.notes]:
+        console.print(line)
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _model_table(model: ModelFit) -> Table:
+    """One fitted model's coefficients: estimate, SE, statistic, p, 95 % CI."""
+    facts = [f"n={model.n}"]
+    if model.df_resid is not None:
+        facts.append(f"df={model.df_resid:g}")
+    if model.r_squared is not None:
+        facts.append(f"R²={model.r_squared:.3f}")
+    if model.patients is not None:
+        facts.append(f"patients={model.patients}")
+    if model.random_intercept_sd is not None:
+        facts.append(f"patient SD={model.random_intercept_sd:.4g}")
+    if not model.converged:
+        facts.append("NOT CONVERGED")
+    table = SafeTable(title=f"{model.method}: {model.formula} ({', '.join(facts)})")
+    for name in ("term", "estimate", "SE", "t" if model.df_resid is not None else "z", "p"):
+        table.add_column(name, justify="left" if name == "term" else "right")
+    table.add_column("95 % CI", justify="right")
+    for t in model.terms:
+        table.add_row(
+            t.term,
+            f"{t.estimate:.4g}",
+            f"{t.se:.3g}",
+            f"{t.statistic:.2f}",
+            _p(t.p),
+            f"[{t.ci_low:.4g}, {t.ci_high:.4g}]",
+        )
+    return table
+
+
+def print_longitudinal(result: Longitudinal, console: Console) -> None:
+    """The annualised change of each biomarker (per group), its 95 % CI, p and Holm-corrected
+    p; each group's difference from the reference; then each model's table."""
+    from cohortflow.pipelines.export.stats import LABELS
+
+    by = f" by {result.by} at the first study" if result.by else ""
+    title = (
+        f"annualised change{by}: {result.patients} patients with two or more studies, "
+        f"{result.studies} studies, follow-up up to {result.follow_up_years:.1f} years"
+    )
+    table = SafeTable(title=title)
+    for name in ("biomarker", "group", "patients", "per year [95 % CI]", "% per year [95 % CI]"):
+        table.add_column(name, justify="left" if name in ("biomarker", "group") else "right")
+    table.add_column("p", justify="right")
+    table.add_column("p Holm", justify="right")
+    for trend in result.biomarkers:
+        digits = 5 if trend.biomarker == "bpf" else 2
+        for r in trend.rates:
+            table.add_row(
+                LABELS.get(trend.biomarker, trend.biomarker),
+                r.group or "all",
+                str(r.patients),
+                f"{r.per_year:+.{digits}f} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]",
+                f"{r.percent_per_year:+.2f} [{r.percent_ci_low:+.2f}, {r.percent_ci_high:+.2f}]",
+                _p(r.p),
+                _p(r.p_holm),
+            )
+        for d in trend.differences:
+            table.add_row(
+                "",
+                f"{d.group} - {d.reference}",
+                "",
+                f"{d.difference:+.{digits}f} [{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]",
+                "",
+                _p(d.p),
+                _p(d.p_holm),
+            )
+    console.print(table)
+    for trend in result.biomarkers:
+        console.print(_model_table(trend.model))
+    if result.single_study_patients:
+        console.print(f"{result.single_study_patients} patients with one usable study left out")
+    if result.ungrouped_patients:
+        console.print(
+            f"{result.ungrouped_patients} patients without a {result.by} at their first study "
+            "left out"
+        )
+    if result.excluded_rows:
+        console.print(f"{result.excluded_rows} rows left out (not usable, or no pseudonym or time)")
+    for note in result.notes:
+        console.print(note)

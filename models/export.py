@@ -4,9 +4,10 @@ repository function: the dashboard, in ``qc``, and the command line both read it
 The rows come from the index's biomarkers (keyed by the pseudonymized series UID). Who the
 series belongs to is found on the identified side, through the run's anonymize steps (identified
 series -> pseudonymized series): the patient's pseudonym, age at the scan (whole years, 90 and
-over given as 90, as HIPAA's Safe Harbor asks), sex, the scanner and its field strength.
-Clinical labels supplied by accession number join there too. The table itself holds no
-identifier and no real date: accession numbers, patient ids and dates stay in the index.
+over given as 90, as HIPAA's Safe Harbor asks), sex, the scanner and its field strength, and
+the years since the patient's first measured T1 (for longitudinal statistics). Clinical labels
+supplied by accession number join there too. The table itself holds no identifier and no real
+date: accession numbers, patient ids and dates stay in the index; only intervals leave it.
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ AGE_CAP = 90
 
 
 @dataclass(frozen=True)
+class LabelConflict:
+    """One accession number given on several lines of a labels file with different labels.
+    The lines only: the accession number is an identifier and stays out of reports."""
+
+    lines: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Labels:
     """Clinical labels by accession number (identified: never written out as such)."""
 
     source: str
     columns: tuple[str, ...]
     by_accession: dict[str, dict[str, str]]
+    #: accession numbers left unlabelled because their lines disagree (``skip_conflicting``)
+    conflicts: tuple[LabelConflict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class BiomarkerRow:
     series: str
     protocol: str | None
     age: int | None
+    #: years from the patient's first measured T1 in the table to this one (from the study
+    #: dates, which stay in the index; an interval, not a date), None without a study date
+    years_since_baseline: float | None
     sex: str | None
     scanner: str | None
     field_strength: float | None
@@ -132,9 +146,14 @@ def release_size_refusal(
     return None
 
 
-def read_labels(path: Path) -> Labels:
+def read_labels(path: Path, skip_conflicting: bool = False) -> Labels:
     """Read a CSV of clinical labels with an accession number column (any other columns are
-    labels). ExportError names the file and line of anything wrong."""
+    labels). ExportError names the file and line of anything wrong.
+
+    An accession number given again with other labels is a conflict: which line is right is
+    not known. By default that stops the reading, naming every conflicting line; with
+    ``skip_conflicting`` the accession number is left unlabelled (none of its lines is used)
+    and the conflict is listed in ``Labels.conflicts`` for the caller to report."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -163,6 +182,8 @@ def read_labels(path: Path) -> Labels:
             f"{', '.join(sorted(clash))}; rename them"
         )
     by_accession: dict[str, dict[str, str]] = {}
+    lines_of: dict[str, list[int]] = {}
+    clashes: dict[str, int] = {}  # accession number -> its first line that disagrees
     for line, raw in enumerate(reader, start=2):
         extra = raw.pop(None, None)  # csv's key for the fields beyond the header's
         if extra:
@@ -175,17 +196,30 @@ def read_labels(path: Path) -> Labels:
         if not key:
             raise ExportError(f"{path}, line {line}: no accession number")
         values = {c: row.get(c, "") for c in columns}
+        lines_of.setdefault(key, []).append(line)
         if key in by_accession and by_accession[key] != values:
-            raise ExportError(
-                f"{path}, line {line}: the accession number of line "
-                f"{_line_of(by_accession, key)} again, with other labels"
-            )
-        by_accession[key] = values
-    return Labels(str(path), columns, by_accession)
-
-
-def _line_of(found: Mapping[str, Any], key: str) -> int:
-    return list(found).index(key) + 2
+            clashes.setdefault(key, line)
+        by_accession.setdefault(key, values)
+    conflicts = tuple(LabelConflict(tuple(lines_of[key])) for key in clashes)
+    if conflicts and not skip_conflicting:
+        key, line = next(iter(clashes.items()))
+        others = [", ".join(map(str, c.lines)) for c in conflicts[1:]]
+        more = (
+            f" ({len(others)} more accession number(s) so, lines "
+            + "; ".join(others[:5])
+            + ("; ..." if len(others) > 5 else "")
+            + ")"
+            if others
+            else ""
+        )
+        raise ExportError(
+            f"{path}, line {line}: the accession number of line {lines_of[key][0]} again, with "
+            f"other labels{more}; correct the file, or skip conflicting labels "
+            "(--skip-conflicting-labels) to leave those studies unlabelled"
+        )
+    for key in clashes:
+        del by_accession[key]
+    return Labels(str(path), columns, by_accession, conflicts)
 
 
 @dataclass(frozen=True)
@@ -196,6 +230,8 @@ class _Identity:
     sex: str | None
     scanner: str | None
     field_strength: float | None
+    #: identified: only the interval to the patient's first study leaves this module
+    study_date: dt.date | None
 
 
 def _age(birth: str | None, on: dt.date | None) -> int | None:
@@ -242,7 +278,7 @@ def _identities(session: Session, pseudo_series: Iterable[str]) -> dict[str, _Id
     for uid, maker, model, tesla, accession, date, birth, sex, pseudonym in session.execute(query):
         scanner = " ".join(x for x in (maker, model) if x) or None
         found[identified[uid]] = _Identity(
-            pseudonym, accession, _age(birth, date), sex or None, scanner, tesla
+            pseudonym, accession, _age(birth, date), sex or None, scanner, tesla, date
         )
     return found
 
@@ -280,6 +316,11 @@ def biomarker_table(
     verdicts = _verdicts(session, measured)
     decisions = latest_reviews(session, [r.series_uid for r in measured])
     matched: set[str] = set()
+    baseline: dict[str, dt.date] = {}
+    for known in who.values():
+        if known.pseudonym and known.study_date:
+            first = baseline.get(known.pseudonym, known.study_date)
+            baseline[known.pseudonym] = min(first, known.study_date)
     rows = []
     for r in measured:
         identity = who.get(r.series_uid)
@@ -297,6 +338,7 @@ def biomarker_table(
                 series=r.series_uid,
                 protocol=r.protocol,
                 age=identity.age if identity else None,
+                years_since_baseline=_years_since(identity, baseline),
                 sex=identity.sex if identity else None,
                 scanner=identity.scanner if identity else None,
                 field_strength=identity.field_strength if identity else None,
@@ -319,6 +361,13 @@ def biomarker_table(
     )
 
 
+def _years_since(identity: _Identity | None, baseline: Mapping[str, dt.date]) -> float | None:
+    if identity is None or not identity.pseudonym or identity.study_date is None:
+        return None
+    days = (identity.study_date - baseline[identity.pseudonym]).days
+    return round(days / 365.25, 4)
+
+
 def write_table(table: BiomarkerTable, target: Path | io.TextIOBase, fmt: str) -> None:
     """Write the table as CSV (to a path or a text stream) or Parquet (to a path)."""
     if fmt not in FORMATS:
@@ -336,7 +385,12 @@ def write_table(table: BiomarkerTable, target: Path | io.TextIOBase, fmt: str) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {"age": pa.int32(), "field_strength": pa.float64(), "usable": pa.bool_()}
+    types = {
+        "age": pa.int32(),
+        "years_since_baseline": pa.float64(),
+        "field_strength": pa.float64(),
+        "usable": pa.bool_(),
+    }
     types.update({name: pa.float64() for name in VOLUME_NAMES})
     schema = pa.schema(
         [(name, types.get(name, pa.string())) for name in COLUMNS]
@@ -351,6 +405,14 @@ def _write_csv(table: BiomarkerTable, records: list[dict[str, Any]], out: Any) -
     for record in records:
         # repr of a float round-trips exactly: the file holds the index's values
         writer.writerow({k: ("" if v is None else neutralised(v)) for k, v in record.items()})
+
+
+#: the table's other numeric columns, empty when unknown (a CSV holds text)
+_NUMBERS: dict[str, type[int] | type[float]] = {
+    "age": int,
+    "years_since_baseline": float,
+    "field_strength": float,
+}
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -377,6 +439,15 @@ def read_table(path: Path) -> list[dict[str, Any]]:
             except (KeyError, ValueError) as exc:
                 raise ExportError(f"{path}: column {name} missing or not a number") from exc
         row["usable"] = str(row.get("usable", "")).lower() == "true"
+        for name, kind in _NUMBERS.items():
+            value = row.get(name)
+            if value in (None, ""):
+                row[name] = None
+                continue
+            try:
+                row[name] = kind(value)
+            except ValueError as exc:
+                raise ExportError(f"{path}: column {name} holds {value!r}, not a number") from exc
     return rows
 
 

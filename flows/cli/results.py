@@ -52,6 +52,7 @@ def add_commands(sub: Any) -> None:
         metavar="CSV",
         help="clinical labels: a CSV with an accession_number column and label columns",
     )
+    _add_skip_conflicting(biomarkers)
     biomarkers.add_argument(
         "--out",
         metavar="PATH",
@@ -69,30 +70,67 @@ def add_commands(sub: Any) -> None:
     stats_sub = stats.add_subparsers(dest="what", metavar="WHAT", required=True)
     compare = stats_sub.add_parser(
         "compare",
-        help="n, mean, SD per group; Welch's t-test, p and Cohen's d against a reference",
+        help="per group n, mean, SD; a linear model per biomarker with covariates, 95 %% CI, "
+        "Holm-corrected p",
         description="Group the usable rows of the biomarker table by a column (a label such as "
-        "diagnosis, or sex, scanner...) and compare each biomarker: per group n, mean and SD; "
-        "each group against the reference group: difference, Welch's t-test, p, Cohen's d. "
-        "Writes a box plot PNG.",
+        "diagnosis, or sex, scanner...), one row per patient (the first study), and compare "
+        "each biomarker: per group n, mean and SD; a linear model (OLS) of the biomarker on "
+        "the group and the covariates (default ICV, age and sex; BPF and ICV without ICV); "
+        "each group against the reference: the difference at equal covariates with its 95 % "
+        "confidence interval, p, and p corrected across the biomarkers (Holm), the raw "
+        "difference and Cohen's d; each model's table. Writes a box plot PNG.",
     )
+    _add_source(compare)
     compare.add_argument("--by", required=True, metavar="COLUMN", help="the column to group by")
-    compare.add_argument("--protocol", help="one protocol (default: every one)")
-    compare.add_argument("--labels", type=Path, metavar="CSV", help="clinical labels (as export)")
     compare.add_argument(
-        "--table", type=Path, metavar="FILE", help="an exported table (CSV or Parquet) instead"
+        "--covariates",
+        metavar="LIST",
+        help="comma-separated among icv, age, sex, or none (default: icv,age,sex); rows "
+        "without one are dropped and counted",
     )
     compare.add_argument(
-        "--adjust", choices=("icv",), help="adjust GM, WM, CSF and brain volume for ICV"
+        "--adjust",
+        choices=("icv",),
+        help="as --covariates icv (kept for scripts written before --covariates)",
     )
     compare.add_argument("--reference", metavar="GROUP", help="default: the first group by name")
+    compare.add_argument(
+        "--every-study",
+        action="store_true",
+        help="every usable row counts (default: each patient's first study only; later ones "
+        "are repeated measures: see stats longitudinal)",
+    )
     compare.add_argument(
         "--plot",
         type=Path,
         metavar="PNG",
         help="box plot (default: $COHORTFLOW_HOME/exports/compare-<by>.png)",
     )
-    add_json(compare, "the comparison")
+    add_json(compare, "the comparison and its model tables")
     compare.set_defaults(handler=_compare)
+    trend = stats_sub.add_parser(
+        "longitudinal",
+        help="annualised change per biomarker in patients with two or more studies (mixed "
+        "model), with its plot",
+        description="The patients with two or more usable studies (the others are counted and "
+        "left out): per biomarker a linear mixed model (MixedLM, REML) of the biomarker on the "
+        "years since the patient's first study, with a random intercept per patient; with "
+        "--by, a rate per group (the group of the first study) and each group's difference "
+        "from the reference. Annualised change with its 95 % confidence interval (per year and "
+        "in % of the baseline level), p and p corrected across the biomarkers (Holm); each "
+        "model's table. Writes a PNG of the trajectories.",
+    )
+    _add_source(trend)
+    trend.add_argument("--by", metavar="COLUMN", help="a rate per group of this column")
+    trend.add_argument("--reference", metavar="GROUP", help="default: the first group by name")
+    trend.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="trajectories (default: $COHORTFLOW_HOME/exports/longitudinal[-<by>].png)",
+    )
+    add_json(trend, "the rates and their model tables")
+    trend.set_defaults(handler=_longitudinal)
 
     users = sub.add_parser(
         "users",
@@ -142,18 +180,63 @@ def add_commands(sub: Any) -> None:
     dashboard.set_defaults(handler=_dashboard)
 
 
+def _add_skip_conflicting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-conflicting-labels",
+        action="store_true",
+        help="an accession number given on several lines with different labels is left "
+        "unlabelled and reported (default: it stops the command, naming the lines)",
+    )
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    """Where the rows of a statistic come from: the index (and a labels file) or a table."""
+    parser.add_argument("--protocol", help="one protocol (default: every one)")
+    parser.add_argument("--labels", type=Path, metavar="CSV", help="clinical labels (as export)")
+    _add_skip_conflicting(parser)
+    parser.add_argument(
+        "--table", type=Path, metavar="FILE", help="an exported table (CSV or Parquet) instead"
+    )
+
+
+def _report_conflicts(labels: Any, err: Console) -> list[dict[str, Any]]:
+    """Say which label lines were skipped (lines only: the accession numbers are identifiers);
+    the same as a list for --json."""
+    if labels is None or not labels.conflicts:
+        return []
+    lines = "; ".join(", ".join(map(str, c.lines)) for c in labels.conflicts[:10])
+    more = " ..." if len(labels.conflicts) > 10 else ""
+    err.print(
+        f"[yellow]{len(labels.conflicts)} accession number(s) with conflicting labels left "
+        f"unlabelled: lines {lines}{more} of {printable(labels.source)}[/yellow]"
+    )
+    return [{"lines": list(c.lines)} for c in labels.conflicts]
+
+
+def _rows(
+    args: argparse.Namespace, settings: Settings, err: Console
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """The rows a statistic works on (with ``--table``: the file's), and the label conflicts
+    skipped; None after a usage error was said."""
+    from cohortflow.models.export import biomarker_table, read_labels, read_table
+
+    if args.table is not None:
+        if args.labels is not None or args.protocol is not None:
+            err.print("[red]usage error:[/red] --table already holds its rows and labels")
+            return None
+        return read_table(args.table), []
+    labels = (
+        read_labels(args.labels, args.skip_conflicting_labels) if args.labels is not None else None
+    )
+    with open_index(settings) as index, index.session() as session:
+        rows = biomarker_table(session, args.protocol, labels).records()
+    return rows, _report_conflicts(labels, err)
+
+
 def _exports(settings: Settings) -> Path:
     folder = settings.home / "exports"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _table(settings: Settings, protocol: str | None, labels: Path | None) -> Any:
-    from cohortflow.models.export import biomarker_table, read_labels
-
-    parsed = read_labels(labels) if labels is not None else None
-    with open_index(settings) as index, index.session() as session:
-        return biomarker_table(session, protocol, parsed)
 
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
@@ -168,7 +251,10 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.out == "-" and (args.format != "csv" or args.json):
         err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
         return EXIT_USAGE
-    labels = read_labels(args.labels) if args.labels is not None else None
+    labels = (
+        read_labels(args.labels, args.skip_conflicting_labels) if args.labels is not None else None
+    )
+    conflicts = _report_conflicts(labels, err)
     with open_index(settings) as index, index.session() as session:
         table = biomarker_table(session, args.protocol, labels)
         refusal = release_size_refusal(
@@ -179,6 +265,7 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             "format": args.format,
             "rows": len(table.rows),
             "label_columns": list(table.label_columns),
+            "labels_conflicting": len(conflicts),
             "out": args.out,
         }
         if refusal is None:
@@ -209,6 +296,7 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         "columns": list(table.columns),
         "labels_matched": table.labels_matched,
         "labels_unmatched": table.labels_unmatched,
+        "labels_conflicting": conflicts,
     }
     if args.json:
         write_json(report)
@@ -257,25 +345,54 @@ def release_check_of(settings: Settings) -> Callable[[Any, Path, set[str], str],
 
 def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from cohortflow.flows.report import print_comparison
-    from cohortflow.models.export import read_table
-    from cohortflow.pipelines.export.stats import box_plot, compare
+    from cohortflow.pipelines.export.stats import (
+        DEFAULT_COVARIATES,
+        box_plot,
+        compare,
+        parse_covariates,
+    )
 
-    if args.table is not None:
-        if args.labels is not None or args.protocol is not None:
-            err.print("[red]usage error:[/red] --table already holds its rows and labels")
-            return EXIT_USAGE
-        rows = read_table(args.table)
+    if args.adjust is not None and args.covariates is not None:
+        err.print("[red]usage error:[/red] --adjust icv is --covariates icv: give one of them")
+        return EXIT_USAGE
+    if args.covariates is not None:
+        covariates = parse_covariates(args.covariates)
     else:
-        rows = _table(settings, args.protocol, args.labels).records()
-    result = compare(rows, args.by, args.adjust, args.reference)
+        covariates = (args.adjust,) if args.adjust else DEFAULT_COVARIATES
+    found = _rows(args, settings, err)
+    if found is None:
+        return EXIT_USAGE
+    rows, conflicts = found
+    result = compare(rows, args.by, covariates, args.reference, every_study=args.every_study)
     plot = args.plot or _exports(settings) / f"compare-{args.by}.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
     box_plot(result, plot)
     if args.json:
-        write_json(result.as_dict() | {"plot": str(plot)})
+        write_json(result.as_dict() | {"plot": str(plot), "labels_conflicting": conflicts})
     else:
         print_comparison(result, Console())
         err.print(f"box plot: {plot}")
+    return EXIT_OK
+
+
+def _longitudinal(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from cohortflow.flows.report import print_longitudinal
+    from cohortflow.pipelines.export.stats import longitudinal, trajectory_plot
+
+    found = _rows(args, settings, err)
+    if found is None:
+        return EXIT_USAGE
+    rows, conflicts = found
+    result = longitudinal(rows, args.by, args.reference)
+    name = f"longitudinal-{args.by}.png" if args.by else "longitudinal.png"
+    plot = args.plot or _exports(settings) / name
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    trajectory_plot(result, plot)
+    if args.json:
+        write_json(result.as_dict() | {"plot": str(plot), "labels_conflicting": conflicts})
+    else:
+        print_longitudinal(result, Console())
+        err.print(f"trajectories: {plot}")
     return EXIT_OK
 
 

@@ -228,9 +228,11 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
         print_run_summary(run, console)
         if comparison is not None:
-            print_comparison(comparison, console)
+            print_comparison(comparison, console, models=False)
         else:
-            err.print("dementia vs control: fewer than two usable T1s in a group (more --studies)")
+            err.print(
+                "dementia vs control: too few usable T1s per group for the model (more --studies)"
+            )
         err.print(
             f"outputs: {settings.outputs / args.protocol} (DICOM, NIfTI, volumetry overlays); "
             f"index: {settings.index}; `cohortflow status {args.protocol}` shows the rates "

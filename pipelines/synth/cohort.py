@@ -10,7 +10,7 @@ import csv
 import datetime as dt
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -319,13 +319,25 @@ def generate(
     )
     truth_file = out_dir / "ground_truth.json"
     truth_file.write_text(truth.model_dump_json(indent=1))
-    with (out_dir / "clinical_labels.csv").open("w", newline="") as fh:
+    write_labels(cleaned, out_dir / "clinical_labels.csv")
+    return CohortResult(truth=truth, out_dir=out_dir, truth_file=truth_file)
+
+
+def write_labels(patients: Sequence[PatientTruth], path: Path) -> None:
+    """The clinical labels a radiology information system would give: the diagnosis group by
+    accession number, one line each. A study planted with the duplicate-accession fault
+    carries an accession number that is another study's in the RIS: the label is that
+    study's, so the copy adds no line (two lines with two groups would be a conflict)."""
+    written: set[str] = set()
+    with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["accession_number", "diagnosis"])
-        for pt in cleaned:
+        for pt in patients:
             for st in pt.studies:
+                if Fault.DUPLICATE_ACCESSION in st.faults or st.accession_number in written:
+                    continue
+                written.add(st.accession_number)
                 w.writerow([st.accession_number, pt.group])
-    return CohortResult(truth=truth, out_dir=out_dir, truth_file=truth_file)
 
 
 _WORKER_MODEL: HeadModel | None = None
