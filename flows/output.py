@@ -18,7 +18,15 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -98,6 +106,20 @@ def json_only_on_stdout(enabled: bool) -> Iterator[None]:
         _document = None
 
 
+#: the width of a report written off a terminal (a file, a pipe, a CI log): rich's default
+#: of 80 columns cut table cells ("pseudo...", a problem file's path lost); no report line is
+#: this long, so tables keep every character
+DOCUMENT_WIDTH = 1000
+
+
+def stdout_console() -> Console:
+    """The console a command's report is printed on: the terminal's width on a terminal (or
+    $COLUMNS where set), else :data:`DOCUMENT_WIDTH`, so that tables are never cut."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=DOCUMENT_WIDTH)
+
+
 def cell(value: object, style: str = "") -> Text:
     """A table cell from data (file names, DICOM values): control characters escaped and
     square brackets shown, not read as rich markup. A file name holding a newline and escape
@@ -114,12 +136,41 @@ class SafeTable(Table):
 
 
 def progress_bar(err: Console, what: str) -> Progress:
-    """The progress bar of a long command, on stderr (gone when it ends)."""
+    """The progress bar of a long command, on stderr (gone when it ends): done / total, time
+    spent and, once a total is known, time left."""
     return Progress(
         TextColumn(what),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err,
         transient=True,
     )
+
+
+class Counter:
+    """One task of a progress bar, as the folder steps report to it: ``expect(total)`` once
+    they know how many items there are (after walking the folder), ``advance(n)`` per item
+    done. A folder command shows "12/40", not "12/?"."""
+
+    def __init__(self, bar: Progress, name: str) -> None:
+        self._bar = bar
+        self._task: TaskID = bar.add_task(name, total=None)
+
+    def expect(self, total: int) -> None:
+        self._bar.update(self._task, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self._bar.advance(self._task, n)
+
+    def tick(self, _item: object) -> None:
+        """``advance`` by one, for callbacks handed each finished item."""
+        self.advance(1)
+
+
+@contextmanager
+def counting(err: Console, what: str) -> Iterator[Counter]:
+    """A progress bar with one :class:`Counter` (``with counting(err, "checking X") as n``)."""
+    with progress_bar(err, what) as bar:
+        yield Counter(bar, what)

@@ -19,16 +19,23 @@ Prefect cache.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
+from uuid import UUID
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from pydantic import Field
 
@@ -46,6 +53,7 @@ from cohortflow.pipelines.retrieve.config import (
 from cohortflow.pipelines.retrieve.engine import RetrieveSummary
 from cohortflow.pipelines.run import steps
 from cohortflow.pipelines.run.outcome import RunSummary, finish, start
+from cohortflow.pipelines.run.progress import RunProgress
 from cohortflow.pipelines.select.query import SelectionResult, record_selection
 
 
@@ -250,10 +258,14 @@ def process_studies(
     config: Path | None = None,
 ) -> list[steps.StepResult]:
     """Anonymize, deface, check, convert and measure each study of a selection (concurrently on
-    the flow's task runner), then judge QC outliers over the run."""
+    the flow's task runner), then judge QC outliers over the run. Progress (studies done per
+    stage, the rate, the time left) goes to stderr and to a Prefect progress artifact as each
+    study finishes a stage."""
     ctx = steps.RunContext(load_settings(config), protocol, selection_id, run_id, profile)
     keys = plan_task(ctx, max_studies)
     last: list[PrefectFuture[steps.StepResult]] = []
+    every: list[PrefectFuture[Any]] = []
+    stage_of: dict[int, str] = {}  # by id(): a future need not be hashable
     for key in keys:
         # a future as an argument: Prefect waits for it and passes its result (untyped there)
         anonymized = anonymize_task.submit(ctx, key)
@@ -261,10 +273,52 @@ def process_studies(
         checked = qc_task.submit(ctx, defaced)
         converted = convert_task.submit(ctx, checked)  # type: ignore[call-overload]
         measured = volumetry_task.submit(ctx, converted)
-        last.append(release_task.submit(ctx, measured))  # type: ignore[call-overload]
+        released = release_task.submit(ctx, measured)  # type: ignore[call-overload]
+        last.append(released)
+        chain = (anonymized, defaced, checked, converted, measured, released)
+        every.extend(chain)
+        stage_of.update({id(f): stage for stage, f in zip(RUN_STAGES, chain, strict=True)})
+    _follow(protocol, every, stage_of, RunProgress(len(keys), RUN_STAGES))
     results = [future.result() for future in last]
     cohort_qc_task(ctx)
     return results
+
+
+#: the stages each study of a run goes through, in order (``process_studies``)
+RUN_STAGES = ("anonymize", "deface", "qc", "convert", "volumetry", "release")
+
+
+def _follow(
+    protocol: str,
+    futures: list[PrefectFuture[Any]],
+    stage_of: dict[int, str],
+    progress: RunProgress,
+) -> None:
+    """Report ``progress`` as the futures finish: a line on stderr per change and the run's
+    progress artifact (counts only: nothing that names a study)."""
+    artifact = cast(
+        "UUID",
+        create_progress_artifact(
+            0.0,
+            key=f"progress-{protocol}".lower().replace("_", "-")[:100],
+            description=f"Protocol {protocol}: {progress.line()}",
+        ),
+    )
+    _say(f"run {protocol}: {progress.total} studies")
+    for future in as_completed(futures):
+        progress.finished(stage_of[id(future)])
+        line = progress.line()
+        _say(f"run {protocol}: {line}")
+        update_progress_artifact(
+            artifact, 100.0 * progress.fraction, f"Protocol {protocol}: {line}"
+        )
+
+
+def _say(line: str) -> None:
+    """A progress line on stderr (the command line forces Prefect's own logging to warnings;
+    a worker keeps its stderr in its log)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 @task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)

@@ -238,3 +238,19 @@ def test_a_configuration_error_in_json_is_a_document(
     assert main(["--config", str(bad), "status", "--json"]) == 2
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["kind"] == "configuration" and error["exit"] == 2 and error["message"]
+
+
+def test_reports_off_a_terminal_keep_every_character_of_a_table_cell(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rich's default of 80 columns off a terminal cut an ingest report's paths and cohort
+    # list's pseudonyms ("pseudo..."); a report written to a file or a pipe keeps them whole
+    from cohortflow.flows.output import SafeTable, stdout_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    path = "/data/incoming/" + "/".join(f"series-{i:03d}" for i in range(20)) + "/IM0001.dcm"
+    table = SafeTable("file", "reason")
+    table.add_row(path, "truncated: the pixel data ends 1,024 bytes early")
+    stdout_console().print(table)
+    out = capsys.readouterr().out
+    assert path in out and "1,024 bytes early" in out and "…" not in out

@@ -741,6 +741,24 @@ def test_one_failing_series_never_stops_the_others(tmp_path: Path, protocols: Pr
     assert only(report, "t1_mprage_sag_p2_iso").verdict is Verdict.PASS
 
 
+def test_a_folder_run_announces_its_total_before_the_first_series(
+    tmp_path: Path, protocols: ProtocolSet
+) -> None:
+    # the command line's progress shows "1/2", not "1/?": the total comes once the folder is
+    # read, before any series is done, and matches the series reported
+    write_study(tmp_path / "in", new_study(), [Spec(), FLAIR])
+    heard: list[object] = []
+    convert_folder(
+        tmp_path / "in",
+        tmp_path / "out",
+        protocols,
+        every_series=True,
+        progress=lambda item: heard.append("done"),
+        expect=lambda n: heard.append(n),
+    )
+    assert heard == [2, "done", "done"]
+
+
 def test_both_converters_failing_fails_the_series_with_both_reasons(
     tmp_path: Path, protocols: ProtocolSet
 ) -> None:

@@ -75,6 +75,22 @@ def test_a_transfer_syntax_uid_that_is_no_transfer_syntax_stops_nothing(tmp_path
     assert _outcomes(report) == {"bad.dcm": ("skipped", "corrupt")}
 
 
+def test_anonymize_announces_its_file_total_before_the_first_chunk(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bad.dcm").write_bytes(_mr(meta_TransferSyntaxUID="1.2.3.4"))
+    (src / "good.dcm").write_bytes(_mr())
+    (src / "notes.txt").write_text("not DICOM")
+    heard: list[object] = []
+    _anonymize(
+        src,
+        tmp_path / "out",
+        progress=lambda n: heard.append(("done", n)),
+        expect=lambda n: heard.append(n),
+    )
+    assert heard == [3, ("done", 3)]  # every file counts, skipped ones too
+
+
 def test_a_fifo_does_not_hang_anonymize(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()

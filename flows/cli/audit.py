@@ -21,6 +21,7 @@ from cohortflow.flows.output import (
     add_json,
     cell,
     progress_bar,
+    stdout_console,
     write_json,
 )
 from cohortflow.models.settings import Settings
@@ -152,7 +153,7 @@ def _phi_scan(args: argparse.Namespace, settings: Settings, err: Console) -> int
                 table.add_column(name)
             for h in report.hits:
                 table.add_row(h.path, h.place, h.kind, h.pseudonym)
-            Console().print(table)
+            stdout_console().print(table)
         err.print(
             f"{report.files} files of {report.patients} patients searched for "
             f"{len(wanted)} identifiers: {len(report.hits)} found"
@@ -237,5 +238,5 @@ def _reidentify(args: argparse.Namespace, settings: Settings, err: Console) -> i
         table.add_column("value")
         for name, value in result.items():
             table.add_row(name, "" if value is None else str(value))
-        Console().print(table)
+        stdout_console().print(table)
     return EXIT_OK

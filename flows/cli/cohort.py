@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from cohortflow.flows.cli.common import open_index, steward_login
-from cohortflow.flows.output import EXIT_OK, EXIT_USAGE, SafeTable, add_json, document, write_json
+from cohortflow.flows.output import (
+    EXIT_OK,
+    EXIT_USAGE,
+    SafeTable,
+    add_json,
+    document,
+    stdout_console,
+    write_json,
+)
 from cohortflow.models.settings import Settings
 from cohortflow.models.spreadsheet import neutralised
 
@@ -192,7 +200,7 @@ def _count(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         write_json(result.as_dict())
         return EXIT_OK
-    print_counts(result, Console())
+    print_counts(result, stdout_console())
     return EXIT_OK
 
 
@@ -283,7 +291,7 @@ def _list(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         table.add_column(name)
     for row in found.rows:
         table.add_row(*("" if row[c] is None else str(row[c]) for c in shown))
-    Console().print(table)
+    stdout_console().print(table)
     if found.total > found.offset + len(found.rows):
         err.print(
             f"rows {found.offset + 1}-{found.offset + len(found.rows)} of {found.total}: "
@@ -333,7 +341,7 @@ def _saved(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         where = ", ".join(f"{k}={v}" for k, v in c.filters.items())
         table.add_row(c.name, str(c.patients), str(c.studies), str(c.series), where,
                       c.created_by, f"{c.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
-    Console().print(table)
+    stdout_console().print(table)
     return EXIT_OK
 
 

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from cohortflow.flows.cli.common import audit_read, emit, fault_rate, open_index
-from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    progress_bar,
+    stdout_console,
+)
 from cohortflow.models.settings import Settings
 from cohortflow.models.synth import DEFAULT_FAULT_RATES, Fault, SynthConfig
 
@@ -149,7 +156,7 @@ def _synth(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             payload["pacs"] = asdict(loaded)
         emit(args, payload)
     else:
-        print_summary(summary, Console(), f"synthetic cohort in {args.out}")
+        print_summary(summary, stdout_console(), f"synthetic cohort in {args.out}")
     return EXIT_FAILURES if loaded is not None and loaded.failed else EXIT_OK
 
 
@@ -215,7 +222,7 @@ def _ingest(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             {"ingest": outcome.model_dump(mode="json"), "report": report.model_dump(mode="json")},
         )
     else:
-        print_batch_report(report, Console())
+        print_batch_report(report, stdout_console())
         err.print(
             f"ingested {outcome.seen} files in {outcome.seconds:.1f} s "
             f"({outcome.files_per_second:.0f} files/s): {outcome.processed} read, "
@@ -235,7 +242,7 @@ def _verify(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, report.model_dump(mode="json"))
     else:
-        print_verify_report(report, Console())
+        print_verify_report(report, stdout_console())
     return EXIT_FAILURES if report.failed else EXIT_OK
 
 
@@ -249,5 +256,5 @@ def _report(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, report.model_dump(mode="json"))
     else:
-        print_batch_report(report, Console())
+        print_batch_report(report, stdout_console())
     return EXIT_FAILURES if report.failed else EXIT_OK

@@ -12,7 +12,14 @@ from typing import Any
 from rich.console import Console
 
 from cohortflow.flows.cli.common import add_protocols_file, audit_read, date, emit, open_index
-from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    progress_bar,
+    stdout_console,
+)
 from cohortflow.models.settings import Settings
 
 
@@ -120,7 +127,7 @@ def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, state)
     elif args.action == "status":
-        Console().print(
+        stdout_console().print(
             f"Orthanc {'running, pid ' + str(pid) if pid else 'not running'}: "
             f"{config.aet}@127.0.0.1:{config.dicom_port}, {state['http_url']}, {config.folder}"
         )
@@ -165,7 +172,7 @@ def _select(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, selection_json(result, selection_id, dry_run=args.dry_run))
     else:
-        print_selection(result, Console(), dry_run=args.dry_run)
+        print_selection(result, stdout_console(), dry_run=args.dry_run)
         if selection_id is not None:
             err.print(f"stored as selection {selection_id}: `cohortflow retrieve` fetches it")
     return EXIT_OK
@@ -205,7 +212,7 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
     if args.json:
         emit(args, asdict(outcome))
     else:
-        print_retrieval(outcome, Console())
+        print_retrieval(outcome, stdout_console())
     return EXIT_OK if outcome.state == "complete" else EXIT_FAILURES
 
 

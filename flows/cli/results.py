@@ -21,6 +21,7 @@ from cohortflow.flows.output import (
     EXIT_USAGE,
     add_json,
     document,
+    stdout_console,
     write_json,
 )
 from cohortflow.models.settings import Settings
@@ -370,7 +371,7 @@ def _compare(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         write_json(result.as_dict() | {"plot": str(plot), "labels_conflicting": conflicts})
     else:
-        print_comparison(result, Console())
+        print_comparison(result, stdout_console())
         err.print(f"box plot: {plot}")
     return EXIT_OK
 
@@ -391,7 +392,7 @@ def _longitudinal(args: argparse.Namespace, settings: Settings, err: Console) ->
     if args.json:
         write_json(result.as_dict() | {"plot": str(plot), "labels_conflicting": conflicts})
     else:
-        print_longitudinal(result, Console())
+        print_longitudinal(result, stdout_console())
         err.print(f"trajectories: {plot}")
     return EXIT_OK
 
@@ -450,7 +451,7 @@ def _users_list(args: argparse.Namespace, settings: Settings, err: Console) -> i
     else:
         for a in found:
             state = "locked" if a.locked else "active" if a.active else "disabled"
-            Console().print(f"{a.username}\t{a.role}\t{state}")
+            stdout_console().print(f"{a.username}\t{a.role}\t{state}")
     return EXIT_OK
 
 

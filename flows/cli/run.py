@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from cohortflow.flows.cli.common import date, emit, open_index
-from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json
+from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, stdout_console
 from cohortflow.models.settings import Settings
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, run_json(summary))
     else:
-        print_run_summary(summary, Console())
+        print_run_summary(summary, stdout_console())
         err.print(f"outputs under {settings.outputs / args.protocol}")
     rates = summary.rates
     return EXIT_OK if rates.t1_with_biomarkers == rates.t1_series else EXIT_FAILURES
@@ -172,7 +172,7 @@ def _status(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     if args.json:
         emit(args, {"protocols": [o.as_dict() for o in outcomes]})
     else:
-        console = Console()
+        console = stdout_console()
         if not outcomes:
             err.print("no protocol has been selected yet: `cohortflow run PROTOCOL` starts one")
         for outcome in outcomes:
@@ -224,7 +224,7 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             },
         )
     else:
-        console = Console()
+        console = stdout_console()
         print_summary(summary, console, f"cohortflow demo: synthetic cohort in {out}")
         print_run_summary(run, console)
         if comparison is not None:

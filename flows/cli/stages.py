@@ -11,7 +11,14 @@ from typing import Any
 from rich.console import Console
 
 from cohortflow.flows.cli.common import add_no_record, add_protocol_options, emit, open_index
-from cohortflow.flows.output import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, add_json, progress_bar
+from cohortflow.flows.output import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_json,
+    counting,
+    stdout_console,
+)
 from cohortflow.models.settings import Settings
 
 
@@ -118,27 +125,33 @@ def add_commands(sub: Any) -> None:
     volumetry.set_defaults(handler=_volumetry)
 
 
-def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from cohortflow.pipelines.anonymize.files import anonymize_configured
-
+def _folders_refused(args: argparse.Namespace, err: Console, source_name: str = "") -> int | None:
+    """The checks every folder command makes before any work: SOURCE is a folder and, for a
+    command that writes (``source_name`` names SOURCE in its usage), OUT_DIR does not lie
+    inside it. EXIT_USAGE with the reason on stderr, or None."""
     if not args.source.is_dir():
         err.print(f"[red]usage error:[/red] {args.source} is not a folder")
         return EXIT_USAGE
-    if args.out.resolve().is_relative_to(args.source.resolve()):
-        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
+    if source_name and args.out.resolve().is_relative_to(args.source.resolve()):
+        err.print(f"[red]usage error:[/red] OUT_DIR must not lie inside {source_name}")
         return EXIT_USAGE
-    with (
-        open_index(settings) as index,
-        progress_bar(err, f"de-identifying {args.source}") as bar,
-    ):
-        task = bar.add_task("anonymize", total=None)
+    return None
+
+
+def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> int:
+    from cohortflow.pipelines.anonymize.files import anonymize_configured
+
+    if (refused := _folders_refused(args, err, "IN_DIR")) is not None:
+        return refused
+    with open_index(settings) as index, counting(err, f"de-identifying {args.source}") as n:
         run = anonymize_configured(
             settings,
             args.source,
             args.out,
             index,
             profile=args.profile,
-            progress=lambda n: bar.advance(task, n),
+            progress=n.advance,
+            expect=n.expect,
         )
     report, deidentifier = run.report, run.deidentifier
     payload = {
@@ -155,7 +168,7 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
     if args.json:
         emit(args, payload)
     else:
-        console = Console()
+        console = stdout_console()
         console.print(
             f"{report.written} files de-identified into {args.out} ({len(report.linkage)} "
             f"patients, profile {deidentifier.profile.name}, PS3.15 "
@@ -170,20 +183,16 @@ def _anonymize(args: argparse.Namespace, settings: Settings, err: Console) -> in
 def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from cohortflow.pipelines.deface.folder import deface_configured
 
-    if not args.source.is_dir():
-        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
-        return EXIT_USAGE
-    if args.out.resolve().is_relative_to(args.source.resolve()):
-        err.print("[red]usage error:[/red] OUT_DIR must not lie inside IN_DIR")
-        return EXIT_USAGE
-    with progress_bar(err, f"defacing {args.source}") as bar:
-        task = bar.add_task("deface", total=None)
+    if (refused := _folders_refused(args, err, "IN_DIR")) is not None:
+        return refused
+    with counting(err, f"defacing {args.source}") as n:
         report = deface_configured(
             settings,
             args.source,
             args.out,
             previews=args.previews,
-            progress=lambda _: bar.advance(task, 1),
+            progress=n.tick,
+            expect=n.expect,
         )
     failed = report.with_status("failed")
     if args.json:
@@ -198,7 +207,7 @@ def _deface(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             },
         )
     else:
-        console = Console()
+        console = stdout_console()
         console.print(
             f"{len(report.with_status('defaced'))} series defaced into {args.out}, "
             f"{len(report.with_status('excluded'))} excluded, {len(failed)} failed"
@@ -218,11 +227,9 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from cohortflow.pipelines.quality.folder import qc_configured
     from cohortflow.qc.findings import Verdict
 
-    if not args.source.is_dir():
-        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
-        return EXIT_USAGE
-    with open_index(settings) as index, progress_bar(err, f"checking {args.source}") as bar:
-        task = bar.add_task("qc", total=None)
+    if (refused := _folders_refused(args, err)) is not None:
+        return refused
+    with open_index(settings) as index, counting(err, f"checking {args.source}") as n:
         report = qc_configured(
             settings,
             args.source,
@@ -230,12 +237,13 @@ def _qc(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             protocol=args.protocol,
             protocols_file=args.protocols,
             record=not args.no_record,
-            progress=lambda _: bar.advance(task, 1),
+            progress=n.tick,
+            expect=n.expect,
         )
     if args.json:
         emit(args, qc_json(report))
     else:
-        print_qc_report(report, Console())
+        print_qc_report(report, stdout_console())
     return EXIT_FAILURES if report.with_verdict(Verdict.FAIL) else EXIT_OK
 
 
@@ -246,15 +254,10 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     from cohortflow.pipelines.convert.folder import convert_configured
     from cohortflow.pipelines.convert.results import report_json
 
-    if not args.source.is_dir():
-        err.print(f"[red]usage error:[/red] {args.source} is not a folder")
-        return EXIT_USAGE
-    if args.out.resolve().is_relative_to(args.source.resolve()):
-        err.print("[red]usage error:[/red] OUT_DIR must not lie inside SOURCE")
-        return EXIT_USAGE
+    if (refused := _folders_refused(args, err, "SOURCE")) is not None:
+        return refused
     index_context = nullcontext(None) if args.no_record else open_index(settings)
-    with index_context as index, progress_bar(err, f"converting {args.source}") as bar:
-        task = bar.add_task("convert", total=None)
+    with index_context as index, counting(err, f"converting {args.source}") as n:
         report = convert_configured(
             settings,
             args.source,
@@ -264,12 +267,13 @@ def _convert(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             protocols_file=args.protocols,
             every_series=args.every_series,
             record=not args.no_record,
-            progress=lambda _: bar.advance(task, 1),
+            progress=n.tick,
+            expect=n.expect,
         )
     if args.json:
         emit(args, report_json(report))
     else:
-        print_convert_report(report, Console(), f"convert: {args.source} -> {args.out}")
+        print_convert_report(report, stdout_console(), f"convert: {args.source} -> {args.out}")
         if report.dcm2niix_problem:
             err.print(f"[yellow]{report.dcm2niix_problem}[/yellow]")
     return EXIT_FAILURES if report.failed else EXIT_OK
@@ -287,8 +291,7 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
         return EXIT_USAGE
     out = args.out or settings.outputs / "volumetry"
     index_context = nullcontext(None) if args.no_record else open_index(settings)
-    with index_context as index, progress_bar(err, f"measuring {args.source}") as bar:
-        task = bar.add_task("volumetry", total=None)
+    with index_context as index, counting(err, f"measuring {args.source}") as n:
         report = volumetry_configured(
             settings,
             args.source,
@@ -297,13 +300,14 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
             protocol=args.protocol,
             protocols_file=args.protocols,
             record=not args.no_record,
-            progress=lambda _: bar.advance(task, 1),
+            progress=n.tick,
+            expect=n.expect,
         )
     if args.json:
         emit(args, report_json(report))
     else:
         title = f"volumetry: {args.source}"
-        print_volumetry_report(report, Console(), title, out / "overlays")
+        print_volumetry_report(report, stdout_console(), title, out / "overlays")
     failed = report.with_verdict(Verdict.FAIL) or report.not_measured
     if not report.results and not report.not_measured:
         err.print(f"[yellow]no 3D T1 to measure in {args.source}[/yellow]")

@@ -238,6 +238,7 @@ def anonymize_folder(
     chunk_size: int = 64,
     archive: ArchiveStore | None = None,
     commit: Callable[[list[LinkageRecord]], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> FolderReport:
     """De-identify every file under ``source`` (in ``workers`` processes when more than one).
     Symbolic links are not followed, except into ``archive``: a protocol run stages a study
@@ -278,6 +279,8 @@ def anonymize_folder(
 
     # ingest's walk: name order, symlinked folders not followed, an unlistable folder reported
     paths = [Path(c.path) for c in walk([source], stat=False)]
+    if expect is not None:
+        expect(len(paths))  # ``progress`` hears of the files done, chunk by chunk
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if workers <= 1:
         for number, chunk in enumerate(chunks):
@@ -356,6 +359,7 @@ def anonymize_configured(
     index: IndexDB,
     profile: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> ConfiguredRun:
     """De-identify with the project's key and profile, one process per core, and record the
     linkage (identified side, audited) in the index."""
@@ -376,5 +380,6 @@ def anonymize_configured(
         progress=progress,
         workers=settings.worker_count,
         commit=commit,
+        expect=expect,
     )
     return ConfiguredRun(report, deidentifier, new)

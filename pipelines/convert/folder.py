@@ -77,6 +77,7 @@ def convert_configured(
     dcm2niix: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[ConvertedSeries | NotTaken], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> ConvertReport:
     """Convert with the project's protocols; record a ``convert`` stage result per series in
     the archive index (when given and ``record``)."""
@@ -94,6 +95,7 @@ def convert_configured(
         dcm2niix=dcm2niix,
         timeout=timeout,
         progress=progress,
+        expect=expect,
     )
     if index is not None and record:
         cleaners = {r.series: r.identified for r in report.series if r.identified is not None}
@@ -117,10 +119,13 @@ def convert_folder(
     dcm2niix: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[ConvertedSeries | NotTaken], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> ConvertReport:
     """Convert the series the protocol selects (``every_series``: every MR image series) of
     every study under ``source`` into ``out``. ``dcm2niix`` names the executable (default:
-    beside the interpreter, else on PATH); ``timeout`` bounds one dcm2niix run."""
+    beside the interpreter, else on PATH); ``timeout`` bounds one dcm2niix run; ``progress``
+    hears of each series as it is done, ``expect`` of how many there are once the folder is
+    read."""
     try:
         tool: Dcm2niix | None = find_dcm2niix(dcm2niix)
         problem = None
@@ -129,6 +134,8 @@ def convert_folder(
         log.warning("convert: %s; SimpleITK converts every series", exc.message)
     skipped: list[SkippedFile] = []
     studies = index_folder(source, skipped, keep_damaged=True)
+    if expect is not None:
+        expect(sum(len(series) for series in studies.values()))
     plans: list[PlannedSeries] = []
     not_converted: list[NotTaken] = []
     for study_uid, series in studies.items():

@@ -128,10 +128,15 @@ def deface_folder(
     is_reference: ReferenceRule,
     previews: Path | None = None,
     progress: Callable[[SeriesOutcome], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> DefaceReport:
-    """Deface the series of every study under ``source`` into ``out_root``."""
+    """Deface the series of every study under ``source`` into ``out_root``; ``progress``
+    hears of each series as it is done, ``expect`` of how many there are once the folder is
+    read."""
     report = DefaceReport()
     studies = index_folder(source, report.skipped)
+    if expect is not None:
+        expect(sum(len(series) for series in studies.values()))
     for study_uid, series in studies.items():
         outcomes, fit = deface_study(
             study_uid, series, out_root, template, settings, is_reference, previews
@@ -151,6 +156,7 @@ def deface_configured(
     out_root: Path,
     previews: Path | None = None,
     progress: Callable[[SeriesOutcome], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> DefaceReport:
     """Deface with the project's settings: its protocols' reference rule, the cached template."""
     from cohortflow.pipelines.atlas.template import load_template
@@ -163,7 +169,9 @@ def deface_configured(
             settings.cache, policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm
         ).keeping_fits(settings.fits)
     )
-    return deface_folder(source, out_root, template, policy, is_reference, previews, progress)
+    return deface_folder(
+        source, out_root, template, policy, is_reference, previews, progress, expect
+    )
 
 
 def deface_study(

@@ -130,13 +130,17 @@ def qc_folder(
     history: History | None = None,
     progress: Callable[[SeriesQc | NotTaken], None] | None = None,
     fits: Mapping[str, HeadFit] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> QcReport:
     """Check every series of every study under ``source``. ``template`` loads the brain
     template on first need (folders without a T1 never pay for it); ``progress`` hears of each
     series as it is done (before the outlier comparison, which needs them all); ``fits``: the
-    heads defacing fitted, by frame of reference (image QC places its brain mask with them)."""
+    heads defacing fitted, by frame of reference (image QC places its brain mask with them);
+    ``expect`` hears how many series there are once the folder is read."""
     report = QcReport()
     studies = index_folder(source, report.skipped, keep_damaged=True)
+    if expect is not None:
+        expect(sum(len(series) for series in studies.values()))
     # a folder holding one series' files is that series, not its study: the study-level check
     # (are the required series there?) cannot be made
     single_series = len(studies) == 1 and all(
@@ -432,6 +436,7 @@ def qc_configured(
     protocols_file: Path | None = None,
     record: bool = True,
     progress: Callable[[SeriesQc | NotTaken], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> QcReport:
     """QC with the project's settings: its protocols, known scanners and cached brain template;
     compared with the series in the archive index (when given) and recorded there (when
@@ -457,7 +462,9 @@ def qc_configured(
             with db.session() as session:
                 return cohort_metrics(session, IMAGE, protocol, manufacturer, model, here)
 
-    report = qc_folder(source, protocols, scanners, template, protocol, history, progress)
+    report = qc_folder(
+        source, protocols, scanners, template, protocol, history, progress, expect=expect
+    )
     if index is not None and record:
         cleaners = {r.series: r.identified for r in report.series if r.identified is not None}
         rows = for_deidentified_side(

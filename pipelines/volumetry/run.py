@@ -285,8 +285,10 @@ def volumetry_configured(
     record: bool = True,
     params: Parameters | None = None,
     progress: Callable[[VolumetryResult], None] | None = None,
+    expect: Callable[[int], None] | None = None,
 ) -> VolumetryReport:
-    """Measure every T1 of ``source`` (converting DICOM first) and record the results."""
+    """Measure every T1 of ``source`` (converting DICOM first) and record the results;
+    ``progress`` hears of each T1 measured, ``expect`` of how many there are."""
     p = params or Parameters()
     sources = nifti_sources(source)
     not_measured: list[tuple[str, str, str]] = []
@@ -311,6 +313,8 @@ def volumetry_configured(
     from cohortflow.pipelines.dicom.protocols import load_protocols
 
     protocols = load_protocols(protocols_file or settings.protocols_file)
+    if expect is not None:
+        expect(len(sources))
     results = measure_all(
         sources,
         lambda: load_atlas(settings.cache, settings.fits),
