@@ -375,7 +375,25 @@ def protocol_flow(
 
     With ``cohort`` (a saved cohort's name), the studies are exactly the cohort's: the
     protocol's series rules decide on the archived ones from the index, the PACS is asked for
-    the others (not with ``retrieve=False``), and the date range is not used."""
+    the others (not with ``retrieve=False``), and the date range is not used.
+
+    Args:
+        protocol: The protocol of protocols.yaml whose studies are selected (dementia, ms,
+            open).
+        date_from: First study date searched (default: date_to minus lookback_days).
+        date_to: Last study date searched (default: today).
+        lookback_days: Days searched back from date_to when date_from is not given.
+        max_studies: Process at most this many studies (default: all selected).
+        profile: De-identification profile file (default: the shipped PS3.15 profile).
+        method: How studies are fetched: move (to cohortflow's storage SCP), get or dicomweb
+            (default: settings retrieve.method).
+        retrieve: Fetch from the PACS; false processes what the archive holds already.
+        dask_address: An existing Dask scheduler, tcp://host:8786 (default: settings, else a
+            local cluster).
+        workers: Worker processes of the local Dask cluster (default: settings).
+        config: A cohortflow settings file (default: $COHORTFLOW_CONFIG or the data folder's).
+        cohort: A saved cohort's name: exactly its studies, no date range.
+    """
     settings = load_settings(config)
     date_to = date_to or dt.date.today()
     date_from = date_from or date_to - dt.timedelta(days=lookback_days)

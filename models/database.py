@@ -145,14 +145,94 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         command.upgrade(_alembic_config(connection), revision)
 
 
-def open_index(url: str, *, upgrade: bool = True) -> IndexDB:
-    """Open the index at ``url``, migrating it to the newest schema unless ``upgrade`` is False.
+@dataclass(frozen=True)
+class SchemaState:
+    """Where an index's schema stands against this version of cohortflow."""
+
+    #: the database, its password hidden
+    shown: str
+    dialect: str
+    #: the revision stamped in the index; None for an empty database
+    current: str | None
+    #: the newest revision this version of cohortflow ships
+    head: str
+    #: False when ``current`` is no revision this version knows (a newer cohortflow made it)
+    known: bool
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.head
+
+    @property
+    def behind(self) -> bool:
+        """An index holding data at an older schema: migrating it changes its tables."""
+        return self.current is not None and self.known and not self.at_head
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "index": self.shown,
+            "dialect": self.dialect,
+            "current": self.current,
+            "head": self.head,
+            "at_head": self.at_head,
+            "newer": not self.known,
+        }
+
+
+def _shown(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this version of cohortflow ships."""
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
+
+
+def schema_state(engine: Engine) -> SchemaState:
+    """The index's revision and this version's head (IndexDatabaseError if unreachable)."""
+    shown = engine.url.render_as_string(hide_password=True)
+    database = engine.url.database
+    sqlite_file = engine.dialect.name == "sqlite" and database and database != ":memory:"
+    if sqlite_file and not Path(str(database)).is_file():  # connecting would make it
+        return SchemaState(shown, "sqlite", None, head_revision(), known=True)
+    try:
+        current = current_revision(engine)
+    except OperationalError as exc:
+        raise IndexDatabaseError(f"cannot open the index {shown}: {exc.orig}") from exc
+    except SQLAlchemyError as exc:
+        raise IndexDatabaseError(f"cannot open the index {shown}: {exc}") from exc
+    return SchemaState(
+        shown=shown,
+        dialect=engine.dialect.name,
+        current=current,
+        head=head_revision(),
+        known=current is None or current in known_revisions(),
+    )
+
+
+def needs_explicit_upgrade(state: SchemaState) -> bool:
+    """Whether opening the index must not migrate it on its own: a PostgreSQL index holding a
+    schema behind this version's. Such a server is shared (a run's Dask workers, the dashboard,
+    several users): its upgrade is a step of its own, backed up first (``cohortflow db
+    upgrade``). A SQLite index (one user's folder) and an empty database migrate as they
+    open."""
+    return state.behind and state.dialect != "sqlite"
+
+
+def open_index(url: str, *, upgrade: bool | None = None) -> IndexDB:
+    """Open the index at ``url``, its schema at the newest migration.
+
+    ``upgrade``: None (the default) migrates an empty database and a SQLite index, and refuses
+    a PostgreSQL index behind the newest schema (:func:`needs_explicit_upgrade`); True migrates
+    any (``cohortflow db upgrade``, after its backup); False migrates none.
 
     Raises ConfigurationError for a bad URL and IndexDatabaseError when the database cannot be
-    reached or is newer than this version of cohortflow.
+    reached, is newer than this version of cohortflow, or must be upgraded first.
     """
     engine = create_index_engine(url)
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = _shown(url)
     sessions = sessionmaker(engine, expire_on_commit=False)
     try:
         with engine.connect() as connection:
@@ -162,27 +242,25 @@ def open_index(url: str, *, upgrade: bool = True) -> IndexDB:
     except (OperationalError, ProgrammingError):
         pass  # no version table yet (or no database): the full check below explains
     try:
-        current = current_revision(engine)
-        head = head_revision()
-        if current != head:
-            if not upgrade:
+        state = schema_state(engine)
+        if not state.at_head:
+            if not state.known:
                 raise IndexDatabaseError(
-                    f"the index {shown} is at schema {current or 'empty'}, not {head}; "
-                    "run any cohortflow command that writes to upgrade it"
-                )
-            from alembic.script import ScriptDirectory
-
-            known = {
-                s.revision
-                for s in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()
-            }
-            if current is not None and current not in known:
-                raise IndexDatabaseError(
-                    f"the index {shown} has schema {current}, made by a newer cohortflow; "
+                    f"the index {shown} has schema {state.current}, made by a newer cohortflow; "
                     "upgrade cohortflow"
                 )
-            log.info("migrating the index %s from %s to %s", shown, current or "empty", head)
+            if upgrade is False or (upgrade is None and needs_explicit_upgrade(state)):
+                raise IndexDatabaseError(
+                    f"the index {shown} is at schema {state.current or 'empty'}, not "
+                    f"{state.head}: run `cohortflow db upgrade` (it backs the index up first, "
+                    "then migrates it; stop the dashboard, workers and runs using it meanwhile)"
+                )
+            current = state.current or "empty"
+            log.info("migrating the index %s from %s to %s", shown, current, state.head)
             migrate(engine)
+    except IndexDatabaseError:
+        engine.dispose()
+        raise
     except OperationalError as exc:
         engine.dispose()
         raise IndexDatabaseError(f"cannot open the index {shown}: {exc.orig}") from exc

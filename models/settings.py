@@ -147,6 +147,22 @@ class FlowSettings(BaseModel):
     #: where the local cluster's Dask dashboard listens (``127.0.0.1:8787``); unset: no
     #: dashboard. It has no login and shows task names and timings: keep it on loopback.
     dask_dashboard: str | None = None
+    #: the IANA time zone of the deployments' schedules (prefect.yaml, through the Prefect
+    #: variable ``cohortflow prefect setup`` sets); unset: this machine's zone
+    timezone: str | None = None
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> FlowSettings:
+        if self.timezone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"flow.timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/London)"
+                ) from None
+        return self
 
 
 class DashboardSettings(BaseModel):
@@ -295,10 +311,11 @@ class Settings(BaseSettings):
     def identified_paths(self) -> list[Path]:
         """Everything that holds identified data and must be the owner's only: the archive, the
         index (SQLite's file, its WAL and shared memory), the restricted side (faces, the
-        anonymized but not yet defaced copy, previews), the retrieval spool, the secrets and
-        the project key's file."""
+        anonymized but not yet defaced copy, previews), the retrieval spool, the secrets, the
+        index's copies made before upgrades and the project key's file."""
         home = self.home
         paths = [self.archive, home / "restricted", home / "spool", home / "secrets"]
+        paths += [home / "backups"]
         if self.index.startswith("sqlite:///"):
             database = Path(self.index.removeprefix("sqlite:///"))
             paths += [database, Path(f"{database}-wal"), Path(f"{database}-shm")]

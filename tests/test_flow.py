@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -141,8 +142,10 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
 
 @pytest.mark.integration
 def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Path) -> None:
-    """`prefect deploy --all` from the repository against a local `prefect server start`: one
-    deployment per protocol, nightly, with the parameter schema enforced."""
+    """`cohortflow prefect setup` (twice: idempotent) then `prefect deploy --all` from the
+    repository against a local `prefect server start`: one deployment per protocol, nightly
+    and 15 minutes apart in the settings' time zone, with the parameter schema enforced and
+    described, the pull step and the `pacs` limit."""
     import json
     import os
     import signal
@@ -159,6 +162,8 @@ def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Pat
         PREFECT_HOME=str(tmp_path / "prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_API_URL=api,
+        COHORTFLOW_HOME=str(tmp_path / "home"),
+        COHORTFLOW_FLOW__TIMEZONE="Europe/Oslo",
     )
     (tmp_path / "prefect").mkdir()
     repo = Path(__file__).parent.parent
@@ -201,8 +206,25 @@ def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Pat
             assert done.returncode == 0, done.stdout + done.stderr
             return done.stdout
 
-        prefect("work-pool", "create", "cohortflow-local", "--type", "process")
+        def setup() -> dict[str, Any]:
+            done = subprocess.run(
+                [sys.executable, "-m", "cohortflow", "prefect", "setup", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+        first, again = setup(), setup()
+        assert (first["pool_outcome"], first["limit_outcome"]) == ("created", "created")
+        assert (again["pool_outcome"], again["limit_outcome"]) == ("present", "present")
+        assert again["timezone"] == "Europe/Oslo" and again["timezone_outcome"] == "present"
         prefect("--no-prompt", "deploy", "--all")
+        with urllib.request.urlopen(f"{api}/v2/concurrency_limits/tag:pacs", timeout=30) as got:
+            assert json.load(got)["limit"] == 1
         request = urllib.request.Request(
             f"{api}/deployments/filter",
             data=b"{}",
@@ -215,13 +237,23 @@ def test_prefect_deploy_creates_every_deployment_on_a_local_server(tmp_path: Pat
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
     assert {"dementia", "ms", "open"} <= set(deployments)
+    crons = {"dementia": "30 20 * * *", "ms": "45 20 * * *", "open": "0 21 * * *"}
     for name in ("dementia", "ms", "open"):
         deployment = deployments[name]
         assert deployment["enforce_parameter_schema"] is True
         assert deployment["parameters"]["protocol"] == name
         schedules = [s["schedule"] for s in deployment["schedules"]]
-        assert schedules and schedules[0]["cron"] == "30 20 * * *"
-        assert "lookback_days" in deployment["parameter_openapi_schema"]["properties"]
+        assert [(s["cron"], s["timezone"]) for s in schedules] == [(crons[name], "Europe/Oslo")]
+        properties = deployment["parameter_openapi_schema"]["properties"]
+        assert "lookback_days" in properties and properties["lookback_days"]["description"]
+        # resolved on the worker when a run starts, from the environment the units give it
+        assert deployment["pull_steps"] == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $COHORTFLOW_CODE }}"
+                }
+            }
+        ]
 
 
 @pytest.mark.slow

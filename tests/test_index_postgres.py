@@ -419,3 +419,61 @@ def test_cohort_discovery_answers_the_same_on_postgres_and_sqlite(
     assert answers[0] == answers[1]
     assert answers[0][-1] == (20, 20, 20)  # the identified layer's counts are exact
     assert all(abs(n - 20) <= NOISE_MAX + 2 and n % 5 == 0 for n in answers[0][-2])
+
+
+def test_a_postgresql_index_behind_waits_for_db_upgrade_and_backs_up_and_restores(
+    tmp_path: Path,
+    postgres: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An index of the previous version is refused by every command but `db upgrade`, which
+    pg_dumps it first; `backup` (pg_dump) restored into a new database verifies clean."""
+    import json
+
+    from cohortflow.flows.cli import main
+    from cohortflow.models.database import create_index_engine, migrate
+    from cohortflow.models.errors import IndexDatabaseError
+
+    def answer() -> dict[str, Any]:
+        return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+    url = postgres.create_database()
+    engine = create_index_engine(url)
+    migrate(engine, "0010")  # made by the previous version
+    engine.dispose()
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_INDEX_URL", url)
+    monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
+    with pytest.raises(IndexDatabaseError, match=r"run `cohortflow db upgrade`"):
+        open_index(url)
+    assert main(["status", "--json"]) == 2
+    assert "cohortflow db upgrade" in answer()["error"]["message"]
+    assert main(["db", "status", "--json"]) == 1
+    assert answer()["needs_db_upgrade"] is True
+    assert main(["db", "upgrade", "--backup", str(tmp_path / "before"), "--json"]) == 0
+    upgraded = answer()
+    assert upgraded["migrated"] and upgraded["from"] == "0010"
+    dump = tmp_path / "before" / "index.pgdump"
+    assert dump.stat().st_size > 0 and dump.stat().st_mode & 0o777 == 0o600
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for name in ("MR_small.dcm", "CT_small.dcm"):
+        shutil.copy(pydicom_file(name), drop / name)
+    assert main(["ingest", str(drop), "--workers", "1"]) == 0
+    assert main(["backup", str(tmp_path / "backup")]) == 0
+    # destroyed: an empty database in its place
+    monkeypatch.setenv("COHORTFLOW_INDEX_URL", postgres.create_database())
+    capsys.readouterr()
+    assert main(["restore", str(tmp_path / "backup"), "--json"]) == 0
+    restored = answer()
+    assert restored["dialect"] == "postgresql" and restored["revision"] == head_revision()
+    # the archive key file is the backup's; no project key was made (nothing anonymized)
+    assert {k["role"]: k["outcome"] for k in restored["keys"]} == {
+        "pseudonym": "not_in_backup",
+        "archive": "present",
+    }
+    assert main(["verify", "--json"]) == 0
+    verified = answer()
+    assert (verified["checked"], verified["ok"]) == (2, 2)

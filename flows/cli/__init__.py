@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from cohortflow.flows.cli import audit, cohort, data, pacs, results, run, stages
+from cohortflow.flows.cli import audit, cohort, data, deploy, pacs, results, run, stages
 from cohortflow.flows.cli.common import CommandParser, Handler, version
 from cohortflow.flows.output import (
     EXIT_FAILURES,
@@ -42,7 +42,7 @@ from cohortflow.pipelines.safeio import RefusedError
 __all__ = ["build_parser", "main"]
 
 #: The command groups, in the order ``cohortflow --help`` lists their commands.
-GROUPS = (data, pacs, stages, run, results, cohort, audit)
+GROUPS = (data, pacs, stages, run, results, cohort, audit, deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

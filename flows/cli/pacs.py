@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,12 @@ def add_commands(sub: Any) -> None:
         description="The project's own Orthanc under $COHORTFLOW_HOME/orthanc: loopback "
         "only, HTTP with a generated password, DICOM open to cohortflow's AE only.",
     )
-    pacs.add_argument("action", choices=("start", "stop", "status"))
+    pacs.add_argument(
+        "action",
+        choices=("start", "stop", "status", "run"),
+        help="start (in the background), stop, status, or run (in the foreground, until "
+        "stopped: for a service manager, as cohortflow-orthanc.service does)",
+    )
     add_json(pacs, "the state")
     pacs.set_defaults(handler=_pacs)
 
@@ -108,6 +115,15 @@ def _pacs(args: argparse.Namespace, settings: Settings, err: Console) -> int:
 
     config = own_orthanc(settings)
     pid = orthanc.running_pid(config.folder)
+    if args.action == "run":
+        if pid is not None:
+            err.print(f"[red]error:[/red] Orthanc already runs (pid {pid}): `cohortflow pacs stop`")
+            return EXIT_FAILURES
+        command = orthanc.foreground_command(config)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # this process becomes Orthanc: the service manager's signals reach it directly
+        os.execve(command[0], command, orthanc.environment())
     if args.action == "start" and pid is None:
         server = orthanc.OrthancServer(config).start()
         pid = server.detach()

@@ -125,6 +125,30 @@ def _binary() -> str:
     )
 
 
+def write_config(config: OrthancConfig) -> Path:
+    """Write Orthanc's configuration file into ``config.folder`` (owner-only: it holds the
+    password) and return its path."""
+    config.folder.mkdir(parents=True, exist_ok=True)
+    path = config.folder / "orthanc.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(config.as_json(), handle, indent=1)
+    return path
+
+
+def environment() -> dict[str, str]:
+    """Orthanc's environment: this process's, with TCP_NODELAY. DCMTK (Orthanc's DICOM layer)
+    disables Nagle's algorithm when it is set; without it every C-STORE response waits for a
+    delayed ACK (about 50 ms a file)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def foreground_command(config: OrthancConfig) -> list[str]:
+    """The command that runs Orthanc in the foreground on ``config`` (its file written), for a
+    service manager that supervises the process itself (``cohortflow pacs run``)."""
+    return [_binary(), str(write_config(config))]
+
+
 class OrthancServer:
     """A running Orthanc process; use as a context manager or call ``start`` and ``stop``."""
 
@@ -138,12 +162,7 @@ class OrthancServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> OrthancServer:
         folder = self.config.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "orthanc.json"
-        # the password is in the file: only the owner may read it
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self.config.as_json(), handle, indent=1)
+        path = write_config(self.config)
         logfile = open(folder / "orthanc.log", "ab")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
             [_binary(), str(path)],
@@ -151,9 +170,7 @@ class OrthancServer:
             stderr=subprocess.STDOUT,
             cwd=folder,
             start_new_session=True,
-            # DCMTK (Orthanc's DICOM layer) disables Nagle's algorithm when TCP_NODELAY is set;
-            # without it every C-STORE response waits for a delayed ACK (about 50 ms a file).
-            env={**os.environ, "TCP_NODELAY": "1"},
+            env=environment(),
         )
         logfile.close()
         deadline = time.monotonic() + timeout
