@@ -754,7 +754,7 @@ def test_a_folder_run_announces_its_total_before_the_first_series(
         protocols,
         every_series=True,
         progress=lambda item: heard.append("done"),
-        expect=lambda n: heard.append(n),
+        expect=heard.append,
     )
     assert heard == [2, "done", "done"]
 
