@@ -207,6 +207,28 @@ def test_the_volumetry_table_shows_its_verdict_in_colour_not_as_markup(tmp_path:
     assert "\x1b[" in styled  # the verdict is coloured
 
 
+def test_volumetry_says_when_its_overlays_go_where_the_dashboard_does_not_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dashboard shows pictures from under the outputs only: ``--out`` elsewhere is said."""
+    from cohortflow.pipelines.volumetry import run
+    from cohortflow.pipelines.volumetry.method import Parameters
+
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "400")  # the note on one line
+    monkeypatch.setattr(
+        run, "volumetry_configured", lambda *_, **__: run.VolumetryReport((), Parameters())
+    )
+    source = tmp_path / "empty"
+    source.mkdir()
+    main(["volumetry", str(source), "--out", str(tmp_path / "elsewhere")])
+    assert "the dashboard will not show them" in capsys.readouterr().err
+    main(["volumetry", str(source), "--out", str(tmp_path / "home" / "outputs" / "v")])
+    main(["volumetry", str(source)])
+    main(["volumetry", str(source), "--out", str(tmp_path / "elsewhere"), "--no-record"])
+    assert "the dashboard will not show them" not in capsys.readouterr().err
+
+
 def test_a_crash_exits_3_and_says_why_in_json(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

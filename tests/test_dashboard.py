@@ -20,7 +20,7 @@ from sqlalchemy import select
 from cohortflow.flows.cli.results import release_check_of
 from cohortflow.models.database import IndexDB, open_index
 from cohortflow.models.disclosure import NOISE_MAX
-from cohortflow.models.schema import AuditEntry, Review
+from cohortflow.models.schema import AuditEntry, Review, StageResult
 from cohortflow.models.settings import load_settings
 from cohortflow.models.users import authenticate, set_account
 from cohortflow.pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
@@ -139,6 +139,33 @@ def test_overview_failures_and_series_pages(site: tuple[TestClient, IndexDB, Coh
     assert page.text.count('class="tag pass"') >= 3  # the history rows
     assert client.get(f"/series/{subject.pseudo_series}/metrics.png").status_code == 200
     assert client.get("/series/2.25.999999").status_code == 404
+
+
+def test_a_picture_written_outside_the_outputs_is_said_so_not_a_broken_image(
+    site: tuple[TestClient, IndexDB, Cohort], tmp_path: Path
+) -> None:
+    """Regression: a volumetry overlay written outside ``outputs/`` (``cohortflow volumetry
+    --out`` elsewhere) was shown as a broken image."""
+    client, index, cohort = site
+    outputs = load_settings(None).outputs
+    inside, outside = outputs / "deface" / "p.png", tmp_path / "elsewhere" / "p.png"
+    for path in (inside, outside):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    uid = next(s for s in cohort.subjects if s.failed is None).pseudo_series
+    with index.session() as session:
+        for row in session.scalars(select(StageResult).where(StageResult.series_uid == uid)):
+            picture = {"deface": inside, "volumetry": outside}.get(row.stage)
+            if picture is not None:
+                row.metrics = {**(row.metrics or {}), "picture": str(picture)}
+    login(client, "rita")
+    page = client.get(f"/series/{uid}")
+    assert 'data-testid="picture-deface"' in page.text
+    assert 'data-testid="picture-volumetry"' not in page.text
+    assert 'data-testid="picture-volumetry-not-served"' in page.text
+    assert str(outside) not in page.text
+    assert client.get(f"/series/{uid}/picture/deface.png").status_code == 200
+    assert client.get(f"/series/{uid}/picture/volumetry.png").status_code == 404
 
 
 def test_a_review_is_stored_shown_counted_and_audited(

@@ -26,7 +26,6 @@ from cohortflow.models.stages import (
 from cohortflow.models.volumes import Volumes
 from cohortflow.pipelines.dicom.keys import ProjectKey
 from cohortflow.pipelines.synth.cohort import CohortResult
-from cohortflow.pipelines.volumetry.overlay import overlay, write_overlay
 from cohortflow.pipelines.volumetry.refine import refine_icv
 from cohortflow.pipelines.volumetry.segment import fit_mixture
 from cohortflow.pipelines.volumetry.verdict import judge
@@ -199,19 +198,6 @@ def test_verdict_names_each_implausible_result() -> None:
     assert _judge(skull_to_csf=0.37) == []
     assert _judge(slice_mm=5.5) == ["volumetry.thick_slices"]
     assert _judge(converged=False) == ["volumetry.not_converged"]
-
-
-def test_overlay_shows_three_planes(tmp_path: Path) -> None:
-    image, r, spacing = _skull_phantom()
-    mask = r <= 40
-    labels = np.where(mask, 2, 0).astype(np.uint8)
-    rgb = overlay(image.astype(np.float32), labels, mask, spacing)
-    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
-    assert rgb.shape[0] == 120 and rgb.shape[1] == 3 * 120 + 3 * 4
-    green = (rgb[..., 1] == 230) & (rgb[..., 0] == 0)
-    assert green.sum() > 3 * 200  # the intracranial edge is drawn on each plane
-    path = write_overlay(tmp_path / "o.png", image.astype(np.float32), labels, mask, spacing)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:

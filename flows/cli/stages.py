@@ -290,6 +290,15 @@ def _volumetry(args: argparse.Namespace, settings: Settings, err: Console) -> in
         err.print(f"[red]usage error:[/red] {args.source} does not exist")
         return EXIT_USAGE
     out = args.out or settings.outputs / "volumetry"
+    if not args.no_record and not out.resolve().is_relative_to(settings.outputs.resolve()):
+        # the dashboard serves pictures from under the outputs only (the pseudonymized side)
+        err.print(
+            f"note: the overlays go to {out / 'overlays'}, outside the outputs folder "
+            f"{settings.outputs}: the dashboard will not show them (use --out under it)",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     index_context = nullcontext(None) if args.no_record else open_index(settings)
     with index_context as index, counting(err, f"measuring {args.source}") as n:
         report = volumetry_configured(

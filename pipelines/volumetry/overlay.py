@@ -1,51 +1,189 @@
-"""Overlay pictures for the dashboard: the T1 with the intracranial edge and the tissue labels on
-three planes through the mask's centre (pure: arrays in, an RGB array out; ``write_png`` saves).
+"""The volumetry overlay a reviewer reads: outline mosaics of the T1 (pure: arrays in, an RGB
+array out; ``write_overlay`` saves it as PNG).
 
-The pictures show pseudonymized, defaced pixels only; they are drawn in voxel space with each
-axis scaled to millimetres, oriented as radiologists read them (anterior up in axial planes,
-superior up in sagittal and coronal planes) when the grid is near the canonical axes.
+Three rows, axial, coronal and sagittal, of ``SLICES`` slices each, evenly through the
+intracranial mask. Every panel is resampled to square pixels of ``PX_PER_MM`` per millimetre
+(nearest voxel: a 1 mm voxel is a visible 2 x 2 px block, and the pixels are the image's, not
+interpolated), in a grey window from the intracranial intensities. The tissue classes are drawn
+as thin outlines, never fills, so the image stays readable beneath them: the intracranial edge,
+the border between CSF and brain (pial surface, ventricles) and the border between grey and
+white matter, in colours of Okabe and Ito's colour-blind-safe palette. Each panel carries its
+orientation letters; a header gives the series' pseudonymous name, the volumes, the legend, the
+viewing convention and a 10 mm scale bar.
+
+The view is radiological (the subject's right on the picture's left), as in the deface pictures
+(``pipelines.imaging.preview``): anterior up in axial planes, superior up in coronal and
+sagittal planes, the face to the left in sagittal planes. The voxel axes must be in RAS+ order
+(``run.read_t1`` reorients every image so): axis 0 grows towards the subject's right, axis 1
+anterior, axis 2 superior.
+
+The pictures show pseudonymized pixels only; the title is whatever the caller passes, which must
+be a pseudonymous name (``run`` passes the BIDS name of the converted series).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
 
 from cohortflow.pipelines.imaging.preview import write_png
 
-#: Label colours (RGB) for CSF, GM, WM, and the intracranial edge.
-COLOURS = {1: (40, 120, 255), 2: (255, 170, 0), 3: (250, 250, 250)}
-EDGE = (0, 230, 0)
-ALPHA = 0.35
+if TYPE_CHECKING:
+    from PIL import ImageDraw, ImageFont
+
+    from cohortflow.models.volumes import Volumes
+
+#: slices per plane
+SLICES = 5
+#: pixels per millimetre: a 1 mm voxel shows as a 2 x 2 px block
+PX_PER_MM = 2.0
+#: the longest side of a panel, in pixels: a larger field of view is drawn at fewer px per mm
+#: (bounds the picture's size and memory: at most about 3 x 5 x 600 x 600 px)
+MAX_PANEL_PX = 600
+#: the space around the intracranial mask each panel shows (skull, scalp)
+MARGIN_MM = 6.0
+#: the percentiles of the intracranial intensities the grey window spans, and the headroom
+#: above the upper one (a fraction of the span): white matter shows light grey, not white, so
+#: its texture and the outlines over it stay visible
+WINDOW = (0.5, 99.5)
+HEADROOM = 0.2
+#: the most voxels the window is computed from (a regular subsample of larger images)
+WINDOW_VOXELS = 1 << 21
+
+#: outline colours, from Okabe and Ito's colour-blind-safe palette (distinct in luminance too)
+EDGE = (240, 228, 66)  # yellow: the intracranial edge
+PIAL = (86, 180, 233)  # sky blue: CSF / brain border (pial surface, ventricles)
+GMWM = (213, 94, 0)  # vermilion: grey / white matter border
+LEGEND = (
+    (EDGE, "intracranial edge"),
+    (PIAL, "CSF / brain border (pial surface, ventricles)"),
+    (GMWM, "grey / white matter border"),
+)
+CONVENTION = "radiological view: the subject's right on the picture's left"
+
+TEXT = (235, 235, 235)
+DIM = (160, 160, 160)
+FONT_PX = 14
+LETTER_PX = 14
+GAP = 6
+PAD = 8
 
 
-def _plane(
+@dataclass(frozen=True)
+class Plane:
+    """How a plane is shown: the voxel axis it is normal to, the voxel axes along the picture's
+    columns and rows, whether each runs from the high voxel index to the low, and the letters on
+    the panel's left, right, top and bottom edges."""
+
+    name: str
+    normal: int
+    cols: int
+    rows: int
+    flip_cols: bool
+    flip_rows: bool
+    letters: tuple[str, str, str, str]
+    order: str  # the slices' order, left to right
+
+
+#: radiological, for RAS+ voxel axes (0: towards the right, 1: anterior, 2: superior)
+PLANES = (
+    Plane("axial", 2, 0, 1, True, True, ("R", "L", "A", "P"), "inferior -> superior"),
+    Plane("coronal", 1, 0, 2, True, True, ("R", "L", "S", "I"), "posterior -> anterior"),
+    Plane("sagittal", 0, 1, 2, True, True, ("A", "P", "S", "I"), "left -> right"),
+)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """Where one slice is in the picture: ``plane``, its voxel ``index`` on the plane's normal
+    axis (on the grid passed in), and its box in pixels."""
+
+    plane: str
+    index: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Mosaic:
+    """The picture (rows x columns x RGB), where each slice is in it, and its scale."""
+
+    rgb: npt.NDArray[np.uint8]
+    panels: tuple[Panel, ...]
+    px_per_mm: float
+
+
+def mosaic(
     image: npt.NDArray[np.floating],
     labels: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_],
-    axis: int,
-    index: int,
     spacing: tuple[float, float, float],
-    top: float,
-) -> npt.NDArray[np.uint8]:
-    img = np.take(image, index, axis=axis)
-    lab = np.take(labels, index, axis=axis)
-    msk = np.take(mask, index, axis=axis)
-    gray = np.clip(img / max(top, 1e-6) * 255.0, 0, 255)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    for value, colour in COLOURS.items():
-        sel = lab == value
-        rgb[sel] = (1 - ALPHA) * rgb[sel] + ALPHA * np.asarray(colour, dtype=np.float64)
-    edge = msk & ~ndimage.binary_erosion(msk)
-    rgb[edge] = EDGE
-    rest = [s for a, s in enumerate(spacing) if a != axis]
-    zoom = (rest[0] / min(rest), rest[1] / min(rest), 1.0)
-    rgb = ndimage.zoom(rgb, zoom, order=0)
-    # voxel axes are RAS-ordered by the caller: show with the second axis up
-    return np.asarray(np.flipud(np.transpose(rgb, (1, 0, 2))), dtype=np.uint8)
+    volumes: Volumes | None = None,
+    title: str = "",
+    slices: int = SLICES,
+) -> Mosaic:
+    """The outline mosaic of ``image`` (RAS+ voxel axes, ``spacing`` in mm) with its ``labels``
+    (0 outside, 1 CSF, 2 GM, 3 WM) and intracranial ``mask``; ``volumes`` and ``title`` (a
+    pseudonymous name) go in the header."""
+    from PIL import Image, ImageDraw
+
+    box = _box(mask, spacing)
+    extent_mm = [(stop - start) * s for (start, stop), s in zip(box, spacing, strict=True)]
+    ppmm = min(PX_PER_MM, MAX_PANEL_PX / max(*extent_mm, 1e-6))
+    low, high = _window(image, mask)
+    font, letter_font = _font(FONT_PX), _font(LETTER_PX)
+
+    header = _header_lines(volumes, title)
+    line_px = FONT_PX + 6
+    rows_top = PAD + line_px * (len(header) + 1) + GAP  # + the legend line
+    drawn: list[tuple[Plane, int, npt.NDArray[np.uint8]]] = []
+    for plane in PLANES:
+        for index in _slice_indices(mask, box, plane.normal, slices):
+            pixels = _panel(image, labels, mask, box, spacing, plane, index, ppmm, low, high)
+            drawn.append((plane, index, pixels))
+
+    panels: list[Panel] = []
+    top = rows_top
+    for plane in PLANES:
+        row = [(i, p) for q, i, p in drawn if q is plane]
+        top += line_px  # the row's label
+        left = PAD
+        for index, pixels in row:
+            h, w = pixels.shape[:2]
+            panels.append(Panel(plane.name, index, top, left, h, w))
+            left += w + GAP
+        top += max((p.shape[0] for _, p in row), default=0) + GAP
+    height = top + PAD - GAP
+    width = max(p.left + p.width for p in panels) + PAD
+    legend_px = _legend_width(font, ppmm)
+    width = max(width, legend_px + 2 * PAD, *(int(font.getlength(t)) + 2 * PAD for t in header))
+
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for panel, (_, _, pixels) in zip(panels, drawn, strict=True):
+        canvas[panel.top : panel.top + panel.height, panel.left : panel.left + panel.width] = pixels
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    y = PAD
+    for text in header:
+        draw.text((PAD, y), text, fill=TEXT, font=font)
+        y += line_px
+    _legend(draw, font, PAD, y, ppmm)
+    for plane in PLANES:
+        first = next(p for p in panels if p.plane == plane.name)
+        label = f"{plane.name}, {plane.order}"
+        draw.text((first.left, first.top - line_px + 2), label, fill=DIM, font=font)
+        for panel in (p for p in panels if p.plane == plane.name):
+            _letters(draw, letter_font, panel, plane.letters)
+    rgb = np.asarray(picture, dtype=np.uint8)
+    return Mosaic(rgb, tuple(panels), ppmm)
 
 
 def overlay(
@@ -53,23 +191,11 @@ def overlay(
     labels: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_],
     spacing: tuple[float, float, float],
+    volumes: Volumes | None = None,
+    title: str = "",
 ) -> npt.NDArray[np.uint8]:
-    """Sagittal, coronal and axial planes side by side (voxel axes in RAS order)."""
-    centre = (
-        np.argwhere(mask).mean(axis=0).round().astype(int)
-        if mask.any()
-        else np.array(mask.shape) // 2
-    )
-    inside = image[mask] if mask.any() else image.ravel()
-    top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
-    panels = [
-        _plane(image, labels, mask, axis, int(centre[axis]), spacing, top) for axis in range(3)
-    ]
-    height = max(p.shape[0] for p in panels)
-    padded = [
-        np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0)), constant_values=0) for p in panels
-    ]
-    return np.concatenate(padded, axis=1)
+    """The outline mosaic as an RGB array (see ``mosaic``)."""
+    return mosaic(image, labels, mask, spacing, volumes, title).rgb
 
 
 def write_overlay(
@@ -78,6 +204,177 @@ def write_overlay(
     labels: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_],
     spacing: tuple[float, float, float],
+    volumes: Volumes | None = None,
+    title: str = "",
 ) -> Path:
-    write_png(path, overlay(image, labels, mask, spacing))
+    write_png(path, overlay(image, labels, mask, spacing, volumes, title))
     return path
+
+
+def _box(mask: npt.NDArray[np.bool_], spacing: tuple[float, float, float]) -> list[tuple[int, int]]:
+    """The mask's bounding box grown by ``MARGIN_MM``, per voxel axis (start, stop); the whole
+    grid for an empty mask."""
+    box = []
+    for axis, s in enumerate(spacing):
+        others = tuple(a for a in range(3) if a != axis)
+        found = np.flatnonzero(mask.any(axis=others))
+        n = mask.shape[axis]
+        if found.size == 0:
+            box.append((0, n))
+            continue
+        grow = math.ceil(MARGIN_MM / s)
+        box.append((max(0, int(found[0]) - grow), min(n, int(found[-1]) + 1 + grow)))
+    return box
+
+
+def _window(image: npt.NDArray[np.floating], mask: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """The grey window: ``WINDOW`` percentiles of the intracranial intensities (of the whole
+    image when the mask is empty), on a regular subsample of at most ``WINDOW_VOXELS``, the top
+    raised by ``HEADROOM``."""
+    step = max(1, math.ceil((image.size / WINDOW_VOXELS) ** (1 / 3)))
+    sub = image[::step, ::step, ::step]
+    inside = sub[mask[::step, ::step, ::step]]
+    values = inside if inside.size else sub.ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, WINDOW))
+    return low, high + HEADROOM * (high - low) if high > low else low + 1.0
+
+
+def _slice_indices(
+    mask: npt.NDArray[np.bool_], box: list[tuple[int, int]], axis: int, n: int
+) -> list[int]:
+    """``n`` voxel indices evenly spaced through the mask's extent along ``axis`` (ends
+    excluded: the mask's first and last slices are caps), increasing."""
+    others = tuple(a for a in range(3) if a != axis)
+    found = np.flatnonzero(mask.any(axis=others))
+    first, last = (
+        (int(found[0]), int(found[-1])) if found.size else (box[axis][0], box[axis][1] - 1)
+    )
+    positions = np.linspace(first, last, n + 2)[1:-1]
+    return sorted({round(float(p)) for p in positions})
+
+
+def _resample(
+    start: int, stop: int, spacing: float, ppmm: float, flip: bool
+) -> npt.NDArray[np.intp]:
+    """The voxel index (from ``start``) under each pixel centre along one axis."""
+    count = max(1, round((stop - start) * spacing * ppmm))
+    centres_mm = (np.arange(count) + 0.5) / ppmm
+    index = np.minimum((centres_mm / spacing).astype(np.intp), stop - start - 1)
+    return index[::-1] if flip else index
+
+
+def _panel(
+    image: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.uint8],
+    mask: npt.NDArray[np.bool_],
+    box: list[tuple[int, int]],
+    spacing: tuple[float, float, float],
+    plane: Plane,
+    index: int,
+    ppmm: float,
+    low: float,
+    high: float,
+) -> npt.NDArray[np.uint8]:
+    """One slice, resampled to square pixels (rows x columns x RGB), with its outlines."""
+    region = [slice(start, stop) for start, stop in box]
+    region[plane.normal] = slice(index, index + 1)
+    sub = tuple(region)
+    # the 2D slice indexed (rows axis, columns axis)
+    order = (plane.rows, plane.cols, plane.normal)
+    img2, lab2, msk2 = (np.transpose(a[sub], order)[..., 0] for a in (image, labels, mask))
+    r = _resample(*box[plane.rows], spacing[plane.rows], ppmm, plane.flip_rows)
+    c = _resample(*box[plane.cols], spacing[plane.cols], ppmm, plane.flip_cols)
+    pick = np.ix_(r, c)
+    img, lab, msk = img2[pick], lab2[pick], msk2[pick]
+
+    scaled = (np.asarray(img, dtype=np.float32) - low) * (255.0 / (high - low))
+    grey = np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    brain = (lab == 2) | (lab == 3)
+    # each outline is drawn on the pixels inside the structure it bounds: thin (one pixel)
+    rgb[brain & _touches(~brain)] = PIAL
+    rgb[(lab == 3) & _touches(lab == 2)] = GMWM
+    rgb[msk & _touches(~msk)] = EDGE
+    return rgb
+
+
+def _touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels with a 4-neighbour in ``where``."""
+    out = np.zeros_like(where)
+    out[1:] |= where[:-1]
+    out[:-1] |= where[1:]
+    out[:, 1:] |= where[:, :-1]
+    out[:, :-1] |= where[:, 1:]
+    return out
+
+
+def _header_lines(volumes: Volumes | None, title: str) -> list[str]:
+    name = f"volumetry of {title}" if title else "volumetry"
+    if volumes is None:
+        return [name, "volumes not measured"]
+    v = volumes
+    return [
+        name,
+        f"ICV {v.icv_ml:.0f} ml   GM {v.gm_ml:.0f} ml   WM {v.wm_ml:.0f} ml   "
+        f"CSF {v.csf_ml:.0f} ml   brain {v.brain_ml:.0f} ml   BPF {v.bpf:.3f}",
+    ]
+
+
+def _legend_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, ppmm: float) -> int:
+    texts = [t for _, t in LEGEND] + [CONVENTION, "10 mm"]
+    return int(sum(font.getlength(t) for t in texts) + len(texts) * 40 + 10 * ppmm)
+
+
+def _legend(
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    x: float,
+    y: float,
+    ppmm: float,
+) -> None:
+    """The outline colours, the viewing convention and a 10 mm scale bar, on one line."""
+    mid = y + FONT_PX // 2 + 1
+    for colour, text in LEGEND:
+        draw.line([(x, mid), (x + 18, mid)], fill=colour, width=3)
+        x += 24
+        draw.text((x, y), text, fill=TEXT, font=font)
+        x += font.getlength(text) + 16
+    draw.text((x, y), CONVENTION, fill=TEXT, font=font)
+    x += font.getlength(CONVENTION) + 16
+    bar = 10 * ppmm
+    draw.line([(x, mid), (x + bar, mid)], fill=TEXT, width=3)
+    draw.text((x + bar + 6, y), "10 mm", fill=TEXT, font=font)
+
+
+def _letters(
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    panel: Panel,
+    letters: tuple[str, str, str, str],
+) -> None:
+    """The orientation letters at the middle of the panel's left, right, top and bottom edges."""
+    left, right, top, bottom = letters
+    cx, cy = panel.left + panel.width / 2, panel.top + panel.height / 2
+    inset = 3
+
+    def put(text: str, x: float, y: float, ax: float, ay: float) -> None:
+        # (ax, ay): the point of the text's box put at (x, y), as fractions of its size
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=2)
+        at = (x - x0 - ax * (x1 - x0), y - y0 - ay * (y1 - y0))
+        draw.text(at, text, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+    put(left, panel.left + inset, cy, 0.0, 0.5)
+    put(right, panel.left + panel.width - inset, cy, 1.0, 0.5)
+    put(top, cx, panel.top + inset, 0.5, 0.0)
+    put(bottom, cx, panel.top + panel.height - inset, 0.5, 1.0)
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font (nothing is read from the system or downloaded)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size)

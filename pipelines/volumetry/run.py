@@ -180,8 +180,15 @@ def measure_source(
     overlay = None
     if overlay_dir is not None:
         t1 = time.perf_counter()
+        # source.name: the converted series' BIDS name (pseudonymous) or the file's own name
         overlay = write_overlay(
-            overlay_dir / f"{source.name}_volumetry.png", m.image, m.labels, mask, m.spacing
+            overlay_dir / f"{source.name}_volumetry.png",
+            m.image,
+            m.labels,
+            mask,
+            m.spacing,
+            m.volumes,
+            source.name,
         )
         m.seconds["overlay"] = time.perf_counter() - t1
     return VolumetryResult(

@@ -83,6 +83,13 @@ class Dashboard:
     def index(self) -> IndexDB:
         return self.opened["index"]
 
+    def picture(self, recorded: str) -> Path | None:
+        """The picture file a stage recorded, when it is served: an existing file under the
+        outputs folder (the pseudonymized side); None otherwise (written elsewhere, e.g. by
+        ``cohortflow volumetry --out`` outside it, or since removed)."""
+        path = Path(recorded).resolve()
+        return path if path.is_relative_to(self.outputs) and path.is_file() else None
+
     @contextmanager
     def db(self) -> Iterator[Session]:
         """A session whose statements stop after ``dashboard.request_seconds`` (answered 503):

@@ -6,7 +6,6 @@ their JSON under ``/api``."""
 # No ``from __future__ import annotations``: FastAPI reads the route signatures.
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -95,11 +94,15 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
     ) -> HTMLResponse:
         with board.db() as session:
             view = series_or_404(session, uid)
+        # a picture recorded but not served (written outside the outputs) is said so, not
+        # shown as a broken image
+        served = {stage: board.picture(found) is not None for stage, found in view.pictures.items()}
         return board.render(
             request,
             "series.html",
             who,
             view=view,
+            served=served,
             decisions=DECISIONS,
             can_review=who.role in REVIEW,
         )
@@ -121,9 +124,9 @@ def add_routes(router: APIRouter, board: Dashboard) -> None:
         found = view.pictures.get(stage)
         if found is None:
             raise HTTPException(404, f"no {stage} picture of series {uid}")
-        path = Path(found).resolve()
         # only pictures written under the outputs (the pseudonymized side) are served
-        if not path.is_relative_to(board.outputs) or not path.is_file():
+        path = board.picture(found)
+        if path is None:
             raise HTTPException(404, f"the {stage} picture of series {uid} is not available")
         return FileResponse(path, media_type="image/png")
 
