@@ -217,6 +217,21 @@ class CohortSettings(BaseModel):
     age_band_years: int = Field(10, ge=1, le=50)
 
 
+class BidsSettings(BaseModel):
+    """What a converted folder says about itself (``dataset_description.json``, ``README.md``):
+    the dataset's own facts, which cohortflow cannot know. Unset fields are left out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("cohortflow conversion", min_length=1)
+    #: the people who made the dataset, one per entry (BIDS ``Authors``)
+    authors: tuple[str, ...] = ()
+    #: the licence the data are shared under, an SPDX identifier where there is one (``CC0-1.0``)
+    license: str | None = None
+    #: how users of the dataset should cite it (a paper, a DOI)
+    how_to_acknowledge: str | None = None
+
+
 class Settings(BaseSettings):
     """Where cohortflow keeps its data and how it reaches the outside world."""
 
@@ -253,6 +268,8 @@ class Settings(BaseSettings):
     flow: FlowSettings = FlowSettings()
     dashboard: DashboardSettings = DashboardSettings()
     cohort: CohortSettings = CohortSettings()
+    #: What ``convert`` writes into a BIDS folder's description and README.
+    bids: BidsSettings = BidsSettings()
     #: Protocol definitions; default: the file shipped in pipelines/dicom/data.
     protocols_file: Path | None = None
     #: Worker processes for CPU-bound local work (synthesis, ingest); 0 means one per core.

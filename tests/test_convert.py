@@ -16,11 +16,13 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -38,7 +40,7 @@ from pydicom.uid import (
 from cohortflow.flows.cli import main
 from cohortflow.models.database import open_index
 from cohortflow.models.geometry import LPS_FROM_RAS, planes_of
-from cohortflow.models.settings import load_settings
+from cohortflow.models.settings import BidsSettings, load_settings
 from cohortflow.models.stages import stage_records
 from cohortflow.models.synth import CohortTruth, Fault
 from cohortflow.pipelines.convert import bids, sidecar
@@ -154,6 +156,7 @@ def _common(ds: Dataset, spec: Spec, study: Study) -> None:
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.date
     ds.StudyTime = "101500"
     ds.PatientSex = "F"
+    ds.PatientAge = "071Y"
     ds.StudyInstanceUID = study.uid
     ds.StudyDescription = study.description
     ds.SeriesInstanceUID = spec_uid(study, spec)
@@ -169,6 +172,7 @@ def _common(ds: Dataset, spec: Spec, study: Study) -> None:
     ds.PositionReferenceIndicator = ""
     ds.BodyPartExamined = "BRAIN"
     ds.PatientPosition = "HFS"
+    ds.ReceiveCoilName = "HeadNeck_20"
     ds.MRAcquisitionType = spec.acquisition
     ds.ScanningSequence = spec.scanning_sequence
     ds.SequenceVariant = spec.sequence_variant
@@ -583,7 +587,11 @@ def test_sidecar_and_nifti_header_hold_no_identifier_and_no_date(
         "CohortflowConverter",
         "CohortflowMethodVersion",
         "CohortflowSeriesKey",
+        "CohortflowDeidentified",
+        "CohortflowDefaced",
     }
+    assert meta["CohortflowDeidentified"] is False and meta["CohortflowDefaced"] is False
+    assert meta["ReceiveCoilName"] == "HeadNeck_20"
     assert not [k for k in meta if "Date" in k]
     assert {k for k in meta if "Time" in k} <= {"EchoTime", "RepetitionTime", "InversionTime"}
     with gzip.open(result.nifti) as fh:
@@ -592,7 +600,7 @@ def test_sidecar_and_nifti_header_hold_no_identifier_and_no_date(
         lower = text.lower()
         for value in (*IDENTITY.values(), "20200315", "testperson", "alice", "10:20", "102000"):
             assert value.lower().encode() not in lower, value
-    assert nib.load(result.nifti).header["descrip"].tobytes().startswith(b"cohortflow convert-1")
+    assert nib.load(result.nifti).header["descrip"].tobytes().startswith(b"cohortflow convert-2")
 
 
 def test_a_failing_dcm2niix_falls_back_to_simpleitk(tmp_path: Path, protocols: ProtocolSet) -> None:
@@ -800,6 +808,8 @@ def test_bids_layout_sessions_runs_and_idempotent_reruns(
     subject = "sub-PSEUDO0042"
     assert set(tree) == {
         "dataset_description.json",
+        "README.md",  # no participants.tsv: the input was not de-identified
+        "sessions.json",
         f"{subject}/{subject}_sessions.tsv",
         *(
             f"{subject}/ses-{ses}/anat/{subject}_ses-{ses}_{name}.{ext}"
@@ -816,7 +826,7 @@ def test_bids_layout_sessions_runs_and_idempotent_reruns(
     assert description["DatasetType"] == "raw" and description["BIDSVersion"]
     assert description["GeneratedBy"][0]["Name"] == "cohortflow"
     sessions = tree[f"{subject}/{subject}_sessions.tsv"].decode()
-    assert sessions.splitlines()[0] == "session_id\tcohortflow_study_key"
+    assert sessions.splitlines()[0] == "session_id\tcohortflow_study_key\tage"
     assert later.uid not in sessions and earlier.uid not in sessions
     # a rerun writes the same bytes and nothing else
     convert_folder(tmp_path / "in", out, protocols)
@@ -873,6 +883,227 @@ def test_sessions_are_numbered_by_date_and_kept(tmp_path: Path) -> None:
     assert bids.bids_label("MRN-0042/ä_b") == "MRN0042b"
 
 
+def test_ages_and_sexes_become_bids_values_without_detail() -> None:
+    assert [
+        bids.age_years(v) for v in ("065Y", "018M", "010W", "400D", "095Y", "", "65", None)
+    ] == [
+        65,
+        1,
+        0,
+        1,
+        90,
+        None,
+        None,
+        None,
+    ]
+    assert [bids.bids_sex(v) for v in ("M", "f ", "O", "", "X", None)] == ["M", "F", "O"] + [
+        None
+    ] * 3
+
+
+def test_an_older_sessions_file_gains_the_age_column_and_keeps_its_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "sub-X1" / "sub-X1_sessions.tsv"
+    path.parent.mkdir()
+    key = bids.hashed_key("study", "1.2.3")
+    path.write_text(f"session_id\tcohortflow_study_key\tgroup\nses-4\t{key}\tpatients\n")
+    sessions = bids.Sessions.load(tmp_path, "X1")
+    sessions.assign([("1.2.3", "20200101"), ("1.2.9", "20210101")])
+    sessions.note_age("1.2.9", 70)
+    sessions.save()
+    assert path.read_text().splitlines() == [
+        "session_id\tcohortflow_study_key\tage\tgroup",
+        f"ses-4\t{key}\tn/a\tpatients",
+        f"ses-5\t{bids.hashed_key('study', '1.2.9')}\t70\tn/a",
+    ]
+
+
+def _retag(files: Iterable[Path], **values: str) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def _bids_validator() -> Path | None:
+    beside = Path(sys.executable).with_name("bids-validator-deno")
+    found = shutil.which("bids-validator-deno")
+    return beside if beside.exists() else (Path(found) if found else None)
+
+
+def _validate(folder: Path, deno_dir: Path) -> dict[str, Any]:
+    """The BIDS validator's report on ``folder`` (JSON). Deno keeps its compile cache in
+    ``deno_dir``; nothing is fetched (the bundled schema; the tests run with no network)."""
+    validator = _bids_validator()
+    assert validator is not None
+    done = subprocess.run(
+        [str(validator), "--format", "json", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DENO_DIR": str(deno_dir), "NO_COLOR": "1"},
+        check=False,
+    )
+    assert done.stdout.startswith("{"), done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+#: The validator's warnings a converted folder keeps, by (code, subCode), and why the converter
+#: cannot clear them.
+KEPT_WARNINGS = {
+    ("JSON_KEY_RECOMMENDED", "HEDVersion"): "no HED tags: anatomical images have no events",
+    ("JSON_KEY_RECOMMENDED", "SourceDatasets"): "the source is a DICOM archive, not a dataset "
+    "with a URL or DOI",
+    **{
+        ("SIDECAR_KEY_RECOMMENDED", key): "identifies the site: left out by the sidecar allowlist"
+        for key in (
+            "InstitutionName",
+            "InstitutionAddress",
+            "InstitutionalDepartmentName",
+            "StationName",
+            "DeviceSerialNumber",
+        )
+    },
+    **{
+        ("SIDECAR_KEY_RECOMMENDED", key): "dcm2niix reads it from a vendor's private header "
+        "(Siemens CSA; allowlisted, kept when there): the synthetic series have none"
+        for key in (
+            "ReceiveCoilActiveElements",
+            "MatrixCoilMode",
+            "CoilCombinationMethod",
+            "PulseSequenceDetails",
+            "DwellTime",
+            "SliceTiming",
+        )
+    },
+    ("SIDECAR_KEY_RECOMMENDED", "SpoilingType"): "no DICOM attribute holds it; dcm2niix does "
+    "not write it",
+}
+#: Cleared by the settings' ``bids`` section (authors, licence), unset by default.
+SETTINGS_WARNINGS = {
+    ("NO_AUTHORS", "Authors"),
+    ("TOO_FEW_AUTHORS", None),
+    ("JSON_KEY_RECOMMENDED", "License"),
+}
+
+
+def _issues(report: dict[str, Any], severity: str) -> set[tuple[str, str | None]]:
+    return {
+        (issue["code"], issue.get("subCode"))
+        for issue in report["issues"]["issues"]
+        if issue["severity"] == severity
+    }
+
+
+@pytest.mark.skipif(
+    _bids_validator() is None,
+    reason="bids-validator-deno is not installed (make setup installs it with the dev extras)",
+)
+def test_a_converted_folder_passes_the_bids_validator_and_reruns_merge(
+    tmp_path: Path, protocols: ProtocolSet
+) -> None:
+    first, second = new_study("20190101", 1), new_study("20210601", 2)
+    deidentified = {"PatientIdentityRemoved": "YES"}
+    for files in write_study(tmp_path / "in" / "a", first, [Spec(), FLAIR]).values():
+        _retag(files, **deidentified)
+    later = write_study(tmp_path / "later", second, [Spec()])
+    _retag(later["t1_mprage_sag_p2_iso"], PatientAge="073Y", **deidentified)
+    other = write_study(tmp_path / "in" / "c", new_study("20200101", 3), [Spec()])
+    # another subject, defaced too, 95 years old
+    _retag(
+        other["t1_mprage_sag_p2_iso"],
+        PatientID="PSEUDO-0007",
+        PatientSex="M",
+        PatientAge="095Y",
+        RecognizableVisualFeatures="NO",
+        **deidentified,
+    )
+    out = tmp_path / "out"
+    assert not convert_folder(tmp_path / "in", out, protocols).failed
+    assert not convert_folder(tmp_path / "later", out, protocols).failed
+    a, b = "sub-PSEUDO0042", "sub-PSEUDO0007"
+    assert (out / "participants.tsv").read_text().splitlines() == [
+        "participant_id\tsex",
+        f"{b}\tM",
+        f"{a}\tF",
+    ]
+    rows = (out / a / f"{a}_sessions.tsv").read_text().splitlines()
+    assert [r.split("\t")[::2] for r in rows] == [
+        ["session_id", "age"],
+        ["ses-1", "71"],
+        ["ses-2", "73"],
+    ]
+    assert (out / b / f"{b}_sessions.tsv").read_text().splitlines()[1].endswith("\t90")
+    sidecar_b = json.loads((out / b / "ses-1" / "anat" / f"{b}_ses-1_T1w.json").read_text())
+    assert sidecar_b["CohortflowDeidentified"] is True and sidecar_b["CohortflowDefaced"] is True
+    sidecar_a = json.loads((out / a / "ses-1" / "anat" / f"{a}_ses-1_T1w.json").read_text())
+    assert sidecar_a["CohortflowDeidentified"] is True and sidecar_a["CohortflowDefaced"] is False
+    readme = (out / "README.md").read_text()
+    assert readme.startswith(bids.README_MARK) and "cohortflow" in readme
+
+    # the validator: no error; every warning either explained here or cleared by the settings
+    report = _validate(out, tmp_path / "deno")
+    assert not _issues(report, "error"), report["issues"]["issues"]
+    warnings = _issues(report, "warning")
+    assert warnings - set(KEPT_WARNINGS) == SETTINGS_WARNINGS
+    assert sorted(report["summary"]["subjects"]) == ["PSEUDO0007", "PSEUDO0042"]
+    about = BidsSettings(
+        name="Memory clinic MRI",
+        authors=("Ada Example", "Ben Example"),
+        license="CC0-1.0",
+        how_to_acknowledge="Cite doi:10.0000/example.",
+    )
+    bids.write_dataset_files(out, "9.9", about)
+    report = _validate(out, tmp_path / "deno")
+    assert not _issues(report, "error") and _issues(report, "warning") <= set(KEPT_WARNINGS)
+    assert "CC0-1.0" in (out / "README.md").read_text()
+
+    # reruns: the same bytes; someone's column, description key and README are kept
+    convert_folder(tmp_path / "later", out, protocols, about=about)
+    tree = _tree(out)
+    convert_folder(tmp_path / "in", out, protocols, about=about)
+    convert_folder(tmp_path / "later", out, protocols, about=about)
+    assert _tree(out) == tree
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["Authors"] == ["Ada Example", "Ben Example"]
+    assert description["GeneratedBy"][0]["Name"] == "cohortflow"
+    description["Funding"] = ["A grant"]
+    (out / "dataset_description.json").write_text(json.dumps(description))
+    participants = (out / "participants.tsv").read_text().replace("sex\n", "sex\tgroup\n")
+    (out / "participants.tsv").write_text(
+        participants.replace("\tM\n", "\tM\tcontrol\n").replace("\tF\n", "\tF\tpatient\n")
+    )
+    (out / "README.md").write_text("# Our own words\n")
+    convert_folder(tmp_path / "later", out, protocols, about=about)
+    assert json.loads((out / "dataset_description.json").read_text())["Funding"] == ["A grant"]
+    assert (out / "participants.tsv").read_text().splitlines() == [
+        "participant_id\tsex\tgroup",
+        f"{b}\tM\tcontrol",
+        f"{a}\tF\tpatient",
+    ]
+    assert (out / "README.md").read_text() == "# Our own words\n"
+    # a subject folder the file does not list (an older version wrote no participants.tsv) is
+    # added when its sidecars say it was de-identified
+    (out / "participants.tsv").unlink()
+    convert_folder(tmp_path / "later", out, protocols, about=about)
+    assert (out / "participants.tsv").read_text().splitlines() == [
+        "participant_id\tsex",
+        f"{b}\tn/a",
+        f"{a}\tF",
+    ]
+    # nothing identifying in the dataset's own files
+    for name in (
+        "README.md",
+        "participants.tsv",
+        "dataset_description.json",
+        f"{a}/{a}_sessions.tsv",
+    ):
+        text = (out / name).read_text().lower()
+        for value in (*IDENTITY.values(), first.uid, second.uid, "20190101", "20210601"):
+            assert value.lower() not in text, (name, value)
+
+
 # --- the command line and the index -----------------------------------------------------------
 
 
@@ -901,7 +1132,7 @@ def test_cli_json_exit_codes_and_stage_results(
         assert t1["series"] not in {r.series_uid for r in rows}
         row = next(r for r in rows if r.series_uid == key.uid(t1["series"]))
         assert row.status == "pass" and row.protocol == "ms" and row.role == "t1_3d"
-        assert row.method_version == f"convert-1 dcm2niix {document['dcm2niix']}"
+        assert row.method_version == f"convert-2 dcm2niix {document['dcm2niix']}"
         assert row.metrics["converter"] == "dcm2niix" and row.metrics["slices"] == 24
         assert row.input_sha256 == t1["input_sha256"] and len(row.input_sha256) == 64
         # a failing series: exit status 1, recorded with its reason; a rerun replaces the rows
@@ -1054,8 +1285,8 @@ def test_cohort_sidecars_and_headers_hold_no_planted_identifier(
     forbidden = {"InstitutionName", "InstitutionAddress", "StationName", "DeviceSerialNumber"}
     for path in sidecars:
         meta = json.loads(path.read_text())
-        if path.name == "dataset_description.json":
-            continue
+        if path.parent == converted_cohort.out:
+            continue  # the dataset's own files (dataset_description.json, sessions.json)
         assert not forbidden & set(meta), path
         assert not [k for k in meta if "Date" in k or k in ("AcquisitionTime", "ImageComments")]
         assert meta["CohortflowConverter"].split()[0] in ("dcm2niix", "SimpleITK")

@@ -30,7 +30,7 @@ from cohortflow.models.database import IndexDB
 from cohortflow.models.errors import GeometryError
 from cohortflow.models.geometry import planes_of
 from cohortflow.models.series import NotTaken
-from cohortflow.models.settings import Settings
+from cohortflow.models.settings import BidsSettings, Settings
 from cohortflow.models.stages import record_stages
 from cohortflow.pipelines.convert import bids, sidecar
 from cohortflow.pipelines.convert.check import grid_findings, slice_grid
@@ -51,7 +51,11 @@ from cohortflow.pipelines.convert.results import (
 )
 from cohortflow.pipelines.convert.series import as_float, link_files, read_series, sample_pixels
 from cohortflow.pipelines.dicom.cleaner import dataset_cleaner
-from cohortflow.pipelines.dicom.identified import for_deidentified_side, is_deidentified
+from cohortflow.pipelines.dicom.identified import (
+    for_deidentified_side,
+    is_defaced,
+    is_deidentified,
+)
 from cohortflow.pipelines.dicom.keys import ProjectKey
 from cohortflow.pipelines.dicom.protocols import ProtocolSet
 from cohortflow.pipelines.dicomfolder import SkippedFile, first_header, index_folder
@@ -96,6 +100,7 @@ def convert_configured(
         timeout=timeout,
         progress=progress,
         expect=expect,
+        about=settings.bids,
     )
     if index is not None and record:
         cleaners = {r.series: r.identified for r in report.series if r.identified is not None}
@@ -120,12 +125,14 @@ def convert_folder(
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[ConvertedSeries | NotTaken], None] | None = None,
     expect: Callable[[int], None] | None = None,
+    about: BidsSettings | None = None,
 ) -> ConvertReport:
     """Convert the series the protocol selects (``every_series``: every MR image series) of
     every study under ``source`` into ``out``. ``dcm2niix`` names the executable (default:
     beside the interpreter, else on PATH); ``timeout`` bounds one dcm2niix run; ``progress``
     hears of each series as it is done, ``expect`` of how many there are once the folder is
-    read."""
+    read; ``about`` is what the dataset's description and README say of it (settings
+    ``bids``)."""
     try:
         tool: Dcm2niix | None = find_dcm2niix(dcm2niix)
         problem = None
@@ -146,7 +153,7 @@ def convert_folder(
             for not_planned in left:
                 progress(not_planned)
     out.mkdir(parents=True, exist_ok=True)
-    bids.write_dataset_description(out, _cohortflow_version())
+    bids.write_dataset_files(out, _cohortflow_version(), about)
     names = name_plans(plans, out)
     results = []
     for plan in plans:
@@ -304,7 +311,7 @@ def _convert_series(
                 )
             )
         content, cleaned, dropped = sidecar.clean_identifiers(
-            chosen.sidecar, dataset_cleaner(header)
+            sidecar.completed(chosen.sidecar, header), dataset_cleaner(header)
         )
         if cleaned or dropped:
             what = [f"{', '.join(cleaned)} cleaned"] if cleaned else []
@@ -323,6 +330,8 @@ def _convert_series(
             METHOD_VERSION,
             bids.hashed_key("series", plan.series),
             fallback.check if fallback else None,
+            deidentified=is_deidentified(header),
+            defaced=is_defaced(header),
         )
         anat = bids.anat_folder(out, subject, session)
         removed = bids.remove_stale(anat, content["CohortflowSeriesKey"], name)

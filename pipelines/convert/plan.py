@@ -4,11 +4,15 @@ The protocol (given, or the one whose study-description patterns match) selects 
 include rules give the role (``bids`` maps roles to suffixes); asked for, every other MR image
 series is converted too. Every series not taken is reported with why (unreadable, not selected,
 burned-in annotation, localizer, not an MR image). Names: each subject's sessions are numbered in
-its sessions file (new studies numbered and saved now), runs per session.
+its sessions file (new studies numbered and saved now, with the age at each), runs per session;
+each subject whose series were de-identified goes into ``participants.tsv`` with its sex (a
+subject of identified input is labelled by its real PatientID: that label names its folder but
+is written into no file).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,14 +23,19 @@ from filelock import FileLock
 from cohortflow.models.series import NotTaken
 from cohortflow.pipelines.convert import bids
 from cohortflow.pipelines.dicom.header import attributes
+from cohortflow.pipelines.dicom.identified import is_deidentified
 from cohortflow.pipelines.dicom.protocols import ProtocolSet
 from cohortflow.pipelines.dicomfolder import FolderFile, first_header, has_header, series_number
 from cohortflow.qc.header import header_text
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PlannedSeries:
-    """A series to convert: its files, protocol and role, BIDS name, subject and study date."""
+    """A series to convert: its files, protocol and role, BIDS name, subject, study date, the
+    subject's sex and age at the study (BIDS levels; None when the header has none), and whether
+    the header says it was de-identified."""
 
     study: str
     series: str
@@ -36,6 +45,9 @@ class PlannedSeries:
     name: bids.BidsName
     subject: str  # "" when the series has no usable PatientID
     study_date: str
+    sex: str | None = None
+    age: int | None = None
+    deidentified: bool = False
 
 
 def plan_study(
@@ -126,6 +138,9 @@ def plan_study(
                 name=name,
                 subject=bids.bids_label(str(header.get("PatientID") or "")),
                 study_date=str(header.get("StudyDate") or ""),
+                sex=bids.bids_sex(header.get("PatientSex")),
+                age=bids.age_years(header.get("PatientAge")),
+                deidentified=is_deidentified(header),
             )
         )
     return plans, [replace(n, files=len(series[n.series])) for n in left]
@@ -135,22 +150,42 @@ def name_plans(
     plans: Sequence[PlannedSeries], out: Path
 ) -> dict[tuple[str, str], tuple[str, str, str]]:
     """(series, study) -> (subject, session, file name): sessions from each subject's sessions
-    file (new studies numbered and saved now), run numbers per session."""
+    file (new studies numbered and saved now, with their ages), run numbers per session; the
+    subjects of de-identified series are added to ``participants.tsv``."""
     by_subject: dict[str, dict[str, str]] = defaultdict(dict)
+    ages: dict[str, int | None] = {}
+    sexes: dict[str, str | None] = {}
     for plan in plans:
         if plan.subject:
             by_subject[plan.subject][plan.study] = plan.study_date
+            ages[plan.study] = ages.get(plan.study) or plan.age
+            if plan.deidentified:
+                sexes[plan.subject] = sexes.get(plan.subject) or plan.sex
     sessions: dict[str, bids.Sessions] = {}
+    locks = out / ".locks"  # hidden: BIDS tools skip dot files
     for subject, studies in by_subject.items():
         # two studies of one subject converted at once (flow workers) must not both number
         # themselves from the same file
-        locks = out / ".locks"  # hidden: BIDS tools skip dot files
         locks.mkdir(parents=True, exist_ok=True)
         with FileLock(locks / f"sub-{subject}.lock"):
             known = bids.Sessions.load(out, subject)
             known.assign(studies.items())
+            for study in studies:
+                known.note_age(study, ages[study])
             known.save()
         sessions[subject] = known
+    identified = set(by_subject) - set(sexes)
+    if identified:
+        log.warning(
+            "convert: %d subject(s) of series that were not de-identified (no "
+            "PatientIdentityRemoved YES) are labelled by their PatientID and left out of "
+            "participants.tsv",
+            len(identified),
+        )
+    if sexes:
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(locks / "participants.lock"):
+            bids.update_participants(out, sexes)
     groups: dict[tuple[str, str], list[PlannedSeries]] = defaultdict(list)
     for plan in plans:
         groups[plan.subject, plan.study].append(plan)

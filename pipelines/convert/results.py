@@ -19,7 +19,7 @@ from cohortflow.qc.findings import Finding, Verdict, reason, stage_row, verdict
 STAGE = "convert"
 #: Changes when the conversion or its checks change meaning (with the dcm2niix version it makes
 #: the stage's method version).
-METHOD_VERSION = "convert-1"
+METHOD_VERSION = "convert-2"
 
 
 @dataclass(frozen=True)

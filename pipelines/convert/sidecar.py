@@ -69,6 +69,15 @@ ALLOWED: tuple[str, ...] = (
     "ImageOrientationPatientDICOM",
     "BodyPart",
     "PatientPosition",
+    # coil and sequence details BIDS recommends: ReceiveCoilName is public DICOM (0018,1250),
+    # which the de-identification profile keeps; dcm2niix reads the others from the vendor's
+    # private header (Siemens CSA) where the de-identified series still has it
+    "ReceiveCoilName",
+    "ReceiveCoilActiveElements",
+    "MatrixCoilMode",
+    "CoilCombinationMethod",
+    "PulseSequenceDetails",
+    "DwellTime",
     # provenance
     "ConversionSoftware",
     "ConversionSoftwareVersion",
@@ -136,6 +145,7 @@ def from_headers(ds: Dataset) -> dict[str, Any]:
         ("ScanOptions", "ScanOptions"),
         ("SequenceName", "SequenceName"),
         ("BodyPart", "BodyPartExamined"),
+        ("ReceiveCoilName", "ReceiveCoilName"),
         ("PatientPosition", "PatientPosition"),
     ):
         value = _text(_first(ds, keyword))
@@ -177,6 +187,18 @@ def from_headers(ds: Dataset) -> dict[str, Any]:
 
 _INTEGERS = ("SeriesNumber", "AcquisitionNumber", "EchoTrainLength")
 
+#: Public DICOM keys a converter may leave out, taken from the header then (dcm2niix writes
+#: Siemens' receive coil as ``CoilString``, which may also be the private element list).
+FROM_HEADER = ("ReceiveCoilName",)
+
+
+def completed(sidecar: Mapping[str, Any], ds: Dataset) -> dict[str, Any]:
+    """``sidecar`` with the :data:`FROM_HEADER` keys it lacks taken from the header ``ds``
+    (key order of :data:`ALLOWED`)."""
+    header = from_headers(ds)
+    out = {**{k: header[k] for k in FROM_HEADER if k in header}, **sidecar}
+    return {key: out[key] for key in ALLOWED if key in out}
+
 
 def _strings(value: Any) -> Iterable[str]:
     if isinstance(value, str):
@@ -217,15 +239,21 @@ def with_provenance(
     method_version: str,
     series_key: str,
     fallback_reason: str | None,
+    *,
+    deidentified: bool,
+    defaced: bool,
 ) -> dict[str, Any]:
     """The sidecar with the converter that made the image and cohortflow's own keys (the series
-    key is a hash of its SeriesInstanceUID, so reruns find the files of a series again)."""
+    key is a hash of its SeriesInstanceUID, so reruns find the files of a series again; whether
+    the source DICOM said it was de-identified and defaced)."""
     out = dict(sidecar)
     out["ConversionSoftware"] = converter
     out["ConversionSoftwareVersion"] = version
     out["CohortflowConverter"] = f"{converter} {version}"
     out["CohortflowMethodVersion"] = method_version
     out["CohortflowSeriesKey"] = series_key
+    out["CohortflowDeidentified"] = deidentified
+    out["CohortflowDefaced"] = defaced
     if fallback_reason is not None:
         out["CohortflowFallbackReason"] = fallback_reason
     return out

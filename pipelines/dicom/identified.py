@@ -24,6 +24,12 @@ def is_deidentified(ds: Any) -> bool:
     return str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
 
 
+def is_defaced(ds: Any) -> bool:
+    """Whether a data set says its recognizable visual features were removed
+    (RecognizableVisualFeatures NO, which the defacer writes)."""
+    return str(ds.get("RecognizableVisualFeatures", "") or "").strip().upper() == "NO"
+
+
 def keyed_by_pseudonyms(row: StageRecord, uid: Callable[[str], str], clean: Cleaner) -> StageRecord:
     """``row`` under the pseudonymized UIDs, its message and findings cleaned."""
 

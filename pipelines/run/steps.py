@@ -587,7 +587,9 @@ def convert_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepR
         images: list[Source] = []
         delivered: dict[str, str] = {}  # NIfTI and sidecar -> series
         for folder in previous.order.folders:
-            report = convert_folder(Path(folder), ctx.nifti_out, protocols, ctx.protocol)
+            report = convert_folder(
+                Path(folder), ctx.nifti_out, protocols, ctx.protocol, about=ctx.settings.bids
+            )
             rows.extend(convert_row(r, report.method_version) for r in report.series)
             delivered.update(
                 {
