@@ -216,7 +216,10 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
             return EXIT_USAGE
         audit_read(index, "retrieve", {"selection": chosen.id, "protocol": chosen.protocol})
         with progress_bar(err, f"retrieving selection {chosen.id} ({chosen.protocol})") as bar:
-            task = bar.add_task("retrieve", total=chosen.studies)
+            # studies against the selection's total, and every instance as it arrives (a study
+            # of a thousand images is not one silent step)
+            task = bar.add_task("studies", total=chosen.studies)
+            received = bar.add_task("instances received", total=None)
             outcome = retrieve_configured(
                 settings,
                 index,
@@ -224,6 +227,7 @@ def _retrieve(args: argparse.Namespace, settings: Settings, err: Console) -> int
                 method=args.method,
                 policy=policy,
                 progress=lambda _o: bar.advance(task, 1),
+                on_instance=lambda _r: bar.advance(received, 1),
             )
     if args.json:
         emit(args, asdict(outcome))

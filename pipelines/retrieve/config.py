@@ -17,7 +17,7 @@ from cohortflow.pipelines.dicom.protocols import load_protocols
 from cohortflow.pipelines.pacs import orthanc
 from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
 from cohortflow.pipelines.pacs.dimse import PacsNode
-from cohortflow.pipelines.pacs.scp import ScpTls
+from cohortflow.pipelines.pacs.scp import Received, ScpTls
 from cohortflow.pipelines.retrieve.engine import (
     RetrieveOutcome,
     RetrieveTarget,
@@ -143,8 +143,10 @@ def retrieve_configured(
     method: str | None = None,
     policy: RetrievePolicy | None = None,
     progress: Callable[[StudyOutcome], None] | None = None,
+    on_instance: Callable[[Received], None] | None = None,
 ) -> RetrieveOutcome:
-    """``retrieve`` as the settings configure it (archive, scanners, PACS, throttle, spool)."""
+    """``retrieve`` as the settings configure it (archive, scanners, PACS, throttle, spool);
+    ``progress`` hears of every study done, ``on_instance`` of every instance received."""
     return retrieve(
         index,
         ArchiveStore.of(settings),
@@ -154,4 +156,5 @@ def retrieve_configured(
         Throttle(policy or retrieve_policy(settings)),
         settings.home / "spool" / f"selection-{selection_id}",
         progress=progress,
+        on_instance=on_instance,
     )
