@@ -66,13 +66,10 @@ def add_no_record(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def version() -> str:
-    """The installed distribution's version."""
-    from importlib import metadata
+    """The installed distribution's version, as ``--version`` prints it."""
+    from cohortflow import installed_version
 
-    try:
-        return metadata.version("cohortflow")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+    return installed_version() or "unknown (not installed)"
 
 
 def fault_rate(text: str) -> tuple[Fault, float]:

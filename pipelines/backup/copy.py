@@ -12,17 +12,16 @@ project and must be stored as such, apart from the de-identified data.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from cohortflow import installed_version
 from cohortflow.models.database import (
     create_index_engine,
     head_revision,
@@ -32,6 +31,7 @@ from cohortflow.models.database import (
 from cohortflow.models.errors import CohortflowError
 from cohortflow.models.settings import Settings
 from cohortflow.pipelines.backup import pgdump, sqlite
+from cohortflow.pipelines.safeio import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ class RestoreReport:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _owner_only_folder(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.chmod(0o700)  # mkdir's mode passes through the umask, and exist_ok keeps an old one
@@ -132,13 +124,6 @@ def _sqlite_path(url: str) -> Path:
     if not database or database == ":memory:":
         raise BackupError(f"the index {url} is not a SQLite file")
     return Path(database)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("cohortflow")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def back_up(settings: Settings, folder: Path, *, keys: bool = True) -> BackupReport:
@@ -180,14 +165,14 @@ def back_up(settings: Settings, folder: Path, *, keys: bool = True) -> BackupRep
             copies.append(KeyCopy(role, source, "copied", name))
     manifest = {
         "format": FORMAT,
-        "made_by": f"cohortflow {_version()}",
+        "made_by": f"cohortflow {installed_version() or 'unknown'}",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "index": {
             "dialect": state.dialect,
             "from": state.shown,
             "revision": state.current,
             "file": index_file,
-            "sha256": _sha256(folder / index_file),
+            "sha256": hash_file(folder / index_file),
         },
         "keys": [
             {
@@ -195,7 +180,7 @@ def back_up(settings: Settings, folder: Path, *, keys: bool = True) -> BackupRep
                 "source": k.source,
                 "outcome": k.outcome,
                 "file": k.file,
-                "sha256": _sha256(folder / k.file) if k.file else None,
+                "sha256": hash_file(folder / k.file) if k.file else None,
             }
             for k in copies
         ],
@@ -222,7 +207,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     entries = [manifest["index"], *(k for k in manifest["keys"] if k.get("file"))]
     for entry in entries:
         path = folder / entry["file"]
-        if not path.is_file() or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or hash_file(path) != entry["sha256"]:
             raise BackupError(f"{path} is missing or changed since the backup was made")
     return manifest
 

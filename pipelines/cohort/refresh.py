@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from cohortflow.models.database import IndexDB
 from cohortflow.models.disclosure import DISCLOSURE, record_key
+from cohortflow.models.export import AGE_CAP
 from cohortflow.models.repository import chunks, insert_ignore, now
 from cohortflow.models.reviews import latest_reviews, reviewed_verdict
 from cohortflow.models.schema import (
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 CHUNK = 2000
 #: rows written by one refresh after which SQLite's table statistics are renewed
 ANALYZE_AFTER = 5000
-#: HIPAA Safe Harbor: ages over 89 are given as one category
-MAX_AGE = 90
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,7 @@ def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
     except ValueError:
         return None
     years = day.year - born.year - ((day.month, day.day) < (born.month, born.day))
-    return min(years, MAX_AGE) if years >= 0 else None
+    return min(years, AGE_CAP) if years >= 0 else None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -55,11 +55,10 @@ from typing import Any, ClassVar
 
 from pydicom.dataset import Dataset
 
+from cohortflow.models.export import AGE_CAP
 from cohortflow.models.settings import BidsSettings
 
 BIDS_VERSION = "1.10.0"
-#: Ages at and above this are written as this (HIPAA Safe Harbor: 90 or older is one group).
-MAX_AGE = 90
 #: BIDS' empty cell.
 NA = "n/a"
 
@@ -173,7 +172,7 @@ def age_years(value: object) -> int | None:
         return None
     number, unit = int(match.group(1)), match.group(2)
     years = {"Y": number, "M": number // 12, "W": number // 52, "D": number // 365}[unit]
-    return min(years, MAX_AGE)
+    return min(years, AGE_CAP)
 
 
 def bids_sex(value: object) -> str | None:
@@ -336,7 +335,7 @@ SESSION_COLUMNS: Mapping[str, Any] = {
     },
     "age": {
         "Description": "Age at the scan in whole years, from the DICOM PatientAge (0010,1010); "
-        f"{MAX_AGE} means {MAX_AGE} or older.",
+        f"{AGE_CAP} means {AGE_CAP} or older.",
         "Units": "year",
     },
 }
@@ -420,7 +419,7 @@ its own source: `CohortflowDeidentified` (its DICOM said PatientIdentityRemoved 
   study, kept in each subject's `sessions.tsv` beside a hash of the study's UID, never the UID.
 - `participants.tsv` lists the subjects of de-identified DICOM with their sex (a subject of
   identified input is left out: its label is its real PatientID), `sessions.tsv` holds the age
-  at each scan in whole years ({MAX_AGE} means {MAX_AGE} or older). No name, birth date, study
+  at each scan in whole years ({AGE_CAP} means {AGE_CAP} or older). No name, birth date, study
   date or time is written.
 - Sidecars hold an allowlist of acquisition keys: no institution, station, device serial number
   or date.

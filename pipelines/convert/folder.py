@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cohortflow import installed_version
 from cohortflow.models.database import IndexDB
 from cohortflow.models.errors import GeometryError
 from cohortflow.models.geometry import planes_of
@@ -153,7 +154,7 @@ def convert_folder(
             for not_planned in left:
                 progress(not_planned)
     out.mkdir(parents=True, exist_ok=True)
-    bids.write_dataset_files(out, _cohortflow_version(), about)
+    bids.write_dataset_files(out, installed_version() or "unknown", about)
     names = name_plans(plans, out)
     results = []
     for plan in plans:
@@ -200,15 +201,6 @@ def convert_folder(
         not_converted=tuple(not_converted),
         skipped=tuple(skipped),
     )
-
-
-def _cohortflow_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cohortflow")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _convert_series(
