@@ -26,10 +26,13 @@ import certifi
 import pydicom
 import pytest
 
+from cohortflow.models.errors import ConfigurationError
+from cohortflow.models.settings import load_settings
 from cohortflow.pipelines.pacs import dicomweb
 from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
 from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
 from cohortflow.pipelines.pacs.scp import Received, Spool
+from cohortflow.pipelines.retrieve.config import dicomweb_node
 from tests.ingest_helpers import free_port, pydicom_file
 from tests.test_scp_tls import Authority
 
@@ -361,7 +364,7 @@ def test_qido_lists_a_series_page_by_page(server: Server) -> None:
 
 
 def add_hook_header(session: Any) -> None:
-    """A session hook: it gets the ``requests.Session`` before any request."""
+    """A session hook (``pacs.dicomweb_session_hook: tests.test_dicomweb:add_hook_header``)."""
     session.headers["X-Cohortflow-Hook"] = "called"
 
 
@@ -427,3 +430,46 @@ def test_tls_with_a_ca_bundle_and_a_client_certificate(
             dicomweb.retrieve_series(
                 server.node(ca_bundle=tmp_path / "no.pem"), STUDY, SERIES, spool
             )
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_give_the_node_its_authentication(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("COHORTFLOW_CONFIG", raising=False)
+    pacs = {"aet": "PACS", "host": "pacs.example.org", "port": 104}
+    web = "https://pacs.example.org/dicom-web"
+    settings = load_settings(
+        pacs={
+            **pacs,
+            "dicomweb_url": web,
+            "dicomweb_token_source": "env:PACS_TOKEN",
+            "dicomweb_ca_bundle": str(tmp_path / "ca.pem"),
+            "dicomweb_client_certificate": str(tmp_path / "me.pem"),
+            "dicomweb_session_hook": "tests.test_dicomweb:add_hook_header",
+        }
+    )
+    node = dicomweb_node(settings)
+    assert node is not None
+    assert (node.url, node.username, node.token_source) == (web, None, "env:PACS_TOKEN")
+    assert node.ca_bundle == tmp_path / "ca.pem" and node.client_key is None
+    assert node.session_hook is add_hook_header
+    # the names the command line and the settings files use: basic authentication as before
+    basic = load_settings(
+        pacs={**pacs, "dicomweb_url": web, "dicomweb_username": "u", "dicomweb_password": "s3cret"}
+    )
+    node = dicomweb_node(basic)
+    assert node is not None and (node.username, node.password) == ("u", "s3cret")
+    assert "s3cret" not in repr(node)
+    for bad, words in [
+        ({"dicomweb_username": "u", "dicomweb_token_source": "env:T"}, "give one"),
+        ({"dicomweb_token_source": "vault:x"}, "dicomweb_token_source"),
+        ({"dicomweb_client_key": "k.pem"}, "needs dicomweb_client_certificate"),
+        ({"dicomweb_session_hook": "not a hook"}, "dicomweb_session_hook"),
+        ({"dicomweb_url": "ftp://pacs/dicom-web"}, "dicomweb_url"),
+    ]:
+        with pytest.raises(ConfigurationError, match=words):
+            load_settings(pacs={**pacs, "dicomweb_url": web, **bad})
