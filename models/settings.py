@@ -45,9 +45,32 @@ class PacsSettings(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     #: DICOMweb root for ``retrieve.method: dicomweb``, e.g. https://pacs.example.org/dicom-web
-    dicomweb_url: str | None = None
+    dicomweb_url: str | None = Field(None, pattern=r"^https?://")
+    #: HTTP basic authentication ...
     dicomweb_username: str | None = None
     dicomweb_password: SecretStr | None = None
+    #: ... or a bearer token, read at every request from ``file:PATH`` (owner-only) or
+    #: ``env:VARIABLE``: a token another process renews is used, and none is written here
+    dicomweb_token_source: str | None = Field(None, pattern=r"^(file|env):.+")
+    #: TLS: the certificate authorities (PEM bundle) the server's certificate is checked
+    #: against (unset: the system's); mutual TLS: this node's certificate chain and key (PEM;
+    #: the key may be in the certificate's file)
+    dicomweb_ca_bundle: Path | None = None
+    dicomweb_client_certificate: Path | None = None
+    dicomweb_client_key: Path | None = None
+    #: ``package.module:function`` called with the ``requests.Session`` before any request:
+    #: any other authentication (OAuth, Kerberos, a proxy)
+    dicomweb_session_hook: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+    )
+
+    @model_validator(mode="after")
+    def _one_authentication(self) -> PacsSettings:
+        if self.dicomweb_username is not None and self.dicomweb_token_source is not None:
+            raise ValueError("pacs.dicomweb_username and dicomweb_token_source: give one")
+        if self.dicomweb_client_key is not None and self.dicomweb_client_certificate is None:
+            raise ValueError("pacs.dicomweb_client_key needs dicomweb_client_certificate")
+        return self
 
 
 class RetrieveSettings(BaseModel):

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -30,10 +31,11 @@ from cohortflow.models.synth import CohortTruth, Fault
 from cohortflow.pipelines.archive.store import ArchiveStore
 from cohortflow.pipelines.dicom.protocols import load_protocols
 from cohortflow.pipelines.ingest.verify import verify
-from cohortflow.pipelines.pacs import orthanc
+from cohortflow.pipelines.pacs import dicomweb, orthanc
 from cohortflow.pipelines.pacs.dicomweb import DicomWebNode
 from cohortflow.pipelines.pacs.dimse import PacsNode, store_files
-from cohortflow.pipelines.pacs.scp import Received
+from cohortflow.pipelines.pacs.errors import PacsError, PacsUnavailableError
+from cohortflow.pipelines.pacs.scp import Received, Spool
 from cohortflow.pipelines.retrieve.engine import RetrieveOutcome, RetrieveTarget, retrieve
 from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 from cohortflow.pipelines.select.query import record_selection, select_studies
@@ -288,6 +290,61 @@ def test_other_methods_retrieve_completely(
     outcome = _retrieve(pacs, index, scanners, tmp_path, ids[0], method)
     assert outcome.state == "complete", outcome
     _assert_archive_matches_pacs(pacs, index, ids[:1])
+
+
+def test_dicomweb_spools_the_bytes_orthanc_stores_and_authenticates_through_a_hook(
+    pacs: Pacs, tmp_path: Path
+) -> None:
+    """WADO-RS through dicomweb-client, streamed: every instance of a series lands in the spool
+    exactly as Orthanc stores it (``GET /instances/{id}/file``: no transcoding, no rewriting).
+    The credentials reach Orthanc through a session hook as well as the node's own basic
+    authentication; without them, or wrong, Orthanc refuses (HTTP 401: a PacsError naming the
+    URL, not an unavailable PACS). QIDO-RS lists exactly the series' instances."""
+    server, config = pacs.server, pacs.server.config
+    # an encoding fault changes the file, not what the PACS holds of the series
+    encodings = {Fault.JPEG_LOSSLESS, Fault.IMPLICIT_VR}
+    whole = [
+        (st.study_instance_uid, se)
+        for p in pacs.truth.patients
+        for st in p.studies
+        for se in st.series
+        if set(se.faults) <= encodings and se.instances >= 3
+    ]
+    # a compressed series (the cohorts plant some): Orthanc's DICOMweb transcodes to explicit
+    # VR little endian unless asked for ``transfer-syntax=*``, which would change its bytes
+    study, series = next((uid, se) for uid, se in whole if Fault.JPEG_LOSSLESS in se.faults)
+    uid = series.series_instance_uid
+    (orthanc_id,) = server.post_json(
+        "/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": uid}}
+    )
+    stored = {
+        i["MainDicomTags"]["SOPInstanceUID"]: server.get_bytes(f"/instances/{i['ID']}/file")
+        for i in server.get(f"/series/{orthanc_id}/instances")
+    }
+    assert len(stored) == series.instances
+
+    def basic(session: Any) -> None:
+        session.auth = (config.username, config.password)
+
+    url = server.url + "/dicom-web"
+    hooked = DicomWebNode(url, session_hook=basic)
+    spool = Spool(tmp_path / "spool")
+    assert dicomweb.retrieve_series(hooked, study, uid, spool) == len(stored)
+    spooled = {p.stem: p.read_bytes() for p in spool.series_folder(study, uid).glob("*.dcm")}
+    assert spooled == stored
+    assert sorted(dicomweb.list_instances(hooked, study, uid)) == sorted(stored)
+    assert dicomweb.series_exists(hooked, study, uid)
+    assert not dicomweb.series_exists(hooked, study, uid + ".999")
+    assert dicomweb.list_instances(hooked, study, uid + ".999") == []
+    # only the instances asked for, with the node's own basic authentication
+    some = sorted(stored)[:2]
+    own = DicomWebNode(url, config.username, config.password)
+    assert dicomweb.retrieve_series(own, study, uid, Spool(tmp_path / "some"), some) == 2
+    for refused in (DicomWebNode(url), DicomWebNode(url, config.username, "not-the-password")):
+        with pytest.raises(PacsError, match="HTTP 401") as raised:
+            dicomweb.retrieve_series(refused, study, uid, Spool(tmp_path / "refused"))
+        assert f"{url}/studies/{study}/series/{uid}" in str(raised.value)
+        assert not isinstance(raised.value, PacsUnavailableError)
 
 
 @pytest.mark.parametrize("method", ["move", "get"])

@@ -12,8 +12,6 @@ import time
 
 import pytest
 
-from cohortflow.pipelines.pacs.dicomweb import split_multipart
-from cohortflow.pipelines.pacs.errors import PacsError
 from cohortflow.pipelines.retrieve.errors import OutsideWindowError, RetrieveConfigError
 from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 
@@ -129,16 +127,3 @@ def test_association_slots_are_never_exceeded() -> None:
         t.join()
     assert max(inside) <= 2 and throttle.peak == 2 and throttle.opened == 12
     assert throttle.active == 0
-
-
-def test_multipart_parts_are_split_exactly() -> None:
-    parts = [b"\x00DICM\r\n\r\nbinary--x", b"second\r\n"]
-    body = (
-        b"".join(b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
-        + b"--b1--\r\n"
-    )
-    assert (
-        split_multipart(body, 'multipart/related; type="application/dicom"; boundary=b1') == parts
-    )
-    with pytest.raises(PacsError, match="not multipart"):
-        split_multipart(body, "application/dicom")

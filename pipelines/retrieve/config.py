@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cohortflow.models.database import IndexDB
 from cohortflow.models.scanners import load_known_scanners
@@ -24,6 +25,7 @@ from cohortflow.pipelines.retrieve.engine import (
     StudyOutcome,
     retrieve,
 )
+from cohortflow.pipelines.retrieve.errors import RetrieveConfigError
 from cohortflow.pipelines.retrieve.throttle import RetrievePolicy, Throttle, Window
 from cohortflow.pipelines.select.query import SelectionResult, select_studies
 
@@ -62,17 +64,43 @@ def _own_password(folder: Path) -> str | None:
 
 
 def dicomweb_node(settings: Settings) -> DicomWebNode | None:
+    """The PACS's DICOMweb service (``pacs.dicomweb_*``), else the own Orthanc's."""
     p = settings.pacs
     if p is not None:
         if not p.dicomweb_url:
             return None
         secret = p.dicomweb_password.get_secret_value() if p.dicomweb_password else None
-        return DicomWebNode(p.dicomweb_url, p.dicomweb_username, secret)
+        return DicomWebNode(
+            p.dicomweb_url,
+            p.dicomweb_username,
+            secret,
+            token_source=p.dicomweb_token_source,
+            ca_bundle=p.dicomweb_ca_bundle,
+            client_certificate=p.dicomweb_client_certificate,
+            client_key=p.dicomweb_client_key,
+            session_hook=session_hook(p.dicomweb_session_hook),
+        )
     o = settings.orthanc
     password = (
         o.password.get_secret_value() if o.password else _own_password(settings.home / "orthanc")
     )
     return DicomWebNode(f"http://{o.host}:{o.http_port}/dicom-web", o.username, password)
+
+
+def session_hook(spec: str | None) -> Callable[[Any], object] | None:
+    """The function ``package.module:function`` names (``pacs.dicomweb_session_hook``)."""
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        hook = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise RetrieveConfigError(
+            f"pacs.dicomweb_session_hook {spec!r} cannot be loaded: {exc}"
+        ) from exc
+    if not callable(hook):
+        raise RetrieveConfigError(f"pacs.dicomweb_session_hook {spec!r} is not a function")
+    return cast("Callable[[Any], object]", hook)
 
 
 def scp_tls(settings: Settings) -> ScpTls | None:

@@ -1,4 +1,5 @@
-"""Retrieve a selection from the PACS into the archive: C-MOVE, C-GET or DICOMweb WADO-RS.
+"""Retrieve a selection from the PACS into the archive: C-MOVE, C-GET or DICOMweb (WADO-RS,
+with QIDO-RS for what the PACS holds of a series).
 
 Per study: skip it when the archive index already holds every instance the PACS announced;
 otherwise wait for the throttle, fetch the missing series (only the missing instances of a
@@ -151,6 +152,9 @@ class _Run:
         """The instances of a partly archived series that the PACS has and the archive lacks."""
         keys = _series_keys(se)
         on_pacs = [str(a["SOPInstanceUID"]) for a in pacs.find("IMAGE", keys, ["SOPInstanceUID"])]
+        return self.not_archived(se, on_pacs)
+
+    def not_archived(self, se: ChosenSeries, on_pacs: Sequence[str]) -> list[str]:
         with self.index.session() as session:
             have = repo.archived_sops(session, se.series_instance_uid)
         return [sop for sop in on_pacs if sop not in have]
@@ -163,13 +167,7 @@ class _Run:
         t = self.target
         partial = [se for se in todo if archived.get(se.series_instance_uid)]
         if t.method == "dicomweb":
-            missing: dict[str, list[str]] = {}
-            if partial:
-                with Session(t.node, t.local_aet, query_contexts("find")) as pacs:
-                    missing = {
-                        se.series_instance_uid: self.missing_sops(pacs, se) for se in partial
-                    }
-            return self._web_fetch(todo, missing)
+            return self._web_fetch(todo, partial)
         problems: dict[str, str] = {}
         storage = self.spool.handle_store if t.method == "get" else None
         contexts = query_contexts(t.method)
@@ -183,23 +181,23 @@ class _Run:
         return problems
 
     def _web_fetch(
-        self, todo: Sequence[ChosenSeries], missing: dict[str, list[str]]
+        self, todo: Sequence[ChosenSeries], partial: Sequence[ChosenSeries]
     ) -> dict[str, str]:
-        assert self.target.dicomweb is not None
+        """WADO-RS, each instance into the spool as it arrives; of a series that arrived in
+        part, QIDO-RS lists the PACS's instances and only the missing ones are fetched (HTTP
+        only: no DIMSE association)."""
+        web = self.target.dicomweb
+        assert web is not None
         problems: dict[str, str] = {}
         for se in todo:
-            sops = missing.get(se.series_instance_uid)
-            if sops == []:
-                continue  # the PACS has nothing the archive lacks
-            got = dicomweb.retrieve_series(
-                self.target.dicomweb,
-                se.study_instance_uid,
-                se.series_instance_uid,
-                self.spool,
-                sops or (),
-            )
-            if got == 0:
-                problems[se.series_instance_uid] = "gone?"
+            study, series = se.study_instance_uid, se.series_instance_uid
+            sops: list[str] = []
+            if se in partial:
+                sops = self.not_archived(se, dicomweb.list_instances(web, study, series))
+                if not sops:
+                    continue  # the PACS has nothing the archive lacks
+            if dicomweb.retrieve_series(web, study, series, self.spool, sops) == 0:
+                problems[series] = "gone?"
         return problems
 
     def _dimse_fetch(self, pacs: Session, se: ChosenSeries, sops: list[str] | None) -> str | None:
@@ -219,6 +217,11 @@ class _Run:
     def still_on_pacs(self, se: ChosenSeries) -> bool:
         keys = _series_keys(se)
         t = self.target
+        if t.dicomweb is not None and t.method == "dicomweb":
+            with self.throttle.association():
+                return dicomweb.series_exists(
+                    t.dicomweb, se.study_instance_uid, se.series_instance_uid
+                )
         with self.throttle.association(), Session(t.node, t.local_aet, query_contexts("find")) as p:
             return bool(p.find("SERIES", keys, ["SeriesInstanceUID"]))
 
