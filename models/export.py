@@ -234,14 +234,16 @@ class _Identity:
     study_date: dt.date | None
 
 
-def _age(birth: str | None, on: dt.date | None) -> int | None:
-    if not birth or on is None:
+def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
+    """Whole years at ``day`` from a DICOM birth date (YYYYMMDD), 90 and over as
+    :data:`AGE_CAP`; None when either date is unknown or unreadable."""
+    if not birth_date or day is None:
         return None
     try:
-        born = dt.datetime.strptime(birth.strip()[:8], "%Y%m%d").date()
+        born = dt.datetime.strptime(birth_date.strip()[:8], "%Y%m%d").date()
     except ValueError:
         return None
-    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    years = day.year - born.year - ((day.month, day.day) < (born.month, born.day))
     return min(years, AGE_CAP) if years >= 0 else None
 
 
@@ -278,7 +280,7 @@ def _identities(session: Session, pseudo_series: Iterable[str]) -> dict[str, _Id
     for uid, maker, model, tesla, accession, date, birth, sex, pseudonym in session.execute(query):
         scanner = " ".join(x for x in (maker, model) if x) or None
         found[identified[uid]] = _Identity(
-            pseudonym, accession, _age(birth, date), sex or None, scanner, tesla, date
+            pseudonym, accession, age_at(birth, date), sex or None, scanner, tesla, date
         )
     return found
 

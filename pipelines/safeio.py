@@ -57,6 +57,15 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def create_owner_only(path: Path, data: bytes = b"") -> None:
+    """Create ``path`` here and now, readable by its owner only, holding ``data``: an existing
+    file or link at that name is an error (``FileExistsError``), never overwritten or followed.
+    For identified copies (backups of the index and keys), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def printable(text: str | os.PathLike[str] | bytes) -> str:
     """``text`` safe for one line of a terminal: undecodable bytes, control characters (C0,
     DEL, C1) and line or paragraph separators escaped as ``\\xNN`` / ``\\uNNNN``."""

@@ -6,10 +6,8 @@ when asked, skipped."""
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +20,15 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 from cohortflow.flows.cli import main
-from cohortflow.models.database import IndexDB, open_index
 from cohortflow.models.errors import ExportError
 from cohortflow.models.export import (
-    COLUMNS,
     LabelConflict,
-    biomarker_table,
     read_labels,
-    read_table,
-    write_table,
 )
-from cohortflow.models.runs import DONE, StepRecord, record_step
-from cohortflow.models.schema import Patient, Series, Study
-from cohortflow.models.stages import BiomarkerRecord, record_biomarkers
 from cohortflow.models.synth import Fault, PatientTruth, StudyTruth
-from cohortflow.models.volumes import Volumes
 from cohortflow.pipelines.export.errors import StatsError
 from cohortflow.pipelines.export.stats import compare, longitudinal, parse_covariates
 from cohortflow.pipelines.synth.cohort import write_labels
-from tests.review_helpers import Cohort, build
 
 #: the planted group differences of BPF and annual changes (fractions of the baseline)
 BPF_SHIFT = {"control": 0.0, "dementia": -0.025, "mci": -0.01}
@@ -323,121 +311,3 @@ def test_the_synthetic_labels_file_has_one_line_per_accession_number(tmp_path: P
         "A3,dementia",
     ]
     assert read_labels(path).conflicts == ()
-
-
-# --- the table's time column, from the index ---------------------------------------------------
-
-
-@pytest.fixture
-def index(home: Path) -> Iterator[IndexDB]:
-    db = open_index(f"sqlite:///{home / 'index.sqlite'}")
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
-def cohort(index: IndexDB) -> Cohort:
-    return build(index)
-
-
-def _follow_up(index: IndexDB, cohort: Cohort, i: int, days: int, loss: float) -> str:
-    """A second study of subject ``i`` ``days`` after the first, its brain ``loss`` smaller;
-    returns its accession number."""
-    s = cohort.subjects[i]
-    study_uid, series_uid = f"1.2.826.0.1.99.{i}.9", f"1.2.826.0.1.99.{i}.9.1"
-    accession = f"ACC{i:05d}F"
-    with index.session() as session:
-        patient = session.query(Patient).filter_by(patient_id=f"PID{i:05d}").one()
-        first = session.query(Study).filter_by(accession_number=s.accession).one()
-        assert first.study_date is not None
-        study = Study(
-            study_instance_uid=study_uid,
-            patient_pk=patient.id,
-            accession_number=accession,
-            study_date=first.study_date + dt.timedelta(days=days),
-        )
-        session.add(study)
-        session.flush()
-        session.add(Series(series_instance_uid=series_uid, study_pk=study.id, modality="MR"))
-        pseudo_series, pseudo_study = f"2.25.{9000 + i}", f"2.25.{9500 + i}"
-        outputs = {"_linked_series": {series_uid: pseudo_series}}
-        record_step(
-            session, StepRecord("dementia", study_uid, "anonymize", "k", "v", DONE, outputs=outputs)
-        )
-        brain = s.brain * (1 - loss)
-        gm = brain * 0.55
-        volumes = Volumes(s.icv, gm, brain - gm, s.icv - brain, brain, brain / s.icv)
-        record = BiomarkerRecord(
-            pseudo_series,
-            pseudo_study,
-            volumes,
-            "cohortflow-volumetry",
-            "test-1",
-            "pass",
-            "normal",
-            protocol="dementia",
-        )
-        record_biomarkers(session, [record])
-    return accession
-
-
-def test_the_table_gives_years_since_the_first_study_and_stats_use_them(
-    tmp_path: Path, index: IndexDB, cohort: Cohort, capsys: pytest.CaptureFixture[str]
-) -> None:
-    measured = [i for i, s in enumerate(cohort.subjects) if s.failed is None][:8]
-    for k, i in enumerate(measured):
-        loss = 0.02 if cohort.subjects[i].diagnosis == "dementia" else 0.005
-        _follow_up(index, cohort, i, 365 + 30 * k, loss)
-    labels_path = tmp_path / "clinical.csv"
-    labels_path.write_text(cohort.labels_csv())
-    with index.session() as session:
-        table = biomarker_table(session, None, read_labels(labels_path))
-    assert COLUMNS.index("years_since_baseline") == COLUMNS.index("age") + 1
-    years = {r.series: r.years_since_baseline for r in table.rows}
-    assert years["2.25.9000"] == round(365 / 365.25, 4)
-    assert years[cohort.subjects[0].pseudo_series] == 0.0
-    for fmt in ("csv", "parquet"):  # the column reads back as a number
-        path = tmp_path / f"t.{fmt}"
-        write_table(table, path, fmt)
-        back = {r["series"]: r for r in read_table(path)}
-        assert back["2.25.9000"]["years_since_baseline"] == years["2.25.9000"]
-        assert isinstance(back["2.25.9000"]["age"], int)
-    rows = table.records()
-    # the follow-ups, unlabelled, join their patient's group of the first study
-    result = longitudinal(rows, "diagnosis")
-    assert (result.patients, result.studies) == (8, 16)
-    assert result.single_study_patients == len(table.rows) - 16
-    assert compare(rows, "diagnosis").later_studies == 0  # unlabelled: no group of their own
-    argv = ["stats", "longitudinal", "--labels", str(labels_path), "--by", "diagnosis"]
-    assert main([*argv, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["patients"] == 8
-
-
-def test_cli_export_reports_and_skips_a_conflicting_label_line(
-    tmp_path: Path, index: IndexDB, cohort: Cohort, capsys: pytest.CaptureFixture[str]
-) -> None:
-    subject = cohort.subjects[0]
-    other = "control" if subject.diagnosis == "dementia" else "dementia"
-    labels = tmp_path / "clinical.csv"
-    labels.write_text(cohort.labels_csv() + f"{subject.accession},{other}\n")
-    out = tmp_path / "b.csv"
-    argv = ["export", "biomarkers", "--labels", str(labels), "--out", str(out), "--json"]
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["error"]["kind"] == "usage"
-    assert "line 42: the accession number of line 2 again" in " ".join(captured.err.split())
-    assert not out.exists()
-    assert main([*argv, "--skip-conflicting-labels"]) == 0
-    captured = capsys.readouterr()
-    report = json.loads(captured.out)
-    assert report["labels_conflicting"] == [{"lines": [2, 42]}]
-    assert "left unlabelled: lines 2, 42" in " ".join(captured.err.split())
-    assert subject.accession not in captured.err + captured.out
-    unlabelled = [r for r in read_table(out) if r["series"] == subject.pseudo_series]
-    assert unlabelled[0]["diagnosis"] in ("", None)
-    argv = ["stats", "compare", "--by", "diagnosis", "--labels", str(labels), "--json"]
-    assert main(argv) == 2
-    capsys.readouterr()
-    assert main([*argv, "--skip-conflicting-labels"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["labels_conflicting"] == [{"lines": [2, 42]}] and report["excluded"] == 1

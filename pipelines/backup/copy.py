@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from cohortflow.models.database import (
 from cohortflow.models.errors import CohortflowError
 from cohortflow.models.settings import Settings
 from cohortflow.pipelines.backup import pgdump, sqlite
-from cohortflow.pipelines.safeio import hash_file
+from cohortflow.pipelines.safeio import create_owner_only, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,6 @@ def _owner_only_folder(path: Path) -> None:
     path.chmod(0o700)  # mkdir's mode passes through the umask, and exist_ok keeps an old one
 
 
-def _write_owner_only(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
 def _sqlite_path(url: str) -> Path:
     database = make_url(url).database
     if not database or database == ":memory:":
@@ -161,7 +154,7 @@ def back_up(settings: Settings, folder: Path, *, keys: bool = True) -> BackupRep
             copies.append(KeyCopy(role, source, "missing"))
         else:
             _owner_only_folder(folder / "keys")
-            _write_owner_only(folder / name, Path(where).read_bytes())
+            create_owner_only(folder / name, Path(where).read_bytes())
             copies.append(KeyCopy(role, source, "copied", name))
     manifest = {
         "format": FORMAT,
@@ -185,7 +178,7 @@ def back_up(settings: Settings, folder: Path, *, keys: bool = True) -> BackupRep
             for k in copies
         ],
     }
-    _write_owner_only(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    create_owner_only(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return BackupReport(
         folder=folder,
         dialect=state.dialect,
@@ -285,7 +278,7 @@ def restore(
         if path is not None and data is not None:
             if not path.parent.exists():  # an existing folder keeps its mode: it is not ours
                 path.parent.mkdir(parents=True, mode=0o700)
-            _write_owner_only(path, data)
+            create_owner_only(path, data)
     return RestoreReport(
         folder=folder,
         index=target.shown,

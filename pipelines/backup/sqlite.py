@@ -7,20 +7,15 @@ included) while writers go on."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
 from cohortflow.models.errors import IndexDatabaseError
+from cohortflow.pipelines.safeio import create_owner_only
 
 #: how long to wait for a lock held by a writer (seconds)
 BUSY_SECONDS = 60.0
-
-
-def _create_owner_only(path: Path) -> None:
-    """An empty file (an empty SQLite database) only the owner may read, made here and now."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def copy_online(source: Path, target: Path) -> None:
@@ -30,7 +25,7 @@ def copy_online(source: Path, target: Path) -> None:
     Raises IndexDatabaseError when ``source`` is missing or not a sound database."""
     if not source.is_file():
         raise IndexDatabaseError(f"no SQLite index at {source}")
-    _create_owner_only(target)
+    create_owner_only(target)  # an empty SQLite database, owner-only from its first byte
     try:
         with (
             closing(sqlite3.connect(source, timeout=BUSY_SECONDS)) as reading,

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from cohortflow.models.database import IndexDB
 from cohortflow.models.disclosure import DISCLOSURE, record_key
-from cohortflow.models.export import AGE_CAP
+from cohortflow.models.export import age_at
 from cohortflow.models.repository import chunks, insert_ignore, now
 from cohortflow.models.reviews import latest_reviews, reviewed_verdict
 from cohortflow.models.schema import (
@@ -232,18 +232,6 @@ def nominal_field_strength(value: float | None) -> float | None:
         return None
     tesla = value / 10000 if value > 100 else value
     return round(tesla * 2) / 2
-
-
-def age_at(birth_date: str | None, day: dt.date | None) -> int | None:
-    """Whole years at ``day``, 90 and over as 90; None when either date is unknown."""
-    if not birth_date or day is None:
-        return None
-    try:
-        born = dt.datetime.strptime(birth_date.strip()[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-    years = day.year - born.year - ((day.month, day.day) < (born.month, born.day))
-    return min(years, AGE_CAP) if years >= 0 else None
 
 
 @functools.lru_cache(maxsize=4096)
