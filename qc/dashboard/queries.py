@@ -31,14 +31,15 @@ STATUSES = ("fail", "warn")
 
 
 def reason_title(code: str | None) -> str:
-    """The check's title for a reason code (families: the longest known prefix)."""
+    """What failed, for a reason code: its check's failure text (families: the longest known
+    prefix); empty for a code of no registered check."""
     if not code:
         return ""
     parts = code.split(".")
     for n in range(len(parts), 0, -1):
         check = CHECKS.get(".".join(parts[:n]))
         if check is not None:
-            return check.title
+            return check.failed
     return ""
 
 
