@@ -164,6 +164,7 @@ def _templates() -> Jinja2Templates:
     templates.env.filters["num"] = _num
     templates.env.filters["when"] = _when
     templates.env.filters["dash"] = _dash
+    templates.env.filters["sig"] = _sig
     templates.env.globals["reason_title"] = queries.reason_title
     return templates
 
@@ -209,6 +210,18 @@ def _num(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _sig(value: float | None) -> str:
+    """A measured value to three significant digits, whatever its scale (a metric can be
+    0.000128 or 60,025): whole numbers from 100 up, powers of ten below 0.001."""
+    if value is None:
+        return "–"
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.2e}"
 
 
 def _dash(value: Any) -> str:
