@@ -8,7 +8,6 @@ could place one, an intracranial mask on the same grid (a template registered to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,27 +25,10 @@ from cohortflow.qc.masks import (
     head_mask,
     tissue_classes,
 )
+from cohortflow.qc.metrics import METRIC_CHECKS
 from cohortflow.qc.policy import QcPolicy, finite
 
 BoolArray = npt.NDArray[np.bool_]
-
-#: Which check holds each metric to the protocol's range, in the order checks are reported
-#: (the first failure is the series' reason code).
-METRIC_CHECKS: Mapping[str, str] = {
-    "icv_ml": "image.brain_mask",
-    "coverage_outside": "image.coverage",
-    "qi1": "image.motion",
-    "snrd_wm": "image.snr",
-    "snr_wm": "image.snr",
-    # heavy noise also drives some voxels to the top of the stored range: noise comes first
-    "clipped_fraction": "image.clipped",
-    "cnr": "image.cnr",
-    "cjv": "image.cjv",
-    "efc": "image.efc",
-    "fber": "image.fber",
-    "wm2max": "image.wm2max",
-    "inu_range": "image.inu",
-}
 
 _WHAT = {
     "icv_ml": "intracranial volume of the placed template {v:.0f} ml",

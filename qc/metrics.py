@@ -41,6 +41,27 @@ METRICS: Mapping[str, tuple[str, str]] = MappingProxyType(
     }
 )
 
+#: Which check holds each metric to the protocol's range (``qc.policy.QcPolicy.image``), in the
+#: order image QC reports them (the first failure is the series' reason code): every metric that
+#: can fail a series, the ones the dashboard plots with their acceptance range.
+METRIC_CHECKS: Mapping[str, str] = MappingProxyType(
+    {
+        "icv_ml": "image.brain_mask",
+        "coverage_outside": "image.coverage",
+        "qi1": "image.motion",
+        "snrd_wm": "image.snr",
+        "snr_wm": "image.snr",
+        # heavy noise also drives some voxels to the top of the stored range: noise comes first
+        "clipped_fraction": "image.clipped",
+        "cnr": "image.cnr",
+        "cjv": "image.cjv",
+        "efc": "image.efc",
+        "fber": "image.fber",
+        "wm2max": "image.wm2max",
+        "inu_range": "image.inu",
+    }
+)
+
 
 def noise_sigma(air: Array) -> float | None:
     """Standard deviation of the complex Gaussian noise, from magnitude voxels in the air.

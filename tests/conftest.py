@@ -76,6 +76,7 @@ FIRST = (
     "test_deface.py",  # 330
     "test_flow.py",  # 255
     "test_volumetry.py",  # 188
+    "test_dashboard_viewer.py",  # about 130: one study through the folder commands, Chromium
     "test_qc_cohort.py",  # 108
     "test_anonymize.py",  # 107
     "test_wheel.py",  # 74

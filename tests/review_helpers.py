@@ -195,9 +195,7 @@ def build(index: IndexDB, n: int = 40, seed: int = 3, atrophy: float = 0.03) -> 
                         ]
                         if code
                         else [],
-                        metrics={"snr": 20.0 + i, "cnr": 3.0 + 0.1 * i, "efc": 0.5}
-                        if stage == "image_qc"
-                        else {},
+                        metrics=_metrics_of(stage, i, s),
                         seconds=1.0,
                     )
                 )
@@ -219,6 +217,18 @@ def build(index: IndexDB, n: int = 40, seed: int = 3, atrophy: float = 0.03) -> 
         record_biomarkers(session, volumes)
         finish_run(session, run_id, "completed", {"outcome": {"t1_rate": 0.8, "stages": []}})
     return Cohort(subjects, planted)
+
+
+def _metrics_of(stage: str, i: int, s: Subject) -> dict[str, Any]:
+    """What a stage records beside its verdict: image QC its metrics (the failing ones below
+    the protocol's SNR range), conversion the series' description and pseudonym."""
+    if stage == "image_qc":
+        snr = 4.0 + 0.1 * i if s.failed == "image.snr" else 20.0 + i
+        return {"snrd_wm": snr, "snr_wm": 9.0 + 0.05 * i, "cnr": 3.0 + 0.1 * i, "efc": 0.5,
+                "inu_range": 0.3, "coverage_outside": 0.0, "clipped_fraction": 0.0}  # fmt: skip
+    if stage == "convert":
+        return {"description": "t1_mprage_sag_p2_iso", "pseudonym": s.pseudonym}
+    return {}
 
 
 def login_token(client: Any) -> str:

@@ -1134,6 +1134,10 @@ def test_cli_json_exit_codes_and_stage_results(
         assert row.status == "pass" and row.protocol == "ms" and row.role == "t1_3d"
         assert row.method_version == f"convert-2 dcm2niix {document['dcm2niix']}"
         assert row.metrics["converter"] == "dcm2niix" and row.metrics["slices"] == 24
+        # ... the files it wrote (named by the real PatientID) and a pseudonym left out: the
+        # dashboard neither names nor shows what no one de-identified
+        assert not {"nifti", "image", "pseudonym"} & set(row.metrics), row.metrics
+        assert row.metrics["description"] and "PSEUDO" not in json.dumps(row.metrics)
         assert row.input_sha256 == t1["input_sha256"] and len(row.input_sha256) == 64
         # a failing series: exit status 1, recorded with its reason; a rerun replaces the rows
         path = next((tmp_path / "in" / "SE03").iterdir())

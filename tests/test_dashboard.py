@@ -24,6 +24,7 @@ from cohortflow.models.schema import AuditEntry, Review, StageResult
 from cohortflow.models.settings import load_settings
 from cohortflow.models.users import authenticate, set_account
 from cohortflow.pipelines.cohort.configured import CohortSetup, protocol_roles, refresh_configured
+from cohortflow.pipelines.dicom.protocols import load_protocols
 from cohortflow.qc.dashboard.app import create_app
 from tests.review_helpers import Cohort, build, dashboard_login, login_token
 
@@ -55,6 +56,7 @@ def site(
         protocols=protocol_roles(settings),
         disclosure=CohortSetup.load(settings).disclosure,
         release=release_check_of(settings),
+        qc_policy=load_protocols(settings.protocols_file).qc_of,
     )
     with TestClient(app) as client:
         yield client, index, cohort
@@ -84,9 +86,9 @@ def test_nothing_answers_without_a_session(
     for path in ("/api/overview", "/api/failures", f"/api/series/{uid}", "/api/export/biomarkers",
                  "/api/cohorts/count", "/api/cohorts/list"):  # fmt: skip
         assert client.get(path).status_code == 401, path
-    assert (
-        client.get(f"/series/{uid}/picture/deface.png", follow_redirects=False).status_code == 303
-    )
+    for path in (f"/series/{uid}/picture/deface.png", f"/series/{uid}/slice.png?plane=axial"):
+        assert client.get(path, follow_redirects=False).status_code == 303, path
+    assert client.get(f"/api/series/{uid}/volume").status_code == 401
     answer = client.post(f"/api/series/{uid}/review", json={"decision": "accept", "comment": "x"})
     assert answer.status_code == 401
     assert client.get("/static/style.css").status_code == 200  # the login page needs it
@@ -137,7 +139,35 @@ def test_overview_failures_and_series_pages(site: tuple[TestClient, IndexDB, Coh
     assert page.status_code == 200
     assert "header.missing_slices" in page.text and "History of stage results" in page.text
     assert page.text.count('class="tag pass"') >= 3  # the history rows
-    assert client.get(f"/series/{subject.pseudo_series}/metrics.png").status_code == 200
+    # titled by what a reviewer recognises, never by a UID (it stays small in the body)
+    title = re.search(r"<title>(.*?)</title>", page.text, re.S)
+    heading = re.search(r'<h1 data-testid="series-title">(.*?)</h1>', page.text, re.S)
+    assert title and heading
+    assert heading.group(1) == f"t1_mprage_sag_p2_iso · 3D T1 · {subject.pseudonym}"
+    assert subject.pseudo_series not in title.group(1) + heading.group(1)
+    assert f'<span class="uid">{subject.pseudo_series}</span>' in page.text
+    # the reason labelled by what failed, not by the check's pass text
+    reason = re.search(r'data-testid="verdict-reason">(.*?)<', page.text)
+    assert reason and reason.group(1) == "slices missing: a gap in the slice positions"
+    assert "no gap in the slice positions" not in page.text
+    # a finding without a threshold shows a dash, never "None"
+    findings = page.text.split('data-testid="findings"')[1].split("</table>")[0]
+    assert "None" not in findings and "<td>–</td>" in findings
+    metrics = client.get(f"/series/{subject.pseudo_series}/metrics.png")
+    assert metrics.status_code == 200 and metrics.headers["content-type"] == "image/png"
+    # every metric that can fail a series, with the protocol's acceptance range
+    shown = dict(
+        re.findall(
+            r'data-metric="([a-z_0-9]+)">.*?</td>\s*<td>.*?</td>\s*<td>(.*?)</td>', page.text, re.S
+        )
+    )
+    assert {"snrd_wm", "snr_wm", "inu_range", "coverage_outside", "clipped_fraction"} <= set(shown)
+    assert shown["snrd_wm"] == "&gt;= 8" and shown["inu_range"] == "&lt;= 1"
+    assert shown["snr_wm"] == "–"  # the protocol sets no range for it
+    failed = next(s for s in cohort.subjects if s.failed == "image.snr")
+    page = client.get(f"/series/{failed.pseudo_series}")
+    assert 'data-metric="snrd_wm"' in page.text and "out of range" in page.text
+    assert "signal-to-noise ratio (Dietrich) outside the protocol&#39;s range" in page.text
     assert client.get("/series/2.25.999999").status_code == 404
 
 
@@ -457,6 +487,8 @@ ROUTES = {
     ("GET", "/api/series/{uid}"): "read",
     ("GET", "/series/{uid}/picture/{stage}.png"): "read",
     ("GET", "/series/{uid}/metrics.png"): "read",
+    ("GET", "/series/{uid}/slice.png"): "read",
+    ("GET", "/api/series/{uid}/volume"): "read",
     ("POST", "/series/{uid}/review"): "review",
     ("POST", "/api/series/{uid}/review"): "review",
     ("GET", "/export"): "export",

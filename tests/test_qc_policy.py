@@ -82,7 +82,7 @@ def test_the_protocol_file_reports_qc_errors_with_file_and_place(tmp_path: Path)
 
 
 def test_every_check_and_metric_is_described() -> None:
-    assert all(c.title for c in CHECKS.values())
+    assert all(c.title and c.failed and c.failed != c.title for c in CHECKS.values())
     assert all(what and better for what, better in METRICS.values())
 
 
@@ -119,4 +119,7 @@ def test_one_registry_for_every_stage_overridable_and_titled(tmp_path: Path) -> 
     with pytest.raises(ProtocolError, match=r"did you mean 'volumetry\.thick_slices'"):
         load_protocols(path)
     for code in ("convert.fallback", "volumetry.registration", "image.outlier.cjv"):
-        assert reason_title(code) == CHECKS[code.removesuffix(".cjv")].title
+        assert reason_title(code) == CHECKS[code.removesuffix(".cjv")].failed
+    # a reason is labelled by what failed, not by what a pass means (the dashboard once showed
+    # "header.missing_slices - no gap in the slice positions" for a series with a gap)
+    assert reason_title("header.missing_slices") == "slices missing: a gap in the slice positions"

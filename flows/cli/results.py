@@ -463,6 +463,7 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
     host = args.host or settings.dashboard.host
     port = args.port or settings.dashboard.port
     from cohortflow.pipelines.cohort.configured import CohortSetup
+    from cohortflow.pipelines.dicom.protocols import load_protocols
 
     cohorts = CohortSetup.load(settings)  # once: not a key and YAML read per page
     app = create_app(
@@ -471,6 +472,8 @@ def _dashboard(args: argparse.Namespace, settings: Settings, err: Console) -> in
         protocols=cohorts.roles(),
         disclosure=cohorts.disclosure,
         release=release_check_of(settings),
+        # the metrics' acceptance ranges the series page draws
+        qc_policy=load_protocols(settings.protocols_file).qc_of,
     )
     board = settings.dashboard
     cert, key = args.tls_cert or board.tls_cert, args.tls_key or board.tls_key

@@ -348,6 +348,10 @@ def _convert_series(
         "shape": list(chosen.shape),
         "voxel_mm": [round(v, 4) for v in chosen.voxel_mm],
         "nifti": str(nifti.relative_to(out)),
+        # where the dashboard's slice viewer finds the image (it serves it from under the
+        # outputs folder only)
+        "image": str(nifti.absolute()),
+        **_shown(header),
     }
     return ConvertedSeries(
         files=len(plan.entries),
@@ -409,8 +413,20 @@ def _failed(
         software_versions=header_text(header, "SoftwareVersions"),
         input_sha256=input_sha256,
         seconds=round(seconds, 3),
+        metrics=_shown(header),
         identified=None if is_deidentified(header) else dataset_cleaner(header),
     )
+
+
+def _shown(header: Any) -> dict[str, str]:
+    """What names the series to a reviewer on the de-identified side (the dashboard's series
+    page): its description (cleaned of the header's identifiers when the input was not
+    de-identified) and the subject's pseudonym (the de-identified PatientID; none for
+    identified input, whose PatientID is the real one)."""
+    description = header_text(header, "SeriesDescription")
+    if not is_deidentified(header):
+        return {"description": dataset_cleaner(header)(description)}
+    return {"description": description, "pseudonym": header_text(header, "PatientID")}
 
 
 def _rounded(value: float | None) -> float | None:

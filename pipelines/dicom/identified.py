@@ -30,8 +30,16 @@ def is_defaced(ds: Any) -> bool:
     return str(ds.get("RecognizableVisualFeatures", "") or "").strip().upper() == "NO"
 
 
+#: the metrics that name a file a stage wrote (the converted image, volumetry's labels and
+#: picture): files named by the subject's label, for input that was not de-identified its real
+#: PatientID, and made of pixels no one defaced or de-identified. Not kept on the de-identified
+#: side, so the dashboard neither names nor shows them.
+FILE_METRICS = frozenset({"nifti", "image", "labels", "picture"})
+
+
 def keyed_by_pseudonyms(row: StageRecord, uid: Callable[[str], str], clean: Cleaner) -> StageRecord:
-    """``row`` under the pseudonymized UIDs, its message and findings cleaned."""
+    """``row`` under the pseudonymized UIDs, its message and findings cleaned, the files it
+    names left out (``FILE_METRICS``)."""
 
     def finding(f: dict[str, Any]) -> dict[str, Any]:
         message = f.get("message")
@@ -43,6 +51,7 @@ def keyed_by_pseudonyms(row: StageRecord, uid: Callable[[str], str], clean: Clea
         study_uid=uid(row.study_uid) if row.study_uid else row.study_uid,
         message=clean(row.message) if row.message else row.message,
         findings=[finding(f) for f in row.findings],
+        metrics={k: v for k, v in row.metrics.items() if k not in FILE_METRICS},
     )
 
 

@@ -689,10 +689,12 @@ def volumetry_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> Ste
                 session, [biomarker_record(r, params) for r in known if r.volumes is not None]
             )
         measured = {r.source.series: r.verdict.value for r in results if r.source.series}
+        # the overlays and the label maps beside them: delivered, so release-checked
         overlays = {
-            str(r.overlay): r.source.series
+            str(path): r.source.series
             for r in results
-            if r.overlay is not None and r.source.series
+            for path in (r.overlay, r.labels)
+            if path is not None and r.source.series
         }
         return replace(
             previous.order,

@@ -40,7 +40,8 @@ class WorkOrder:
     # volumetry
     measured: Mapping[str, str] = field(default_factory=dict)  # series -> verdict
     not_measured: int = 0  # T1s an earlier stage failed
-    overlays: Mapping[str, str] = field(default_factory=dict)  # overlay picture -> series
+    #: overlay picture or label map -> series
+    overlays: Mapping[str, str] = field(default_factory=dict)
     # release
     released: int = 0
     quarantined: int = 0

@@ -211,6 +211,35 @@ def write_overlay(
     return path
 
 
+#: the label map's values (``write_labels``), as the dashboard's slice viewer reads them
+LABELS = {1: "CSF", 2: "grey matter", 3: "white matter"}
+
+
+def write_labels(
+    path: Path, labels: npt.NDArray[np.uint8], affine: npt.NDArray[np.float64]
+) -> Path:
+    """The tissue classes as a NIfTI label map (uint8: 0 outside the intracranial mask, then
+    ``LABELS``) on the measured image's grid in RAS+ voxel order, ``affine`` its voxel to
+    millimetre map: the dashboard's slice viewer draws them over the image. Gzipped with no
+    time stamp (the same labels, the same bytes), written whole or not at all."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["descrip"] = b"cohortflow volumetry labels 1 CSF 2 GM 3 WM"
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=1, mtime=0) as gz:
+        gz.write(image.to_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".part")
+    temp.write_bytes(buffer.getvalue())
+    temp.replace(path)
+    return path
+
+
 def _box(mask: npt.NDArray[np.bool_], spacing: tuple[float, float, float]) -> list[tuple[int, int]]:
     """The mask's bounding box grown by ``MARGIN_MM``, per voxel axis (start, stop); the whole
     grid for an empty mask."""

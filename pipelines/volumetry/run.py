@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 
 from cohortflow.models.database import IndexDB
 from cohortflow.models.series import SeriesDescriptor
@@ -34,7 +35,7 @@ from cohortflow.pipelines.safeio import RefusedError, check_entry, hash_file, pr
 from cohortflow.pipelines.volumetry.atlas import Atlas, load_atlas
 from cohortflow.pipelines.volumetry.errors import VolumetryError
 from cohortflow.pipelines.volumetry.method import METHOD, METHOD_VERSION, Parameters, measure
-from cohortflow.pipelines.volumetry.overlay import write_overlay
+from cohortflow.pipelines.volumetry.overlay import write_labels, write_overlay
 from cohortflow.pipelines.volumetry.source import Source
 from cohortflow.pipelines.volumetry.verdict import judge
 from cohortflow.qc.findings import Finding, Verdict, finding, reason, stage_row, verdict
@@ -60,6 +61,8 @@ class VolumetryResult:
     correlation: float | None = None
     slice_mm: float | None = None
     overlay: Path | None = None
+    #: the tissue classes on the image's grid (RAS+ voxel order), for the dashboard's viewer
+    labels: Path | None = None
     input_sha256: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     #: the head fit the atlas was placed with: "handed" (an earlier stage's) or "fitted" (here)
@@ -177,7 +180,7 @@ def measure_source(
         ),
         slice_mm=slice_mm,
     )
-    overlay = None
+    overlay = labels = None
     if overlay_dir is not None:
         t1 = time.perf_counter()
         # source.name: the converted series' BIDS name (pseudonymous) or the file's own name
@@ -190,6 +193,11 @@ def measure_source(
             m.volumes,
             source.name,
         )
+        labels = write_labels(
+            overlay_dir / f"{source.name}_labels.nii.gz",
+            _uncropped(m.labels, m.crop, tuple(int(n) for n in image.shape)),
+            canonical_affine(source.image),
+        )
         m.seconds["overlay"] = time.perf_counter() - t1
     return VolumetryResult(
         source=source,
@@ -199,10 +207,30 @@ def measure_source(
         correlation=m.correlation,
         slice_mm=slice_mm,
         overlay=overlay,
+        labels=labels,
         input_sha256=hash_file(source.image),
         seconds={"read": read_s, **m.seconds},
         affine_from="fitted" if handed is None else "handed",
     )
+
+
+def canonical_affine(path: Path) -> npt.NDArray[np.float64]:
+    """The voxel to millimetre map of the image at ``path`` in RAS+ voxel order (the grid
+    ``read_t1`` measures on), from its header alone."""
+    header: Any = nib.load(path)
+    shape = tuple(int(n) for n in header.shape[:3])
+    orientation = nib.orientations.io_orientation(header.affine)
+    to_canonical = nib.orientations.inv_ornt_aff(orientation, shape)
+    return np.asarray(header.affine @ to_canonical, dtype=np.float64)
+
+
+def _uncropped(
+    labels: npt.NDArray[np.uint8], crop: tuple[tuple[int, int], ...], shape: tuple[int, ...]
+) -> npt.NDArray[np.uint8]:
+    """``labels`` of the cropped grid placed on the whole image's grid (0 elsewhere)."""
+    full = np.zeros(shape, np.uint8)
+    full[tuple(slice(start, stop) for start, stop in crop)] = labels
+    return full
 
 
 def _border_fraction(
@@ -407,6 +435,10 @@ def metrics(result: VolumetryResult) -> dict[str, Any]:
     )
     if result.overlay is not None:
         out["picture"] = str(result.overlay)  # the tissue overlay the dashboard shows
+    if result.labels is not None:
+        # the image measured and its tissue classes: the dashboard's slice viewer shows them
+        out["image"] = str(result.source.image.absolute())
+        out["labels"] = str(result.labels.absolute())
     return out
 
 
@@ -467,6 +499,7 @@ def report_json(report: VolumetryReport) -> dict[str, Any]:
                 "confidence": r.confidence,
                 "findings": [f.as_dict() for f in r.findings],
                 "overlay": str(r.overlay) if r.overlay else None,
+                "labels": str(r.labels) if r.labels else None,
                 "metrics": metrics(r),
             }
             for r in report.results

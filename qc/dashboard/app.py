@@ -54,6 +54,7 @@ from cohortflow.qc.dashboard.board import (
 from cohortflow.qc.dashboard.headers import SecurityHeaders
 from cohortflow.qc.dashboard.limits import BodyLimit
 from cohortflow.qc.dashboard.throttle import ClientThrottle
+from cohortflow.qc.policy import QcPolicy
 
 #: the roles of each right, read here by tests/test_dashboard.py (declared in ``board.py``)
 __all__ = [
@@ -94,6 +95,7 @@ def create_app(
     protocols: Mapping[str, Sequence[str]] | None = None,
     disclosure: Disclosure | None = None,
     release: Callable[[Session, Path, set[str], str], bool] | None = None,
+    qc_policy: Callable[[str | None], QcPolicy] | None = None,
 ) -> FastAPI:
     """The dashboard over ``settings``' index (or ``index``, left open for the caller).
 
@@ -102,7 +104,9 @@ def create_app(
     the de-identified counts (keyed by the project key); the command line passes all three
     (they live in ``pipelines``, which the dashboard does not import). Without ``disclosure``
     the de-identified cohort pages refuse to answer. ``release`` is the release check every
-    export passes before it is sent (without it, exports are refused)."""
+    export passes before it is sent (without it, exports are refused). ``qc_policy`` gives a
+    protocol's QC policy: the series page draws each metric's acceptance range from it (without
+    it, none is drawn)."""
     conf = settings.dashboard
     shared = Dashboard(
         settings=settings,
@@ -116,6 +120,7 @@ def create_app(
         protocols=protocols,
         disclosure=disclosure,
         release=release,
+        qc_policy=qc_policy,
     )
 
     @asynccontextmanager
@@ -158,6 +163,8 @@ def _templates() -> Jinja2Templates:
     templates.env.filters["pct"] = _pct
     templates.env.filters["num"] = _num
     templates.env.filters["when"] = _when
+    templates.env.filters["dash"] = _dash
+    templates.env.filters["sig"] = _sig
     templates.env.globals["reason_title"] = queries.reason_title
     return templates
 
@@ -203,6 +210,23 @@ def _num(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _sig(value: float | None) -> str:
+    """A measured value to three significant digits, whatever its scale (a metric can be
+    0.000128 or 60,025): whole numbers from 100 up, powers of ten below 0.001."""
+    if value is None:
+        return "–"
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.2e}"
+
+
+def _dash(value: Any) -> str:
+    """A value as it is, a missing one (None, empty) as a dash: never "None" on a page."""
+    return "–" if value is None or value == "" else str(value)
 
 
 def _when(value: dt.datetime | None) -> str:

@@ -38,6 +38,8 @@ from cohortflow.models.users import (
     account,
 )
 from cohortflow.qc.dashboard.throttle import ClientThrottle
+from cohortflow.qc.dashboard.viewer import VolumeCache
+from cohortflow.qc.policy import QcPolicy
 
 #: who may do what (the README's table of roles says the same; tests/test_dashboard.py checks
 #: every route for every role against it)
@@ -78,6 +80,11 @@ class Dashboard:
     disclosure: Disclosure | None
     release: Callable[[Session, Path, set[str], str], bool] | None
     opened: dict[str, IndexDB] = field(default_factory=dict)
+    #: the QC policy of a protocol (its metrics' acceptance ranges and its checks' severities);
+    #: None: the ranges are not drawn
+    qc_policy: Callable[[str | None], QcPolicy] | None = None
+    #: the slice viewer's volumes last read
+    volumes: VolumeCache = field(default_factory=VolumeCache)
 
     @property
     def index(self) -> IndexDB:
@@ -87,7 +94,17 @@ class Dashboard:
         """The picture file a stage recorded, when it is served: an existing file under the
         outputs folder (the pseudonymized side); None otherwise (written elsewhere, e.g. by
         ``cohortflow volumetry --out`` outside it, or since removed)."""
-        path = Path(recorded).resolve()
+        return self.served(recorded)
+
+    def served(self, recorded: str, *, under_outputs: bool = False) -> Path | None:
+        """A file a stage recorded (a picture, an image, a label map), when the dashboard may
+        read it: an existing regular file that, every link resolved, lies under the outputs
+        folder (the pseudonymized side: never the archive, the index or ``restricted/``);
+        None otherwise. ``under_outputs``: a relative path is relative to the outputs folder."""
+        path = Path(recorded)
+        if under_outputs and not path.is_absolute():
+            path = self.outputs / path
+        path = path.resolve()
         return path if path.is_relative_to(self.outputs) and path.is_file() else None
 
     @contextmanager

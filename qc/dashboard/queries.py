@@ -5,9 +5,11 @@ linkage (the identified tables), so no page can show an identifier."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select
@@ -24,6 +26,8 @@ from cohortflow.models.schema import AuditEntry, Biomarker, Review, Run, Selecti
 from cohortflow.models.stages import HistoryRecord, StageRecord, stage_history, stage_records
 from cohortflow.models.volumes import VOLUME_NAMES
 from cohortflow.qc.findings import CHECKS
+from cohortflow.qc.metrics import METRIC_CHECKS, METRICS
+from cohortflow.qc.policy import QcPolicy
 
 #: the failure list's sortable columns
 SORTS = ("recorded_at", "protocol", "stage", "reason_code", "scanner", "series_uid")
@@ -31,14 +35,15 @@ STATUSES = ("fail", "warn")
 
 
 def reason_title(code: str | None) -> str:
-    """The check's title for a reason code (families: the longest known prefix)."""
+    """What failed, for a reason code: its check's failure text (families: the longest known
+    prefix); empty for a code of no registered check."""
     if not code:
         return ""
     parts = code.split(".")
     for n in range(len(parts), 0, -1):
         check = CHECKS.get(".".join(parts[:n]))
         if check is not None:
-            return check.title
+            return check.failed
     return ""
 
 
@@ -258,11 +263,52 @@ def _choices(session: Session) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class MetricView:
-    """One image quality metric of the series beside its protocol's distribution."""
+    """One image quality metric that can fail a series: this series' value (None: not
+    measured on it), the values of the other series of its protocol and role, and the
+    protocol's acceptance range (``low`` and ``high``, either open; both None: the protocol sets
+    none) with the check that holds it and that check's severity under the protocol."""
 
     name: str
-    value: float
+    value: float | None
     cohort: list[float]
+    low: float | None = None
+    high: float | None = None
+    check: str = ""
+    severity: str = ""
+    #: what the metric is and which direction is better (qc.metrics.METRICS)
+    what: str = ""
+    better: str = ""
+
+    @property
+    def has_range(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    @property
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.low:g} to {self.high:g}"
+        if self.low is not None:
+            return f">= {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else "–"
+
+    @property
+    def passes(self) -> bool | None:
+        """Whether the value lies in the acceptance range (None: no value or no range)."""
+        if self.value is None or not self.has_range:
+            return None
+        return (self.low is None or self.value >= self.low) and (
+            self.high is None or self.value <= self.high
+        )
+
+
+@dataclass(frozen=True)
+class SeriesImage:
+    """The series' image for the slice viewer as its stages recorded it: the NIfTI file
+    (``relative``: relative to the outputs folder) and the tissue labels on its grid."""
+
+    image: str
+    labels: str | None = None
+    relative: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,17 +328,41 @@ class SeriesView:
     verdict_stage: str | None
     verdict_reason: str | None
     pictures: dict[str, str]
+    #: what names the series to a reviewer: its description and the subject's pseudonym
+    description: str | None = None
+    pseudonym: str | None = None
+    image: SeriesImage | None = None
 
     @property
     def findings(self) -> list[tuple[str, dict[str, Any]]]:
         return [(s.stage, f) for s in self.stages for f in s.findings]
 
+    @property
+    def title(self) -> str:
+        """The page's title: description, role, pseudonym (never a UID)."""
+        parts = [self.description, ROLE_NAMES.get(self.role or "", self.role), self.pseudonym]
+        shown = [p for p in parts if p]
+        return " · ".join(shown) if shown else f"a series of {self.protocol or 'no protocol'}"
 
-#: the image QC metrics plotted (mriqc names), in this order
-PLOTTED = ("snr", "snrd_wm", "cnr", "cjv", "efc", "fber", "wm2max", "qi1")
+
+#: how a role (a protocol's include rule, or a role of the classifier) reads in a title; any
+#: other is shown as it is named
+ROLE_NAMES = {
+    "t1_3d": "3D T1",
+    "t1_2d": "2D T1",
+    "t1_post": "T1 post-contrast",
+    "t2": "T2",
+    "hippocampus_t2": "hippocampal T2",
+    "flair": "FLAIR",
+    "dwi": "DWI",
+}
 
 
-def series_view(session: Session, series_uid: str) -> SeriesView | None:
+def series_view(
+    session: Session, series_uid: str, policy_of: Callable[[str | None], QcPolicy] | None = None
+) -> SeriesView | None:
+    """Everything the series page shows of one series; ``policy_of`` gives the acceptance
+    ranges of its protocol's metrics (None: not drawn)."""
     stages = stage_records(session, series_uids=[series_uid])
     if not stages:
         return None
@@ -312,23 +382,11 @@ def series_view(session: Session, series_uid: str) -> SeriesView | None:
     verdict, verdict_stage, verdict_reason = worst_verdict(
         (s.stage, s.status, s.reason_code) for s in stages
     )
-    metrics = []
-    image = next((s for s in stages if s.stage == "image_qc"), None)
-    if image is not None:
-        pool = session.execute(
-            select(StageResult.metrics).where(
-                StageResult.stage == "image_qc",
-                StageResult.protocol == image.protocol,
-                StageResult.role == image.role,
-                StageResult.series_uid != series_uid,
-            )
-        ).all()
-        for name in PLOTTED:
-            value = image.metrics.get(name)
-            if isinstance(value, int | float):
-                found = (m.get(name) for (m,) in pool if isinstance(m, dict))
-                cohort = [float(v) for v in found if isinstance(v, int | float)]
-                metrics.append(MetricView(name, float(value), cohort))
+    metrics: list[MetricView] = []
+    image_qc = next((s for s in stages if s.stage == "image_qc"), None)
+    if image_qc is not None:
+        policy = policy_of(image_qc.protocol) if policy_of is not None else None
+        metrics = metric_views(session, image_qc, policy)
     pictures = {
         s.stage: str(s.metrics["picture"])
         for s in stages
@@ -349,7 +407,91 @@ def series_view(session: Session, series_uid: str) -> SeriesView | None:
         verdict_stage=verdict_stage,
         verdict_reason=verdict_reason,
         pictures=pictures,
+        description=_text_of(stages, "description"),
+        pseudonym=_text_of(stages, "pseudonym"),
+        image=_image_of(stages),
     )
+
+
+def metric_views(
+    session: Session, image_qc: StageRecord, policy: QcPolicy | None
+) -> list[MetricView]:
+    """Every metric that can fail a series (``qc.metrics.METRIC_CHECKS``) the series has or
+    its protocol holds to a range, beside the values of the other series of its protocol and
+    role (every one of them: a plot from the first series on)."""
+    pool = [
+        m
+        for (m,) in session.execute(
+            select(StageResult.metrics).where(
+                StageResult.stage == "image_qc",
+                StageResult.protocol == image_qc.protocol,
+                StageResult.role == image_qc.role,
+                StageResult.series_uid != image_qc.series_uid,
+            )
+        )
+        if isinstance(m, dict)
+    ]
+    views = []
+    for name, check in METRIC_CHECKS.items():
+        value = _number(image_qc.metrics.get(name))
+        allowed = policy.image.get(name) if policy is not None else None
+        if value is None and allowed is None:
+            continue
+        cohort = [v for v in (_number(m.get(name)) for m in pool) if v is not None]
+        what, better = METRICS.get(name, ("", ""))
+        views.append(
+            MetricView(
+                name,
+                value,
+                cohort,
+                low=allowed.min if allowed is not None else None,
+                high=allowed.max if allowed is not None else None,
+                check=check,
+                severity=policy.severity_of(check).value if policy is not None else "",
+                what=what,
+                better=better,
+            )
+        )
+    return views
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _text_of(stages: Sequence[StageRecord], key: str) -> str | None:
+    """The first non-empty text ``key`` of the stages' metrics (conversion records them)."""
+    for stage in sorted(stages, key=lambda s: s.stage != "convert"):
+        found = stage.metrics.get(key)
+        if isinstance(found, str) and found.strip():
+            return found.strip()
+    return None
+
+
+def series_image(session: Session, series_uid: str) -> SeriesImage | None:
+    """The series' image for the slice viewer (its stage rows only: asked at every slice)."""
+    return _image_of(stage_records(session, series_uids=[series_uid]))
+
+
+def _image_of(stages: Sequence[StageRecord]) -> SeriesImage | None:
+    """The NIfTI image of the series: the one volumetry measured, with its labels; else the
+    one conversion wrote (``image``; a row recorded before it was: ``nifti``, relative to the
+    protocol's ``nifti`` folder under the outputs, where a run converts)."""
+    rows = {s.stage: s.metrics for s in stages}
+    measured = rows.get("volumetry", {})
+    if isinstance(measured.get("image"), str):
+        labels = measured.get("labels")
+        return SeriesImage(str(measured["image"]), labels if isinstance(labels, str) else None)
+    converted = rows.get("convert", {})
+    if isinstance(converted.get("image"), str):
+        return SeriesImage(str(converted["image"]))
+    nifti = converted.get("nifti")
+    protocol = next((s.protocol for s in stages if s.stage == "convert"), None)
+    if isinstance(nifti, str) and protocol:
+        return SeriesImage(str(PurePosixPath(protocol, "nifti", nifti)), relative=True)
+    return None
 
 
 @dataclass(frozen=True)
