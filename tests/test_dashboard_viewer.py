@@ -6,36 +6,27 @@ Over HTTP with FastAPI's test client on a phantom written where the stages write
 by volumetry's own writer): the picture's size, orientation, window and overlay; every query
 parameter checked; 404 for a series without an image and for any image or label map outside
 the outputs folder, by a recorded path, a relative path or a symbolic link; a login needed. In
-Chromium (slow): the series pages of a T1 measured and of a series defaced by the folder
-commands on a synthetic study, the viewer scrolled, its overlay toggled, its opacity changed,
-the pictures' sizes checked; screenshots in test-artifacts/viewer.
+Chromium, over a protocol run's outputs (tests/test_protocol_run.py, with
+tests/viewer_helpers.py): the series pages of a measured T1 and of a defaced FLAIR, the viewer
+scrolled, its overlay toggled, its opacity changed, the pictures' sizes checked.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select
 
 from cohortflow.models.database import IndexDB, open_index
-from cohortflow.models.schema import StageResult
 from cohortflow.models.settings import load_settings
 from cohortflow.models.stages import StageRecord, record_stages
 from cohortflow.models.users import set_account
@@ -44,17 +35,9 @@ from cohortflow.pipelines.volumetry.overlay import write_labels
 from cohortflow.pipelines.volumetry.run import canonical_affine
 from cohortflow.qc.dashboard import viewer
 from cohortflow.qc.dashboard.app import create_app
-from tests.ingest_helpers import free_port
 from tests.review_helpers import dashboard_login
 
-if TYPE_CHECKING:
-    from playwright.sync_api import Page
-
 PASSWORD = "correct horse battery"
-#: screenshots of the browser test (CI keeps this folder as the test's artefacts)
-ARTIFACTS = Path(
-    os.environ.get("COHORTFLOW_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")
-)
 
 #: the phantom: RAS+ voxels of 1 x 1 x 2 mm; a bright marker at the subject's right, anterior
 SHAPE = (40, 48, 24)
@@ -327,241 +310,3 @@ def test_the_volumes_kept_are_bounded(site: Site) -> None:
 
 
 # --- in Chromium, over what the folder commands made of a synthetic study -------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-BIN = Path(sys.executable).parent
-
-
-@dataclass(frozen=True)
-class Measured:
-    """A home whose index and outputs the folder commands made: a T1 measured (converted,
-    QC'd, volumetry's labels) and a FLAIR defaced and converted, not measured."""
-
-    home: Path
-    t1: str
-    flair: str
-    pseudonym: str
-
-
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Measured:
-    """One synthetic study (no faults) anonymized, defaced, checked and measured by the
-    commands a user runs on a folder (about a minute and a half of work: one study, one
-    registration each for defacing, QC and volumetry)."""
-    from cohortflow.flows.cli import main
-    from cohortflow.models.synth import Fault, SynthConfig
-    from cohortflow.pipelines.synth.cohort import generate
-
-    work = tmp_path_factory.mktemp("viewer")
-    home = work / "home"
-    outputs = home / "outputs"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("COHORTFLOW_HOME", str(home))
-        env.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
-        env.setenv("COHORTFLOW_PSEUDONYM_KEY_SOURCE", "env:CF_TEST_PROJECT_KEY")
-        env.setenv("CF_TEST_PROJECT_KEY", "0123456789abcdef" * 4)
-        # a brain study of the open protocol: a 3D T1, a FLAIR, a T2 and a localizer
-        config = SynthConfig(studies=1, seed=5, fault_rates={f: 0.0 for f in Fault})
-        generate(config, work / "synth", model_cache, workers=1, overwrite=True)
-        defaced = outputs / "defaced"
-        for args in (
-            ["anonymize", str(work / "synth" / "dicom"), str(work / "anonymized")],
-            ["deface", str(work / "anonymized"), str(defaced)],
-            ["qc", str(defaced)],
-            ["volumetry", str(defaced), "--out", str(outputs / "volumetry")],
-        ):
-            assert main([*args, "--json"]) == 0, args
-        index = open_index(load_settings(None).index)
-    try:
-        with index.session() as session:
-            converted = {
-                r.role: r for r in session.scalars(select(StageResult)) if r.stage == "convert"
-            }
-            set_account(session, "rita", "reviewer", PASSWORD)
-    finally:
-        index.dispose()
-    t1, flair = converted["t1_3d"], converted["flair"]
-    return Measured(home, t1.series_uid, flair.series_uid, str(t1.metrics["pseudonym"]))
-
-
-def _wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_the_viewer_in_chromium(measured: Measured, tmp_path: Path, figures: Any) -> None:
-    """The series pages of a measured T1 and of a defaced FLAIR as a reviewer uses them: the
-    viewer scrolled by the mouse wheel and the keys (the slice index and the picture change),
-    the overlay toggled and its opacity changed (the picture changes), another plane; every
-    picture at its natural size; no script or policy error. Screenshots in
-    test-artifacts/viewer."""
-    from playwright.sync_api import sync_playwright
-
-    started = time.monotonic()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COHORTFLOW_", "PREFECT_"))}
-    env["COHORTFLOW_HOME"] = str(measured.home)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "dashboard.log"
-    with log.open("ab") as out:
-        server = subprocess.Popen(
-            [str(BIN / "cohortflow"), "dashboard", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    shots = ARTIFACTS / "viewer"
-    shots.mkdir(parents=True, exist_ok=True)
-    problems: list[str] = []
-    try:
-        _wait_http(f"{base}/login", 60)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            # no script error, no policy violation, no request refused or missing
-            page.on("console", lambda m: problems.extend([m.text] if m.type == "error" else []))
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on(
-                "response",
-                lambda r: problems.extend([f"{r.status} {r.url}"] if r.status >= 400 else []),
-            )
-            page.goto(f"{base}/series/{measured.t1}")
-            page.fill("input[name=username]", "rita")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("form.login button[type=submit]")
-            page.wait_for_url(f"**/series/{measured.t1}")
-            # titled by what a reviewer recognises
-            title = page.inner_text("[data-testid=series-title]")
-            assert "3D T1" in title and measured.pseudonym in title, title
-            assert measured.t1 not in title and measured.t1 not in page.title()
-            meta = _settled(page)
-            t1 = _viewed(page, measured.t1, meta, "1-t1-axial.png", shots)
-            # the overlay off and on again, then fainter: each time another picture
-            page.uncheck("[data-testid=overlay-toggle]")
-            off = _changed(page, t1, "overlay=0")
-            page.screenshot(path=str(shots / "2-t1-overlay-off.png"), full_page=True)
-            page.check("[data-testid=overlay-toggle]")
-            on = _changed(page, off, "overlay=1")
-            page.fill("[data-testid=opacity-slider]", "25")
-            faint = _changed(page, on, "opacity=0.25")
-            assert faint != off
-            # another plane: its own size
-            page.click("[data-testid=plane-sagittal]")
-            _changed(page, faint, "plane=sagittal")
-            _natural_size(page, meta, "sagittal")
-            page.screenshot(path=str(shots / "3-t1-sagittal.png"), full_page=True)
-            # the static pictures stay, drawn at their size
-            assert _natural(page, "[data-testid=picture-volumetry]")[0] > 300
-            plot = _natural(page, "[data-testid=metrics-plot]")
-            assert plot[0] >= 900 and plot[1] >= 400
-            assert page.locator("[data-testid=metrics] tr[data-metric=inu_range]").count() == 1
-            # the defaced FLAIR: the same viewer, without an overlay
-            page.goto(f"{base}/series/{measured.flair}")
-            assert "FLAIR" in page.inner_text("[data-testid=series-title]")
-            meta = _settled(page)
-            assert meta["overlay"] is False
-            assert page.is_disabled("[data-testid=overlay-toggle]")
-            assert "No overlay" in page.inner_text("[data-testid=viewer-note]")
-            _viewed(page, measured.flair, meta, "4-flair-defaced.png", shots)
-            browser.close()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-    assert not problems, problems
-    figures(
-        f"slice viewer in Chromium: a measured T1 and a defaced FLAIR scrolled, overlay "
-        f"toggled, opacity changed, in {time.monotonic() - started:.0f} s; screenshots in {shots}"
-    )
-
-
-def _settled(page: Page) -> dict[str, Any]:
-    """Wait until the viewer shows the picture it last asked for; its volume's description."""
-    _wait(page)
-    found: dict[str, Any] = page.evaluate(
-        "(uid) => fetch(`/api/series/${uid}/volume`).then(r => r.json())",
-        page.get_attribute("[data-testid=viewer]", "data-series"),
-    )
-    return found
-
-
-def _wait(page: Page) -> None:
-    """Until the viewer shows the picture it last asked for."""
-    page.wait_for_function(
-        """() => {
-            const v = document.querySelector('[data-testid=viewer]');
-            const img = v && v.querySelector('img.slice');
-            return v && v.dataset.ready === '1' && !v.dataset.loading && img.complete
-                && v.dataset.shown === img.getAttribute('src');
-        }""",
-        timeout=60_000,
-    )
-
-
-def _rendered(page: Page) -> bytes:
-    """The viewer's picture as the browser draws it."""
-    return page.locator("[data-testid=viewer-image]").screenshot()
-
-
-def _changed(page: Page, before: bytes, asked: str) -> bytes:
-    """The picture once the viewer shows its latest request, which asked for ``asked`` (a
-    query parameter); it differs from ``before``."""
-    _wait(page)
-    src = page.get_attribute("[data-testid=viewer-image]", "src") or ""
-    assert asked in src.split("?", 1)[1].split("&"), (asked, src)
-    now = _rendered(page)
-    assert now != before, asked
-    return now
-
-
-def _natural(page: Page, selector: str) -> tuple[int, int]:
-    """The natural size of a loaded picture."""
-    locator = page.locator(selector)
-    locator.scroll_into_view_if_needed()
-    page.wait_for_function("(el) => el.complete", arg=locator.element_handle(), timeout=30_000)
-    width, height = locator.evaluate("(el) => [el.naturalWidth, el.naturalHeight]")
-    return int(width), int(height)
-
-
-def _natural_size(page: Page, meta: dict[str, Any], plane: str) -> None:
-    """The slice's picture has the size the volume's description gives the plane (square
-    pixels at the viewer's scale)."""
-    expected = (meta["planes"][plane]["width"], meta["planes"][plane]["height"])
-    assert _natural(page, "[data-testid=viewer-image]") == expected, plane
-    assert 100 <= max(expected) <= viewer.MAX_SIDE_PX
-
-
-def _viewed(page: Page, uid: str, meta: dict[str, Any], shot: str, shots: Path) -> bytes:
-    """Scroll the viewer of series ``uid``: the wheel three slices on, Page Down ten back,
-    the up arrow one on; each time the slice index and the picture change. Returns the last
-    picture."""
-    box = "[data-testid=viewer]"
-    assert page.get_attribute(box, "data-series") == uid
-    plane = page.get_attribute(box, "data-plane") or ""
-    _natural_size(page, meta, plane)
-    slices = meta["planes"][plane]["slices"]
-    middle = slices // 2
-    assert page.get_attribute(box, "data-index") == str(middle)
-    before = _rendered(page)
-    page.hover("[data-testid=viewer-image]")
-    for _ in range(3):
-        page.mouse.wheel(0, 120)
-    after = _changed(page, before, f"index={middle + 3}")
-    assert page.inner_text("[data-testid=slice-index]").startswith(f"{middle + 4} / {slices}")
-    page.focus(box)
-    page.keyboard.press("PageDown")
-    back = _changed(page, after, f"index={max(0, middle - 7)}")
-    page.keyboard.press("ArrowUp")
-    last = _changed(page, back, f"index={max(0, middle - 7) + 1}")
-    assert page.get_attribute(box, "data-index") == str(max(0, middle - 7) + 1)
-    _natural_size(page, meta, plane)
-    page.screenshot(path=str(shots / shot), full_page=True)
-    return last

@@ -55,6 +55,7 @@ from tests.protocol_helpers import (
     prefect_server,
     wait_for,
 )
+from tests.viewer_helpers import changed, natural, natural_size, settled, viewed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -259,6 +260,13 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
                     StageResult.stage.in_(("header_qc", "image_qc")), StageResult.status == "fail"
                 )
             ).first()
+            flair = session.scalars(
+                select(StageResult.series_uid).where(
+                    StageResult.stage == "convert",
+                    StageResult.status.in_(("pass", "warn")),
+                    StageResult.role.like("flair%"),
+                )
+            ).first()
     finally:
         index.dispose()
     rows = list(csv.DictReader(exported.open()))
@@ -358,6 +366,36 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
             assert "ICV" in page.inner_text("[data-testid=biomarkers]")
             page.screenshot(path=str(shots / "4-series-measured.png"), full_page=True)
             seen.append(page.content().encode())
+            # its slice viewer: scrolled by the wheel and the keys, the overlay of volumetry's
+            # tissue classes toggled and made fainter, another plane, each at its size
+            title = page.inner_text("[data-testid=series-title]")
+            assert "3D T1" in title and measured not in title and measured not in page.title()
+            meta = settled(page)
+            assert meta["overlay"] is True
+            last = viewed(page, measured, meta, "7-viewer-t1-axial.png", shots)
+            page.uncheck("[data-testid=overlay-toggle]")
+            off = changed(page, last, "overlay=0")
+            page.screenshot(path=str(shots / "8-viewer-t1-overlay-off.png"), full_page=True)
+            page.check("[data-testid=overlay-toggle]")
+            on = changed(page, off, "overlay=1")
+            page.fill("[data-testid=opacity-slider]", "25")
+            assert changed(page, on, "opacity=0.25") != off
+            page.click("[data-testid=plane-sagittal]")
+            changed(page, on, "plane=sagittal")
+            natural_size(page, meta, "sagittal")
+            page.screenshot(path=str(shots / "9-viewer-t1-sagittal.png"), full_page=True)
+            # every metric that can fail a series, beside the protocol's: a strip plot
+            plot = natural(page, "[data-testid=metrics-plot]")
+            assert plot[0] >= 900 and plot[1] >= 400
+            assert page.locator("[data-testid=metrics] tr[data-metric=inu_range]").count() == 1
+            # a defaced FLAIR: the same viewer, no overlay
+            assert flair is not None
+            page.goto(f"{base}/series/{flair}")
+            assert "FLAIR" in page.inner_text("[data-testid=series-title]")
+            meta = settled(page)
+            assert meta["overlay"] is False and page.is_disabled("[data-testid=overlay-toggle]")
+            viewed(page, flair, meta, "10-viewer-flair-defaced.png", shots)
+            seen.append(page.content().encode())
             # reviewers cannot export; a researcher downloads the table with labels
             assert page.locator("header nav >> text=Export").count() == 0
             page.click("header form.who button")
@@ -402,7 +440,8 @@ def test_the_dashboard_in_chromium_and_the_export_over_the_run(
     assert actions.count("review") == 1 and actions.count("export.biomarkers") == 2
     figures(
         f"dashboard in Chromium over the run: overview, failures (image_qc), a failed series "
-        f"reviewed, a measured series with its pictures, an export of {len(rows)} rows with "
+        f"reviewed, a measured series with its pictures and its slice viewer scrolled, its "
+        f"overlay toggled, a defaced FLAIR's viewer, an export of {len(rows)} rows with "
         f"labels; screenshots in {shots}"
     )
 
