@@ -4,7 +4,7 @@ the demo end to end."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -227,7 +227,7 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         )
     truth_file = out / "ground_truth.json"
     comparison = _demo_comparison(settings, args.protocol, truth_file)
-    export, hits = _demo_export(settings, args.protocol, out / "clinical_labels.csv", err)
+    export = _demo_export(settings, args.protocol, out / "clinical_labels.csv", err)
     reviewer = _demo_reviewer(settings)
     scheme = "https" if settings.dashboard.tls_cert else "http"
     url = f"{scheme}://{settings.dashboard.host}:{settings.dashboard.port}/"
@@ -239,7 +239,7 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
                 **summary_json(summary),
                 "run": run_json(run),
                 "groups": comparison.as_dict() if comparison else None,
-                "export": str(export) if not hits else None,
+                "export": str(export) if export else None,
                 "dashboard": {"url": url, "user": reviewer[0], "password": reviewer[1]},
             },
         )
@@ -261,7 +261,7 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             + (
                 f"- the biomarker table, with the diagnosis: {export} "
                 f"(`cohortflow stats compare --table {export} --by diagnosis` for the models)\n"
-                if not hits
+                if export
                 else ""
             )
             + "- the de-identified outputs (DICOM, NIfTI, overlays): "
@@ -273,20 +273,23 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     return EXIT_OK if run.state == "completed" and rates.t1_with_biomarkers else EXIT_FAILURES
 
 
-def _demo_export(
-    settings: Settings, protocol: str, labels_file: Path, err: Console
-) -> tuple[Path, int]:
+def _demo_export(settings: Settings, protocol: str, labels_file: Path, err: Console) -> Path | None:
     """The demo's biomarker table with the generator's diagnoses, written as ``export
-    biomarkers --labels`` writes it (release check included); returns its path and the
-    release check's hits."""
+    biomarkers --labels`` writes it (the smallest cell and the release check included); its
+    path, or None when it was refused (said on stderr)."""
     from cohortflow.flows.cli.results import export_table
+    from cohortflow.models.errors import ExportError
     from cohortflow.models.export import read_labels
 
     path = settings.home / "exports" / f"biomarkers-{protocol}-demo.csv"
     path.unlink(missing_ok=True)  # a rerun of the demo writes it again
     labels = read_labels(labels_file)
-    _, hits = export_table(settings, protocol, labels, "csv", path, 0, err)
-    return path, hits
+    try:
+        _, hits = export_table(settings, protocol, labels, "csv", path, 0, err)
+    except ExportError as refused:  # too few patients for a row-level release (--studies)
+        err.print(f"[yellow]the biomarker table is not exported:[/yellow] {refused}")
+        return None
+    return path if not hits else None
 
 
 #: the account the demo makes for its QC dashboard
@@ -313,7 +316,7 @@ def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Com
     from cohortflow.models.export import Labels, biomarker_table
     from cohortflow.models.synth import CohortTruth
     from cohortflow.pipelines.export.errors import StatsError
-    from cohortflow.pipelines.export.stats import compare
+    from cohortflow.pipelines.export.stats import DEFAULT_COVARIATES, compare
 
     truth = CohortTruth.model_validate_json(truth_file.read_text())
     diagnosis: dict[str, dict[str, str]] = {}
@@ -324,7 +327,18 @@ def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Com
     labels = Labels(str(truth_file), ("diagnosis",), diagnosis)
     with open_index(settings) as index, index.session() as session:
         rows = biomarker_table(session, protocol, labels).records()
-    try:
-        return compare(rows, "diagnosis")
-    except StatsError:
-        return None
+    # adjusted for what the table can carry: a small demo (--studies) has too few patients for
+    # every covariate, and says which it left out (the comparison's notes)
+    for covariates in (DEFAULT_COVARIATES, ("icv",), ()):
+        try:
+            found = compare(rows, "diagnosis", covariates=covariates)
+        except StatsError:
+            continue
+        if covariates != DEFAULT_COVARIATES:
+            note = (
+                f"too few patients per group for every covariate ({', '.join(DEFAULT_COVARIATES)}):"
+                f" adjusted for {', '.join(covariates) or 'nothing'} (more --studies for all)"
+            )
+            found = replace(found, notes=[*found.notes, note])
+        return found
+    return None
