@@ -14,7 +14,7 @@ from cohortflow.flows.protocol_flow import (
     start_own_pacs,
     stop_own_pacs,
 )
-from cohortflow.models.synth import SynthConfig
+from cohortflow.models.synth import DEMO_SEED, DEMO_STUDIES, SynthConfig
 from cohortflow.pipelines.run.outcome import RunSummary
 from cohortflow.pipelines.synth.cohort import generate
 from cohortflow.pipelines.synth.summary import CohortSummary, summarize
@@ -46,16 +46,18 @@ def publish_summary(summary: CohortSummary) -> None:
 def demo_flow(
     out_dir: Path,
     cache_dir: Path,
-    studies: int = 12,
-    seed: int = 0,
+    studies: int = DEMO_STUDIES,
+    seed: int = DEMO_SEED,
     workers: int = 2,
     protocol: str = "dementia",
     config: Path | None = None,
 ) -> tuple[CohortSummary, RunSummary]:
     """Generate a synthetic clinical cohort, load it into the project's own PACS (Orthanc), then
     run one protocol's flow on it end to end, as a hospital run would: selection, retrieval,
-    de-identification, QC, conversion, volumetry, success rates."""
-    summary = generate_cohort(SynthConfig(studies=studies, seed=seed), out_dir, cache_dir, workers)
+    de-identification, QC, conversion, volumetry, success rates. The cohort is the demo's
+    (``SynthConfig.demo``): dementia-protocol studies, half of the patients with dementia, a
+    few planted faults."""
+    summary = generate_cohort(SynthConfig.demo(studies, seed), out_dir, cache_dir, workers)
     publish_summary(summary)
     started = start_own_pacs(config)
     try:

@@ -76,6 +76,25 @@ DEFAULT_FAULT_RATES: dict[Fault, float] = {
 }
 
 
+#: The demo's planted faults (``cohortflow demo``): one T1 with motion and one with missing
+#: slices (the run's reasons), a truncated file and stray non-DICOM files (ingest goes on), a
+#: compressed series and a scanner model the knowledge base does not know; each planted once.
+#: Every other fault class is tested by the test cohort, not shown to a first-time user.
+DEMO_FAULT_RATES: dict[Fault, float] = {
+    Fault.MOTION: 0.05,
+    Fault.MISSING_SLICES: 0.05,
+    Fault.TRUNCATED_FILE: 0.02,
+    Fault.NON_DICOM: 0.05,
+    Fault.JPEG_LOSSLESS: 0.1,
+    Fault.UNKNOWN_SCANNER: 0.05,
+}
+#: The demo's protocols: dementia-protocol studies, and knee studies the selection leaves out.
+DEMO_PROTOCOL_WEIGHTS: dict[str, float] = {"dementia": 0.85, "knee": 0.15}
+#: With 12 studies, seed 13 gives 10 dementia-protocol studies: 5 patients with dementia and 5
+#: memory-clinic controls, one T1 of each group planted with a fault (``plan_cohort``).
+DEMO_STUDIES, DEMO_SEED = 12, 13
+
+
 class SynthConfig(BaseModel):
     """What to generate. Same config and seed: byte-identical output."""
 
@@ -102,6 +121,17 @@ class SynthConfig(BaseModel):
     control_atrophy: tuple[float, float] = (0.0, 0.03)
     #: Share of dementia-protocol patients with dementia (the others: memory-clinic controls).
     dementia_prevalence: float = Field(0.5, ge=0, le=1)
+
+    @classmethod
+    def demo(cls, studies: int = DEMO_STUDIES, seed: int = DEMO_SEED) -> SynthConfig:
+        """The demo's cohort: dementia-protocol studies with a few planted faults."""
+        return cls(
+            studies=studies,
+            seed=seed,
+            fault_rates=dict(DEMO_FAULT_RATES),
+            protocol_weights=dict(DEMO_PROTOCOL_WEIGHTS),
+            repeat_visit_rate=0.15,
+        )
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -26,6 +26,9 @@ from cohortflow.flows.output import (
 )
 from cohortflow.models.settings import Settings
 from cohortflow.pipelines.safeio import printable
+
+if TYPE_CHECKING:
+    from cohortflow.models.export import BiomarkerTable, Labels
 
 
 def add_commands(sub: Any) -> None:
@@ -241,13 +244,7 @@ def _exports(settings: Settings) -> Path:
 
 
 def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
-    from cohortflow.models.export import (
-        biomarker_table,
-        read_labels,
-        release_size_refusal,
-        write_table,
-    )
-    from cohortflow.models.linkage import audit
+    from cohortflow.models.export import read_labels
 
     if args.out == "-" and (args.format != "csv" or args.json):
         err.print("[red]usage error:[/red] --out - writes CSV only, without --json")
@@ -256,23 +253,6 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
         read_labels(args.labels, args.skip_conflicting_labels) if args.labels is not None else None
     )
     conflicts = _report_conflicts(labels, err)
-    with open_index(settings) as index, index.session() as session:
-        table = biomarker_table(session, args.protocol, labels)
-        refusal = release_size_refusal(
-            session, table, settings.cohort.min_cell_patients, args.protocol, None
-        )
-        detail = {
-            "protocol": args.protocol,
-            "format": args.format,
-            "rows": len(table.rows),
-            "label_columns": list(table.label_columns),
-            "labels_conflicting": len(conflicts),
-            "out": args.out,
-        }
-        if refusal is None:
-            audit(session, "export.biomarkers", json.dumps(detail))
-    if refusal is not None:  # raised once the refusal is in the log
-        raise refusal
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"biomarkers-{args.protocol or 'all'}-{stamp}.{args.format}"
     if args.out == "-":  # written aside first: the release check comes before the terminal
@@ -281,9 +261,9 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     else:
         out = Path(args.out) if args.out else _exports(settings) / name
         staged = out
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    write_table(table, staged, args.format)
-    hits = _release_check(settings, staged, {r.pseudonym for r in table.rows if r.pseudonym}, err)
+    table, hits = export_table(
+        settings, args.protocol, labels, args.format, staged, len(conflicts), err, args.out
+    )
     if hits:
         return EXIT_FAILURES
     if out is None:
@@ -309,6 +289,47 @@ def _export(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             "numbers match no measured T1[/yellow]"
         )
     return EXIT_OK
+
+
+def export_table(
+    settings: Settings,
+    protocol: str | None,
+    labels: Labels | None,
+    fmt: str,
+    path: Path,
+    conflicts: int,
+    err: Console,
+    asked: str | None = None,
+) -> tuple[BiomarkerTable, int]:
+    """Write the biomarker table of ``protocol`` (every protocol: None) to ``path`` as ``export
+    biomarkers`` does: refused when a release would describe too few patients (the refusal in
+    the audit log first), audited, then the release check (a file holding an identifier goes to
+    restricted/quarantine). Returns the table and the release check's hits."""
+    from cohortflow.models.export import biomarker_table, release_size_refusal, write_table
+    from cohortflow.models.linkage import audit
+
+    with open_index(settings) as index, index.session() as session:
+        table = biomarker_table(session, protocol, labels)
+        refusal = release_size_refusal(
+            session, table, settings.cohort.min_cell_patients, protocol, None
+        )
+        detail = {
+            "protocol": protocol,
+            "format": fmt,
+            "rows": len(table.rows),
+            "label_columns": list(table.label_columns),
+            "labels_conflicting": conflicts,
+            "out": asked if asked is not None else str(path),
+        }
+        if refusal is None:
+            audit(session, "export.biomarkers", json.dumps(detail))
+    if refusal is not None:  # raised once the refusal is in the log
+        raise refusal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_table(table, path, fmt)
+    return table, _release_check(
+        settings, path, {r.pseudonym for r in table.rows if r.pseudonym}, err
+    )
 
 
 def _release_check(settings: Settings, path: Path, pseudonyms: set[str], err: Console) -> int:
