@@ -227,6 +227,28 @@ def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_atlas_derived_from_the_head_model_is_kept_and_a_damaged_copy_made_again(
+    head_model: object, tmp_path: Path
+) -> None:
+    """The registration template and priors every measuring process derived from the head model
+    (5 to 7 s each) are kept in the cache: read back, they are the same arrays; a damaged copy
+    is made again, not believed."""
+    from cohortflow.pipelines.atlas.headmodel import HeadModel
+    from cohortflow.pipelines.volumetry.atlas import _derived
+
+    assert isinstance(head_model, HeadModel)
+    made = _derived(tmp_path, head_model)
+    (kept,) = tmp_path.glob("volumetry-atlas-*.npz")
+    for a, b in zip(made, _derived(tmp_path, head_model), strict=True):
+        assert np.array_equal(a, b) and a.dtype == b.dtype == np.float32
+    kept.write_bytes(kept.read_bytes()[:1000])  # cut short, as by a full disk
+    for a, b in zip(made, _derived(tmp_path, head_model), strict=True):
+        assert np.array_equal(a, b)
+    assert kept.stat().st_size > 100 * 2**20  # and written whole again
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
 def test_volumes_of_a_warped_atrophied_head(
     head_model: object, model_cache: Path, tmp_path: Path, figures: Callable[[str], None]
 ) -> None:

@@ -9,6 +9,11 @@ classification follows the subject's intensities (``segment.py``).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,8 +22,17 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from cohortflow.pipelines.atlas.headmodel import CSF, GM, WM, load_or_build, tissue_image
+from cohortflow.pipelines.atlas.headmodel import (
+    CSF,
+    GM,
+    WM,
+    HeadModel,
+    load_or_build,
+    tissue_image,
+)
 from cohortflow.pipelines.atlas.template import Template, load_brain_template
+
+logger = logging.getLogger(__name__)
 
 PRIOR_SIGMA_MM = 1.0
 
@@ -37,19 +51,17 @@ class Atlas:
 @lru_cache(maxsize=2)
 def load_atlas(cache_dir: Path, fits: Path | None = None) -> Atlas:
     """The atlas from the cached head model (built on first use, about a minute); ``fits``:
-    where heads fitted to it are kept (``Settings.fits``), none: every head is fitted."""
+    where heads fitted to it are kept (``Settings.fits``), none: every head is fitted.
+
+    The registration template and the priors derived from the model are kept beside it
+    (:func:`_derived`): made from the model they took 5 to 7 s of every process that measures
+    (each command, each worker of a run), read back a fraction of a second."""
     model = load_or_build(cache_dir)
-    voxel = np.sqrt((model.affine[:3, :3] ** 2).sum(axis=0))
-    priors = np.stack(
-        [
-            ndimage.gaussian_filter((model.labels == k).astype(np.float32), PRIOR_SIGMA_MM / voxel)
-            for k in (CSF, GM, WM)
-        ]
-    )
+    head, icv, priors = _derived(cache_dir, model)
     return Atlas(
-        head=template_t1(model.head, model.labels),
-        icv=np.isin(model.labels, (CSF, GM, WM)).astype(np.float32),
-        priors=priors.astype(np.float32),
+        head=head,
+        icv=icv,
+        priors=priors,
         affine=model.affine,
         digest=model.digest,
         fitting=(
@@ -58,6 +70,52 @@ def load_atlas(cache_dir: Path, fits: Path | None = None) -> Atlas:
             else load_brain_template(cache_dir).keeping_fits(fits)
         ),
     )
+
+
+def _make_derived(
+    model: HeadModel,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The registration template, the intracranial mask and the tissue priors of ``model``."""
+    voxel = np.sqrt((model.affine[:3, :3] ** 2).sum(axis=0))
+    priors = np.stack(
+        [
+            ndimage.gaussian_filter((model.labels == k).astype(np.float32), PRIOR_SIGMA_MM / voxel)
+            for k in (CSF, GM, WM)
+        ]
+    )
+    return (
+        template_t1(model.head, model.labels),
+        np.isin(model.labels, (CSF, GM, WM)).astype(np.float32),
+        priors.astype(np.float32),
+    )
+
+
+def _derived(
+    cache_dir: Path, model: HeadModel
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """:func:`_make_derived`, kept in the cache under a name that holds the model's digest and
+    what the derivation depends on (a change of either makes a new file). A file that cannot
+    be read is made again; one that cannot be written is not kept (the atlas is used all the
+    same). Written under a temporary name and renamed: a reader never sees half a file."""
+    key = hashlib.sha256(
+        json.dumps([model.digest, PRIOR_SIGMA_MM, T1_LEVELS, (CSF, GM, WM)]).encode()
+    ).hexdigest()[:16]
+    path = cache_dir / f"volumetry-atlas-{key}.npz"
+    try:
+        with np.load(path) as kept:
+            return kept["head"], kept["icv"].astype(np.float32), kept["priors"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        pass
+    head, icv, priors = _make_derived(model)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as out:
+            np.savez(out, head=head, icv=icv.astype(np.uint8), priors=priors)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        logger.warning("the volumetry atlas is not kept in %s: %s", cache_dir, exc)
+    return head, icv, priors
 
 
 #: T1 intensities of the template's classes (fractions of white matter's).
