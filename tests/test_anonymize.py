@@ -69,6 +69,7 @@ def test_basic_profile_and_options_on_a_real_file() -> None:
     ds.PatientAge, ds.PatientSex, ds.PatientWeight = "042Y", "F", "61"
     ds.StationName, ds.DeviceSerialNumber = "MRC35123", "35123"
     ds.InstitutionName = "St Elsewhere Hospital"
+    ds.ContrastBolusAgent = ""
     ds.SeriesDescription = "t1 ROSSI 3D 20160709"
     ds.PatientName = "Rossi^Anna"
     ds.OtherPatientIDsSequence = Sequence([Dataset()])
@@ -103,6 +104,9 @@ def test_basic_profile_and_options_on_a_real_file() -> None:
     assert (out.PatientAge, out.PatientSex, out.PatientWeight) == ("042Y", "F", 61)
     # (X/Z/D: a dummy, as some IODs make them Type 1)
     assert out.StationName == out.DeviceSerialNumber == out.InstitutionName == "ANONYMIZED"
+    # ... but an empty one stays empty: it hides nothing, and an empty ContrastBolusAgent (Z/D)
+    # means "no contrast" (a dummy made the Philips ADNI T1 post-contrast to the series rules)
+    assert "ContrastBolusAgent" in out and not out.ContrastBolusAgent
     assert "OtherPatientIDsSequence" not in out
     # descriptors kept, cleaned of the patient's name and of dates
     assert out.SeriesDescription == "t1 3D"

@@ -78,6 +78,34 @@ def test_every_real_series_gets_its_role(realdata: Path, figures) -> None:  # ty
     figures(f"real series roles: {len(found)} series of 10 corpora, all right; {t1s} 3D T1s")
 
 
+@pytest.mark.slow
+def test_every_real_series_keeps_its_role_once_anonymized(
+    realdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roles are decided again on the anonymized copy (the defacing, QC and volumetry of a
+    run read it): anonymization must not change a physics or contrast attribute the rules read.
+    The Z/D action wrote "ANONYMIZED" into the Philips ADNI T1's empty ContrastBolusAgent, and
+    the T1 became post-contrast: its study had no reference T1 to deface."""
+    from collections import Counter
+
+    monkeypatch.setenv("COHORTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COHORTFLOW_PSEUDONYM_KEY_SOURCE", "env:CF_TEST_PROJECT_KEY")
+    monkeypatch.setenv("CF_TEST_PROJECT_KEY", "0123456789abcdef" * 4)
+    roles = load_protocols().roles
+    assert roles is not None
+    fields = sorted(roles.fields())
+    for dataset in sorted({d for d, _, _ in EXPECTED}):
+        out = tmp_path / "anonymized" / dataset
+        assert main(["anonymize", str(realdata / dataset), str(out), "--json"]) in (0, 1)
+        found: Counter[str] = Counter()
+        for series in index_folder(out, []).values():
+            for entries in series.values():
+                found[roles.classify(attributes(first_header(entries), fields)).role] += 1
+        wanted = Counter(role for (d, _, _), role in EXPECTED.items() if d == dataset)
+        # (a classic and an enhanced copy of one series count once in EXPECTED)
+        assert set(found) == set(wanted), (dataset, found, wanted)
+
+
 def test_enhanced_and_classic_copies_read_the_same_physics(realdata: Path) -> None:
     """The enhanced copy of a Canon DTI series answers TR, TE, flip angle and the sequence in the
     classic keywords, equal to its classic copy's."""
