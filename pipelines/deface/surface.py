@@ -170,12 +170,6 @@ def shade(seen: Depth) -> npt.NDArray[np.uint8]:
     return np.asarray(np.clip(picture, 0, 255), dtype=np.uint8)
 
 
-def render(head: npt.NDArray[np.bool_], view: str) -> npt.NDArray[np.uint8]:
-    """The skin surface of ``head`` (a mask on an LPS grid) seen from ``view``: each pixel is
-    the first head voxel along its ray, lit from the viewer; superior at the top."""
-    return shade(depths(head, (view,))[view])
-
-
 def _forward(head: npt.NDArray[np.bool_], x0: int, x1: int) -> npt.NDArray[np.float64]:
     """Per level (z), the most anterior point of the head between columns x0 and x1 (mm,
     larger is further forward; -inf where the rays meet nothing)."""
