@@ -11,11 +11,11 @@ white matter, in colours of Okabe and Ito's colour-blind-safe palette. Each pane
 orientation letters; a header gives the series' pseudonymous name, the volumes, the legend, the
 viewing convention and a 10 mm scale bar.
 
-The view is radiological (the subject's right on the picture's left), as in the deface pictures
-(``pipelines.imaging.preview``): anterior up in axial planes, superior up in coronal and
-sagittal planes, the face to the left in sagittal planes. The voxel axes must be in RAS+ order
-(``run.read_t1`` reorients every image so): axis 0 grows towards the subject's right, axis 1
-anterior, axis 2 superior.
+The view is radiological (the subject's right on the picture's left), as in the deface review
+sheet (``pipelines.deface.sheet``; both draw with ``pipelines.imaging.preview``): anterior up
+in axial planes, superior up in coronal and sagittal planes, the face to the left in sagittal
+planes. The voxel axes must be in RAS+ order (``run.read_t1`` reorients every image so): axis 0
+grows towards the subject's right, axis 1 anterior, axis 2 superior.
 
 The pictures show pseudonymized pixels only; the title is whatever the caller passes, which must
 be a pseudonymous name (``run`` passes the BIDS name of the converted series).
