@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 from collections.abc import Callable
@@ -21,7 +22,14 @@ from cohortflow.models.errors import GeometryError
 from cohortflow.models.geometry import Plane, planes_of, reference_volume, stack_pixels
 from cohortflow.models.settings import DefaceSettings
 from cohortflow.pipelines.atlas.masks import check_placement, removal_mask
-from cohortflow.pipelines.atlas.template import BRAIN, FACE, PROTECT, Template, load_template
+from cohortflow.pipelines.atlas.template import (
+    BRAIN,
+    FACE,
+    LEFT_EYE_LPS,
+    PROTECT,
+    Template,
+    load_template,
+)
 from cohortflow.pipelines.deface import folder as deface_module
 from cohortflow.pipelines.deface.folder import (
     CLEAN_VISUAL_FEATURES,
@@ -205,6 +213,159 @@ def test_the_brow_is_removed_near_the_subjects_skin_only() -> None:
     assert not removed[points[0] >= 50].any()  # outside the grid: unknown, kept
 
 
+def _header(**values: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_sheet_names_are_pseudonym_description_and_number_never_an_identifier() -> None:
+    """A de-identified header names its sheets by the pseudonym (PatientID), the cleaned
+    SeriesDescription and the SeriesNumber, kept to [A-Za-z0-9._-] and bounded; a header that
+    does not say its identity was removed gives none of its text; series that would share a
+    name both gain a digest of their UID; no UID is in any name or folder."""
+    from cohortflow.pipelines.deface.previews import sheet_names, study_folder
+
+    study = "2.25.1234567890123456789"
+    anonymized = {
+        "2.25.11": _header(
+            PatientIdentityRemoved="YES",
+            PatientID="CFABCDEFGHIJKL23",
+            SeriesDescription="T1 MPRAGE sag/1mm (ADNI) ü",
+            SeriesNumber=3,
+        ),
+        "2.25.12": _header(
+            PatientIdentityRemoved="YES",
+            PatientID="CFABCDEFGHIJKL23",
+            SeriesDescription="../../" + "FLAIR" * 11,
+            SeriesNumber=4,
+        ),
+        "2.25.13": _header(  # the same description and number twice in one study
+            PatientIdentityRemoved="YES",
+            PatientID="CFABCDEFGHIJKL23",
+            SeriesDescription="DWI",
+            SeriesNumber=5,
+        ),
+        "2.25.14": _header(
+            PatientIdentityRemoved="YES",
+            PatientID="CFABCDEFGHIJKL23",
+            SeriesDescription="DWI",
+            SeriesNumber=5,
+        ),
+    }
+    names = sheet_names(anonymized)
+    assert names["2.25.11"] == "CFABCDEFGHIJKL23_T1-MPRAGE-sag-1mm-ADNI_3"
+    assert names["2.25.12"] == "CFABCDEFGHIJKL23_FLAIR" + "FLAIR" * 7 + "_4"  # 40 characters
+    assert names["2.25.13"] != names["2.25.14"]
+    assert all(names[u].startswith("CFABCDEFGHIJKL23_DWI_5_") for u in ("2.25.13", "2.25.14"))
+    identified = _header(
+        PatientID="MRN0042",
+        PatientName="Doe^Jane",
+        SeriesDescription="T1 Doe Jane",
+        SeriesNumber=7,
+        PatientIdentityRemoved="NO",
+    )
+    (name,) = sheet_names({"2.25.21": identified}).values()
+    assert name == "not-deidentified_7"
+    every = [*names.values(), name, study_folder(study)]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) and len(n) <= 80 for n in every), every
+    assert not [n for n in every if "2.25." in n or "MRN0042" in n or "Doe" in n]
+    assert study_folder(study) == study_folder(study) != study_folder(study + "1")
+
+
+def test_the_skin_is_seen_from_the_front_the_front_left_and_the_left() -> None:
+    """An egg of a head on an LPS grid (x to the left, y to the back, z up) with a nose in
+    front: from the front the nose shows in the middle; from the left on the picture's left (the
+    face to the left, as in the sagittal planes); three-quarter, left of the middle; superior up.
+    One grid, one frame: two heads on it are seen in the same pixels."""
+    from cohortflow.pipelines.deface.surface import VIEWS, depths
+
+    x, y, z = np.indices((80, 100, 90)).astype(float)
+    egg = ((x - 40) / 30) ** 2 + ((y - 55) / 38) ** 2 + ((z - 45) / 40) ** 2 <= 1
+    nose = (abs(x - 40) <= 3) & (y >= 8) & (y < 20) & (abs(z - 40) <= 6)
+    with_nose, without = depths(egg | nose), depths(egg)
+    assert set(with_nose) == set(VIEWS)
+    for view in VIEWS:
+        seen, bare = with_nose[view], without[view]
+        assert seen.hit.shape == bare.hit.shape
+        shown = seen.hit & (~bare.hit | (seen.depth < bare.depth - 1))  # where the nose shows
+        rows, cols = np.nonzero(shown)
+        assert rows.size > 20, view
+        assert abs(rows.mean() - (89 - 40)) <= 2, view  # superior up: z = 40 is row 49
+        head = np.flatnonzero(seen.hit.any(axis=0))
+        middle = (head[0] + head[-1]) / 2
+        if view == "front":
+            assert abs(cols.mean() - middle) <= 2
+        elif view == "left":
+            assert cols.min() == head[0]  # the tip of the nose: the leftmost column
+        else:
+            assert cols.mean() < middle - 10, (cols.mean(), middle)
+
+
+def test_the_review_sheet_shows_three_planes_and_the_surface_before_and_after(
+    template: Template,
+) -> None:
+    """The template's own head defaced with its own mask: on each plane through the eyes the
+    after panel differs from the before panel over the face and is the same pixel for pixel
+    inside the intracranial mask; the skin surface from three sides; at least 1 px per mm (a
+    panel of the 1 mm head some 300 px high); the after panels alone are the same pictures."""
+    from cohortflow.pipelines.deface import sheet, surface
+    from cohortflow.pipelines.imaging.preview import template_plane
+
+    before = np.asarray(template.head, dtype=np.float32)
+    removed = removal_mask(template.labels)
+    after = np.where(removed, 0, before).astype(np.float32)
+    same = np.eye(4)
+    slices = sheet.slice_views(before, after, removed, template.index_to_lps, same, template)
+    heads = [
+        surface.head_mask(surface.to_lps_grid(v, template.index_to_lps)[0]) for v in (before, after)
+    ]
+    surfaces = sheet.surface_views(*heads)
+    full = sheet.compose([slices, surfaces], "CFABCDEFGHIJKL23_T1_3")
+    alone = sheet.compose([slices, surfaces], "CFABCDEFGHIJKL23_T1_3", with_before=False)
+    assert sheet.PX_PER_MM >= 1.0
+    assert [(p.view, p.side) for p in full.panels] == [
+        (v.title, side) for v in [*slices, *surfaces] for side in ("before", "after")
+    ]
+    assert [p.view for p in full.panels[:6:2]] == [t for _, t in sheet.SLICES]
+    assert all(p.height >= 256 for p in full.panels)
+    assert full.rgb.shape[1] >= 1400 and full.rgb.shape[0] >= 700
+
+    def pixels(which: sheet.Sheet, panel: sheet.Panel) -> np.ndarray:
+        box = which.rgb[panel.top : panel.top + panel.height, panel.left : panel.left + panel.width]
+        return box.astype(int)
+
+    step = 1.0 / sheet.PX_PER_MM
+    for number, (axis, title) in enumerate(sheet.SLICES):
+        first, second = full.panels[2 * number], full.panels[2 * number + 1]
+        assert first.view == second.view == title
+        was, now = pixels(full, first), pixels(full, second)
+        labels = template_plane(template, axis, LEFT_EYE_LPS, step).labels
+        assert labels.shape == was.shape[:2]
+        brain = ndimage.binary_erosion(labels & BRAIN > 0, iterations=2)
+        brain[:30] = False  # the panel's own lettering
+        assert brain.sum() > 2000, title
+        assert (was[brain] == now[brain]).all(), title
+        face = ndimage.binary_erosion(removal_mask(labels), iterations=2)
+        face[:30] = False
+        differ = (was[face] != now[face]).any(axis=1)
+        assert face.sum() > 2000 and differ.mean() > 0.5, (title, differ.mean())
+        red = (was[..., 0] > was[..., 1] + 60) & (was[..., 0] > was[..., 2] + 60)
+        assert red[face].mean() > 0.5, "the region removed is tinted red"
+        green = (was[..., 1] == 255) & (was[..., 0] == 0) & (was[..., 2] == 0)
+        assert green.sum() > 100, "the intracranial mask is outlined"
+    for number in range(3, 6):  # the surface: the face before, gone after
+        was, now = pixels(full, full.panels[2 * number]), pixels(full, full.panels[2 * number + 1])
+        assert was.shape == now.shape and (was != now).any(axis=2).mean() > 0.05
+    # the after panels alone: the same pictures, nothing of the before ones
+    assert [p.side for p in alone.panels] == ["after"] * 6
+    afters = [p for p in full.panels if p.side == "after"]
+    for mine, theirs in zip(alone.panels, afters, strict=True):
+        assert (pixels(alone, mine) == pixels(full, theirs)).all()
+    assert alone.rgb.shape[1] < full.rgb.shape[1] * 0.6
+
+
 @pytest.fixture(scope="module")
 def defaced(
     cohort: CohortResult, template: Template, tmp_path_factory: pytest.TempPathFactory
@@ -293,40 +454,74 @@ def test_defaced_files_say_so_keep_their_uids_and_stay_valid(
     assert checked >= 40
 
 
+def _first_readable(folder: Path) -> Dataset:
+    for path in sorted(folder.iterdir()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            continue
+        if "SeriesInstanceUID" in header:
+            return header
+    raise AssertionError(f"no readable header in {folder}")
+
+
 @pytest.mark.slow
-def test_before_and_after_previews_are_written(defaced: Defaced) -> None:
-    t1 = [o for o in defaced.report.with_status("defaced") if o.metrics["face_voxels"] > 100_000]
-    assert t1
-    for outcome in t1:
-        before_png, after_png, planes_png = (Path(p) for p in outcome.previews[:3])
-        surfaces = [Path(p) for p in outcome.previews[3:]]
-        # the T1 the template was fitted to also has its skin surface rendered, before and after
-        assert [p.name.rsplit("_", 2)[-2:] for p in surfaces] in (
-            [],
-            [["surface", "before.png"], ["surface", "after.png"]],
-        )
-        assert all(np.asarray(Image.open(p)).shape[0] > 150 for p in surfaces)
-        assert before_png.parent.is_relative_to(defaced.previews)
-        before = np.asarray(Image.open(before_png)).astype(int)
-        after = np.asarray(Image.open(after_png)).astype(int)
-        assert before.shape == after.shape and before.shape[2] == 3
-        red = (before[..., 0] > before[..., 1] + 60) & (before[..., 0] > before[..., 2] + 60)
-        assert red.sum() > 500, "the removed region is shown in red"
-        # and is dark afterwards (its edge blends with its neighbours over two to three pixels
-        # when reformatted: the region carved around the brain's margin has narrow parts)
-        inner = ndimage.binary_erosion(red, iterations=3)
-        assert inner.sum() > 200 and after[inner].max() < 40
-        # the dashboard's picture: the defaced image on three planes, the removed region
-        # tinted over emptied voxels only (no face shows through), the brain outlined
-        planes = np.asarray(Image.open(planes_png)).astype(int)
-        assert planes.shape[1] > 2.5 * planes.shape[0] and planes.shape[2] == 3
-        r, g, b = planes[..., 0], planes[..., 1], planes[..., 2]
-        tinted = (r - g > 80) & (g == b)  # the tint adds red to the gray value only
+def test_review_sheets_are_written_under_names_that_identify_no_one(
+    cohort: CohortResult, defaced: Defaced
+) -> None:
+    """Every defaced stack has its review sheet (before | after) and the after panels alone, in
+    its study's folder; the names carry no UID and nothing of a header that was not
+    de-identified (the synthetic cohort's are not: ``not-deidentified_<SeriesNumber>``), and are
+    unique within the study; 1.25 px per mm, two rows (the planes, the skin surface) for the T1
+    the template was fitted to; the after panels alone show nothing under the red tint."""
+    from cohortflow.pipelines.deface.previews import study_folder
+
+    done = defaced.report.with_status("defaced")
+    t1 = [o for o in done if o.metrics["face_voxels"] > 100_000]
+    assert t1 and all(o.previews is not None for o in t1)
+    written = [o for o in done if o.previews is not None]
+    by_study: dict[str, list[str]] = {}
+    for outcome in written:
+        assert outcome.previews is not None
+        sheet, alone = Path(outcome.previews.sheet), Path(outcome.previews.after)
+        assert sheet.is_file() and alone.is_file()
+        assert sheet.parent == alone.parent == defaced.previews / study_folder(outcome.study)
+        assert sheet.name.endswith("_deface.png")
+        assert alone.name == sheet.name.replace("_deface.png", "_deface-after.png")
+        by_study.setdefault(outcome.study, []).append(sheet.name)
+        # the series' source header (its folder holds the planted damaged files too)
+        header = _first_readable(cohort.out_dir / "dicom" / outcome.folder)
+        assert header.get("PatientIdentityRemoved") != "YES"
+        assert sheet.name.startswith("not-deidentified_")
+        named = str(sheet.relative_to(defaced.previews)).lower()
+        identifiers = [
+            header.StudyInstanceUID,
+            header.SeriesInstanceUID,
+            header.SOPInstanceUID,
+            header.get("PatientID"),
+            header.get("AccessionNumber"),
+            *str(header.get("PatientName") or "").split("^"),
+        ]
+        assert not [i for i in identifiers if i and len(str(i)) >= 4 and str(i).lower() in named]
+        picture = np.asarray(Image.open(sheet)).astype(int)
+        after = np.asarray(Image.open(alone)).astype(int)
+        assert picture.shape[2] == after.shape[2] == 3
+        two_rows = "nose_after_mm" in outcome.metrics
+        assert picture.shape[1] >= 1400, picture.shape
+        assert picture.shape[0] >= (600 if two_rows else 380), (two_rows, picture.shape)
+        assert after.shape[1] < 0.6 * picture.shape[1]
+        r, g, b = picture[..., 0], picture[..., 1], picture[..., 2]
+        assert ((g == 255) & (r == 0) & (b == 0)).sum() > 300, "the intracranial outline"
+        if outcome not in t1:
+            continue  # a series that barely reaches the face (a slab) may show none of it
+        assert ((r > g + 60) & (r > b + 60)).sum() > 5000, "the region removed, in red"
+        r, g, b = after[..., 0], after[..., 1], after[..., 2]
+        tinted = ndimage.binary_erosion((r - g > 80) & (g == b), iterations=2)
         assert tinted.sum() > 1000
-        inner = ndimage.binary_erosion(tinted, iterations=2)
-        assert np.percentile(g[inner], 99) < 20, "no face intensity under the tint"
-        green = (planes[..., 1] == 255) & (planes[..., 0] == 0) & (planes[..., 2] == 0)
-        assert green.sum() > 300, "the intracranial outline"
+        assert np.percentile(g[tinted], 99) < 20, "no face under the tint"
+    assert sum(1 for o in written if "nose_after_mm" in o.metrics) == len(by_study)
+    for names in by_study.values():
+        assert len(set(names)) == len(names)
 
 
 @pytest.mark.slow

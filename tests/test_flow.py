@@ -142,7 +142,10 @@ def test_deidentify_flow_anonymizes_and_defaces_into_a_deliverable_folder(
     assert first.PatientIdentityRemoved == "YES" and first.RecognizableVisualFeatures == "NO"
     # what still shows faces stayed on the restricted side
     restricted = tmp_path / "home" / "restricted"
-    assert any((restricted / "deface-previews" / "deliver").rglob("*_before.png"))
+    sheets = list((restricted / "deface-previews" / "deliver").rglob("*_deface.png"))
+    # named by the pseudonym of the anonymized header, which PatientID became
+    assert sheets and all(p.name.startswith("CF") for p in sheets), sheets
+    assert {p.name.split("_", 1)[0] for p in sheets} <= {p.parts[len(out.parts)] for p in files}
     assert any((restricted / "anonymized" / "deliver").rglob("*.dcm"))
 
 

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from cohortflow.flows.cli import main
@@ -60,8 +61,19 @@ def test_each_real_head_with_a_face_is_defaced_without_a_nose_or_a_brain_voxel_c
     # the face was there (a nose standing out 14 to 20 mm), and is gone
     assert metrics["nose_before_mm"] >= 10, metrics
     assert metrics["nose_after_mm"] <= 8, metrics
-    surfaces = [p for s in reference for p in s["previews"] if "surface" in p]
-    assert len(surfaces) == 2 and all(Path(p).stat().st_size > 5000 for p in surfaces)
+    # the review sheet: three planes and the skin surface, before | after, 1.25 px per mm;
+    # named by no identifier of these headers (not de-identified: none of their text is used)
+    sheets = reference[0]["previews"]
+    with Image.open(sheets["sheet"]) as sheet, Image.open(sheets["after"]) as after:
+        assert sheet.width >= 1400 and sheet.height >= 700, sheet.size
+        assert after.width < 0.6 * sheet.width
+    header = pydicom.dcmread(next(p for p in (realdata / folder).iterdir() if p.is_file()))
+    uids = (reference[0]["series"], reference[0]["study"], header.StudyInstanceUID)
+    for path in (Path(sheets["sheet"]), Path(sheets["after"])):
+        assert path.name.startswith("not-deidentified_"), path
+        named = str(path.relative_to(previews))
+        assert not [u for u in uids if u in named]
+        assert str(header.get("PatientID") or "-") not in named
     if folder == "philips_adni_mprage/dicom":
         # brain masks others made, on the Philips head: not one of their voxels changed
         figures(_philips_brain_masks_unchanged(realdata, out))

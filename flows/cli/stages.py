@@ -53,8 +53,14 @@ def add_commands(sub: Any) -> None:
         "--previews",
         type=Path,
         metavar="DIR",
-        help="write before / after mid-sagittal PNGs here (the 'before' one shows the face: "
-        "keep it on the restricted side)",
+        help="write each defaced series' review sheet here: the sagittal plane through the "
+        "left eye, the coronal and axial planes through the eyes and (for the T1 the template "
+        "was fitted to) the skin surface from the front, three-quarter and the left, each "
+        "before | after, at 1.25 px per mm, as DIR/study-<digest>/<pseudonym>_"
+        "<SeriesDescription>_<SeriesNumber>_deface.png (not-deidentified_<SeriesNumber>_... "
+        "for a header without PatientIdentityRemoved YES; no UID in any name), and beside it "
+        "the after panels alone (*_deface-after.png). The sheet shows the face: keep DIR on "
+        "the restricted side",
     )
     add_json(deface, "the outcome")
     deface.set_defaults(handler=_deface)

@@ -31,6 +31,9 @@ from cohortflow.pipelines.atlas.errors import TemplateError
 FACE, BRAIN, PROTECT, BROW = 1, 2, 4, 8
 #: the labels' layout: part of the cached labels' name (BROW became a bit of its own)
 LABELS_VERSION = 2
+#: the centre of the left eye on pydeface's mean head (template LPS millimetres, read off its
+#: image; the right eye lies at x = -32): the deface review sheet's planes pass through it
+LEFT_EYE_LPS = (32.0, -68.0, -36.0)
 
 
 @dataclass(frozen=True)

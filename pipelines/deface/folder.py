@@ -42,6 +42,12 @@ from cohortflow.pipelines.atlas import masks
 from cohortflow.pipelines.atlas.template import BRAIN, BROW, Template
 from cohortflow.pipelines.deface import surface
 from cohortflow.pipelines.deface.errors import DefaceError
+from cohortflow.pipelines.deface.previews import (
+    Previews,
+    sheet_names,
+    study_folder,
+    write_previews,
+)
 from cohortflow.pipelines.dicom.header import attributes
 from cohortflow.pipelines.dicom.protocols import ProtocolSet
 from cohortflow.pipelines.dicomfolder import (
@@ -52,7 +58,6 @@ from cohortflow.pipelines.dicomfolder import (
     read_instance,
     series_number,
 )
-from cohortflow.pipelines.imaging import preview
 from cohortflow.pipelines.imaging.register import Fit, HeadFit, fit_affine
 from cohortflow.pipelines.safeio import printable_path
 
@@ -88,7 +93,8 @@ class SeriesOutcome:
     reference: str | None = None  # SeriesInstanceUID of the T1 the template was fitted to
     instances: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    previews: tuple[str, ...] = ()
+    #: its review sheets (``deface.previews``), where previews were asked for and drawn
+    previews: Previews | None = None
 
 
 @dataclass
@@ -130,9 +136,10 @@ def deface_folder(
     progress: Callable[[SeriesOutcome], None] | None = None,
     expect: Callable[[int], None] | None = None,
 ) -> DefaceReport:
-    """Deface the series of every study under ``source`` into ``out_root``; ``progress``
-    hears of each series as it is done, ``expect`` of how many there are once the folder is
-    read."""
+    """Deface the series of every study under ``source`` into ``out_root``; with
+    ``previews``, each defaced series' review sheets go there (``deface.previews``: the face
+    shows on them, so a restricted folder). ``progress`` hears of each series as it is done,
+    ``expect`` of how many there are once the folder is read."""
     report = DefaceReport()
     studies = index_folder(source, report.skipped)
     if expect is not None:
@@ -217,12 +224,23 @@ def deface_study(
     if reference is None:
         return every("failed", problems[-1][0], "; ".join(text for _, text in problems)), None
 
+    # the sheets' names: from the headers as written (defacing changes none of the attributes
+    # they are made of), unique within the study
+    names = sheet_names({uid: first_header(entries) for uid, entries in ordered})
+    shown = previews / study_folder(study_uid) if previews is not None else None
     outcomes = []
     for uid, entries in ordered:
         start = time.perf_counter()
         try:
             outcome = _deface_series(
-                study_uid, uid, entries, reference, out_root, template, settings, previews
+                study_uid,
+                uid,
+                entries,
+                reference,
+                out_root,
+                template,
+                settings,
+                (shown, names[uid]) if shown is not None else None,
             )
         except ReasonError as exc:
             outcome = SeriesOutcome(
@@ -366,8 +384,9 @@ def _deface_series(
     out_root: Path,
     template: Template,
     settings: DefaceSettings,
-    previews: Path | None,
+    previews: tuple[Path, str] | None,
 ) -> SeriesOutcome:
+    """Deface one series; with ``previews`` (a folder and a name), draw its review sheets."""
     folder = str(entries[0].relative.parent)
     if uid != reference.series:
         own = str(first_header(entries).get("FrameOfReferenceUID") or "") or None
@@ -386,6 +405,7 @@ def _deface_series(
     before = [_pixels(ds, w) for ds, w in zip(datasets, where, strict=True)]
     fill = min(0, *(int(a.min()) for a in before))
     after = [a.copy() for a in before]
+    removed = [np.zeros(a.shape, dtype=bool) for a in before]  # what was emptied, for the sheet
     tally = masks.Tally()
     matrix = reference.fit.subject_to_template
     for plane in planes:
@@ -399,8 +419,10 @@ def _deface_series(
         tally.add(src, out, labels, fill)
         if plane.frame is None:
             after[plane.instance] = out
+            removed[plane.instance] = masks.removal_mask(labels)
         else:
             after[plane.instance][plane.frame] = out
+            removed[plane.instance][plane.frame] = masks.removal_mask(labels)
     metrics = {
         "face_voxels": float(tally.face_voxels),
         "face_removed_fraction": round(tally.face_removed_fraction, 5),
@@ -441,11 +463,12 @@ def _deface_series(
             )
     for ds, arr, entry in zip(datasets, after, entries, strict=True):
         _write(ds, arr, out_root / entry.relative)
-    shown: tuple[str, ...] = ()
+    shown = None
     if previews is not None:
-        shown = _previews(previews, study_uid, uid, planes, before, after, matrix, template)
-        if skin is not None:
-            shown += skin.write(previews / study_uid, uid)
+        heads = (reference.head, skin.head_after) if skin is not None else None
+        shown = write_previews(
+            *previews, planes, before, after, removed, matrix, template, heads=heads
+        )
     return SeriesOutcome(
         study_uid,
         uid,
@@ -462,71 +485,28 @@ def _deface_series(
 
 @dataclass(frozen=True)
 class _Skin:
-    """The reference T1's skin surface before and after defacing: renders and the nose."""
+    """The reference T1's head after defacing (on the LPS grid of its head before) and how far
+    its nose stood out before and after."""
 
-    before: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]  # front, left
-    after: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
+    head_after: npt.NDArray[np.bool_]
     nose_before: float | None
     nose_after: float | None
-
-    def write(self, folder: Path, uid: str) -> tuple[str, ...]:
-        """Two PNGs, each front and left side by side: before (a face: the restricted side's)
-        and after (what the defaced series shows: the dashboard's)."""
-        paths = (folder / f"{uid}_surface_before.png", folder / f"{uid}_surface_after.png")
-        for path, pictures in zip(paths, (self.before, self.after), strict=True):
-            height = max(p.shape[0] for p in pictures)
-            padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4))) for p in pictures]
-            grey = np.hstack(padded)
-            preview.write_png(path, np.repeat(grey[..., None], 3, axis=2))
-        return tuple(str(p) for p in paths)
 
 
 def _skin_surfaces(
     planes: list[Plane], head_before: npt.NDArray[np.bool_], after: list[npt.NDArray[np.generic]]
 ) -> _Skin | None:
-    """Render the skin and measure the nose before (``head_before``: the reference's head on
-    the LPS grid) and after defacing (None for an irregular stack)."""
+    """Find the head after defacing and measure the nose before (``head_before``: the
+    reference's head on the LPS grid) and after (None for an irregular stack)."""
     try:
         volume = reference_volume(planes)
     except GeometryError:
         return None
     grid, _ = surface.to_lps_grid(stack_pixels(volume, after), volume.index_to_lps())
-    views, noses = [], []
-    for head in (head_before, surface.head_mask(grid)):
-        views.append((surface.render(head, "front"), surface.render(head, "left")))
-        noses.append(surface.nose_protrusion(head))
-    return _Skin(views[0], views[1], noses[0], noses[1])
-
-
-def _previews(
-    root: Path,
-    study_uid: str,
-    uid: str,
-    planes: list[Plane],
-    before: list[npt.NDArray[np.generic]],
-    after: list[npt.NDArray[np.generic]],
-    matrix: npt.NDArray[np.float64],
-    template: Template,
-) -> tuple[str, ...]:
-    try:
-        volume = reference_volume(planes)
-    except GeometryError:
-        return ()  # not a regular stack (a localizer, a gap): no reformatted picture
-    to_lps = volume.index_to_lps()
-    img_before, labels = preview.midsagittal(stack_pixels(volume, before), to_lps, matrix, template)
-    img_after, _ = preview.midsagittal(stack_pixels(volume, after), to_lps, matrix, template)
-    rgb_before, rgb_after = preview.render(img_before, img_after, labels)
-    paths = (
-        root / study_uid / f"{uid}_before.png",
-        root / study_uid / f"{uid}_after.png",
-        root / study_uid / f"{uid}_planes.png",
+    head_after = surface.head_mask(grid)
+    return _Skin(
+        head_after, surface.nose_protrusion(head_before), surface.nose_protrusion(head_after)
     )
-    preview.write_png(paths[0], rgb_before)
-    preview.write_png(paths[1], rgb_after)
-    preview.write_png(
-        paths[2], preview.planes(stack_pixels(volume, after), to_lps, matrix, template)
-    )
-    return tuple(str(p) for p in paths)
 
 
 def mark_defaced(ds: Dataset) -> None:

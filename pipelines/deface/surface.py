@@ -1,9 +1,10 @@
 """The skin surface of a head, rendered as defacing reviewers look at it, and a face detector
 that does not use the defacing template.
 
-``render`` casts rays through the head along one patient axis and shades the first skin voxel
-each ray meets (a depth map lit from the viewer): the 3D surface render defacing reviewers look
-at, since a face is recognised from the surface (Schwarz et al., NEJM 2019, recognised faces from
+``depths`` casts level rays through the head from the front, the front left (three-quarter) or
+the left and keeps the first skin voxel each ray meets; ``shade`` lights that depth map from the
+viewer: the 3D surface render defacing reviewers look at, since a face is recognised from the
+surface (Schwarz et al., NEJM 2019, recognised faces from
 such renders). ``nose_protrusion`` measures the face profile on the same surface: a check of
 residual facial features that owes nothing to the template the face was removed with. (A Haar
 face detector was tried on the renders: it found a "face" on the defaced head too, with a higher
@@ -21,10 +22,12 @@ from scipy import ndimage
 
 #: render grid (mm): fine enough for eyes and lips, a 256 mm head in 256 pixels
 RENDER_MM = 1.0
-#: the views: (name, LPS axis the rays travel along, sign of the viewer's side, image axes)
+#: the views: the viewer's azimuth around the head (degrees), from the front towards the
+#: patient's left; the rays run level (perpendicular to LPS z)
 VIEWS = {
-    "front": (1, -1.0),  # from anterior (LPS -y): the face
-    "left": (0, 1.0),  # from the patient's left (LPS +x): the profile
+    "front": 0.0,  # the face; the patient's right on the viewer's left
+    "front_left": 45.0,  # three-quarter: the face and the left ear
+    "left": 90.0,  # the profile from the patient's left: the face to the viewer's left
 }
 
 
@@ -118,26 +121,52 @@ def front_skin(head: npt.NDArray[np.bool_], low: npt.NDArray[np.float64]) -> Fro
     return FrontSkin(np.asarray(first, dtype=np.float64), np.asarray(low, dtype=np.float64))
 
 
-def render(head: npt.NDArray[np.bool_], view: str) -> npt.NDArray[np.uint8]:
-    """The skin surface of ``head`` (a mask on an LPS grid) seen from ``view``: each pixel is
-    the first head voxel along its ray, lit from the viewer (Lambert); superior at the top."""
-    axis, side = VIEWS[view]
-    mask = np.moveaxis(head, axis, 0)  # rays along the first axis
-    if side > 0:
-        mask = mask[::-1]  # the viewer's side first (LPS grows away from the viewer otherwise)
-    hit = mask.any(axis=0)
-    depth = np.where(hit, mask.argmax(axis=0), mask.shape[0]).astype(np.float64)
-    depth = ndimage.gaussian_filter(depth, 0.7)
+@dataclass(frozen=True)
+class Depth:
+    """What a viewer sees of a head: per pixel (rows superior first, columns to the viewer's
+    right), how far the first head voxel on its ray lies (mm from the nearest corner of the
+    grid's box, so that two heads on one grid are comparable), and whether the ray met one."""
+
+    depth: npt.NDArray[np.float64]
+    hit: npt.NDArray[np.bool_]
+
+
+def depths(head: npt.NDArray[np.bool_], views: tuple[str, ...] = tuple(VIEWS)) -> dict[str, Depth]:
+    """The skin of ``head`` (a mask on an LPS grid) seen from each of ``views``: its shell (two
+    voxels deep, so that an oblique view has no gaps) projected onto the view's plane, the
+    nearest voxel kept per pixel. The picture's frame is the grid's box: the same for every
+    head on that grid."""
+    shell = head & ~ndimage.binary_erosion(head, iterations=2)
+    points = np.argwhere(shell).astype(np.float64) * RENDER_MM
+    nx, ny, nz = head.shape
+    corners = np.array([[a, b] for a in (0, nx - 1) for b in (0, ny - 1)], dtype=np.float64)
+    corners *= RENDER_MM
+    rows = (nz - 1) - np.rint(points[:, 2] / RENDER_MM).astype(np.intp)  # superior first
+    seen = {}
+    for view in views:
+        azimuth = np.radians(VIEWS[view])
+        toward = np.array([-np.sin(azimuth), np.cos(azimuth)])  # the rays (LPS x, y)
+        right = np.array([np.cos(azimuth), np.sin(azimuth)])  # the viewer's right
+        near, far = (corners @ toward).min(), (corners @ toward).max()
+        start = (corners @ right).min()
+        width = int(np.ceil(((corners @ right).max() - start) / RENDER_MM)) + 1
+        cols = np.rint((points[:, :2] @ right - start) / RENDER_MM).astype(np.intp)
+        depth = np.full((nz, width), np.inf)
+        np.minimum.at(depth, (rows, cols), points[:, :2] @ toward)
+        hit = np.isfinite(depth)
+        seen[view] = Depth(np.where(hit, depth, far) - near, hit)
+    return seen
+
+
+def shade(seen: Depth) -> npt.NDArray[np.uint8]:
+    """The surface lit from the viewer (Lambert), nearer brighter: a grey picture."""
+    depth = ndimage.gaussian_filter(seen.depth / RENDER_MM, 0.7)
     dy, dx = np.gradient(depth)
-    shade = 1.0 / np.sqrt(1.0 + dx**2 + dy**2)
+    lit = 1.0 / np.sqrt(1.0 + dx**2 + dy**2)
+    hit = seen.hit
     # nearer is brighter too, so that the profile reads at a glance
     near = 1.0 - 0.5 * (depth - depth[hit].min()) / max(np.ptp(depth[hit]), 1.0) if hit.any() else 0
-    picture = np.where(hit, 255.0 * shade * near, 0.0)
-    # the remaining axes are (x or y, z): show z upwards, and the patient's right on the
-    # viewer's left in the frontal view (as one faces the patient)
-    picture = picture.T[::-1]
-    if view == "left":
-        picture = picture[:, ::-1]  # anterior to the right... as seen from the patient's left
+    picture = np.where(hit, 255.0 * lit * near, 0.0)
     return np.asarray(np.clip(picture, 0, 255), dtype=np.uint8)
 
 

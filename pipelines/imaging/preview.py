@@ -1,141 +1,195 @@
-"""Pictures of a defaced series, for the QC dashboard.
+"""What the pictures reviewers read share: planes of the template brought into a subject, and
+the drawing (Pillow's built-in font, orientation letters, a legend with a scale bar, outlines,
+PNG files written atomically).
 
-The planes are the template's, brought into the subject, so every subject is shown the same
-way: 1 mm pixels, top of the head up, face to the left in the sagittal plane.
-
-- before / after, mid-sagittal: the "before" picture tints in red what was removed and
-  outlines the protected intracranial mask in green. It shows the face profile, so it belongs
-  to the restricted side with the identified archive.
-- ``planes``: the defaced image only, on the sagittal, coronal and axial planes through the
-  brain's centre, the removed region tinted red (over the emptied voxels: the template's face
-  region, not the subject's face) and the intracranial mask outlined in green. It shows
-  nothing the defaced series does not, so the dashboard may show it.
+The planes are the template's, so every subject is shown the same way: top of the head up, the
+subject's right on the picture's left (radiological), the face to the left in sagittal planes.
+The deface review sheet (``pipelines.deface.sheet``) and the volumetry overlay
+(``pipelines.volumetry.overlay``) draw with these.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from cohortflow.pipelines.atlas.masks import removal_mask
-from cohortflow.pipelines.atlas.template import BRAIN, Template
+from cohortflow.pipelines.atlas.template import Template
+
+if TYPE_CHECKING:
+    from PIL import ImageDraw, ImageFont
+
+    Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+RGB = tuple[int, int, int]
+#: text on the pictures' black background
+TEXT: RGB = (235, 235, 235)
+
+#: the letters on the left, right, top and bottom edges of a template plane, by LPS axis
+PLANE_LETTERS = {
+    0: ("A", "P", "S", "I"),  # sagittal: the face to the left
+    1: ("R", "L", "S", "I"),  # coronal
+    2: ("R", "L", "A", "P"),  # axial, seen from below
+}
 
 
-def _plane_points(
-    template: Template, axis: int = 0
-) -> tuple[npt.NDArray[np.float64], tuple[int, int]]:
-    """Template LPS points (4, n) of its plane through the brain's centre normal to LPS
-    ``axis``: 0 sagittal (rows top -> bottom, columns anterior -> posterior), 1 coronal (rows
-    top -> bottom, columns right -> left), 2 axial (rows anterior -> posterior, columns
-    right -> left), as radiologists look at them."""
-    brain = np.argwhere(template.labels & BRAIN)
-    centre = template.index_to_lps @ np.append(brain.mean(axis=0), 1.0)
+@dataclass(frozen=True)
+class TemplatePlane:
+    """A plane of the template normal to an LPS axis, sampled on a regular grid: its points
+    (template LPS millimetres, (4, rows * columns)), its shape and the template's label bits on
+    it (nearest voxel)."""
+
+    axis: int
+    points: npt.NDArray[np.float64]
+    shape: tuple[int, int]
+    labels: npt.NDArray[np.uint8]
+
+
+def template_plane(
+    template: Template, axis: int, through: Sequence[float], step_mm: float = 1.0
+) -> TemplatePlane:
+    """The template's plane normal to LPS ``axis`` (0 sagittal, 1 coronal, 2 axial) through the
+    LPS point ``through``, over the template's whole box, every ``step_mm``. Rows and columns
+    as radiologists look at them: sagittal rows top -> bottom, columns anterior -> posterior;
+    coronal rows top -> bottom, columns right -> left; axial rows anterior -> posterior, columns
+    right -> left."""
     dims = np.array(template.labels.shape)
     corners = np.array(
         [[a, b, c, 1.0] for a in (0, dims[0]) for b in (0, dims[1]) for c in (0, dims[2])]
     )
     lps = (template.index_to_lps @ corners.T)[:3]
-    xs = np.arange(lps[0].min(), lps[0].max(), 1.0)  # L P S: x grows left
-    ys = np.arange(lps[1].min(), lps[1].max(), 1.0)  # y grows posterior
-    zs = np.arange(lps[2].max(), lps[2].min(), -1.0)  # top first
+    xs = np.arange(lps[0].min(), lps[0].max(), step_mm)  # L P S: x grows left
+    ys = np.arange(lps[1].min(), lps[1].max(), step_mm)  # y grows posterior
+    zs = np.arange(lps[2].max(), lps[2].min(), -step_mm)  # top first
     if axis == 0:
         rows, cols = np.meshgrid(zs, ys, indexing="ij")
-        coords = (np.full(rows.shape, centre[0]), cols, rows)
+        coords = (np.full(rows.shape, float(through[0])), cols, rows)
     elif axis == 1:
         rows, cols = np.meshgrid(zs, xs, indexing="ij")
-        coords = (cols, np.full(rows.shape, centre[1]), rows)
+        coords = (cols, np.full(rows.shape, float(through[1])), rows)
     else:
         rows, cols = np.meshgrid(ys, xs, indexing="ij")
-        coords = (cols, rows, np.full(rows.shape, centre[2]))
-    pts = np.stack([*coords, np.ones(rows.shape)]).reshape(4, -1)
-    return pts, rows.shape
-
-
-def midsagittal(
-    volume: npt.NDArray[np.generic],
-    index_to_lps: npt.NDArray[np.float64],
-    subject_to_template: npt.NDArray[np.float64],
-    template: Template,
-    axis: int = 0,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """The subject's ``volume`` ((k, r, c) with its 4x4 ``index_to_lps``) and the template's
-    label bits, both on the template's mid-sagittal plane (or the plane normal to ``axis``)."""
-    pts, shape = _plane_points(template, axis)
-    subject_idx = np.linalg.inv(index_to_lps) @ np.linalg.inv(subject_to_template) @ pts
-    image = ndimage.map_coordinates(
-        np.asarray(volume, dtype=np.float32), subject_idx[:3], order=1, mode="constant", cval=0
-    ).reshape(shape)
+        coords = (cols, rows, np.full(rows.shape, float(through[2])))
+    points = np.stack([*coords, np.ones(rows.shape)]).reshape(4, -1)
+    shape = (int(rows.shape[0]), int(rows.shape[1]))
     labels = ndimage.map_coordinates(
-        template.labels, (template.lps_to_index @ pts)[:3], order=0, mode="constant", cval=0
+        template.labels, (template.lps_to_index @ points)[:3], order=0, mode="constant", cval=0
     ).reshape(shape)
-    return np.asarray(image, dtype=np.float32), np.asarray(labels, dtype=np.uint8)
+    return TemplatePlane(axis, points, shape, np.asarray(labels, dtype=np.uint8))
 
 
-def render(
-    before: npt.NDArray[np.float32],
-    after: npt.NDArray[np.float32],
-    labels: npt.NDArray[np.uint8],
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """RGB pictures: before (removed region tinted red, intracranial outline green), after."""
-    top = float(np.percentile(before[before > 0], 99.5)) if (before > 0).any() else 1.0
-    scale = lambda img: np.clip(img / max(top, 1e-6) * 255.0, 0, 255)
-    gray_before = scale(before)
-    rgb_before = np.repeat(gray_before[..., None], 3, axis=2)
-    removed = removal_mask(labels) & (before > 0)
-    rgb_before[removed] = 0.5 * rgb_before[removed] + 0.5 * np.array([255.0, 0.0, 0.0])
-    brain = labels & BRAIN > 0
-    edge = brain & ~ndimage.binary_erosion(brain)
-    rgb_before[edge] = (0.0, 255.0, 0.0)
-    rgb_after = np.repeat(scale(after)[..., None], 3, axis=2)
-    return rgb_before.astype(np.uint8), rgb_after.astype(np.uint8)
-
-
-def planes(
+def sample(
     volume: npt.NDArray[np.generic],
     index_to_lps: npt.NDArray[np.float64],
     subject_to_template: npt.NDArray[np.float64],
-    template: Template,
-) -> npt.NDArray[np.uint8]:
-    """The defaced ``volume`` on the sagittal, coronal and axial planes side by side (one RGB
-    picture): removed region tinted red, intracranial outline green."""
-    shown = [
-        midsagittal(volume, index_to_lps, subject_to_template, template, axis) for axis in (0, 1, 2)
-    ]
-    inside = np.concatenate([img[img > 0] for img, _ in shown])
-    top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
-    height = max(img.shape[0] for img, _ in shown)
-    pictures = []
-    for img, labels in shown:
-        gray = np.clip(img / max(top, 1e-6) * 255.0, 0, 255)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-        removed = removal_mask(labels)
-        rgb[removed] = 0.6 * rgb[removed] + 0.4 * np.array([255.0, 0.0, 0.0])
-        brain = labels & BRAIN > 0
-        rgb[brain & ~ndimage.binary_erosion(brain)] = (0.0, 255.0, 0.0)
-        pad = np.zeros((height, rgb.shape[1] + 4, 3))
-        pad[: rgb.shape[0], : rgb.shape[1]] = rgb
-        pictures.append(pad)
-    return np.concatenate(pictures, axis=1).astype(np.uint8)
+    plane: TemplatePlane,
+    order: int = 1,
+) -> npt.NDArray[np.float32]:
+    """The subject's ``volume`` (any voxel order, with its 4 x 4 ``index_to_lps``) on the
+    template's ``plane`` (``order`` 1: linear, 0: nearest voxel; 0 outside the volume)."""
+    index = np.linalg.inv(index_to_lps) @ np.linalg.inv(subject_to_template) @ plane.points
+    values = ndimage.map_coordinates(
+        np.asarray(volume, dtype=np.float32), index[:3], order=order, mode="constant", cval=0
+    )
+    return np.asarray(values.reshape(plane.shape), dtype=np.float32)
+
+
+def touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels with a 4-neighbour in ``where``."""
+    out = np.zeros_like(where)
+    out[1:] |= where[:-1]
+    out[:-1] |= where[1:]
+    out[:, 1:] |= where[:, :-1]
+    out[:, :-1] |= where[:, 1:]
+    return out
+
+
+def edge(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The one-pixel outline of ``mask``, drawn on its own pixels (those touching the outside)."""
+    return np.asarray(mask & touches(~mask), dtype=bool)
+
+
+@functools.cache
+def font(size: int) -> Font:
+    """Pillow's built-in font (nothing is read from the system or downloaded)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size)
+
+
+def orientation_letters(
+    draw: ImageDraw.ImageDraw,
+    letters_font: Font,
+    box: tuple[float, float, float, float],
+    letters: tuple[str, str, str, str],
+) -> None:
+    """The orientation ``letters`` at the middle of the left, right, top and bottom edges of
+    ``box`` (left, top, width, height), white on a black stroke; an empty letter is left out."""
+    left, right, top, bottom = letters
+    x, y, width, height = box
+    cx, cy = x + width / 2, y + height / 2
+    inset = 3
+
+    def put(text: str, px: float, py: float, ax: float, ay: float) -> None:
+        if not text:
+            return
+        # (ax, ay): the point of the text's box put at (px, py), as fractions of its size
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=letters_font, stroke_width=2)
+        at = (px - x0 - ax * (x1 - x0), py - y0 - ay * (y1 - y0))
+        draw.text(
+            at, text, fill=(255, 255, 255), font=letters_font, stroke_width=2, stroke_fill=(0, 0, 0)
+        )
+
+    put(left, x + inset, cy, 0.0, 0.5)
+    put(right, x + width - inset, cy, 1.0, 0.5)
+    put(top, cx, y + inset, 0.5, 0.0)
+    put(bottom, cx, y + height - inset, 0.5, 1.0)
+
+
+def legend_width(
+    text_font: Font, items: Sequence[tuple[RGB, str]], note: str, px_per_mm: float
+) -> int:
+    """The width in pixels ``legend`` takes, about."""
+    texts = [t for _, t in items] + [note, "10 mm"]
+    return int(sum(text_font.getlength(t) for t in texts) + len(texts) * 40 + 10 * px_per_mm)
+
+
+def legend(
+    draw: ImageDraw.ImageDraw,
+    text_font: Font,
+    at: tuple[float, float],
+    items: Sequence[tuple[RGB, str]],
+    note: str,
+    px_per_mm: float,
+    font_px: int,
+) -> None:
+    """One line from ``at``: each item's colour (a short thick line) and its text, the ``note``
+    (the viewing convention) and a 10 mm scale bar at ``px_per_mm``."""
+    x, y = at
+    mid = y + font_px // 2 + 1
+    for colour, text in items:
+        draw.line([(x, mid), (x + 18, mid)], fill=colour, width=3)
+        x += 24
+        draw.text((x, y), text, fill=TEXT, font=text_font)
+        x += text_font.getlength(text) + 16
+    draw.text((x, y), note, fill=TEXT, font=text_font)
+    x += text_font.getlength(note) + 16
+    bar = 10 * px_per_mm
+    draw.line([(x, mid), (x + bar, mid)], fill=TEXT, width=3)
+    draw.text((x + bar + 6, y), "10 mm", fill=TEXT, font=text_font)
 
 
 def write_png(path: Path, rgb: npt.NDArray[np.uint8]) -> None:
+    """``rgb`` (rows x columns x 3) as a PNG at ``path``, atomically (no text chunks)."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(path.name + ".part")
     Image.fromarray(rgb, mode="RGB").save(temp, format="PNG")
     temp.replace(path)
-
-
-def stack_pngs(paths: list[Path], out: Path) -> None:
-    """The pictures one above the other, left-aligned on black, into one PNG (the dashboard
-    shows one picture per stage: the planes, then the skin surface after defacing)."""
-    from PIL import Image
-
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    width = max(i.shape[1] for i in images)
-    rows = [np.pad(i, ((0, 4), (0, width - i.shape[1]), (0, 0))) for i in images]
-    write_png(out, np.vstack(rows).astype(np.uint8))

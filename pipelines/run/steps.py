@@ -392,6 +392,13 @@ def anonymize_step(ctx: RunContext, index: IndexDB, study_pk: int) -> StepResult
 # --- deface ----------------------------------------------------------------------------------
 
 
+def _copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(target.name + ".part")
+    shutil.copyfile(source, temp)
+    temp.replace(target)
+
+
 def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepResult:
     """Deface the anonymized study into the protocol's deliverable DICOM folder; one ``deface``
     stage row per series."""
@@ -400,15 +407,15 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
     from cohortflow.pipelines.atlas.template import load_template
     from cohortflow.pipelines.deface.folder import deface_folder, reference_rule
     from cohortflow.pipelines.dicom.protocols import load_protocols
-    from cohortflow.pipelines.imaging.preview import stack_pngs
 
     plan = _plan(ctx, index, previous.study_pk)
     if plan is None:
         return _not_archived(previous.study_pk, DEFACE)
     policy = ctx.settings.deface
     # 2: a three-plane picture of the defaced series for the dashboard; 3: the head fits, for
-    # QC, and the affine's starts compared at its coarse level
-    version = "deface-3"
+    # QC, and the affine's starts compared at its coarse level; 4: the review sheet (planes
+    # through the eyes, the skin surface from three sides), its after panels the dashboard's
+    version = "deface-4"
     input_key = chain(previous.input_key, version, policy.model_dump(mode="json"))
     order = previous.order
     staging = Path(order.staging)
@@ -432,14 +439,11 @@ def deface_step(ctx: RunContext, index: IndexDB, previous: StepResult) -> StepRe
             info = order.describe(outcome.series)
             status = "pass" if outcome.status == "defaced" else "fail"
             extra = {}
-            if len(outcome.previews) > 2:  # the pictures the dashboard may show
+            if outcome.previews is not None:
+                # the dashboard's picture: the sheet's after panels (never the before ones: they
+                # show the face), named by the series' pseudonymized UID like every picture there
                 shown = ctx.qc_images_out / outcome.study / f"{outcome.series}_deface.png"
-                shown.parent.mkdir(parents=True, exist_ok=True)
-                # the defaced planes, and the skin surface after defacing (never the one
-                # before: it shows the face)
-                safe = [outcome.previews[2]]
-                safe += [p for p in outcome.previews if p.endswith("_surface_after.png")]
-                stack_pngs([Path(p) for p in safe], shown)
+                _copy_atomically(Path(outcome.previews.after), shown)
                 extra["picture"] = str(shown)
             rows.append(
                 _series_row(

@@ -11,11 +11,11 @@ white matter, in colours of Okabe and Ito's colour-blind-safe palette. Each pane
 orientation letters; a header gives the series' pseudonymous name, the volumes, the legend, the
 viewing convention and a 10 mm scale bar.
 
-The view is radiological (the subject's right on the picture's left), as in the deface pictures
-(``pipelines.imaging.preview``): anterior up in axial planes, superior up in coronal and
-sagittal planes, the face to the left in sagittal planes. The voxel axes must be in RAS+ order
-(``run.read_t1`` reorients every image so): axis 0 grows towards the subject's right, axis 1
-anterior, axis 2 superior.
+The view is radiological (the subject's right on the picture's left), as in the deface review
+sheet (``pipelines.deface.sheet``; both draw with ``pipelines.imaging.preview``): anterior up
+in axial planes, superior up in coronal and sagittal planes, the face to the left in sagittal
+planes. The voxel axes must be in RAS+ order (``run.read_t1`` reorients every image so): axis 0
+grows towards the subject's right, axis 1 anterior, axis 2 superior.
 
 The pictures show pseudonymized pixels only; the title is whatever the caller passes, which must
 be a pseudonymous name (``run`` passes the BIDS name of the converted series).
@@ -23,7 +23,6 @@ be a pseudonymous name (``run`` passes the BIDS name of the converted series).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from cohortflow.pipelines.imaging.preview import write_png
+from cohortflow.pipelines.imaging.preview import (
+    TEXT,
+    edge,
+    font,
+    legend,
+    legend_width,
+    orientation_letters,
+    touches,
+    write_png,
+)
 
 if TYPE_CHECKING:
-    from PIL import ImageDraw, ImageFont
-
     from cohortflow.models.volumes import Volumes
 
 #: slices per plane
@@ -67,7 +73,6 @@ LEGEND = (
 )
 CONVENTION = "radiological view: the subject's right on the picture's left"
 
-TEXT = (235, 235, 235)
 DIM = (160, 160, 160)
 FONT_PX = 14
 LETTER_PX = 14
@@ -139,7 +144,7 @@ def mosaic(
     extent_mm = [(stop - start) * s for (start, stop), s in zip(box, spacing, strict=True)]
     ppmm = min(PX_PER_MM, MAX_PANEL_PX / max(*extent_mm, 1e-6))
     low, high = _window(image, mask)
-    font, letter_font = _font(FONT_PX), _font(LETTER_PX)
+    text_font, letter_font = font(FONT_PX), font(LETTER_PX)
 
     header = _header_lines(volumes, title)
     line_px = FONT_PX + 6
@@ -163,8 +168,10 @@ def mosaic(
         top += max((p.shape[0] for _, p in row), default=0) + GAP
     height = top + PAD - GAP
     width = max(p.left + p.width for p in panels) + PAD
-    legend_px = _legend_width(font, ppmm)
-    width = max(width, legend_px + 2 * PAD, *(int(font.getlength(t)) + 2 * PAD for t in header))
+    legend_px = legend_width(text_font, LEGEND, CONVENTION, ppmm)
+    width = max(
+        width, legend_px + 2 * PAD, *(int(text_font.getlength(t)) + 2 * PAD for t in header)
+    )
 
     canvas = np.zeros((height, width, 3), np.uint8)
     for panel, (_, _, pixels) in zip(panels, drawn, strict=True):
@@ -173,15 +180,16 @@ def mosaic(
     draw = ImageDraw.Draw(picture)
     y = PAD
     for text in header:
-        draw.text((PAD, y), text, fill=TEXT, font=font)
+        draw.text((PAD, y), text, fill=TEXT, font=text_font)
         y += line_px
-    _legend(draw, font, PAD, y, ppmm)
+    legend(draw, text_font, (PAD, y), LEGEND, CONVENTION, ppmm, FONT_PX)
     for plane in PLANES:
         first = next(p for p in panels if p.plane == plane.name)
         label = f"{plane.name}, {plane.order}"
-        draw.text((first.left, first.top - line_px + 2), label, fill=DIM, font=font)
+        draw.text((first.left, first.top - line_px + 2), label, fill=DIM, font=text_font)
         for panel in (p for p in panels if p.plane == plane.name):
-            _letters(draw, letter_font, panel, plane.letters)
+            where = (panel.left, panel.top, panel.width, panel.height)
+            orientation_letters(draw, letter_font, where, plane.letters)
     rgb = np.asarray(picture, dtype=np.uint8)
     return Mosaic(rgb, tuple(panels), ppmm)
 
@@ -324,20 +332,10 @@ def _panel(
     rgb = np.repeat(grey[..., None], 3, axis=2)
     brain = (lab == 2) | (lab == 3)
     # each outline is drawn on the pixels inside the structure it bounds: thin (one pixel)
-    rgb[brain & _touches(~brain)] = PIAL
-    rgb[(lab == 3) & _touches(lab == 2)] = GMWM
-    rgb[msk & _touches(~msk)] = EDGE
+    rgb[edge(brain)] = PIAL
+    rgb[(lab == 3) & touches(lab == 2)] = GMWM
+    rgb[edge(msk)] = EDGE
     return rgb
-
-
-def _touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """The pixels with a 4-neighbour in ``where``."""
-    out = np.zeros_like(where)
-    out[1:] |= where[:-1]
-    out[:-1] |= where[1:]
-    out[:, 1:] |= where[:, :-1]
-    out[:, :-1] |= where[:, 1:]
-    return out
 
 
 def _header_lines(volumes: Volumes | None, title: str) -> list[str]:
@@ -350,60 +348,3 @@ def _header_lines(volumes: Volumes | None, title: str) -> list[str]:
         f"ICV {v.icv_ml:.0f} ml   GM {v.gm_ml:.0f} ml   WM {v.wm_ml:.0f} ml   "
         f"CSF {v.csf_ml:.0f} ml   brain {v.brain_ml:.0f} ml   BPF {v.bpf:.3f}",
     ]
-
-
-def _legend_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, ppmm: float) -> int:
-    texts = [t for _, t in LEGEND] + [CONVENTION, "10 mm"]
-    return int(sum(font.getlength(t) for t in texts) + len(texts) * 40 + 10 * ppmm)
-
-
-def _legend(
-    draw: ImageDraw.ImageDraw,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    x: float,
-    y: float,
-    ppmm: float,
-) -> None:
-    """The outline colours, the viewing convention and a 10 mm scale bar, on one line."""
-    mid = y + FONT_PX // 2 + 1
-    for colour, text in LEGEND:
-        draw.line([(x, mid), (x + 18, mid)], fill=colour, width=3)
-        x += 24
-        draw.text((x, y), text, fill=TEXT, font=font)
-        x += font.getlength(text) + 16
-    draw.text((x, y), CONVENTION, fill=TEXT, font=font)
-    x += font.getlength(CONVENTION) + 16
-    bar = 10 * ppmm
-    draw.line([(x, mid), (x + bar, mid)], fill=TEXT, width=3)
-    draw.text((x + bar + 6, y), "10 mm", fill=TEXT, font=font)
-
-
-def _letters(
-    draw: ImageDraw.ImageDraw,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    panel: Panel,
-    letters: tuple[str, str, str, str],
-) -> None:
-    """The orientation letters at the middle of the panel's left, right, top and bottom edges."""
-    left, right, top, bottom = letters
-    cx, cy = panel.left + panel.width / 2, panel.top + panel.height / 2
-    inset = 3
-
-    def put(text: str, x: float, y: float, ax: float, ay: float) -> None:
-        # (ax, ay): the point of the text's box put at (x, y), as fractions of its size
-        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=2)
-        at = (x - x0 - ax * (x1 - x0), y - y0 - ay * (y1 - y0))
-        draw.text(at, text, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-
-    put(left, panel.left + inset, cy, 0.0, 0.5)
-    put(right, panel.left + panel.width - inset, cy, 1.0, 0.5)
-    put(top, cx, panel.top + inset, 0.5, 0.0)
-    put(bottom, cx, panel.top + panel.height - inset, 0.5, 1.0)
-
-
-@functools.cache
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's built-in font (nothing is read from the system or downloaded)."""
-    from PIL import ImageFont
-
-    return ImageFont.load_default(size)
