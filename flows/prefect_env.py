@@ -55,8 +55,45 @@ def protect_identified(settings: Settings) -> list[str]:
 def configure_itk(threads: int) -> None:
     """Fix ITK's thread count (ANTs, through antspyx). ITK reads it once, when it first runs a
     filter in the process, so this must come before any registration; later calls change nothing.
-    """
+    The memory allocator is set up at the same time (:func:`configure_allocator`)."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    configure_allocator()
+
+
+#: Allocations up to this size come from the heap and freed memory stays there for the next one
+#: (glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``; the default maps anything above 32 MB
+#: afresh and unmaps it when freed). A head's volumes are 10 to 200 MB and the methods make and
+#: free dozens of them: every one was mapped, faulted in page by page and zeroed by the kernel.
+#: Measured on the real Philips head (``cohortflow volumetry``, one process): 53.0 s user +
+#: 18.8 s system -> 46.0 + 4.3 s, processor time -30 %, peak memory +7 % (1.44 -> 1.55 GB);
+#: the volumes identical.
+ALLOCATOR_THRESHOLD = 1 << 30
+
+
+def configure_allocator() -> None:
+    """Keep large allocations in the heap (:data:`ALLOCATOR_THRESHOLD`), in this process
+    (``mallopt``) and in the processes it starts (the environment glibc reads at their start:
+    Dask workers, child commands). Values a user set in the environment are kept; nothing is
+    done off glibc."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        os.environ.setdefault(name, str(ALLOCATOR_THRESHOLD))
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl): its own allocator
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for option, name in ((m_mmap_threshold, "MALLOC_MMAP_THRESHOLD_"),
+                         (m_trim_threshold, "MALLOC_TRIM_THRESHOLD_")):  # fmt: skip
+        try:
+            value = int(os.environ[name])
+        except ValueError:
+            continue
+        mallopt(option, min(value, (1 << 31) - 1))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -267,7 +267,8 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
             + "- the de-identified outputs (DICOM, NIfTI, overlays): "
             f"{settings.outputs / args.protocol}\n"
             f"- the success rates again: `cohortflow status {args.protocol}`; the index: "
-            f"{settings.index}; the Prefect UI: `prefect server start` (see the README)"
+            f"{settings.index}; the Prefect UI: `prefect server start` (see the README)",
+            soft_wrap=True,  # a path is never cut in two, on a terminal or off it
         )
     rates = run.rates
     return EXIT_OK if run.state == "completed" and rates.t1_with_biomarkers else EXIT_FAILURES
