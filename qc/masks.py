@@ -189,3 +189,14 @@ def tissue_thresholds(values: npt.NDArray[np.floating]) -> tuple[float, float]:
     else:
         lower = max(0, gm - (upper - gm))
     return float(x[lower]), float(x[upper])
+
+
+def touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels of a 2D picture with a 4-neighbour in ``where``: drawn where ``where`` is not, the
+    outline of ``where`` (the volumetry overlay, the deface sheets, the dashboard's viewer)."""
+    out = np.zeros_like(where)
+    out[1:] |= where[:-1]
+    out[:-1] |= where[1:]
+    out[:, 1:] |= where[:, :-1]
+    out[:, :-1] |= where[:, 1:]
+    return out

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from cohortflow.pipelines.atlas.template import Template
+from cohortflow.qc.masks import touches
 
 if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
@@ -98,16 +99,6 @@ def sample(
         np.asarray(volume, dtype=np.float32), index[:3], order=order, mode="constant", cval=0
     )
     return np.asarray(values.reshape(plane.shape), dtype=np.float32)
-
-
-def touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """The pixels with a 4-neighbour in ``where``."""
-    out = np.zeros_like(where)
-    out[1:] |= where[:-1]
-    out[:-1] |= where[1:]
-    out[:, 1:] |= where[:, :-1]
-    out[:, :-1] |= where[:, 1:]
-    return out
 
 
 def edge(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:

@@ -38,9 +38,9 @@ from cohortflow.pipelines.imaging.preview import (
     legend,
     legend_width,
     orientation_letters,
-    touches,
     write_png,
 )
+from cohortflow.qc.masks import touches
 
 if TYPE_CHECKING:
     from cohortflow.models.volumes import Volumes

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cohortflow.qc.masks import touches
+
 #: the largest image read, in voxels (a 1 mm head is about 11 million; 512 x 512 x 128, 33)
 MAX_VOXELS = 1 << 25
 #: pixels per millimetre at most (a 1 mm voxel shows as a 2 x 2 px block, as in the overlay)
@@ -287,9 +289,9 @@ def slice_rgb(
         _blend(out, lab == value, colour, TINT_SHARE * opacity)
     inside, brain = lab > 0, (lab == 2) | (lab == 3)
     # each outline on the pixels inside the structure it bounds: one pixel thin
-    _blend(out, brain & _touches(~brain), PIAL, opacity)
-    _blend(out, (lab == 3) & _touches(lab == 2), GMWM, opacity)
-    _blend(out, inside & _touches(~inside), EDGE, opacity)
+    _blend(out, brain & touches(~brain), PIAL, opacity)
+    _blend(out, (lab == 3) & touches(lab == 2), GMWM, opacity)
+    _blend(out, inside & touches(~inside), EDGE, opacity)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -316,16 +318,6 @@ def _blend(
     alpha: float,
 ) -> None:
     rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(colour, np.float32)
-
-
-def _touches(where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """The pixels with a 4-neighbour in ``where``."""
-    out = np.zeros_like(where)
-    out[1:] |= where[:-1]
-    out[:-1] |= where[1:]
-    out[:, 1:] |= where[:, :-1]
-    out[:, :-1] |= where[:, 1:]
-    return out
 
 
 class VolumeCache:
