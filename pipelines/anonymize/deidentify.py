@@ -282,7 +282,7 @@ class Deidentifier:
             del ds[tag]
         elif action in ("Z", "X/Z", "X/Z/U*"):
             element.value = None if element.VR not in ("OB", "OW", "UN") else b""
-        elif action in ("Z/D", "X/Z/D") and _empty(element.value):
+        elif action in ("Z/D", "X/Z/D") and element.is_empty:
             # an empty value hides nothing and says something: an empty ContrastBolusAgent is
             # "no contrast". A dummy there made every anonymized pre-contrast Philips T1 a
             # post-contrast one to the series rules, and its study lost its reference T1.
@@ -305,19 +305,6 @@ def _vr(element: object, tag: int) -> str:
         return str(dictionary_VR(tag))
     except KeyError:
         return "UN"
-
-
-def _empty(value: object) -> bool:
-    """Whether a DICOM value holds nothing (absent, zero-length, or only padding)."""
-    if value is None:
-        return True
-    if isinstance(value, bytes):
-        return not value.strip(b"\x00 ")
-    if isinstance(value, str):
-        return not value.strip("\x00 ")
-    if isinstance(value, (list, tuple, MultiValue)):
-        return all(_empty(v) for v in value)
-    return False
 
 
 def _dummy(vr: str) -> object:
