@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,8 +112,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 @contextmanager
-def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
-    """Make sure every process of a run reaches one Prefect API.
+def prefect_api(
+    home: Path, timeout: float = 120.0, meanwhile: Callable[[], object] | None = None
+) -> Iterator[str | None]:
+    """Make sure every process of a run reaches one Prefect API; ``meanwhile`` is called while
+    a private server starts (it takes 10 to 30 s), or before the body where none is started.
 
     With ``PREFECT_API_URL`` set (a ``prefect server start`` the user runs, or Prefect Cloud)
     nothing is started. Otherwise a private ``prefect server start`` on a free loopback port
@@ -123,6 +126,8 @@ def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
     the server started, or None.
     """
     if os.environ.get("PREFECT_API_URL"):
+        if meanwhile is not None:
+            meanwhile()
         yield None
         return
     configure_prefect(home)
@@ -150,7 +155,10 @@ def prefect_api(home: Path, timeout: float = 120.0) -> Iterator[str | None]:
             preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
         )
     try:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        if meanwhile is not None:
+            meanwhile()
+        deadline = max(time.monotonic() + 30.0, started + timeout)
         while True:
             if server.poll() is not None:
                 raise RuntimeError(

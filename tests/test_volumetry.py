@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -232,12 +233,32 @@ def test_the_atlas_derived_from_the_head_model_is_kept_and_a_damaged_copy_made_a
 ) -> None:
     """The registration template and priors every measuring process derived from the head model
     (5 to 7 s each) are kept in the cache: read back, they are the same arrays; a damaged copy
-    is made again, not believed."""
+    is made again, not believed. Workers that start together derive them once: the others wait
+    for the first and read what it kept (two threads here, each with its own lock handle, as
+    two processes have)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from cohortflow.pipelines.atlas.headmodel import HeadModel
-    from cohortflow.pipelines.volumetry.atlas import _derived
+    from cohortflow.pipelines.volumetry import atlas
 
     assert isinstance(head_model, HeadModel)
-    made = _derived(tmp_path, head_model)
+    _derived, derive = atlas._derived, atlas._make_derived
+    derived: list[int] = []
+
+    def counted(model: HeadModel) -> Any:
+        derived.append(1)
+        return derive(model)
+
+    atlas._make_derived = counted  # type: ignore[assignment]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda _: _derived(tmp_path, head_model), range(2)))
+    finally:
+        atlas._make_derived = derive  # type: ignore[assignment]
+    assert len(derived) == 1
+    made = together[0]
+    for a, b in zip(made, together[1], strict=True):
+        assert np.array_equal(a, b)
     (kept,) = tmp_path.glob("volumetry-atlas-*.npz")
     for a, b in zip(made, _derived(tmp_path, head_model), strict=True):
         assert np.array_equal(a, b) and a.dtype == b.dtype == np.float32

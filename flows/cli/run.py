@@ -210,10 +210,14 @@ def _demo(args: argparse.Namespace, settings: Settings, err: Console) -> int:
     out = settings.home / "demo" / "cohort"
     err.print(
         f"demo: generating {args.studies} studies into {out} (head model cached in "
-        f"{settings.cache}; the first run builds it, about a minute), loading them into the "
-        f"project's own Orthanc, then running the {args.protocol} flow end to end"
+        f"{settings.cache}; the first run builds it, about two and a half minutes), loading "
+        f"them into the project's own Orthanc, then running the {args.protocol} flow end to end"
     )
-    with prefect_api(settings.home) as started:
+    from cohortflow.pipelines.run.prepare import prepare_models
+
+    # the models first (the head model: about two and a half minutes on one core on a first run),
+    # while Prefect's server starts on the other core
+    with prefect_api(settings.home, meanwhile=lambda: prepare_models(settings)) as started:
         if started:
             err.print(f"Prefect: a private server for this run at {started.removesuffix('/api')}")
         summary, run = demo_flow(
@@ -310,6 +314,10 @@ def _demo_reviewer(settings: Settings) -> tuple[str, str]:
     return DEMO_REVIEWER, password
 
 
+#: the fewest residual degrees of freedom the demo's comparison keeps (``_demo_comparison``)
+DEMO_RESIDUAL_DF = 3
+
+
 def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Comparison | None:
     """Dementia against controls, as a statistician would compare them: the generator's
     diagnosis given by accession number (as a radiology report would), joined on the
@@ -329,11 +337,16 @@ def _demo_comparison(settings: Settings, protocol: str, truth_file: Path) -> Com
     with open_index(settings) as index, index.session() as session:
         rows = biomarker_table(session, protocol, labels).records()
     # adjusted for what the table can carry: a small demo (--studies) has too few patients for
-    # every covariate, and says which it left out (the comparison's notes)
+    # every covariate, and says which it left out (the comparison's notes). A model must keep
+    # DEMO_RESIDUAL_DF degrees of freedom for its error: three covariates on six patients left
+    # one, and a confidence interval wider than the brain
     for covariates in (DEFAULT_COVARIATES, ("icv",), ()):
         try:
             found = compare(rows, "diagnosis", covariates=covariates)
         except StatsError:
+            continue
+        residual = min((c.df for b in found.biomarkers for c in b.contrasts), default=0.0)
+        if covariates and residual < DEMO_RESIDUAL_DF:
             continue
         if covariates != DEFAULT_COVARIATES:
             note = (

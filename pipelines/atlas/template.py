@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from cohortflow.models.fits import FitStore
 from cohortflow.models.geometry import LPS_FROM_RAS
+from cohortflow.pipelines.atlas.building import building
 from cohortflow.pipelines.atlas.errors import TemplateError
 
 #: Bits of ``Template.labels``: pydeface's face region, the intracranial mask, the
@@ -88,17 +89,30 @@ def load_template(
     # the dilations take about 14 s: kept beside the head model, per model and margins
     margins = f"{margin_mm:g}-{face_margin_mm:g}-{brow_mm:g}-{BROW_BRAIN_MARGIN_MM:g}"
     stored = cache_dir / f"deface-labels-v{LABELS_VERSION}-{digest[:16]}-{margins}.npy"
+    labels = _stored_labels(stored, brain.shape)
+    if labels is None:
+        with building(stored):
+            labels = _stored_labels(stored, brain.shape)
+            if labels is None:
+                affine = np.asarray(head_img.affine, dtype=np.float64)
+                labels = compose_labels(
+                    keep < 0.5, brain, affine, margin_mm, face_margin_mm, brow_mm
+                )
+                temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp.npy")
+                np.save(temporary, labels)
+                os.replace(temporary, stored)  # whole or absent
+    return _template(head_img, labels, digest)
+
+
+def _stored_labels(stored: Path, shape: tuple[int, ...]) -> npt.NDArray[np.uint8] | None:
+    """The labels kept in ``stored``; None when absent or not of the head model's grid."""
     try:
         labels = np.load(stored)
-        if labels.shape != brain.shape or labels.dtype != np.uint8:
-            raise ValueError(f"{stored} does not match the head model")
     except (OSError, ValueError):
-        affine = np.asarray(head_img.affine, dtype=np.float64)
-        labels = compose_labels(keep < 0.5, brain, affine, margin_mm, face_margin_mm, brow_mm)
-        temporary = stored.with_name(f".{stored.name}.{os.getpid()}.tmp.npy")
-        np.save(temporary, labels)
-        os.replace(temporary, stored)  # whole or absent: processes may race to write it
-    return _template(head_img, labels, digest)
+        return None
+    if labels.shape != shape or labels.dtype != np.uint8:
+        return None
+    return np.asarray(labels)
 
 
 @lru_cache(maxsize=2)

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -203,7 +203,30 @@ class ProtocolSet:
 
 
 def load_protocols(path: Path | None = None) -> ProtocolSet:
-    """Load and validate a protocol file: ``path``, else the one shipped with cohortflow."""
+    """Load and validate a protocol file: ``path``, else the one shipped with cohortflow. Kept
+    per process while the file stays as it was (its size and modification time): each step of
+    a run reads it, and parsing and validating took a quarter of a second each time."""
+    if path is not None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return _load_protocols(path)  # says why it cannot be read
+        return _load_protocols_kept(path, stat.st_mtime_ns, stat.st_size)
+    return _load_shipped()
+
+
+@lru_cache(maxsize=8)
+def _load_protocols_kept(path: Path, mtime_ns: int, size: int) -> ProtocolSet:
+    _ = mtime_ns, size  # the key: a changed file is read again
+    return _load_protocols(path)
+
+
+@cache
+def _load_shipped() -> ProtocolSet:
+    return _load_protocols(None)
+
+
+def _load_protocols(path: Path | None) -> ProtocolSet:
     if path is None:
         resource = resources.files("cohortflow.pipelines.dicom").joinpath("data/protocols.yaml")
         source, text = str(resource), resource.read_text(encoding="utf-8")

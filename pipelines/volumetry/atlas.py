@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from cohortflow.pipelines.atlas.building import building
 from cohortflow.pipelines.atlas.headmodel import (
     CSF,
     GM,
@@ -101,11 +102,27 @@ def _derived(
         json.dumps([model.digest, PRIOR_SIGMA_MM, T1_LEVELS, (CSF, GM, WM)]).encode()
     ).hexdigest()[:16]
     path = cache_dir / f"volumetry-atlas-{key}.npz"
+    kept = _read_derived(path)
+    if kept is not None:
+        return kept
+    with building(path):
+        kept = _read_derived(path)
+        return kept if kept is not None else _derive_and_keep(path, model, cache_dir)
+
+
+def _read_derived(
+    path: Path,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
     try:
         with np.load(path) as kept:
             return kept["head"], kept["icv"].astype(np.float32), kept["priors"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        pass
+        return None
+
+
+def _derive_and_keep(
+    path: Path, model: HeadModel, cache_dir: Path
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     head, icv, priors = _make_derived(model)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
