@@ -270,9 +270,13 @@ def generate(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     generator: str = generators.DEFAULT_GENERATOR,
+    deface_truth: bool = True,
 ) -> CohortResult:
     """Generate the cohort into ``out_dir`` (DICOM under ``dicom/``, truth beside it); the
-    heads are drawn from ``generator`` (``pipelines.synth.generators``)."""
+    heads are drawn from ``generator`` (``pipelines.synth.generators``). ``deface_truth``:
+    write each head series' face and intracranial map (what defacing is scored against; a
+    tenth of the time, which the demo, scoring nothing, saves). The DICOM files are the same
+    either way."""
     gen = generators.get(generator)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -288,7 +292,10 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = gen.load(cache_dir)
     patients, fault_counts = plan_cohort(config)
-    jobs = [(p, str(out_dir), config.seed, gen.texture_sd, gen.crop_to_model) for p in patients]
+    jobs = [
+        (p, str(out_dir), config.seed, gen.texture_sd, gen.crop_to_model, deface_truth)
+        for p in patients
+    ]
     results: list[tuple[PatientTruth, list[PlantedIdentifier]]] = []
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -349,7 +356,7 @@ def _init_worker(cache_dir: str, generator: str) -> None:
 
 
 def _render_patient(
-    job: tuple[PatientPlan, str, int, float, bool],
+    job: tuple[PatientPlan, str, int, float, bool, bool],
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     assert _WORKER_MODEL is not None
     return _render_patient_with(_WORKER_MODEL, *job)
@@ -362,6 +369,7 @@ def _render_patient_with(
     seed: int,
     texture_sd: float = 0.0,
     crop_to_model: bool = False,
+    deface_truth: bool = True,
 ) -> tuple[PatientTruth, list[PlantedIdentifier]]:
     out_dir = Path(out)
     rng = np.random.default_rng([seed, 2, plan.seed])
@@ -385,7 +393,7 @@ def _render_patient_with(
     studies: list[StudyTruth] = []
     planted: list[PlantedIdentifier] = []
     for st in plan.studies:
-        truth, ids = _render_study(model, plan, st, shape, warp, rng, out_dir, seed)
+        truth, ids = _render_study(model, plan, st, shape, warp, rng, out_dir, seed, deface_truth)
         studies.append(truth)
         planted.extend(ids)
     idn = plan.identity
@@ -458,6 +466,7 @@ def _render_study(
     rng: np.random.Generator,
     out_dir: Path,
     seed: int,
+    deface_truth: bool = True,
 ) -> tuple[StudyTruth, list[PlantedIdentifier]]:
     ctx = _study_context(plan, st, rng, seed)
     placement = anatomy.sample_placement(rng)
@@ -476,7 +485,9 @@ def _render_study(
         volumes = anatomy.truth_volumes(tl, 0.001)
         labels_file = f"truth/{st.folder}_labels.nii.gz"
         _save_truth_labels(out_dir / labels_file, tl, tgrid)
-    codes = _deface_codes(labels, warp) if labels is not None and warp is not None else None
+    codes = None
+    if deface_truth and labels is not None and warp is not None:
+        codes = _deface_codes(labels, warp)
     series_truth: list[SeriesTruth] = []
     contrast_cache: dict[str, npt.NDArray[np.float32]] = {}
     hour = int(ctx.study_time[:2])
@@ -644,9 +655,8 @@ def _render_series(
             img = anatomy.motion_ghosts(img, rng)
         stacks.append(np.clip(img * 3000.0, 0, 4095).astype(np.uint16))
     deface_truth = None
-    if labels is not None and warp is not None and len(grids) == 1:
+    if codes is not None and len(grids) == 1:
         deface_truth = f"truth/{se.folder}_deface.nii.gz"
-        assert codes is not None
         _save_deface_truth(out_dir / deface_truth, model, shape, placement, codes, grids[0])
 
     if Fault.ENHANCED_MULTIFRAME in se.faults:
