@@ -126,6 +126,28 @@ def template(model_cache: Path) -> Template:
     )
 
 
+def test_a_mask_grown_in_its_box_is_the_mask_grown_over_the_whole_volume() -> None:
+    """``_grow`` dilates only the mask's bounding box grown by the radius: the same voxels as a
+    dilation of the whole volume, at the volume's edges too, on anisotropic voxels."""
+    from scipy import ndimage
+
+    from cohortflow.pipelines.atlas.template import _grow
+
+    rng = np.random.default_rng(5)
+    for corner in ((0, 0, 0), (30, 20, 10), (55, 45, 35)):
+        mask = np.zeros((60, 50, 40), dtype=bool)
+        x, y, z = corner
+        mask[x : x + 5, y : y + 4, z : z + 6] = (
+            rng.random((5, 4, 6))[: 60 - x, : 50 - y, : 40 - z] > 0.4
+        )
+        voxel = np.array([1.0, 0.8, 2.0])
+        radius = np.maximum(1, np.round(4.0 / voxel)).astype(int)
+        grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+        ball = sum((g / r) ** 2 for g, r in zip(grid, radius, strict=True)) <= 1.0
+        assert np.array_equal(_grow(mask, 4.0, voxel), ndimage.binary_dilation(mask, ball))
+    assert not _grow(np.zeros((5, 5, 5), dtype=bool), 4.0, np.ones(3)).any()
+
+
 def test_the_removal_reaches_above_the_brow_in_front_only() -> None:
     """pydeface's face region stops at the brow line; the brow (BROW) reaches ``brow_mm``
     higher in front of the forehead (Colin27 heads kept their eyebrows: 74 to 81 % of their face

@@ -86,7 +86,7 @@ def load_template(
             f"the head model in {cache_dir} has shape {brain.shape}, pydeface's face "
             f"mask {keep.shape}: delete the cached head model to rebuild it"
         )
-    # the dilations take about 14 s: kept beside the head model, per model and margins
+    # the dilations take about 10 s: kept beside the head model, per model and margins
     margins = f"{margin_mm:g}-{face_margin_mm:g}-{brow_mm:g}-{BROW_BRAIN_MARGIN_MM:g}"
     stored = cache_dir / f"deface-labels-v{LABELS_VERSION}-{digest[:16]}-{margins}.npy"
     labels = _stored_labels(stored, brain.shape)
@@ -215,10 +215,25 @@ def _brow(
 def _grow(
     mask: npt.NDArray[np.bool_], mm: float, voxel: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.bool_]:
-    """Dilate by a ball of ``mm`` millimetres (an ellipsoid in voxels of size ``voxel``)."""
+    """Dilate by a ball of ``mm`` millimetres (an ellipsoid in voxels of size ``voxel``).
+
+    Only the mask's bounding box grown by the radius can change, and only it is dilated: the
+    same voxels as over the whole volume, in a third of the time for the intracranial mask
+    (the three dilations of ``compose_labels`` took 45 s over pydeface's whole grid)."""
     if mm <= 0:
         return mask
     radius = np.maximum(1, np.round(mm / voxel)).astype(int)
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
     ball = sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius, strict=True)) <= 1.0
-    return np.asarray(ndimage.binary_dilation(mask, structure=ball), dtype=bool)
+    grown = np.zeros(mask.shape, dtype=bool)
+    where = np.argwhere(mask)
+    if not len(where):
+        return grown
+    box = tuple(
+        slice(max(0, int(lo) - int(r)), min(n, int(hi) + int(r) + 1))
+        for lo, hi, r, n in zip(
+            where.min(axis=0), where.max(axis=0), radius, mask.shape, strict=True
+        )
+    )
+    grown[box] = ndimage.binary_dilation(mask[box], structure=ball)
+    return grown
