@@ -18,12 +18,13 @@ def prepare_models(settings: Settings) -> None:
     from cohortflow.pipelines.atlas.template import load_brain_template
     from cohortflow.pipelines.volumetry.atlas import load_atlas
 
-    load_or_build(settings.cache)  # in a child process, one ITK thread (reproducible)
     policy = settings.deface
     margins = (policy.brain_margin_mm, policy.face_margin_mm, policy.brow_mm)
     spawn = multiprocessing.get_context("spawn")  # this process may run threads: no fork
     with ProcessPoolExecutor(1, mp_context=spawn) as other:
+        # started first: it imports while the head model is made, then waits for it (a lock)
         labels = other.submit(_deface_labels, settings.cache, margins)
+        load_or_build(settings.cache)  # in a child process, one ITK thread (reproducible)
         load_atlas(settings.cache)
         labels.result()
     load_atlas.cache_clear()
