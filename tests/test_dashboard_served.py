@@ -172,10 +172,12 @@ def test_a_backtracking_pattern_does_not_hold_up_a_login(
         meanwhile = time.perf_counter() - started
         thread.join(30)
         assert hostile["status"] == 200
-        assert hostile["seconds"] < 1.0, hostile
-        # under 0.5 s on this machine alone; beside the other test worker a login alone takes
-        # longer (argon2id is 0.2 s of work): not held up means as fast as alone
-        assert meanwhile < max(0.5, 1.5 * statistics.median(alone)), (meanwhile, alone)
+        # Python's re held every other client for 9 s at 20 characters and takes minutes at
+        # these 47: the bounds tell that apart, not the machine's load. A login alone takes
+        # 0.2 s of argon2id; beside the other test workers (and at the suite's start, the test
+        # cache's warm-up) one took 0.66 s against 0.18-0.37 s alone.
+        assert hostile["seconds"] < 5.0, hostile
+        assert meanwhile < max(2.0, 3 * statistics.median(alone)), (meanwhile, alone)
     report = figures  # a callable fixture
     assert callable(report)
     report(

@@ -21,6 +21,7 @@ caller (``flows.prefect_env.configure_itk``), give the same numbers on every run
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import time
@@ -60,6 +61,9 @@ def _template_images(atlas: Atlas, resolution_mm: float) -> tuple[Any, Any, Any]
     head = _image(atlas, atlas.head)
     small = ants.resample_image(head, (resolution_mm,) * 3, False, 1)
     return head, small, _image(atlas, atlas.icv)
+
+
+atexit.register(_template_images.cache_clear)  # see imaging.register: no leaked ANTs images
 
 
 def _image(atlas: Atlas, array: npt.NDArray[np.generic]) -> Any:
