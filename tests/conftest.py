@@ -68,13 +68,13 @@ FIRST = (
     "test_anonymize_crash.py",
     "test_hostile_input.py",
     "test_protocol_dask.py",
-    "test_flow.py",  # 537 s in a 2-worker run: the demo's, 403 s
     "test_pacs_retrieve.py",
     # then the other long files, longest first (seconds in a 2-worker run): what is handed out
     # last is short, and the workers end together (the wheel's 74 s, handed out last, once
     # left the other worker idle for 90 s)
     "test_realdata_heads.py",  # 337
     "test_deface.py",  # 330
+    "test_flow.py",  # 255
     "test_volumetry.py",  # 188
     "test_dashboard_viewer.py",  # about 130: one study through the folder commands, Chromium
     "test_qc_cohort.py",  # 108
