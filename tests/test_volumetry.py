@@ -229,7 +229,7 @@ def test_biomarkers_are_replaced_on_rerun(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_atlas_derived_from_the_head_model_is_kept_and_a_damaged_copy_made_again(
-    head_model: object, tmp_path: Path
+    head_model: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The registration template and priors every measuring process derived from the head model
     (5 to 7 s each) are kept in the cache: read back, they are the same arrays; a damaged copy
@@ -249,12 +249,10 @@ def test_the_atlas_derived_from_the_head_model_is_kept_and_a_damaged_copy_made_a
         derived.append(1)
         return derive(model)
 
-    atlas._make_derived = counted  # type: ignore[assignment]
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(atlas, "_make_derived", counted)
         with ThreadPoolExecutor(2) as pool:
             together = list(pool.map(lambda _: _derived(tmp_path, head_model), range(2)))
-    finally:
-        atlas._make_derived = derive  # type: ignore[assignment]
     assert len(derived) == 1
     made = together[0]
     for a, b in zip(made, together[1], strict=True):

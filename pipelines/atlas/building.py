@@ -1,8 +1,8 @@
 """One process makes a derived cache file, the others wait and read it.
 
-The workers of a run start together, and each needs the same files derived from the head model
-(defacing's labels, the volumetry atlas): without a lock every worker made its own copy, at the
-same time, on the same cores.
+The workers of a run start together, and each needs the same files: the head model and what is
+derived from it (defacing's labels, the volumetry atlas). Without a lock every worker made its
+own copy of the derived files, at the same time, on the same cores.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
-from filelock import FileLock
 
+from cohortflow.pipelines.atlas.building import building
 from cohortflow.pipelines.atlas.errors import HeadModelError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def cached_model(
     folder = cache_dir / f"{name}-{digest}"
     if not (folder / "model.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{folder}.lock"):
+        with building(folder):
             if not (folder / "model.json").is_file():
                 log.info("building the %s once into %s (about a minute)", name, folder)
                 build_into(folder)
