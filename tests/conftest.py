@@ -10,7 +10,8 @@ nothing: pytest-xdist issue #1386.)"""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -43,6 +44,29 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         with open(timeline, "a", encoding="utf-8") as out:
             out.write(f"{worker}\t{report.start:.1f}\t{report.stop:.1f}\t{report.when}\t")
             out.write(f"{report.nodeid}\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """With $COHORTFLOW_TEST_TIMELINE, also append each test's processor seconds (its worker's
+    and its reaped child processes', the module fixtures it set up included): where the suite's
+    processor time goes, which the two cores bound."""
+    timeline = os.environ.get("COHORTFLOW_TEST_TIMELINE")
+    if not timeline:
+        yield
+        return
+    before = _processor_seconds()
+    yield
+    own, children = (a - b for a, b in zip(_processor_seconds(), before, strict=True))
+    with open(timeline, "a", encoding="utf-8") as out:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        out.write(f"{worker}\t{own:.1f}\t{children:.1f}\tcpu\t{item.nodeid}\n")
+
+
+def _processor_seconds() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
