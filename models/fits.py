@@ -6,6 +6,10 @@ image's voxels and geometry, the template file's content and the registration's 
 same key gives the same transform, as a registration with ITK single-threaded (the default)
 does; with more threads a stored fit stands for one that differs in its last digits. A file holds
 a 4 x 4 matrix and nothing of the image. A damaged or foreign file is ignored and replaced.
+
+A deformable registration's transforms (volumetry's SyN: a displacement field at a few
+millimetres and the affine it started from, ANTs' own files) are kept the same way, as files
+beside a manifest written last (:meth:`FitStore.get_files`, :meth:`FitStore.put_files`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,5 +84,44 @@ class FitStore:
             log.warning("head fit not kept in %s: %s", self.folder, exc)
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
+            return False
+        return True
+
+    def get_files(self, key: str) -> list[Path] | None:
+        """The transform files kept under ``key``, in the order they were given, None when there
+        are none (or one is missing: a store emptied by hand)."""
+        manifest = self._path(key)
+        try:
+            names = [
+                str(name) for name in json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # names only, each under this key: a manifest pointing elsewhere is foreign
+        if not names or any(not name.startswith(f"{key}.") or "/" in name for name in names):
+            return None
+        files = [manifest.with_name(name) for name in names]
+        return files if all(path.is_file() for path in files) else None
+
+    def put_files(self, key: str, files: Sequence[Path]) -> bool:
+        """Keep copies of ``files`` under ``key`` (each named by the key, its position and its
+        suffixes); the manifest that lists them is written last, so a reader sees all or none.
+        False when they cannot be written."""
+        manifest = self._path(key)
+        names = [f"{key}.{n}{''.join(Path(f).suffixes)}" for n, f in enumerate(files)]
+        temporary = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+        partials = [manifest.with_name(f".{name}.{os.getpid()}.tmp") for name in names]
+        try:
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+            for source, partial, name in zip(files, partials, names, strict=True):
+                shutil.copyfile(source, partial)
+                os.replace(partial, manifest.with_name(name))
+            temporary.write_text(json.dumps({"files": names}), encoding="utf-8")
+            os.replace(temporary, manifest)
+        except OSError as exc:
+            log.warning("registration not kept in %s: %s", self.folder, exc)
+            for left in (temporary, *partials):
+                with contextlib.suppress(OSError):
+                    left.unlink(missing_ok=True)
             return False
         return True

@@ -270,7 +270,10 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None
     #: Where each head's fit to the head model is kept, by the image's content and the
     #: registration's version, so a head is registered once (a rerun, defacing then volumetry
-    #: on a folder, image QC); default: <cache_dir>/fits. Transforms only, nothing of the image.
+    #: on a folder, image QC); default: <cache_dir>/fits. Transforms only, nothing of the image:
+    #: a 4 x 4 matrix per head, and volumetry's deformable stage (a displacement field at 5 mm
+    #: of the defaced T1, about 0.6 MB per measured T1). Deleting the folder costs only the
+    #: registrations again.
     fits_dir: Path | None = None
     outputs_dir: Path | None = None
     index_url: str | None = None

@@ -769,3 +769,22 @@ def test_a_statement_past_the_request_time_limit_stops(tmp_path: Path) -> None:
             clock.sleep(0.35)
             assert session.execute(small).scalar() == 2000000
     index.dispose()
+
+
+def test_plots_requested_together_are_all_drawn() -> None:
+    """The routes run in a pool of threads; two strip plots with log-scale ticks drawn at once
+    broke matplotlib's shared mathtext parser, and the browser got a broken picture (the
+    dashboard's browser test, twice). Eight drawn from eight threads: every one a PNG."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cohortflow.qc.dashboard import plots
+    from cohortflow.qc.dashboard.queries import MetricView
+
+    def draw(n: int) -> bytes:
+        cohort = [1e-5 * (k + 1) for k in range(20)]  # over two decades: a log axis
+        metrics = [MetricView(f"m{i}", 1e-4 * (i + n + 1), cohort, 1e-6, 1e-2) for i in range(3)]
+        return plots.metric_strips(metrics)
+
+    with ThreadPoolExecutor(8) as pool:
+        drawn = list(pool.map(draw, range(8)))
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in drawn)

@@ -28,3 +28,28 @@ def test_a_store_that_cannot_be_written_does_not_stop_the_fit(tmp_path: Path) ->
     assert store.put("cd" * 32, np.eye(4)) is False
     assert store.get("cd" * 32) is None
     assert blocked.read_text() == "not a folder"
+
+
+def test_a_registration_kept_as_files_is_read_back_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Volumetry's deformable stage: ANTs' transform files, copied under the key, listed by a
+    manifest written last."""
+    store = FitStore(tmp_path / "fits")
+    warp, affine = tmp_path / "s_1Warp.nii.gz", tmp_path / "head_fit.mat"
+    warp.write_bytes(b"warp field")
+    affine.write_bytes(b"affine")
+    key = "ef" * 32
+    assert store.get_files(key) is None
+    assert store.put_files(key, [warp, affine])
+    kept = store.get_files(key)
+    assert kept is not None and [p.read_bytes() for p in kept] == [b"warp field", b"affine"]
+    assert [p.name for p in kept] == [f"{key}.0.nii.gz", f"{key}.1.mat"]
+    assert not list((tmp_path / "fits").rglob("*.tmp"))
+    kept[0].unlink()  # a store emptied by hand: registered again
+    assert store.get_files(key) is None
+    manifest = kept[0].with_name(f"{key}.json")
+    manifest.write_text('{"files": ["../../s_1Warp.nii.gz"]}')  # names only, under the key
+    assert store.get_files(key) is None
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert FitStore(blocked).put_files(key, [warp]) is False
+    assert blocked.read_text() == "not a folder"

@@ -355,6 +355,15 @@ def test_cli_measures_the_defaced_t1_of_a_dicom_study_and_records_it(
     assert rows[0].volumes.brain_ml == pytest.approx(v["brain_ml"], abs=1e-3)
     assert rows[0].method_version and rows[0].parameters["affine_mm"] > 0
     assert [s.series_uid for s in stages] == [pseudo]
+    # measured again (a rerun, a new method version): the deformable registration is read from
+    # the fit store (<cache>/fits), and the volumes are the same to the bit
+    assert result["metrics"]["deformable_from"] == "registered"
+    again = main(["volumetry", str(source), "--out", str(tmp_path / "again"), "--no-record",
+                  "--json"])  # fmt: skip
+    (second,) = json.loads(capsys.readouterr().out)["results"]
+    assert again == 0 and second["metrics"]["deformable_from"] == "stored"
+    assert second["volumes"] == v
+    assert second["metrics"]["seconds"]["deformable"] < result["metrics"]["seconds"]["deformable"]
 
 
 def test_cli_names_an_unreadable_image(

@@ -96,6 +96,7 @@ class Measurement:
     spacing: tuple[float, float, float]
     crop: tuple[tuple[int, int], ...]
     seconds: dict[str, float] = field(default_factory=dict)
+    deformable_from: str | None = None  # Placed.deformable_from
 
 
 def n4(image: Any, mask: Any, shrink: int, levels: int = 4) -> Any:
@@ -341,6 +342,7 @@ def measure(
         spacing=placed.spacing,
         crop=placed.crop,
         seconds=seconds,
+        deformable_from=placed.deformable_from,
     )
 
 

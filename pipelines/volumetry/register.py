@@ -22,16 +22,19 @@ caller (``flows.prefect_env.configure_itk``), give the same numbers on every run
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from cohortflow.models.fits import FitStore
 from cohortflow.pipelines.atlas.template import Template
 from cohortflow.pipelines.imaging.register import at_resolution, correlation, fit_affine, seeded
 from cohortflow.pipelines.volumetry.atlas import Atlas
@@ -51,6 +54,9 @@ class Placed:
     correlation: float  # template vs subject after registration, at the registration resolution
     neighbour_gain: float  # the best correlation with the template moved a little, minus that
     seconds: dict[str, float]
+    #: the deformable stage: "registered" here, "stored" (read from the fit store: the same
+    #: subject, affine and settings were registered before) or None (no deformable stage)
+    deformable_from: str | None = None
 
 
 @lru_cache(maxsize=4)
@@ -64,6 +70,17 @@ def _template_images(atlas: Atlas, resolution_mm: float) -> tuple[Any, Any, Any]
 
 
 atexit.register(_template_images.cache_clear)  # see imaging.register: no leaked ANTs images
+
+
+@lru_cache(maxsize=4)
+def _atlas_digest(atlas: Atlas) -> str:
+    """What a deformable registration to ``atlas`` depends on of it: its head image and
+    intracranial mask, and their grid."""
+    digest = hashlib.sha256(np.asarray(atlas.affine, dtype=np.float64).tobytes())
+    for array in (atlas.head, atlas.icv):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def _image(atlas: Atlas, array: npt.NDArray[np.generic]) -> Any:
@@ -98,6 +115,7 @@ def place_atlas(
     import ants
 
     seconds: dict[str, float] = {}
+    deformable_from = None
     t0 = time.perf_counter()
     head, small, icv_img = _template_images(atlas, affine_mm)
     fixed = at_resolution(subject, affine_mm)
@@ -111,27 +129,18 @@ def place_atlas(
         if deformable:
             t0 = time.perf_counter()
             fixed_d = at_resolution(subject, deformable_mm)
-            moving_d = ants.resample_image(head, (deformable_mm,) * 3, False, 1)
-            icv_d = ants.apply_transforms(fixed_d, icv_img, transforms, interpolator="linear")
-            inside = ants.threshold_image(icv_d, 0.5, 2.0)
-            # the shell around the intracranial edge: skull and scalp, not the brain inside
-            shell = ants.iMath(inside, "MD", round(shell_mm / deformable_mm)) - ants.iMath(
-                inside, "ME", round(shell_mm / deformable_mm)
-            )
-            syn = ants.registration(
-                fixed=fixed_d,
-                moving=moving_d,
-                type_of_transform="SyNOnly",
-                initial_transform=transforms[0],
-                mask=shell,
-                syn_metric="CC",
-                syn_sampling=1,  # radius: 3 x 3 x 3 neighbourhoods at 5 mm
-                reg_iterations=(20, 10),
-                flow_sigma=3,
-                total_sigma=0,
-                outprefix=os.path.join(tmp, "s_"),
-            )
-            transforms = list(syn["fwdtransforms"])
+            store = atlas.fitting.fits
+            key = _deformable_key(fixed_d, atlas, affine, deformable_mm, shell_mm)
+            kept = store.get_files(key) if store is not None else None
+            if kept is not None:
+                transforms, deformable_from = [str(t) for t in kept], "stored"
+            else:
+                transforms = _deformable(
+                    fixed_d, head, icv_img, transforms[0], deformable_mm, shell_mm, tmp
+                )
+                deformable_from = "registered"
+                if store is not None:
+                    store.put_files(key, [Path(t) for t in transforms])
             seconds["deformable"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         warped_small = ants.apply_transforms(fixed, small, transforms, interpolator="linear")
@@ -159,7 +168,73 @@ def place_atlas(
         correlation=fit,
         neighbour_gain=gain,
         seconds=seconds,
+        deformable_from=deformable_from,
     )
+
+
+#: what a kept deformable registration depends on beside its inputs (``_deformable``'s
+#: settings): raise it whenever they change
+DEFORMABLE_VERSION = 1
+
+
+def _deformable_key(
+    fixed_d: Any,
+    atlas: Atlas,
+    affine: npt.NDArray[np.float64],
+    deformable_mm: float,
+    shell_mm: float,
+) -> str:
+    """The fit store's key of :func:`_deformable`'s result: the subject at ``deformable_mm``,
+    the atlas, the head fit it starts from and the settings."""
+    return FitStore.key(
+        fixed_d.numpy(),
+        (fixed_d.origin, fixed_d.spacing, fixed_d.direction),
+        {
+            "atlas": _atlas_digest(atlas),
+            "affine": np.asarray(affine, dtype=np.float64).tolist(),
+            "deformable": DEFORMABLE_VERSION,
+            "deformable_mm": float(deformable_mm),
+            "shell_mm": float(shell_mm),
+            "seed": SEED,
+        },
+    )
+
+
+def _deformable(
+    fixed_d: Any,
+    head: Any,
+    icv_img: Any,
+    affine: str,
+    deformable_mm: float,
+    shell_mm: float,
+    folder: str,
+) -> list[str]:
+    """The SyN of the atlas head onto ``fixed_d`` (the subject at ``deformable_mm``), started
+    from the ``affine`` transform file and restricted to the shell around the intracranial
+    edge; its forward transforms (files in ``folder``)."""
+    import ants
+
+    moving_d = ants.resample_image(head, (deformable_mm,) * 3, False, 1)
+    icv_d = ants.apply_transforms(fixed_d, icv_img, [affine], interpolator="linear")
+    inside = ants.threshold_image(icv_d, 0.5, 2.0)
+    # the shell around the intracranial edge: skull and scalp, not the brain inside
+    shell = ants.iMath(inside, "MD", round(shell_mm / deformable_mm)) - ants.iMath(
+        inside, "ME", round(shell_mm / deformable_mm)
+    )
+    syn = ants.registration(
+        fixed=fixed_d,
+        moving=moving_d,
+        type_of_transform="SyNOnly",
+        initial_transform=affine,
+        mask=shell,
+        syn_metric="CC",
+        syn_sampling=1,  # radius: 3 x 3 x 3 neighbourhoods at 5 mm
+        reg_iterations=(20, 10),
+        flow_sigma=3,
+        total_sigma=0,
+        outprefix=os.path.join(folder, "s_"),
+    )
+    return list(syn["fwdtransforms"])
 
 
 def fit_head(subject: Any, template: Template) -> npt.NDArray[np.float64]:

@@ -67,6 +67,9 @@ class VolumetryResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the head fit the atlas was placed with: "handed" (an earlier stage's) or "fitted" (here)
     affine_from: str | None = None
+    #: the deformable stage: "registered" or "stored" (the fit store's, made before from the
+    #: same subject, head fit and settings); None without one
+    deformable_from: str | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -211,6 +214,7 @@ def measure_source(
         input_sha256=hash_file(source.image),
         seconds={"read": read_s, **m.seconds},
         affine_from="fitted" if handed is None else "handed",
+        deformable_from=m.deformable_from,
     )
 
 
@@ -431,6 +435,7 @@ def metrics(result: VolumetryResult) -> dict[str, Any]:
         slice_mm=result.slice_mm,
         confidence=result.confidence,
         affine_from=result.affine_from,
+        deformable_from=result.deformable_from,
         seconds={k: round(s, 2) for k, s in result.seconds.items()},
     )
     if result.overlay is not None:

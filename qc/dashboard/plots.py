@@ -1,14 +1,38 @@
 """The dashboard's plots, drawn on the server as PNG (matplotlib, Agg): nothing is fetched
-from elsewhere by the browser."""
+from elsewhere by the browser.
+
+One plot is drawn at a time (:func:`_one_at_a_time`): the routes run in a pool of threads, and
+matplotlib is not thread-safe. Two strip plots drawn at once with log-scale ticks broke its
+shared mathtext parser ("ParseException" on ``$\\mathdefault{10^{-4}}$``), and the browser got
+a broken picture (seen in the dashboard's browser test, two pages' plots requested together).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 from cohortflow.qc.dashboard.queries import MetricView, RunPoint
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_DRAWING = threading.Lock()
+
+
+def _one_at_a_time(draw: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``draw`` under the process's one plotting lock (see the module's note)."""
+
+    @functools.wraps(draw)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _DRAWING:
+            return draw(*args, **kwargs)
+
+    return locked
 
 
 def _figure(width: float, height: float):  # type: ignore[no-untyped-def]
@@ -28,6 +52,7 @@ def _png(plt, fig) -> bytes:  # type: ignore[no-untyped-def]
     return out.getvalue()
 
 
+@_one_at_a_time
 def rates_over_time(runs: Sequence[RunPoint]) -> bytes:
     """The share of T1s with biomarkers at the end of each run, one line per protocol; the time
     axis spans the runs' own dates (one run: the day around it)."""
@@ -72,6 +97,7 @@ PASS_REGION = "#2e7d32"
 FAIL_REGION = "#b3261e"
 
 
+@_one_at_a_time
 def metric_strips(metrics: Sequence[MetricView]) -> bytes:
     """Each metric that can fail a series as a strip: one dot per series of the same protocol
     and role (jittered up and down so that equal values stay visible), this series a large
@@ -168,6 +194,7 @@ def _strip(ax, metric: MetricView, jitter) -> None:  # type: ignore[no-untyped-d
     )
 
 
+@_one_at_a_time
 def cohort_bars(labels: Sequence[str], patients: Sequence[int | None], min_cell: int) -> bytes:
     """Patients per group of a cohort count; a suppressed cell is a hatched stub marked <k."""
     from matplotlib.ticker import MaxNLocator
