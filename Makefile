@@ -19,13 +19,14 @@ lint: setup
 	$(BIN)/ruff check cohortflow flows pipelines qc models tests benchmarks scripts
 	$(BIN)/mypy
 
-# Two pytest-xdist workers (the machine has two cores; most tests use one), tests distributed by
-# file; the head model and the shared cohort are made once for both (tests/conftest.py). Three
-# were tried: 4 % sooner (34:08 against 35:41 with set-up), and a browser check failed under the
-# extra load.
+# Three pytest-xdist workers on the machine's two cores, tests distributed by file: with two, a
+# sixth of the processor time stood idle (tests waiting on Orthanc, a browser, a Prefect server
+# or a child process); the head model and the shared cohorts are made once for all of them
+# (tests/conftest.py). A browser check that failed with three was matplotlib drawing two plots
+# at once in the dashboard, not the load (qc/dashboard/plots.py).
 # The head model the tests share starts being made as lint starts (scripts/warm_test_cache.py)
 # and goes on while the first tests run; the tests that need it wait for it (a file lock).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: setup
 	@$(BIN)/python scripts/warm_test_cache.py & warm=$$!; \
 	$(MAKE) --no-print-directory lint || { kill $$warm; exit 1; }; \

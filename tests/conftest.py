@@ -1,7 +1,7 @@
-"""Shared fixtures. The suite runs in two pytest-xdist workers (``make test``, tests distributed
-by file). What is expensive to make is made once per run for both workers: the head model (a file
-lock in :func:`load_or_build`) and the 12-study cohort (made by the first worker that needs it,
-under a file lock; tests only read it). Figures a test reports (:func:`figures`) are printed at
+"""Shared fixtures. The suite runs in three pytest-xdist workers (``make test``, tests distributed
+by file). What is expensive to make is made once per run for all of them: the head model (a file
+lock in :func:`load_or_build`) and the 12-study and dementia cohorts (made by the first worker
+that needs them, under a file lock; tests only read them). Figures a test reports (:func:`figures`) are printed at
 the end of the run, from the workers too.
 
 (``--dist loadgroup`` would send the cohort's tests to one worker, but with pytest 9.2 it groups
@@ -77,12 +77,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 #: The longest test files, started first: with ``--dist loadfile`` a file handed out last runs
-#: alone at the end while the other worker idles. xdist hands each worker one file, and the
+#: alone at the end while the other workers idle. xdist hands each worker one file, and the
 #: next when two of its tests are left, in this order: worker 1 gets the single-process
 #: protocol run (about 13 minutes; it waits first for the head model and the cohort it runs on,
-#: and asks for no other file until two of its tests are left), worker 2 the files that need
+#: and asks for no other file until two of its tests are left), the others the files that need
 #: neither (the served dashboard, the hostile corpus and input, the killed anonymizer: in a
-#: fresh checkout they run while the head model is made on one core, where worker 2 used to
+#: fresh checkout they run while the head model is made on one core, where a worker used to
 #: wait for it), then the Dask run. ``make test`` passes ``--no-loadscope-reorder``, else xdist
 #: orders files by their number of tests.
 FIRST = (
