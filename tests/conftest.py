@@ -1,8 +1,8 @@
 """Shared fixtures. The suite runs in three pytest-xdist workers (``make test``, tests distributed
 by file). What is expensive to make is made once per run for all of them: the head model (a file
 lock in :func:`load_or_build`) and the 12-study and dementia cohorts (made by the first worker
-that needs them, under a file lock; tests only read them). Figures a test reports (:func:`figures`) are printed at
-the end of the run, from the workers too.
+that needs them, under a file lock; tests only read them). Figures a test reports
+(:func:`figures`) are printed at the end of the run, from the workers too.
 
 (``--dist loadgroup`` would send the cohort's tests to one worker, but with pytest 9.2 it groups
 nothing: pytest-xdist issue #1386.)"""
