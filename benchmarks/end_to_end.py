@@ -80,8 +80,13 @@ def run_once(
     )
     if code is not None:  # the other checkout's packages come first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
+    entry = [str(Path(sys.executable).with_name("cohortflow"))]
+    if code is not None and not (code / "cohortflow" / "__init__.py").is_file():
+        # a checkout from before the one ``cohortflow`` namespace: its command line under its own
+        # name (this environment's script would import this checkout's code)
+        entry = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
     command = [
-        str(Path(sys.executable).with_name("cohortflow")),
+        *entry,
         "run",
         "dementia",
         "--from",
