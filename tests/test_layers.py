@@ -69,7 +69,12 @@ def test_every_import_of_our_code_goes_through_the_cohortflow_package() -> None:
                 if isinstance(node, ast.Constant) and isinstance(node.value, str):
                     names += [f"{n} (in a string)" for n in re.findall(IMPORT_IN_TEXT, node.value)]
                 bare += [f"{path.relative_to(ROOT)}: {n}" for n in names]
-    assert bare == []
+    assert [b for b in bare if b not in BARE_ON_PURPOSE] == []
+
+
+#: bare names that are meant: the end-to-end benchmark runs a baseline checkout from before the
+#: ``cohortflow`` namespace through that checkout's own command line
+BARE_ON_PURPOSE = {"benchmarks/end_to_end.py: flows.cli (in a string)"}
 
 
 def _unit(module: str) -> str:

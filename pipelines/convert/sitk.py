@@ -40,6 +40,10 @@ def convert_with_sitk(files: Sequence[Path], grid: SliceGrid, out: Path) -> Path
     where = files[0].parent.name if files else "?"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
+    # ITK warns on stderr of "non uniform sampling or missing slices": known here (the grid)
+    # and placed below; the warning only cluttered the demo's progress lines
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -47,6 +51,8 @@ def convert_with_sitk(files: Sequence[Path], grid: SliceGrid, out: Path) -> Path
         raise ConvertError(
             "convert.sitk_failed", f"SimpleITK cannot read the series {where}: {first}"
         ) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if image.GetDimension() == 4:
         size = list(image.GetSize())
         if size[3] != 1:
