@@ -15,12 +15,13 @@ beside a manifest written last (:meth:`FitStore.get_files`, :meth:`FitStore.put_
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +72,11 @@ class FitStore:
     def put(self, key: str, matrix: npt.NDArray[np.float64]) -> bool:
         """Keep ``matrix`` under ``key``; False when it cannot be written (a full disk, a
         read-only cache): the store only saves work, so the fit is used all the same."""
-        path = self._path(key)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        text = json.dumps({"subject_to_template": np.asarray(matrix, dtype=np.float64).tolist()})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(
-                json.dumps({"subject_to_template": np.asarray(matrix, dtype=np.float64).tolist()}),
-                encoding="utf-8",
-            )
-            os.replace(temporary, path)  # whole or absent: processes may race to write it
+            _replace(self._path(key), lambda temporary: temporary.write_text(text, "utf-8"))
         except OSError as exc:
             log.warning("head fit not kept in %s: %s", self.folder, exc)
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
             return False
         return True
 
@@ -109,19 +102,25 @@ class FitStore:
         False when they cannot be written."""
         manifest = self._path(key)
         names = [f"{key}.{n}{''.join(Path(f).suffixes)}" for n, f in enumerate(files)]
-        temporary = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
-        partials = [manifest.with_name(f".{name}.{os.getpid()}.tmp") for name in names]
         try:
-            manifest.parent.mkdir(parents=True, exist_ok=True)
-            for source, partial, name in zip(files, partials, names, strict=True):
-                shutil.copyfile(source, partial)
-                os.replace(partial, manifest.with_name(name))
-            temporary.write_text(json.dumps({"files": names}), encoding="utf-8")
-            os.replace(temporary, manifest)
+            for source, name in zip(files, names, strict=True):
+                _replace(manifest.with_name(name), functools.partial(shutil.copyfile, source))
+            text = json.dumps({"files": names})
+            _replace(manifest, lambda temporary: temporary.write_text(text, "utf-8"))
         except OSError as exc:
             log.warning("registration not kept in %s: %s", self.folder, exc)
-            for left in (temporary, *partials):
-                with contextlib.suppress(OSError):
-                    left.unlink(missing_ok=True)
             return False
         return True
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it to ``path``: whole or absent,
+    as processes may race to write the same key (they write the same content)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)

@@ -329,6 +329,9 @@ def test_cli_measures_the_defaced_t1_of_a_dicom_study_and_records_it(
     home = tmp_path / "home"
     monkeypatch.setenv("COHORTFLOW_HOME", str(home))
     monkeypatch.setenv("COHORTFLOW_CACHE_DIR", str(model_cache))
+    # fits of this test's own: the test cache kept between runs holds this head's warp from the
+    # last run, and the first measurement below must register it
+    monkeypatch.setenv("COHORTFLOW_FITS_DIR", str(tmp_path / "fits"))
     # as in the pipeline: volumetry sees the defaced series
     source = tmp_path / "defaced"
     assert main(["deface", str(cohort.out_dir / study.folder), str(source)]) == 0

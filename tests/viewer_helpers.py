@@ -53,16 +53,14 @@ def changed(page: Page, before: bytes, asked: str) -> bytes:
 
 
 def natural(page: Page, selector: str) -> tuple[int, int]:
-    """The natural size of a loaded picture (waited for: ``complete`` alone was once true with a
-    size of 0, for the metrics' strip plot in a run of the suite with three test workers)."""
+    """The natural size of a loaded picture; a picture that loaded with no size is a broken one
+    (the server failed to draw it: the strip plot once did, when matplotlib drew two plots at
+    once in the dashboard's threads)."""
     locator = page.locator(selector)
     locator.scroll_into_view_if_needed()
-    page.wait_for_function(
-        "(el) => el.complete && el.naturalWidth > 0",
-        arg=locator.element_handle(),
-        timeout=60_000,
-    )
+    page.wait_for_function("(el) => el.complete", arg=locator.element_handle(), timeout=60_000)
     width, height = locator.evaluate("(el) => [el.naturalWidth, el.naturalHeight]")
+    assert width > 0, f"{selector}: a broken picture (see the dashboard's log)"
     return int(width), int(height)
 
 
