@@ -5,10 +5,10 @@ export COHORTFLOW_HOME ?= $(CURDIR)/cohortflow-data
 # The synthetic head model is cached here between test runs (built once, about a minute).
 export COHORTFLOW_TEST_CACHE ?= $(CURDIR)/.cache/test
 # Python keeps the bytecode of what it imports (__pycache__, git-ignored) even where the
-# environment says not to (PYTHONDONTWRITEBYTECODE=1 on the machines we test on): without it every
-# process compiled each module it imported from source, and a run starts dozens of processes
-# (command-line children, Dask workers, Prefect servers, test workers). `import ants` took 13 s
-# of processor time from source and 4.5 s from bytecode, `import prefect` 4.8 s and 2.5 s.
+# environment says not to (PYTHONDONTWRITEBYTECODE=1 on the machines we test on): without it
+# every process compiled each module it imported from source, and a run starts dozens of
+# processes (command-line children, Dask workers, Prefect servers, test workers). `import ants`
+# took 13 s of processor time from source and 4.5 s from bytecode, `import prefect` 4.8 and 2.5 s.
 export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup demo test test-fast lint bench clean
